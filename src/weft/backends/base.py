@@ -1,0 +1,67 @@
+"""The backend seam: a backend turns leases into data-plane state. It never talks to the store.
+
+Lifecycle, driven by the agent:
+
+    backend = BACKENDS[config.backend.type](config, host)
+    data = backend.prepare()          # ensure devices exist; BackendData for our lease
+    mtu = backend.activate(lease)     # configure our own subnet; the overlay MTU
+    backend.reconcile(peers)          # level-based, idempotent; called on every change
+    backend.close()                   # SIGTERM: stop our threads/processes, leave the
+                                      # kernel data plane in place so nothing is dropped
+    backend.teardown()                # remove everything the backend owns (host leaving)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from weft.config import IPAddress, NetworkConfig
+from weft.lease import Lease
+
+
+@dataclass(frozen=True)
+class HostContext:
+    """What a backend knows about the host it runs on."""
+
+    public_ip: IPAddress
+    underlay_ifname: str
+    underlay_mtu: int
+    state_dir: Path
+
+
+@dataclass
+class ReconcileResult:
+    """What one reconcile pass changed; errors are per peer, never fatal to the pass."""
+
+    added: int = 0
+    removed: int = 0
+    errors: dict[str, str] = field(default_factory=dict)  # peer subnet -> message
+
+    def __iadd__(self, other: ReconcileResult) -> ReconcileResult:
+        self.added += other.added
+        self.removed += other.removed
+        self.errors.update(other.errors)
+        return self
+
+
+class Backend(Protocol):
+    def prepare(self) -> Mapping[str, Any]: ...
+
+    def activate(self, lease: Lease) -> int: ...
+
+    def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult: ...
+
+    def status(self) -> Mapping[str, Any]:
+        """Facts for `weft status` (implementation, offloads, counters); never secrets."""
+        ...
+
+    def close(self) -> None: ...
+
+    def teardown(self) -> None: ...
+
+
+class BackendFactory(Protocol):
+    def __call__(self, config: NetworkConfig, host: HostContext) -> Backend: ...

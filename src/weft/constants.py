@@ -1,0 +1,60 @@
+"""One place for each fact shared across modules: names, numbers, overheads, key layout."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- device and chain names -------------------------------------------------------------
+VXLAN_DEVICE_PREFIX: Final = "weft.vx"  # + VNI, e.g. "weft.vx1" (flannel: "flannel.1")
+UDP_DEVICE: Final = "weft.udp0"
+WIREGUARD_DEVICE: Final = "weft.wg0"
+NFT_TABLE: Final = "weft"
+CNI_BRIDGE: Final = "weft0"
+
+# Routes weft installs carry this rtnetlink protocol number, so reconciliation owns
+# exactly the routes it made and never touches anyone else's (see /etc/iproute2/rt_protos).
+ROUTE_PROTOCOL: Final = 87  # "W"
+
+# --- encapsulation overhead per outer IP version ----------------------------------------
+# MTU of an overlay device = underlay MTU - overhead.  Everything that needs an MTU asks
+# `overhead()`; nothing else hard-codes these numbers.
+_IP_HEADER: Final = {4: 20, 6: 40}
+_UDP_HEADER: Final = 8
+_VXLAN_HEADER: Final = 8 + 14  # VXLAN header + inner Ethernet header
+_WIREGUARD_HEADER: Final = 32  # type/reserved/index/counter (16) + Poly1305 tag (16)
+# weft's own UDP encapsulation: fixed header plus the virtio-net header it carries.
+UDP_ENCAP_HEADER: Final = 8
+VNET_HEADER: Final = 10
+_WEFT_UDP_HEADER: Final = UDP_ENCAP_HEADER + VNET_HEADER
+
+
+def overhead(backend_type: str, ip_version: int = 4) -> int:
+    """Bytes an encapsulation adds to every packet on the underlay."""
+    ip = _IP_HEADER[ip_version]
+    per_backend = {
+        "vxlan": ip + _UDP_HEADER + _VXLAN_HEADER,
+        "host-gw": 0,
+        "udp": ip + _UDP_HEADER + _WEFT_UDP_HEADER,
+        "wireguard": ip + _UDP_HEADER + _WIREGUARD_HEADER,
+    }
+    try:
+        return per_backend[backend_type]
+    except KeyError:
+        raise ValueError(f"no overhead known for backend {backend_type!r}") from None
+
+
+# --- store key layout (flannel-compatible) ----------------------------------------------
+DEFAULT_ETCD_PREFIX: Final = "/weft/network"
+CONFIG_KEY: Final = "config"
+SUBNETS_DIR: Final = "subnets"
+
+# --- lease timing -----------------------------------------------------------------------
+DEFAULT_LEASE_TTL: Final = 24 * 3600.0
+# Renew when this fraction of the TTL is left (flannel renews 1 h before a 24 h expiry;
+# renewing at half leaves room for a long store outage).
+RENEW_FRACTION: Final = 0.5
+
+# --- defaults for integrations ----------------------------------------------------------
+DEFAULT_SUBNET_FILE: Final = "/run/weft/subnet.env"
+DEFAULT_STATE_DIR: Final = "/var/lib/weft"
+DEFAULT_SQLITE_PATH: Final = "/var/lib/weft/store.db"

@@ -1,0 +1,253 @@
+"""The embedded store: one SQLite file shared by every agent on one machine.
+
+Why SQLite: the demo, the tests and a single host need a store with transactions and
+no server. Every write runs in a `BEGIN IMMEDIATE` transaction, so create-if-absent is
+atomic across processes. Every change appends a row to `events`; its rowid is the store
+revision, which is what `watch(since)` resumes from. Expired leases are deleted (with a
+DELETE event) by whichever process looks first, so an expired lease is gone for everyone.
+
+A watcher sleeps until the file changes (inotify on its directory) or the next lease
+expires; it never polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TypeVar
+
+from asyncinotify import Inotify, Mask
+
+from weft.config import IPNetwork
+from weft.errors import LeaseNotFound, StoreUnavailable, WatchCompacted
+from weft.events import EventKind, LeaseEvent
+from weft.lease import Lease, parse_subnet_key, subnet_key
+from weft.store.base import lease_or_none
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (
+    key TEXT PRIMARY KEY, value TEXT NOT NULL, public_ip TEXT, expiration REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    rev INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, key TEXT NOT NULL,
+    value TEXT, expiration REAL);
+"""
+
+T = TypeVar("T")
+
+# History kept for watchers that reconnect; older events are compacted away.
+HISTORY_EVENTS = 10_000
+
+
+class SqliteLeaseStore:
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"cannot open the store file {self.path}: {exc}") from None
+
+    def __repr__(self) -> str:
+        return f"SqliteLeaseStore({str(self.path)!r})"
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
+        return await asyncio.to_thread(self._run_sync, fn, write)
+
+    def _run_sync(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
+        with self._lock:
+            db = self._db
+            try:
+                # IMMEDIATE takes the write lock up front: no two writers interleave, and
+                # expiry purges happen inside the same transaction as what follows.
+                db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    if write:
+                        self._purge_expired(db)
+                    result = fn(db)
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+                return result
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"store file {self.path}: {exc}") from None
+
+    def _purge_expired(self, db: sqlite3.Connection) -> None:
+        now = self._clock()
+        rows = db.execute("SELECT key FROM leases WHERE expiration <= ?", (now,)).fetchall()
+        for (key,) in rows:
+            db.execute("DELETE FROM leases WHERE key = ?", (key,))
+            self._event(db, EventKind.DELETE, key, None, None)
+
+    def _event(
+        self, db: sqlite3.Connection, kind: EventKind, key: str, value: str | None,
+        expiration: float | None,
+    ) -> None:
+        cur = db.execute(
+            "INSERT INTO events (kind, key, value, expiration) VALUES (?, ?, ?, ?)",
+            (kind.value, key, value, expiration),
+        )
+        rev = cur.lastrowid or 0
+        if rev % 1000 == 0:  # compact now and then, not on every write
+            cutoff = rev - HISTORY_EVENTS
+            if cutoff > 0:
+                db.execute("DELETE FROM events WHERE rev <= ?", (cutoff,))
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('compacted', ?)",
+                    (str(cutoff),),
+                )
+
+    @staticmethod
+    def _revision(db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        return int(row[0]) if row else 0
+
+    # --- config -------------------------------------------------------------------------
+
+    async def get_config(self) -> str | None:
+        def q(db: sqlite3.Connection) -> str | None:
+            row = db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
+            return str(row[0]) if row else None
+
+        return await self._run(q)
+
+    async def put_config(self, text: str) -> None:
+        def q(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('config', ?)", (text,))
+
+        await self._run(q, write=True)
+
+    # --- leases -------------------------------------------------------------------------
+
+    async def list_leases(self) -> tuple[list[Lease], int]:
+        def q(db: sqlite3.Connection) -> tuple[list[Lease], int]:
+            rows = db.execute("SELECT key, value, expiration FROM leases ORDER BY key")
+            leases = [
+                lease
+                for key, value, exp in rows.fetchall()
+                if (lease := lease_or_none(key, value, exp)) is not None
+            ]
+            return leases, self._revision(db)
+
+        return await self._run(q, write=True)
+
+    async def create_lease(self, lease: Lease, ttl: float) -> Lease | None:
+        def q(db: sqlite3.Connection) -> Lease | None:
+            key = subnet_key(lease.subnet)
+            if db.execute("SELECT 1 FROM leases WHERE key = ?", (key,)).fetchone():
+                return None
+            expiration = self._clock() + ttl
+            value = lease.to_json()
+            db.execute(
+                "INSERT INTO leases (key, value, public_ip, expiration) VALUES (?, ?, ?, ?)",
+                (key, value, str(lease.public_ip), expiration),
+            )
+            self._event(db, EventKind.PUT, key, value, expiration)
+            return lease.with_expiration(expiration)
+
+        return await self._run(q, write=True)
+
+    async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
+        def q(db: sqlite3.Connection) -> Lease:
+            key = subnet_key(lease.subnet)
+            row = db.execute("SELECT public_ip FROM leases WHERE key = ?", (key,)).fetchone()
+            if row is None or row[0] != str(lease.public_ip):
+                raise LeaseNotFound(
+                    f"lease for {lease.subnet} ({lease.public_ip}) is gone: it expired or "
+                    "another host holds the subnet now"
+                )
+            expiration = self._clock() + ttl
+            value = lease.to_json()
+            db.execute(
+                "UPDATE leases SET value = ?, expiration = ? WHERE key = ?",
+                (value, expiration, key),
+            )
+            self._event(db, EventKind.PUT, key, value, expiration)
+            return lease.with_expiration(expiration)
+
+        return await self._run(q, write=True)
+
+    async def delete_lease(self, subnet: IPNetwork) -> None:
+        def q(db: sqlite3.Connection) -> None:
+            key = subnet_key(subnet)
+            if db.execute("DELETE FROM leases WHERE key = ?", (key,)).rowcount:
+                self._event(db, EventKind.DELETE, key, None, None)
+
+        await self._run(q, write=True)
+
+    # --- watch --------------------------------------------------------------------------
+
+    def _changes_since(self, since: int) -> tuple[list[LeaseEvent], int, float | None]:
+        """Events after `since` (purging what expired first), the revision they reach,
+        and when the next lease expires."""
+
+        def q(db: sqlite3.Connection) -> tuple[list[LeaseEvent], int, float | None]:
+            row = db.execute("SELECT value FROM meta WHERE key = 'compacted'").fetchone()
+            compacted = int(row[0]) if row else 0
+            if since < compacted:
+                raise WatchCompacted(since, compacted + 1)
+            rows = db.execute(
+                "SELECT rev, kind, key, value, expiration FROM events WHERE rev > ? ORDER BY rev",
+                (since,),
+            ).fetchall()
+            # A record that doesn't parse is skipped, but the watch still moves past it.
+            events = [
+                event for row in rows if (event := _to_event(*row)) is not None
+            ]
+            reached = rows[-1][0] if rows else since
+            (next_exp,) = db.execute("SELECT min(expiration) FROM leases").fetchone()
+            return events, reached, next_exp
+
+        return self._run_sync(q, write=True)
+
+    async def watch(self, since: int) -> AsyncIterator[list[LeaseEvent]]:
+        with Inotify() as inotify:
+            inotify.add_watch(
+                self.path.parent, Mask.MODIFY | Mask.CLOSE_WRITE | Mask.CREATE | Mask.MOVED_TO
+            )
+            name = self.path.name
+            while True:
+                events, since, next_exp = await asyncio.to_thread(self._changes_since, since)
+                if events:
+                    yield events
+                timeout = None if next_exp is None else max(0.0, next_exp - self._clock()) + 0.01
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        async for change in inotify:
+                            if change.name is not None and str(change.name).startswith(name):
+                                break
+
+    async def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+
+def _to_event(
+    rev: int, kind: str, key: str, value: str | None, expiration: float | None
+) -> LeaseEvent | None:
+    try:
+        subnet = parse_subnet_key(key)
+    except ValueError:
+        return None
+    if kind == EventKind.DELETE.value:
+        return LeaseEvent(EventKind.DELETE, subnet, rev)
+    lease = lease_or_none(key, value or "", expiration or 0.0)
+    if lease is None:
+        return None
+    return LeaseEvent(EventKind.PUT, subnet, rev, lease)
