@@ -147,7 +147,7 @@ class NetworkConfig(BaseModel):
                 raise ValueError(f"{name} {addr} is outside Network {net}")
             if int(addr) % (1 << (net.max_prefixlen - length)):
                 raise ValueError(f"{name} {addr} is not the start of a /{length} subnet")
-        if self.first_subnet > self.last_subnet:
+        if int(self.first_subnet.network_address) > int(self.last_subnet.network_address):
             raise ValueError(
                 f"SubnetMin {self.first_subnet.network_address} is after "
                 f"SubnetMax {self.last_subnet.network_address}"

@@ -98,8 +98,9 @@ def all_subnets(config: NetworkConfig) -> Iterator[IPNetwork]:
     step = 1 << (config.network.max_prefixlen - config.length)
     addr = int(config.first_subnet.network_address)
     last = int(config.last_subnet.network_address)
+    network_type = type(config.network)  # an int alone can't say whether it is v4 or v6
     while addr <= last:
-        yield ipaddress.ip_network((addr, config.length))
+        yield network_type((addr, config.length))
         addr += step
 
 
@@ -139,7 +140,7 @@ def subnet_in_range(config: NetworkConfig, subnet: IPNetwork) -> bool:
     return (
         subnet.version == config.network.version
         and subnet.prefixlen == config.length
-        and config.first_subnet.network_address
-        <= subnet.network_address
-        <= config.last_subnet.network_address
+        and int(config.first_subnet.network_address)
+        <= int(subnet.network_address)
+        <= int(config.last_subnet.network_address)
     )

@@ -13,13 +13,16 @@ Lifecycle, driven by the agent:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from weft.config import IPAddress, NetworkConfig
+from weft.errors import WeftError
 from weft.lease import Lease
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -65,3 +68,26 @@ class Backend(Protocol):
 
 class BackendFactory(Protocol):
     def __call__(self, config: NetworkConfig, host: HostContext) -> Backend: ...
+
+
+def converge(
+    desired: set[T], actual: set[T], add: Callable[[T], None], remove: Callable[[T], None],
+    describe: Callable[[T], str] = str,
+) -> ReconcileResult:
+    """Make `actual` become `desired`: add what is missing, remove what is stale.
+    A failing object is recorded and the rest still applied (one bad peer never blocks
+    the others); adding first means a changed entry is replaced, never briefly absent."""
+    result = ReconcileResult()
+    for item in desired - actual:
+        try:
+            add(item)
+            result.added += 1
+        except WeftError as exc:
+            result.errors[describe(item)] = str(exc)
+    for item in actual - desired:
+        try:
+            remove(item)
+            result.removed += 1
+        except WeftError as exc:
+            result.errors[describe(item)] = str(exc)
+    return result

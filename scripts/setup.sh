@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install everything weft needs on a fresh Debian machine (as root): Debian packages and
+# the Python environment in .venv. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+packages=(
+  iproute2 nftables iputils-ping netcat-openbsd procps kmod tcpdump
+  etcd-server etcd-client qperf iperf3
+  wireguard-go wireguard-tools containernetworking-plugins
+  python3 python3-venv
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  # --no-install-recommends: wireguard-tools would otherwise pull in a whole kernel image.
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# The etcd package starts a system etcd on 2379; weft's tests and demo start their own
+# on free loopback ports, so the system one is not needed.
+if command -v systemctl >/dev/null && systemctl is-active --quiet etcd 2>/dev/null; then
+  systemctl stop etcd || true
+fi
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e '.[test]'

@@ -1,0 +1,286 @@
+"""The `weft` command line: a thin shell that parses arguments and calls the real code.
+
+Every WeftError becomes one red line and exit status 1; nothing prints a traceback at a
+user for a mistake the user can fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from weft.constants import (
+    DEFAULT_ETCD_PREFIX,
+    DEFAULT_LEASE_TTL,
+    DEFAULT_SQLITE_PATH,
+    DEFAULT_STATE_DIR,
+    DEFAULT_SUBNET_FILE,
+)
+from weft.errors import UsageError, WeftError
+from weft.lease import Lease
+from weft.store import LeaseStore
+
+app = typer.Typer(
+    help="weft: a fast overlay network for containers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Read or write the network config in the store.",
+                         no_args_is_help=True)
+testbed_app = typer.Typer(help="The namespace testbed used by demo, bench and tests.",
+                          no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(testbed_app, name="testbed")
+
+out = Console()
+err = Console(stderr=True)
+
+StoreOpt = Annotated[
+    str,
+    typer.Option("--store", envvar="WEFT_STORE",
+                 help="sqlite:///path/file.db (embedded, default) or etcd://host:port[,...] / "
+                      "etcds://..."),
+]
+PrefixOpt = Annotated[str, typer.Option("--etcd-prefix", envvar="WEFT_ETCD_PREFIX",
+                                        help="etcd key prefix (/coreos.com/network = flannel's)")]
+CaOpt = Annotated[str | None, typer.Option("--etcd-cafile", envvar="WEFT_ETCD_CAFILE")]
+CertOpt = Annotated[str | None, typer.Option("--etcd-certfile", envvar="WEFT_ETCD_CERTFILE")]
+KeyOpt = Annotated[str | None, typer.Option("--etcd-keyfile", envvar="WEFT_ETCD_KEYFILE")]
+UserOpt = Annotated[str | None, typer.Option("--etcd-username", envvar="WEFT_ETCD_USERNAME")]
+PassOpt = Annotated[str | None, typer.Option("--etcd-password", envvar="WEFT_ETCD_PASSWORD")]
+LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error")]
+
+DEFAULT_STORE = f"sqlite://{DEFAULT_SQLITE_PATH}"
+
+
+def _store(url: str, prefix: str, cafile: str | None, certfile: str | None,
+           keyfile: str | None, username: str | None, password: str | None) -> LeaseStore:
+    from weft.store import open_store
+
+    if url.startswith(("etcd://", "etcds://")):
+        return open_store(url, prefix=prefix, cafile=cafile, certfile=certfile, keyfile=keyfile,
+                          username=username, password=password)
+    return open_store(url)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    return typer.Exit(1)
+
+
+@app.command()
+def agent(
+    store: StoreOpt = DEFAULT_STORE,
+    etcd_prefix: PrefixOpt = DEFAULT_ETCD_PREFIX,
+    etcd_cafile: CaOpt = None,
+    etcd_certfile: CertOpt = None,
+    etcd_keyfile: KeyOpt = None,
+    etcd_username: UserOpt = None,
+    etcd_password: PassOpt = None,
+    public_ip: Annotated[str | None, typer.Option(help="this host's underlay address")] = None,
+    iface: Annotated[str | None, typer.Option(help="underlay interface (default: the "
+                                                   "default route's)")] = None,
+    subnet_file: Annotated[Path, typer.Option()] = Path(DEFAULT_SUBNET_FILE),
+    state_dir: Annotated[Path, typer.Option()] = Path(DEFAULT_STATE_DIR),
+    lease_ttl: Annotated[float, typer.Option(min=1.0, help="lease TTL in seconds")] = (
+        DEFAULT_LEASE_TTL),
+    ip_masq: Annotated[bool, typer.Option(help="masquerade overlay traffic leaving the "
+                                               "network")] = True,
+    metrics_addr: Annotated[str | None, typer.Option(help="serve Prometheus metrics on "
+                                                          "HOST:PORT")] = None,
+    release_on_exit: Annotated[bool, typer.Option(help="on exit, release the lease and "
+                                                       "remove the data plane")] = False,
+    log_level: LogOpt = "info",
+) -> None:
+    """Run the agent on this host: lease a subnet, program the data plane, follow peers."""
+    from weft import logs
+    from weft.agent import Agent, AgentOptions, parse_ip
+
+    try:
+        logs.configure(log_level)
+        opts = AgentOptions(
+            store=_store(store, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile,
+                         etcd_username, etcd_password),
+            public_ip=parse_ip(public_ip), iface=iface, subnet_file=subnet_file,
+            state_dir=state_dir, lease_ttl=lease_ttl, ip_masq=ip_masq,
+            metrics_addr=metrics_addr, release_on_exit=release_on_exit,
+        )
+        asyncio.run(Agent(opts).run())
+    except WeftError as exc:
+        raise _fail(exc) from None
+
+
+@config_app.command("set")
+def config_set(
+    file: Annotated[str, typer.Argument(help="JSON file, or - for stdin")],
+    store: StoreOpt = DEFAULT_STORE,
+    etcd_prefix: PrefixOpt = DEFAULT_ETCD_PREFIX,
+    etcd_cafile: CaOpt = None, etcd_certfile: CertOpt = None, etcd_keyfile: KeyOpt = None,
+    etcd_username: UserOpt = None, etcd_password: PassOpt = None,
+) -> None:
+    """Validate a network config and write it to the store."""
+    from weft.config import parse_config
+
+    try:
+        try:
+            text = sys.stdin.read() if file == "-" else Path(file).read_text()
+        except OSError as exc:
+            raise UsageError(f"cannot read {file}: {exc.strerror}") from None
+        config = parse_config(text)
+        s = _store(store, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile,
+                   etcd_username, etcd_password)
+
+        async def put() -> None:
+            try:
+                await s.put_config(config.to_json())
+            finally:
+                await s.close()
+
+        asyncio.run(put())
+        out.print(f"config written: {config.to_json()}", highlight=False)
+    except WeftError as exc:
+        raise _fail(exc) from None
+
+
+@config_app.command("show")
+def config_show(
+    store: StoreOpt = DEFAULT_STORE,
+    etcd_prefix: PrefixOpt = DEFAULT_ETCD_PREFIX,
+    etcd_cafile: CaOpt = None, etcd_certfile: CertOpt = None, etcd_keyfile: KeyOpt = None,
+    etcd_username: UserOpt = None, etcd_password: PassOpt = None,
+) -> None:
+    """Print the network config held in the store."""
+    try:
+        s = _store(store, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile,
+                   etcd_username, etcd_password)
+
+        async def get() -> str | None:
+            try:
+                return await s.get_config()
+            finally:
+                await s.close()
+
+        text = asyncio.run(get())
+        if text is None:
+            raise UsageError("the store holds no network config: run `weft config set FILE`")
+        print(text)
+    except WeftError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def status(
+    store: StoreOpt = DEFAULT_STORE,
+    etcd_prefix: PrefixOpt = DEFAULT_ETCD_PREFIX,
+    etcd_cafile: CaOpt = None, etcd_certfile: CertOpt = None, etcd_keyfile: KeyOpt = None,
+    etcd_username: UserOpt = None, etcd_password: PassOpt = None,
+    state_dir: Annotated[Path, typer.Option()] = Path(DEFAULT_STATE_DIR),
+    json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Show every lease and this host's health (from its running agent)."""
+    import json
+
+    from weft.agent import query_status
+
+    try:
+        s = _store(store, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile,
+                   etcd_username, etcd_password)
+
+        async def gather() -> tuple[list[Lease], int]:
+            try:
+                return await s.list_leases()
+            finally:
+                await s.close()
+
+        leases, revision = asyncio.run(gather())
+        try:
+            health = asyncio.run(query_status(state_dir))
+        except UsageError as exc:
+            health = {"error": str(exc)}
+        now = time.time()
+        if json_output:
+            print(json.dumps({
+                "revision": revision,
+                "leases": [{"subnet": str(lease.subnet), "public_ip": str(lease.public_ip),
+                            "backend": lease.backend_type,
+                            "expires_in": round(lease.expires_in(now))} for lease in leases],
+                "host": health,
+            }, indent=2))
+            return
+        table = Table(title=f"leases (store revision {revision})")
+        for col in ("subnet", "public IP", "backend", "expires in"):
+            table.add_column(col)
+        for lease in leases:
+            table.add_row(str(lease.subnet), str(lease.public_ip), lease.backend_type,
+                          _duration(lease.expires_in(now)))
+        out.print(table)
+        _print_health(health)
+    except WeftError as exc:
+        raise _fail(exc) from None
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _print_health(health: dict[str, object]) -> None:
+    if "error" in health:
+        out.print(f"[yellow]this host:[/] {health['error']}", highlight=False)
+        return
+    peers = health.get("peers") or []
+    errors = health.get("errors") or {}
+    state = "[green]healthy[/]" if not errors else "[red]errors[/]"
+    out.print(f"this host: {state}  subnet {health.get('subnet')}  public IP "
+              f"{health.get('public_ip')}  backend {health.get('backend')}  peers "
+              f"{len(peers) if isinstance(peers, list) else peers}", highlight=False)
+    backend_status = health.get("backend_status")
+    if isinstance(backend_status, dict):
+        for key, value in backend_status.items():
+            out.print(f"  {key}: {value}", highlight=False)
+    if isinstance(errors, dict):
+        for peer, message in errors.items():
+            out.print(f"  [red]{peer}[/]: {message}", highlight=False)
+
+
+@app.command()
+def demo(
+    backend: Annotated[str, typer.Option(help="vxlan, host-gw, udp or wireguard")] = "vxlan",
+    store: Annotated[str, typer.Option(help="sqlite (embedded) or etcd (a local etcd "
+                                            "started for the demo)")] = "sqlite",
+    hosts: Annotated[int, typer.Option(min=2, max=20)] = 3,
+    containers: Annotated[int, typer.Option(min=1, max=10)] = 2,
+) -> None:
+    """Build hosts and containers in namespaces, show leases and full connectivity."""
+    from weft.demo import run_demo
+
+    try:
+        ok = run_demo(backend=backend, store=store, hosts=hosts, containers=containers,
+                      console=out)
+    except WeftError as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(0 if ok else 1)
+
+
+@testbed_app.command("down")
+def testbed_down() -> None:
+    """Remove every namespace, process and file a testbed run left behind."""
+    from weft.testbed import remove_leftovers
+
+    removed = remove_leftovers()
+    out.print(f"removed {len(removed)} leftover namespace(s)"
+              + (": " + " ".join(removed) if removed else ""), highlight=False)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,60 @@
+"""Masquerade for traffic leaving the overlay, through nftables (one atomic transaction).
+
+Why nft's own transaction: the table is replaced whole in one `nft -f` run, so the rules
+are never half-applied and re-running is idempotent. weft owns exactly one table.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from weft.config import IPNetwork
+from weft.constants import NFT_TABLE
+from weft.errors import KernelError, KernelFeatureMissing
+
+
+def masquerade_ruleset(network: IPNetwork, subnet: IPNetwork) -> str:
+    """The nft script for `network` (pure). Traffic between overlay addresses keeps its
+    source; overlay -> outside is masqueraded (not multicast); outside -> another host's
+    subnet is masqueraded so replies come back through this host."""
+    fam, ip = ("ip", "ip") if network.version == 4 else ("ip6", "ip6")
+    mcast = "224.0.0.0/4" if network.version == 4 else "ff00::/8"
+    return f"""\
+table {fam} {NFT_TABLE} {{}}
+delete table {fam} {NFT_TABLE}
+table {fam} {NFT_TABLE} {{
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        {ip} saddr {network} {ip} daddr {network} return
+        {ip} saddr {network} {ip} daddr {mcast} return
+        {ip} saddr {network} masquerade fully-random
+        {ip} saddr != {network} {ip} daddr {subnet} return
+        {ip} saddr != {network} {ip} daddr {network} masquerade fully-random
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        {ip} saddr {network} accept
+        {ip} daddr {network} accept
+    }}
+}}
+"""
+
+
+def _nft(script: str) -> None:
+    nft = shutil.which("nft")
+    if nft is None:
+        raise KernelFeatureMissing("`nft` not found: install the nftables package")
+    proc = subprocess.run([nft, "-f", "-"], input=script, text=True, capture_output=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise KernelError(f"nftables refused weft's rules: {proc.stderr.strip()}")
+
+
+def install_masquerade(network: IPNetwork, subnet: IPNetwork) -> None:
+    _nft(masquerade_ruleset(network, subnet))
+
+
+def remove_masquerade(network: IPNetwork) -> None:
+    fam = "ip" if network.version == 4 else "ip6"
+    _nft(f"table {fam} {NFT_TABLE} {{}}\ndelete table {fam} {NFT_TABLE}\n")

@@ -1,0 +1,54 @@
+"""Prometheus metrics of one agent (its own registry, so tests can run several)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+
+class _BackendCounters(Collector):
+    """Exports the backend's own counters (packets, drops by reason...) at scrape time."""
+
+    def __init__(self, status: Callable[[], Mapping[str, Any]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        counters = self._status().get("counters", {})
+        family = CounterMetricFamily(
+            "weft_backend_events", "Data-plane counters of the backend", labels=["counter"]
+        )
+        for name, value in sorted(counters.items()):
+            if isinstance(value, int | float):
+                family.add_metric([name], value)
+        yield family
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.peers = Gauge("weft_peers", "Peers in this host's data plane", registry=r)
+        self.lease_expiry = Gauge(
+            "weft_lease_expiry_timestamp_seconds", "When this host's lease expires", registry=r
+        )
+        self.lease_renewals = Counter("weft_lease_renewals", "Lease renewals", registry=r)
+        self.reconciles = Counter("weft_reconcile", "Reconcile passes", registry=r)
+        self.reconcile_errors = Counter(
+            "weft_reconcile_errors", "Per-peer reconcile errors", registry=r
+        )
+        self.reconcile_seconds = Histogram(
+            "weft_reconcile_duration_seconds", "Time one reconcile pass took", registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+        )
+        self.store_errors = Counter("weft_store_errors", "Failed store operations", registry=r)
+
+    def export_backend(self, status: Callable[[], Mapping[str, Any]]) -> None:
+        self.registry.register(_BackendCounters(status))
+
+    def serve(self, addr: str) -> None:
+        host, _, port = addr.rpartition(":")
+        start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
