@@ -1,0 +1,34 @@
+"""Shared test setup: tests marked `netns` need root and network namespaces."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+
+def _netns_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "needs iproute2 (`ip`)"
+    probe = subprocess.run(["ip", "netns", "add", "weft-probe-ns"], capture_output=True,
+                           text=True, check=False)
+    if probe.returncode != 0:
+        return f"cannot create network namespaces: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", "weft-probe-ns"], check=False)
+    return None
+
+
+_NETNS_REASON = _netns_unavailable()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if _NETNS_REASON is None:
+        return
+    skip = pytest.mark.skip(reason=_NETNS_REASON)
+    for item in items:
+        if "netns" in item.keywords:
+            item.add_marker(skip)

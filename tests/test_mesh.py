@@ -1,0 +1,164 @@
+"""Hosts share one overlay: full mesh, restarts without loss, hosts leaving (kernel state)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from weft.testbed import Testbed, list_netns
+
+pytestmark = pytest.mark.netns
+
+
+def config(backend: str, **options: object) -> str:
+    return json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend, **options}})
+
+
+def peer_routes(tb: Testbed, host_index: int) -> set[str]:
+    """Destinations of the routes weft installed on a host (its protocol number 87)."""
+    out = tb.run(tb.hosts[host_index].netns, ["ip", "-j", "route", "show", "proto", "87"]).stdout
+    return {r["dst"] for r in json.loads(out or "[]")}
+
+
+@pytest.mark.parametrize("backend", ["vxlan", "host-gw"])
+def test_three_hosts_two_containers_full_mesh(backend: str) -> None:
+    with Testbed(hosts=3, containers_per_host=2, config=config(backend)) as tb:
+        tb.start()
+        leases = tb.leases()
+        assert len({lease.subnet for lease in leases}) == 3
+        for c in tb.containers:  # each container's address is from its host's subnet
+            lease = next(lease for lease in leases if lease.public_ip == c.host.underlay_ip)
+            assert c.ip in lease.subnet
+        matrix = tb.connectivity()
+        assert all(matrix.values()), [pair for pair, ok in matrix.items() if not ok]
+        env = tb.hosts[0].subnet_env_path.read_text()
+        assert "FLANNEL_NETWORK=198.19.0.0/16" in env
+        assert ("FLANNEL_MTU=1450" if backend == "vxlan" else "FLANNEL_MTU=1500") in env
+
+
+def test_vxlan_direct_routing_uses_plain_routes_on_one_segment() -> None:
+    with Testbed(hosts=2, containers_per_host=1,
+                 config=config("vxlan", DirectRouting=True)) as tb:
+        tb.start()
+        out = tb.run(tb.hosts[0].netns, ["ip", "-j", "route", "show", "proto", "87"]).stdout
+        (route,) = json.loads(out)
+        assert route["dev"] == "eth0"
+        assert route["gateway"] == str(tb.hosts[1].underlay_ip)
+        assert all(tb.connectivity().values())
+
+
+def test_ping_across_an_agent_restart_loses_nothing() -> None:
+    with Testbed(hosts=2, containers_per_host=1, config=config("vxlan")) as tb:
+        tb.start()
+        src, dst = tb.containers
+        ping = subprocess.Popen(
+            ["ip", "netns", "exec", src.netns, "ping", "-i", "0.05", "-c", "120", "-W", "1",
+             str(dst.ip)], stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)
+            for host in tb.hosts:  # restart both ends while traffic flows
+                assert tb.stop_agent(host, signal.SIGTERM) == 0
+                tb.start_agent(host)
+            tb.wait_converged(30)
+            out, _ = ping.communicate(timeout=30)
+        finally:
+            ping.kill()
+        assert " 0% packet loss" in out, out
+        for host in tb.hosts:
+            assert "lease reclaimed" in tb.agent_log(host)
+
+
+def test_host_that_releases_its_lease_disappears_from_every_peer() -> None:
+    with Testbed(hosts=3, containers_per_host=0, config=config("vxlan"),
+                 agent_args=["--release-on-exit"]) as tb:
+        tb.start()
+        leaving = tb.hosts[2]
+        subnet = next(str(lease.subnet) for lease in tb.leases()
+                      if lease.public_ip == leaving.underlay_ip)
+        assert subnet in peer_routes(tb, 0)
+        assert tb.stop_agent(leaving, signal.SIGTERM) == 0
+        tb.wait_converged(20, hosts=tb.hosts[:2])
+        for i in (0, 1):
+            assert subnet not in peer_routes(tb, i)
+            neigh = tb.run(tb.hosts[i].netns, ["ip", "neigh", "show", "dev", "weft.vx1"]).stdout
+            assert subnet.split("/")[0] not in neigh
+        # The host that left removed its own data plane too.
+        links = tb.run(leaving.netns, ["ip", "-br", "link"]).stdout
+        assert "weft.vx1" not in links
+
+
+def test_expired_lease_disappears_from_every_peer() -> None:
+    with Testbed(hosts=3, containers_per_host=0, config=config("host-gw"), lease_ttl=3) as tb:
+        tb.start()
+        gone = tb.hosts[2]
+        subnet = next(str(lease.subnet) for lease in tb.leases()
+                      if lease.public_ip == gone.underlay_ip)
+        tb.stop_agent(gone, signal.SIGKILL)  # dies without releasing: only expiry removes it
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(
+                subnet in peer_routes(tb, i) for i in (0, 1)):
+            time.sleep(0.2)
+        assert all(subnet not in peer_routes(tb, i) for i in (0, 1))
+        # Meanwhile the living hosts kept renewing their 3 s leases.
+        assert {str(lease.public_ip) for lease in tb.leases()} == {
+            str(h.underlay_ip) for h in tb.hosts[:2]}
+
+
+def test_restart_removes_stale_entries_it_owns_and_nothing_else() -> None:
+    with Testbed(hosts=2, containers_per_host=0, config=config("host-gw")) as tb:
+        tb.start()
+        h = tb.hosts[0]
+        tb.stop_agent(h)
+        # A route weft left from an earlier run (its protocol) and one somebody else made.
+        tb.run(h.netns, ["ip", "route", "add", "198.19.250.0/24", "via", "198.18.0.99",
+                         "proto", "87"])
+        tb.run(h.netns, ["ip", "route", "add", "198.19.251.0/24", "via", "198.18.0.99"])
+        tb.start_agent(h)
+        tb.wait_converged(20)
+        assert "198.19.250.0/24" not in peer_routes(tb, 0)
+        routes = tb.run(h.netns, ["ip", "route"]).stdout
+        assert "198.19.251.0/24 via 198.18.0.99" in routes
+
+
+def test_host_gw_peer_off_segment_is_an_error_for_that_peer_only() -> None:
+    with Testbed(hosts=2, containers_per_host=0, config=config("host-gw")) as tb:
+        tb.start()
+        # A lease from a host on another L2 subnet, written as another agent would.
+        tb.operator("status")  # the store is reachable from the operator's machine
+        sys_argv = [sys.executable, "-c", (
+            "import asyncio, ipaddress; from weft.store import open_store; "
+            "from weft.lease import Lease\n"
+            "async def m():\n"
+            f"    s = open_store({tb.store_url!r})\n"
+            "    await s.create_lease(Lease(ipaddress.ip_network('198.19.200.0/24'), "
+            "ipaddress.ip_address('198.18.7.9'), 'host-gw'), 600)\n"
+            "    await s.close()\n"
+            "asyncio.run(m())")]
+        tb.run(tb.underlay, sys_argv)
+        deadline = time.monotonic() + 10
+        status: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            status = tb.host_status(tb.hosts[0])
+            if status["errors"]:
+                break
+            time.sleep(0.1)
+        assert "198.19.200.0/24" in status["errors"]  # type: ignore[operator]
+        assert "not on this host's L2 subnet" in str(status["errors"])
+        assert tb.hosts[0].agent is not None and tb.hosts[0].agent.poll() is None  # no crash
+        assert str(tb.hosts[1].underlay_ip) in str(
+            tb.run(tb.hosts[0].netns, ["ip", "route", "show", "proto", "87"]).stdout)
+
+
+def test_demo_exits_zero_and_leaves_no_namespace() -> None:
+    before = set(list_netns())
+    proc = subprocess.run([sys.executable, "-m", "weft", "demo"], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all 30 pairs reached each other" in proc.stdout
+    leftovers = {n for n in set(list_netns()) - before if n.startswith("weft-")}
+    assert not leftovers
