@@ -104,6 +104,11 @@ def detect_host(public_ip: IPAddress | None, iface: str | None, state_dir: Path)
                        state_dir=state_dir)
 
 
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise PermissionProblem("weft agent needs root (CAP_NET_ADMIN) to program the kernel")
+
+
 def enable_forwarding(version: int) -> None:
     path = ("/proc/sys/net/ipv4/ip_forward" if version == 4
             else "/proc/sys/net/ipv6/conf/all/forwarding")
@@ -147,8 +152,7 @@ class Agent:
         return parse_config(text)
 
     async def start(self) -> None:
-        if os.geteuid() != 0:
-            raise PermissionProblem("weft agent needs root (CAP_NET_ADMIN) to program the kernel")
+        require_root()
         self.config = config = await self._load_config()
         # pyroute2's sync API runs its own event loop, so netlink work happens off this one.
         self.host = host = await asyncio.to_thread(

@@ -41,7 +41,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(testbed_app, name="testbed")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, greppable
 
 StoreOpt = Annotated[
     str,
@@ -102,10 +102,11 @@ def agent(
 ) -> None:
     """Run the agent on this host: lease a subnet, program the data plane, follow peers."""
     from weft import logs
-    from weft.agent import Agent, AgentOptions, parse_ip
+    from weft.agent import Agent, AgentOptions, parse_ip, require_root
 
     try:
         logs.configure(log_level)
+        require_root()  # before anything else, so the first error is the one to fix
         opts = AgentOptions(
             store=_store(store, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile,
                          etcd_username, etcd_password),
