@@ -1,0 +1,1 @@
+"""WireGuard support: keys, the device plan, and the two device edges (kernel, wireguard-go)."""
