@@ -43,6 +43,8 @@ def test_round_trip_through_json() -> None:
             '"SubnetMax": "198.19.9.192", "Backend": {"Type": "host-gw"}}')
     c = parse_config(text)
     assert parse_config(c.to_json()) == c
+    vx = parse_config('{"Network": "198.19.0.0/16", "Backend": {"Type": "vxlan", "VNI": 9, "DirectRouting": true}}')
+    assert parse_config(vx.to_json()) == vx  # backend options survive the store
 
 
 @pytest.mark.parametrize(

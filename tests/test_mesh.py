@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from weft.testbed import Testbed, list_netns
+from weft.testbed import RUNS_DIR, Testbed, list_netns
 
 pytestmark = pytest.mark.netns
 
@@ -155,10 +156,12 @@ def test_host_gw_peer_off_segment_is_an_error_for_that_peer_only() -> None:
 
 
 def test_demo_exits_zero_and_leaves_no_namespace() -> None:
-    before = set(list_netns())
     proc = subprocess.run([sys.executable, "-m", "weft", "demo"], capture_output=True,
                           text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all 30 pairs reached each other" in proc.stdout
-    leftovers = {n for n in set(list_netns()) - before if n.startswith("weft-")}
-    assert not leftovers
+    run_id = re.search(r"weft demo run (\w+):", proc.stdout)
+    assert run_id is not None, proc.stdout
+    # Other runs may be in progress at the same time; this run's names carry its id.
+    assert not [n for n in list_netns() if n.startswith(f"weft-{run_id[1]}-")]
+    assert not (RUNS_DIR / run_id[1]).exists()

@@ -15,7 +15,15 @@ import ipaddress
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from weft.errors import ConfigError
 
@@ -95,7 +103,8 @@ class NetworkConfig(BaseModel):
     subnet_len: Annotated[int, Field(ge=0, le=128)] | None = Field(default=None, alias="SubnetLen")
     subnet_min: IPAddress | None = Field(default=None, alias="SubnetMin")
     subnet_max: IPAddress | None = Field(default=None, alias="SubnetMax")
-    backend: BackendOptions = Field(default_factory=VxlanOptions, alias="Backend")
+    # SerializeAsAny: serialise the concrete options model, not just the base's fields.
+    backend: SerializeAsAny[BackendOptions] = Field(default_factory=VxlanOptions, alias="Backend")
 
     @field_validator("network", mode="before")
     @classmethod
