@@ -150,7 +150,8 @@ def test_host_gw_peer_off_segment_is_an_error_for_that_peer_only() -> None:
             time.sleep(0.1)
         assert "198.19.200.0/24" in status["errors"]  # type: ignore[operator]
         assert "not on this host's L2 subnet" in str(status["errors"])
-        assert tb.hosts[0].agent is not None and tb.hosts[0].agent.poll() is None  # no crash
+        assert tb.hosts[0].agent is not None
+        assert tb.hosts[0].agent.poll() is None
         assert str(tb.hosts[1].underlay_ip) in str(
             tb.run(tb.hosts[0].netns, ["ip", "route", "show", "proto", "87"]).stdout)
 
@@ -165,3 +166,25 @@ def test_demo_exits_zero_and_leaves_no_namespace() -> None:
     # Other runs may be in progress at the same time; this run's names carry its id.
     assert not [n for n in list_netns() if n.startswith(f"weft-{run_id[1]}-")]
     assert not (RUNS_DIR / run_id[1]).exists()
+
+
+def test_metrics_and_one_json_log_line_per_event() -> None:
+    with Testbed(hosts=3, containers_per_host=0, config=config("vxlan"), log_level="info",
+                 agent_args=["--metrics-addr", "127.0.0.1:9464"]) as tb:
+        tb.start()
+        scrape = tb.run(tb.hosts[0].netns, [
+            sys.executable, "-c",
+            "import urllib.request; print(urllib.request.urlopen("
+            "'http://127.0.0.1:9464/metrics', timeout=5).read().decode())"]).stdout
+        assert "weft_peers 2.0" in scrape
+        assert re.search(r"weft_lease_expiry_timestamp_seconds [0-9.e+]+", scrape)
+        assert re.search(r"weft_reconcile_total [1-9]", scrape)
+        assert "weft_reconcile_duration_seconds_count" in scrape
+        assert "weft_reconcile_errors_total 0.0" in scrape
+        events = [json.loads(line) for line in tb.agent_log(tb.hosts[0]).splitlines()
+                  if line.startswith("{")]
+        names = [e["event"] for e in events]
+        assert "lease acquired" in names
+        assert names.count("peer added") == 2
+        added = [e for e in events if e["event"] == "peer added"]
+        assert {e["public_ip"] for e in added} == {str(h.underlay_ip) for h in tb.hosts[1:]}
