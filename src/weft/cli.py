@@ -273,6 +273,47 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
+@app.command("docker-opts")
+def docker_opts(
+    subnet_file: Annotated[Path, typer.Option("--subnet-file", "-f")] = Path(
+        DEFAULT_SUBNET_FILE),
+    fmt: Annotated[str, typer.Option("--format", help="flags, combined, individual, env "
+                                                      "(individual + combined) or json")] = "env",
+    key: Annotated[str, typer.Option("--key", "-k", help="variable of the combined "
+                                                         "flags")] = "DOCKER_OPTS",
+    ip_masq: Annotated[bool, typer.Option(help="emit --ip-masq (--no-ip-masq for old "
+                                               "dockerd)")] = True,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write this file "
+                                                "(atomically) instead of stdout")] = None,
+) -> None:
+    """dockerd flags (--bip, --ip-masq, --mtu) from subnet.env, like mk-docker-opts.sh."""
+    import os
+    import tempfile
+
+    from weft.docker_opts import render_docker_opts
+    from weft.subnet_env import read_subnet_env
+
+    try:
+        text = render_docker_opts(read_subnet_env(subnet_file), fmt, key=key, ip_masq=ip_masq)
+        if output is None:
+            sys.stdout.write(text)
+            return
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, output)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise _fail(UsageError(f"cannot write {output}: {exc}")) from None
+    except WeftError as exc:
+        raise _fail(exc) from None
+
+
 @testbed_app.command("down")
 def testbed_down() -> None:
     """Remove every namespace, process and file a testbed run left behind."""
