@@ -31,6 +31,7 @@ from typing import Any
 
 from weft.errors import UsageError, WeftError
 from weft.lease import Lease
+from weft.wireguard.userspace import private_socket_dir_argv
 
 NETNS_PREFIX = "weft-"
 RUNS_DIR = Path("/tmp/weft-runs")
@@ -258,6 +259,9 @@ class Testbed:
                 "--lease-ttl", str(self.lease_ttl), "--log-level", self.log_level,
                 *self.agent_args, *host.agent_args, *extra_args]
         log = host.log_path.open("ab")
+        # Separate machines have separate /run/wireguard: give each host's agent (and the
+        # wireguard-go it starts) its own, kept across agent restarts (weft.wireguard).
+        argv = private_socket_dir_argv(host.run_dir / "wireguard", argv)
         host.agent = subprocess.Popen(netns_exec(host.netns, argv), stdout=log,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       start_new_session=True)

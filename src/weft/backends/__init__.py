@@ -5,10 +5,12 @@ from __future__ import annotations
 from weft.backends.base import Backend, BackendFactory, HostContext, ReconcileResult
 from weft.backends.hostgw import HostGwBackend
 from weft.backends.vxlan import VxlanBackend
+from weft.backends.wireguard import WireguardBackend
 
 BACKENDS: dict[str, BackendFactory] = {
     "vxlan": VxlanBackend,
     "host-gw": HostGwBackend,
+    "wireguard": WireguardBackend,
 }
 
 __all__ = ["BACKENDS", "Backend", "BackendFactory", "HostContext", "ReconcileResult"]
