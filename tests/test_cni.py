@@ -385,3 +385,24 @@ def test_containers_on_two_hosts_reach_each_other_over_vxlan() -> None:
         assert not tb.ping(c1.netns, old)
         tb.attach(c2)
         assert tb.ping(c1.netns, c2.ip)
+
+
+# --- the handler is pure: everything that touches the host is injected ----------------------
+
+IO_MODULES = {"subprocess", "socket", "asyncio", "pyroute2", "os", "time", "pathlib",
+              "tempfile", "shutil"}
+
+
+@pytest.mark.parametrize("module", ["weft.cni.handler", "weft.cni.spec"])
+def test_pure_modules_import_no_io(module: str) -> None:
+    import ast
+    import importlib
+
+    source = Path(importlib.import_module(module).__file__ or "").read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & IO_MODULES, imported & IO_MODULES
