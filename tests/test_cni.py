@@ -312,7 +312,8 @@ def test_bad_environment_or_input_is_a_spec_error(
     ({"cniVersion": "0.2.0"}, ErrorCode.INCOMPATIBLE_VERSION, ["0.2.0"]),
     ({"cniVersion": None}, ErrorCode.INVALID_NETWORK_CONFIG, ["cniVersion"]),
     ({"name": None}, ErrorCode.INVALID_NETWORK_CONFIG, ["name"]),
-    ({"name": "bad name"}, ErrorCode.INVALID_NETWORK_CONFIG, ["bad name"]),
+    ({"name": "bad name", "cniVersion": "0.4.0"}, ErrorCode.INVALID_NETWORK_CONFIG,
+     ["bad name"]),
     ({"type": None}, ErrorCode.INVALID_NETWORK_CONFIG, ["type"]),
     ({"dataDir": "relative/dir"}, ErrorCode.INVALID_NETWORK_CONFIG, ["dataDir"]),
     ({"subnetFile": 42}, ErrorCode.INVALID_NETWORK_CONFIG, ["subnetFile", "42"]),
@@ -328,6 +329,9 @@ def test_bad_network_config_is_a_spec_error(
     c = host.container()
     rc, out = host.raw("ADD", json.dumps(conf).encode(), c)
     assert_spec_error(rc, out, code, *words)
+    # the error speaks the config's version when that one is supported
+    assert out["cniVersion"] == (conf["cniVersion"] if code != ErrorCode.INCOMPATIBLE_VERSION
+                                 and "cniVersion" in conf else "1.0.0")
     assert not link_exists(host.netns, "weft0")
     assert not link_exists(c, "eth0")
 

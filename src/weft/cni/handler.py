@@ -106,20 +106,22 @@ def handle(
     read_subnet_env: ReadSubnetEnv,
 ) -> tuple[int, bytes]:
     """Run one CNI command. Never raises: every failure is a spec error on stdout."""
-    version = SPEC_VERSION
+    conf: NetConf | None = None
     try:
         inv = parse_environ(environ)
         if inv.command == "VERSION":
             return 0, _dump(version_result())
         conf = parse_netconf(stdin)
-        version = conf.cni_version
         if inv.command == "ADD":
             return _add(inv, conf, exec_plugin, state, read_subnet_env)
         if inv.command == "DEL":
             return _del(inv, conf, exec_plugin, state)
         return _check(inv, conf, exec_plugin, state, read_subnet_env)
     except CniError as exc:
-        exc.cni_version = version
+        # An error speaks the caller's version once that is known (parse_netconf sets it
+        # on its own errors after reading a supported cniVersion).
+        if conf is not None:
+            exc.cni_version = conf.cni_version
         return 1, _dump(exc.to_json())
 
 
@@ -169,6 +171,14 @@ def parse_netconf(stdin: bytes) -> NetConf:
     if version not in SUPPORTED_VERSIONS:
         raise CniError(ErrorCode.INCOMPATIBLE_VERSION, f"incompatible CNI version {version}",
                        f"supported: {', '.join(SUPPORTED_VERSIONS)}")
+    try:
+        return _validate_netconf(obj, version)
+    except CniError as exc:
+        exc.cni_version = version
+        raise
+
+
+def _validate_netconf(obj: dict[str, Any], version: str) -> NetConf:
     name = _string(obj, "name", None)
     if not valid_network_name(name):
         raise CniError(ErrorCode.INVALID_NETWORK_CONFIG, f"invalid network name {name!r}",

@@ -87,7 +87,8 @@ def _error_output(code: int, msg: str, details: str) -> bytes:
 
 def main() -> None:
     try:
-        stdin = b"" if os.environ.get("CNI_COMMAND") == "VERSION" else sys.stdin.buffer.read()
+        # read even for VERSION: a runtime writing the config must not hit a closed pipe
+        stdin = sys.stdin.buffer.read()
     except OSError as exc:
         rc, out = 1, _error_output(ErrorCode.IO_FAILURE, "cannot read stdin", str(exc))
     else:
