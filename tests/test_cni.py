@@ -7,6 +7,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -184,6 +185,26 @@ def test_delegate_overrides_reach_the_bridge(host: CniHost) -> None:
     host.add(c, host.conf(delegate={"bridge": "weftx", "hairpinMode": True}))
     assert addresses(host.netns, "weftx") == ["198.19.5.1/24"]
     assert not link_exists(host.netns, "weft0")
+
+
+@pytest.mark.skipif(shutil.which("iptables") is None,
+                    reason="the bridge plugin masquerades through iptables, not installed")
+@pytest.mark.parametrize("agent_masquerades", [True, False])
+def test_bridge_masquerades_only_when_the_agent_does_not(host: CniHost,
+                                                          agent_masquerades: bool) -> None:
+    host.subnet_env.write_text(host.subnet_env.read_text().replace(
+        "FLANNEL_IPMASQ=true", f"FLANNEL_IPMASQ={str(agent_masquerades).lower()}"))
+    c = host.container()
+
+    def nat_rules() -> str:
+        return subprocess.run(["ip", "netns", "exec", host.netns, "iptables", "-t", "nat",
+                               "-S", "POSTROUTING"], capture_output=True, text=True,
+                              check=True).stdout
+
+    result = host.add(c)
+    assert ("CNI-" in nat_rules()) is not agent_masquerades
+    host.delete(c, result)
+    assert "CNI-" not in nat_rules()
 
 
 def test_del_removes_the_interface_and_releases_the_address(host: CniHost) -> None:
