@@ -1,0 +1,137 @@
+"""udp: weft's userspace data plane — a TUN device and a Python forwarder (IP-in-UDP).
+
+For underlays that block VXLAN or hosts without the module.  Kernel state is small: a
+persistent TUN device `weft.udp0` carrying this host's subnet network address (/32) and
+one route for the whole cluster Network through it.  Which peer gets a packet is decided
+by the forwarder's peer table (weft.udp.peers), swapped atomically on every reconcile.
+Speed comes from batching (TUN TSO + UDP GSO/GRO), see weft.udp.forwarder.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from weft.backends.base import HostContext, ReconcileResult, converge
+from weft.config import NetworkConfig, UdpOptions
+from weft.constants import UDP_DEVICE, overhead
+from weft.errors import KernelError
+from weft.lease import Lease
+from weft.netlink import Netlink, Route
+from weft.udp.forwarder import Forwarder, delete_tun
+from weft.udp.peers import Peer, PeerDataError, PeerTable, peer_port
+
+
+class UdpBackend:
+    def __init__(self, config: NetworkConfig, host: HostContext) -> None:
+        if not isinstance(config.backend, UdpOptions):
+            raise TypeError("UdpBackend needs a config with Backend.Type udp")
+        self.config = config
+        self.options: UdpOptions = config.backend
+        self.host = host
+        self.forwarder: Forwarder | None = None
+
+    @property
+    def mtu(self) -> int:
+        return self.options.mtu or self.host.underlay_mtu - overhead(
+            "udp", self.host.public_ip.version
+        )
+
+    def prepare(self) -> Mapping[str, Any]:
+        if self.forwarder is None:
+            forwarder = Forwarder(
+                UDP_DEVICE,
+                self.host.public_ip,
+                self.options.port,
+                self.host.underlay_mtu,
+                self.config.network.version,
+                self.config.length,
+                offloads=self.options.offloads,
+            )
+            forwarder.open()
+            forwarder.start()
+            self.forwarder = forwarder
+        return {"Port": self.options.port}
+
+    def activate(self, lease: Lease) -> int:
+        mtu = self.mtu
+        with Netlink() as nl:
+            link = nl.link(UDP_DEVICE)
+            if link is None:
+                raise KernelError(f"TUN device {UDP_DEVICE} vanished; restart the agent")
+            # The subnet's network address: the host's own overlay address (source of
+            # host-originated traffic, so peers' spoofing checks accept it).
+            address = ipaddress.ip_interface(
+                f"{lease.subnet.network_address}/{lease.subnet.max_prefixlen}"
+            )
+            nl.ensure_only_address(link.index, address)
+            nl.ensure_up(link, mtu)
+            desired = {Route(self.config.network, None, link.index)}
+            # Only routes through our device are ours to converge (another backend's stale
+            # routes are that backend's teardown's business).
+            actual = {r for r in nl.routes(self.config.network.version)
+                      if r.ifindex == link.index}
+            result = converge(desired, actual, nl.replace_route, nl.delete_route, str)
+            if result.errors:
+                raise KernelError(f"route for {self.config.network}: {result.errors}")
+        return mtu
+
+    def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
+        if self.forwarder is None:
+            raise KernelError("udp backend: reconcile() before prepare()")
+        errors: dict[str, str] = {}
+        accepted: list[Peer] = []
+        for lease in peers:
+            if lease.public_ip == self.host.public_ip:
+                continue  # our own lease: local traffic never enters the tunnel
+            if lease.backend_type != "udp":
+                errors[str(lease.subnet)] = (
+                    f"peer {lease.public_ip} runs backend {lease.backend_type!r}; every host "
+                    "of a network must use the same backend"
+                )
+                continue
+            if lease.public_ip.version != self.host.public_ip.version:
+                errors[str(lease.subnet)] = (
+                    f"peer {lease.public_ip} is IPv{lease.public_ip.version}, this host's "
+                    f"underlay is IPv{self.host.public_ip.version}"
+                )
+                continue
+            try:
+                port = peer_port(lease.backend_data, self.options.port)
+            except PeerDataError as exc:
+                errors[str(lease.subnet)] = f"peer {lease.public_ip}: {exc}"
+                continue
+            accepted.append(Peer(lease.subnet, lease.public_ip, port))
+        table = PeerTable.build(self.config.network.version, self.config.length, accepted)
+        before = dict(self.forwarder.peers.routes)
+        self.forwarder.set_peers(table)
+        after = table.routes
+        added = sum(1 for k, v in after.items() if before.get(k) != v)
+        removed = sum(1 for k, v in before.items() if after.get(k) != v)
+        return ReconcileResult(added=added, removed=removed, errors=errors)
+
+    def status(self) -> Mapping[str, Any]:
+        facts: dict[str, Any] = {
+            "implementation": "userspace python (TUN + UDP, batched with offloads)",
+            "mtu": self.mtu,
+        }
+        if self.forwarder is not None:
+            facts.update(self.forwarder.status())
+        return facts
+
+    def close(self) -> None:
+        """Stop the forwarder; the persistent device and its route stay for the next run."""
+        if self.forwarder is not None:
+            self.forwarder.close()
+            self.forwarder = None
+
+    def teardown(self) -> None:
+        self.close()
+        with Netlink() as nl:
+            link = nl.link(UDP_DEVICE)
+            if link is not None:
+                for route in nl.routes(self.config.network.version):
+                    if route.ifindex == link.index:
+                        nl.delete_route(route)
+        delete_tun(UDP_DEVICE)

@@ -1,0 +1,1 @@
+"""The `udp` backend's data plane: wire codec, peer table, forwarder."""
