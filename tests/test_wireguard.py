@@ -3,6 +3,7 @@ without a lease, key handling, restarts. wireguard-go here (this kernel has no m
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from weft.constants import WIREGUARD_DEVICE
 from weft.testbed import Container, Host, Testbed
 from weft.wireguard.keys import PrivateKey, key_file_path
 from weft.wireguard.peers import DeviceChange, PeerConfig
@@ -267,3 +269,68 @@ def test_agent_restart_keeps_the_tunnel_and_a_new_key_is_picked_up() -> None:
         tb.wait_converged(30)
         assert key_of(changed) != keys[changed.name]
         assert any(tb.ping(src.netns, dst.ip) for _ in range(10))
+
+
+def test_psk_and_keepalive_are_applied_and_a_leaving_host_is_removed() -> None:
+    psk = PrivateKey.generate().raw  # any 32 random bytes
+    cfg = json.dumps({"Network": "198.19.0.0/16", "Backend": {
+        "Type": "wireguard", "PSK": base64.b64encode(psk).decode(),
+        "PersistentKeepaliveInterval": 25}})
+    with Testbed(hosts=3, containers_per_host=1, config=cfg,
+                 agent_args=["--release-on-exit"]) as tb:
+        tb.start()
+        assert all(tb.connectivity().values())
+        # Read host 1's device as wireguard-go reports it (its per-host socket directory).
+        device = UapiDevice(WIREGUARD_DEVICE, tb.hosts[0].run_dir / "wireguard")
+        peers = device.read().peers
+        assert len(peers) == 2
+        assert {p.psk for p in peers.values()} == {psk}
+        assert {p.keepalive for p in peers.values()} == {25}
+        assert backend_status(tb, tb.hosts[0])["psk"] is True
+
+        leaving = tb.hosts[2]
+        pid = backend_status(tb, leaving)["wireguard_go_pid"]
+        assert isinstance(pid, int)
+        tb.stop_agent(leaving, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while len(device.read().peers) != 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert key_of(leaving).public_key() not in device.read().peers
+        # The leaving host took its data plane down: no device, no wireguard-go.
+        gone = tb.run(leaving.netns, ["ip", "link", "show", WIREGUARD_DEVICE], check=False)
+        assert gone.returncode != 0
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+        assert tb.ping(tb.containers[0].netns, tb.containers[1].ip)
+
+
+def kernel_has_wireguard() -> bool:
+    probe = f"weft-wgprobe-{time.monotonic_ns() % 10**6}"
+    subprocess.run(["ip", "netns", "add", probe], check=True)
+    try:
+        made = subprocess.run(["ip", "-n", probe, "link", "add", "wgprobe", "type", "wireguard"],
+                              capture_output=True, check=False)
+        return made.returncode == 0
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], check=False)
+
+
+def test_kernel_implementation() -> None:
+    cfg = json.dumps({"Network": "198.19.0.0/16",
+                      "Backend": {"Type": "wireguard", "Implementation": "kernel"}})
+    with Testbed(hosts=2, containers_per_host=1, config=cfg) as tb:
+        if kernel_has_wireguard():
+            tb.start()
+            assert all(tb.connectivity().values())
+            assert backend_status(tb, tb.hosts[0])["implementation"] == "kernel"
+            return
+        # Without the module, asking for it is a clear error and nothing is left behind.
+        host = tb.hosts[0]
+        tb.start_agent(host)
+        assert host.agent is not None
+        assert host.agent.wait(timeout=30) != 0
+        assert "no WireGuard module" in tb.agent_log(host)
+        left = tb.run(host.netns, ["ip", "link", "show", WIREGUARD_DEVICE], check=False)
+        assert left.returncode != 0
+        pids = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True,
+                              text=True, check=False).stdout
+        assert not pids.split()  # no wireguard-go started as a fallback
