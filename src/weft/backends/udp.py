@@ -18,7 +18,7 @@ from weft.config import NetworkConfig, UdpOptions
 from weft.constants import UDP_DEVICE, overhead
 from weft.errors import KernelError
 from weft.lease import Lease
-from weft.netlink import Netlink, Route
+from weft.netlink import LinkInfo, Netlink, Route
 from weft.udp.forwarder import Forwarder, delete_tun
 from weft.udp.peers import Peer, PeerDataError, PeerTable, peer_port
 
@@ -57,9 +57,7 @@ class UdpBackend:
     def activate(self, lease: Lease) -> int:
         mtu = self.mtu
         with Netlink() as nl:
-            link = nl.link(UDP_DEVICE)
-            if link is None:
-                raise KernelError(f"TUN device {UDP_DEVICE} vanished; restart the agent")
+            link = self._link(nl)
             # The subnet's network address: the host's own overlay address (source of
             # host-originated traffic, so peers' spoofing checks accept it).
             address = ipaddress.ip_interface(
@@ -67,15 +65,24 @@ class UdpBackend:
             )
             nl.ensure_only_address(link.index, address)
             nl.ensure_up(link, mtu)
-            desired = {Route(self.config.network, None, link.index)}
-            # Only routes through our device are ours to converge (another backend's stale
-            # routes are that backend's teardown's business).
-            actual = {r for r in nl.routes(self.config.network.version)
-                      if r.ifindex == link.index}
-            result = converge(desired, actual, nl.replace_route, nl.delete_route, str)
+            result = self._converge_route(nl, link.index)
             if result.errors:
                 raise KernelError(f"route for {self.config.network}: {result.errors}")
         return mtu
+
+    @staticmethod
+    def _link(nl: Netlink) -> LinkInfo:
+        link = nl.link(UDP_DEVICE)
+        if link is None:
+            raise KernelError(f"TUN device {UDP_DEVICE} vanished; restart the agent")
+        return link
+
+    def _converge_route(self, nl: Netlink, index: int) -> ReconcileResult:
+        """One route, the whole Network through the TUN device; any other route with
+        weft's protocol number is a leftover of an earlier run and goes."""
+        desired = {Route(self.config.network, None, index)}
+        actual = nl.routes(self.config.network.version)
+        return converge(desired, actual, nl.replace_route, nl.delete_route, lambda r: str(r.dst))
 
     def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
         if self.forwarder is None:
@@ -103,6 +110,9 @@ class UdpBackend:
                 errors[str(lease.subnet)] = f"peer {lease.public_ip}: {exc}"
                 continue
             accepted.append(Peer(lease.subnet, lease.public_ip, port))
+        with Netlink() as nl:  # level-based: put back our route if someone removed it
+            result = self._converge_route(nl, self._link(nl).index)
+        errors.update(result.errors)
         table = PeerTable.build(self.config.network.version, self.config.length, accepted)
         before = dict(self.forwarder.peers.routes)
         self.forwarder.set_peers(table)
