@@ -169,6 +169,13 @@ class LocalEtcd:
         if wait:
             self._wait_healthy(member)
 
+    def wait_healthy(self) -> None:
+        """Wait until every running member reports healthy (after restarting several: one
+        member alone has no quorum, so restart them all with wait=False, then wait here)."""
+        for member in self.members:
+            if member.process is not None:
+                self._wait_healthy(member)
+
     def stop(self) -> None:
         """Stop every member and remove the data (if this object made the directory)."""
         for member in self.members:

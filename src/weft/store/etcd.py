@@ -17,8 +17,11 @@ etcd deletes it (and every watcher sees a DELETE) when its host stops renewing.
   so a changed BackendData (a restarted host) reaches every peer.
 - expiration: filled from the etcd lease (now + granted TTL on create/renew; a
   LeaseTimeToLive query for leases read by list or watch; 0.0 when it cannot be asked).
-- watch(since): one etcd watch on `<prefix>/subnets/` from revision since+1; events arrive
-  in revision order and are yielded in the batches etcd sends them in.
+- watch(since): one etcd watch on `<prefix>/subnets/`; events after `since` arrive in
+  revision order and are yielded in the batches etcd sends them in. The etcd watch starts
+  at `since` itself (its events dropped): etcd reports a compaction only to a watch that
+  starts below the compaction revision, and compacting at since+1 would otherwise swallow
+  a deletion made at since+1 silently.
 
 Faults, decided here so the agent's code stays simple:
 - A request that cannot reach a member (refused, timed out, member without a leader: every
@@ -582,15 +585,18 @@ class EtcdLeaseStore:
                     timeout=self._timeout,
                     metadata=conn.client.metadata,
                 )
+                # From `last`, not last+1, dropping what we already had: etcd only calls a
+                # watch compacted when it starts *below* the compaction revision, and a
+                # compaction at exactly last+1 removes a deletion made there without a word.
                 await watcher.add_callback(
                     self._subnets,
                     queue.put,
                     range_end=aetcd.utils.prefix_range_end(self._subnets),
-                    start_revision=last + 1,
+                    start_revision=max(last, 1),
                 )
                 backoff = _WATCH_BACKOFF_FIRST
                 while True:
-                    events, reached, error = await self._next_batch(conn.client, queue)
+                    events, reached, error = await self._next_batch(conn.client, queue, last)
                     last = max(last, reached)
                     if events:
                         yield events
@@ -624,11 +630,11 @@ class EtcdLeaseStore:
             backoff = min(backoff * 2, _WATCH_BACKOFF_MAX)
 
     async def _next_batch(
-        self, client: _Client, queue: asyncio.Queue[Any]
+        self, client: _Client, queue: asyncio.Queue[Any], after: int
     ) -> tuple[list[LeaseEvent], int, BaseException | None]:
-        """Everything the stream delivered so far (waiting for at least one item): the
-        events, the highest revision among them (records that don't parse included), and
-        the error that ended the stream, if one came after them."""
+        """Everything the stream delivered so far (waiting for at least one item) past
+        revision `after`: the events, the highest revision among them (records that don't
+        parse included), and the error that ended the stream, if one came after them."""
         items = [await queue.get()]
         while not queue.empty():
             items.append(queue.get_nowait())
@@ -641,7 +647,8 @@ class EtcdLeaseStore:
             if item is None:  # the stream closed without an error
                 error = _StreamEnded("the watch stream closed")
                 break
-            raw.append(item)
+            if int(item.kv.mod_revision) > after:
+                raw.append(item)
         lease_ids = [ev.kv.lease for ev in raw if ev.kind == "PUT"]
         expirations = await self._expirations(client, lease_ids)
         events = [
