@@ -18,11 +18,9 @@ namespace, through `etcdctl endpoint health`, when there is one).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -43,8 +41,6 @@ ETCDCTL_BINARY = "/usr/bin/etcdctl"
 # How long a member (or a whole cluster) may take to report healthy. Generous: CI
 # machines are small and a 3-member cluster needs an election first.
 START_TIMEOUT = 30.0
-
-_PR_SET_PDEATHSIG = 1
 
 
 def free_loopback_port() -> int:
@@ -244,10 +240,13 @@ class LocalEtcd:
         self._close_log(member)
         member._log = open(member.log_path, "ab")  # noqa: SIM115 (closed in _close_log)
         # etcd dies with the process that started it, even one killed without a chance to
-        # clean up: a throwaway cluster must never outlive its run.
+        # clean up: a throwaway cluster must never outlive its run. setpriv sets the
+        # parent-death signal and execs etcd; a Python preexec_fn would run in a forked
+        # copy of this process, where grpc's threads make fork unsafe.
+        if shutil.which("setpriv"):
+            argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
         member.process = subprocess.Popen(
             self._in_netns(argv), stdin=subprocess.DEVNULL, stdout=member._log, stderr=member._log,
-            preexec_fn=_die_with_parent,
         )
 
     def _wait_healthy(self, member: EtcdMember) -> None:
@@ -303,12 +302,6 @@ def local_etcd(
         yield cluster
     finally:
         cluster.stop()
-
-
-def _die_with_parent() -> None:
-    # PR_SET_PDEATHSIG: the kernel sends SIGKILL when the parent thread exits.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _distinct_free_ports(count: int) -> Sequence[int]:
