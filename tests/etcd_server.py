@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from weft.etcd_local import ETCD_BINARY, ETCDCTL_BINARY, LocalEtcd
+from weft.etcd_local import ETCD_BINARY, ETCDCTL_BINARY, EtcdTls, LocalEtcd
 
 ETCD_MISSING_REASON = (
     f"needs the etcd server ({ETCD_BINARY}, Debian package etcd-server) and "
@@ -32,11 +33,17 @@ requires_etcd = pytest.mark.skipif(not ETCD_AVAILABLE, reason=ETCD_MISSING_REASO
 
 
 @contextlib.contextmanager
-def etcd_cluster(members: int = 1, base_dir: Path | None = None) -> Iterator[LocalEtcd]:
+def etcd_cluster(
+    members: int = 1,
+    base_dir: Path | None = None,
+    *,
+    tls: EtcdTls | None = None,
+    extra_args: Sequence[str] = (),
+) -> Iterator[LocalEtcd]:
     """Start an N-member etcd cluster on loopback; stop it and remove its data after."""
     if not ETCD_AVAILABLE:
         pytest.skip(ETCD_MISSING_REASON)
-    cluster = LocalEtcd(members, base_dir=base_dir)
+    cluster = LocalEtcd(members, base_dir=base_dir, tls=tls, extra_args=extra_args)
     cluster.start()
     try:
         yield cluster
@@ -47,3 +54,36 @@ def etcd_cluster(members: int = 1, base_dir: Path | None = None) -> Iterator[Loc
 def unique_prefix() -> str:
     """A key prefix no other test uses (shaped like flannel's)."""
     return f"/weft-test/{uuid.uuid4().hex[:12]}/network"
+
+
+def make_tls(directory: Path, *, name: str = "weft-test") -> EtcdTls:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, made
+    with the real openssl."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    def newkey(stem: str, subject: str) -> None:
+        openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                "-nodes", "-keyout", f"{stem}.key", "-out", f"{stem}.csr", "-subj", subject)
+
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+            "-subj", f"/CN={name}-ca")
+    for stem, ext in (
+        ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ):
+        newkey(stem, f"/CN={name}-{stem}")
+        (directory / f"{stem}.ext").write_text(ext)
+        openssl("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{stem}.crt", "-days", "1",
+                "-extfile", f"{stem}.ext")
+    return EtcdTls(
+        cafile=directory / "ca.crt",
+        certfile=directory / "server.crt",
+        keyfile=directory / "server.key",
+        client_certfile=directory / "client.crt",
+        client_keyfile=directory / "client.key",
+    )

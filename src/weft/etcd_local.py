@@ -51,6 +51,19 @@ def free_loopback_port() -> int:
         return port
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """TLS on the client port: the server's certificate and key, and the CA that signed
+    both it and the clients' certificates (which etcd then requires). The client pair is
+    what `etcdctl` and the health check present."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    client_certfile: Path
+    client_keyfile: Path
+
+
 @dataclass
 class EtcdMember:
     name: str
@@ -62,10 +75,11 @@ class EtcdMember:
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     host: str = "127.0.0.1"
+    tls: bool = False
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
 
     @property
     def peer_url(self) -> str:
@@ -94,6 +108,8 @@ class LocalEtcd:
         host: str = "127.0.0.1",
         heartbeat_ms: int = 100,
         election_ms: int = 1000,
+        tls: EtcdTls | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         if members < 1:
             raise UsageError(f"an etcd cluster needs at least one member, not {members}")
@@ -109,6 +125,8 @@ class LocalEtcd:
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix=f"weft-etcd-{self.run_id}-"))
         self._heartbeat_ms = heartbeat_ms
         self._election_ms = election_ms
+        self.tls = tls
+        self._extra_args = list(extra_args)
         self.members = [
             EtcdMember(
                 name=f"weft-{self.run_id}-e{i}",
@@ -117,6 +135,7 @@ class LocalEtcd:
                 data_dir=self.base_dir / f"member{i}",
                 log_path=self.base_dir / f"member{i}.log",
                 host=host,
+                tls=tls is not None,
             )
             for i in range(members)
         ]
@@ -129,8 +148,8 @@ class LocalEtcd:
 
     @property
     def url(self) -> str:
-        """The store URL for weft: `etcd://127.0.0.1:P1,127.0.0.1:P2,...`."""
-        return "etcd://" + ",".join(self.endpoints)
+        """The store URL for weft: `etcd://127.0.0.1:P1,127.0.0.1:P2,...` (etcds:// with TLS)."""
+        return ("etcds://" if self.tls else "etcd://") + ",".join(self.endpoints)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -203,7 +222,13 @@ class LocalEtcd:
     def _etcdctl(
         self, endpoints: Sequence[str], *args: str, check: bool = True, timeout: float = 30
     ) -> subprocess.CompletedProcess[str]:
-        argv = [ETCDCTL_BINARY, f"--endpoints={','.join(endpoints)}", "--dial-timeout=2s", *args]
+        scheme = "https" if self.tls else "http"
+        urls = ",".join(f"{scheme}://{e}" for e in endpoints)
+        argv = [ETCDCTL_BINARY, f"--endpoints={urls}", "--dial-timeout=2s"]
+        if self.tls:
+            argv += [f"--cacert={self.tls.cafile}", f"--cert={self.tls.client_certfile}",
+                     f"--key={self.tls.client_keyfile}"]
+        argv += args
         return subprocess.run(
             self._in_netns(argv),
             env={**os.environ, "ETCDCTL_API": "3"},
@@ -237,6 +262,14 @@ class LocalEtcd:
             "--logger=zap",
             "--log-outputs=stderr",
         ]
+        if self.tls:
+            argv += [
+                f"--cert-file={self.tls.certfile}",
+                f"--key-file={self.tls.keyfile}",
+                f"--trusted-ca-file={self.tls.cafile}",
+                "--client-cert-auth",
+            ]
+        argv += self._extra_args
         self._close_log(member)
         member._log = open(member.log_path, "ab")  # noqa: SIM115 (closed in _close_log)
         # etcd dies with the process that started it, even one killed without a chance to
@@ -266,8 +299,9 @@ class LocalEtcd:
         )
 
     def _healthy(self, member: EtcdMember) -> bool:
-        if self.netns is not None:
-            # urllib here would look in this process's namespace; ask from inside instead.
+        if self.netns is not None or self.tls is not None:
+            # urllib here would look in this process's namespace (and would need the
+            # client certificate): ask etcdctl, from inside the namespace.
             try:
                 proc = self._etcdctl([member.endpoint], "endpoint", "health", check=False,
                                      timeout=10)

@@ -432,6 +432,7 @@ class EtcdLeaseStore:
                 if not _is_retryable(exc):
                     raise StoreError(
                         f"etcd at {conn.client.endpoint} refused to {what}: {_detail(exc)}"
+                        f"{self._hint(_detail(exc))}"
                     ) from None
                 failures.append(f"{conn.client.endpoint}: {_detail(exc)}")
                 self._retire(conn)
@@ -440,7 +441,26 @@ class EtcdLeaseStore:
         raise StoreUnavailable(
             f"cannot reach etcd to {what} ({'; '.join(failures)}); check that etcd is "
             f"running and reachable at {', '.join(map(str, self.endpoints))}"
+            f"{self._hint(' '.join(failures))}"
         )
+
+    def _hint(self, detail: str) -> str:
+        """What to do about the usual refusals, in weft's terms."""
+        if "user name is empty" in detail:
+            return "; etcd requires authentication: give --etcd-username and --etcd-password"
+        if "authentication failed" in detail:
+            return "; check --etcd-username and --etcd-password"
+        if "permission denied" in detail:
+            return (f"; grant the user read and write on {self.prefix}/ (etcdctl role "
+                    f"grant-permission ROLE --prefix=true readwrite {self.prefix}/)")
+        if "CERTIFICATE_VERIFY_FAILED" in detail:
+            return ("; the server's certificate is not signed by --etcd-cafile, or does not "
+                    "name the host in the URL")
+        if self._credentials is None and "Socket closed" in detail:
+            return "; if etcd serves TLS, use etcds:// (with --etcd-cafile)"
+        if self._credentials is not None and "Handshake read failed" in detail:
+            return "; this etcd may not serve TLS: try etcd://"
+        return ""
 
     async def close(self) -> None:
         conns = [*self._stale, *([self._conn] if self._conn else [])]
@@ -608,7 +628,7 @@ class EtcdLeaseStore:
                 if not isinstance(exc, _StreamEnded) and not _is_retryable(exc):
                     raise StoreError(
                         f"etcd at {conn.client.endpoint} refused to watch {self.prefix}: "
-                        f"{_detail(exc)}"
+                        f"{_detail(exc)}{self._hint(_detail(exc))}"
                     ) from None
                 failure = exc
                 self._retire(conn)
