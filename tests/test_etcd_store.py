@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
@@ -23,6 +26,7 @@ from weft.etcd_local import EtcdTls, LocalEtcd
 from weft.lease import Lease
 from weft.store import open_store
 from weft.store.etcd import Endpoint, EtcdLeaseStore, parse_etcd_url
+from weft.testbed import RUNS_DIR, list_netns
 
 
 def run(coro: Awaitable[Any]) -> Any:
@@ -261,3 +265,26 @@ def test_auth_refusals_are_store_errors_that_say_why(
     assert not isinstance(refused.value, StoreUnavailable)  # not retried: it won't heal
     assert reason in str(refused.value)
     assert time.monotonic() - started < 10
+
+
+# --- weft demo on etcd ------------------------------------------------------------------
+
+
+@requires_etcd
+@pytest.mark.etcd
+@pytest.mark.netns
+def test_demo_on_etcd_starts_and_stops_its_own_etcd() -> None:
+    proc = subprocess.run([sys.executable, "-m", "weft", "demo", "--store", "etcd"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "store etcd" in proc.stdout
+    assert "all 30 pairs reached each other" in proc.stdout
+    run_id = re.search(r"weft demo run (\w+):", proc.stdout)
+    assert run_id is not None, proc.stdout
+    run_dir = RUNS_DIR / run_id[1]
+    assert not run_dir.exists()
+    # No etcd of that run is left: its data directory was inside the run's directory.
+    left = subprocess.run(["pgrep", "-f", f"--data-dir={run_dir}"], capture_output=True,
+                          text=True, check=False)
+    assert left.stdout == "", left.stdout
+    assert not [n for n in list_netns() if n.startswith(f"weft-{run_id[1]}-")]
