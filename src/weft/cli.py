@@ -273,6 +273,34 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
+@app.command()
+def bench(
+    backends: Annotated[str | None, typer.Option(help="comma-separated, e.g. vxlan,host-gw "
+                                                      "(default: every registered one)")] = None,
+    rate: Annotated[str | None, typer.Option(help="shape each host's underlay with tbf, "
+                                                  "e.g. 1gbit")] = None,
+    secs: Annotated[int, typer.Option(min=1, help="seconds per qperf test")] = 5,
+    reps: Annotated[int, typer.Option(min=1, help="rounds (native, A, native, B, ...)")] = 3,
+    json_file: Annotated[str | None, typer.Option("--json", help="write the JSON here "
+                                                                 "(- for stdout)")] = None,
+    chart: Annotated[str | None, typer.Option(help="write a PNG bar chart here")] = None,
+) -> None:
+    """qperf tcp_bw/tcp_lat: native vs each backend, container to container, on 2 hosts."""
+    from weft.bench.report import render_table, write_chart, write_json
+    from weft.bench.runner import BenchOptions, parse_backends, run_bench
+
+    try:
+        opts = BenchOptions(parse_backends(backends), rate, secs, reps)
+        report = run_bench(opts, progress=lambda line: err.print(line, highlight=False))
+        render_table(report, err if json_file == "-" else out)
+        if json_file is not None:
+            write_json(report, json_file)
+        if chart is not None:
+            write_chart(report, chart)
+    except WeftError as exc:
+        raise _fail(exc) from None
+
+
 @app.command("docker-opts")
 def docker_opts(
     subnet_file: Annotated[Path, typer.Option("--subnet-file", "-f")] = Path(
