@@ -13,6 +13,7 @@ missing, and a prefix per test so tests can share one server without seeing each
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import uuid
@@ -87,3 +88,14 @@ def make_tls(directory: Path, *, name: str = "weft-test") -> EtcdTls:
         client_certfile=directory / "client.crt",
         client_keyfile=directory / "client.key",
     )
+
+
+def leader_index(cluster: LocalEtcd) -> int:
+    """Which member leads the cluster now (asked with etcdctl)."""
+    statuses = json.loads(cluster.etcdctl("endpoint", "status", "-w", "json").stdout)
+    by_endpoint = {s["Endpoint"].split("://")[-1]: s["Status"] for s in statuses}
+    for i, member in enumerate(cluster.members):
+        status = by_endpoint.get(member.endpoint)
+        if status is not None and status["header"]["member_id"] == status["leader"]:
+            return i
+    raise AssertionError(f"no member leads the cluster: {statuses}")

@@ -22,7 +22,13 @@ from typing import Any
 
 import pytest
 
-from etcd_server import ETCD_AVAILABLE, ETCD_MISSING_REASON, etcd_cluster, unique_prefix
+from etcd_server import (
+    ETCD_AVAILABLE,
+    ETCD_MISSING_REASON,
+    etcd_cluster,
+    leader_index,
+    unique_prefix,
+)
 from weft.errors import StoreUnavailable, WatchCompacted
 from weft.etcd_local import LocalEtcd, free_loopback_port
 from weft.events import LeaseEvent
@@ -93,11 +99,15 @@ async def _collect(store: EtcdLeaseStore, since: int, count: int,
         await watch.aclose()
 
 
-def test_one_member_killed_requests_and_watch_move_to_another(three_members: LocalEtcd) -> None:
+@pytest.mark.parametrize("victim", ["first endpoint", "leader"])
+def test_one_member_killed_requests_and_watch_move_to_another(
+    three_members: LocalEtcd, victim: str
+) -> None:
+    # The first endpoint: where both clients are connected. The leader: an election.
+    doomed = 0 if victim == "first endpoint" else leader_index(three_members)
     prefix = unique_prefix()
 
     async def main() -> None:
-        # Both clients start on member 0 (the first endpoint), the one about to die.
         writer = EtcdLeaseStore.from_url(three_members.url, prefix=prefix)
         watcher = EtcdLeaseStore.from_url(three_members.url, prefix=prefix)
         try:
@@ -108,9 +118,11 @@ def test_one_member_killed_requests_and_watch_move_to_another(three_members: Loc
                 for i in (1, 2, 3):
                     assert await writer.create_lease(lease(i), 60) is not None
                 await asyncio.sleep(0.5)
-                await asyncio.to_thread(three_members.kill, 0)
+                await asyncio.to_thread(three_members.kill, doomed)
                 for i in (4, 5, 6):  # no error reaches the caller
+                    started = time.monotonic()
                     assert await writer.create_lease(lease(i), 60) is not None
+                    assert time.monotonic() - started < 7  # at worst one timed-out attempt
             subnets = [str(e.subnet) for e in seen]
             assert subnets == [NET.format(i) for i in range(1, 7)]  # none lost, none twice
             leases, _ = await writer.list_leases()
@@ -228,6 +240,10 @@ def _renewals(tb: Testbed, index: int) -> int:
     return tb.agent_log(tb.hosts[index]).count("lease renewed")
 
 
+def _interruptions(tb: Testbed, index: int) -> int:
+    return tb.agent_log(tb.hosts[index]).count("etcd watch interrupted")
+
+
 def _peer_routes(tb: Testbed, index: int) -> set[str]:
     out = tb.run(tb.hosts[index].netns, ["ip", "-j", "route", "show", "proto", "87"]).stdout
     return {r["dst"] for r in json.loads(out or "[]")}
@@ -248,9 +264,14 @@ def test_member_killed_agents_keep_renewing_and_a_new_host_joins() -> None:
         subnets = {h.name: tb.host_status(h)["subnet"] for h in tb.hosts[:2]}
         tb.etcd.kill(0)  # the first endpoint: where every agent is connected
         before = [_renewals(tb, i) for i in (0, 1)]
-        time.sleep(5)  # 4 s leases renew every 2 s
+        deadline = time.monotonic() + 20  # 4 s leases renew every 2 s
+        while time.monotonic() < deadline and any(
+                _renewals(tb, i) < before[i] + 3 for i in (0, 1)):
+            time.sleep(0.2)
         after = [_renewals(tb, i) for i in (0, 1)]
-        assert all(a >= b + 2 for a, b in zip(after, before, strict=True)), (before, after)
+        assert all(a >= b + 3 for a, b in zip(after, before, strict=True)), (before, after)
+        for i in (0, 1):
+            assert "lease lost" not in tb.agent_log(tb.hosts[i])
         tb.start_agent(tb.hosts[2])
         _join(tb, 2)
         assert {h.name: tb.host_status(h)["subnet"] for h in tb.hosts[:2]} == subnets
@@ -296,13 +317,19 @@ def test_agents_cut_off_while_a_lease_goes_and_history_is_compacted_resync() -> 
         assert all(subnet in _peer_routes(tb, i) for i in (0, 1))
         tb.stop_agent(gone, signal.SIGKILL)  # its lease stays until deleted
         ports = ", ".join(str(m.client_port) for m in tb.etcd.members)
+        interrupted = [_interruptions(tb, i) for i in (0, 1)]
         # The hosts can no longer reach etcd (every packet from the bridge to etcd's client
         # ports refused); the operator, local to etcd, still can.
         cut = (f"table inet weft_cut {{\n chain input {{\n"
                f"  type filter hook input priority 0;\n"
                f'  iifname "br0" tcp dport {{ {ports} }} reject with tcp reset\n }}\n}}\n')
         sh(netns_exec(tb.underlay, ["nft", "-f", "-"]), input=cut)
-        time.sleep(12)  # > grpc keepalive (10 s): the agents' watch streams notice
+        # grpc's keepalive (every 10 s) finds the agents' watch streams dead.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(
+                _interruptions(tb, i) > interrupted[i] for i in (0, 1)):
+            time.sleep(0.2)
+        assert all(_interruptions(tb, i) > interrupted[i] for i in (0, 1))
         prefix = "/weft/network"
         key = f"{prefix}/subnets/{subnet.replace('/', '-')}"
         assert tb.etcd.etcdctl("del", key).stdout.strip() == "1"

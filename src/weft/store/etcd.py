@@ -24,8 +24,9 @@ etcd deletes it (and every watcher sees a DELETE) when its host stops renewing.
   a deletion made at since+1 silently.
 
 Faults, decided here so the agent's code stays simple:
-- A request that cannot reach a member (refused, timed out, member without a leader: every
-  request carries etcd's `hasleader` requirement) is retried once on each other endpoint;
+- A request that cannot reach a member (refused, timed out after 3 s, member without a
+  leader: every request carries etcd's `hasleader` requirement) is retried once on each
+  other endpoint;
   when all fail it raises StoreUnavailable naming the endpoints. The caller retries.
 - A watch never raises StoreUnavailable: when its stream breaks it reconnects by itself
   (next endpoint, backoff 0.1 s doubling to 5 s, one warning line per attempt) and resumes
@@ -78,9 +79,10 @@ log = logging.getLogger("weft.store.etcd")
 T = TypeVar("T")
 
 DEFAULT_PORT = 2379
-# Per request. A healthy etcd answers in milliseconds; a member that lost its peers makes
-# linearizable requests wait until this runs out, then the next endpoint is tried.
-DEFAULT_TIMEOUT = 5.0
+# Per request. A healthy etcd answers in milliseconds; a request caught on a follower when
+# the leader dies waits until this runs out (measured: the whole timeout), then the next
+# endpoint is tried, by when a new leader is normally elected (~1 s with etcd defaults).
+DEFAULT_TIMEOUT = 3.0
 _WATCH_BACKOFF_FIRST = 0.1
 _WATCH_BACKOFF_MAX = 5.0
 # Renewals that lose a race (another write to the key between read and transaction).
