@@ -54,7 +54,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -590,7 +590,7 @@ class EtcdLeaseStore:
 
     # --- watch --------------------------------------------------------------------------
 
-    async def watch(self, since: int) -> AsyncIterator[list[LeaseEvent]]:
+    async def watch(self, since: int) -> AsyncGenerator[list[LeaseEvent], None]:
         last = since  # the revision of the last event received: resume after it
         backoff = _WATCH_BACKOFF_FIRST
         while True:
