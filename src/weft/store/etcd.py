@@ -26,8 +26,8 @@ etcd deletes it (and every watcher sees a DELETE) when its host stops renewing.
 Faults, decided here so the agent's code stays simple:
 - A request that cannot reach a member (refused, timed out after 3 s, member without a
   leader: every request carries etcd's `hasleader` requirement) is retried once on each
-  other endpoint;
-  when all fail it raises StoreUnavailable naming the endpoints. The caller retries.
+  other endpoint; when all fail it raises StoreUnavailable naming the endpoints and what
+  each said. The caller retries.
 - A watch never raises StoreUnavailable: when its stream breaks it reconnects by itself
   (next endpoint, backoff 0.1 s doubling to 5 s, one warning line per attempt) and resumes
   from the revision after the last event it yielded, so nothing is lost or repeated. If
@@ -36,12 +36,12 @@ Faults, decided here so the agent's code stays simple:
   StoreError with etcd's reason, not retried.
 
 Why aetcd: it is asyncio-native (the agent runs one asyncio TaskGroup) and maintained
-(1.0.0, 2026). Alternatives: `etcd3` (python-etcd3) is unmaintained since 2020 and breaks
-on current protobuf; `etcd-sdk-python` is its maintained but synchronous fork (every call
-would need a thread); `etcd3gw` speaks to the HTTP/JSON gateway with synchronous requests
-and long-polls watches. aetcd 1.0.0 opens only plaintext channels and one endpoint, so
-`_Client.connect` opens the gRPC channel itself (TLS credentials when asked) and this
-module rotates through the endpoints.
+(1.0.0, 2026). Alternatives: `etcd3` (python-etcd3) has had no release since 2020 and its
+generated code does not load with protobuf >= 4; `etcd-sdk-python` is its maintained but
+synchronous fork (every call would need a thread); `etcd3gw` speaks to the HTTP/JSON
+gateway with synchronous requests and long-polls watches. aetcd 1.0.0 opens only
+plaintext channels to one endpoint, so `_Client.connect` opens the gRPC channel itself
+(TLS credentials when asked) and this module rotates through the endpoints.
 """
 
 from __future__ import annotations
