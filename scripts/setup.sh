@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 packages=(
-  iproute2 nftables iptables iputils-ping netcat-openbsd procps kmod tcpdump util-linux
+  iproute2 nftables iptables openssl iputils-ping netcat-openbsd procps kmod tcpdump util-linux
   etcd-server etcd-client qperf iperf3
   wireguard-go wireguard-tools containernetworking-plugins
   python3 python3-venv

@@ -34,7 +34,7 @@ from weft.etcd_local import LocalEtcd, free_loopback_port
 from weft.events import LeaseEvent
 from weft.lease import Lease
 from weft.store.etcd import EtcdLeaseStore
-from weft.testbed import OPERATOR_IP, Testbed, netns_exec, sh
+from weft.testbed import Testbed, netns_exec, sh
 
 pytestmark = [
     pytest.mark.etcd,
@@ -205,16 +205,6 @@ def test_compaction_right_at_a_deletion_is_reported_not_swallowed() -> None:
 # --- whole agents in the namespace testbed ----------------------------------------------
 
 
-class ClusterTestbed(Testbed):
-    """The testbed with a 3-member etcd cluster in its underlay namespace."""
-
-    def _start_etcd(self) -> None:
-        self.etcd = LocalEtcd(members=3, base_dir=self.run_dir / "etcd", netns=self.underlay,
-                              host=str(OPERATOR_IP))
-        self.etcd.start()
-        self.store_url = self.etcd.url
-
-
 def _start_hosts(tb: Testbed, count: int) -> None:
     hosts = tb.hosts[:count]
     for host in hosts:
@@ -259,7 +249,7 @@ def _ping(tb: Testbed, src: str, dst: object, seconds: float) -> subprocess.Pope
 
 @pytest.mark.netns
 def test_member_killed_agents_keep_renewing_and_a_new_host_joins() -> None:
-    with ClusterTestbed(hosts=3, containers_per_host=1, store="etcd", lease_ttl=4) as tb:
+    with Testbed(hosts=3, containers_per_host=1, store="etcd", etcd_members=3, lease_ttl=4) as tb:
         _start_hosts(tb, 2)
         subnets = {h.name: tb.host_status(h)["subnet"] for h in tb.hosts[:2]}
         tb.etcd.kill(0)  # the first endpoint: where every agent is connected
@@ -282,7 +272,7 @@ def test_member_killed_agents_keep_renewing_and_a_new_host_joins() -> None:
 
 @pytest.mark.netns
 def test_etcd_gone_traffic_flows_a_new_host_waits_and_joins_when_it_returns() -> None:
-    with ClusterTestbed(hosts=3, containers_per_host=1, store="etcd", lease_ttl=30) as tb:
+    with Testbed(hosts=3, containers_per_host=1, store="etcd", etcd_members=3, lease_ttl=30) as tb:
         _start_hosts(tb, 2)
         c1, c2, c3 = tb.containers
         ping = _ping(tb, c1.netns, c2.ip, seconds=12)
@@ -310,7 +300,7 @@ def test_etcd_gone_traffic_flows_a_new_host_waits_and_joins_when_it_returns() ->
 
 @pytest.mark.netns
 def test_agents_cut_off_while_a_lease_goes_and_history_is_compacted_resync() -> None:
-    with ClusterTestbed(hosts=3, containers_per_host=0, store="etcd", lease_ttl=60) as tb:
+    with Testbed(hosts=3, containers_per_host=0, store="etcd", etcd_members=3, lease_ttl=60) as tb:
         _start_hosts(tb, 3)
         gone = tb.hosts[2]
         subnet = tb.host_status(gone)["subnet"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -273,7 +274,10 @@ class Agent:
                 # same subnet back if it is still free; otherwise the host must restart.
                 log.error("lease lost; trying to take the same subnet back",
                           extra={"subnet": str(self.lease.subnet)})
-                created = await self.store.create_lease(self.lease, self.opts.lease_ttl)
+                created = await self._retry(
+                    "recreate lease",
+                    functools.partial(self.store.create_lease, self.lease, self.opts.lease_ttl),
+                )
                 if created is None:
                     raise WeftError(
                         f"lease for {self.lease.subnet} was lost and another host took the "

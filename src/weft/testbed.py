@@ -116,6 +116,7 @@ class Testbed:
         containers_per_host: int = 2,
         config: str = DEFAULT_CONFIG,
         store: str = "sqlite",
+        etcd_members: int = 1,
         lease_ttl: float = 3600.0,
         agent_args: Sequence[str] = (),
         log_level: str = "debug",
@@ -132,6 +133,7 @@ class Testbed:
         if store not in ("sqlite", "etcd"):
             raise UsageError(f"testbed store {store!r}: use sqlite or etcd")
         self.etcd: Any = None
+        self.etcd_members = etcd_members
         self.lease_ttl = lease_ttl
         self.agent_args = list(agent_args)
         self.log_level = log_level
@@ -212,7 +214,8 @@ class Testbed:
     def _start_etcd(self) -> None:
         from weft.etcd_local import LocalEtcd
 
-        self.etcd = LocalEtcd(members=1, base_dir=self.run_dir / "etcd", netns=self.underlay,
+        self.etcd = LocalEtcd(members=self.etcd_members, base_dir=self.run_dir / "etcd",
+                              netns=self.underlay,
                               host=str(OPERATOR_IP))
         self.etcd.start()
         self.store_url = self.etcd.url
