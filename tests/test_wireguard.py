@@ -65,6 +65,15 @@ def backend_status(tb: Testbed, host: Host) -> dict[str, object]:
     return status
 
 
+def wait_listening(tcpdump: subprocess.Popen[str]) -> None:
+    """Until tcpdump says it captures (it prints a notice or two first)."""
+    assert tcpdump.stderr is not None
+    for _ in range(5):
+        if "listening on" in tcpdump.stderr.readline():
+            return
+    raise AssertionError("tcpdump did not start")
+
+
 def transfer(tb: Testbed, src: Container, dst: Container, count: int) -> int:
     """Send the marker `count` times over TCP from src to dst; how many arrived."""
     receiver = subprocess.Popen(
@@ -136,8 +145,7 @@ def test_full_mesh_encrypted_on_the_wire_and_keys_kept_private() -> None:
             ["ip", "netns", "exec", tb.underlay, "tcpdump", "-i", "br0", "-n", "-U", "-s", "0",
              "-w", str(pcap)], stderr=subprocess.PIPE, text=True)
         try:
-            assert dump.stderr is not None
-            assert "listening on" in dump.stderr.readline()
+            wait_listening(dump)
             received = transfer(tb, src, dst, count=20000)
             time.sleep(0.5)
         finally:
@@ -209,6 +217,30 @@ def test_a_namespace_without_a_lease_cannot_reach_containers_through_the_tunnel(
         answer = device._exchange(b"get=1\n\n")
         assert "last_handshake_time_sec=0\n" in answer
         assert "rx_bytes=0\n" in answer
+
+        # Nor can it skip the tunnel: plaintext claiming the address of a container on
+        # another host, routed via the target's host, is dropped there (and counted).
+        other = tb.hosts[0]
+        other_subnet = next(x.subnet for x in tb.leases() if x.public_ip == other.underlay_ip)
+        forged = str(other_subnet.network_address + 77)
+        tb.run(rogue, ["ip", "addr", "add", f"{forged}/32", "dev", "lo"])
+        tb.run(rogue, ["ip", "route", "add", str(target.ip), "via", str(host.underlay_ip)])
+        sniff = subprocess.Popen(
+            ["ip", "netns", "exec", target.netns, "tcpdump", "-i", "eth0", "-n", "-l",
+             "icmp and src host " + forged], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        try:
+            wait_listening(sniff)
+            tb.run(rogue, ["ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", forged,
+                           str(target.ip)], check=False)
+        finally:
+            sniff.send_signal(signal.SIGINT)
+            out, err = sniff.communicate(timeout=10)
+        assert out.strip() == "", out
+        assert "0 packets captured" in err
+        ruleset = tb.run(host.netns, ["nft", "list", "table", "inet", "weft-wireguard"]).stdout
+        assert "counter packets 3 " in ruleset, ruleset
+        tb.run(rogue, ["ip", "route", "del", str(target.ip)])
 
         # Control: the same rogue, once it holds a lease with that key, gets through — so
         # the refusal above was WireGuard's peer check, not a broken setup.

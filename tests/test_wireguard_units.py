@@ -15,6 +15,7 @@ from pyroute2.netlink.generic.wireguard import wgmsg
 from weft.config import parse_config
 from weft.errors import ConfigError
 from weft.lease import Lease
+from weft.wireguard.guard import guard_ruleset
 from weft.wireguard.kernel import _parse_peer, _peer_spec
 from weft.wireguard.keys import (
     KeyFormatError,
@@ -315,3 +316,12 @@ def test_psk_option_must_be_a_key() -> None:
     with pytest.raises(ConfigError, match="PSK"):
         parse_config('{"Network": "198.19.0.0/16", "Backend": {"Type": "wireguard", '
                      '"PSK": "short"}}')
+
+
+def test_guard_ruleset_drops_overlay_sources_on_the_underlay_only() -> None:
+    v4 = guard_ruleset(ipaddress.ip_network("198.19.0.0/16"), "eth0")
+    assert 'iifname "eth0" ip saddr 198.19.0.0/16 counter drop' in v4
+    v6 = guard_ruleset(ipaddress.ip_network("fd00:19::/48"), "eth0")
+    assert "ip6 saddr fd00:19::/48" in v6
+    with pytest.raises(ValueError, match="not a valid ifname"):
+        guard_ruleset(ipaddress.ip_network("198.19.0.0/16"), 'eth0" accept; #')

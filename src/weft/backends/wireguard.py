@@ -11,6 +11,9 @@ configured from the same pure plan (`weft.wireguard.peers`), the kernel through 
 netlink, wireguard-go through its UAPI socket. The private key lives in
 `<state_dir>/wireguard.key` (0600); only the public key leaves the host, in the lease.
 
+Plaintext that claims an overlay source but arrives on the underlay (skipping the tunnel
+and its cryptokey check) is dropped by a small nftables guard (`weft.wireguard.guard`).
+
 Restart: `close()` leaves the device, its peers and the wireguard-go process running;
 the next `prepare()` adopts them (nothing is re-set that already matches), so a restarted
 agent drops no traffic.
@@ -30,6 +33,7 @@ from weft.constants import WIREGUARD_DEVICE, overhead
 from weft.errors import KernelError, KernelFeatureMissing
 from weft.lease import Lease
 from weft.netlink import LinkInfo, Netlink, Route
+from weft.wireguard.guard import install_guard, remove_guard
 from weft.wireguard.kernel import KernelDevice
 from weft.wireguard.keys import PrivateKey, key_file_path, load_or_create_private_key
 from weft.wireguard.peers import desired_peers, device_change, peer_plan
@@ -139,6 +143,8 @@ class WireguardBackend:
                               nl.replace_route, nl.delete_route, lambda r: str(r.dst))
             if result.errors:
                 raise KernelError(f"route for {self.config.network}: {result.errors}")
+        # Overlay-sourced packets must come through the tunnel (see weft.wireguard.guard).
+        install_guard(self.config.network, self.host.underlay_ifname)
         return mtu
 
     def _link(self, nl: Netlink) -> LinkInfo:
@@ -193,3 +199,4 @@ class WireguardBackend:
         self.process.stop()
         with Netlink() as nl:
             nl.delete_link(self.ifname)
+        remove_guard()

@@ -1,0 +1,64 @@
+"""An anti-spoofing guard for the wireguard backend (nftables, one atomic transaction).
+
+WireGuard authenticates every packet it decrypts: a peer may only send from the subnet in
+its allowed IPs. That check is worthless if a forged packet can skip the tunnel: with
+forwarding on, a neighbour on the underlay could send plaintext claiming a container's
+address and the host would forward it. With this backend every packet sourced from the
+overlay arrives through the WireGuard device, so one sourced from the overlay arriving on
+the underlay interface is forged, and is dropped (and counted) before routing.
+
+The table is weft's own and replaced whole (`nft -f`), so it is never half-applied.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from weft.config import IPNetwork
+from weft.errors import KernelError, KernelFeatureMissing
+
+GUARD_TABLE = "weft-wireguard"
+
+
+def _valid_ifname(name: str) -> bool:
+    return 0 < len(name) <= 15 and all(c.isalnum() or c in "-_.@" for c in name)
+
+
+def guard_ruleset(network: IPNetwork, underlay_ifname: str) -> str:
+    """The nft script (pure)."""
+    if not _valid_ifname(underlay_ifname):
+        raise ValueError(f"underlay interface name {underlay_ifname!r} is not a valid ifname")
+    ip = "ip" if network.version == 4 else "ip6"
+    return f"""\
+table inet {GUARD_TABLE} {{}}
+delete table inet {GUARD_TABLE}
+table inet {GUARD_TABLE} {{
+    chain prerouting {{
+        type filter hook prerouting priority raw; policy accept;
+        iifname "{underlay_ifname}" {ip} saddr {network} counter drop
+    }}
+}}
+"""
+
+
+def _nft(script: str) -> None:
+    nft = shutil.which("nft")
+    if nft is None:
+        raise KernelFeatureMissing("`nft` not found: install the nftables package")
+    proc = subprocess.run([nft, "-f", "-"], input=script, text=True, capture_output=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise KernelError(f"nftables refused the wireguard guard: {proc.stderr.strip()}")
+
+
+def install_guard(network: IPNetwork, underlay_ifname: str) -> None:
+    try:
+        script = guard_ruleset(network, underlay_ifname)
+    except ValueError as exc:
+        raise KernelError(str(exc)) from None
+    _nft(script)
+
+
+def remove_guard() -> None:
+    _nft(f"table inet {GUARD_TABLE} {{}}\ndelete table inet {GUARD_TABLE}\n")
