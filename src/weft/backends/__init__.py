@@ -1,18 +1,34 @@
-"""Backends by `Type`: a plain dict, explicit wiring, no import side effects."""
+"""Backends by `Type`: a plain dict, explicit wiring, no import side effects.
+
+The udp and wireguard backends pull in threads, crypto and more; each factory imports its
+module only when a host actually runs that backend, which keeps the agent small.
+"""
 
 from __future__ import annotations
 
 from weft.backends.base import Backend, BackendFactory, HostContext, ReconcileResult
 from weft.backends.hostgw import HostGwBackend
-from weft.backends.udp import UdpBackend
 from weft.backends.vxlan import VxlanBackend
-from weft.backends.wireguard import WireguardBackend
+from weft.config import NetworkConfig
+
+
+def _udp(config: NetworkConfig, host: HostContext) -> Backend:
+    from weft.backends.udp import UdpBackend
+
+    return UdpBackend(config, host)
+
+
+def _wireguard(config: NetworkConfig, host: HostContext) -> Backend:
+    from weft.backends.wireguard import WireguardBackend
+
+    return WireguardBackend(config, host)
+
 
 BACKENDS: dict[str, BackendFactory] = {
     "vxlan": VxlanBackend,
     "host-gw": HostGwBackend,
-    "wireguard": WireguardBackend,
-    "udp": UdpBackend,
+    "wireguard": _wireguard,
+    "udp": _udp,
 }
 
 __all__ = ["BACKENDS", "Backend", "BackendFactory", "HostContext", "ReconcileResult"]
