@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -366,3 +367,20 @@ def test_kernel_implementation() -> None:
         pids = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True,
                               text=True, check=False).stdout
         assert not pids.split()  # no wireguard-go started as a fallback
+
+
+def test_a_restarted_agent_replaces_a_wireguard_go_that_died() -> None:
+    with Testbed(hosts=2, containers_per_host=1, config=CONFIG) as tb:
+        tb.start()
+        src, dst = tb.containers
+        host = dst.host
+        pid = backend_status(tb, host)["wireguard_go_pid"]
+        assert isinstance(pid, int)
+        tb.stop_agent(host, signal.SIGTERM)
+        os.kill(pid, signal.SIGKILL)  # a crash: its TUN device goes with it
+        time.sleep(0.3)
+        assert not tb.ping(src.netns, dst.ip)
+        tb.start_agent(host)
+        tb.wait_converged(30)
+        assert backend_status(tb, host)["wireguard_go_pid"] not in (None, pid)
+        assert any(tb.ping(src.netns, dst.ip) for _ in range(10))
