@@ -131,8 +131,10 @@ def run_qperf(netns: str, server_ip: str, tests: Sequence[str], secs: float,
         raise BenchError(f"qperf {' '.join(tests)} to {server_ip} from {netns} hung for "
                          f"{limit:.0f}s") from None
     if proc.returncode != 0:
-        raise BenchError(f"qperf {' '.join(tests)} to {server_ip} from {netns} failed "
-                         f"({proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
+        how = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
+               else f"failed ({proc.returncode})")
+        raise BenchError(f"qperf {' '.join(tests)} to {server_ip} from {netns} {how}: "
+                         f"{(proc.stderr or proc.stdout).strip()}")
     figures = parse_qperf(proc.stdout)
     missing = [t for t, v in (("tcp_bw", figures.bw_MBps), ("tcp_lat", figures.lat_us))
                if t in tests and v is None]

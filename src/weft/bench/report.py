@@ -59,25 +59,37 @@ def write_chart(report: BenchReport, dest: str) -> None:
     matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
 
+    native = next(r for r in report.results if r.name == NATIVE)
     results = [r for r in report.results if r.name != NATIVE]
     names = [r.name for r in results]
+
+    def whiskers(pcts: list[float], spreads: list[Spread], ref: float) -> list[list[float]]:
+        """min–max of the runs, as % of the native median, around each bar."""
+        return [[p - 100 * s.min / ref for p, s in zip(pcts, spreads, strict=True)],
+                [100 * s.max / ref - p for p, s in zip(pcts, spreads, strict=True)]]
+
     xs = range(len(names))
     width = 0.38
     fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(names) + 2), 4.2))
     try:
-        bw = ax.bar([x - width / 2 for x in xs], [r.bw_pct for r in results], width,
-                    label="TCP BW % of native (higher is better)", color="#3b7dd8")
-        lat = ax.bar([x + width / 2 for x in xs], [r.lat_pct for r in results], width,
-                     label="TCP Lat % of native (lower is better)", color="#e08a2c")
+        bw_pcts = [r.bw_pct for r in results]
+        lat_pcts = [r.lat_pct for r in results]
+        bw = ax.bar([x - width / 2 for x in xs], bw_pcts, width,
+                    yerr=whiskers(bw_pcts, [r.bw for r in results], native.bw.median),
+                    capsize=3, label="TCP BW % of native (higher is better)", color="#3b7dd8")
+        lat = ax.bar([x + width / 2 for x in xs], lat_pcts, width,
+                     yerr=whiskers(lat_pcts, [r.lat for r in results], native.lat.median),
+                     capsize=3, label="TCP Lat % of native (lower is better)", color="#e08a2c")
         ax.bar_label(bw, fmt="%.0f", fontsize=8)
         ax.bar_label(lat, fmt="%.0f", fontsize=8)
         ax.axhline(100, color="black", linewidth=0.8, linestyle="--")
         ax.set_xticks(list(xs), names)
-        ax.set_ylabel("% of native (same run)")
+        ax.set_ylabel("% of native median; whiskers min–max")
         rate = report.rate or "unshaped"
         ax.set_title(f"weft bench ({rate}, {report.secs:g} s × {report.reps})")
         ax.legend(fontsize=8, loc="upper left")
-        top = max([100.0] + [r.lat_pct for r in results] + [r.bw_pct for r in results])
+        top = max([100.0] + [100 * r.lat.max / native.lat.median for r in results]
+                  + [100 * r.bw.max / native.bw.median for r in results])
         ax.set_ylim(0, top * 1.25)
         fig.tight_layout()
         try:

@@ -127,6 +127,11 @@ def _cpus() -> tuple[int, int]:
     return cpus[0], cpus[1 % len(cpus)]
 
 
+def _describe(t: Target) -> str:
+    return (f"  {t.name} ready: testbed run {t.testbed.run_id}, qperf {t.client_netns} "
+            f"(cpu {t.client_cpu}) -> {t.server_ip} in {t.server_netns} (cpu {t.server_cpu})")
+
+
 def _reason(exc: BaseException) -> str:
     """The first line a user needs: the error, without a multi-kilobyte agent log."""
     text = str(exc).strip() or type(exc).__name__
@@ -148,6 +153,16 @@ def measure(target: Target, round_: int, secs: int) -> Run:
     return Run(round_, bw.bw_MBps, lat.lat_us, CpuMeter.seconds(before, after), float(secs))
 
 
+def _measure_with_retry(target: Target, round_: int, secs: int, progress: Progress) -> Run:
+    """One retry: on a shared machine a run can fail for reasons outside the bench (a
+    qperf killed by someone else's cleanup); a second failure is the backend's."""
+    try:
+        return measure(target, round_, secs)
+    except WeftError as exc:
+        progress(f"retry {target.name} (round {round_ + 1}): {_reason(exc)}")
+    return measure(target, round_, secs)
+
+
 def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchReport:
     """Bring every testbed up, run the interleaved schedule, summarise; always clean up."""
     from weft.backends import BACKENDS
@@ -160,6 +175,7 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
     with contextlib.ExitStack() as stack:
         progress("building the native testbed (2 hosts, no overlay)")
         targets = {NATIVE: _native(stack, rate_bits)}
+        progress(_describe(targets[NATIVE]))
         for backend in opts.backends:
             if backend not in BACKENDS:
                 skipped.append(Skipped(backend, "not in this build's backend registry "
@@ -170,6 +186,7 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
             sub = stack.enter_context(contextlib.ExitStack())
             try:
                 targets[backend] = _overlay(sub, backend, rate_bits)
+                progress(_describe(targets[backend]))
             except WeftError as exc:
                 sub.close()  # tear this one down now; the others carry on
                 skipped.append(Skipped(backend, _reason(exc)))
@@ -180,7 +197,7 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
             if slot.name not in targets:
                 continue  # failed in an earlier round
             try:
-                run = measure(targets[slot.name], slot.round, opts.secs)
+                run = _measure_with_retry(targets[slot.name], slot.round, opts.secs, progress)
             except WeftError as exc:
                 if slot.name == NATIVE:
                     raise
