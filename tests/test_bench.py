@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from weft.bench.qperf import parse_qperf
+from weft.bench.cpu import CLK_TCK, CpuMeter
+from weft.bench.qperf import parse_qperf, qperf_server, run_qperf
 from weft.bench.report import render_table, write_chart, write_json
 from weft.bench.stats import (
     NATIVE,
@@ -295,3 +299,71 @@ def test_short_real_bench_measures_every_figure_and_leaves_nothing(tmp_path: Pat
     assert "skipped nosuch" in stdout
     assert chart.read_bytes()[:4] == b"\x89PNG"
     assert _ours_left(before, proc.pid) == []
+
+
+# --- the edges, on real processes ---------------------------------------------------------
+
+
+@pytest.fixture
+def scratch_netns() -> Iterator[str]:
+    name = f"weft-bt{os.getpid()}-ns"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def _qperf_pids(netns: str) -> list[str]:
+    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True,
+                          check=True).stdout.split()
+    return [p for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == "qperf"]
+
+
+@pytest.mark.netns
+def test_qperf_server_measures_then_is_killed_even_when_the_block_fails(scratch_netns: str) -> None:
+    with qperf_server(scratch_netns):
+        figures = run_qperf(scratch_netns, "127.0.0.1", ["tcp_bw", "tcp_lat"], 1)
+    assert figures.bw_MBps is not None
+    assert figures.bw_MBps > 0
+    assert figures.lat_us is not None
+    assert figures.lat_us > 0
+    assert _qperf_pids(scratch_netns) == []
+    seen = []
+
+    def fail_while_serving() -> None:
+        with qperf_server(scratch_netns):
+            seen.extend(_qperf_pids(scratch_netns))
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fail_while_serving()
+    assert len(seen) == 1
+    assert _qperf_pids(scratch_netns) == []
+
+
+@pytest.mark.netns
+def test_qperf_without_a_server_is_a_bench_error(scratch_netns: str) -> None:
+    with pytest.raises(BenchError, match="failed to connect"):
+        run_qperf(scratch_netns, "127.0.0.1", ["tcp_bw"], 1)
+
+
+@pytest.mark.netns
+def test_cpu_meter_counts_a_busy_process_in_the_namespace(scratch_netns: str) -> None:
+    meter = CpuMeter([scratch_netns])
+    busy = subprocess.Popen(["ip", "netns", "exec", scratch_netns, sys.executable, "-c",
+                             "import time\nend = time.process_time() + 0.6\n"
+                             "while time.process_time() < end: pass\ntime.sleep(30)"])
+    try:
+        before = meter.snapshot()  # may already hold part of the 0.6 s
+        time.sleep(1.2)  # the loop is done and the process sleeps, still alive
+        after = meter.snapshot()
+        used = CpuMeter.seconds(before, after)
+        total = sum(after.processes.values()) / CLK_TCK
+    finally:
+        busy.kill()
+        busy.wait()
+    assert busy.pid in after.processes
+    assert 0.55 <= total <= 1.0  # the 0.6 s loop plus interpreter start-up
+    assert 0 <= used <= total + 0.3  # ksoftirqd adds a little, machine-wide
