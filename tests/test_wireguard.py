@@ -136,6 +136,10 @@ def test_full_mesh_encrypted_on_the_wire_and_keys_kept_private() -> None:
             status = backend_status(tb, host)
             assert status["implementation"] == "wireguard-go"
             assert status["peer_count"] == 2
+            counters = status["counters"]
+            assert isinstance(counters, dict)
+            assert counters["peers_with_handshake"] == 2  # the pings crossed every tunnel
+            assert counters["rx_bytes"] > 0
             assert "FLANNEL_MTU=1440" in host.subnet_env_path.read_text()
 
         # --- a capture on the underlay bridge during a transfer of a known marker -------

@@ -233,6 +233,7 @@ def test_parse_get_answer_of_wireguard_go() -> None:
         "allowed_ip=198.19.2.0/24\n"
         f"public_key={K2.hex()}\npreshared_key={'11' * 32}\n"
         "endpoint=[fd00::3]:51821\npersistent_keepalive_interval=25\n"
+        "last_handshake_time_sec=1700000000\nrx_bytes=100\ntx_bytes=200\n"
         "allowed_ip=198.19.3.0/24\nallowed_ip=fd00:3::/64\n"
         "errno=0\n\n"
     )
@@ -244,6 +245,7 @@ def test_parse_get_answer_of_wireguard_go() -> None:
     assert state.peers[K1] == peer(K1, "198.19.2.0/24", "198.18.0.2")
     assert state.peers[K2].endpoint == (ipaddress.ip_address("fd00::3"), 51821)
     assert state.peers[K2].psk == bytes([0x11] * 32)
+    assert state.counters == {"rx_bytes": 100, "tx_bytes": 200, "peers_with_handshake": 1}
     assert state.peers[K2].allowed_ips == {ipaddress.ip_network("198.19.3.0/24"),
                                            ipaddress.ip_network("fd00:3::/64")}
 

@@ -188,6 +188,11 @@ class WireguardBackend:
         }
         if self.implementation == USERSPACE:
             facts["wireguard_go_pid"] = self.process.pid()
+        if self._device is not None:
+            try:
+                facts["counters"] = dict(self._device.read().counters)
+            except KernelError as exc:  # status must answer even when the device does not
+                facts["device_error"] = str(exc)
         return facts
 
     def close(self) -> None:

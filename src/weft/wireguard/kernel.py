@@ -54,6 +54,7 @@ class KernelDevice:
         private_key: PrivateKey | None = None
         listen_port = 0
         peers: dict[PublicKey, PeerConfig] = {}
+        counters = {"rx_bytes": 0, "tx_bytes": 0, "peers_with_handshake": 0}
         # A device with many peers is dumped over several messages.
         for msg in msgs:
             raw = _key_attr(msg.get_attr("WGDEVICE_A_PRIVATE_KEY"))
@@ -61,6 +62,11 @@ class KernelDevice:
                 private_key = PrivateKey(raw)
             listen_port = msg.get_attr("WGDEVICE_A_LISTEN_PORT") or listen_port
             for peer in msg.get_attr("WGDEVICE_A_PEERS") or []:
+                counters["rx_bytes"] += peer.get_attr("WGPEER_A_RX_BYTES") or 0
+                counters["tx_bytes"] += peer.get_attr("WGPEER_A_TX_BYTES") or 0
+                handshake = peer.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
+                if isinstance(handshake, dict) and handshake.get("tv_sec"):
+                    counters["peers_with_handshake"] += 1
                 parsed = _parse_peer(peer)
                 if parsed is not None:
                     old = peers.get(parsed.public_key)
@@ -69,7 +75,7 @@ class KernelDevice:
                                             old.allowed_ips | parsed.allowed_ips,
                                             old.keepalive, old.psk)
                     peers[parsed.public_key] = parsed
-        return DeviceState(private_key, listen_port, peers)
+        return DeviceState(private_key, listen_port, peers, counters)
 
     def apply(self, change: DeviceChange) -> None:
         if change.empty:

@@ -36,6 +36,8 @@ class DeviceState:
     private_key: PrivateKey | None
     listen_port: int
     peers: Mapping[PublicKey, PeerConfig]
+    # Summed over peers: rx_bytes, tx_bytes, peers_with_handshake (for metrics/status).
+    counters: Mapping[str, int] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)

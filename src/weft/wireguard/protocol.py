@@ -112,6 +112,7 @@ def parse_get_answer(text: str) -> tuple[int, DeviceState | None]:
     listen_port = 0
     peers: dict[PublicKey, PeerConfig] = {}
     current: _PeerBuilder | None = None
+    counters = {"rx_bytes": 0, "tx_bytes": 0, "peers_with_handshake": 0}
     try:
         for key, value in pairs[:-1]:
             if key == "public_key":
@@ -132,11 +133,14 @@ def parse_get_answer(text: str) -> tuple[int, DeviceState | None]:
                 current.keepalive = int(value)
             elif key == "preshared_key":
                 current.psk = _hex_key(value)
-            # Counters and handshake times are not configuration: ignored here.
+            elif key in ("rx_bytes", "tx_bytes"):
+                counters[key] += int(value)
+            elif key == "last_handshake_time_sec" and int(value) > 0:
+                counters["peers_with_handshake"] += 1
     except (ValueError, KeyFormatError) as exc:
         if isinstance(exc, UapiProtocolError):
             raise
         raise UapiProtocolError(f"bad value in get answer: {exc}") from None
     if current is not None:
         peers[current.key] = current.build()
-    return 0, DeviceState(private_key, listen_port, peers)
+    return 0, DeviceState(private_key, listen_port, peers, counters)

@@ -33,7 +33,7 @@ def socket_path(ifname: str, directory: Path = SOCKET_DIR) -> Path:
 class UapiDevice:
     """A wireguard-go device, configured through its UAPI socket."""
 
-    def __init__(self, ifname: str, directory: Path = SOCKET_DIR, timeout: float = 5.0) -> None:
+    def __init__(self, ifname: str, directory: Path = SOCKET_DIR, timeout: float = 2.0) -> None:
         self.ifname = ifname
         self.path = socket_path(ifname, directory)
         self.timeout = timeout
