@@ -322,7 +322,8 @@ def test_psk_option_must_be_a_key() -> None:
 
 def test_guard_ruleset_drops_overlay_sources_on_the_underlay_only() -> None:
     v4 = guard_ruleset(ipaddress.ip_network("198.19.0.0/16"), "eth0")
-    assert 'iifname "eth0" ip saddr 198.19.0.0/16 counter drop' in v4
+    assert ('iifname "eth0" ip saddr 198.19.0.0/16 ip daddr 198.19.0.0/16 counter drop'
+            in v4)
     v6 = guard_ruleset(ipaddress.ip_network("fd00:19::/48"), "eth0")
     assert "ip6 saddr fd00:19::/48" in v6
     with pytest.raises(ValueError, match="not a valid ifname"):

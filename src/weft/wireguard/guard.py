@@ -3,9 +3,11 @@
 WireGuard authenticates every packet it decrypts: a peer may only send from the subnet in
 its allowed IPs. That check is worthless if a forged packet can skip the tunnel: with
 forwarding on, a neighbour on the underlay could send plaintext claiming a container's
-address and the host would forward it. With this backend every packet sourced from the
-overlay arrives through the WireGuard device, so one sourced from the overlay arriving on
-the underlay interface is forged, and is dropped (and counted) before routing.
+address and the host would forward it. With this backend every packet from one overlay
+address to another crosses hosts through the WireGuard device, so one arriving on the
+underlay interface is forged, and is dropped (and counted)
+before routing. (Overlay-sourced packets to underlay addresses are left alone: without
+masquerade, a container may reach another host's own address that way.)
 
 The table is weft's own and replaced whole (`nft -f`), so it is never half-applied.
 """
@@ -36,7 +38,7 @@ delete table inet {GUARD_TABLE}
 table inet {GUARD_TABLE} {{
     chain prerouting {{
         type filter hook prerouting priority raw; policy accept;
-        iifname "{underlay_ifname}" {ip} saddr {network} counter drop
+        iifname "{underlay_ifname}" {ip} saddr {network} {ip} daddr {network} counter drop
     }}
 }}
 """
