@@ -262,6 +262,8 @@ class Forwarder:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._chunker: Chunker | None = None
+        self._packet_id = 0
+        self._segment_cmsg: dict[int, list[tuple[int, int, bytes]]] = {}
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -294,11 +296,14 @@ class Forwarder:
             raise RuntimeError("Forwarder.start() before open()")
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
+        # One thread per direction, each blocked in the kernel until its fd is readable:
+        # measured against one thread for both ways (no better) and against busy-polling
+        # after each packet (2-4x worse latency on 2 cores: it starves the applications).
         self._threads = [
-            threading.Thread(target=self._guard, args=(self._tun_to_udp,), name="weft-udp-tx",
-                             daemon=True),
-            threading.Thread(target=self._guard, args=(self._udp_to_tun,), name="weft-udp-rx",
-                             daemon=True),
+            threading.Thread(target=self._guard, args=(self._tun_to_udp,),
+                             name="weft-udp-tx", daemon=True),
+            threading.Thread(target=self._guard, args=(self._udp_to_tun,),
+                             name="weft-udp-rx", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -362,17 +367,13 @@ class Forwarder:
                 self._stopping = True
 
     def _tun_to_udp(self) -> None:
-        tun, sock = self._tun, self._sock
-        assert sock is not None
+        tun = self._tun
         poller = select.poll()
         poller.register(tun, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         buf = bytearray(MAX_STREAM + 1)
         view = memoryview(buf)
-        readv, sendmsg, counters = os.readv, sock.sendmsg, self.tx
-        unpack_u32 = _U32BE.unpack_from
-        segment_cmsg: dict[int, list[tuple[int, int, bytes]]] = {}
-        packet_id = 0
+        readv, send = os.readv, self._send_stream
         while not self._stopping:
             try:
                 size = readv(tun, [buf])
@@ -380,51 +381,59 @@ class Forwarder:
                 self._wait(poller)
                 continue
             except OSError as exc:
-                if self._stopping:
+                self._tun_read_failed(exc, poller)
+                continue
+            send(buf, view, size)
+
+    def _tun_read_failed(self, exc: OSError, poller: select.poll) -> None:
+        if not self._stopping:
+            self.tx.drop("tun_read")
+            log.warning("TUN read failed", extra={"error": str(exc)})
+            self._wait(poller)
+
+    def _send_stream(self, buf: bytearray, view: memoryview, size: int) -> None:
+        """Send one stream read from TUN (vnet header + packet, `size` bytes of `buf`)."""
+        counters = self.tx
+        if size < MIN_STREAM or size > MAX_STREAM:
+            counters.drop("malformed")
+            return
+        table = self._peers
+        version = buf[VNET_HEADER] >> 4
+        if version != table.version:
+            counters.drop("no_route")
+            return
+        if version == 4:
+            dst = _U32BE.unpack_from(buf, VNET_HEADER + 16)[0]
+        elif size >= VNET_HEADER + 40:
+            dst = int.from_bytes(view[VNET_HEADER + 24 : VNET_HEADER + 40], "big")
+        else:
+            counters.drop("malformed")
+            return
+        endpoint = table.routes.get(dst & table.mask)
+        if endpoint is None:
+            counters.drop("no_route")
+            return
+        self._packet_id += 1
+        assert self._chunker is not None
+        assert self._sock is not None
+        sendmsg, segment_cmsg = self._sock.sendmsg, self._segment_cmsg
+        for batch in self._chunker.encode(view[:size], self._packet_id):
+            if batch.datagrams > 1:
+                cmsg = segment_cmsg.get(batch.segment_size)
+                if cmsg is None:
+                    cmsg = [(SOL_UDP, UDP_SEGMENT, _U16.pack(batch.segment_size))]
+                    segment_cmsg[batch.segment_size] = cmsg
+            else:
+                cmsg = []
+            try:
+                sendmsg(batch.buffers, cmsg, 0, endpoint)
+            except OSError as exc:
+                if not self._send_failed(exc, batch.buffers, batch.segment_size, endpoint):
                     return
-                counters.drop("tun_read")
-                log.warning("TUN read failed", extra={"error": str(exc)})
-                self._wait(poller)
-                continue
-            if size < MIN_STREAM or size > MAX_STREAM:
-                counters.drop("malformed")
-                continue
-            table = self._peers
-            version = buf[VNET_HEADER] >> 4
-            if version != table.version:
-                counters.drop("no_route")
-                continue
-            if version == 4:
-                dst = unpack_u32(buf, VNET_HEADER + 16)[0]
-            elif size >= VNET_HEADER + 40:
-                dst = int.from_bytes(view[VNET_HEADER + 24 : VNET_HEADER + 40], "big")
-            else:
-                counters.drop("malformed")
-                continue
-            endpoint = table.routes.get(dst & table.mask)
-            if endpoint is None:
-                counters.drop("no_route")
-                continue
-            packet_id += 1
-            assert self._chunker is not None
-            for batch in self._chunker.encode(view[:size], packet_id):
-                if batch.datagrams > 1:
-                    cmsg = segment_cmsg.get(batch.segment_size)
-                    if cmsg is None:
-                        cmsg = [(SOL_UDP, UDP_SEGMENT, _U16.pack(batch.segment_size))]
-                        segment_cmsg[batch.segment_size] = cmsg
-                else:
-                    cmsg = []
-                try:
-                    sendmsg(batch.buffers, cmsg, 0, endpoint)
-                except OSError as exc:
-                    if not self._send_failed(exc, batch.buffers, batch.segment_size, endpoint):
-                        break
-                counters.batches += 1
-                counters.datagrams += batch.datagrams
-            else:
-                counters.packets += 1
-                counters.bytes += size - VNET_HEADER
+            counters.batches += 1
+            counters.datagrams += batch.datagrams
+        counters.packets += 1
+        counters.bytes += size - VNET_HEADER
 
     def _send_failed(
         self, exc: OSError, buffers: list[Any], segment_size: int, endpoint: tuple[str, int]
@@ -453,52 +462,55 @@ class Forwarder:
         return True
 
     def _udp_to_tun(self) -> None:
-        tun, sock = self._tun, self._sock
+        sock = self._sock
         assert sock is not None
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        recvmsg, writev, counters = sock.recvmsg, os.writev, self.rx
-        reassemblers = self._reassemblers
-        dontwait, trunc = socket.MSG_DONTWAIT, socket.MSG_TRUNC
+        recvmsg, receive, dontwait = sock.recvmsg, self._receive, socket.MSG_DONTWAIT
         while not self._stopping:
             try:
                 # A fresh buffer per call: pending chunks keep views into it, no copies.
-                data, ancillary, flags, addr = recvmsg(RECV_SIZE, _CMSG_SPACE, dontwait)
+                received = recvmsg(RECV_SIZE, _CMSG_SPACE, dontwait)
             except BlockingIOError:
                 self._wait(poller)
                 continue
             except OSError as exc:
-                if self._stopping:
-                    return
-                counters.drop("recv_error")
-                log.debug("UDP receive failed", extra={"error": str(exc)})
+                if not self._stopping:
+                    self.rx.drop("recv_error")
+                    log.debug("UDP receive failed", extra={"error": str(exc)})
                 continue
-            counters.batches += 1
-            table = self._peers
-            sender = addr[0]
-            if sender not in table.members:
-                counters.drop("unknown_peer")
-                continue
-            if flags & trunc:
-                counters.drop("truncated")
-                continue
-            segment = len(data)
-            for level, kind, value in ancillary:
-                if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
-                    segment = _INT.unpack_from(value)[0]
-            if segment <= 0:
-                counters.drop("malformed")
-                continue
-            counters.datagrams += -(-len(data) // segment)
-            reassembler = reassemblers.get(sender)
-            if reassembler is None:
-                reassembler = reassemblers[sender] = Reassembler()
-            result = reassembler.feed(data, segment)
-            for reason, count in result.drops.items():
-                counters.drop(reason, count)
-            for parts in result.streams:
-                self._deliver(parts, sender, table, writev, tun)
+            receive(*received)
+
+    def _receive(self, data: bytes, ancillary: list[tuple[int, int, bytes]], flags: int,
+                 addr: tuple[str, int]) -> None:
+        """Handle one received buffer (one datagram, or many glued by UDP GRO)."""
+        counters = self.rx
+        counters.batches += 1
+        table = self._peers
+        sender = addr[0]
+        if sender not in table.members:
+            counters.drop("unknown_peer")
+            return
+        if flags & socket.MSG_TRUNC:
+            counters.drop("truncated")
+            return
+        segment = len(data)
+        for level, kind, value in ancillary:
+            if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
+                segment = _INT.unpack_from(value)[0]
+        if segment <= 0 or not data:
+            counters.drop("malformed")
+            return
+        counters.datagrams += -(-len(data) // segment)
+        reassembler = self._reassemblers.get(sender)
+        if reassembler is None:
+            reassembler = self._reassemblers[sender] = Reassembler()
+        result = reassembler.feed(data, segment)
+        for reason, count in result.drops.items():
+            counters.drop(reason, count)
+        for parts in result.streams:
+            self._deliver(parts, sender, table, os.writev, self._tun)
 
     def _deliver(self, parts: list[memoryview], sender: str, table: PeerTable, writev: Any,
                  tun: int) -> None:

@@ -47,11 +47,12 @@ class PeerTable:
     routes: Mapping[int, Endpoint] = field(default_factory=dict)
     # public ips (as the socket layer spells them) of every member: the only senders heard
     members: frozenset[str] = frozenset()
+    # the subnet mask as an integer; computed once, read for every packet
+    mask: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def mask(self) -> int:
+    def __post_init__(self) -> None:
         bits = 32 if self.version == 4 else 128
-        return ((1 << self.subnet_len) - 1) << (bits - self.subnet_len)
+        object.__setattr__(self, "mask", ((1 << self.subnet_len) - 1) << (bits - self.subnet_len))
 
     @classmethod
     def build(cls, version: int, subnet_len: int, peers: Iterable[Peer]) -> PeerTable:
