@@ -13,7 +13,7 @@ import pytest
 from pyroute2.netlink.generic.wireguard import wgmsg
 
 from weft.config import parse_config
-from weft.errors import ConfigError
+from weft.errors import ConfigError, KernelError
 from weft.lease import Lease
 from weft.wireguard.guard import guard_ruleset
 from weft.wireguard.kernel import _parse_peer, _peer_spec
@@ -38,6 +38,8 @@ from weft.wireguard.protocol import (
     parse_get_answer,
     parse_set_answer,
 )
+from weft.wireguard.uapi import UapiDevice
+from weft.wireguard.userspace import WireguardGo
 
 # RFC 7748 section 6.1: Alice's key pair.
 ALICE_PRIVATE = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
@@ -328,3 +330,20 @@ def test_guard_ruleset_drops_overlay_sources_on_the_underlay_only() -> None:
     assert "ip6 saddr fd00:19::/48" in v6
     with pytest.raises(ValueError, match="not a valid ifname"):
         guard_ruleset(ipaddress.ip_network("198.19.0.0/16"), 'eth0" accept; #')
+
+
+def test_a_pid_file_naming_another_process_is_never_trusted(tmp_path: Path) -> None:
+    wg = WireguardGo("weft.wg0", tmp_path)
+    wg.pid_file.write_text(f"{os.getpid()}\n")  # us, not wireguard-go
+    assert wg.pid() is None
+    wg.stop()  # must not signal the process the stale file names
+    assert not wg.pid_file.exists()
+    wg.pid_file.write_text("not a pid\n")
+    assert wg.pid() is None
+
+
+def test_uapi_without_wireguard_go_is_a_clear_error(tmp_path: Path) -> None:
+    device = UapiDevice("weft.wg0", tmp_path)
+    with pytest.raises(KernelError, match=r"wireguard-go for weft\.wg0 is not running"):
+        device.read()
+    assert not device.alive()
