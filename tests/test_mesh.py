@@ -188,3 +188,15 @@ def test_metrics_and_one_json_log_line_per_event() -> None:
         assert names.count("peer added") == 2
         added = [e for e in events if e["event"] == "peer added"]
         assert {e["public_ip"] for e in added} == {str(h.underlay_ip) for h in tb.hosts[1:]}
+
+
+def test_periodic_resync_repairs_a_route_someone_deleted() -> None:
+    with Testbed(hosts=2, containers_per_host=0, config=config("host-gw"),
+                 agent_args=["--resync-interval", "1"]) as tb:
+        tb.start()
+        (route,) = peer_routes(tb, 0)
+        tb.run(tb.hosts[0].netns, ["ip", "route", "del", route])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and route not in peer_routes(tb, 0):
+            time.sleep(0.2)
+        assert route in peer_routes(tb, 0)

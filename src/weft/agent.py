@@ -62,6 +62,9 @@ class AgentOptions:
     ip_masq: bool = True
     metrics_addr: str | None = None
     release_on_exit: bool = False
+    # Converge the kernel again now and then even when no lease changed: repairs what
+    # someone else deleted and restarts a data-plane helper that died (wireguard-go).
+    resync_interval: float = 60.0
 
 
 @dataclass
@@ -252,6 +255,11 @@ class Agent:
                             extra={"error": str(exc), "retry_in": round(delay, 2)})
                 await asyncio.sleep(delay)
 
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self.opts.resync_interval)
+            await self._update(self.leases)
+
     async def _renew(self) -> None:
         assert self.lease is not None
         assert self.config is not None
@@ -333,7 +341,7 @@ class Agent:
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._watch()), tg.create_task(self._renew()),
-                         tg.create_task(self._serve_status())]
+                         tg.create_task(self._resync()), tg.create_task(self._serve_status())]
                 self.ready.set()
                 log.info("agent running", extra={"subnet": str(self.lease.subnet if self.lease
                                                                else "")})

@@ -96,6 +96,8 @@ def agent(
                                                "network")] = True,
     metrics_addr: Annotated[str | None, typer.Option(help="serve Prometheus metrics on "
                                                           "HOST:PORT")] = None,
+    resync_interval: Annotated[float, typer.Option(min=1.0, help="seconds between full "
+                                                         "reconciles of the kernel")] = 60.0,
     release_on_exit: Annotated[bool, typer.Option(help="on exit, release the lease and "
                                                        "remove the data plane")] = False,
     log_level: LogOpt = "info",
@@ -113,6 +115,7 @@ def agent(
             public_ip=parse_ip(public_ip), iface=iface, subnet_file=subnet_file,
             state_dir=state_dir, lease_ttl=lease_ttl, ip_masq=ip_masq,
             metrics_addr=metrics_addr, release_on_exit=release_on_exit,
+            resync_interval=resync_interval,
         )
         asyncio.run(Agent(opts).run())
     except WeftError as exc:
