@@ -1,17 +1,14 @@
 """Masquerade for traffic leaving the overlay, through nftables (one atomic transaction).
 
-Why nft's own transaction: the table is replaced whole in one `nft -f` run, so the rules
-are never half-applied and re-running is idempotent. weft owns exactly one table.
+The table is replaced whole in one nft transaction, so the rules are never half-applied
+and re-running is idempotent. weft owns exactly this table.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 from weft.config import IPNetwork
 from weft.constants import NFT_TABLE
-from weft.errors import KernelError, KernelFeatureMissing
+from weft.nft import apply_nft
 
 
 def masquerade_ruleset(network: IPNetwork, subnet: IPNetwork) -> str:
@@ -41,20 +38,10 @@ table {fam} {NFT_TABLE} {{
 """
 
 
-def _nft(script: str) -> None:
-    nft = shutil.which("nft")
-    if nft is None:
-        raise KernelFeatureMissing("`nft` not found: install the nftables package")
-    proc = subprocess.run([nft, "-f", "-"], input=script, text=True, capture_output=True,
-                          check=False)
-    if proc.returncode != 0:
-        raise KernelError(f"nftables refused weft's rules: {proc.stderr.strip()}")
-
-
 def install_masquerade(network: IPNetwork, subnet: IPNetwork) -> None:
-    _nft(masquerade_ruleset(network, subnet))
+    apply_nft(masquerade_ruleset(network, subnet))
 
 
 def remove_masquerade(network: IPNetwork) -> None:
     fam = "ip" if network.version == 4 else "ip6"
-    _nft(f"table {fam} {NFT_TABLE} {{}}\ndelete table {fam} {NFT_TABLE}\n")
+    apply_nft(f"table {fam} {NFT_TABLE} {{}}\ndelete table {fam} {NFT_TABLE}\n")

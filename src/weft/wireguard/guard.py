@@ -14,11 +14,9 @@ The table is weft's own and replaced whole (`nft -f`), so it is never half-appli
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 from weft.config import IPNetwork
-from weft.errors import KernelError, KernelFeatureMissing
+from weft.errors import KernelError
+from weft.nft import apply_nft
 
 GUARD_TABLE = "weft-wireguard"
 
@@ -44,23 +42,13 @@ table inet {GUARD_TABLE} {{
 """
 
 
-def _nft(script: str) -> None:
-    nft = shutil.which("nft")
-    if nft is None:
-        raise KernelFeatureMissing("`nft` not found: install the nftables package")
-    proc = subprocess.run([nft, "-f", "-"], input=script, text=True, capture_output=True,
-                          check=False)
-    if proc.returncode != 0:
-        raise KernelError(f"nftables refused the wireguard guard: {proc.stderr.strip()}")
-
-
 def install_guard(network: IPNetwork, underlay_ifname: str) -> None:
     try:
         script = guard_ruleset(network, underlay_ifname)
     except ValueError as exc:
         raise KernelError(str(exc)) from None
-    _nft(script)
+    apply_nft(script, "the wireguard guard")
 
 
 def remove_guard() -> None:
-    _nft(f"table inet {GUARD_TABLE} {{}}\ndelete table inet {GUARD_TABLE}\n")
+    apply_nft(f"table inet {GUARD_TABLE} {{}}\ndelete table inet {GUARD_TABLE}\n")
