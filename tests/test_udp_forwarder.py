@@ -210,3 +210,29 @@ def test_restart_keeps_the_device_and_route_and_traffic_resumes() -> None:
         while not tb.ping(src.netns, dst.ip) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert tb.ping(src.netns, dst.ip)
+
+
+# Opens a forwarder on a fresh TUN device, brings it up (or not), and times close().
+CLOSE_PROMPTLY = textwrap.dedent("""
+    import ipaddress, subprocess, sys, time
+    from weft.udp.forwarder import Forwarder, delete_tun
+    dev = sys.argv[1]
+    fwd = Forwarder(dev, ipaddress.ip_address(sys.argv[2]), 8399, 1500, 4, 24)
+    fwd.open(); fwd.start()
+    subprocess.run(["ip", "link", "set", dev, "up"], check=True)
+    time.sleep(0.2)
+    started = time.monotonic()
+    fwd.close()
+    print(f"{time.monotonic() - started:.3f}", fwd.running)
+    delete_tun(dev)
+""")
+
+
+def test_close_wakes_both_blocked_threads_promptly() -> None:
+    with Testbed(hosts=1, containers_per_host=0, config=CONFIG) as tb:
+        host = tb.hosts[0]
+        out = python_in(tb, host.netns, CLOSE_PROMPTLY, "weft.t0", host.underlay_ip).stdout
+        elapsed, running = out.split()
+        assert running == "False"
+        assert float(elapsed) < 1.0
+        assert "weft.t0" not in tb.run(host.netns, ["ip", "-br", "link"]).stdout
