@@ -149,6 +149,11 @@ def open_tun(name: str) -> int:
         fcntl.ioctl(fd, TUNSETPERSIST, 1)
     except OSError as exc:
         os.close(fd)
+        if exc.errno == errno.EBUSY:
+            raise KernelError(
+                f"TUN device {name} is held by another process; is another weft agent "
+                "running on this host? Stop it first"
+            ) from None
         if exc.errno == errno.EINVAL:
             raise KernelError(
                 f"TUN device {name}: exists with other flags ({exc}); delete it "
