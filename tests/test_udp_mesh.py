@@ -31,6 +31,8 @@ def test_three_hosts_two_containers_full_mesh_over_udp() -> None:
             assert status["tx"]["packets"] >= 8
             assert status["rx"]["packets"] >= 8
             assert status["rx"]["drops"].get("unknown_peer", 0) == 0
+            # the same counters, flat, as the agent exports them to Prometheus
+            assert status["counters"]["tx_packets"] == status["tx"]["packets"]
         env = tb.hosts[0].subnet_env_path.read_text()
         assert "FLANNEL_MTU=1454" in env  # 1500 - overhead("udp"), the one place it lives
 
