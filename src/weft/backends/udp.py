@@ -9,8 +9,10 @@ Speed comes from batching (TUN TSO + UDP GSO/GRO), see weft.udp.forwarder.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from weft.backends.base import HostContext, ReconcileResult, converge
@@ -64,6 +66,8 @@ class UdpBackend:
                 f"{lease.subnet.network_address}/{lease.subnet.max_prefixlen}"
             )
             nl.ensure_only_address(link.index, address)
+            if self.config.network.version == 4:
+                _disable_ipv6(UDP_DEVICE)
             nl.ensure_up(link, mtu)
             result = self._converge_route(nl, link.index)
             if result.errors:
@@ -145,3 +149,11 @@ class UdpBackend:
                     if route.ifindex == link.index:
                         nl.delete_route(route)
         delete_tun(UDP_DEVICE)
+
+
+def _disable_ipv6(device: str) -> None:
+    """An IPv4 overlay has no use for IPv6 on the TUN: without this the kernel sends router
+    solicitations into it, which the forwarder can only drop (and count as no_route)."""
+    path = Path("/proc/sys/net/ipv6/conf") / device / "disable_ipv6"
+    with contextlib.suppress(OSError):  # no IPv6 in this kernel: nothing to disable
+        path.write_text("1")
