@@ -236,3 +236,20 @@ def test_close_wakes_both_blocked_threads_promptly() -> None:
         assert running == "False"
         assert float(elapsed) < 1.0
         assert "weft.t0" not in tb.run(host.netns, ["ip", "-br", "link"]).stdout
+
+
+def test_resync_recreates_a_deleted_device() -> None:
+    with Testbed(hosts=2, containers_per_host=1, config=CONFIG,
+                 agent_args=["--resync-interval", "1"]) as tb:
+        tb.start()
+        src, dst = tb.containers
+        index_before = tb.run(src.host.netns, ["ip", "-o", "link", "show", "weft.udp0"]).stdout
+        tb.run(src.host.netns, ["ip", "link", "del", "weft.udp0"])
+        deadline = time.monotonic() + 15
+        while not tb.ping(src.netns, dst.ip, wait=0.5):
+            assert time.monotonic() < deadline, tb.agent_log(src.host)[-2000:]
+        route = tb.run(src.host.netns, ["ip", "route", "show", "proto", "87"]).stdout
+        assert "198.19.0.0/16 dev weft.udp0" in route
+        index_after = tb.run(src.host.netns, ["ip", "-o", "link", "show", "weft.udp0"]).stdout
+        assert index_after.split(":")[0] != index_before.split(":")[0]  # a new device
+        assert "udp data plane missing; recreating it" in tb.agent_log(src.host)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from weft.netlink import LinkInfo, Netlink, Route
 from weft.udp.forwarder import Forwarder, delete_tun
 from weft.udp.peers import Peer, PeerDataError, PeerTable, peer_port
 
+log = logging.getLogger("weft.udp")
+
 
 class UdpBackend:
     def __init__(self, config: NetworkConfig, host: HostContext) -> None:
@@ -33,6 +36,7 @@ class UdpBackend:
         self.options: UdpOptions = config.backend
         self.host = host
         self.forwarder: Forwarder | None = None
+        self._lease: Lease | None = None
 
     @property
     def mtu(self) -> int:
@@ -57,6 +61,7 @@ class UdpBackend:
         return {"Port": self.options.port}
 
     def activate(self, lease: Lease) -> int:
+        self._lease = lease
         mtu = self.mtu
         with Netlink() as nl:
             link = self._link(nl)
@@ -89,7 +94,7 @@ class UdpBackend:
         return converge(desired, actual, nl.replace_route, nl.delete_route, lambda r: str(r.dst))
 
     def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
-        if self.forwarder is None:
+        if self.forwarder is None and self._lease is None:
             raise KernelError("udp backend: reconcile() before prepare()")
         errors: dict[str, str] = {}
         accepted: list[Peer] = []
@@ -114,7 +119,17 @@ class UdpBackend:
                 errors[str(lease.subnet)] = f"peer {lease.public_ip}: {exc}"
                 continue
             accepted.append(Peer(lease.subnet, lease.public_ip, port))
-        with Netlink() as nl:  # level-based: put back our route if someone removed it
+        with Netlink() as nl:
+            if self._lease is not None and (self.forwarder is None or nl.link(UDP_DEVICE) is None):
+                # Someone deleted our device (the forwarder's fd points at nothing), or an
+                # earlier repair failed half-way. Level-based repair: a new device, a new
+                # forwarder, our address and route again.
+                log.warning("udp data plane missing; recreating it", extra={"device": UDP_DEVICE})
+                self.close()
+                self.prepare()
+                self.activate(self._lease)
+            assert self.forwarder is not None
+            # level-based: put back our route if someone removed it
             result = self._converge_route(nl, self._link(nl).index)
         errors.update(result.errors)
         table = PeerTable.build(self.config.network.version, self.config.length, accepted)

@@ -410,8 +410,9 @@ class Forwarder:
             except OSError as exc:
                 if self._stopping:
                     return
+                if not self.tx.drops.get("tun_read"):  # once, not every 0.1 s
+                    log.warning("TUN read failed", extra={"error": str(exc)})
                 self.tx.drop("tun_read")
-                log.warning("TUN read failed", extra={"error": str(exc)})
                 time.sleep(0.1)  # e.g. the device was deleted under us: do not spin
                 continue
             if self._stopping:
