@@ -12,8 +12,10 @@ This kernel accounts CPU time by tick (no CONFIG_IRQ_TIME_ACCOUNTING), so softir
 runs while one of the processes above is on the CPU — most of the veth/bridge/VXLAN path,
 which runs on the sending CPU — is charged to that process's stime and is counted there.
 Not counted: softirq that happens to interrupt an unrelated task or the idle loop. The
-figure is therefore a slight under-count of the data-plane cost, the same rule for every
-backend and for native.
+figure is therefore an under-count of the data-plane cost, the same rule for every backend
+and for native: slight when the CPUs are busy (unshaped), large when they are mostly idle
+(under `--rate`, tbf releases packets from a timer and much receive work runs in the idle
+loop).
 """
 
 from __future__ import annotations
