@@ -56,19 +56,7 @@ def test_vxlan_direct_routing_uses_plain_routes_on_one_segment() -> None:
 def test_ping_across_an_agent_restart_loses_nothing() -> None:
     with Testbed(hosts=2, containers_per_host=1, config=config("vxlan")) as tb:
         tb.start()
-        src, dst = tb.containers
-        ping = subprocess.Popen(
-            ["ip", "netns", "exec", src.netns, "ping", "-i", "0.05", "-c", "120", "-W", "1",
-             str(dst.ip)], stdout=subprocess.PIPE, text=True)
-        try:
-            time.sleep(1.0)
-            for host in tb.hosts:  # restart both ends while traffic flows
-                assert tb.stop_agent(host, signal.SIGTERM) == 0
-                tb.start_agent(host)
-            tb.wait_converged(30)
-            out, _ = ping.communicate(timeout=30)
-        finally:
-            ping.kill()
+        out = tb.ping_across_agent_restarts(*tb.containers)
         assert " 0% packet loss" in out, out
         for host in tb.hosts:
             assert "lease reclaimed" in tb.agent_log(host)

@@ -280,18 +280,7 @@ def test_agent_restart_keeps_the_tunnel_and_a_new_key_is_picked_up() -> None:
         src, dst = tb.containers
         pids = {h.name: backend_status(tb, h)["wireguard_go_pid"] for h in tb.hosts}
         keys = {h.name: key_of(h) for h in tb.hosts}
-        ping = subprocess.Popen(
-            ["ip", "netns", "exec", src.netns, "ping", "-i", "0.05", "-c", "100", "-W", "1",
-             str(dst.ip)], stdout=subprocess.PIPE, text=True)
-        try:
-            time.sleep(1.0)
-            for host in tb.hosts:  # restart both ends while traffic flows
-                assert tb.stop_agent(host, signal.SIGTERM) == 0
-                tb.start_agent(host)
-            tb.wait_converged(30)
-            out, _ = ping.communicate(timeout=30)
-        finally:
-            ping.kill()
+        out = tb.ping_across_agent_restarts(src, dst, count=100)
         assert " 0% packet loss" in out, out
         for host in tb.hosts:  # the same process and key were adopted, not recreated
             assert backend_status(tb, host)["wireguard_go_pid"] == pids[host.name]

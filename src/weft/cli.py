@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,7 +25,6 @@ from weft.constants import (
     DEFAULT_SUBNET_FILE,
 )
 from weft.errors import UsageError, WeftError
-from weft.lease import Lease
 from weft.store import LeaseStore
 
 app = typer.Typer(
@@ -59,6 +59,7 @@ PassOpt = Annotated[str | None, typer.Option("--etcd-password", envvar="WEFT_ETC
 LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error")]
 
 DEFAULT_STORE = f"sqlite://{DEFAULT_SQLITE_PATH}"
+T = TypeVar("T")
 
 
 def _store(url: str, prefix: str, cafile: str | None, certfile: str | None,
@@ -69,6 +70,18 @@ def _store(url: str, prefix: str, cafile: str | None, certfile: str | None,
         return open_store(url, prefix=prefix, cafile=cafile, certfile=certfile, keyfile=keyfile,
                           username=username, password=password)
     return open_store(url)
+
+
+def _using_store(store: LeaseStore, op: Callable[[LeaseStore], Awaitable[T]]) -> T:
+    """Run one store operation and close the store, whatever happens."""
+
+    async def run() -> T:
+        try:
+            return await op(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -141,14 +154,7 @@ def config_set(
         config = parse_config(text)
         s = _store(store, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile,
                    etcd_username, etcd_password)
-
-        async def put() -> None:
-            try:
-                await s.put_config(config.to_json())
-            finally:
-                await s.close()
-
-        asyncio.run(put())
+        _using_store(s, lambda st: st.put_config(config.to_json()))
         out.print(f"config written: {config.to_json()}", highlight=False)
     except WeftError as exc:
         raise _fail(exc) from None
@@ -165,14 +171,7 @@ def config_show(
     try:
         s = _store(store, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile,
                    etcd_username, etcd_password)
-
-        async def get() -> str | None:
-            try:
-                return await s.get_config()
-            finally:
-                await s.close()
-
-        text = asyncio.run(get())
+        text = _using_store(s, lambda st: st.get_config())
         if text is None:
             raise UsageError("the store holds no network config: run `weft config set FILE`")
         print(text)
@@ -197,14 +196,7 @@ def status(
     try:
         s = _store(store, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile,
                    etcd_username, etcd_password)
-
-        async def gather() -> tuple[list[Lease], int]:
-            try:
-                return await s.list_leases()
-            finally:
-                await s.close()
-
-        leases, revision = asyncio.run(gather())
+        leases, revision = _using_store(s, lambda st: st.list_leases())
         try:
             health = asyncio.run(query_status(state_dir))
         except UsageError as exc:

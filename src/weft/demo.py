@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -11,8 +10,6 @@ from rich.table import Table
 
 from weft.config import BACKEND_OPTIONS
 from weft.errors import UsageError
-from weft.lease import Lease
-from weft.store import open_store
 from weft.testbed import Testbed
 
 
@@ -21,18 +18,6 @@ def demo_config(backend: str) -> str:
         raise UsageError(f"--backend {backend!r}: choose one of {', '.join(BACKEND_OPTIONS)}")
     return json.dumps({"Network": "198.19.0.0/16", "SubnetLen": 24,
                        "Backend": {"Type": backend}})
-
-
-def _leases(store_url: str) -> list[Lease]:
-    async def read() -> list[Lease]:
-        store = open_store(store_url)
-        try:
-            leases, _ = await store.list_leases()
-            return leases
-        finally:
-            await store.close()
-
-    return asyncio.run(read())
 
 
 def run_demo(backend: str = "vxlan", store: str = "sqlite", hosts: int = 3,

@@ -45,6 +45,14 @@ class Lease:
     def key(self) -> str:
         return subnet_key(self.subnet)
 
+    @property
+    def own_address(self) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+        """The host's own overlay address: its subnet's network address, as a host route
+        (flannel's VTEP address). Host-originated overlay traffic leaves with it."""
+        return ipaddress.ip_interface(
+            f"{self.subnet.network_address}/{self.subnet.max_prefixlen}"
+        )
+
     def with_expiration(self, expiration: float) -> Lease:
         return replace(self, expiration=expiration)
 

@@ -359,6 +359,27 @@ class Testbed:
                                 "-q", str(dst)], check=False, timeout=count * wait + 10)
         return proc.returncode == 0
 
+    def ping_across_agent_restarts(self, src: Container, dst: Container,
+                                   count: int = 120) -> str:
+        """Restart every agent (SIGTERM, start again) while `src` pings `dst` every 50 ms;
+        return ping's summary, so a caller can assert how much was lost."""
+        ping = subprocess.Popen(
+            netns_exec(src.netns, ["ping", "-i", "0.05", "-c", str(count), "-W", "1",
+                                   str(dst.ip)]), stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)
+            for host in self.hosts:
+                code = self.stop_agent(host, signal.SIGTERM)
+                if code != 0:
+                    raise TestbedError(f"agent on {host.name} exited with {code} on SIGTERM")
+                self.start_agent(host)
+            self.wait_converged(30)
+            out, _ = ping.communicate(timeout=30)
+        finally:
+            ping.kill()
+            ping.wait()
+        return out
+
     def connectivity(self, retries: int = 3) -> dict[tuple[str, str], bool]:
         """Every container to every other container: (src, dst) -> reached."""
         matrix: dict[tuple[str, str], bool] = {}

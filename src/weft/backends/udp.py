@@ -10,7 +10,6 @@ Speed comes from batching (TUN TSO + UDP GSO/GRO), see weft.udp.forwarder.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -67,10 +66,7 @@ class UdpBackend:
             link = self._link(nl)
             # The subnet's network address: the host's own overlay address (source of
             # host-originated traffic, so peers' spoofing checks accept it).
-            address = ipaddress.ip_interface(
-                f"{lease.subnet.network_address}/{lease.subnet.max_prefixlen}"
-            )
-            nl.ensure_only_address(link.index, address)
+            nl.ensure_only_address(link.index, lease.own_address)
             if self.config.network.version == 4:
                 _disable_ipv6(UDP_DEVICE)
             nl.ensure_up(link, mtu)

@@ -9,7 +9,6 @@ With DirectRouting, peers on the same L2 subnet get a plain route instead (host-
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,10 +69,7 @@ class VxlanBackend:
             link = nl.link(self.device)
             if link is None:
                 raise KernelError(f"VXLAN device {self.device} vanished")
-            vtep = ipaddress.ip_interface(
-                f"{lease.subnet.network_address}/{lease.subnet.max_prefixlen}"
-            )
-            nl.ensure_only_address(link.index, vtep)
+            nl.ensure_only_address(link.index, lease.own_address)
             nl.ensure_up(link, mtu)
         return mtu
 

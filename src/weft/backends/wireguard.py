@@ -22,7 +22,6 @@ agent drops no traffic.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -131,10 +130,7 @@ class WireguardBackend:
         mtu = self.mtu()
         with Netlink() as nl:
             link = self._link(nl)
-            own = ipaddress.ip_interface(
-                f"{lease.subnet.network_address}/{lease.subnet.max_prefixlen}"
-            )
-            nl.ensure_only_address(link.index, own)
+            nl.ensure_only_address(link.index, lease.own_address)
             nl.ensure_up(link, mtu)
             # One route for the whole Network: WireGuard's allowed IPs pick the peer, and
             # the local subnet's more specific route (the CNI bridge) keeps local traffic.
