@@ -44,12 +44,8 @@ def etcd_cluster(
     """Start an N-member etcd cluster on loopback; stop it and remove its data after."""
     if not ETCD_AVAILABLE:
         pytest.skip(ETCD_MISSING_REASON)
-    cluster = LocalEtcd(members, base_dir=base_dir, tls=tls, extra_args=extra_args)
-    cluster.start()
-    try:
+    with LocalEtcd(members, base_dir=base_dir, tls=tls, extra_args=extra_args) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def unique_prefix() -> str:

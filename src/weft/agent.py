@@ -21,10 +21,10 @@ import os
 import random
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from weft.backends import BACKENDS, Backend, HostContext
 from weft.config import IPAddress, NetworkConfig, parse_config
@@ -47,6 +47,7 @@ from weft.store import LeaseStore
 from weft.subnet_env import SubnetEnv, write_subnet_env
 
 log = logging.getLogger("weft.agent")
+T = TypeVar("T")
 
 STATUS_SOCKET = "agent.sock"
 
@@ -136,7 +137,7 @@ class Agent:
 
     # --- start-up -----------------------------------------------------------------------
 
-    async def _retry(self, what: str, op: Any) -> Any:
+    async def _retry(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """Run a store operation until it succeeds; the store being down is not fatal."""
         backoff = Backoff()
         while True:

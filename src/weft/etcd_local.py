@@ -1,6 +1,6 @@
 """A throwaway etcd cluster: for `weft demo --store etcd`, the testbed and the tests.
 
-    with local_etcd(members=1) as cluster:
+    with LocalEtcd(members=1) as cluster:
         store = open_store(cluster.url)          # "etcd://127.0.0.1:P1[,127.0.0.1:P2...]"
         cluster.kill(0); cluster.restart(0)      # fault injection (tests)
 
@@ -17,7 +17,6 @@ namespace, through `etcdctl endpoint health`, when there is one).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -206,7 +205,11 @@ class LocalEtcd:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalEtcd:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # a member that did start must not outlive a failed start
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -319,23 +322,6 @@ class LocalEtcd:
         if member._log is not None:
             member._log.close()
             member._log = None
-
-
-@contextlib.contextmanager
-def local_etcd(
-    members: int = 1,
-    *,
-    base_dir: str | Path | None = None,
-    netns: str | None = None,
-    host: str = "127.0.0.1",
-) -> Iterator[LocalEtcd]:
-    """Start a throwaway etcd cluster for the duration of a `with` block."""
-    cluster = LocalEtcd(members, base_dir=base_dir, netns=netns, host=host)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def _distinct_free_ports(count: int) -> Sequence[int]:

@@ -219,6 +219,11 @@ class Netlink:
             if exc.code != errno.ESRCH:  # already gone: that is what we wanted
                 raise translate(exc, f"delete route {route.dst}") from None
 
+    def delete_routes(self, version: int) -> None:
+        """Remove every route weft installed (a host leaving for good)."""
+        for route in self.routes(version):
+            self.delete_route(route)
+
     # --- neighbours and FDB (VXLAN) -----------------------------------------------------
 
     def neighbours(self, index: int) -> set[Neighbour]:

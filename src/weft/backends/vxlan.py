@@ -118,6 +118,5 @@ class VxlanBackend:
 
     def teardown(self) -> None:
         with Netlink() as nl:
-            for route in nl.routes(self.config.network.version):
-                nl.delete_route(route)
+            nl.delete_routes(self.config.network.version)
             nl.delete_link(self.device)
