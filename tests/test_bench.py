@@ -215,7 +215,7 @@ def test_json_has_the_issue_shape(tmp_path: Path) -> None:
     path = tmp_path / "bench.json"
     write_json(sample_report(), str(path))
     data = json.loads(path.read_text())
-    assert set(data) == {"rate", "secs", "reps", "results", "skipped"}
+    assert set(data) == {"rate", "secs", "reps", "attach", "results", "skipped"}
     assert (data["rate"], data["secs"], data["reps"]) == ("1gbit", 2, 2)
     for result in data["results"]:
         assert set(result) == {"name", "bw_MBps", "lat_us", "bw_pct", "lat_pct",
@@ -248,6 +248,9 @@ def test_bad_cli_arguments_fail_before_building_anything() -> None:
     proc = weft("bench", "--backends", "vxlan,vxlan")
     assert proc.returncode == 1
     assert "vxlan listed twice" in proc.stderr
+    proc = weft("bench", "--backends", "vxlan", "--attach", "macvlan")
+    assert proc.returncode == 1
+    assert "--attach 'macvlan'" in proc.stderr
 
 
 # --- one real bench -----------------------------------------------------------------------
@@ -274,12 +277,12 @@ def test_short_real_bench_measures_every_figure_and_leaves_nothing(tmp_path: Pat
     proc = subprocess.Popen(
         [sys.executable, "-m", "weft", "bench", "--backends", "vxlan,host-gw,nosuch",
          "--rate", "1gbit", "--secs", "1", "--reps", "1", "--json", str(out),
-         "--chart", str(chart)],
+         "--chart", str(chart), "--attach", "ptp"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     data = json.loads(out.read_text())
-    assert (data["rate"], data["secs"], data["reps"]) == ("1gbit", 1, 1)
+    assert (data["rate"], data["secs"], data["reps"], data["attach"]) == ("1gbit", 1, 1, "ptp")
     assert [r["name"] for r in data["results"]] == ["native", "vxlan", "host-gw"]
     assert [s["name"] for s in data["skipped"]] == ["nosuch"]
     assert "registry" in data["skipped"][0]["reason"]

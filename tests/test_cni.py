@@ -187,6 +187,33 @@ def test_delegate_overrides_reach_the_bridge(host: CniHost) -> None:
     assert not link_exists(host.netns, "weft0")
 
 
+def test_ptp_attachment_routes_each_container_without_a_bridge(host: CniHost) -> None:
+    ptp = host.conf(delegate={"type": "ptp"})
+    a, b = host.container(), host.container()
+    ra, rb = host.add(a, ptp), host.add(b, ptp)
+    ip_a = ipaddress.ip_interface(ra["ips"][0]["address"]).ip
+    ip_b = ipaddress.ip_interface(rb["ips"][0]["address"]).ip
+    assert {ip_a, ip_b} <= set(ipaddress.ip_network("198.19.5.0/24").hosts())
+    assert not link_exists(host.netns, "weft0")
+    # the container's default route points at the gateway, which sits on the host end
+    # of its veth; the host routes each container address to its own veth
+    routes = json.loads(ip("-n", a, "-j", "route", "show", "default").stdout)
+    assert [r["gateway"] for r in routes] == ["198.19.5.1"]
+    host_routes = json.loads(ip("-n", host.netns, "-j", "route", "show", f"{ip_a}/32").stdout)
+    (veth,) = [r["dev"] for r in host_routes]
+    assert "198.19.5.1/32" in addresses(host.netns, veth)
+    (link,) = json.loads(ip("-n", a, "-j", "link", "show", "dev", "eth0").stdout)
+    assert link["mtu"] == 1450
+    # neighbours on one host go through the host's routing, with the full overlay MTU
+    ip("netns", "exec", host.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    assert ping(a, str(ip_b), "-M", "do", "-s", "1422")
+    host.check(a, ra, ptp)
+    host.delete(a, ra, ptp)
+    assert not link_exists(a, "eth0")
+    assert not link_exists(host.netns, veth)
+    assert ping(b, "198.19.5.1")
+
+
 @pytest.mark.skipif(shutil.which("iptables") is None,
                     reason="the bridge plugin masquerades through iptables, not installed")
 @pytest.mark.parametrize("agent_masquerades", [True, False])

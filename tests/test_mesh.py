@@ -26,9 +26,10 @@ def peer_routes(tb: Testbed, host_index: int) -> set[str]:
     return {r["dst"] for r in json.loads(out or "[]")}
 
 
-@pytest.mark.parametrize("backend", ["vxlan", "host-gw"])
-def test_three_hosts_two_containers_full_mesh(backend: str) -> None:
-    with Testbed(hosts=3, containers_per_host=2, config=config(backend)) as tb:
+@pytest.mark.parametrize(("backend", "attach"), [
+    ("vxlan", "bridge"), ("host-gw", "bridge"), ("vxlan", "ptp"), ("host-gw", "ptp")])
+def test_three_hosts_two_containers_full_mesh(backend: str, attach: str) -> None:
+    with Testbed(hosts=3, containers_per_host=2, config=config(backend), attach=attach) as tb:
         tb.start()
         leases = tb.leases()
         assert len({lease.subnet for lease in leases}) == 3

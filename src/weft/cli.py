@@ -279,13 +279,15 @@ def bench(
     json_file: Annotated[str | None, typer.Option("--json", help="write the JSON here "
                                                                  "(- for stdout)")] = None,
     chart: Annotated[str | None, typer.Option(help="write a PNG bar chart here")] = None,
+    attach: Annotated[str, typer.Option(help="how containers attach: bridge (flannel's "
+                                             "layout) or ptp (routed veth)")] = "bridge",
 ) -> None:
     """qperf tcp_bw/tcp_lat: native vs each backend, container to container, on 2 hosts."""
     from weft.bench.report import render_table, write_chart, write_json
     from weft.bench.runner import BenchOptions, parse_backends, run_bench
 
     try:
-        opts = BenchOptions(parse_backends(backends), rate, secs, reps)
+        opts = BenchOptions(parse_backends(backends), rate, secs, reps, attach)
         report = run_bench(opts, progress=lambda line: err.print(line, highlight=False))
         render_table(report, err if json_file == "-" else out)
         if json_file is not None:

@@ -39,6 +39,8 @@ UNDERLAY_NET = ipaddress.ip_network("198.18.0.0/24")
 OPERATOR_IP = ipaddress.IPv4Address("198.18.0.1")
 DEFAULT_CONFIG = '{"Network": "198.19.0.0/16", "Backend": {"Type": "vxlan"}}'
 CNI_PATH = f"{Path(sys.executable).parent}:/usr/lib/cni"
+# How weft-cni attaches containers: the reference plugin it delegates to.
+ATTACHMENTS = ("bridge", "ptp")
 
 
 class TestbedError(WeftError):
@@ -67,6 +69,7 @@ class Host:
     netns: str
     underlay_ip: ipaddress.IPv4Address
     run_dir: Path
+    attach: str = "bridge"
     agent: subprocess.Popen[bytes] | None = None
     agent_args: list[str] = field(default_factory=list)
 
@@ -88,7 +91,8 @@ class Host:
 
     def cni_conf(self) -> dict[str, Any]:
         return {"cniVersion": "1.0.0", "name": "weft", "type": "weft-cni",
-                "subnetFile": str(self.subnet_env_path), "dataDir": str(self.run_dir / "cni")}
+                "subnetFile": str(self.subnet_env_path), "dataDir": str(self.run_dir / "cni"),
+                "delegate": {"type": self.attach}}
 
 
 @dataclass
@@ -120,9 +124,12 @@ class Testbed:
         lease_ttl: float = 3600.0,
         agent_args: Sequence[str] = (),
         log_level: str = "debug",
+        attach: str = "bridge",
     ) -> None:
         if os.geteuid() != 0:
             raise UsageError("the testbed needs root to create network namespaces")
+        if attach not in ATTACHMENTS:
+            raise UsageError(f"container attachment {attach!r}: use {' or '.join(ATTACHMENTS)}")
         self.run_id = secrets.token_hex(3)
         self.run_dir = RUNS_DIR / self.run_id
         self.config = config
@@ -141,7 +148,7 @@ class Testbed:
         self.hosts = [
             Host(i, f"{NETNS_PREFIX}{self.run_id}-h{i}",
                  ipaddress.IPv4Address(int(UNDERLAY_NET.network_address) + 10 + i),
-                 self.run_dir / f"h{i}")
+                 self.run_dir / f"h{i}", attach)
             for i in range(1, hosts + 1)
         ]
         self.containers = [

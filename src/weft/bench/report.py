@@ -25,7 +25,8 @@ def _spread(s: Spread) -> str:
 def render_table(report: BenchReport, console: Console) -> None:
     rate = f"underlay shaped to {report.rate}" if report.rate else "unshaped underlay"
     table = Table(title=f"weft bench: qperf tcp_bw / tcp_lat, {report.secs:g} s × "
-                        f"{report.reps} reps, {rate} — median (min–max)")
+                        f"{report.reps} reps, {rate}, containers attached by "
+                        f"{report.attach} — median (min–max)")
     table.add_column("Name")
     table.add_column("TCP BW (MB/s)", justify="right")
     table.add_column("TCP Lat (µs)", justify="right")

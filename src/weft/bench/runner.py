@@ -32,7 +32,7 @@ from weft.bench.stats import (
     tbf_args,
 )
 from weft.errors import UsageError, WeftError
-from weft.testbed import Testbed
+from weft.testbed import ATTACHMENTS, Testbed
 
 DEFAULT_ORDER = ("vxlan", "host-gw", "udp", "wireguard")
 
@@ -56,6 +56,7 @@ class BenchOptions:
     rate: str | None = None
     secs: int = 5
     reps: int = 3
+    attach: str = "bridge"
 
 
 def parse_backends(text: str | None) -> tuple[str, ...]:
@@ -108,8 +109,9 @@ def _native(stack: contextlib.ExitStack, rate_bits: int | None) -> Target:
                   CpuMeter(tb.all_netns()), *_cpus())
 
 
-def _overlay(stack: contextlib.ExitStack, backend: str, rate_bits: int | None) -> Target:
-    tb = stack.enter_context(Testbed(hosts=2, containers_per_host=1,
+def _overlay(stack: contextlib.ExitStack, backend: str, rate_bits: int | None,
+             attach: str) -> Target:
+    tb = stack.enter_context(Testbed(hosts=2, containers_per_host=1, attach=attach,
                                      config=bench_config(backend), log_level="info"))
     _shape(tb, rate_bits)
     tb.start(timeout=60)
@@ -167,6 +169,8 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
     """Bring every testbed up, run the interleaved schedule, summarise; always clean up."""
     from weft.backends import BACKENDS
 
+    if opts.attach not in ATTACHMENTS:
+        raise UsageError(f"--attach {opts.attach!r}: use {' or '.join(ATTACHMENTS)}")
     if opts.secs < 1:
         raise UsageError(f"--secs {opts.secs}: need at least 1")
     rate_bits = parse_rate(opts.rate) if opts.rate is not None else None
@@ -182,10 +186,11 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
                                        f"(has: {', '.join(available_backends())})"))
                 progress(f"skip {backend}: not registered")
                 continue
-            progress(f"building the {backend} testbed (2 hosts x 1 container, agents)")
+            progress(f"building the {backend} testbed (2 hosts x 1 container attached "
+                     f"by {opts.attach}, agents)")
             sub = stack.enter_context(contextlib.ExitStack())
             try:
-                targets[backend] = _overlay(sub, backend, rate_bits)
+                targets[backend] = _overlay(sub, backend, rate_bits, opts.attach)
                 progress(_describe(targets[backend]))
             except WeftError as exc:
                 sub.close()  # tear this one down now; the others carry on
@@ -212,5 +217,5 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
                      f"{run.cpu_s_per_GB:6.2f} CPU s/GB")
         progress("removing the testbeds")
     return summarise(opts.rate.strip().lower() if opts.rate else None, opts.secs, opts.reps,
-                     runs, skipped)
+                     runs, skipped, opts.attach)
 

@@ -174,15 +174,17 @@ class BenchReport:
     reps: int
     results: tuple[Result, ...]
     skipped: tuple[Skipped, ...] = field(default=())
+    attach: str = "bridge"
 
     def to_json(self) -> dict[str, Any]:
         return {"rate": self.rate, "secs": self.secs, "reps": self.reps,
+                "attach": self.attach,
                 "results": [r.to_json() for r in self.results],
                 "skipped": [s.to_json() for s in self.skipped]}
 
 
 def summarise(rate: str | None, secs: float, reps: int, runs: Mapping[str, Sequence[Run]],
-              skipped: Sequence[Skipped] = ()) -> BenchReport:
+              skipped: Sequence[Skipped] = (), attach: str = "bridge") -> BenchReport:
     """Medians, spreads and percentages of this run's native medians; native first."""
     native_runs = runs.get(NATIVE)
     if not native_runs:
@@ -201,7 +203,7 @@ def summarise(rate: str | None, secs: float, reps: int, runs: Mapping[str, Seque
             name=name, bw=bw, lat=lat, bw_pct=pct(bw.median, native_bw),
             lat_pct=pct(lat.median, native_lat),
             cpu_s_per_GB=statistics.median(r.cpu_s_per_GB for r in these), runs=tuple(these)))
-    return BenchReport(rate, secs, reps, tuple(results), tuple(skipped))
+    return BenchReport(rate, secs, reps, tuple(results), tuple(skipped), attach)
 
 
 def ticks_delta(before: Mapping[int, int], after: Mapping[int, int]) -> int:

@@ -220,21 +220,29 @@ def _path(obj: Mapping[str, Any], key: str, default: str) -> str:
 
 
 def delegate_config(conf: NetConf, env: SubnetEnv) -> dict[str, Any]:
-    """The delegate's network config: bridge + host-local for this host's subnet."""
+    """The delegate's network config: `bridge` (or `ptp`) + host-local for this host's
+    subnet."""
+    dtype = conf.delegate.get("type", DEFAULT_DELEGATE)
     delegate: dict[str, Any] = {
-        "type": DEFAULT_DELEGATE,
-        "bridge": CNI_BRIDGE,
-        "isGateway": True,
-        "isDefaultGateway": True,
+        "type": dtype,
         "mtu": env.mtu,
         # weft's agent masquerades traffic leaving the overlay when FLANNEL_IPMASQ=true;
-        # the bridge plugin must not add a second masquerade then (flannel does the same).
+        # the delegate must not add a second masquerade then (flannel does the same).
         "ipMasq": not env.ipmasq,
     }
+    if dtype == "bridge":
+        delegate.update(bridge=CNI_BRIDGE, isGateway=True, isDefaultGateway=True)
     delegate.update(conf.delegate)
-    # Without a default route through the bridge the container still needs one to the
-    # whole overlay network.
-    routes = [] if delegate.get("isDefaultGateway") else [{"dst": str(env.network)}]
+    if delegate.get("isDefaultGateway"):
+        routes = []  # the bridge plugin adds the default route through the bridge
+    elif dtype == "bridge":
+        # Without a default route through the bridge the container still needs one to
+        # the whole overlay network.
+        routes = [{"dst": str(env.network)}]
+    else:
+        # ptp and the like: every route goes via the gateway address, which the plugin
+        # puts on the host end of the container's veth.
+        routes = [{"dst": "0.0.0.0/0" if env.network.version == 4 else "::/0"}]
     delegate.update(
         cniVersion=conf.cni_version,
         name=conf.name,
