@@ -14,7 +14,11 @@ from weft.nft import apply_nft
 def masquerade_ruleset(network: IPNetwork, subnet: IPNetwork) -> str:
     """The nft script for `network` (pure). Traffic between overlay addresses keeps its
     source; overlay -> outside is masqueraded (not multicast); outside -> another host's
-    subnet is masqueraded so replies come back through this host."""
+    subnet is masqueraded so replies come back through this host.
+
+    No forward chain: unlike iptables' single FORWARD chain, an `accept` in weft's own
+    table cannot overrule a drop in another table (nftables runs every base chain), so it
+    would only cost a rule walk per forwarded packet."""
     fam, ip = ("ip", "ip") if network.version == 4 else ("ip6", "ip6")
     mcast = "224.0.0.0/4" if network.version == 4 else "ff00::/8"
     return f"""\
@@ -28,11 +32,6 @@ table {fam} {NFT_TABLE} {{
         {ip} saddr {network} masquerade fully-random
         {ip} saddr != {network} {ip} daddr {subnet} return
         {ip} saddr != {network} {ip} daddr {network} masquerade fully-random
-    }}
-    chain forward {{
-        type filter hook forward priority filter; policy accept;
-        {ip} saddr {network} accept
-        {ip} daddr {network} accept
     }}
 }}
 """
