@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check src tests
-.venv/bin/mypy
+.venv/bin/mypy src tests
 # Remove what a crashed earlier run may have left (runs still in progress are kept).
 .venv/bin/weft testbed down >/dev/null
 .venv/bin/pytest -q "$@"

@@ -57,7 +57,7 @@ def test_vxlan_direct_routing_uses_plain_routes_on_one_segment() -> None:
 def test_ping_across_an_agent_restart_loses_nothing() -> None:
     with Testbed(hosts=2, containers_per_host=1, config=config("vxlan")) as tb:
         tb.start()
-        out = tb.ping_across_agent_restarts(*tb.containers)
+        out = tb.ping_across_agent_restarts(tb.containers[0], tb.containers[1])
         assert " 0% packet loss" in out, out
         for host in tb.hosts:
             assert "lease reclaimed" in tb.agent_log(host)

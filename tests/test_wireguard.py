@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -255,7 +256,7 @@ def test_a_namespace_without_a_lease_cannot_reach_containers_through_the_tunnel(
         assert any(tb.ping(rogue, target.ip, count=1) for _ in range(20))
 
 
-def _grant_lease(tb: Testbed, subnet: str, value: dict[str, object]) -> bool:
+def _grant_lease(tb: Testbed, subnet: str, value: Mapping[str, object]) -> bool:
     """Write a lease straight into the run's SQLite store, as another agent would."""
     import asyncio
 
