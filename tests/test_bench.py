@@ -370,3 +370,22 @@ def test_cpu_meter_counts_a_busy_process_in_the_namespace(scratch_netns: str) ->
     assert busy.pid in after.processes
     assert 0.55 <= total <= 1.0  # the 0.6 s loop plus interpreter start-up
     assert 0 <= used <= total + 0.3  # ksoftirqd adds a little, machine-wide
+
+
+@pytest.mark.netns
+def test_pinned_testbed_agents_and_their_threads_stay_on_their_host_cpu() -> None:
+    from weft.testbed import Testbed
+
+    config = json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": "udp"}})
+    with Testbed(hosts=2, containers_per_host=0, config=config, agent_cpus=(0,),
+                 log_level="info") as tb:
+        tb.start()
+        for host in tb.hosts:
+            assert host.agent is not None
+            # `ip netns exec` and `taskset` exec, so the pid is the agent's; every thread
+            # (the udp forwarder's included) inherits the mask
+            tasks = list(Path(f"/proc/{host.agent.pid}/task").iterdir())
+            assert len(tasks) >= 3, tasks  # main + the forwarder's two threads
+            for task in tasks:
+                status = (task / "status").read_text()
+                assert "Cpus_allowed_list:\t0\n" in status, task

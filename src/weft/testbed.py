@@ -70,6 +70,7 @@ class Host:
     underlay_ip: ipaddress.IPv4Address
     run_dir: Path
     attach: str = "bridge"
+    cpu: int | None = None  # the one CPU this host's agent runs on, if pinned
     agent: subprocess.Popen[bytes] | None = None
     agent_args: list[str] = field(default_factory=list)
 
@@ -125,6 +126,7 @@ class Testbed:
         agent_args: Sequence[str] = (),
         log_level: str = "debug",
         attach: str = "bridge",
+        agent_cpus: Sequence[int] = (),
     ) -> None:
         if os.geteuid() != 0:
             raise UsageError("the testbed needs root to create network namespaces")
@@ -148,7 +150,8 @@ class Testbed:
         self.hosts = [
             Host(i, f"{NETNS_PREFIX}{self.run_id}-h{i}",
                  ipaddress.IPv4Address(int(UNDERLAY_NET.network_address) + 10 + i),
-                 self.run_dir / f"h{i}", attach)
+                 self.run_dir / f"h{i}", attach,
+                 agent_cpus[(i - 1) % len(agent_cpus)] if agent_cpus else None)
             for i in range(1, hosts + 1)
         ]
         self.containers = [
@@ -272,6 +275,10 @@ class Testbed:
         # Separate machines have separate /run/wireguard: give each host's agent (and the
         # wireguard-go it starts) its own, kept across agent restarts (weft.wireguard).
         argv = private_socket_dir_argv(host.run_dir / "wireguard", argv)
+        if host.cpu is not None:
+            # A host's processes stay on its CPU, as on a separate machine; the udp
+            # forwarder's threads and wireguard-go inherit it.
+            argv = ["taskset", "-c", str(host.cpu), *argv]
         host.agent = subprocess.Popen(netns_exec(host.netns, argv), stdout=log,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       start_new_session=True)

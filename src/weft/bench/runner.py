@@ -111,8 +111,12 @@ def _native(stack: contextlib.ExitStack, rate_bits: int | None) -> Target:
 
 def _overlay(stack: contextlib.ExitStack, backend: str, rate_bits: int | None,
              attach: str) -> Target:
+    cpus = _cpus()
+    # Each host's agent (and so a userspace data plane: the udp forwarder, wireguard-go)
+    # runs on that host's CPU, beside its qperf, as on two machines.
     tb = stack.enter_context(Testbed(hosts=2, containers_per_host=1, attach=attach,
-                                     config=bench_config(backend), log_level="info"))
+                                     config=bench_config(backend), log_level="info",
+                                     agent_cpus=cpus))
     _shape(tb, rate_bits)
     tb.start(timeout=60)
     c1, c2 = tb.containers
@@ -120,7 +124,7 @@ def _overlay(stack: contextlib.ExitStack, backend: str, rate_bits: int | None,
     if not any(tb.ping(c1.netns, c2.ip) for _ in range(3)):
         raise BenchError(f"{c1.name} cannot reach {c2.name} ({c2.ip}) through {backend}")
     return Target(backend, tb, c1.netns, c2.netns, str(c2.ip), CpuMeter(tb.all_netns()),
-                  *_cpus())
+                  *cpus)
 
 
 def _cpus() -> tuple[int, int]:
