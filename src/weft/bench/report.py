@@ -87,7 +87,8 @@ def write_chart(report: BenchReport, dest: str) -> None:
         ax.set_xticks(list(xs), names)
         ax.set_ylabel("% of native median; whiskers min–max")
         rate = report.rate or "unshaped"
-        ax.set_title(f"weft bench ({rate}, {report.secs:g} s × {report.reps})")
+        ax.set_title(f"weft bench ({rate}, {report.secs:g} s × {report.reps}, "
+                     f"containers attached by {report.attach})")
         ax.legend(fontsize=8, loc="upper left")
         top = max([100.0] + [100 * r.lat.max / native.lat.median for r in results]
                   + [100 * r.bw.max / native.bw.median for r in results])
