@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 
 import pytest
 
+from weft.forward_accept import COMMENT as FORWARD_COMMENT
 from weft.testbed import RUNS_DIR, Testbed, list_netns
 
 pytestmark = pytest.mark.netns
@@ -77,9 +79,11 @@ def test_host_that_releases_its_lease_disappears_from_every_peer() -> None:
             assert subnet not in peer_routes(tb, i)
             neigh = tb.run(tb.hosts[i].netns, ["ip", "neigh", "show", "dev", "weft.vx1"]).stdout
             assert subnet.split("/")[0] not in neigh
-        # The host that left removed its own data plane too.
+        # The host that left removed its own data plane too, and its firewall rules.
         links = tb.run(leaving.netns, ["ip", "-br", "link"]).stdout
         assert "weft.vx1" not in links
+        assert "weft" not in tb.run(leaving.netns, ["nft", "list", "tables"]).stdout
+        assert FORWARD_COMMENT not in forward_chain(tb, leaving.netns)
 
 
 def test_expired_lease_disappears_from_every_peer() -> None:
@@ -231,3 +235,25 @@ def test_traffic_leaving_the_overlay_is_masqueraded_and_overlay_traffic_is_not()
         assert source_seen(tb, c1.netns, outside, "198.18.0.200") == str(c1.host.underlay_ip)
         # between containers the source is kept
         assert source_seen(tb, c1.netns, c2.netns, c2.ip) == str(c1.ip)
+
+
+def forward_chain(tb: Testbed, netns: str) -> str:
+    return tb.run(netns, ["iptables", "-w", "5", "-S", "FORWARD"]).stdout
+
+
+@pytest.mark.skipif(shutil.which("iptables") is None, reason="needs iptables")
+def test_overlay_crosses_a_forward_chain_that_drops_like_dockers() -> None:
+    with Testbed(hosts=2, containers_per_host=1, config=config("vxlan")) as tb:
+        for host in tb.hosts:  # what Docker >= 1.13 does to every host it runs on
+            tb.run(host.netns, ["iptables", "-w", "5", "-P", "FORWARD", "DROP"])
+        tb.start()
+        c1, c2 = tb.containers
+        assert all(tb.connectivity().values())
+        rules = forward_chain(tb, c2.host.netns)
+        assert rules.count(FORWARD_COMMENT) == 2, rules
+        # Without weft's two rules the same chain drops the overlay: they are what works.
+        for rule in reversed(rules.splitlines()):
+            if FORWARD_COMMENT in rule:
+                tb.run(c2.host.netns, ["sh", "-c", "iptables -w 5 " +
+                                       rule.replace("-A FORWARD", "-D FORWARD", 1)])
+        assert not tb.ping(c1.netns, c2.ip, wait=1)

@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import signal
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,9 +39,10 @@ from weft.errors import (
     WeftError,
 )
 from weft.events import LeaseMap, apply_events, diff_peers
+from weft.forward_accept import ensure_forward_accept, remove_forward_accept
 from weft.lease import Lease
 from weft.leasing import acquire_lease
-from weft.masquerade import install_masquerade
+from weft.masquerade import install_masquerade, remove_masquerade
 from weft.metrics import AgentMetrics
 from weft.netlink import Netlink
 from weft.store import LeaseStore
@@ -180,6 +182,7 @@ class Agent:
                         "expires_in": round(lease.expires_in(time.time()))})
         mtu = await asyncio.to_thread(backend.activate, lease)
         enable_forwarding(config.network.version)
+        await self._ensure_forward_accept()
         if self.opts.ip_masq:
             install_masquerade(config.network, lease.subnet)
         write_subnet_env(self.opts.subnet_file,
@@ -259,7 +262,17 @@ class Agent:
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self.opts.resync_interval)
+            await self._ensure_forward_accept()  # Docker may have started since
             await self._update(self.leases)
+
+    async def _ensure_forward_accept(self) -> None:
+        """Keep overlay traffic through a dropping FORWARD chain; a failure is logged and
+        retried at the next resync, never fatal (hosts without Docker do not need it)."""
+        assert self.config is not None
+        try:
+            await asyncio.to_thread(ensure_forward_accept, self.config.network)
+        except (WeftError, OSError, subprocess.SubprocessError) as exc:
+            log.warning("could not add the FORWARD accept rules", extra={"error": str(exc)})
 
     async def _renew(self) -> None:
         assert self.lease is not None
@@ -352,6 +365,16 @@ class Agent:
         finally:
             await self._shutdown()
 
+    def _remove_host_rules(self) -> None:
+        """The masquerade table and the FORWARD accept rules, when the host leaves."""
+        assert self.config is not None
+        try:
+            if self.opts.ip_masq:
+                remove_masquerade(self.config.network)
+            remove_forward_accept(self.config.network)
+        except (WeftError, OSError, subprocess.SubprocessError) as exc:
+            log.warning("could not remove weft's firewall rules", extra={"error": str(exc)})
+
     async def _shutdown(self) -> None:
         assert self.backend is not None
         await asyncio.to_thread(self.backend.close)
@@ -360,6 +383,7 @@ class Agent:
                      extra={"subnet": str(self.lease.subnet)})
             with contextlib.suppress(StoreUnavailable):
                 await self.store.delete_lease(self.lease.subnet)
+            await asyncio.to_thread(self._remove_host_rules)
             await asyncio.to_thread(self.backend.teardown)
             self.opts.subnet_file.unlink(missing_ok=True)
         else:
