@@ -13,15 +13,16 @@ etcd while a lease is deleted and the history compacted resync and drop that pee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from bounded import run
 from etcd_server import (
     ETCD_AVAILABLE,
     ETCD_MISSING_REASON,
@@ -42,14 +43,6 @@ pytestmark = [
 ]
 
 NET = "198.19.{}.0/24"
-
-
-def run(coro: Awaitable[Any]) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(120):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 def lease(i: int) -> Lease:
@@ -87,6 +80,19 @@ def three_members() -> Iterator[LocalEtcd]:
         yield cluster
 
 
+@contextlib.asynccontextmanager
+async def _writer_and_watcher(url: str, prefix: str
+                              ) -> AsyncIterator[tuple[EtcdLeaseStore, EtcdLeaseStore]]:
+    """Two clients of one cluster, as two hosts would be: one writes, one watches."""
+    writer = EtcdLeaseStore.from_url(url, prefix=prefix)
+    watcher = EtcdLeaseStore.from_url(url, prefix=prefix)
+    try:
+        yield writer, watcher
+    finally:
+        await writer.close()
+        await watcher.close()
+
+
 async def _collect(store: EtcdLeaseStore, since: int, count: int,
                    out: list[LeaseEvent]) -> None:
     watch = store.watch(since)
@@ -108,9 +114,7 @@ def test_one_member_killed_requests_and_watch_move_to_another(
     prefix = unique_prefix()
 
     async def main() -> None:
-        writer = EtcdLeaseStore.from_url(three_members.url, prefix=prefix)
-        watcher = EtcdLeaseStore.from_url(three_members.url, prefix=prefix)
-        try:
+        async with _writer_and_watcher(three_members.url, prefix) as (writer, watcher):
             _, start = await writer.list_leases()
             seen: list[LeaseEvent] = []
             async with asyncio.TaskGroup() as group:
@@ -127,9 +131,6 @@ def test_one_member_killed_requests_and_watch_move_to_another(
             assert subnets == [NET.format(i) for i in range(1, 7)]  # none lost, none twice
             leases, _ = await writer.list_leases()
             assert len(leases) == 6
-        finally:
-            await writer.close()
-            await watcher.close()
 
     run(main())
 
@@ -138,9 +139,7 @@ def test_watch_resumes_across_a_restart_of_the_whole_cluster(three_members: Loca
     prefix = unique_prefix()
 
     async def main() -> None:
-        writer = EtcdLeaseStore.from_url(three_members.url, prefix=prefix)
-        watcher = EtcdLeaseStore.from_url(three_members.url, prefix=prefix)
-        try:
+        async with _writer_and_watcher(three_members.url, prefix) as (writer, watcher):
             _, start = await writer.list_leases()
             seen: list[LeaseEvent] = []
             async with asyncio.TaskGroup() as group:
@@ -162,9 +161,6 @@ def test_watch_resumes_across_a_restart_of_the_whole_cluster(three_members: Loca
                     except StoreUnavailable:
                         await asyncio.sleep(0.2)
             assert [str(e.subnet) for e in seen] == [NET.format(1), NET.format(2)]
-        finally:
-            await writer.close()
-            await watcher.close()
 
     run(main())
 
@@ -234,11 +230,6 @@ def _interruptions(tb: Testbed, index: int) -> int:
     return tb.agent_log(tb.hosts[index]).count("etcd watch interrupted")
 
 
-def _peer_routes(tb: Testbed, index: int) -> set[str]:
-    out = tb.run(tb.hosts[index].netns, ["ip", "-j", "route", "show", "proto", "87"]).stdout
-    return {r["dst"] for r in json.loads(out or "[]")}
-
-
 def _ping(tb: Testbed, src: str, dst: object, seconds: float) -> subprocess.Popen[str]:
     count = int(seconds / 0.1)
     return subprocess.Popen(
@@ -304,7 +295,7 @@ def test_agents_cut_off_while_a_lease_goes_and_history_is_compacted_resync() -> 
         _start_hosts(tb, 3)
         gone = tb.hosts[2]
         subnet = tb.host_status(gone)["subnet"]
-        assert all(subnet in _peer_routes(tb, i) for i in (0, 1))
+        assert all(subnet in tb.weft_routes(tb.hosts[i]) for i in (0, 1))
         tb.stop_agent(gone, signal.SIGKILL)  # its lease stays until deleted
         ports = ", ".join(str(m.client_port) for m in tb.etcd.members)
         interrupted = [_interruptions(tb, i) for i in (0, 1)]
@@ -329,9 +320,9 @@ def test_agents_cut_off_while_a_lease_goes_and_history_is_compacted_resync() -> 
         tb.run(tb.underlay, ["nft", "delete", "table", "inet", "weft_cut"])
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(
-                subnet in _peer_routes(tb, i) for i in (0, 1)):
+                subnet in tb.weft_routes(tb.hosts[i]) for i in (0, 1)):
             time.sleep(0.2)
-        assert all(subnet not in _peer_routes(tb, i) for i in (0, 1)), (
+        assert all(subnet not in tb.weft_routes(tb.hosts[i]) for i in (0, 1)), (
             tb.agent_log(tb.hosts[0])[-3000:])
         tb.wait_converged(30, hosts=tb.hosts[:2])
         for i in (0, 1):

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+import bounded
 from etcd_server import etcd_cluster, make_tls, requires_etcd
 from weft.errors import StoreError, StoreUnavailable, UsageError
 from weft.etcd_local import EtcdTls, LocalEtcd
@@ -31,11 +32,7 @@ from weft.testbed import RUNS_DIR, list_netns
 
 
 def run(coro: Awaitable[Any]) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(60):
-            return await coro
-
-    return asyncio.run(bounded())
+    return bounded.run(coro, timeout=60)
 
 
 def lease(i: int) -> Lease:

@@ -22,12 +22,6 @@ def config(backend: str, **options: object) -> str:
     return json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend, **options}})
 
 
-def peer_routes(tb: Testbed, host_index: int) -> set[str]:
-    """Destinations of the routes weft installed on a host (its protocol number 87)."""
-    out = tb.run(tb.hosts[host_index].netns, ["ip", "-j", "route", "show", "proto", "87"]).stdout
-    return {r["dst"] for r in json.loads(out or "[]")}
-
-
 @pytest.mark.parametrize(("backend", "attach"), [
     ("vxlan", "bridge"), ("host-gw", "bridge"), ("vxlan", "ptp"), ("host-gw", "ptp")])
 def test_three_hosts_two_containers_full_mesh(backend: str, attach: str) -> None:
@@ -49,8 +43,7 @@ def test_vxlan_direct_routing_uses_plain_routes_on_one_segment() -> None:
     with Testbed(hosts=2, containers_per_host=1,
                  config=config("vxlan", DirectRouting=True)) as tb:
         tb.start()
-        out = tb.run(tb.hosts[0].netns, ["ip", "-j", "route", "show", "proto", "87"]).stdout
-        (route,) = json.loads(out)
+        (route,) = tb.weft_routes(tb.hosts[0]).values()
         assert route["dev"] == "eth0"
         assert route["gateway"] == str(tb.hosts[1].underlay_ip)
         assert all(tb.connectivity().values())
@@ -72,11 +65,11 @@ def test_host_that_releases_its_lease_disappears_from_every_peer() -> None:
         leaving = tb.hosts[2]
         subnet = next(str(lease.subnet) for lease in tb.leases()
                       if lease.public_ip == leaving.underlay_ip)
-        assert subnet in peer_routes(tb, 0)
+        assert subnet in tb.weft_routes(tb.hosts[0])
         assert tb.stop_agent(leaving, signal.SIGTERM) == 0
         tb.wait_converged(20, hosts=tb.hosts[:2])
         for i in (0, 1):
-            assert subnet not in peer_routes(tb, i)
+            assert subnet not in tb.weft_routes(tb.hosts[i])
             neigh = tb.run(tb.hosts[i].netns, ["ip", "neigh", "show", "dev", "weft.vx1"]).stdout
             assert subnet.split("/")[0] not in neigh
         # The host that left removed its own data plane too, and its firewall rules.
@@ -95,9 +88,9 @@ def test_expired_lease_disappears_from_every_peer() -> None:
         tb.stop_agent(gone, signal.SIGKILL)  # dies without releasing: only expiry removes it
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and any(
-                subnet in peer_routes(tb, i) for i in (0, 1)):
+                subnet in tb.weft_routes(tb.hosts[i]) for i in (0, 1)):
             time.sleep(0.2)
-        assert all(subnet not in peer_routes(tb, i) for i in (0, 1))
+        assert all(subnet not in tb.weft_routes(tb.hosts[i]) for i in (0, 1))
         # Meanwhile the living hosts kept renewing their 3 s leases.
         assert {str(lease.public_ip) for lease in tb.leases()} == {
             str(h.underlay_ip) for h in tb.hosts[:2]}
@@ -114,7 +107,7 @@ def test_restart_removes_stale_entries_it_owns_and_nothing_else() -> None:
         tb.run(h.netns, ["ip", "route", "add", "198.19.251.0/24", "via", "198.18.0.99"])
         tb.start_agent(h)
         tb.wait_converged(20)
-        assert "198.19.250.0/24" not in peer_routes(tb, 0)
+        assert "198.19.250.0/24" not in tb.weft_routes(tb.hosts[0])
         routes = tb.run(h.netns, ["ip", "route"]).stdout
         assert "198.19.251.0/24 via 198.18.0.99" in routes
 
@@ -187,12 +180,12 @@ def test_periodic_resync_repairs_a_route_someone_deleted() -> None:
     with Testbed(hosts=2, containers_per_host=0, config=config("host-gw"),
                  agent_args=["--resync-interval", "1"]) as tb:
         tb.start()
-        (route,) = peer_routes(tb, 0)
+        (route,) = tb.weft_routes(tb.hosts[0])
         tb.run(tb.hosts[0].netns, ["ip", "route", "del", route])
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and route not in peer_routes(tb, 0):
+        while time.monotonic() < deadline and route not in tb.weft_routes(tb.hosts[0]):
             time.sleep(0.2)
-        assert route in peer_routes(tb, 0)
+        assert route in tb.weft_routes(tb.hosts[0])
 
 
 SEEN_FROM = """

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 import weft.store.sqlite
+from bounded import run
 from etcd_server import etcd_cluster, requires_etcd, unique_prefix
 from weft.config import IPNetwork, parse_config
 from weft.errors import LeaseNotFound, NetworkFull, WatchCompacted
@@ -127,14 +128,6 @@ def kind(
 
 
 # --- helpers ----------------------------------------------------------------------------
-
-
-def run(coro: Awaitable[Any]) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(120):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 class opened:

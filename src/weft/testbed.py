@@ -29,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from weft.constants import ROUTE_PROTOCOL
 from weft.errors import UsageError, WeftError
 from weft.lease import Lease
 from weft.wireguard.userspace import private_socket_dir_argv
@@ -315,6 +316,12 @@ class Testbed:
                 raise TestbedError(f"{host.name} wrote no subnet.env in {timeout}s:\n"
                                    + self.agent_log(host)[-3000:])
             time.sleep(0.05)
+
+    def weft_routes(self, host: Host) -> dict[str, dict[str, Any]]:
+        """The routes weft installed on `host` (its route protocol), by destination."""
+        out = self.run(host.netns, ["ip", "-j", "route", "show", "proto",
+                                    str(ROUTE_PROTOCOL)]).stdout
+        return {r["dst"]: r for r in json.loads(out or "[]")}
 
     def host_status(self, host: Host) -> dict[str, Any]:
         from weft.agent import query_status
