@@ -14,11 +14,12 @@ def _netns_unavailable() -> str | None:
         return "needs root to create network namespaces"
     if shutil.which("ip") is None:
         return "needs iproute2 (`ip`)"
-    probe = subprocess.run(["ip", "netns", "add", "weft-probe-ns"], capture_output=True,
+    name = f"weft-probe-{os.getpid()}"  # per process: two suites may run side by side
+    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True,
                            text=True, check=False)
     if probe.returncode != 0:
         return f"cannot create network namespaces: {probe.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", "weft-probe-ns"], check=False)
+    subprocess.run(["ip", "netns", "del", name], check=False)
     return None
 
 

@@ -17,14 +17,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from weft.constants import (
+from weft.core.constants import (
     DEFAULT_ETCD_PREFIX,
     DEFAULT_LEASE_TTL,
     DEFAULT_SQLITE_PATH,
     DEFAULT_STATE_DIR,
     DEFAULT_SUBNET_FILE,
 )
-from weft.errors import UsageError, WeftError
+from weft.core.errors import UsageError, WeftError
 from weft.store import LeaseStore
 
 app = typer.Typer(
@@ -116,8 +116,9 @@ def agent(
     log_level: LogOpt = "info",
 ) -> None:
     """Run the agent on this host: lease a subnet, program the data plane, follow peers."""
-    from weft import logs
-    from weft.agent import Agent, AgentOptions, parse_ip, require_root
+    from weft.agent import logs
+    from weft.agent.daemon import Agent, AgentOptions, parse_ip
+    from weft.host.system import require_root
 
     try:
         logs.configure(log_level)
@@ -144,7 +145,7 @@ def config_set(
     etcd_username: UserOpt = None, etcd_password: PassOpt = None,
 ) -> None:
     """Validate a network config and write it to the store."""
-    from weft.config import parse_config
+    from weft.core.config import parse_config
 
     try:
         try:
@@ -191,7 +192,7 @@ def status(
     """Show every lease and this host's health (from its running agent)."""
     import json
 
-    from weft.agent import query_status
+    from weft.agent.status import query_status
 
     try:
         s = _store(store, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile,
@@ -258,7 +259,7 @@ def demo(
     containers: Annotated[int, typer.Option(min=1, max=10)] = 2,
 ) -> None:
     """Build hosts and containers in namespaces, show leases and full connectivity."""
-    from weft.demo import run_demo
+    from weft.lab.demo import run_demo
 
     try:
         ok = run_demo(backend=backend, store=store, hosts=hosts, containers=containers,
@@ -283,8 +284,8 @@ def bench(
                                              "layout) or ptp (routed veth)")] = "bridge",
 ) -> None:
     """qperf tcp_bw/tcp_lat: native vs each backend, container to container, on 2 hosts."""
-    from weft.bench.report import render_table, write_chart, write_json
-    from weft.bench.runner import BenchOptions, parse_backends, run_bench
+    from weft.lab.bench.report import render_table, write_chart, write_json
+    from weft.lab.bench.runner import BenchOptions, parse_backends, run_bench
 
     try:
         opts = BenchOptions(parse_backends(backends), rate, secs, reps, attach)
@@ -315,8 +316,8 @@ def docker_opts(
     import os
     import tempfile
 
-    from weft.docker_opts import render_docker_opts
-    from weft.subnet_env import read_subnet_env
+    from weft.integrations.docker_opts import render_docker_opts
+    from weft.integrations.subnet_env import read_subnet_env
 
     try:
         text = render_docker_opts(read_subnet_env(subnet_file), fmt, key=key, ip_masq=ip_masq)
@@ -342,7 +343,7 @@ def docker_opts(
 @testbed_app.command("down")
 def testbed_down() -> None:
     """Remove every namespace, process and file a testbed run left behind."""
-    from weft.testbed import remove_leftovers
+    from weft.lab.testbed import remove_leftovers
 
     removed = remove_leftovers()
     out.print(f"removed {len(removed)} leftover namespace(s)"

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from weft.config import IPAddress, NetworkConfig
-from weft.errors import WeftError
-from weft.lease import Lease
+from weft.core.config import IPAddress, NetworkConfig
+from weft.core.errors import WeftError
+from weft.core.lease import Lease
 
 T = TypeVar("T")
 

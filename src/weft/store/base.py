@@ -7,9 +7,9 @@
              delete_lease                        release
     watch:   watch(since)                        every change after `since`, in order
 
-Stores do not pick subnets (that is `weft.lease`), do not touch the kernel and do not
+Stores do not pick subnets (that is `weft.core.lease`), do not touch the kernel and do not
 write files on the host. Both implementations share the flannel key layout in
-`weft.constants`.
+`weft.core.constants`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from weft.config import IPNetwork
-from weft.events import LeaseEvent
-from weft.lease import Lease, LeaseFormatError, parse_lease
+from weft.core.config import IPNetwork
+from weft.core.events import LeaseEvent
+from weft.core.lease import Lease, LeaseFormatError, parse_lease
 
 log = logging.getLogger("weft.store")
 

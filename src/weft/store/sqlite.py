@@ -23,10 +23,10 @@ from typing import TypeVar
 
 from asyncinotify import Inotify, Mask
 
-from weft.config import IPNetwork
-from weft.errors import LeaseNotFound, StoreUnavailable, WatchCompacted
-from weft.events import EventKind, LeaseEvent
-from weft.lease import Lease, parse_subnet_key, subnet_key
+from weft.core.config import IPNetwork
+from weft.core.errors import LeaseNotFound, StoreUnavailable, WatchCompacted
+from weft.core.events import EventKind, LeaseEvent
+from weft.core.lease import Lease, parse_subnet_key, subnet_key
 from weft.store.base import lease_or_none
 
 _SCHEMA = """

@@ -1,0 +1,56 @@
+"""Acquiring a lease: the short conversation between the pure choice and the store.
+
+Reclaim the lease this public IP held before if it is still there; otherwise pick a free
+subnet and create it. Creation is create-if-absent in the store, so when two hosts pick
+the same subnet at once one of them loses and simply picks again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from typing import Any
+
+from weft.core.config import IPAddress, NetworkConfig
+from weft.core.errors import LeaseNotFound, NetworkFull
+from weft.core.lease import Lease, choose_subnet, find_reclaimable
+from weft.store.base import LeaseStore
+
+log = logging.getLogger("weft.core.lease")
+
+# Every retry follows a lost race, and every race is lost to a host that now holds a
+# subnet, so this bounds the loop for networks of any size without a timer.
+_MAX_ATTEMPTS = 1000
+
+
+async def acquire_lease(
+    store: LeaseStore,
+    config: NetworkConfig,
+    public_ip: IPAddress,
+    backend_type: str,
+    backend_data: Mapping[str, Any],
+    ttl: float,
+    rng: random.Random | None = None,
+) -> tuple[Lease, bool]:
+    """Return (lease, reclaimed). Raises NetworkFull when no subnet is free."""
+    rng = rng or random.Random()
+    for _ in range(_MAX_ATTEMPTS):
+        leases, _rev = await store.list_leases()
+        previous = find_reclaimable(config, leases, public_ip)
+        if previous is not None:
+            wanted = Lease(previous.subnet, public_ip, backend_type, dict(backend_data))
+            try:
+                return await store.renew_lease(wanted, ttl), True
+            except LeaseNotFound:
+                continue  # it expired between list and renew: look again
+        taken = {lease.subnet for lease in leases}
+        subnet = choose_subnet(config, taken, rng)
+        created = await store.create_lease(
+            Lease(subnet, public_ip, backend_type, dict(backend_data)), ttl
+        )
+        if created is not None:
+            return created, False
+        log.debug("subnet taken by another host meanwhile; choosing again",
+                  extra={"subnet": str(subnet)})
+    raise NetworkFull(f"could not acquire a subnet in {config.network} after {_MAX_ATTEMPTS} tries")

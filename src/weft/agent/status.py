@@ -1,0 +1,45 @@
+"""The agent's status socket: one JSON line per connection, root-only (0600)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from weft.core.errors import UsageError
+
+STATUS_SOCKET = "agent.sock"
+
+
+async def serve_status(path: Path, status: Callable[[], dict[str, Any]]) -> None:
+    """Answer every connection with `status()` until cancelled."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a socket a crashed run left
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            writer.write(json.dumps(status()).encode() + b"\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(answer, path=str(path))
+    os.chmod(path, 0o600)
+    async with server:
+        await server.serve_forever()
+
+
+async def query_status(state_dir: Path) -> dict[str, Any]:
+    """Ask a running agent for its status over its unix socket."""
+    path = state_dir / STATUS_SOCKET
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise UsageError(f"no agent answers at {path}: is `weft agent` running?") from None
+    data = await reader.readline()
+    writer.close()
+    result: dict[str, Any] = json.loads(data)
+    return result

@@ -1,0 +1,170 @@
+"""udp: weft's userspace data plane — a TUN device and a Python forwarder (IP-in-UDP).
+
+For underlays that block VXLAN or hosts without the module.  Kernel state is small: a
+persistent TUN device `weft.udp0` carrying this host's subnet network address (/32) and
+one route for the whole cluster Network through it.  Which peer gets a packet is decided
+by the forwarder's peer table (weft.backends.udp.plan), swapped atomically on every reconcile.
+Speed comes from batching (TUN TSO + UDP GSO/GRO), see weft.backends.udp.forwarder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from weft.backends.base import HostContext, ReconcileResult, converge
+from weft.backends.udp.forwarder import Forwarder, delete_tun
+from weft.backends.udp.plan import Peer, PeerDataError, PeerTable, peer_port
+from weft.core.config import NetworkConfig, UdpOptions
+from weft.core.constants import UDP_DEVICE, overhead
+from weft.core.errors import KernelError
+from weft.core.lease import Lease
+from weft.host.netlink import LinkInfo, Netlink, Route
+
+log = logging.getLogger("weft.backends.udp")
+
+
+class UdpBackend:
+    def __init__(self, config: NetworkConfig, host: HostContext) -> None:
+        if not isinstance(config.backend, UdpOptions):
+            raise TypeError("UdpBackend needs a config with Backend.Type udp")
+        self.config = config
+        self.options: UdpOptions = config.backend
+        self.host = host
+        self.forwarder: Forwarder | None = None
+        self._lease: Lease | None = None
+
+    @property
+    def mtu(self) -> int:
+        return self.options.mtu or self.host.underlay_mtu - overhead(
+            "udp", self.host.public_ip.version
+        )
+
+    def prepare(self) -> Mapping[str, Any]:
+        if self.forwarder is None:
+            forwarder = Forwarder(
+                UDP_DEVICE,
+                self.host.public_ip,
+                self.options.port,
+                self.host.underlay_mtu,
+                self.config.network.version,
+                self.config.length,
+                offloads=self.options.offloads,
+            )
+            forwarder.open()
+            forwarder.start()
+            self.forwarder = forwarder
+        return {"Port": self.options.port}
+
+    def activate(self, lease: Lease) -> int:
+        self._lease = lease
+        mtu = self.mtu
+        with Netlink() as nl:
+            link = self._link(nl)
+            # The subnet's network address: the host's own overlay address (source of
+            # host-originated traffic, so peers' spoofing checks accept it).
+            nl.ensure_only_address(link.index, lease.own_address)
+            if self.config.network.version == 4:
+                _disable_ipv6(UDP_DEVICE)
+            nl.ensure_up(link, mtu)
+            result = self._converge_route(nl, link.index)
+            if result.errors:
+                raise KernelError(f"route for {self.config.network}: {result.errors}")
+        return mtu
+
+    @staticmethod
+    def _link(nl: Netlink) -> LinkInfo:
+        link = nl.link(UDP_DEVICE)
+        if link is None:
+            raise KernelError(f"TUN device {UDP_DEVICE} vanished; restart the agent")
+        return link
+
+    def _converge_route(self, nl: Netlink, index: int) -> ReconcileResult:
+        """One route, the whole Network through the TUN device; any other route with
+        weft's protocol number is a leftover of an earlier run and goes."""
+        desired = {Route(self.config.network, None, index)}
+        actual = nl.routes(self.config.network.version)
+        return converge(desired, actual, nl.replace_route, nl.delete_route, lambda r: str(r.dst))
+
+    def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
+        if self.forwarder is None and self._lease is None:
+            raise KernelError("udp backend: reconcile() before prepare()")
+        errors: dict[str, str] = {}
+        accepted: list[Peer] = []
+        for lease in peers:
+            if lease.public_ip == self.host.public_ip:
+                continue  # our own lease: local traffic never enters the tunnel
+            if lease.backend_type != "udp":
+                errors[str(lease.subnet)] = (
+                    f"peer {lease.public_ip} runs backend {lease.backend_type!r}; every host "
+                    "of a network must use the same backend"
+                )
+                continue
+            if lease.public_ip.version != self.host.public_ip.version:
+                errors[str(lease.subnet)] = (
+                    f"peer {lease.public_ip} is IPv{lease.public_ip.version}, this host's "
+                    f"underlay is IPv{self.host.public_ip.version}"
+                )
+                continue
+            try:
+                port = peer_port(lease.backend_data, self.options.port)
+            except PeerDataError as exc:
+                errors[str(lease.subnet)] = f"peer {lease.public_ip}: {exc}"
+                continue
+            accepted.append(Peer(lease.subnet, lease.public_ip, port))
+        with Netlink() as nl:
+            if self._lease is not None and (self.forwarder is None or nl.link(UDP_DEVICE) is None):
+                # Someone deleted our device (the forwarder's fd points at nothing), or an
+                # earlier repair failed half-way. Level-based repair: a new device, a new
+                # forwarder, our address and route again.
+                log.warning("udp data plane missing; recreating it", extra={"device": UDP_DEVICE})
+                self.close()
+                self.prepare()
+                self.activate(self._lease)
+            assert self.forwarder is not None
+            # level-based: put back our route if someone removed it
+            result = self._converge_route(nl, self._link(nl).index)
+        errors.update(result.errors)
+        table = PeerTable.build(self.config.network.version, self.config.length, accepted)
+        before = dict(self.forwarder.peers.routes)
+        self.forwarder.set_peers(table)
+        after = table.routes
+        added = sum(1 for k, v in after.items() if before.get(k) != v)
+        removed = sum(1 for k, v in before.items() if after.get(k) != v)
+        return ReconcileResult(added=added, removed=removed, errors=errors)
+
+    def status(self) -> Mapping[str, Any]:
+        facts: dict[str, Any] = {
+            "implementation": "userspace python (TUN + UDP, batched with offloads)",
+            "mtu": self.mtu,
+        }
+        if self.forwarder is not None:
+            facts.update(self.forwarder.status())
+        return facts
+
+    def close(self) -> None:
+        """Stop the forwarder; the persistent device and its route stay for the next run."""
+        if self.forwarder is not None:
+            self.forwarder.close()
+            self.forwarder = None
+
+    def teardown(self) -> None:
+        self.close()
+        with Netlink() as nl:
+            link = nl.link(UDP_DEVICE)
+            if link is not None:
+                for route in nl.routes(self.config.network.version):
+                    if route.ifindex == link.index:
+                        nl.delete_route(route)
+        delete_tun(UDP_DEVICE)
+
+
+def _disable_ipv6(device: str) -> None:
+    """An IPv4 overlay has no use for IPv6 on the TUN: without this the kernel sends router
+    solicitations into it, which the forwarder can only drop (and count as no_route)."""
+    path = Path("/proc/sys/net/ipv6/conf") / device / "disable_ipv6"
+    with contextlib.suppress(OSError):  # no IPv6 in this kernel: nothing to disable
+        path.write_text("1")

@@ -1,0 +1,83 @@
+"""The `udp` forwarder's peer table, pure: which public IP carries which inner subnet.
+
+The table is immutable and replaced as a whole on every reconcile (one reference
+assignment, atomic for the forwarder threads), so a peer that leaves stops receiving and
+sending at once.  Lookups are O(1): mask the inner address down to its subnet and look the
+integer up in a dict.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from weft.core.config import IPAddress, IPNetwork
+
+Endpoint = tuple[str, int]
+
+
+class PeerDataError(ValueError):
+    """A peer lease's BackendData cannot be used (reported per peer by reconcile)."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    subnet: IPNetwork
+    public_ip: IPAddress
+    port: int
+
+
+def peer_port(backend_data: Mapping[str, Any], default: int) -> int:
+    """The UDP port a peer listens on, from its lease's BackendData ({"Port": 8285})."""
+    port = backend_data.get("Port", default)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise PeerDataError(f"BackendData Port {port!r} is not a UDP port (1-65535)")
+    return port
+
+
+@dataclass(frozen=True)
+class PeerTable:
+    """Inner subnet -> peer endpoint, for one network (IPv4 or IPv6) and one SubnetLen."""
+
+    version: int
+    subnet_len: int
+    # masked inner address (int) -> (public ip, port) of the host that holds that subnet
+    routes: Mapping[int, Endpoint] = field(default_factory=dict)
+    # public ips (as the socket layer spells them) of every member: the only senders heard
+    members: frozenset[str] = frozenset()
+    # the subnet mask as an integer; computed once, read for every packet
+    mask: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        bits = 32 if self.version == 4 else 128
+        object.__setattr__(self, "mask", ((1 << self.subnet_len) - 1) << (bits - self.subnet_len))
+
+    @classmethod
+    def build(cls, version: int, subnet_len: int, peers: Iterable[Peer]) -> PeerTable:
+        routes: dict[int, Endpoint] = {}
+        members: set[str] = set()
+        for peer in peers:
+            if peer.subnet.version != version or peer.subnet.prefixlen != subnet_len:
+                raise PeerDataError(f"subnet {peer.subnet} is not a /{subnet_len} of IPv{version}")
+            endpoint = (str(peer.public_ip), peer.port)
+            routes[int(peer.subnet.network_address)] = endpoint
+            members.add(endpoint[0])
+        return cls(version, subnet_len, routes, frozenset(members))
+
+    def route(self, inner_destination: int) -> Endpoint | None:
+        """Where to send a packet for this inner address, or None (no peer holds it)."""
+        return self.routes.get(inner_destination & self.mask)
+
+    def owns(self, sender_ip: str, inner_source: int) -> bool:
+        """Does the member at `sender_ip` hold the subnet of this inner source address?"""
+        endpoint = self.routes.get(inner_source & self.mask)
+        return endpoint is not None and endpoint[0] == sender_ip
+
+    def describe(self) -> dict[str, str]:
+        net = ipaddress.IPv4Network if self.version == 4 else ipaddress.IPv6Network
+        return {
+            str(net((addr, self.subnet_len))): f"{ip}:{port}"
+            for addr, (ip, port) in sorted(self.routes.items())
+        }

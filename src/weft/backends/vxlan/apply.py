@@ -1,0 +1,122 @@
+"""vxlan: the kernel's VXLAN device, programmed statically from leases.
+
+Per peer: a route to its subnet via the peer's VTEP address (its subnet's network
+address) onlink through the VXLAN device, a permanent neighbour entry mapping that
+address to the peer's VTEP MAC, and an FDB entry sending that MAC to the peer's public
+IP. Learning is off: the kernel never floods, every entry comes from a lease.
+With DirectRouting, peers on the same L2 subnet get a plain route instead (host-gw speed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from weft.backends.base import HostContext, ReconcileResult, converge
+from weft.backends.hostgw.apply import direct_route
+from weft.core.config import NetworkConfig, VxlanOptions
+from weft.core.constants import VXLAN_DEVICE_PREFIX, overhead
+from weft.core.errors import KernelError
+from weft.core.lease import Lease
+from weft.host.netlink import FdbEntry, LinkInfo, Neighbour, Netlink, Route
+
+
+class VxlanBackend:
+    def __init__(self, config: NetworkConfig, host: HostContext) -> None:
+        assert isinstance(config.backend, VxlanOptions)
+        self.config = config
+        self.options: VxlanOptions = config.backend
+        self.host = host
+        self.device = f"{VXLAN_DEVICE_PREFIX}{self.options.vni}"
+
+    def _matches(self, link: LinkInfo, underlay_index: int) -> bool:
+        d = link.data
+        return (
+            link.kind == "vxlan"
+            and d.get("IFLA_VXLAN_ID") == self.options.vni
+            and d.get("IFLA_VXLAN_PORT") == self.options.port
+            and str(d.get("IFLA_VXLAN_LOCAL")) == str(self.host.public_ip)
+            and d.get("IFLA_VXLAN_LINK") == underlay_index
+        )
+
+    def prepare(self) -> Mapping[str, Any]:
+        with Netlink() as nl:
+            underlay = nl.link(self.host.underlay_ifname)
+            if underlay is None:
+                raise KernelError(f"underlay interface {self.host.underlay_ifname} not found")
+            link = nl.link(self.device)
+            # Keep a device that already matches: its MAC is what peers hold in their
+            # neighbour tables, so recreating it would break traffic across a restart.
+            if link is not None and not self._matches(link, underlay.index):
+                nl.delete_link(self.device)
+                link = None
+            if link is None:
+                link = nl.create_link(
+                    self.device, "vxlan",
+                    vxlan_id=self.options.vni,
+                    vxlan_port=self.options.port,
+                    vxlan_local=str(self.host.public_ip),
+                    vxlan_link=underlay.index,
+                    vxlan_learning=0,
+                )
+        return {"VNI": self.options.vni, "VtepMAC": link.mac}
+
+    def activate(self, lease: Lease) -> int:
+        mtu = self.options.mtu or self.host.underlay_mtu - overhead(
+            "vxlan", self.host.public_ip.version
+        )
+        with Netlink() as nl:
+            link = nl.link(self.device)
+            if link is None:
+                raise KernelError(f"VXLAN device {self.device} vanished")
+            nl.ensure_only_address(link.index, lease.own_address)
+            nl.ensure_up(link, mtu)
+        return mtu
+
+    def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
+        errors: dict[str, str] = {}
+        routes: set[Route] = set()
+        neighbours: set[Neighbour] = set()
+        fdb: set[FdbEntry] = set()
+        with Netlink() as nl:
+            link = nl.link(self.device)
+            if link is None:
+                raise KernelError(f"VXLAN device {self.device} vanished")
+            for peer in peers:
+                mac = peer.backend_data.get("VtepMAC")
+                if peer.backend_type != "vxlan" or not isinstance(mac, str):
+                    errors[str(peer.subnet)] = (
+                        f"peer {peer.public_ip} runs backend {peer.backend_type!r} without a "
+                        "VtepMAC; every host of a network must use the same backend"
+                    )
+                    continue
+                if self.options.direct_routing:
+                    direct = direct_route(nl, self.host, peer)
+                    if isinstance(direct, Route):
+                        routes.add(direct)
+                        continue
+                vtep = peer.subnet.network_address
+                routes.add(Route(peer.subnet, vtep, link.index, onlink=True))
+                neighbours.add(Neighbour(vtep, mac, link.index))
+                fdb.add(FdbEntry(mac, peer.public_ip, link.index))
+            # FDB and neighbours first, so a new route never points at an unknown MAC.
+            result = converge(fdb, nl.fdb(link.index), nl.append_fdb, nl.delete_fdb,
+                              lambda e: f"fdb {e.mac}")
+            result += converge(neighbours, nl.neighbours(link.index), nl.replace_neighbour,
+                               nl.delete_neighbour, lambda n: f"neighbour {n.ip}")
+            result += converge(routes, nl.routes(self.config.network.version),
+                               nl.replace_route, nl.delete_route, lambda r: str(r.dst))
+        result.errors.update(errors)
+        return result
+
+    def status(self) -> Mapping[str, Any]:
+        return {"implementation": "kernel vxlan", "device": self.device,
+                "direct_routing": self.options.direct_routing}
+
+    def close(self) -> None:
+        pass
+
+    def teardown(self) -> None:
+        with Netlink() as nl:
+            nl.delete_routes(self.config.network.version)
+            nl.delete_link(self.device)

@@ -1,0 +1,159 @@
+"""wireguard-go as a process weft starts, finds again after a restart, and stops.
+
+The process is started in the foreground mode (`WG_PROCESS_FOREGROUND=1`) in a session
+of its own, so the agent knows its pid directly and the agent's exit (SIGTERM, or a
+signal to the agent's process group) does not take the tunnel down with it. Its pid is
+kept in the state directory; a restarted agent adopts the running process when the pid
+file, /proc and the UAPI socket all agree, and never kills a process it cannot identify.
+
+wireguard-go puts its UAPI socket in /var/run/wireguard (compiled in). Hosts simulated
+as network namespaces on one machine share that directory, so a device name would
+collide; `private_socket_dir_argv` runs a command (the agent) with its own view of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from weft.backends.wireguard.uapi import SOCKET_DIR, UapiDevice
+from weft.core.errors import KernelError, KernelFeatureMissing
+
+PID_FILE = "wireguard-go.pid"
+LOG_FILE = "wireguard-go.log"
+
+
+def wireguard_go_binary() -> str | None:
+    return shutil.which("wireguard-go")
+
+
+def private_socket_dir_argv(directory: Path, argv: Sequence[str]) -> list[str]:
+    """`argv` run in a private mount namespace where `directory` is bind-mounted on
+    /run/wireguard: the wireguard-go processes it starts put their UAPI sockets there, and
+    a later command wrapped with the same directory finds them again."""
+    script = (
+        'mkdir -p "$1" /run/wireguard && mount --bind "$1" /run/wireguard '
+        '&& shift && exec "$@"'
+    )
+    return ["unshare", "--mount", "--propagation", "private", "--",
+            "sh", "-c", script, "sh", str(directory), *argv]
+
+
+def _netns_inode(pid: int | str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+class WireguardGo:
+    """The wireguard-go process serving device `ifname` in this network namespace."""
+
+    def __init__(self, ifname: str, state_dir: Path, socket_dir: Path = SOCKET_DIR) -> None:
+        self.ifname = ifname
+        self.state_dir = state_dir
+        self.device = UapiDevice(ifname, socket_dir)
+        self._child: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / PID_FILE
+
+    def pid(self) -> int | None:
+        """The pid of our wireguard-go, if the pid file names a live process that is
+        wireguard-go for this device in this network namespace (pids get reused)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        if (not cmdline or not cmdline[0].endswith(b"wireguard-go")
+                or self.ifname.encode() not in cmdline[1:]):
+            return None
+        if _netns_inode(pid) != _netns_inode("self") or not _is_running(pid):
+            return None
+        return pid
+
+    def start(self, timeout: float = 10.0) -> int:
+        binary = wireguard_go_binary()
+        if binary is None:
+            raise KernelFeatureMissing(
+                "the kernel has no WireGuard module and wireguard-go is not installed; "
+                "install the wireguard-go package or load the wireguard module"
+            )
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "WG_PROCESS_FOREGROUND": "1",
+            # Errors only: wireguard-go's verbose log names peers; it never holds secrets,
+            # but a quiet log is one less place to look after an incident.
+            "LOG_LEVEL": "error",
+        }
+        with open(self.state_dir / LOG_FILE, "ab") as log:
+            child = subprocess.Popen(
+                [binary, self.ifname], env=env, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+            )
+        self._child = child
+        deadline = time.monotonic() + timeout
+        while not self.device.alive():
+            if child.poll() is not None:
+                raise KernelError(
+                    f"wireguard-go for {self.ifname} exited with status {child.returncode}: "
+                    f"{self._log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                self._kill(child.pid)
+                raise KernelError(f"wireguard-go for {self.ifname} did not open its UAPI "
+                                  f"socket {self.device.path} within {timeout:.0f} s")
+            time.sleep(0.02)
+        tmp = self.pid_file.with_suffix(".tmp")
+        tmp.write_text(f"{child.pid}\n")
+        tmp.replace(self.pid_file)
+        return child.pid
+
+    def _log_tail(self) -> str:
+        try:
+            text = (self.state_dir / LOG_FILE).read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return " | ".join(text.strip().splitlines()[-3:]) or "(empty log)"
+
+    def _kill(self, pid: int, timeout: float = 5.0) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._child is not None and self._child.pid == pid:
+                if self._child.poll() is not None:
+                    return
+            elif not _is_running(pid):
+                return
+            time.sleep(0.02)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if self._child is not None and self._child.pid == pid:
+            self._child.wait()
+
+    def stop(self) -> None:
+        """Stop our wireguard-go (it removes its device and socket as it exits)."""
+        pid = self.pid()
+        if pid is not None:
+            self._kill(pid)
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()

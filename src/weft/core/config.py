@@ -1,0 +1,239 @@
+"""The network config: flannel-compatible JSON validated into typed objects.
+
+    {"Network": "10.244.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}
+
+Every mistake becomes one `ConfigError` whose message names the field and the value.
+Each backend owns its options model; `BACKEND_OPTIONS` maps `Type` to it (a plain dict,
+no import side effects).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from weft.core.errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_MODEL = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class BackendOptions(BaseModel):
+    """Options every backend accepts."""
+
+    model_config = _MODEL
+    type: str = Field(alias="Type")
+    # Overrides the MTU derived from the underlay; must leave room for the encapsulation.
+    mtu: Annotated[int, Field(ge=576, le=65535)] | None = Field(default=None, alias="MTU")
+
+
+class VxlanOptions(BackendOptions):
+    type: Literal["vxlan"] = Field(default="vxlan", alias="Type")
+    vni: Annotated[int, Field(ge=1, le=16_777_215)] = Field(default=1, alias="VNI")
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(default=8472, alias="Port")
+    direct_routing: bool = Field(default=False, alias="DirectRouting")
+
+
+class HostGwOptions(BackendOptions):
+    type: Literal["host-gw"] = Field(default="host-gw", alias="Type")
+
+
+class UdpOptions(BackendOptions):
+    type: Literal["udp"] = Field(default="udp", alias="Type")
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(default=8285, alias="Port")
+    # The switch for TUN/UDP offloads: kernel regressions in TUN GSO/GRO have bitten every
+    # project that relies on them, so an operator can turn them off without a new release.
+    offloads: bool = Field(default=True, alias="Offloads")
+
+
+class WireguardOptions(BackendOptions):
+    type: Literal["wireguard"] = Field(default="wireguard", alias="Type")
+    listen_port: Annotated[int, Field(ge=1, le=65535)] = Field(default=51820, alias="ListenPort")
+    persistent_keepalive: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=0, alias="PersistentKeepaliveInterval"
+    )
+    psk: str | None = Field(default=None, alias="PSK", repr=False)
+    # "auto" uses the kernel module where it exists, else wireguard-go.
+    implementation: Literal["auto", "kernel", "wireguard-go"] = Field(
+        default="auto", alias="Implementation"
+    )
+
+    @field_validator("psk")
+    @classmethod
+    def _psk_is_a_key(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except binascii.Error:
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError("must be a base64-encoded 32-byte key (as `wg genpsk` prints)")
+        return value
+
+
+BACKEND_OPTIONS: dict[str, type[BackendOptions]] = {
+    "vxlan": VxlanOptions,
+    "host-gw": HostGwOptions,
+    "udp": UdpOptions,
+    "wireguard": WireguardOptions,
+}
+
+
+class NetworkConfig(BaseModel):
+    """The cluster network: one address range split into one subnet per host."""
+
+    model_config = _MODEL
+    network: IPNetwork = Field(alias="Network")
+    subnet_len: Annotated[int, Field(ge=0, le=128)] | None = Field(default=None, alias="SubnetLen")
+    subnet_min: IPAddress | None = Field(default=None, alias="SubnetMin")
+    subnet_max: IPAddress | None = Field(default=None, alias="SubnetMax")
+    # SerializeAsAny: serialise the concrete options model, not just the base's fields.
+    backend: SerializeAsAny[BackendOptions] = Field(default_factory=VxlanOptions, alias="Backend")
+
+    @field_validator("network", mode="before")
+    @classmethod
+    def _strict_network(cls, value: Any) -> Any:
+        # "10.244.1.0/16" has host bits set: almost always a typo, so refuse it.
+        if isinstance(value, str):
+            try:
+                return ipaddress.ip_network(value, strict=True)
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_by_type(cls, value: Any) -> Any:
+        if isinstance(value, BackendOptions):
+            return value
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ValueError("must be an object like {\"Type\": \"vxlan\"}")
+        kind = value.get("Type", "vxlan")
+        model = BACKEND_OPTIONS.get(kind) if isinstance(kind, str) else None
+        if model is None:
+            known = ", ".join(sorted(BACKEND_OPTIONS))
+            raise ValueError(f"unknown backend Type {kind!r}; known types: {known}")
+        return model.model_validate(value)
+
+    @model_validator(mode="after")
+    def _subnets_fit(self) -> NetworkConfig:
+        net = self.network
+        default_len = 24 if net.version == 4 else 64
+        length = self.subnet_len if self.subnet_len is not None else max(default_len, net.prefixlen)
+        if self.subnet_len is None:
+            object.__setattr__(self, "subnet_len", length)
+        if length > net.max_prefixlen:
+            raise ValueError(f"SubnetLen {length} is longer than an IPv{net.version} address")
+        if length <= net.prefixlen:
+            raise ValueError(
+                f"SubnetLen {length} must be longer than the Network prefix "
+                f"/{net.prefixlen} of {net}, or there is only one subnet"
+            )
+        if net.max_prefixlen - length < 2:
+            raise ValueError(f"SubnetLen {length} leaves no room for hosts in a subnet")
+        for name, addr in (("SubnetMin", self.subnet_min), ("SubnetMax", self.subnet_max)):
+            if addr is None:
+                continue
+            if addr.version != net.version or addr not in net:
+                raise ValueError(f"{name} {addr} is outside Network {net}")
+            if int(addr) % (1 << (net.max_prefixlen - length)):
+                raise ValueError(f"{name} {addr} is not the start of a /{length} subnet")
+        if int(self.first_subnet.network_address) > int(self.last_subnet.network_address):
+            raise ValueError(
+                f"SubnetMin {self.first_subnet.network_address} is after "
+                f"SubnetMax {self.last_subnet.network_address}"
+            )
+        return self
+
+    # --- derived facts ------------------------------------------------------------------
+
+    @property
+    def length(self) -> int:
+        assert self.subnet_len is not None  # filled in by validation
+        return self.subnet_len
+
+    @property
+    def first_subnet(self) -> IPNetwork:
+        """SubnetMin, by default the second subnet (the first shares Network's address)."""
+        if self.subnet_min is not None:
+            return ipaddress.ip_network(f"{self.subnet_min}/{self.length}")
+        step = 1 << (self.network.max_prefixlen - self.length)
+        start = self.network.network_address + step
+        return ipaddress.ip_network(f"{start}/{self.length}")
+
+    @property
+    def last_subnet(self) -> IPNetwork:
+        if self.subnet_max is not None:
+            return ipaddress.ip_network(f"{self.subnet_max}/{self.length}")
+        step = 1 << (self.network.max_prefixlen - self.length)
+        last = self.network.broadcast_address - (step - 1)
+        return ipaddress.ip_network(f"{last}/{self.length}")
+
+    @property
+    def capacity(self) -> int:
+        """How many host subnets the network holds."""
+        step = 1 << (self.network.max_prefixlen - self.length)
+        first = int(self.first_subnet.network_address)
+        last = int(self.last_subnet.network_address)
+        return (last - first) // step + 1
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item.endswith("Options") or item in {"function-after[_subnets_fit()]"}:
+            continue  # pydantic's internal tags, not fields a user wrote
+        else:
+            parts.append(("." if parts else "") + item)
+    return "".join(parts) or "config"
+
+
+def _describe(err: Any) -> str:
+    loc = tuple(str(x) if not isinstance(x, int) else x for x in err.get("loc", ()))
+    field = _field_path(loc)
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        return f"{field}: unknown field (value {err.get('input')!r}); check its spelling"
+    if field == "config":
+        return msg
+    return f"{field}: {msg} (got {err.get('input')!r})"
+
+
+def parse_config(text: str | bytes) -> NetworkConfig:
+    """Parse and validate the JSON network config, or raise ConfigError naming the problem."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
+    if "Network" not in data:
+        raise ConfigError('Network: required, e.g. "10.244.0.0/16"')
+    try:
+        return NetworkConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(problems) from None

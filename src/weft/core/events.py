@@ -1,0 +1,72 @@
+"""Lease events and what they change. Pure: no I/O, no clock.
+
+A store's watch yields `LeaseEvent`s in revision order. The agent folds them into its
+view of all leases (`apply_events`) and logs what changed between two views
+(`diff_peers`); the backend only ever sees the whole resulting view (level-based).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+from weft.core.config import IPNetwork
+from weft.core.lease import Lease
+
+
+class EventKind(Enum):
+    PUT = "put"  # created, renewed or changed
+    DELETE = "delete"  # released or expired
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    kind: EventKind
+    subnet: IPNetwork
+    revision: int
+    lease: Lease | None = None  # set for PUT
+
+
+LeaseMap = dict[IPNetwork, Lease]
+
+
+def apply_events(leases: Mapping[IPNetwork, Lease], events: Iterable[LeaseEvent]) -> LeaseMap:
+    """The lease view after `events`, without mutating `leases`."""
+    out = dict(leases)
+    for event in events:
+        if event.kind is EventKind.PUT and event.lease is not None:
+            out[event.subnet] = event.lease
+        else:
+            out.pop(event.subnet, None)
+    return out
+
+
+@dataclass(frozen=True)
+class PeerDiff:
+    added: tuple[Lease, ...]
+    removed: tuple[Lease, ...]
+    changed: tuple[Lease, ...]  # same subnet, different public IP or backend data
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+
+def _same_peer(a: Lease, b: Lease) -> bool:
+    # A renewal changes only the expiry; that is not a change of the data plane.
+    return (a.public_ip, a.backend_type, dict(a.backend_data)) == (
+        b.public_ip,
+        b.backend_type,
+        dict(b.backend_data),
+    )
+
+
+def diff_peers(before: Mapping[IPNetwork, Lease], after: Mapping[IPNetwork, Lease]) -> PeerDiff:
+    added = tuple(lease for subnet, lease in after.items() if subnet not in before)
+    removed = tuple(lease for subnet, lease in before.items() if subnet not in after)
+    changed = tuple(
+        lease
+        for subnet, lease in after.items()
+        if subnet in before and not _same_peer(before[subnet], lease)
+    )
+    return PeerDiff(added, removed, changed)

@@ -1,0 +1,23 @@
+"""The nftables edge: scripts run through `nft -f -`, each one kernel transaction.
+
+Why the nft command and not a binding: libnftables' Python module is not on PyPI, and a
+script applied by `nft -f` is atomic, which is the property weft needs (never half-applied).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from weft.core.errors import KernelError, KernelFeatureMissing
+
+
+def apply_nft(script: str, what: str = "weft's rules") -> None:
+    """Run one nft script as one transaction: all of it applies, or none of it."""
+    nft = shutil.which("nft")
+    if nft is None:
+        raise KernelFeatureMissing("`nft` not found: install the nftables package")
+    proc = subprocess.run([nft, "-f", "-"], input=script, text=True, capture_output=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise KernelError(f"nftables refused {what}: {proc.stderr.strip()}")

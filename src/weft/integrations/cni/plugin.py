@@ -1,0 +1,104 @@
+"""`weft-cni`, the executable a container runtime runs: a thin shell around the handler.
+
+It reads the CNI environment and stdin, hands them to `weft.integrations.cni.handler.handle`
+with the real edges (subprocess for the delegate plugin, files under dataDir for saved
+delegate configs, subnet.env from disk), writes the result to stdout and exits with its code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from weft.integrations.cni.handler import handle
+from weft.integrations.cni.spec import SPEC_VERSION, CniError, ErrorCode
+from weft.integrations.subnet_env import read_subnet_env
+
+
+def find_plugin(name: str, cni_path: str) -> Path:
+    """The first executable `name` in the ':'-separated CNI_PATH (as libcni looks it up)."""
+    for directory in cni_path.split(os.pathsep):
+        if not directory:
+            continue
+        candidate = Path(directory) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise CniError(ErrorCode.INVALID_ENVIRONMENT, f"plugin {name!r} not found in CNI_PATH",
+                   f"CNI_PATH={cni_path!r}")
+
+
+def exec_plugin(name: str, env: Mapping[str, str], stdin: bytes) -> tuple[int, bytes]:
+    path = find_plugin(name, env.get("CNI_PATH", ""))
+    try:
+        # stderr is inherited: the delegate's diagnostics reach the runtime's log as ours do.
+        proc = subprocess.run([str(path)], input=stdin, stdout=subprocess.PIPE,
+                              env=dict(env), check=False)
+    except OSError as exc:
+        raise CniError(ErrorCode.IO_FAILURE, f"cannot run plugin {path}", str(exc)) from None
+    return proc.returncode, proc.stdout
+
+
+class FileDelegateStore:
+    """Saved delegate configs as files `<dataDir>/<containerID>:<ifname>`."""
+
+    def load(self, data_dir: str, key: str) -> bytes | None:
+        try:
+            return (Path(data_dir) / key).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise CniError(ErrorCode.IO_FAILURE, f"cannot read {data_dir}/{key}",
+                           str(exc)) from None
+
+    def save(self, data_dir: str, key: str, data: bytes) -> None:
+        directory = Path(data_dir)
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # temp file + rename: a concurrent DEL never reads half a config
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{key}.")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, directory / key)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise CniError(ErrorCode.IO_FAILURE, f"cannot write {data_dir}/{key}",
+                           str(exc)) from None
+
+    def delete(self, data_dir: str, key: str) -> None:
+        try:
+            (Path(data_dir) / key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise CniError(ErrorCode.IO_FAILURE, f"cannot remove {data_dir}/{key}",
+                           str(exc)) from None
+
+
+def _error_output(code: int, msg: str, details: str) -> bytes:
+    return json.dumps(CniError(code, msg, details, SPEC_VERSION).to_json()).encode() + b"\n"
+
+
+def main() -> None:
+    try:
+        # read even for VERSION: a runtime writing the config must not hit a closed pipe
+        stdin = sys.stdin.buffer.read()
+    except OSError as exc:
+        rc, out = 1, _error_output(ErrorCode.IO_FAILURE, "cannot read stdin", str(exc))
+    else:
+        try:
+            rc, out = handle(os.environ, stdin, exec_plugin=exec_plugin,
+                             state=FileDelegateStore(), read_subnet_env=read_subnet_env)
+        except Exception as exc:  # a bug: still answer in the spec's format, no traceback
+            rc, out = 1, _error_output(ErrorCode.INTERNAL, "internal error in weft-cni",
+                                       f"{type(exc).__name__}: {exc}")
+    with contextlib.suppress(BrokenPipeError):
+        sys.stdout.buffer.write(out)
+        sys.stdout.buffer.flush()
+    sys.exit(rc)

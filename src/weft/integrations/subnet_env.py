@@ -1,0 +1,90 @@
+"""`subnet.env`: the file that tells container runtimes about this host's subnet.
+
+Same variables as flannel's, so anything made for flannel reads it unchanged:
+
+    FLANNEL_NETWORK=10.244.0.0/16
+    FLANNEL_SUBNET=10.244.3.1/24
+    FLANNEL_MTU=1450
+    FLANNEL_IPMASQ=true
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from weft.core.config import IPNetwork
+from weft.core.errors import UsageError
+
+
+@dataclass(frozen=True)
+class SubnetEnv:
+    network: IPNetwork
+    subnet: IPNetwork  # this host's subnet
+    mtu: int
+    ipmasq: bool
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        """The bridge address containers route through: the subnet's first host address."""
+        return self.subnet.network_address + 1
+
+    def render(self) -> str:
+        return (
+            f"FLANNEL_NETWORK={self.network}\n"
+            f"FLANNEL_SUBNET={self.gateway}/{self.subnet.prefixlen}\n"
+            f"FLANNEL_MTU={self.mtu}\n"
+            f"FLANNEL_IPMASQ={'true' if self.ipmasq else 'false'}\n"
+        )
+
+
+def parse_subnet_env(text: str, source: str = "subnet.env") -> SubnetEnv:
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if sep:
+            values[name.strip()] = value.strip().strip('"')
+    try:
+        network = ipaddress.ip_network(values["FLANNEL_NETWORK"])
+        subnet = ipaddress.ip_interface(values["FLANNEL_SUBNET"]).network
+        mtu = int(values["FLANNEL_MTU"])
+        ipmasq = values.get("FLANNEL_IPMASQ", "false").lower() == "true"
+    except KeyError as exc:
+        raise UsageError(f"{source}: {exc.args[0]} is missing") from None
+    except ValueError as exc:
+        raise UsageError(f"{source}: {exc}") from None
+    return SubnetEnv(network, subnet, mtu, ipmasq)
+
+
+def read_subnet_env(path: str | Path) -> SubnetEnv:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UsageError(
+            f"{path} does not exist: is `weft agent` running on this host?"
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    return parse_subnet_env(text, str(path))
+
+
+def write_subnet_env(path: str | Path, env: SubnetEnv) -> None:
+    """Write atomically (temp file + rename): a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".subnet.env.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(env.render())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,225 @@
+"""`weft bench`: testbeds for native and each backend, up together, measured in rounds.
+
+    native   testbed of 2 hosts, no agent: qperf host h1 -> host h2 over the underlay
+    vxlan    testbed of 2 hosts x 1 container, agents with {"Type": "vxlan"}:
+             qperf container h1c1 -> container h2c1 through the overlay
+    host-gw  ... one testbed per backend
+
+All testbeds stay up for the whole bench so the schedule can interleave (native, A,
+native, B, ... per round). A backend whose agents do not come up, or whose containers
+cannot reach each other, is reported as skipped with the reason. Everything is torn down
+by the testbeds' context managers, on success, failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from weft.core.errors import UsageError, WeftError
+from weft.lab.bench.cpu import CpuMeter, host_cpus
+from weft.lab.bench.qperf import qperf_server, run_qperf
+from weft.lab.bench.stats import (
+    NATIVE,
+    BenchError,
+    BenchReport,
+    Run,
+    Skipped,
+    parse_rate,
+    schedule,
+    summarise,
+    tbf_args,
+)
+from weft.lab.testbed import ATTACHMENTS, Testbed
+
+DEFAULT_ORDER = ("vxlan", "host-gw", "udp", "wireguard")
+
+
+def bench_config(backend: str) -> str:
+    return json.dumps({"Network": "198.19.0.0/16", "SubnetLen": 24,
+                       "Backend": {"Type": backend}})
+
+
+def available_backends() -> list[str]:
+    """Every backend in the registry, the usual ones first."""
+    from weft.backends.registry import BACKENDS
+
+    return [b for b in DEFAULT_ORDER if b in BACKENDS] + sorted(
+        b for b in BACKENDS if b not in DEFAULT_ORDER)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    backends: tuple[str, ...]
+    rate: str | None = None
+    secs: int = 5
+    reps: int = 3
+    attach: str = "bridge"
+
+
+def parse_backends(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return tuple(available_backends())
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise UsageError(f"--backends {text!r}: name at least one backend")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UsageError(f"--backends {text!r}: {', '.join(dupes)} listed twice")
+    return names
+
+
+@dataclass
+class Target:
+    """Where one name's traffic goes: a client namespace, a server namespace and address."""
+
+    name: str
+    testbed: Testbed
+    client_netns: str
+    server_netns: str
+    server_ip: str
+    meter: CpuMeter
+    # Each simulated host gets its own CPU for its end of the test, as two machines would:
+    # left to the scheduler, client and server sometimes share a CPU (a wake-up costs
+    # ~6 µs) and sometimes not (~25 µs here), and latency turns bimodal run to run.
+    client_cpu: int
+    server_cpu: int
+
+
+Progress = Callable[[str], None]
+
+
+def _shape(tb: Testbed, rate_bits: int | None) -> None:
+    if rate_bits is None:
+        return
+    for host in tb.hosts:
+        tb.run(host.netns, ["tc", "qdisc", "replace", "dev", "eth0", "root",
+                            *tbf_args(rate_bits)])
+
+
+def _native(stack: contextlib.ExitStack, rate_bits: int | None) -> Target:
+    tb = stack.enter_context(Testbed(hosts=2, containers_per_host=0, log_level="info"))
+    _shape(tb, rate_bits)
+    h1, h2 = tb.hosts
+    if not tb.ping(h1.netns, h2.underlay_ip):
+        raise BenchError("the native testbed's hosts cannot reach each other")
+    return Target(NATIVE, tb, h1.netns, h2.netns, str(h2.underlay_ip),
+                  CpuMeter(tb.all_netns()), *_cpus())
+
+
+def _overlay(stack: contextlib.ExitStack, backend: str, rate_bits: int | None,
+             attach: str) -> Target:
+    cpus = _cpus()
+    # Each host's agent (and so a userspace data plane: the udp forwarder, wireguard-go)
+    # runs on that host's CPU, beside its qperf, as on two machines.
+    tb = stack.enter_context(Testbed(hosts=2, containers_per_host=1, attach=attach,
+                                     config=bench_config(backend), log_level="info",
+                                     agent_cpus=cpus))
+    _shape(tb, rate_bits)
+    tb.start(timeout=60)
+    c1, c2 = tb.containers
+    # A few tries: the first packets may wait for neighbour resolution on the way.
+    if not any(tb.ping(c1.netns, c2.ip) for _ in range(3)):
+        raise BenchError(f"{c1.name} cannot reach {c2.name} ({c2.ip}) through {backend}")
+    return Target(backend, tb, c1.netns, c2.netns, str(c2.ip), CpuMeter(tb.all_netns()),
+                  *cpus)
+
+
+def _cpus() -> tuple[int, int]:
+    """(client CPU, server CPU): host 1's and host 2's, distinct when the machine has two."""
+    cpus = host_cpus()
+    return cpus[0], cpus[1 % len(cpus)]
+
+
+def _describe(t: Target) -> str:
+    return (f"  {t.name} ready: testbed run {t.testbed.run_id}, qperf {t.client_netns} "
+            f"(cpu {t.client_cpu}) -> {t.server_ip} in {t.server_netns} (cpu {t.server_cpu})")
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line a user needs: the error, without a multi-kilobyte agent log."""
+    text = str(exc).strip() or type(exc).__name__
+    lines = text.splitlines()
+    # The testbed appends the agent's log; its last "error" line says why the agent quit.
+    detail = [ln for ln in lines[1:] if "error" in ln.lower()]
+    return lines[0] + (f" — {detail[-1].strip()[:300]}" if detail else "")
+
+
+def measure(target: Target, round_: int, secs: int) -> Run:
+    t = target
+    with qperf_server(t.server_netns, t.server_cpu):
+        before = t.meter.snapshot()
+        bw = run_qperf(t.client_netns, t.server_ip, ["tcp_bw"], secs, t.client_cpu)
+        after = t.meter.snapshot()
+        lat = run_qperf(t.client_netns, t.server_ip, ["tcp_lat"], secs, t.client_cpu)
+    if bw.bw_MBps is None or lat.lat_us is None:  # run_qperf already checks; for the types
+        raise BenchError(f"qperf to {target.server_ip} printed no figure")
+    return Run(round_, bw.bw_MBps, lat.lat_us, CpuMeter.seconds(before, after), float(secs))
+
+
+def _measure_with_retry(target: Target, round_: int, secs: int, progress: Progress) -> Run:
+    """One retry: on a shared machine a run can fail for reasons outside the bench (a
+    qperf killed by someone else's cleanup); a second failure is the backend's."""
+    try:
+        return measure(target, round_, secs)
+    except WeftError as exc:
+        progress(f"retry {target.name} (round {round_ + 1}): {_reason(exc)}")
+    return measure(target, round_, secs)
+
+
+def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchReport:
+    """Bring every testbed up, run the interleaved schedule, summarise; always clean up."""
+    from weft.backends.registry import BACKENDS
+
+    if opts.attach not in ATTACHMENTS:
+        raise UsageError(f"--attach {opts.attach!r}: use {' or '.join(ATTACHMENTS)}")
+    if opts.secs < 1:
+        raise UsageError(f"--secs {opts.secs}: need at least 1")
+    rate_bits = parse_rate(opts.rate) if opts.rate is not None else None
+    schedule(opts.backends, opts.reps)  # validates names and reps before building anything
+    skipped: list[Skipped] = []
+    with contextlib.ExitStack() as stack:
+        progress("building the native testbed (2 hosts, no overlay)")
+        targets = {NATIVE: _native(stack, rate_bits)}
+        progress(_describe(targets[NATIVE]))
+        for backend in opts.backends:
+            if backend not in BACKENDS:
+                skipped.append(Skipped(backend, "not in this build's backend registry "
+                                       f"(has: {', '.join(available_backends())})"))
+                progress(f"skip {backend}: not registered")
+                continue
+            progress(f"building the {backend} testbed (2 hosts x 1 container attached "
+                     f"by {opts.attach}, agents)")
+            sub = stack.enter_context(contextlib.ExitStack())
+            try:
+                targets[backend] = _overlay(sub, backend, rate_bits, opts.attach)
+                progress(_describe(targets[backend]))
+            except WeftError as exc:
+                sub.close()  # tear this one down now; the others carry on
+                skipped.append(Skipped(backend, _reason(exc)))
+                progress(f"skip {backend}: {_reason(exc)}")
+        live = [b for b in opts.backends if b in targets]
+        runs: dict[str, list[Run]] = {name: [] for name in [NATIVE, *live]}
+        for slot in schedule(live, opts.reps):
+            if slot.name not in targets:
+                continue  # failed in an earlier round
+            try:
+                run = _measure_with_retry(targets[slot.name], slot.round, opts.secs, progress)
+            except WeftError as exc:
+                if slot.name == NATIVE:
+                    raise
+                skipped.append(Skipped(slot.name, f"failed in round {slot.round + 1}: "
+                                       f"{_reason(exc)}"))
+                progress(f"drop {slot.name}: {_reason(exc)}")
+                del targets[slot.name], runs[slot.name]
+                continue
+            runs[slot.name].append(run)
+            progress(f"round {slot.round + 1}/{opts.reps} {slot.name:>9}: "
+                     f"{run.bw_MBps:9.1f} MB/s {run.lat_us:8.1f} µs "
+                     f"{run.cpu_s_per_GB:6.2f} CPU s/GB")
+        progress("removing the testbeds")
+    return summarise(opts.rate.strip().lower() if opts.rate else None, opts.secs, opts.reps,
+                     runs, skipped, opts.attach)
+

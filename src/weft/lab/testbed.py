@@ -1,0 +1,475 @@
+"""The testbed: N hosts as network namespaces on one underlay bridge, containers as
+namespaces on those hosts, attached through `weft-cni` like a runtime would.
+
+    netns weft-<run>-ul      bridge br0 (the underlay "switch"; nothing in the root netns)
+    netns weft-<run>-h1      eth0 198.18.0.11/24, `weft agent`, bridge weft0 from CNI
+    netns weft-<run>-h1c1    eth0 from the bridge plugin, an address of h1's subnet
+
+Every name carries the run id, so runs never collide; each run records its owner's pid
+in its run directory, and `remove_leftovers` (`weft testbed down`) removes the runs
+whose owner is gone. The context manager always cleans up, pass or fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from weft.backends.wireguard.userspace import private_socket_dir_argv
+from weft.core.constants import ROUTE_PROTOCOL
+from weft.core.errors import UsageError, WeftError
+from weft.core.lease import Lease
+
+NETNS_PREFIX = "weft-"
+RUNS_DIR = Path("/tmp/weft-runs")
+UNDERLAY_NET = ipaddress.ip_network("198.18.0.0/24")
+OPERATOR_IP = ipaddress.IPv4Address("198.18.0.1")
+DEFAULT_CONFIG = '{"Network": "198.19.0.0/16", "Backend": {"Type": "vxlan"}}'
+CNI_PATH = f"{Path(sys.executable).parent}:/usr/lib/cni"
+# How weft-cni attaches containers: the reference plugin it delegates to.
+ATTACHMENTS = ("bridge", "ptp")
+
+
+class TestbedError(WeftError):
+    """The testbed could not be built or did not converge."""
+
+    __test__ = False  # not a pytest test class
+
+
+def sh(argv: Sequence[str], *, check: bool = True, timeout: float = 60.0,
+       input: str | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                          check=False, input=input)
+    if check and proc.returncode != 0:
+        raise TestbedError(f"`{' '.join(argv)}` failed ({proc.returncode}): "
+                           f"{(proc.stderr or proc.stdout).strip()}")
+    return proc
+
+
+def netns_exec(netns: str, argv: Sequence[str]) -> list[str]:
+    return ["ip", "netns", "exec", netns, *argv]
+
+
+@dataclass
+class Host:
+    index: int
+    netns: str
+    underlay_ip: ipaddress.IPv4Address
+    run_dir: Path
+    attach: str = "bridge"
+    cpu: int | None = None  # the one CPU this host's agent runs on, if pinned
+    agent: subprocess.Popen[bytes] | None = None
+    agent_args: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"h{self.index}"
+
+    @property
+    def subnet_env_path(self) -> Path:
+        return self.run_dir / "subnet.env"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.run_dir / "state"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "agent.log"
+
+    def cni_conf(self) -> dict[str, Any]:
+        return {"cniVersion": "1.0.0", "name": "weft", "type": "weft-cni",
+                "subnetFile": str(self.subnet_env_path), "dataDir": str(self.run_dir / "cni"),
+                "delegate": {"type": self.attach}}
+
+
+@dataclass
+class Container:
+    host: Host
+    index: int
+    netns: str
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.host.name}c{self.index}"
+
+    @property
+    def container_id(self) -> str:
+        return self.netns
+
+
+class Testbed:
+    __test__ = False
+
+    def __init__(
+        self,
+        hosts: int = 3,
+        containers_per_host: int = 2,
+        config: str = DEFAULT_CONFIG,
+        store: str = "sqlite",
+        etcd_members: int = 1,
+        lease_ttl: float = 3600.0,
+        agent_args: Sequence[str] = (),
+        log_level: str = "debug",
+        attach: str = "bridge",
+        agent_cpus: Sequence[int] = (),
+    ) -> None:
+        if os.geteuid() != 0:
+            raise UsageError("the testbed needs root to create network namespaces")
+        if attach not in ATTACHMENTS:
+            raise UsageError(f"container attachment {attach!r}: use {' or '.join(ATTACHMENTS)}")
+        self.run_id = secrets.token_hex(3)
+        self.run_dir = RUNS_DIR / self.run_id
+        self.config = config
+        self.store_kind = store
+        # The underlay namespace doubles as the operator's machine: its bridge holds
+        # OPERATOR_IP, and a store server for the run (etcd) listens there.
+        self.store_url = f"sqlite://{self.run_dir / 'store.db'}"
+        if store not in ("sqlite", "etcd"):
+            raise UsageError(f"testbed store {store!r}: use sqlite or etcd")
+        self.etcd: Any = None
+        self.etcd_members = etcd_members
+        self.lease_ttl = lease_ttl
+        self.agent_args = list(agent_args)
+        self.log_level = log_level
+        self.underlay = f"{NETNS_PREFIX}{self.run_id}-ul"
+        self.hosts = [
+            Host(i, f"{NETNS_PREFIX}{self.run_id}-h{i}",
+                 ipaddress.IPv4Address(int(UNDERLAY_NET.network_address) + 10 + i),
+                 self.run_dir / f"h{i}", attach,
+                 agent_cpus[(i - 1) % len(agent_cpus)] if agent_cpus else None)
+            for i in range(1, hosts + 1)
+        ]
+        self.containers = [
+            Container(h, j, f"{NETNS_PREFIX}{self.run_id}-h{h.index}c{j}")
+            for h in self.hosts for j in range(1, containers_per_host + 1)
+        ]
+        self._extra_netns: list[str] = []
+
+    # --- context management -------------------------------------------------------------
+
+    def __enter__(self) -> Testbed:
+        try:
+            self.build()
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.destroy()
+
+    def all_netns(self) -> list[str]:
+        return ([c.netns for c in self.containers] + [h.netns for h in self.hosts]
+                + self._extra_netns + [self.underlay])
+
+    # --- building -----------------------------------------------------------------------
+
+    def build(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "owner.pid").write_text(str(os.getpid()))
+        sh(["ip", "netns", "add", self.underlay])
+        u = ["ip", "-n", self.underlay]
+        sh([*u, "link", "add", "br0", "type", "bridge"])
+        sh([*u, "link", "set", "br0", "up"])
+        sh([*u, "link", "set", "lo", "up"])
+        sh([*u, "addr", "add", f"{OPERATOR_IP}/{UNDERLAY_NET.prefixlen}", "dev", "br0"])
+        if self.store_kind == "etcd":
+            self._start_etcd()
+        for host in self.hosts:
+            host.run_dir.mkdir(parents=True, exist_ok=True)
+            self._attach_to_underlay(host.netns, f"h{host.index}", host.underlay_ip)
+        for c in self.containers:
+            sh(["ip", "netns", "add", c.netns])
+            sh(["ip", "-n", c.netns, "link", "set", "lo", "up"])
+        self.write_config(self.config)
+
+    def _attach_to_underlay(self, netns: str, port: str, ip: ipaddress.IPv4Address) -> None:
+        sh(["ip", "netns", "add", netns])
+        sh(["ip", "-n", self.underlay, "link", "add", port, "type", "veth", "peer", "name",
+            "eth0", "netns", netns])
+        sh(["ip", "-n", self.underlay, "link", "set", port, "master", "br0", "up"])
+        n = ["ip", "-n", netns]
+        sh([*n, "addr", "add", f"{ip}/{UNDERLAY_NET.prefixlen}", "dev", "eth0"])
+        sh([*n, "link", "set", "eth0", "up"])
+        sh([*n, "link", "set", "lo", "up"])
+
+    def add_underlay_node(self, name: str, ip: str) -> str:
+        """An extra namespace on the underlay (e.g. a host that holds no lease)."""
+        netns = f"{NETNS_PREFIX}{self.run_id}-{name}"
+        self._extra_netns.append(netns)
+        self._attach_to_underlay(netns, name[:15], ipaddress.IPv4Address(ip))
+        return netns
+
+    def weft(self, *args: str, netns: str | None = None, check: bool = True,
+             timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "weft", *args]
+        return sh(netns_exec(netns, argv) if netns else argv, check=check, timeout=timeout)
+
+    def _start_etcd(self) -> None:
+        from weft.lab.etcd_local import LocalEtcd
+
+        self.etcd = LocalEtcd(members=self.etcd_members, base_dir=self.run_dir / "etcd",
+                              netns=self.underlay,
+                              host=str(OPERATOR_IP))
+        self.etcd.start()
+        self.store_url = self.etcd.url
+
+    def operator(self, *args: str, input: str | None = None,
+                 check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run `weft ARGS --store <this run's store>` on the operator's machine."""
+        argv = netns_exec(self.underlay, [sys.executable, "-m", "weft", *args,
+                                          "--store", self.store_url])
+        return sh(argv, input=input, check=check)
+
+    def write_config(self, config: str) -> None:
+        proc = self.operator("config", "set", "-", input=config, check=False)
+        if proc.returncode != 0:
+            raise TestbedError(f"config rejected: {proc.stderr.strip()}")
+
+    def leases(self) -> list[Lease]:
+        """Every lease in the store, read as an operator would (`weft status --json`)."""
+        proc = self.operator("status", "--json", "--state-dir", str(self.run_dir / "none"))
+        return [
+            Lease(ipaddress.ip_network(item["subnet"]), ipaddress.ip_address(item["public_ip"]),
+                  item["backend"])
+            for item in json.loads(proc.stdout)["leases"]
+        ]
+
+    # --- agents -------------------------------------------------------------------------
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start every agent, attach every container, wait for a converged view."""
+        for host in self.hosts:
+            self.start_agent(host)
+        for host in self.hosts:
+            self.wait_subnet_env(host, timeout)
+        for c in self.containers:
+            self.attach(c)
+        self.wait_converged(timeout)
+
+    def start_agent(self, host: Host, extra_args: Sequence[str] = ()) -> None:
+        if host.agent is not None and host.agent.poll() is None:
+            raise TestbedError(f"agent on {host.name} is already running")
+        argv = [sys.executable, "-m", "weft", "agent", "--store", self.store_url,
+                "--iface", "eth0", "--public-ip", str(host.underlay_ip),
+                "--subnet-file", str(host.subnet_env_path), "--state-dir", str(host.state_dir),
+                "--lease-ttl", str(self.lease_ttl), "--log-level", self.log_level,
+                *self.agent_args, *host.agent_args, *extra_args]
+        log = host.log_path.open("ab")
+        # Separate machines have separate /run/wireguard: give each host's agent (and the
+        # wireguard-go it starts) its own, kept across agent restarts (weft.backends.wireguard).
+        argv = private_socket_dir_argv(host.run_dir / "wireguard", argv)
+        if host.cpu is not None:
+            # A host's processes stay on its CPU, as on a separate machine; the udp
+            # forwarder's threads and wireguard-go inherit it.
+            argv = ["taskset", "-c", str(host.cpu), *argv]
+        host.agent = subprocess.Popen(netns_exec(host.netns, argv), stdout=log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      start_new_session=True)
+        log.close()
+
+    def stop_agent(self, host: Host, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if host.agent is None:
+            return 0
+        proc, host.agent = host.agent, None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait()
+
+    def agent_log(self, host: Host) -> str:
+        try:
+            return host.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _check_alive(self, host: Host) -> None:
+        if host.agent is not None and host.agent.poll() is not None:
+            raise TestbedError(f"agent on {host.name} exited with {host.agent.returncode}:\n"
+                               + self.agent_log(host)[-3000:])
+
+    def wait_subnet_env(self, host: Host, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not host.subnet_env_path.exists():
+            self._check_alive(host)
+            if time.monotonic() > deadline:
+                raise TestbedError(f"{host.name} wrote no subnet.env in {timeout}s:\n"
+                                   + self.agent_log(host)[-3000:])
+            time.sleep(0.05)
+
+    def weft_routes(self, host: Host) -> dict[str, dict[str, Any]]:
+        """The routes weft installed on `host` (its route protocol), by destination."""
+        out = self.run(host.netns, ["ip", "-j", "route", "show", "proto",
+                                    str(ROUTE_PROTOCOL)]).stdout
+        return {r["dst"]: r for r in json.loads(out or "[]")}
+
+    def host_status(self, host: Host) -> dict[str, Any]:
+        from weft.agent.status import query_status
+
+        return asyncio.run(query_status(host.state_dir))
+
+    def wait_converged(self, timeout: float = 60.0, hosts: Sequence[Host] | None = None) -> None:
+        """Until each running agent sees exactly the other running agents as peers."""
+        hosts = [h for h in (hosts or self.hosts) if h.agent is not None]
+        deadline = time.monotonic() + timeout
+        while True:
+            statuses = {}
+            for h in hosts:
+                self._check_alive(h)
+                with contextlib.suppress(WeftError, OSError, json.JSONDecodeError):
+                    statuses[h.name] = self.host_status(h)
+            subnets = {s.get("subnet") for s in statuses.values()}
+            if len(statuses) == len(hosts) and all(
+                set(s["peers"]) == subnets - {s["subnet"]} and not s["errors"]
+                for s in statuses.values()
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise TestbedError(f"agents did not converge in {timeout}s: "
+                                   f"{json.dumps(statuses, indent=1)[-3000:]}")
+            time.sleep(0.1)
+
+    # --- containers ---------------------------------------------------------------------
+
+    def attach(self, c: Container) -> None:
+        from weft.integrations.cni.runtime import cni_add
+
+        result = cni_add(c.host.cni_conf(), netns_path=f"/var/run/netns/{c.netns}",
+                         container_id=c.container_id, ifname="eth0", host_netns=c.host.netns,
+                         cni_path=CNI_PATH)
+        ips = result.get("ips") or []
+        if not ips:
+            raise TestbedError(f"CNI gave {c.name} no address: {result}")
+        c.ip = ipaddress.ip_interface(ips[0]["address"]).ip
+
+    def detach(self, c: Container) -> None:
+        from weft.integrations.cni.runtime import cni_del
+
+        cni_del(c.host.cni_conf(), netns_path=f"/var/run/netns/{c.netns}",
+                container_id=c.container_id, ifname="eth0", host_netns=c.host.netns,
+                cni_path=CNI_PATH)
+
+    # --- traffic ------------------------------------------------------------------------
+
+    def run(self, netns: str, argv: Sequence[str], check: bool = True,
+            timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return sh(netns_exec(netns, argv), check=check, timeout=timeout)
+
+    def ping(self, netns: str, dst: object, count: int = 1, wait: float = 2.0) -> bool:
+        proc = self.run(netns, ["ping", "-c", str(count), "-W", str(wait), "-i", "0.2",
+                                "-q", str(dst)], check=False, timeout=count * wait + 10)
+        return proc.returncode == 0
+
+    def ping_across_agent_restarts(self, src: Container, dst: Container,
+                                   count: int = 120) -> str:
+        """Restart every agent (SIGTERM, start again) while `src` pings `dst` every 50 ms;
+        return ping's summary, so a caller can assert how much was lost."""
+        ping = subprocess.Popen(
+            netns_exec(src.netns, ["ping", "-i", "0.05", "-c", str(count), "-W", "1",
+                                   str(dst.ip)]), stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)
+            for host in self.hosts:
+                code = self.stop_agent(host, signal.SIGTERM)
+                if code != 0:
+                    raise TestbedError(f"agent on {host.name} exited with {code} on SIGTERM")
+                self.start_agent(host)
+            self.wait_converged(30)
+            out, _ = ping.communicate(timeout=30)
+        finally:
+            ping.kill()
+            ping.wait()
+        return out
+
+    def connectivity(self, retries: int = 3) -> dict[tuple[str, str], bool]:
+        """Every container to every other container: (src, dst) -> reached."""
+        matrix: dict[tuple[str, str], bool] = {}
+        for src in self.containers:
+            for dst in self.containers:
+                if src is dst:
+                    continue
+                ok = any(self.ping(src.netns, dst.ip) for _ in range(retries))
+                matrix[(src.name, dst.name)] = ok
+        return matrix
+
+    # --- teardown -----------------------------------------------------------------------
+
+    def destroy(self) -> None:
+        for host in self.hosts:
+            with contextlib.suppress(Exception):
+                self.stop_agent(host, signal.SIGKILL, timeout=5)
+        if self.etcd is not None:
+            with contextlib.suppress(Exception):
+                self.etcd.stop()
+        remove_run(self.run_id, self.all_netns())
+
+
+def _kill_netns_processes(netns: str) -> None:
+    proc = sh(["ip", "netns", "pids", netns], check=False, timeout=10)
+    for pid in proc.stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+def remove_run(run_id: str, netns: Sequence[str] = ()) -> list[str]:
+    """Remove one run: its processes, namespaces and files."""
+    prefix = f"{NETNS_PREFIX}{run_id}-"
+    names = set(netns) | {n for n in list_netns() if n.startswith(prefix)}
+    for name in names:
+        _kill_netns_processes(name)
+    removed = []
+    for name in sorted(names, key=lambda n: n.endswith("-ul")):  # underlay last
+        if sh(["ip", "netns", "del", name], check=False, timeout=20).returncode == 0:
+            removed.append(name)
+    shutil.rmtree(RUNS_DIR / run_id, ignore_errors=True)
+    return removed
+
+
+def list_netns() -> list[str]:
+    proc = sh(["ip", "netns", "list"], check=False)
+    return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+
+
+def _owner_alive(run_id: str) -> bool:
+    try:
+        pid = int((RUNS_DIR / run_id / "owner.pid").read_text())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def remove_leftovers() -> list[str]:
+    """Remove every run whose owner process is gone (runs in progress are left alone)."""
+    runs = {n[len(NETNS_PREFIX):].split("-", 1)[0] for n in list_netns()
+            if n.startswith(NETNS_PREFIX)}
+    if RUNS_DIR.exists():
+        runs |= {p.name for p in RUNS_DIR.iterdir()}
+    removed: list[str] = []
+    for run_id in sorted(runs):
+        if not _owner_alive(run_id):
+            removed += remove_run(run_id)
+    return removed

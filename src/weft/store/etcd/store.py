@@ -1,0 +1,493 @@
+"""The distributed store: etcd v3, through the `aetcd` client (asyncio, grpc.aio).
+
+Keys follow flannel's layout under a prefix (default `/weft/network`;
+`/coreos.com/network` is flannel's own):
+
+    <prefix>/config                  the network config JSON
+    <prefix>/subnets/10.244.3.0-24   {"PublicIP": ..., "BackendType": ..., "BackendData": ...}
+
+Expiry is etcd's: every lease key is attached to an etcd lease with the lease's TTL, so
+etcd deletes it (and every watcher sees a DELETE) when its host stops renewing.
+
+- create: grant an etcd lease, then one transaction "if create_revision(key) == 0 then
+  put(key, value, lease)"; whoever loses the race gets None (and its etcd lease revoked).
+- renew: re-grant. Read the key, check the record's PublicIP is ours, grant a new etcd
+  lease, then put the (possibly changed) value with it in a transaction guarded by the
+  key's mod_revision; the old etcd lease is revoked afterwards. A renewal is a PUT event,
+  so a changed BackendData (a restarted host) reaches every peer.
+- expiration: filled from the etcd lease (now + granted TTL on create/renew; a
+  LeaseTimeToLive query for leases read by list or watch; 0.0 when it cannot be asked).
+- watch(since): one etcd watch on `<prefix>/subnets/`; events after `since` arrive in
+  revision order and are yielded in the batches etcd sends them in. The etcd watch starts
+  at `since` itself (its events dropped): etcd reports a compaction only to a watch that
+  starts below the compaction revision, and compacting at since+1 would otherwise swallow
+  a deletion made at since+1 silently.
+
+Faults, decided here so the agent's code stays simple:
+- A request that cannot reach a member (refused, timed out after 3 s, member without a
+  leader: every request carries etcd's `hasleader` requirement) is retried once on each
+  other endpoint; when all fail it raises StoreUnavailable naming the endpoints and what
+  each said. The caller retries.
+- A watch never raises StoreUnavailable: when its stream breaks it reconnects by itself
+  (next endpoint, backoff 0.1 s doubling to 5 s, one warning line per attempt) and resumes
+  from the revision after the last event it yielded, so nothing is lost or repeated. If
+  that history was compacted meanwhile it raises WatchCompacted; resync with a list.
+- Anything else etcd refuses (bad credentials, permission denied on the prefix) is a
+  StoreError with etcd's reason, not retried.
+
+Why aetcd: it is asyncio-native (the agent runs one asyncio TaskGroup) and maintained
+(1.0.0, 2026). Alternatives: `etcd3` (python-etcd3) has had no release since 2020 and its
+generated code does not load with protobuf >= 4; `etcd-sdk-python` is its maintained but
+synchronous fork (every call would need a thread); `etcd3gw` speaks to the HTTP/JSON
+gateway with synchronous requests and long-polls watches. aetcd 1.0.0 opens only
+plaintext channels to one endpoint, so `_Client.connect` opens the gRPC channel itself
+(TLS credentials when asked) and this module rotates through the endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import aetcd
+import aetcd.exceptions
+import aetcd.utils
+import grpc
+import grpc.aio
+
+from weft.core.config import IPAddress, IPNetwork
+from weft.core.constants import CONFIG_KEY, DEFAULT_ETCD_PREFIX, SUBNETS_DIR
+from weft.core.errors import LeaseNotFound, StoreError, StoreUnavailable, UsageError, WatchCompacted
+from weft.core.events import EventKind, LeaseEvent
+from weft.core.lease import Lease, parse_subnet_key, subnet_key
+from weft.store.base import lease_or_none
+from weft.store.etcd.client import (
+    DEFAULT_TIMEOUT,
+    LIBRARY_ERRORS,
+    WATCH_INTERRUPTIONS,
+    Client,
+    Connection,
+    StreamEnded,
+    detail,
+    is_expired_token,
+    is_retryable,
+    revoke_quietly,
+    tls_credentials,
+)
+from weft.store.etcd.url import Endpoint, normalize_prefix, parse_etcd_url
+
+log = logging.getLogger("weft.store.etcd")
+
+T = TypeVar("T")
+
+_WATCH_BACKOFF_FIRST = 0.1
+_WATCH_BACKOFF_MAX = 5.0
+# Renewals that lose a race (another write to the key between read and transaction).
+_RENEW_ATTEMPTS = 10
+# TimeToLive queries in flight at once when filling expirations for a list.
+_TTL_QUERIES = 32
+
+
+
+def _held_by(value: bytes, public_ip: IPAddress) -> bool:
+    """Whether a stored lease record names `public_ip` (a record that doesn't parse: no)."""
+    try:
+        data = json.loads(value)
+        return isinstance(data, dict) and ipaddress.ip_address(data["PublicIP"]) == public_ip
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return False
+
+
+class EtcdLeaseStore:
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        *,
+        prefix: str = DEFAULT_ETCD_PREFIX,
+        credentials: grpc.ChannelCredentials | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not endpoints:
+            raise UsageError("an etcd store needs at least one endpoint")
+        if (username is None) != (password is None):
+            raise UsageError("etcd authentication needs both --etcd-username and --etcd-password")
+        self.endpoints = list(endpoints)
+        self.prefix = normalize_prefix(prefix)
+        self._credentials = credentials
+        self._username = username
+        self._password = password
+        self._timeout = timeout
+        self._clock = clock
+        self._index = 0
+        self._conn: Connection | None = None
+        self._stale: list[Connection] = []
+        self._subnets = f"{self.prefix}/{SUBNETS_DIR}/".encode()
+        self._config_key = f"{self.prefix}/{CONFIG_KEY}".encode()
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str | None = None,
+        cafile: str | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> EtcdLeaseStore:
+        """`etcd://h:p[,h:p]` (plaintext) or `etcds://...` (TLS: cafile verifies the
+        server, else the system's roots; certfile+keyfile authenticate this client)."""
+        endpoints, tls = parse_etcd_url(url)
+        credentials = None
+        if tls:
+            credentials = tls_credentials(cafile, certfile, keyfile)
+        elif cafile or certfile or keyfile:
+            raise UsageError(
+                f"TLS files given but the store URL {url!r} is plaintext; "
+                "use etcds:// to talk TLS to etcd"
+            )
+        return cls(
+            endpoints,
+            prefix=prefix or DEFAULT_ETCD_PREFIX,
+            credentials=credentials,
+            username=username or None,
+            password=password if username else None,
+        )
+
+    def __repr__(self) -> str:
+        scheme = "etcds" if self._credentials else "etcd"
+        hosts = ",".join(map(str, self.endpoints))
+        return f"EtcdLeaseStore('{scheme}://{hosts}', prefix={self.prefix!r})"
+
+    # --- connections --------------------------------------------------------------------
+
+    def _acquire(self) -> Connection:
+        if self._conn is None:
+            endpoint = self.endpoints[self._index % len(self.endpoints)]
+            client = Client(
+                endpoint, self._credentials, self._username, self._password, self._timeout
+            )
+            self._conn = Connection(client)
+        self._conn.users += 1
+        return self._conn
+
+    def _retire(self, conn: Connection, *, next_endpoint: bool = True) -> None:
+        """Stop handing out a connection that failed; the next request opens a new one (on
+        the next endpoint). It is closed once its last user lets go."""
+        conn.stale = True
+        if conn is self._conn:
+            self._conn = None
+            if next_endpoint:
+                self._index += 1
+
+    async def _release(self, conn: Connection) -> None:
+        conn.users -= 1
+        if not conn.stale:
+            return
+        if conn.users > 0:
+            if conn not in self._stale:
+                self._stale.append(conn)
+            return
+        if conn in self._stale:
+            self._stale.remove(conn)
+        with contextlib.suppress(*LIBRARY_ERRORS, RuntimeError):
+            await conn.client.close()
+
+    async def _call(self, what: str, op: Callable[[Client], Awaitable[T]]) -> T:
+        """Run `op` on a connected client; try each endpoint once before giving up."""
+        failures: list[str] = []
+        reauthenticated = False
+        while len(failures) < len(self.endpoints):
+            conn = self._acquire()
+            try:
+                return await op(conn.client)
+            except LIBRARY_ERRORS as exc:
+                if is_expired_token(exc) and not reauthenticated:
+                    # Simple tokens expire (etcd --auth-token-ttl); a new connection
+                    # authenticates again.
+                    reauthenticated = True
+                    self._retire(conn, next_endpoint=False)
+                    continue
+                if not is_retryable(exc):
+                    raise StoreError(
+                        f"etcd at {conn.client.endpoint} refused to {what}: {detail(exc)}"
+                        f"{self._hint(detail(exc))}"
+                    ) from None
+                failures.append(f"{conn.client.endpoint}: {detail(exc)}")
+                self._retire(conn)
+            finally:
+                await self._release(conn)
+        raise StoreUnavailable(
+            f"cannot reach etcd to {what} ({'; '.join(failures)}); check that etcd is "
+            f"running and reachable at {', '.join(map(str, self.endpoints))}"
+            f"{self._hint(' '.join(failures))}"
+        )
+
+    def _hint(self, detail: str) -> str:
+        """What to do about the usual refusals, in weft's terms."""
+        if "user name is empty" in detail:
+            return "; etcd requires authentication: give --etcd-username and --etcd-password"
+        if "authentication failed" in detail:
+            return "; check --etcd-username and --etcd-password"
+        if "permission denied" in detail:
+            return (f"; grant the user read and write on {self.prefix}/ (etcdctl role "
+                    f"grant-permission ROLE --prefix=true readwrite {self.prefix}/)")
+        if "CERTIFICATE_VERIFY_FAILED" in detail:
+            return ("; the server's certificate is not signed by --etcd-cafile, or does not "
+                    "name the host in the URL")
+        if self._credentials is None and "Socket closed" in detail:
+            return "; if etcd serves TLS, use etcds:// (with --etcd-cafile)"
+        if self._credentials is not None and "Handshake read failed" in detail:
+            return "; this etcd may not serve TLS: try etcd://"
+        return ""
+
+    async def close(self) -> None:
+        conns = [*self._stale, *([self._conn] if self._conn else [])]
+        self._conn = None
+        self._stale = []
+        for conn in conns:
+            with contextlib.suppress(*LIBRARY_ERRORS, RuntimeError):
+                await conn.client.close()
+
+    # --- config -------------------------------------------------------------------------
+
+    async def get_config(self) -> str | None:
+        result = await self._call("read the config", lambda c: c.get(self._config_key))
+        if result is None:
+            return None
+        value: bytes = result.value
+        return value.decode("utf-8", errors="replace")
+
+    async def put_config(self, text: str) -> None:
+        await self._call("write the config", lambda c: c.put(self._config_key, text.encode()))
+
+    # --- leases -------------------------------------------------------------------------
+
+    def _key(self, subnet: IPNetwork) -> bytes:
+        return f"{self.prefix}/{subnet_key(subnet)}".encode()
+
+    async def list_leases(self) -> tuple[list[Lease], int]:
+        async def op(client: Client) -> tuple[list[Lease], int]:
+            result = await client.get_prefix(self._subnets)
+            records = [(kv.key, kv.value, kv.lease) for kv in result.kvs]
+            expirations = await self._expirations(client, [r[2] for r in records])
+            leases = [
+                lease
+                for key, value, lease_id in records
+                if (lease := lease_or_none(_text(key), value, expirations.get(lease_id, 0.0)))
+            ]
+            revision: int = result.header.revision
+            return leases, revision
+
+        return await self._call("list leases", op)
+
+    async def _expirations(self, client: Client, lease_ids: Iterable[int]) -> dict[int, float]:
+        """When each etcd lease runs out, from its remaining TTL. Best effort: a lease
+        that cannot be asked about is left out (its expiration stays 0.0, unknown)."""
+        wanted = sorted({i for i in lease_ids if i})
+        if not wanted:
+            return {}
+        now = self._clock()
+        limit = asyncio.Semaphore(_TTL_QUERIES)
+        out: dict[int, float] = {}
+
+        async def one(lease_id: int) -> None:
+            async with limit:
+                try:
+                    info = await client.get_lease_info(lease_id, keys=False)
+                except LIBRARY_ERRORS:
+                    return
+            ttl = int(info.TTL)
+            out[lease_id] = now + ttl if ttl >= 0 else now  # -1: already expired
+
+        async with asyncio.TaskGroup() as group:
+            for lease_id in wanted:
+                group.create_task(one(lease_id))
+        return out
+
+    async def create_lease(self, lease: Lease, ttl: float) -> Lease | None:
+        key = self._key(lease.subnet)
+        value = lease.to_json().encode()
+
+        async def op(client: Client) -> Lease | None:
+            now = self._clock()
+            grant = await client.lease(_ttl_seconds(ttl))
+            created, _ = await client.transaction(
+                compare=[client.transactions.create(key) == 0],
+                success=[client.transactions.put(key, value, lease=grant.id)],
+                failure=[],
+            )
+            if not created:
+                await revoke_quietly(client, grant.id)
+                return None
+            return lease.with_expiration(now + int(grant.ttl))
+
+        return await self._call(f"create the lease for {lease.subnet}", op)
+
+    async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
+        key = self._key(lease.subnet)
+        value = lease.to_json().encode()
+
+        async def op(client: Client) -> Lease:
+            for _ in range(_RENEW_ATTEMPTS):
+                current = await client.get(key)
+                if current is None or not _held_by(current.value, lease.public_ip):
+                    raise LeaseNotFound(
+                        f"lease for {lease.subnet} ({lease.public_ip}) is gone: it expired or "
+                        "another host holds the subnet now"
+                    )
+                now = self._clock()
+                grant = await client.lease(_ttl_seconds(ttl))
+                renewed, _ = await client.transaction(
+                    compare=[client.transactions.mod(key) == current.mod_revision],
+                    success=[client.transactions.put(key, value, lease=grant.id)],
+                    failure=[],
+                )
+                if renewed:
+                    if current.lease:
+                        await revoke_quietly(client, current.lease)
+                    return lease.with_expiration(now + int(grant.ttl))
+                await revoke_quietly(client, grant.id)
+            raise StoreError(
+                f"could not renew the lease for {lease.subnet}: the key changed under every "
+                f"one of {_RENEW_ATTEMPTS} attempts"
+            )
+
+        return await self._call(f"renew the lease for {lease.subnet}", op)
+
+    async def delete_lease(self, subnet: IPNetwork) -> None:
+        key = self._key(subnet)
+
+        async def op(client: Client) -> None:
+            deleted = await client.delete(key, prev_kv=True)
+            if deleted is not None and deleted.prev_kv is not None and deleted.prev_kv.lease:
+                await revoke_quietly(client, deleted.prev_kv.lease)
+
+        await self._call(f"delete the lease for {subnet}", op)
+
+    # --- watch --------------------------------------------------------------------------
+
+    async def watch(self, since: int) -> AsyncGenerator[list[LeaseEvent], None]:
+        last = since  # the revision of the last event received: resume after it
+        backoff = _WATCH_BACKOFF_FIRST
+        while True:
+            conn = self._acquire()
+            failure: BaseException | None = None
+            watcher: Any = None
+            try:
+                await conn.client.connect()
+                queue: asyncio.Queue[Any] = asyncio.Queue()
+                # A stream of our own (not the client's shared one), so ending this watch
+                # or losing it touches nothing else.
+                watcher = aetcd.watcher.Watcher(
+                    aetcd.rpc.WatchStub(conn.client.channel),
+                    timeout=self._timeout,
+                    metadata=conn.client.metadata,
+                )
+                # From `last`, not last+1, dropping what we already had: etcd only calls a
+                # watch compacted when it starts *below* the compaction revision, and a
+                # compaction at exactly last+1 removes a deletion made there without a word.
+                await watcher.add_callback(
+                    self._subnets,
+                    queue.put,
+                    range_end=aetcd.utils.prefix_range_end(self._subnets),
+                    start_revision=max(last, 1),
+                )
+                backoff = _WATCH_BACKOFF_FIRST
+                while True:
+                    events, reached, error = await self._next_batch(conn.client, queue, last)
+                    last = max(last, reached)
+                    if events:
+                        yield events
+                    if error is not None:
+                        raise error
+            except aetcd.exceptions.RevisionCompactedError as exc:
+                raise WatchCompacted(last, int(exc.compacted_revision)) from None
+            except WATCH_INTERRUPTIONS as exc:
+                if not isinstance(exc, StreamEnded) and not is_retryable(exc):
+                    raise StoreError(
+                        f"etcd at {conn.client.endpoint} refused to watch {self.prefix}: "
+                        f"{detail(exc)}{self._hint(detail(exc))}"
+                    ) from None
+                failure = exc
+                self._retire(conn)
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(*LIBRARY_ERRORS):
+                        await watcher.shutdown()
+                await self._release(conn)
+            log.warning(
+                "etcd watch interrupted; reconnecting",
+                extra={
+                    "endpoint": str(conn.client.endpoint),
+                    "error": detail(failure),
+                    "resume_revision": last + 1,
+                    "retry_in": round(backoff, 2),
+                },
+            )
+            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+            backoff = min(backoff * 2, _WATCH_BACKOFF_MAX)
+
+    async def _next_batch(
+        self, client: Client, queue: asyncio.Queue[Any], after: int
+    ) -> tuple[list[LeaseEvent], int, BaseException | None]:
+        """Everything the stream delivered so far (waiting for at least one item) past
+        revision `after`: the events, the highest revision among them (records that don't
+        parse included), and the error that ended the stream, if one came after them."""
+        items = [await queue.get()]
+        while not queue.empty():
+            items.append(queue.get_nowait())
+        raw: list[Any] = []
+        error: BaseException | None = None
+        for item in items:
+            if isinstance(item, BaseException):
+                error = item
+                break
+            if item is None:  # the stream closed without an error
+                error = StreamEnded("the watch stream closed")
+                break
+            if int(item.kv.mod_revision) > after:
+                raw.append(item)
+        lease_ids = [ev.kv.lease for ev in raw if ev.kind == "PUT"]
+        expirations = await self._expirations(client, lease_ids)
+        events = [
+            event for ev in raw if (event := self._to_event(ev, expirations)) is not None
+        ]
+        reached = max((int(ev.kv.mod_revision) for ev in raw), default=0)
+        return events, reached, error
+
+    def _to_event(self, ev: Any, expirations: dict[int, float]) -> LeaseEvent | None:
+        key = _text(ev.kv.key)
+        try:
+            subnet = parse_subnet_key(key)
+        except ValueError:
+            log.warning("skipping lease key that does not parse", extra={"key": key})
+            return None
+        revision = int(ev.kv.mod_revision)
+        if ev.kind == "DELETE":
+            return LeaseEvent(EventKind.DELETE, subnet, revision)
+        lease = lease_or_none(key, ev.kv.value, expirations.get(ev.kv.lease, 0.0))
+        if lease is None:
+            return None
+        return LeaseEvent(EventKind.PUT, subnet, revision, lease)
+
+
+def _ttl_seconds(ttl: float) -> int:
+    # etcd TTLs are whole seconds (and etcd raises anything below its minimum, ~2 s).
+    return max(1, math.ceil(ttl))
+
+
+def _text(key: bytes) -> str:
+    return key.decode("utf-8", errors="replace")

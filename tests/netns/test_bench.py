@@ -1,0 +1,164 @@
+"""weft bench: the arithmetic, qperf's output, the outputs, and one real short bench."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from weft.lab.bench.cpu import CLK_TCK, CpuMeter
+from weft.lab.bench.qperf import qperf_server, run_qperf
+from weft.lab.bench.stats import (
+    BenchError,
+)
+from weft.lab.testbed import RUNS_DIR, list_netns
+
+
+def weft(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "weft", *args], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+# --- schedule ---------------------------------------------------------------------------
+
+
+def _ours_left(before: set[str], pid: int) -> list[str]:
+    """Namespaces created during the bench whose run belonged to the bench's process."""
+    left = []
+    for name in set(list_netns()) - before:
+        run_id = name.removeprefix("weft-").split("-", 1)[0]
+        try:
+            owner = int((RUNS_DIR / run_id / "owner.pid").read_text())
+        except (OSError, ValueError):
+            owner = pid  # no run dir: nobody is using it
+        if owner == pid:
+            left.append(name)
+    return left
+
+
+@pytest.mark.netns
+def test_short_real_bench_measures_every_figure_and_leaves_nothing(tmp_path: Path) -> None:
+    before = set(list_netns())
+    out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "weft", "bench", "--backends", "vxlan,host-gw,nosuch",
+         "--rate", "1gbit", "--secs", "1", "--reps", "1", "--json", str(out),
+         "--chart", str(chart), "--attach", "ptp"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    data = json.loads(out.read_text())
+    assert (data["rate"], data["secs"], data["reps"], data["attach"]) == ("1gbit", 1, 1, "ptp")
+    assert [r["name"] for r in data["results"]] == ["native", "vxlan", "host-gw"]
+    assert [s["name"] for s in data["skipped"]] == ["nosuch"]
+    assert "registry" in data["skipped"][0]["reason"]
+    for result in data["results"]:
+        runs = result["runs"]
+        assert len(runs) == (2 if result["name"] == "native" else 1)  # native before each
+        for figure in ("bw_MBps", "lat_us", "cpu_s", "cpu_s_per_GB"):
+            assert all(isinstance(r[figure], float) and r[figure] > 0 for r in runs), result
+        assert result["bw_MBps"]["median"] == pytest.approx(
+            statistics.median(r["bw_MBps"] for r in runs), rel=1e-3)
+        assert result["bw_pct"] > 0
+        assert result["lat_pct"] > 0
+        # Shaped to 1 Gbit/s = 125 MB/s on the wire: payload cannot exceed it.
+        assert all(r["bw_MBps"] < 126 for r in runs), result
+    assert data["results"][0]["bw_pct"] == data["results"][0]["lat_pct"] == 100
+    assert "TCP BW (MB/s)" in stdout
+    assert "skipped nosuch" in stdout
+    assert chart.read_bytes()[:4] == b"\x89PNG"
+    assert _ours_left(before, proc.pid) == []
+
+
+# --- the edges, on real processes ---------------------------------------------------------
+
+
+@pytest.fixture
+def scratch_netns() -> Iterator[str]:
+    name = f"weft-bt{os.getpid()}-ns"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def _qperf_pids(netns: str) -> list[str]:
+    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True,
+                          check=True).stdout.split()
+    return [p for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == "qperf"]
+
+
+@pytest.mark.netns
+def test_qperf_server_measures_then_is_killed_even_when_the_block_fails(scratch_netns: str) -> None:
+    with qperf_server(scratch_netns):
+        figures = run_qperf(scratch_netns, "127.0.0.1", ["tcp_bw", "tcp_lat"], 1)
+    assert figures.bw_MBps is not None
+    assert figures.bw_MBps > 0
+    assert figures.lat_us is not None
+    assert figures.lat_us > 0
+    assert _qperf_pids(scratch_netns) == []
+    seen = []
+
+    def fail_while_serving() -> None:
+        with qperf_server(scratch_netns):
+            seen.extend(_qperf_pids(scratch_netns))
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fail_while_serving()
+    assert len(seen) == 1
+    assert _qperf_pids(scratch_netns) == []
+
+
+@pytest.mark.netns
+def test_qperf_without_a_server_is_a_bench_error(scratch_netns: str) -> None:
+    with pytest.raises(BenchError, match="failed to connect"):
+        run_qperf(scratch_netns, "127.0.0.1", ["tcp_bw"], 1)
+
+
+@pytest.mark.netns
+def test_cpu_meter_counts_a_busy_process_in_the_namespace(scratch_netns: str) -> None:
+    meter = CpuMeter([scratch_netns])
+    busy = subprocess.Popen(["ip", "netns", "exec", scratch_netns, sys.executable, "-c",
+                             "import time\nend = time.process_time() + 0.6\n"
+                             "while time.process_time() < end: pass\ntime.sleep(30)"])
+    try:
+        before = meter.snapshot()  # may already hold part of the 0.6 s
+        time.sleep(1.2)  # the loop is done and the process sleeps, still alive
+        after = meter.snapshot()
+        used = CpuMeter.seconds(before, after)
+        total = sum(after.processes.values()) / CLK_TCK
+    finally:
+        busy.kill()
+        busy.wait()
+    assert busy.pid in after.processes
+    assert 0.55 <= total <= 1.0  # the 0.6 s loop plus interpreter start-up
+    assert 0 <= used <= total + 0.3  # ksoftirqd adds a little, machine-wide
+
+
+@pytest.mark.netns
+def test_pinned_testbed_agents_and_their_threads_stay_on_their_host_cpu() -> None:
+    from weft.lab.testbed import Testbed
+
+    config = json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": "udp"}})
+    with Testbed(hosts=2, containers_per_host=0, config=config, agent_cpus=(0,),
+                 log_level="info") as tb:
+        tb.start()
+        for host in tb.hosts:
+            assert host.agent is not None
+            # `ip netns exec` and `taskset` exec, so the pid is the agent's; every thread
+            # (the udp forwarder's included) inherits the mask
+            tasks = list(Path(f"/proc/{host.agent.pid}/task").iterdir())
+            assert len(tasks) >= 3, tasks  # main + the forwarder's two threads
+            for task in tasks:
+                status = (task / "status").read_text()
+                assert "Cpus_allowed_list:\t0\n" in status, task

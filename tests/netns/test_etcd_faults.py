@@ -1,0 +1,329 @@
+"""etcd failing under weft: members crash, the whole cluster goes away, history is compacted.
+
+Two levels. The store alone, against real etcd processes on loopback: an unreachable etcd
+is a clear StoreUnavailable; with one member of three killed, requests and watches move
+to another member and no event is lost or repeated; across a restart of the whole cluster
+a watch resumes where it stopped. Then whole agents, in the namespace testbed, with a
+3-member cluster inside the run's underlay namespace: a member dies and the agents keep
+renewing and a new host still joins; etcd dies entirely and the overlay keeps carrying
+traffic, a host started meanwhile waits and joins when etcd is back; agents cut off from
+etcd while a lease is deleted and the history compacted resync and drop that peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from bounded import run
+from etcd_server import (
+    ETCD_AVAILABLE,
+    ETCD_MISSING_REASON,
+    etcd_cluster,
+    leader_index,
+    unique_prefix,
+)
+from weft.core.errors import StoreUnavailable, WatchCompacted
+from weft.core.events import LeaseEvent
+from weft.core.lease import Lease
+from weft.lab.etcd_local import LocalEtcd, free_loopback_port
+from weft.lab.testbed import Testbed, netns_exec, sh
+from weft.store.etcd import EtcdLeaseStore
+
+pytestmark = [
+    pytest.mark.etcd,
+    pytest.mark.skipif(not ETCD_AVAILABLE, reason=ETCD_MISSING_REASON),
+]
+
+NET = "198.19.{}.0/24"
+
+
+def lease(i: int) -> Lease:
+    import ipaddress
+
+    return Lease(ipaddress.ip_network(NET.format(i)), ipaddress.ip_address(f"198.18.0.{i}"),
+                 "vxlan", {})
+
+
+# --- the store alone, on loopback -------------------------------------------------------
+
+
+def test_unreachable_etcd_is_a_clear_store_unavailable() -> None:
+    dead = [free_loopback_port(), free_loopback_port()]  # nothing listens there
+    url = "etcd://" + ",".join(f"127.0.0.1:{p}" for p in dead)
+
+    async def main() -> None:
+        store = EtcdLeaseStore.from_url(url)
+        try:
+            with pytest.raises(StoreUnavailable) as failed:
+                await store.list_leases()
+        finally:
+            await store.close()
+        message = str(failed.value)
+        assert "cannot reach etcd to list leases" in message
+        for port in dead:  # every endpoint was tried, and is named
+            assert f"127.0.0.1:{port}" in message
+
+    run(main())
+
+
+@pytest.fixture
+def three_members() -> Iterator[LocalEtcd]:
+    with etcd_cluster(members=3) as cluster:
+        yield cluster
+
+
+@contextlib.asynccontextmanager
+async def _writer_and_watcher(url: str, prefix: str
+                              ) -> AsyncIterator[tuple[EtcdLeaseStore, EtcdLeaseStore]]:
+    """Two clients of one cluster, as two hosts would be: one writes, one watches."""
+    writer = EtcdLeaseStore.from_url(url, prefix=prefix)
+    watcher = EtcdLeaseStore.from_url(url, prefix=prefix)
+    try:
+        yield writer, watcher
+    finally:
+        await writer.close()
+        await watcher.close()
+
+
+async def _collect(store: EtcdLeaseStore, since: int, count: int,
+                   out: list[LeaseEvent]) -> None:
+    watch = store.watch(since)
+    try:
+        async for batch in watch:
+            out.extend(batch)
+            if len(out) >= count:
+                return
+    finally:
+        await watch.aclose()
+
+
+@pytest.mark.parametrize("victim", ["first endpoint", "leader"])
+def test_one_member_killed_requests_and_watch_move_to_another(
+    three_members: LocalEtcd, victim: str
+) -> None:
+    # The first endpoint: where both clients are connected. The leader: an election.
+    doomed = 0 if victim == "first endpoint" else leader_index(three_members)
+    prefix = unique_prefix()
+
+    async def main() -> None:
+        async with _writer_and_watcher(three_members.url, prefix) as (writer, watcher):
+            _, start = await writer.list_leases()
+            seen: list[LeaseEvent] = []
+            async with asyncio.TaskGroup() as group:
+                group.create_task(_collect(watcher, start, 6, seen))
+                for i in (1, 2, 3):
+                    assert await writer.create_lease(lease(i), 60) is not None
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(three_members.kill, doomed)
+                for i in (4, 5, 6):  # no error reaches the caller
+                    started = time.monotonic()
+                    assert await writer.create_lease(lease(i), 60) is not None
+                    assert time.monotonic() - started < 7  # at worst one timed-out attempt
+            subnets = [str(e.subnet) for e in seen]
+            assert subnets == [NET.format(i) for i in range(1, 7)]  # none lost, none twice
+            leases, _ = await writer.list_leases()
+            assert len(leases) == 6
+
+    run(main())
+
+
+def test_watch_resumes_across_a_restart_of_the_whole_cluster(three_members: LocalEtcd) -> None:
+    prefix = unique_prefix()
+
+    async def main() -> None:
+        async with _writer_and_watcher(three_members.url, prefix) as (writer, watcher):
+            _, start = await writer.list_leases()
+            seen: list[LeaseEvent] = []
+            async with asyncio.TaskGroup() as group:
+                group.create_task(_collect(watcher, start, 2, seen))
+                assert await writer.create_lease(lease(1), 60) is not None
+                await asyncio.sleep(0.5)
+                for i in range(3):
+                    await asyncio.to_thread(three_members.kill, i)
+                with pytest.raises(StoreUnavailable):
+                    await writer.create_lease(lease(2), 60)
+                await asyncio.sleep(2)  # the watch keeps retrying meanwhile
+                for i in range(3):
+                    await asyncio.to_thread(three_members.restart, i, wait=False)
+                await asyncio.to_thread(three_members.wait_healthy)
+                for _ in range(50):  # the cluster may still be electing a leader
+                    try:
+                        assert await writer.create_lease(lease(2), 60) is not None
+                        break
+                    except StoreUnavailable:
+                        await asyncio.sleep(0.2)
+            assert [str(e.subnet) for e in seen] == [NET.format(1), NET.format(2)]
+
+    run(main())
+
+
+async def _first_batch(store: EtcdLeaseStore, since: int) -> list[LeaseEvent]:
+    watch = store.watch(since)
+    try:
+        async with asyncio.timeout(10):
+            return await anext(watch)
+    finally:
+        await watch.aclose()
+
+
+def test_compaction_right_at_a_deletion_is_reported_not_swallowed() -> None:
+    # etcd drops a deletion's tombstone when compacting at exactly its revision, and only
+    # calls a watch compacted when it starts below the compaction revision: a watcher
+    # that had seen everything up to the revision before must still learn of it.
+    prefix = unique_prefix()
+
+    async def main(cluster: LocalEtcd) -> None:
+        store = EtcdLeaseStore.from_url(cluster.url, prefix=prefix)
+        try:
+            assert await store.create_lease(lease(1), 60) is not None
+            _, seen_up_to = await store.list_leases()
+            cluster.etcdctl("del", f"{prefix}/subnets/198.19.1.0-24")
+            _, deleted_at = await store.list_leases()
+            assert deleted_at == seen_up_to + 1
+            cluster.etcdctl("compact", str(deleted_at))
+            with pytest.raises(WatchCompacted):
+                await _first_batch(store, seen_up_to)
+        finally:
+            await store.close()
+
+    with etcd_cluster() as cluster:
+        run(main(cluster))
+
+
+# --- whole agents in the namespace testbed ----------------------------------------------
+
+
+def _start_hosts(tb: Testbed, count: int) -> None:
+    hosts = tb.hosts[:count]
+    for host in hosts:
+        tb.start_agent(host)
+    for host in hosts:
+        tb.wait_subnet_env(host)
+    for c in tb.containers:
+        if c.host in hosts:
+            tb.attach(c)
+    tb.wait_converged(60, hosts=hosts)
+
+
+def _join(tb: Testbed, index: int) -> None:
+    host = tb.hosts[index]
+    tb.wait_subnet_env(host, 60)
+    for c in tb.containers:
+        if c.host is host:
+            tb.attach(c)
+    tb.wait_converged(60)
+
+
+def _renewals(tb: Testbed, index: int) -> int:
+    return tb.agent_log(tb.hosts[index]).count("lease renewed")
+
+
+def _interruptions(tb: Testbed, index: int) -> int:
+    return tb.agent_log(tb.hosts[index]).count("etcd watch interrupted")
+
+
+def _ping(tb: Testbed, src: str, dst: object, seconds: float) -> subprocess.Popen[str]:
+    count = int(seconds / 0.1)
+    return subprocess.Popen(
+        netns_exec(src, ["ping", "-i", "0.1", "-c", str(count), "-W", "1", str(dst)]),
+        stdout=subprocess.PIPE, text=True,
+    )
+
+
+@pytest.mark.netns
+def test_member_killed_agents_keep_renewing_and_a_new_host_joins() -> None:
+    with Testbed(hosts=3, containers_per_host=1, store="etcd", etcd_members=3, lease_ttl=4) as tb:
+        _start_hosts(tb, 2)
+        subnets = {h.name: tb.host_status(h)["subnet"] for h in tb.hosts[:2]}
+        tb.etcd.kill(0)  # the first endpoint: where every agent is connected
+        before = [_renewals(tb, i) for i in (0, 1)]
+        deadline = time.monotonic() + 20  # 4 s leases renew every 2 s
+        while time.monotonic() < deadline and any(
+                _renewals(tb, i) < before[i] + 3 for i in (0, 1)):
+            time.sleep(0.2)
+        after = [_renewals(tb, i) for i in (0, 1)]
+        assert all(a >= b + 3 for a, b in zip(after, before, strict=True)), (before, after)
+        for i in (0, 1):
+            assert "lease lost" not in tb.agent_log(tb.hosts[i])
+        tb.start_agent(tb.hosts[2])
+        _join(tb, 2)
+        assert {h.name: tb.host_status(h)["subnet"] for h in tb.hosts[:2]} == subnets
+        c1, _, c3 = tb.containers
+        assert tb.ping(c1.netns, c3.ip, count=3)
+        assert tb.ping(c3.netns, c1.ip, count=3)
+
+
+@pytest.mark.netns
+def test_etcd_gone_traffic_flows_a_new_host_waits_and_joins_when_it_returns() -> None:
+    with Testbed(hosts=3, containers_per_host=1, store="etcd", etcd_members=3, lease_ttl=30) as tb:
+        _start_hosts(tb, 2)
+        c1, c2, c3 = tb.containers
+        ping = _ping(tb, c1.netns, c2.ip, seconds=12)
+        try:
+            time.sleep(1)
+            for i in range(3):
+                tb.etcd.kill(i)
+            tb.start_agent(tb.hosts[2])  # a host that boots while etcd is down
+            time.sleep(6)
+            assert tb.hosts[2].agent is not None
+            assert tb.hosts[2].agent.poll() is None, tb.agent_log(tb.hosts[2])[-2000:]
+            assert "store unavailable; retrying" in tb.agent_log(tb.hosts[2])
+            assert not tb.hosts[2].subnet_env_path.exists()
+            for i in range(3):
+                tb.etcd.restart(i, wait=False)
+            tb.etcd.wait_healthy()
+            out, _ = ping.communicate(timeout=30)
+        finally:
+            ping.kill()
+        assert " 0% packet loss" in out, out
+        _join(tb, 2)  # the late host got a lease; the others added it
+        assert tb.ping(c1.netns, c3.ip, count=3)
+        assert tb.ping(c3.netns, c2.ip, count=3)
+
+
+@pytest.mark.netns
+def test_agents_cut_off_while_a_lease_goes_and_history_is_compacted_resync() -> None:
+    with Testbed(hosts=3, containers_per_host=0, store="etcd", etcd_members=3, lease_ttl=60) as tb:
+        _start_hosts(tb, 3)
+        gone = tb.hosts[2]
+        subnet = tb.host_status(gone)["subnet"]
+        assert all(subnet in tb.weft_routes(tb.hosts[i]) for i in (0, 1))
+        tb.stop_agent(gone, signal.SIGKILL)  # its lease stays until deleted
+        ports = ", ".join(str(m.client_port) for m in tb.etcd.members)
+        interrupted = [_interruptions(tb, i) for i in (0, 1)]
+        # The hosts can no longer reach etcd (every packet from the bridge to etcd's client
+        # ports refused); the operator, local to etcd, still can.
+        cut = (f"table inet weft_cut {{\n chain input {{\n"
+               f"  type filter hook input priority 0;\n"
+               f'  iifname "br0" tcp dport {{ {ports} }} reject with tcp reset\n }}\n}}\n')
+        sh(netns_exec(tb.underlay, ["nft", "-f", "-"]), input=cut)
+        # grpc's keepalive (every 10 s) finds the agents' watch streams dead.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(
+                _interruptions(tb, i) > interrupted[i] for i in (0, 1)):
+            time.sleep(0.2)
+        assert all(_interruptions(tb, i) > interrupted[i] for i in (0, 1))
+        prefix = "/weft/network"
+        key = f"{prefix}/subnets/{subnet.replace('/', '-')}"
+        assert tb.etcd.etcdctl("del", key).stdout.strip() == "1"
+        status = json.loads(tb.etcd.etcdctl("endpoint", "status", "-w", "json").stdout)
+        revision = max(s["Status"]["header"]["revision"] for s in status)
+        tb.etcd.etcdctl("compact", str(revision))
+        tb.run(tb.underlay, ["nft", "delete", "table", "inet", "weft_cut"])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(
+                subnet in tb.weft_routes(tb.hosts[i]) for i in (0, 1)):
+            time.sleep(0.2)
+        assert all(subnet not in tb.weft_routes(tb.hosts[i]) for i in (0, 1)), (
+            tb.agent_log(tb.hosts[0])[-3000:])
+        tb.wait_converged(30, hosts=tb.hosts[:2])
+        for i in (0, 1):
+            assert "watch history compacted; resyncing" in tb.agent_log(tb.hosts[i])

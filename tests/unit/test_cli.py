@@ -1,0 +1,82 @@
+"""The command line: clear one-line errors, config round trip, status."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def weft(*args: str, input: str | None = None, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*prefix, sys.executable, "-m", "weft", *args], input=input,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_config_set_and_show_round_trip(tmp_path: Path) -> None:
+    store = f"sqlite://{tmp_path / 'store.db'}"
+    cfg = '{"Network": "198.19.0.0/16", "Backend": {"Type": "host-gw"}}'
+    assert weft("config", "set", "-", "--store", store, input=cfg).returncode == 0
+    shown = weft("config", "show", "--store", store)
+    assert shown.returncode == 0
+    assert json.loads(shown.stdout) == {"Network": "198.19.0.0/16", "SubnetLen": 24,
+                                        "Backend": {"Type": "host-gw"}}
+
+
+def test_bad_config_is_one_clear_line_and_nothing_is_written(tmp_path: Path) -> None:
+    store = f"sqlite://{tmp_path / 'store.db'}"
+    proc = weft("config", "set", "-", "--store", store, input='{"Network": "10.0.0.0/8", "SubnetLen": 4}')
+    assert proc.returncode == 1
+    assert "SubnetLen 4 must be longer than the Network prefix /8" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "no network config" in weft("config", "show", "--store", store).stderr
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    proc = weft("config", "set", str(tmp_path / "nope.json"), "--store", f"sqlite://{tmp_path}/s.db")
+    assert proc.returncode == 1
+    assert "cannot read" in proc.stderr
+
+
+def test_status_lists_leases_and_says_when_no_agent_runs(tmp_path: Path) -> None:
+    store = f"sqlite://{tmp_path / 'store.db'}"
+    weft("config", "set", "-", "--store", store, input='{"Network": "198.19.0.0/16"}')
+    code = (
+        "import asyncio, ipaddress; from weft.store import open_store; from weft.core.lease import Lease\n"
+        "async def m():\n"
+        f"    s = open_store({store!r})\n"
+        "    await s.create_lease(Lease(ipaddress.ip_network('198.19.7.0/24'), ipaddress.ip_address('198.18.0.7'), 'vxlan'), 600)\n"
+        "    await s.close()\n"
+        "asyncio.run(m())")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    proc = weft("status", "--store", store, "--state-dir", str(tmp_path / "state"))
+    assert proc.returncode == 0
+    assert "198.19.7.0/24" in proc.stdout
+    assert "198.18.0.7" in proc.stdout
+    assert "is `weft agent` running?" in proc.stdout
+    data = json.loads(weft("status", "--json", "--store", store, "--state-dir", str(tmp_path)).stdout)
+    (lease,) = data["leases"]
+    assert lease["subnet"] == "198.19.7.0/24"
+    assert 590 <= lease["expires_in"] <= 600
+
+
+def test_agent_without_root_says_so(tmp_path: Path) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to drop root")
+    store = tmp_path / "store.db"
+    weft("config", "set", "-", "--store", f"sqlite://{store}", input='{"Network": "198.19.0.0/16"}')
+    tmp_path.chmod(0o777)
+    store.chmod(0o666)
+    proc = weft("agent", "--store", f"sqlite://{store}", "--state-dir", str(tmp_path / "s"),
+                prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"))
+    assert proc.returncode == 1
+    assert "needs root" in proc.stderr
+
+
+def test_bad_log_level_is_a_usage_error(tmp_path: Path) -> None:
+    proc = weft("agent", "--store", f"sqlite://{tmp_path}/s.db", "--log-level", "loud")
+    assert proc.returncode == 1
+    assert "--log-level 'loud' is not a level" in proc.stderr

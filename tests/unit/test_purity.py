@@ -1,0 +1,65 @@
+"""The one I/O boundary, checked: pure modules import nothing that does I/O or reads the
+clock, directly or through another weft module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+WEFT = SRC / "weft"
+FORBIDDEN = frozenset({
+    "socket", "asyncio", "subprocess", "pyroute2", "time", "select", "fcntl", "threading",
+    "aetcd", "grpc", "sqlite3", "os", "shutil", "signal",
+})
+PURE = sorted(
+    [*(WEFT / "core").glob("*.py"), *WEFT.glob("backends/*/plan.py"),
+     WEFT / "backends" / "udp" / "codec.py"]
+)
+
+
+def _module_file(name: str) -> Path | None:
+    base = SRC.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def _closure(path: Path) -> dict[str, str]:
+    """Every outside module `path` reaches through weft's own imports -> who imports it."""
+    seen: set[Path] = set()
+    reached: dict[str, str] = {}
+    todo = [path]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for name in _imports(current):
+            if name.split(".")[0] == "weft":
+                target = _module_file(name)
+                if target is not None:
+                    todo.append(target)
+            else:
+                reached.setdefault(name.split(".")[0], str(current.relative_to(SRC)))
+    return reached
+
+
+@pytest.mark.parametrize("path", PURE, ids=lambda p: str(p.relative_to(WEFT)))
+def test_pure_module_imports_no_io(path: Path) -> None:
+    bad = {name: via for name, via in _closure(path).items() if name in FORBIDDEN}
+    assert not bad, f"{path.relative_to(SRC)} reaches I/O modules: {bad}"
