@@ -313,9 +313,8 @@ def docker_opts(
                                                 "(atomically) instead of stdout")] = None,
 ) -> None:
     """dockerd flags (--bip, --ip-masq, --mtu) from subnet.env, like mk-docker-opts.sh."""
-    import os
-    import tempfile
 
+    from weft.host.files import write_atomic
     from weft.integrations.docker_opts import render_docker_opts
     from weft.integrations.subnet_env import read_subnet_env
 
@@ -324,16 +323,7 @@ def docker_opts(
         if output is None:
             sys.stdout.write(text)
             return
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, output)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(output, text.encode())
     except OSError as exc:
         raise _fail(UsageError(f"cannot write {output}: {exc}")) from None
     except WeftError as exc:

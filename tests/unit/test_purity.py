@@ -63,3 +63,9 @@ def _closure(path: Path) -> dict[str, str]:
 def test_pure_module_imports_no_io(path: Path) -> None:
     bad = {name: via for name, via in _closure(path).items() if name in FORBIDDEN}
     assert not bad, f"{path.relative_to(SRC)} reaches I/O modules: {bad}"
+
+
+def test_every_backend_package_has_a_plan() -> None:
+    packages = [p for p in (WEFT / "backends").iterdir() if (p / "__init__.py").exists()]
+    assert packages
+    assert [p.name for p in packages if not (p / "plan.py").exists()] == []

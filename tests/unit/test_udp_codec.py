@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from weft.backends.registry import overhead
 from weft.backends.udp.codec import (
     HEADER_SIZE,
     MAX_STREAM,
@@ -28,7 +29,7 @@ from weft.backends.udp.codec import (
     stream_bytes,
 )
 from weft.backends.udp.plan import Peer, PeerDataError, PeerTable, peer_port
-from weft.core.constants import VNET_HEADER, overhead
+from weft.core.constants import VNET_HEADER
 from weft.core.errors import LocalProtocolError, RemoteProtocolError
 
 # --- one table, both ways -----------------------------------------------------------------

@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 from weft.agent.leasing import acquire_lease
 from weft.agent.metrics import AgentMetrics
 from weft.agent.status import STATUS_SOCKET, serve_status
-from weft.backends.base import Backend, HostContext
-from weft.backends.registry import BACKENDS
+from weft.backends.base import Backend
+from weft.backends.registry import create_backend
 from weft.core.config import IPAddress, NetworkConfig, parse_config
 from weft.core.constants import DEFAULT_LEASE_TTL, DEFAULT_STATE_DIR, DEFAULT_SUBNET_FILE
 from weft.core.errors import (
@@ -40,6 +40,7 @@ from weft.core.errors import (
     WeftError,
 )
 from weft.core.events import LeaseMap, apply_events, diff_peers
+from weft.core.host import HostContext
 from weft.core.lease import Lease
 from weft.host.forward_accept import ensure_forward_accept, remove_forward_accept
 from weft.host.masquerade import install_masquerade, remove_masquerade
@@ -126,10 +127,7 @@ class Agent:
             detect_host, self.opts.public_ip, self.opts.iface, self.opts.state_dir
         )
         host.state_dir.mkdir(parents=True, exist_ok=True)
-        factory = BACKENDS.get(config.backend.type)
-        if factory is None:
-            raise UsageError(f"backend {config.backend.type!r} is not available in this build")
-        self.backend = backend = factory(config, host)
+        self.backend = backend = create_backend(config, host)
         data = await asyncio.to_thread(backend.prepare)
         lease, reclaimed = await self._retry(
             "acquire lease",

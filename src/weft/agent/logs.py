@@ -36,8 +36,6 @@ class TextFormatter(logging.Formatter):
         line = f"{stamp} {record.levelname:<7} {record.getMessage()}"
         if extra:
             line += f"  {extra}"
-        if extra:
-            line += f"  {extra}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

@@ -2,7 +2,7 @@
 
 Lifecycle, driven by the agent:
 
-    backend = BACKENDS[config.backend.type](config, host)
+    backend = create_backend(config, host)   # weft.backends.registry
     data = backend.prepare()          # ensure devices exist; BackendData for our lease
     mtu = backend.activate(lease)     # configure our own subnet; the overlay MTU
     backend.reconcile(peers)          # level-based, idempotent; called on every change
@@ -15,24 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from weft.core.config import IPAddress, NetworkConfig
+from weft.core.config import NetworkConfig
 from weft.core.errors import WeftError
+from weft.core.host import HostContext
 from weft.core.lease import Lease
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class HostContext:
-    """What a backend knows about the host it runs on."""
-
-    public_ip: IPAddress
-    underlay_ifname: str
-    underlay_mtu: int
-    state_dir: Path
 
 
 @dataclass
@@ -91,3 +81,11 @@ def converge(
         except WeftError as exc:
             result.errors[describe(item)] = str(exc)
     return result
+
+
+def backend_mismatch(peer: Lease, expected: str) -> str | None:
+    """Why `peer` cannot be a peer of a `expected` host, or None if it can."""
+    if peer.backend_type == expected:
+        return None
+    return (f"peer {peer.public_ip} runs backend {peer.backend_type!r}, this host "
+            f"{expected!r}; every host of a network must use the same backend")

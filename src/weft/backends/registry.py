@@ -1,33 +1,62 @@
 """Backends by `Type`: a plain dict, explicit wiring, no import side effects.
 
-The udp and wireguard backends pull in threads, crypto and more; each factory imports its
-module only when a host actually runs that backend, which keeps the agent small.
+Adding a backend is one entry here: its options model (validated from `Backend` in the
+config), its factory and its per-packet overhead. Factories are named, not imported: the
+udp and wireguard backends pull in threads, crypto and more, and a host imports only the
+one it runs. Pure: importing this module imports only the options models.
 """
 
 from __future__ import annotations
 
-from weft.backends.base import Backend, BackendFactory, HostContext
-from weft.backends.hostgw.apply import HostGwBackend
-from weft.backends.vxlan.apply import VxlanBackend
-from weft.core.config import NetworkConfig
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+from weft.backends.hostgw.options import HostGwOptions, hostgw_overhead
+from weft.backends.udp.options import UdpOptions, udp_overhead
+from weft.backends.vxlan.options import VxlanOptions, vxlan_overhead
+from weft.backends.wireguard.options import WireguardOptions, wireguard_overhead
+from weft.core.config import BackendOptions, NetworkConfig
+from weft.core.host import HostContext
+
+if TYPE_CHECKING:
+    from weft.backends.base import Backend
 
 
-def _udp(config: NetworkConfig, host: HostContext) -> Backend:
-    from weft.backends.udp.apply import UdpBackend
-
-    return UdpBackend(config, host)
-
-
-def _wireguard(config: NetworkConfig, host: HostContext) -> Backend:
-    from weft.backends.wireguard.apply import WireguardBackend
-
-    return WireguardBackend(config, host)
+@dataclass(frozen=True)
+class BackendSpec:
+    options: type[BackendOptions]
+    factory: str  # "module:Class", a class taking (NetworkConfig, HostContext)
+    overhead: Callable[[int], int]  # bytes added to every packet, by outer IP version
+    encrypted: bool = False
 
 
-BACKENDS: dict[str, BackendFactory] = {
-    "vxlan": VxlanBackend,
-    "host-gw": HostGwBackend,
-    "wireguard": _wireguard,
-    "udp": _udp,
+BACKENDS: dict[str, BackendSpec] = {
+    "vxlan": BackendSpec(VxlanOptions, "weft.backends.vxlan.apply:VxlanBackend",
+                         vxlan_overhead),
+    "host-gw": BackendSpec(HostGwOptions, "weft.backends.hostgw.apply:HostGwBackend",
+                           hostgw_overhead),
+    "udp": BackendSpec(UdpOptions, "weft.backends.udp.apply:UdpBackend", udp_overhead),
+    "wireguard": BackendSpec(WireguardOptions, "weft.backends.wireguard.apply:WireguardBackend",
+                             wireguard_overhead, encrypted=True),
 }
 
+
+def create_backend(config: NetworkConfig, host: HostContext) -> Backend:
+    module, _, name = BACKENDS[config.backend.type].factory.partition(":")
+    factory = getattr(importlib.import_module(module), name)
+    return cast("Backend", factory(config, host))
+
+
+def overhead(backend_type: str, ip_version: int = 4) -> int:
+    """Bytes an encapsulation adds to every packet on the underlay."""
+    try:
+        return BACKENDS[backend_type].overhead(ip_version)
+    except KeyError:
+        raise ValueError(f"no backend {backend_type!r}") from None
+
+
+def overlay_mtu(options: BackendOptions, underlay_mtu: int, ip_version: int) -> int:
+    """The MTU of the overlay: `Backend.MTU` if set, else what the underlay leaves."""
+    return options.mtu or underlay_mtu - overhead(options.type, ip_version)

@@ -3,17 +3,15 @@
     {"Network": "10.244.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}
 
 Every mistake becomes one `ConfigError` whose message names the field and the value.
-Each backend owns its options model; `BACKEND_OPTIONS` maps `Type` to it (a plain dict,
-no import side effects).
+Each backend owns its options model (`weft.backends.<name>.options`); the registry
+(`weft.backends.registry`) maps `Type` to it.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -42,59 +40,6 @@ class BackendOptions(BaseModel):
     mtu: Annotated[int, Field(ge=576, le=65535)] | None = Field(default=None, alias="MTU")
 
 
-class VxlanOptions(BackendOptions):
-    type: Literal["vxlan"] = Field(default="vxlan", alias="Type")
-    vni: Annotated[int, Field(ge=1, le=16_777_215)] = Field(default=1, alias="VNI")
-    port: Annotated[int, Field(ge=1, le=65535)] = Field(default=8472, alias="Port")
-    direct_routing: bool = Field(default=False, alias="DirectRouting")
-
-
-class HostGwOptions(BackendOptions):
-    type: Literal["host-gw"] = Field(default="host-gw", alias="Type")
-
-
-class UdpOptions(BackendOptions):
-    type: Literal["udp"] = Field(default="udp", alias="Type")
-    port: Annotated[int, Field(ge=1, le=65535)] = Field(default=8285, alias="Port")
-    # The switch for TUN/UDP offloads: kernel regressions in TUN GSO/GRO have bitten every
-    # project that relies on them, so an operator can turn them off without a new release.
-    offloads: bool = Field(default=True, alias="Offloads")
-
-
-class WireguardOptions(BackendOptions):
-    type: Literal["wireguard"] = Field(default="wireguard", alias="Type")
-    listen_port: Annotated[int, Field(ge=1, le=65535)] = Field(default=51820, alias="ListenPort")
-    persistent_keepalive: Annotated[int, Field(ge=0, le=65535)] = Field(
-        default=0, alias="PersistentKeepaliveInterval"
-    )
-    psk: str | None = Field(default=None, alias="PSK", repr=False)
-    # "auto" uses the kernel module where it exists, else wireguard-go.
-    implementation: Literal["auto", "kernel", "wireguard-go"] = Field(
-        default="auto", alias="Implementation"
-    )
-
-    @field_validator("psk")
-    @classmethod
-    def _psk_is_a_key(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            raw = base64.b64decode(value, validate=True)
-        except binascii.Error:
-            raw = b""
-        if len(raw) != 32:
-            raise ValueError("must be a base64-encoded 32-byte key (as `wg genpsk` prints)")
-        return value
-
-
-BACKEND_OPTIONS: dict[str, type[BackendOptions]] = {
-    "vxlan": VxlanOptions,
-    "host-gw": HostGwOptions,
-    "udp": UdpOptions,
-    "wireguard": WireguardOptions,
-}
-
-
 class NetworkConfig(BaseModel):
     """The cluster network: one address range split into one subnet per host."""
 
@@ -104,7 +49,9 @@ class NetworkConfig(BaseModel):
     subnet_min: IPAddress | None = Field(default=None, alias="SubnetMin")
     subnet_max: IPAddress | None = Field(default=None, alias="SubnetMax")
     # SerializeAsAny: serialise the concrete options model, not just the base's fields.
-    backend: SerializeAsAny[BackendOptions] = Field(default_factory=VxlanOptions, alias="Backend")
+    backend: SerializeAsAny[BackendOptions] = Field(
+        default_factory=lambda: {"Type": "vxlan"}, alias="Backend", validate_default=True
+    )
 
     @field_validator("network", mode="before")
     @classmethod
@@ -126,12 +73,16 @@ class NetworkConfig(BaseModel):
             value = {}
         if not isinstance(value, dict):
             raise ValueError("must be an object like {\"Type\": \"vxlan\"}")
+        # The registry names each backend's own options model; imported here, not at the
+        # top, because the options models build on BackendOptions above.
+        from weft.backends.registry import BACKENDS
+
         kind = value.get("Type", "vxlan")
-        model = BACKEND_OPTIONS.get(kind) if isinstance(kind, str) else None
-        if model is None:
-            known = ", ".join(sorted(BACKEND_OPTIONS))
+        spec = BACKENDS.get(kind) if isinstance(kind, str) else None
+        if spec is None:
+            known = ", ".join(sorted(BACKENDS))
             raise ValueError(f"unknown backend Type {kind!r}; known types: {known}")
-        return model.model_validate(value)
+        return spec.options.model_validate(value)
 
     @model_validator(mode="after")
     def _subnets_fit(self) -> NetworkConfig:

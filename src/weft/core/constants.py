@@ -15,32 +15,16 @@ CNI_BRIDGE: Final = "weft0"
 # exactly the routes it made and never touches anyone else's (see /etc/iproute2/rt_protos).
 ROUTE_PROTOCOL: Final = 87  # "W"
 
-# --- encapsulation overhead per outer IP version ----------------------------------------
-# MTU of an overlay device = underlay MTU - overhead.  Everything that needs an MTU asks
-# `overhead()`; nothing else hard-codes these numbers.
-_IP_HEADER: Final = {4: 20, 6: 40}
-_UDP_HEADER: Final = 8
-_VXLAN_HEADER: Final = 8 + 14  # VXLAN header + inner Ethernet header
-_WIREGUARD_HEADER: Final = 32  # type/reserved/index/counter (16) + Poly1305 tag (16)
+# --- header sizes --------------------------------------------------------------------
+# Each backend's overhead (`weft.backends.registry.overhead`) is built from these; nothing
+# else hard-codes them.
+IP_HEADER: Final = {4: 20, 6: 40}
+UDP_HEADER: Final = 8
+VXLAN_HEADER: Final = 8 + 14  # VXLAN header + inner Ethernet header
+WIREGUARD_HEADER: Final = 32  # type/reserved/index/counter (16) + Poly1305 tag (16)
 # weft's own UDP encapsulation: fixed header plus the virtio-net header it carries.
 UDP_ENCAP_HEADER: Final = 8
 VNET_HEADER: Final = 10
-_WEFT_UDP_HEADER: Final = UDP_ENCAP_HEADER + VNET_HEADER
-
-
-def overhead(backend_type: str, ip_version: int = 4) -> int:
-    """Bytes an encapsulation adds to every packet on the underlay."""
-    ip = _IP_HEADER[ip_version]
-    per_backend = {
-        "vxlan": ip + _UDP_HEADER + _VXLAN_HEADER,
-        "host-gw": 0,
-        "udp": ip + _UDP_HEADER + _WEFT_UDP_HEADER,
-        "wireguard": ip + _UDP_HEADER + _WIREGUARD_HEADER,
-    }
-    try:
-        return per_backend[backend_type]
-    except KeyError:
-        raise ValueError(f"no overhead known for backend {backend_type!r}") from None
 
 
 # --- store key layout (flannel-compatible) ----------------------------------------------

@@ -1,8 +1,9 @@
 """The netlink edge: every kernel change weft makes goes through here (pyroute2).
 
-Kernel objects are described by small frozen dataclasses, so backends compute the
-desired state purely and diff it against `routes()`, `neighbours()` and `fdb()`; this
-module applies the difference and translates pyroute2's NetlinkError into weft.core.errors.
+Kernel objects are described by small frozen dataclasses (`weft.core.dataplane`), so
+backends compute the desired state purely and diff it against `routes()`, `neighbours()`
+and `fdb()`; this module applies the difference and translates pyroute2's NetlinkError
+into weft.core.errors.
 """
 
 from __future__ import annotations
@@ -18,35 +19,15 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK
 
-from weft.core.config import IPAddress, IPNetwork
+from weft.core.config import IPAddress
 from weft.core.constants import ROUTE_PROTOCOL
+from weft.core.dataplane import FdbEntry, Neighbour, Route
 from weft.core.errors import KernelError, KernelFeatureMissing, PermissionProblem
+from weft.core.host import UnderlayFacts
 
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 AF_BRIDGE = 7
-
-
-@dataclass(frozen=True)
-class Route:
-    dst: IPNetwork
-    gateway: IPAddress | None
-    ifindex: int
-    onlink: bool = False
-
-
-@dataclass(frozen=True)
-class Neighbour:
-    ip: IPAddress
-    mac: str
-    ifindex: int
-
-
-@dataclass(frozen=True)
-class FdbEntry:
-    mac: str
-    dst: IPAddress
-    ifindex: int
 
 
 @dataclass(frozen=True)
@@ -275,6 +256,12 @@ class Netlink:
                 raise translate(exc, f"delete fdb {e.mac}") from None
 
     # --- the underlay -------------------------------------------------------------------
+
+    def underlay_facts(self, ifname: str) -> UnderlayFacts:
+        link = self.link(ifname)
+        if link is None:
+            raise KernelError(f"underlay interface {ifname} is gone")
+        return UnderlayFacts(link.index, tuple(self.addresses(link.index)))
 
     def default_route_ifname(self) -> str | None:
         with self._op("look up the default route"):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from weft.backends.base import HostContext
 from weft.core.config import IPAddress
 from weft.core.errors import PermissionProblem, UsageError
+from weft.core.host import HostContext
 from weft.host.netlink import Netlink
 
 

@@ -11,13 +11,12 @@ Same variables as flannel's, so anything made for flannel reads it unchanged:
 from __future__ import annotations
 
 import ipaddress
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from weft.core.config import IPNetwork
 from weft.core.errors import UsageError
+from weft.host.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -77,14 +76,4 @@ def read_subnet_env(path: str | Path) -> SubnetEnv:
 
 def write_subnet_env(path: str | Path, env: SubnetEnv) -> None:
     """Write atomically (temp file + rename): a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".subnet.env.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(env.render())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(Path(path), env.render().encode())

@@ -8,14 +8,14 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from weft.core.config import BACKEND_OPTIONS
+from weft.backends.registry import BACKENDS
 from weft.core.errors import UsageError
 from weft.lab.testbed import Testbed
 
 
 def demo_config(backend: str) -> str:
-    if backend not in BACKEND_OPTIONS:
-        raise UsageError(f"--backend {backend!r}: choose one of {', '.join(BACKEND_OPTIONS)}")
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     return json.dumps({"Network": "198.19.0.0/16", "SubnetLen": 24,
                        "Backend": {"Type": backend}})
 

@@ -15,14 +15,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from weft.backends.base import HostContext, ReconcileResult, converge
+from weft.backends.base import ReconcileResult, converge
+from weft.backends.registry import overlay_mtu
+from weft.backends.udp import plan
 from weft.backends.udp.forwarder import Forwarder, delete_tun
-from weft.backends.udp.plan import Peer, PeerDataError, PeerTable, peer_port
-from weft.core.config import NetworkConfig, UdpOptions
-from weft.core.constants import UDP_DEVICE, overhead
+from weft.backends.udp.options import UdpOptions
+from weft.core.config import NetworkConfig
+from weft.core.constants import UDP_DEVICE
+from weft.core.dataplane import Route
 from weft.core.errors import KernelError
+from weft.core.host import HostContext
 from weft.core.lease import Lease
-from weft.host.netlink import LinkInfo, Netlink, Route
+from weft.host.netlink import LinkInfo, Netlink
 
 log = logging.getLogger("weft.backends.udp")
 
@@ -39,9 +43,7 @@ class UdpBackend:
 
     @property
     def mtu(self) -> int:
-        return self.options.mtu or self.host.underlay_mtu - overhead(
-            "udp", self.host.public_ip.version
-        )
+        return overlay_mtu(self.options, self.host.underlay_mtu, self.host.public_ip.version)
 
     def prepare(self) -> Mapping[str, Any]:
         if self.forwarder is None:
@@ -92,29 +94,9 @@ class UdpBackend:
     def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
         if self.forwarder is None and self._lease is None:
             raise KernelError("udp backend: reconcile() before prepare()")
-        errors: dict[str, str] = {}
-        accepted: list[Peer] = []
-        for lease in peers:
-            if lease.public_ip == self.host.public_ip:
-                continue  # our own lease: local traffic never enters the tunnel
-            if lease.backend_type != "udp":
-                errors[str(lease.subnet)] = (
-                    f"peer {lease.public_ip} runs backend {lease.backend_type!r}; every host "
-                    "of a network must use the same backend"
-                )
-                continue
-            if lease.public_ip.version != self.host.public_ip.version:
-                errors[str(lease.subnet)] = (
-                    f"peer {lease.public_ip} is IPv{lease.public_ip.version}, this host's "
-                    f"underlay is IPv{self.host.public_ip.version}"
-                )
-                continue
-            try:
-                port = peer_port(lease.backend_data, self.options.port)
-            except PeerDataError as exc:
-                errors[str(lease.subnet)] = f"peer {lease.public_ip}: {exc}"
-                continue
-            accepted.append(Peer(lease.subnet, lease.public_ip, port))
+        wanted = plan.plan(peers, own_ip=self.host.public_ip, default_port=self.options.port,
+                           version=self.config.network.version, subnet_len=self.config.length)
+        errors = dict(wanted.errors)
         with Netlink() as nl:
             if self._lease is not None and (self.forwarder is None or nl.link(UDP_DEVICE) is None):
                 # Someone deleted our device (the forwarder's fd points at nothing), or an
@@ -128,7 +110,7 @@ class UdpBackend:
             # level-based: put back our route if someone removed it
             result = self._converge_route(nl, self._link(nl).index)
         errors.update(result.errors)
-        table = PeerTable.build(self.config.network.version, self.config.length, accepted)
+        table = wanted.table
         before = dict(self.forwarder.peers.routes)
         self.forwarder.set_peers(table)
         after = table.routes

@@ -9,11 +9,13 @@ integer up in a dict.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from weft.backends.base import backend_mismatch
 from weft.core.config import IPAddress, IPNetwork
+from weft.core.lease import Lease
 
 Endpoint = tuple[str, int]
 
@@ -81,3 +83,33 @@ class PeerTable:
             str(net((addr, self.subnet_len))): f"{ip}:{port}"
             for addr, (ip, port) in sorted(self.routes.items())
         }
+
+
+@dataclass(frozen=True)
+class UdpPlan:
+    table: PeerTable
+    errors: Mapping[str, str] = field(default_factory=dict)  # peer subnet -> why not
+
+
+def plan(peers: Sequence[Lease], *, own_ip: IPAddress, default_port: int, version: int,
+         subnet_len: int) -> UdpPlan:
+    """The forwarder's table from the peer leases; a lease it cannot use is that peer's
+    error."""
+    errors: dict[str, str] = {}
+    accepted: list[Peer] = []
+    for lease in peers:
+        if lease.public_ip == own_ip:
+            continue  # our own lease: local traffic never enters the tunnel
+        problem = backend_mismatch(lease, "udp")
+        if problem is None and lease.public_ip.version != own_ip.version:
+            problem = (f"peer {lease.public_ip} is IPv{lease.public_ip.version}, this host's "
+                       f"underlay is IPv{own_ip.version}")
+        if problem is None:
+            try:
+                accepted.append(Peer(lease.subnet, lease.public_ip,
+                                     peer_port(lease.backend_data, default_port)))
+            except PeerDataError as exc:
+                problem = f"peer {lease.public_ip}: {exc}"
+        if problem is not None:
+            errors[str(lease.subnet)] = problem
+    return UdpPlan(PeerTable.build(version, subnet_len, accepted), errors)

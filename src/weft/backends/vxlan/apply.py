@@ -1,10 +1,6 @@
-"""vxlan: the kernel's VXLAN device, programmed statically from leases.
+"""vxlan: the kernel's VXLAN device, programmed statically from leases (`plan`).
 
-Per peer: a route to its subnet via the peer's VTEP address (its subnet's network
-address) onlink through the VXLAN device, a permanent neighbour entry mapping that
-address to the peer's VTEP MAC, and an FDB entry sending that MAC to the peer's public
-IP. Learning is off: the kernel never floods, every entry comes from a lease.
-With DirectRouting, peers on the same L2 subnet get a plain route instead (host-gw speed).
+Learning is off: the kernel never floods, every entry comes from a lease.
 """
 
 from __future__ import annotations
@@ -12,13 +8,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from weft.backends.base import HostContext, ReconcileResult, converge
-from weft.backends.hostgw.apply import direct_route
-from weft.core.config import NetworkConfig, VxlanOptions
-from weft.core.constants import VXLAN_DEVICE_PREFIX, overhead
+from weft.backends.base import ReconcileResult, converge
+from weft.backends.registry import overlay_mtu
+from weft.backends.vxlan import plan
+from weft.backends.vxlan.options import VxlanOptions
+from weft.core.config import NetworkConfig
+from weft.core.constants import VXLAN_DEVICE_PREFIX
 from weft.core.errors import KernelError
+from weft.core.host import HostContext
 from weft.core.lease import Lease
-from weft.host.netlink import FdbEntry, LinkInfo, Neighbour, Netlink, Route
+from weft.host.netlink import LinkInfo, Netlink
 
 
 class VxlanBackend:
@@ -62,9 +61,7 @@ class VxlanBackend:
         return {"VNI": self.options.vni, "VtepMAC": link.mac}
 
     def activate(self, lease: Lease) -> int:
-        mtu = self.options.mtu or self.host.underlay_mtu - overhead(
-            "vxlan", self.host.public_ip.version
-        )
+        mtu = overlay_mtu(self.options, self.host.underlay_mtu, self.host.public_ip.version)
         with Netlink() as nl:
             link = nl.link(self.device)
             if link is None:
@@ -74,39 +71,21 @@ class VxlanBackend:
         return mtu
 
     def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
-        errors: dict[str, str] = {}
-        routes: set[Route] = set()
-        neighbours: set[Neighbour] = set()
-        fdb: set[FdbEntry] = set()
         with Netlink() as nl:
             link = nl.link(self.device)
             if link is None:
                 raise KernelError(f"VXLAN device {self.device} vanished")
-            for peer in peers:
-                mac = peer.backend_data.get("VtepMAC")
-                if peer.backend_type != "vxlan" or not isinstance(mac, str):
-                    errors[str(peer.subnet)] = (
-                        f"peer {peer.public_ip} runs backend {peer.backend_type!r} without a "
-                        "VtepMAC; every host of a network must use the same backend"
-                    )
-                    continue
-                if self.options.direct_routing:
-                    direct = direct_route(nl, self.host, peer)
-                    if isinstance(direct, Route):
-                        routes.add(direct)
-                        continue
-                vtep = peer.subnet.network_address
-                routes.add(Route(peer.subnet, vtep, link.index, onlink=True))
-                neighbours.add(Neighbour(vtep, mac, link.index))
-                fdb.add(FdbEntry(mac, peer.public_ip, link.index))
+            facts = plan.VxlanFacts(link.index, nl.underlay_facts(self.host.underlay_ifname))
+            wanted = plan.plan(self.options, peers, facts)
             # FDB and neighbours first, so a new route never points at an unknown MAC.
-            result = converge(fdb, nl.fdb(link.index), nl.append_fdb, nl.delete_fdb,
-                              lambda e: f"fdb {e.mac}")
-            result += converge(neighbours, nl.neighbours(link.index), nl.replace_neighbour,
-                               nl.delete_neighbour, lambda n: f"neighbour {n.ip}")
-            result += converge(routes, nl.routes(self.config.network.version),
+            result = converge(set(wanted.fdb), nl.fdb(link.index), nl.append_fdb,
+                              nl.delete_fdb, lambda e: f"fdb {e.mac}")
+            result += converge(set(wanted.neighbours), nl.neighbours(link.index),
+                               nl.replace_neighbour, nl.delete_neighbour,
+                               lambda n: f"neighbour {n.ip}")
+            result += converge(set(wanted.routes), nl.routes(self.config.network.version),
                                nl.replace_route, nl.delete_route, lambda r: str(r.dst))
-        result.errors.update(errors)
+        result.errors.update(wanted.errors)
         return result
 
     def status(self) -> Mapping[str, Any]:

@@ -26,19 +26,23 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from weft.backends.base import HostContext, ReconcileResult, converge
+from weft.backends.base import ReconcileResult, converge
+from weft.backends.registry import overlay_mtu
 from weft.backends.wireguard.guard import install_guard, remove_guard
 from weft.backends.wireguard.kernel import KernelDevice
 from weft.backends.wireguard.keyfile import key_file_path, load_or_create_private_key
 from weft.backends.wireguard.keys import PrivateKey
+from weft.backends.wireguard.options import WireguardOptions
 from weft.backends.wireguard.plan import desired_peers, device_change, peer_plan
 from weft.backends.wireguard.uapi import UapiDevice
 from weft.backends.wireguard.userspace import WireguardGo
-from weft.core.config import NetworkConfig, WireguardOptions
-from weft.core.constants import WIREGUARD_DEVICE, overhead
+from weft.core.config import NetworkConfig
+from weft.core.constants import WIREGUARD_DEVICE
+from weft.core.dataplane import Route
 from weft.core.errors import KernelError, KernelFeatureMissing
+from weft.core.host import HostContext
 from weft.core.lease import Lease
-from weft.host.netlink import LinkInfo, Netlink, Route
+from weft.host.netlink import LinkInfo, Netlink
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +126,7 @@ class WireguardBackend:
         return {"PublicKey": self._key.public_key().to_base64()}
 
     def mtu(self) -> int:
-        return self.options.mtu or self.host.underlay_mtu - overhead(
-            "wireguard", self.host.public_ip.version
-        )
+        return overlay_mtu(self.options, self.host.underlay_mtu, self.host.public_ip.version)
 
     def activate(self, lease: Lease) -> int:
         self._lease = lease

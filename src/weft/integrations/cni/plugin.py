@@ -12,10 +12,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from weft.host.files import write_atomic
 from weft.integrations.cni.handler import handle
 from weft.integrations.cni.spec import SPEC_VERSION, CniError, ErrorCode
 from weft.integrations.subnet_env import read_subnet_env
@@ -33,7 +33,7 @@ def find_plugin(name: str, cni_path: str) -> Path:
                    f"CNI_PATH={cni_path!r}")
 
 
-def exec_plugin(name: str, env: Mapping[str, str], stdin: bytes) -> tuple[int, bytes]:
+def run_delegate(name: str, env: Mapping[str, str], stdin: bytes) -> tuple[int, bytes]:
     path = find_plugin(name, env.get("CNI_PATH", ""))
     try:
         # stderr is inherited: the delegate's diagnostics reach the runtime's log as ours do.
@@ -60,15 +60,8 @@ class FileDelegateStore:
         directory = Path(data_dir)
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # temp file + rename: a concurrent DEL never reads half a config
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{key}.")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, directory / key)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            # whole or not at all: a concurrent DEL never reads half a config
+            write_atomic(directory / key, data, mode=0o600)
         except OSError as exc:
             raise CniError(ErrorCode.IO_FAILURE, f"cannot write {data_dir}/{key}",
                            str(exc)) from None
@@ -93,7 +86,7 @@ def main() -> None:
         rc, out = 1, _error_output(ErrorCode.IO_FAILURE, "cannot read stdin", str(exc))
     else:
         try:
-            rc, out = handle(os.environ, stdin, exec_plugin=exec_plugin,
+            rc, out = handle(os.environ, stdin, exec_plugin=run_delegate,
                              state=FileDelegateStore(), read_subnet_env=read_subnet_env)
         except Exception as exc:  # a bug: still answer in the spec's format, no traceback
             rc, out = 1, _error_output(ErrorCode.INTERNAL, "internal error in weft-cni",

@@ -46,7 +46,7 @@ def default_cni_path() -> str:
     return f"{Path(sys.executable).parent}{os.pathsep}{REFERENCE_PLUGINS_DIR}"
 
 
-def exec_plugin(command: str, conf: Mapping[str, Any], *, container_id: str, ifname: str,
+def run_cni_plugin(command: str, conf: Mapping[str, Any], *, container_id: str, ifname: str,
                 netns_path: str | None, host_netns: str | None, cni_path: str,
                 cni_args: str | None = None) -> dict[str, Any] | None:
     """Run one plugin (the one `conf["type"]` names) with one command; its parsed stdout."""
@@ -111,7 +111,7 @@ def cni_add(plugin_conf: Mapping[str, Any], netns_path: str, container_id: str,
     for conf in _plugins(plugin_conf):
         if result is not None:
             conf["prevResult"] = result
-        result = exec_plugin("ADD", conf, container_id=container_id, ifname=ifname,
+        result = run_cni_plugin("ADD", conf, container_id=container_id, ifname=ifname,
                              netns_path=netns_path, host_netns=host_netns, cni_path=cni_path,
                              cni_args=cni_args)
         if result is None:
@@ -129,7 +129,7 @@ def cni_del(plugin_conf: Mapping[str, Any], netns_path: str | None, container_id
     for conf in reversed(_plugins(plugin_conf)):
         if prev_result is not None:
             conf["prevResult"] = dict(prev_result)
-        exec_plugin("DEL", conf, container_id=container_id, ifname=ifname,
+        run_cni_plugin("DEL", conf, container_id=container_id, ifname=ifname,
                     netns_path=netns_path, host_netns=host_netns, cni_path=cni_path,
                     cni_args=cni_args)
 
@@ -142,14 +142,14 @@ def cni_check(plugin_conf: Mapping[str, Any], netns_path: str, container_id: str
     cni_path = cni_path or default_cni_path()
     for conf in _plugins(plugin_conf):
         conf["prevResult"] = dict(prev_result)
-        exec_plugin("CHECK", conf, container_id=container_id, ifname=ifname,
+        run_cni_plugin("CHECK", conf, container_id=container_id, ifname=ifname,
                     netns_path=netns_path, host_netns=host_netns, cni_path=cni_path,
                     cni_args=cni_args)
 
 
 def cni_version(plugin_type: str, cni_path: str | None = None) -> dict[str, Any]:
     """VERSION: the plugin's supported spec versions."""
-    result = exec_plugin("VERSION", {"cniVersion": SPEC_VERSION, "type": plugin_type},
+    result = run_cni_plugin("VERSION", {"cniVersion": SPEC_VERSION, "type": plugin_type},
                          container_id="", ifname="", netns_path=None, host_netns=None,
                          cni_path=cni_path or default_cni_path())
     return result or {}

@@ -1,0 +1,59 @@
+"""vxlan's plan: per peer, a route, a neighbour and an FDB entry. Pure.
+
+Per peer: a route to its subnet via the peer's VTEP address (its subnet's network address)
+onlink through the VXLAN device, a permanent neighbour entry mapping that address to the
+peer's VTEP MAC, and an FDB entry sending that MAC to the peer's public IP. With
+DirectRouting, a peer on the same L2 subnet gets a plain route instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from weft.backends.base import backend_mismatch
+from weft.backends.routes import direct_route
+from weft.backends.vxlan.options import VxlanOptions
+from weft.core.dataplane import FdbEntry, Neighbour, Route
+from weft.core.host import UnderlayFacts
+from weft.core.lease import Lease
+
+
+@dataclass(frozen=True)
+class VxlanFacts:
+    device_index: int
+    underlay: UnderlayFacts
+
+
+@dataclass(frozen=True)
+class VxlanPlan:
+    fdb: frozenset[FdbEntry]
+    neighbours: frozenset[Neighbour]
+    routes: frozenset[Route]
+    errors: Mapping[str, str] = field(default_factory=dict)  # peer subnet -> why not
+
+
+def plan(options: VxlanOptions, peers: Sequence[Lease], facts: VxlanFacts) -> VxlanPlan:
+    fdb: set[FdbEntry] = set()
+    neighbours: set[Neighbour] = set()
+    routes: set[Route] = set()
+    errors: dict[str, str] = {}
+    for peer in peers:
+        mac = peer.backend_data.get("VtepMAC")
+        problem = backend_mismatch(peer, "vxlan")
+        if problem is None and not isinstance(mac, str):
+            problem = f"peer {peer.public_ip} publishes no VtepMAC"
+        if problem is not None:
+            errors[str(peer.subnet)] = problem
+            continue
+        assert isinstance(mac, str)
+        if options.direct_routing:
+            direct = direct_route(peer, facts.underlay)
+            if isinstance(direct, Route):
+                routes.add(direct)
+                continue
+        vtep = peer.subnet.network_address
+        routes.add(Route(peer.subnet, vtep, facts.device_index, onlink=True))
+        neighbours.add(Neighbour(vtep, mac, facts.device_index))
+        fdb.add(FdbEntry(mac, peer.public_ip, facts.device_index))
+    return VxlanPlan(frozenset(fdb), frozenset(neighbours), frozenset(routes), errors)

@@ -1,0 +1,43 @@
+"""`Backend` options of the wireguard backend, and the bytes its encapsulation adds."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+
+from weft.core.config import BackendOptions
+from weft.core.constants import IP_HEADER, UDP_HEADER, WIREGUARD_HEADER
+
+
+class WireguardOptions(BackendOptions):
+    type: Literal["wireguard"] = Field(default="wireguard", alias="Type")
+    listen_port: Annotated[int, Field(ge=1, le=65535)] = Field(default=51820, alias="ListenPort")
+    persistent_keepalive: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=0, alias="PersistentKeepaliveInterval"
+    )
+    psk: str | None = Field(default=None, alias="PSK", repr=False)
+    # "auto" uses the kernel module where it exists, else wireguard-go.
+    implementation: Literal["auto", "kernel", "wireguard-go"] = Field(
+        default="auto", alias="Implementation"
+    )
+
+    @field_validator("psk")
+    @classmethod
+    def _psk_is_a_key(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except binascii.Error:
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError("must be a base64-encoded 32-byte key (as `wg genpsk` prints)")
+        return value
+
+
+def wireguard_overhead(ip_version: int) -> int:
+    """Outer IP + UDP + WireGuard's data header and Poly1305 tag."""
+    return IP_HEADER[ip_version] + UDP_HEADER + WIREGUARD_HEADER
