@@ -7,11 +7,14 @@ user for a mistake the user can fix.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar, cast, get_type_hints
 
 import typer
 from rich.console import Console
@@ -62,14 +65,58 @@ DEFAULT_STORE = f"sqlite://{DEFAULT_SQLITE_PATH}"
 T = TypeVar("T")
 
 
-def _store(url: str, prefix: str, cafile: str | None, certfile: str | None,
-           keyfile: str | None, username: str | None, password: str | None) -> LeaseStore:
-    from weft.store import open_store
+@dataclass(frozen=True)
+class StoreOptions:
+    """The store flags every store-using command takes, declared once (`with_store`)."""
 
-    if url.startswith(("etcd://", "etcds://")):
-        return open_store(url, prefix=prefix, cafile=cafile, certfile=certfile, keyfile=keyfile,
-                          username=username, password=password)
-    return open_store(url)
+    url: str = DEFAULT_STORE
+    prefix: str = DEFAULT_ETCD_PREFIX
+    cafile: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    username: str | None = None
+    password: str | None = None
+
+    def open(self) -> LeaseStore:
+        from weft.store import open_store
+
+        if self.url.startswith(("etcd://", "etcds://")):
+            return open_store(self.url, prefix=self.prefix, cafile=self.cafile,
+                              certfile=self.certfile, keyfile=self.keyfile,
+                              username=self.username, password=self.password)
+        return open_store(self.url)
+
+
+# The flags behind StoreOptions: (parameter name, annotation, field).
+_STORE_FLAGS: tuple[tuple[str, object, str], ...] = (
+    ("store", StoreOpt, "url"), ("etcd_prefix", PrefixOpt, "prefix"),
+    ("etcd_cafile", CaOpt, "cafile"), ("etcd_certfile", CertOpt, "certfile"),
+    ("etcd_keyfile", KeyOpt, "keyfile"), ("etcd_username", UserOpt, "username"),
+    ("etcd_password", PassOpt, "password"),
+)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_store(command: F) -> F:
+    """Give `command` the store flags; it receives them as one `store: StoreOptions`."""
+    signature = inspect.signature(command)
+    hints = get_type_hints(command, include_extras=True)  # resolved: typer needs Annotated
+    defaults = StoreOptions()
+    flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                               default=getattr(defaults, field))
+             for name, annotation, field in _STORE_FLAGS]
+    kept = [p.replace(annotation=hints[p.name]) for p in signature.parameters.values()
+            if p.name != "store"]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        store = StoreOptions(**{field: kwargs.pop(name) for name, _, field in _STORE_FLAGS})
+        return command(*args, store=store, **kwargs)
+
+    # typer reads the signature: the command's own parameters, then the store flags.
+    wrapper.__signature__ = signature.replace(parameters=[*kept, *flags])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in [*kept, *flags]}
+    return cast(F, wrapper)
 
 
 def _using_store(store: LeaseStore, op: Callable[[LeaseStore], Awaitable[T]]) -> T:
@@ -90,14 +137,9 @@ def _fail(exc: Exception) -> typer.Exit:
 
 
 @app.command()
+@with_store
 def agent(
-    store: StoreOpt = DEFAULT_STORE,
-    etcd_prefix: PrefixOpt = DEFAULT_ETCD_PREFIX,
-    etcd_cafile: CaOpt = None,
-    etcd_certfile: CertOpt = None,
-    etcd_keyfile: KeyOpt = None,
-    etcd_username: UserOpt = None,
-    etcd_password: PassOpt = None,
+    store: StoreOptions,
     public_ip: Annotated[str | None, typer.Option(help="this host's underlay address")] = None,
     iface: Annotated[str | None, typer.Option(help="underlay interface (default: the "
                                                    "default route's)")] = None,
@@ -124,8 +166,7 @@ def agent(
         logs.configure(log_level)
         require_root()  # before anything else, so the first error is the one to fix
         opts = AgentOptions(
-            store=_store(store, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile,
-                         etcd_username, etcd_password),
+            store=store.open(),
             public_ip=parse_ip(public_ip), iface=iface, subnet_file=subnet_file,
             state_dir=state_dir, lease_ttl=lease_ttl, ip_masq=ip_masq,
             metrics_addr=metrics_addr, release_on_exit=release_on_exit,
@@ -137,12 +178,10 @@ def agent(
 
 
 @config_app.command("set")
+@with_store
 def config_set(
     file: Annotated[str, typer.Argument(help="JSON file, or - for stdin")],
-    store: StoreOpt = DEFAULT_STORE,
-    etcd_prefix: PrefixOpt = DEFAULT_ETCD_PREFIX,
-    etcd_cafile: CaOpt = None, etcd_certfile: CertOpt = None, etcd_keyfile: KeyOpt = None,
-    etcd_username: UserOpt = None, etcd_password: PassOpt = None,
+    store: StoreOptions,
 ) -> None:
     """Validate a network config and write it to the store."""
     from weft.core.config import parse_config
@@ -153,8 +192,7 @@ def config_set(
         except OSError as exc:
             raise UsageError(f"cannot read {file}: {exc.strerror}") from None
         config = parse_config(text)
-        s = _store(store, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile,
-                   etcd_username, etcd_password)
+        s = store.open()
         _using_store(s, lambda st: st.put_config(config.to_json()))
         out.print(f"config written: {config.to_json()}", highlight=False)
     except WeftError as exc:
@@ -162,16 +200,13 @@ def config_set(
 
 
 @config_app.command("show")
+@with_store
 def config_show(
-    store: StoreOpt = DEFAULT_STORE,
-    etcd_prefix: PrefixOpt = DEFAULT_ETCD_PREFIX,
-    etcd_cafile: CaOpt = None, etcd_certfile: CertOpt = None, etcd_keyfile: KeyOpt = None,
-    etcd_username: UserOpt = None, etcd_password: PassOpt = None,
+    store: StoreOptions,
 ) -> None:
     """Print the network config held in the store."""
     try:
-        s = _store(store, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile,
-                   etcd_username, etcd_password)
+        s = store.open()
         text = _using_store(s, lambda st: st.get_config())
         if text is None:
             raise UsageError("the store holds no network config: run `weft config set FILE`")
@@ -181,11 +216,9 @@ def config_show(
 
 
 @app.command()
+@with_store
 def status(
-    store: StoreOpt = DEFAULT_STORE,
-    etcd_prefix: PrefixOpt = DEFAULT_ETCD_PREFIX,
-    etcd_cafile: CaOpt = None, etcd_certfile: CertOpt = None, etcd_keyfile: KeyOpt = None,
-    etcd_username: UserOpt = None, etcd_password: PassOpt = None,
+    store: StoreOptions,
     state_dir: Annotated[Path, typer.Option()] = Path(DEFAULT_STATE_DIR),
     json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
@@ -195,8 +228,7 @@ def status(
     from weft.agent.status import query_status
 
     try:
-        s = _store(store, etcd_prefix, etcd_cafile, etcd_certfile, etcd_keyfile,
-                   etcd_username, etcd_password)
+        s = store.open()
         leases, revision = _using_store(s, lambda st: st.list_leases())
         try:
             health = asyncio.run(query_status(state_dir))
