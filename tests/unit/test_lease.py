@@ -19,8 +19,8 @@ def lease(subnet: str, ip: str, mac: str = "aa:bb:cc:dd:ee:ff") -> Lease:
 def test_flannel_key_and_json_round_trip() -> None:
     a = lease("198.19.3.0/24", "198.18.0.11")
     assert a.key == "subnets/198.19.3.0-24"
-    assert parse_subnet_key("/coreos.com/network/subnets/198.19.3.0-24") == NET("198.19.3.0/24")
-    b = parse_lease("/weft/network/" + a.key, a.to_json(), 42.0)
+    assert parse_subnet_key("subnets/198.19.3.0-24") == NET("198.19.3.0/24")
+    b = parse_lease(a.key, a.to_json(), 42.0)
     assert b == a.with_expiration(42.0)
     v6 = Lease(NET("fd00:198:19:3::/64"), ipaddress.ip_address("fd00::1"), "host-gw")
     assert parse_lease(v6.key, v6.to_json()) == v6
@@ -38,6 +38,12 @@ def test_flannel_key_and_json_round_trip() -> None:
         ("subnets/198.19.3.5-24", '{"PublicIP": "198.18.0.1", "BackendType": "vxlan"}'),
         ("subnets/garbage", '{"PublicIP": "198.18.0.1", "BackendType": "vxlan"}'),
         ("subnets/198.19.3.0-99", '{"PublicIP": "198.18.0.1", "BackendType": "vxlan"}'),
+        # Keys that would alias a live peer's subnet under a second name.
+        ("subnets/zz/198.19.3.0-24", '{"PublicIP": "198.18.0.1", "BackendType": "vxlan"}'),
+        ("subnets/subnets/198.19.3.0-24", '{"PublicIP": "198.18.0.1", "BackendType": "vxlan"}'),
+        ("/weft/network/subnets/198.19.3.0-24", '{"PublicIP": "198.18.0.1", "BackendType": "vxlan"}'),
+        ("subnets/198.19.003.0-24", '{"PublicIP": "198.18.0.1", "BackendType": "vxlan"}'),
+        ("subnets/198.19.3.0-024", '{"PublicIP": "198.18.0.1", "BackendType": "vxlan"}'),
     ],
 )
 def test_records_that_do_not_parse_raise_a_format_error(key: str, value: str) -> None:

@@ -1,19 +1,25 @@
 """The agent: the daemon on each host.
 
-    config ──▶ acquire/reclaim lease ──▶ backend up ──▶ subnet.env, forwarding, masquerade
-                                           │
-          one TaskGroup: watch peers ──▶ reconcile   renew lease   status socket
+    config ──▶ lock state dir ──▶ acquire/reclaim lease ──▶ backend up ──▶ host state
+                                                                │
+    one TaskGroup:  store watch ─┐                              ▼
+                    kernel events ├─▶ "something changed" ─▶ ONE reconcile worker
+                    nft / files  ─┤     (coalesced)             (newest view, validated)
+                    resync timer ─┘
+                    renew lease, status socket
 
-Reconciliation is level-based: every change folds into the full lease view and the
-backend converges the kernel to it. On SIGTERM the agent exits and leaves the data plane
-standing, so a restart drops no traffic; `--release-on-exit` is for a host that leaves.
+Reconciliation is level-based and done by one worker at a time: every trigger only marks
+the state dirty, and the worker converges the kernel to the newest validated lease view
+(and the host's own state: subnet.env, nftables, FORWARD rules). Nothing a peer sends or
+the store holds can end the agent: a bad lease is that peer's error, a failed pass is
+retried with backoff. On SIGTERM the agent exits and leaves the data plane standing, so a
+restart drops no traffic; `--release-on-exit` is for a host that leaves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ipaddress
 import logging
 import random
@@ -25,14 +31,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from weft.agent.host_state import HostState, converge_host_state
 from weft.agent.leasing import acquire_lease
+from weft.agent.lock import StateDirLock
 from weft.agent.metrics import AgentMetrics
 from weft.agent.status import STATUS_SOCKET, serve_status
+from weft.agent.triggers import watch_files, watch_kernel, watch_netfilter
 from weft.backends.base import Backend
-from weft.backends.registry import create_backend
-from weft.core.config import IPAddress, NetworkConfig, parse_config
-from weft.core.constants import DEFAULT_LEASE_TTL, DEFAULT_STATE_DIR, DEFAULT_SUBNET_FILE
+from weft.backends.registry import backend_data_problem, create_backend
+from weft.core.config import IPAddress, IPNetwork, NetworkConfig, parse_config
+from weft.core.constants import (
+    CNI_BRIDGE,
+    DEFAULT_LEASE_TTL,
+    DEFAULT_STATE_DIR,
+    DEFAULT_SUBNET_FILE,
+)
 from weft.core.errors import (
+    ConfigError,
     LeaseNotFound,
     StoreUnavailable,
     UsageError,
@@ -42,14 +57,20 @@ from weft.core.errors import (
 from weft.core.events import LeaseMap, apply_events, diff_peers
 from weft.core.host import HostContext
 from weft.core.lease import Lease
-from weft.host.forward_accept import ensure_forward_accept, remove_forward_accept
+from weft.core.validate import TrustContext, ValidatedView, validate_view
+from weft.host.forward_accept import remove_forward_accept
 from weft.host.masquerade import install_masquerade, remove_masquerade
+from weft.host.netlink import Netlink
 from weft.host.system import detect_host, enable_forwarding, require_root
-from weft.integrations.subnet_env import SubnetEnv, write_subnet_env
+from weft.integrations.subnet_env import SubnetEnv
 from weft.store import LeaseStore
 
-log = logging.getLogger("weft.agent.daemon")
+log = logging.getLogger("weft.agent")
 T = TypeVar("T")
+
+# Every device weft creates starts with this (weft.vx1, weft.udp0, weft.wg0, weft0).
+DEVICE_PREFIX = "weft"
+
 
 @dataclass
 class AgentOptions:
@@ -62,14 +83,14 @@ class AgentOptions:
     ip_masq: bool = True
     metrics_addr: str | None = None
     release_on_exit: bool = False
-    # Converge the kernel again now and then even when no lease changed: repairs what
-    # someone else deleted and restarts a data-plane helper that died (wireguard-go).
+    # Converge everything again now and then even when no event said so: the safety net
+    # under the kernel, netfilter and file watchers.
     resync_interval: float = 60.0
 
 
 @dataclass
 class Backoff:
-    """Exponential backoff with jitter for store retries (pure but for the sleep)."""
+    """Exponential backoff with jitter for retries (pure but for the sleep)."""
 
     initial: float = 0.5
     cap: float = 15.0
@@ -83,20 +104,47 @@ class Backoff:
         self.current = 0.0
 
 
+class PeerErrorLog:
+    """Per-peer errors, logged when they appear or change and when they clear, not on
+    every pass (a bad record in the store must not flood the log)."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, str] = {}
+
+    def update(self, errors: Mapping[str, str]) -> None:
+        for peer, message in errors.items():
+            if self.current.get(peer) != message:
+                log.error("peer not usable", extra={"peer": peer, "error": message})
+        for peer in self.current.keys() - errors.keys():
+            log.info("peer error cleared", extra={"peer": peer})
+        self.current = dict(errors)
+
+
 class Agent:
     def __init__(self, options: AgentOptions) -> None:
         self.opts = options
         self.store = options.store
         self.metrics = AgentMetrics()
         self.config: NetworkConfig | None = None
+        self.config_text: str | None = None
         self.backend: Backend | None = None
         self.host: HostContext | None = None
         self.lease: Lease | None = None
-        self.leases: LeaseMap = {}
+        self.mtu = 0
+        self.leases: LeaseMap = {}  # everything the store holds, unvalidated
+        self.view = ValidatedView({})  # what the last reconcile used
         self.revision = 0
-        self.last_errors: dict[str, str] = {}
+        self.peer_errors = PeerErrorLog()
+        self.host_errors: dict[str, str] = {}
+        self.notices: dict[str, str] = {}  # e.g. a config change that needs a restart
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
+        self._dirty = asyncio.Event()
+        self._host_dirty = True
+        self._renew_now = asyncio.Event()
+        self._status_restart = asyncio.Event()
+        self._lock = StateDirLock(options.state_dir)
+        self._underlay: tuple[IPNetwork, ...] = ()
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -113,20 +161,28 @@ class Agent:
                             extra={"op": what, "error": str(exc), "retry_in": round(delay, 2)})
                 await asyncio.sleep(delay)
 
-    async def _load_config(self) -> NetworkConfig:
+    async def _load_config(self) -> tuple[str, NetworkConfig]:
         text = await self._retry("get config", self.store.get_config)
         if text is None:
             raise UsageError("the store holds no network config: run `weft config set FILE`")
-        return parse_config(text)
+        return text, parse_config(text)
 
     async def start(self) -> None:
         require_root()
-        self.config = config = await self._load_config()
+        state_dir = self.opts.state_dir
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise UsageError(
+                f"--state-dir {state_dir}: cannot create it ({exc.strerror})") from None
+        self._lock.acquire()
+        self.config_text, config = await self._load_config()
+        self.config = config
         # pyroute2's sync API runs its own event loop, so netlink work happens off this one.
         self.host = host = await asyncio.to_thread(
-            detect_host, self.opts.public_ip, self.opts.iface, self.opts.state_dir
+            detect_host, self.opts.public_ip, self.opts.iface, state_dir
         )
-        host.state_dir.mkdir(parents=True, exist_ok=True)
+        self._underlay = await asyncio.to_thread(self._underlay_networks)
         self.backend = backend = create_backend(config, host)
         data = await asyncio.to_thread(backend.prepare)
         lease, reclaimed = await self._retry(
@@ -134,38 +190,78 @@ class Agent:
             lambda: acquire_lease(self.store, config, host.public_ip, config.backend.type,
                                   data, self.opts.lease_ttl),
         )
-        self._set_lease(lease)
         log.info("lease reclaimed" if reclaimed else "lease acquired",
                  extra={"subnet": str(lease.subnet), "public_ip": str(host.public_ip),
                         "expires_in": round(lease.expires_in(time.time()))})
-        mtu = await asyncio.to_thread(backend.activate, lease)
+        await self._take_lease(lease)
         enable_forwarding(config.network.version)
-        await self._ensure_forward_accept()
-        if self.opts.ip_masq:
-            install_masquerade(config.network, lease.subnet)
-        write_subnet_env(self.opts.subnet_file,
-                         SubnetEnv(config.network, lease.subnet, mtu, self.opts.ip_masq))
         self.metrics.export_backend(backend.status)
         leases, self.revision = await self._retry("list leases", self.store.list_leases)
-        # The first pass also removes what an earlier run left that no lease wants.
-        await self._update({lease.subnet: lease for lease in leases})
+        self.leases = {lease.subnet: lease for lease in leases}
+        # The first pass runs here, so what goes wrong on start-up reaches the caller; it
+        # also removes what an earlier run left that no lease wants.
+        await self._reconcile_once()
         if self.opts.metrics_addr:
             self.metrics.serve(self.opts.metrics_addr)
 
-    def _set_lease(self, lease: Lease) -> None:
+    def _underlay_networks(self) -> tuple[IPNetwork, ...]:
+        assert self.host is not None
+        with Netlink() as nl:
+            facts = nl.underlay_facts(self.host.underlay_ifname)
+        return tuple(a.network for a in facts.addresses)
+
+    async def _take_lease(self, lease: Lease) -> None:
+        """Make `lease` this host's: the backend's own address and MTU, subnet.env."""
+        assert self.backend is not None
         self.lease = lease
         self.metrics.lease_expiry.set(lease.expiration)
+        self.mtu = await asyncio.to_thread(self.backend.activate, lease)
+        if self.opts.ip_masq:
+            # Replaced whole: the table names the subnet, which may be a new one. Later
+            # passes only put it back if it is missing.
+            assert self.config is not None
+            await asyncio.to_thread(install_masquerade, self.config.network, lease.subnet)
+        self._host_dirty = True
 
-    # --- reconcile ----------------------------------------------------------------------
+    # --- reconcile: one worker ----------------------------------------------------------
 
-    async def _update(self, leases: LeaseMap) -> None:
-        assert self.backend is not None
+    def request(self, reason: str, *, host: bool = False) -> None:
+        """Something changed: converge soon. Bursts coalesce into one pass."""
+        if host:
+            self._host_dirty = True
+        if not self._dirty.is_set():
+            log.debug("reconcile requested", extra={"reason": reason})
+        self._dirty.set()
+
+    def _trust(self) -> TrustContext:
+        assert self.config is not None
+        assert self.host is not None
+        return TrustContext(self.config, self.host.public_ip,
+                            self.lease.subnet if self.lease else None, self._underlay,
+                            backend_data_problem)
+
+    def _host_state(self) -> HostState:
+        assert self.config is not None
         assert self.lease is not None
-        own = self.lease.subnet
-        before = {s: lease for s, lease in self.leases.items() if s != own}
-        after = {s: lease for s, lease in leases.items() if s != own}
-        self.leases = leases
-        diff = diff_peers(before, after)
+        return HostState(self.config.network, self.opts.subnet_file, self.opts.state_dir,
+                         SubnetEnv(self.config.network, self.lease.subnet, self.mtu,
+                                   self.opts.ip_masq), self.opts.ip_masq)
+
+    async def _reconcile_once(self) -> bool:
+        """One pass over everything the agent owns; False if it must be retried."""
+        assert self.backend is not None
+        ok = True
+        if self._host_dirty:
+            self._host_dirty = False
+            self.host_errors = await asyncio.to_thread(converge_host_state, self._host_state())
+            if not (self.opts.state_dir / STATUS_SOCKET).exists():
+                self._status_restart.set()
+            if self.host_errors:
+                log.error("could not repair host state", extra=self.host_errors)
+                self._host_dirty = ok = False
+        view = validate_view(self.leases.values(), self._trust(), previous=self.view.peers)
+        before, self.view = self.view.peers, view
+        diff = diff_peers(before, view.peers)
         for lease in diff.added:
             log.info("peer added", extra={"subnet": str(lease.subnet),
                                           "public_ip": str(lease.public_ip)})
@@ -176,25 +272,74 @@ class Agent:
             log.info("peer changed", extra={"subnet": str(lease.subnet),
                                             "public_ip": str(lease.public_ip)})
         started = time.perf_counter()
+        errors = dict(view.errors)
         try:
-            peers = sorted(after.values(), key=lambda x: str(x.subnet))
+            peers = sorted(view.peers.values(), key=lambda x: str(x.subnet))
             result = await asyncio.to_thread(self.backend.reconcile, peers)
+            errors.update(result.errors)
+            if result.added or result.removed:
+                log.info("reconciled", extra={"added": result.added, "removed": result.removed,
+                                              "peers": len(view.peers)})
         except WeftError as exc:
-            self.metrics.reconcile_errors.inc()
-            self.last_errors = {"reconcile": str(exc)}
-            log.error("reconcile failed", extra={"error": str(exc)})
-            return
+            errors["reconcile"] = str(exc)
+            ok = False
+        except Exception as exc:
+            # A bug, or a kernel answer nobody foresaw: logged with its traceback and
+            # retried, never the end of the agent (it keeps the data plane it has).
+            log.exception("reconcile failed unexpectedly", extra={"error": repr(exc)})
+            errors["reconcile"] = repr(exc)
+            ok = False
         finally:
             self.metrics.reconciles.inc()
             self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
-        self.metrics.peers.set(len(after))
-        self.last_errors = result.errors
-        for peer, message in result.errors.items():
-            self.metrics.reconcile_errors.inc()
-            log.error("reconcile error for peer", extra={"peer": peer, "error": message})
-        if result.added or result.removed:
-            log.info("reconciled", extra={"added": result.added, "removed": result.removed,
-                                          "peers": len(after)})
+        self.metrics.peers.set(len(view.peers))
+        self.metrics.peer_errors.set(len(errors))
+        self.metrics.reconcile_errors.inc(len(errors.keys() - self.peer_errors.current.keys()))
+        self.peer_errors.update(errors)
+        return ok
+
+    async def _reconciler(self) -> None:
+        backoff = Backoff()
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            if await self._reconcile_once():
+                backoff.reset()
+                self.ready.set()
+            else:
+                await asyncio.sleep(backoff.next())
+                self._dirty.set()
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self.opts.resync_interval)
+            await self._check_config()
+            self.request("resync", host=True)
+
+    async def _check_config(self) -> None:
+        """A config changed in the store is not applied live (a new Network or backend
+        would renumber every container): it is refused loudly until the agent restarts."""
+        try:
+            text = await self.store.get_config()
+        except StoreUnavailable:
+            return
+        if text == self.config_text or text is None:
+            self.notices.pop("config", None)
+            return
+        try:
+            changed = parse_config(text) != self.config
+        except ConfigError as exc:
+            message = f"the config in the store is invalid and was not applied: {exc}"
+        else:
+            if not changed:
+                return
+            message = ("the network config in the store changed; it is not applied to a "
+                       "running agent: restart `weft agent` on every host to apply it")
+        if self.notices.get("config") != message:
+            log.error("config change refused", extra={"error": message})
+        self.notices["config"] = message
+
+    # --- the store ----------------------------------------------------------------------
 
     async def _watch(self) -> None:
         backoff = Backoff()
@@ -203,13 +348,16 @@ class Agent:
                 async for events in self.store.watch(self.revision):
                     backoff.reset()
                     self.revision = events[-1].revision
-                    await self._update(apply_events(self.leases, events))
-                    self.ready.set()
+                    self.leases = apply_events(self.leases, events)
+                    self._check_own_lease()
+                    self.request("store")
             except WatchCompacted as exc:
                 log.warning("watch history compacted; resyncing from a full list",
                             extra={"error": str(exc)})
                 leases, self.revision = await self._retry("list leases", self.store.list_leases)
-                await self._update({lease.subnet: lease for lease in leases})
+                self.leases = {lease.subnet: lease for lease in leases}
+                self._check_own_lease()
+                self.request("store resync")
             except StoreUnavailable as exc:
                 self.metrics.store_errors.inc()
                 delay = backoff.next()
@@ -217,29 +365,24 @@ class Agent:
                             extra={"error": str(exc), "retry_in": round(delay, 2)})
                 await asyncio.sleep(delay)
 
-    async def _resync(self) -> None:
-        while True:
-            await asyncio.sleep(self.opts.resync_interval)
-            await self._ensure_forward_accept()  # Docker may have started since
-            await self._update(self.leases)
-
-    async def _ensure_forward_accept(self) -> None:
-        """Keep overlay traffic through a dropping FORWARD chain; a failure is logged and
-        retried at the next resync, never fatal (hosts without Docker do not need it)."""
-        assert self.config is not None
-        try:
-            await asyncio.to_thread(ensure_forward_accept, self.config.network)
-        except (WeftError, OSError, subprocess.SubprocessError) as exc:
-            log.warning("could not add the FORWARD accept rules", extra={"error": str(exc)})
+    def _check_own_lease(self) -> None:
+        """Our subnet gone from the store, or held by someone else: renew (or move) now,
+        not at the next renewal."""
+        if self.lease is None:
+            return
+        held = self.leases.get(self.lease.subnet)
+        if held is None or held.public_ip != self.lease.public_ip:
+            self._renew_now.set()
 
     async def _renew(self) -> None:
         assert self.lease is not None
-        assert self.config is not None
-        assert self.host is not None
         backoff = Backoff()
         while True:
             delay = max(0.0, self.lease.renew_at(self.opts.lease_ttl) - time.time())
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._renew_now.wait()
+            self._renew_now.clear()
             try:
                 lease = await self.store.renew_lease(self.lease, self.opts.lease_ttl)
             except StoreUnavailable as exc:
@@ -250,25 +393,45 @@ class Agent:
                 await asyncio.sleep(wait)
                 continue
             except LeaseNotFound:
-                # Our lease expired (the store was away longer than the TTL). Take the
-                # same subnet back if it is still free; otherwise the host must restart.
-                log.error("lease lost; trying to take the same subnet back",
-                          extra={"subnet": str(self.lease.subnet)})
-                created = await self._retry(
-                    "recreate lease",
-                    functools.partial(self.store.create_lease, self.lease, self.opts.lease_ttl),
-                )
-                if created is None:
-                    raise WeftError(
-                        f"lease for {self.lease.subnet} was lost and another host took the "
-                        "subnet; restart the agent to acquire a new one"
-                    ) from None
-                lease = created
+                lease = await self._recover_lease()
             backoff.reset()
-            self._set_lease(lease)
+            self.lease = lease
+            self.metrics.lease_expiry.set(lease.expiration)
             self.metrics.lease_renewals.inc()
             log.info("lease renewed", extra={"subnet": str(lease.subnet),
                                              "expires_in": round(lease.expires_in(time.time()))})
+
+    async def _recover_lease(self) -> Lease:
+        """Our lease expired (the store was away longer than the TTL, or the host came back
+        late). Take the same subnet back if it is free; if another host took it, this host
+        must stop answering for it at once and move to a new subnet."""
+        assert self.lease is not None
+        assert self.config is not None
+        assert self.host is not None
+        old = self.lease
+        log.error("lease lost; trying to take the same subnet back",
+                  extra={"subnet": str(old.subnet)})
+        created = await self._retry(
+            "recreate lease", lambda: self.store.create_lease(old, self.opts.lease_ttl))
+        if created is not None:
+            return created
+        stranded = await asyncio.to_thread(_release_subnet, old.subnet)
+        log.error("another host took this host's subnet; moving to a new one",
+                  extra={"subnet": str(old.subnet),
+                         "stranded_containers": ", ".join(stranded) or "none",
+                         "action": "restart the stranded containers to give them addresses "
+                                   "in the new subnet"})
+        config, host = self.config, self.host
+        lease, _ = await self._retry(
+            "acquire lease",
+            lambda: acquire_lease(self.store, config, host.public_ip, config.backend.type,
+                                  old.backend_data, self.opts.lease_ttl))
+        await self._take_lease(lease)
+        self.notices["lease"] = (f"subnet {old.subnet} was taken by another host while this "
+                                 f"one was away; now {lease.subnet}")
+        log.info("lease acquired", extra={"subnet": str(lease.subnet)})
+        self.request("new lease", host=True)
+        return lease
 
     # --- status socket ------------------------------------------------------------------
 
@@ -283,33 +446,83 @@ class Agent:
             "lease_expires_in": round(lease.expires_in(time.time())) if lease else None,
             "backend": self.config.backend.type if self.config else None,
             "backend_status": dict(backend_status),
-            "peers": sorted(str(s) for s in self.leases if lease is None or s != lease.subnet),
+            "peers": sorted(str(s) for s in self.view.peers),
             "revision": self.revision,
-            "errors": self.last_errors,
+            "errors": dict(self.peer_errors.current),
+            "host_errors": dict(self.host_errors),
+            "notices": dict(self.notices),
         }
 
     async def _serve_status(self) -> None:
-        await serve_status(self.opts.state_dir / STATUS_SOCKET, self.status)
+        while True:
+            self._status_restart.clear()
+            server = asyncio.create_task(
+                serve_status(self.opts.state_dir / STATUS_SOCKET, self.status))
+            await self._status_restart.wait()  # the socket was removed: serve it anew
+            server.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await server
 
     # --- run ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            self._lock.release()
+            raise
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        directories = [self.opts.subnet_file.parent, self.opts.state_dir]
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self._watch()), tg.create_task(self._renew()),
-                         tg.create_task(self._resync()), tg.create_task(self._serve_status())]
+                tasks = [
+                    tg.create_task(self._reconciler()),
+                    tg.create_task(self._watch()), tg.create_task(self._renew()),
+                    tg.create_task(self._resync()), tg.create_task(self._serve_status()),
+                    tg.create_task(self._guard(
+                        "kernel events", lambda: watch_kernel(self._kernel_changed,
+                                                              DEVICE_PREFIX))),
+                    tg.create_task(self._guard(
+                        "netfilter events", lambda: watch_netfilter(self._host_changed))),
+                    tg.create_task(self._guard(
+                        "file events", lambda: watch_files(self._host_changed, directories))),
+                ]
                 self.ready.set()
                 log.info("agent running", extra={"subnet": str(self.lease.subnet if self.lease
                                                                else "")})
                 await self._stop.wait()
                 for task in tasks:
                     task.cancel()
+        except BaseExceptionGroup as group:
+            # One line for the user (the CLI prints WeftError), not a traceback of a group.
+            leaf = _first_leaf(group)
+            if isinstance(leaf, WeftError):
+                raise leaf from None
+            raise
         finally:
             await self._shutdown()
+
+    def _kernel_changed(self, reason: str) -> None:
+        self.request(reason, host=reason.startswith(f"link {CNI_BRIDGE}"))
+
+    def _host_changed(self, reason: str) -> None:
+        self.request(reason, host=True)
+
+    async def _guard(self, name: str, watcher: Callable[[], Awaitable[None]]) -> None:
+        """A change watcher that fails is restarted; the periodic resync covers the gap."""
+        backoff = Backoff(initial=1.0, cap=30.0)
+        while True:
+            try:
+                await watcher()
+                return
+            except Exception as exc:
+                delay = backoff.next()
+                log.warning("change watcher failed; restarting it",
+                            extra={"watcher": name, "error": repr(exc),
+                                   "retry_in": round(delay, 2)})
+                await asyncio.sleep(delay)
 
     def _remove_host_rules(self) -> None:
         """The masquerade table and the FORWARD accept rules, when the host leaves."""
@@ -322,20 +535,41 @@ class Agent:
             log.warning("could not remove weft's firewall rules", extra={"error": str(exc)})
 
     async def _shutdown(self) -> None:
-        assert self.backend is not None
-        await asyncio.to_thread(self.backend.close)
-        if self.opts.release_on_exit and self.lease is not None:
-            log.info("releasing lease and removing the data plane",
-                     extra={"subnet": str(self.lease.subnet)})
-            with contextlib.suppress(StoreUnavailable):
-                await self.store.delete_lease(self.lease.subnet)
-            await asyncio.to_thread(self._remove_host_rules)
-            await asyncio.to_thread(self.backend.teardown)
-            self.opts.subnet_file.unlink(missing_ok=True)
-        else:
-            log.info("agent stopped; data plane left in place")
-        (self.opts.state_dir / STATUS_SOCKET).unlink(missing_ok=True)
-        await self.store.close()
+        try:
+            assert self.backend is not None
+            await asyncio.to_thread(self.backend.close)
+            if self.opts.release_on_exit and self.lease is not None:
+                log.info("releasing lease and removing the data plane",
+                         extra={"subnet": str(self.lease.subnet)})
+                with contextlib.suppress(StoreUnavailable):
+                    await self.store.delete_lease(self.lease.subnet)
+                await asyncio.to_thread(self._remove_host_rules)
+                await asyncio.to_thread(self.backend.teardown)
+                self.opts.subnet_file.unlink(missing_ok=True)
+            else:
+                log.info("agent stopped; data plane left in place")
+            (self.opts.state_dir / STATUS_SOCKET).unlink(missing_ok=True)
+            await self.store.close()
+        finally:
+            self._lock.release()
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _release_subnet(subnet: IPNetwork) -> list[str]:
+    """Stop answering for a subnet this host no longer holds: its gateway address leaves
+    the container bridge. Returns the containers (neighbours on the bridge) left in it."""
+    with Netlink() as nl:
+        bridge = nl.link(CNI_BRIDGE)
+        if bridge is None:
+            return []
+        stranded = sorted(str(n.ip) for n in nl.neighbours(bridge.index, permanent=False)
+                          if n.ip in subnet)
+        nl.remove_addresses_in(bridge.index, subnet)
+    return stranded
 
 
 def parse_ip(value: str | None) -> IPAddress | None:

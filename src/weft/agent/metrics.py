@@ -44,6 +44,9 @@ class AgentMetrics:
             "weft_reconcile_duration_seconds", "Time one reconcile pass took", registry=r,
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
         )
+        self.peer_errors = Gauge(
+            "weft_peer_errors", "Peers (or leases) that cannot be used right now", registry=r
+        )
         self.store_errors = Counter("weft_store_errors", "Failed store operations", registry=r)
 
     def export_backend(self, status: Callable[[], Mapping[str, Any]]) -> None:

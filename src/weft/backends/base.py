@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from weft.core.config import NetworkConfig
-from weft.core.errors import WeftError
 from weft.core.host import HostContext
 from weft.core.lease import Lease
 
@@ -62,23 +61,30 @@ class BackendFactory(Protocol):
 
 def converge(
     desired: set[T], actual: set[T], add: Callable[[T], None], remove: Callable[[T], None],
-    describe: Callable[[T], str] = str,
+    describe: Callable[[T], str] = str, key: Callable[[T], object] | None = None,
 ) -> ReconcileResult:
     """Make `actual` become `desired`: add what is missing, remove what is stale.
     A failing object is recorded and the rest still applied (one bad peer never blocks
-    the others); adding first means a changed entry is replaced, never briefly absent."""
+    the others); adding first means a changed entry is replaced, never briefly absent.
+
+    `key` names what the kernel identifies an object by, where that is less than the whole
+    object: a stale object whose key a desired one shares was already overwritten by the
+    add (a neighbour whose MAC changed), and deleting it would delete the new one."""
     result = ReconcileResult()
     for item in desired - actual:
         try:
             add(item)
             result.added += 1
-        except WeftError as exc:
+        except Exception as exc:
             result.errors[describe(item)] = str(exc)
+    kept = {key(item) for item in desired} if key is not None else set()
     for item in actual - desired:
+        if key is not None and key(item) in kept:
+            continue
         try:
             remove(item)
             result.removed += 1
-        except WeftError as exc:
+        except Exception as exc:
             result.errors[describe(item)] = str(exc)
     return result
 

@@ -9,14 +9,18 @@ one it runs. Pure: importing this module imports only the options models.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from weft.backends.hostgw.options import HostGwOptions, hostgw_overhead
-from weft.backends.udp.options import UdpOptions, udp_overhead
-from weft.backends.vxlan.options import VxlanOptions, vxlan_overhead
-from weft.backends.wireguard.options import WireguardOptions, wireguard_overhead
+from weft.backends.hostgw.options import HostGwOptions, hostgw_data_problem, hostgw_overhead
+from weft.backends.udp.options import UdpOptions, udp_data_problem, udp_overhead
+from weft.backends.vxlan.options import VxlanOptions, vxlan_data_problem, vxlan_overhead
+from weft.backends.wireguard.options import (
+    WireguardOptions,
+    wireguard_data_problem,
+    wireguard_overhead,
+)
 from weft.core.config import BackendOptions, NetworkConfig
 from weft.core.host import HostContext
 
@@ -29,17 +33,19 @@ class BackendSpec:
     options: type[BackendOptions]
     factory: str  # "module:Class", a class taking (NetworkConfig, HostContext)
     overhead: Callable[[int], int]  # bytes added to every packet, by outer IP version
+    data_problem: Callable[[Mapping[str, Any]], str | None]  # a peer's BackendData, checked
     encrypted: bool = False
 
 
 BACKENDS: dict[str, BackendSpec] = {
     "vxlan": BackendSpec(VxlanOptions, "weft.backends.vxlan.apply:VxlanBackend",
-                         vxlan_overhead),
+                         vxlan_overhead, vxlan_data_problem),
     "host-gw": BackendSpec(HostGwOptions, "weft.backends.hostgw.apply:HostGwBackend",
-                           hostgw_overhead),
-    "udp": BackendSpec(UdpOptions, "weft.backends.udp.apply:UdpBackend", udp_overhead),
+                           hostgw_overhead, hostgw_data_problem),
+    "udp": BackendSpec(UdpOptions, "weft.backends.udp.apply:UdpBackend", udp_overhead,
+                       udp_data_problem),
     "wireguard": BackendSpec(WireguardOptions, "weft.backends.wireguard.apply:WireguardBackend",
-                             wireguard_overhead, encrypted=True),
+                             wireguard_overhead, wireguard_data_problem, encrypted=True),
 }
 
 
@@ -60,3 +66,11 @@ def overhead(backend_type: str, ip_version: int = 4) -> int:
 def overlay_mtu(options: BackendOptions, underlay_mtu: int, ip_version: int) -> int:
     """The MTU of the overlay: `Backend.MTU` if set, else what the underlay leaves."""
     return options.mtu or underlay_mtu - overhead(options.type, ip_version)
+
+
+def backend_data_problem(backend_type: str, data: Mapping[str, Any]) -> str | None:
+    """Why a lease's BackendData cannot be used by its own backend, or None."""
+    spec = BACKENDS.get(backend_type)
+    if spec is None:
+        return f"unknown BackendType {backend_type!r}"
+    return spec.data_problem(data)

@@ -70,15 +70,20 @@ def subnet_key(subnet: IPNetwork) -> str:
 
 
 def parse_subnet_key(key: str) -> IPNetwork:
-    """The inverse of `subnet_key`; accepts a full key with any prefix before `subnets/`."""
-    name = key.rsplit("/", 1)[-1]
+    """The inverse of `subnet_key`, for a key relative to the store's prefix. Only the
+    canonical form is a lease: `subnets/zz/10.244.4.0-24` or `subnets/10.244.004.0-24`
+    would otherwise alias a live peer's subnet under a second key."""
+    directory, _, name = key.rpartition("/")
     addr, sep, length = name.rpartition("-")
-    if not sep:
-        raise LeaseFormatError(f"lease key {key!r} is not of the form <ip>-<prefixlen>")
+    if directory != SUBNETS_DIR or not sep:
+        raise LeaseFormatError(f"lease key {key!r} is not of the form {SUBNETS_DIR}/<ip>-<len>")
     try:
-        return ipaddress.ip_network(f"{addr}/{int(length)}", strict=True)
+        subnet = ipaddress.ip_network(f"{addr}/{int(length)}", strict=True)
     except ValueError as exc:
         raise LeaseFormatError(f"lease key {key!r}: {exc}") from None
+    if subnet_key(subnet) != key:
+        raise LeaseFormatError(f"lease key {key!r} is not canonical ({subnet_key(subnet)!r})")
+    return subnet
 
 
 def parse_lease(key: str, value: str | bytes, expiration: float = 0.0) -> Lease:

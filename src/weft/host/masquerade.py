@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from weft.core.config import IPNetwork
 from weft.core.constants import NFT_TABLE
-from weft.host.nftables import apply_nft
+from weft.host.nftables import apply_nft, table_exists
 
 
 def masquerade_ruleset(network: IPNetwork, subnet: IPNetwork) -> str:
@@ -44,3 +44,11 @@ def install_masquerade(network: IPNetwork, subnet: IPNetwork) -> None:
 def remove_masquerade(network: IPNetwork) -> None:
     fam = "ip" if network.version == 4 else "ip6"
     apply_nft(f"table {fam} {NFT_TABLE} {{}}\ndelete table {fam} {NFT_TABLE}\n")
+
+
+def ensure_masquerade(network: IPNetwork, subnet: IPNetwork) -> bool:
+    """Install the table if it is missing (flushed, deleted); True if it had to be."""
+    if table_exists("ip" if network.version == 4 else "ip6", NFT_TABLE):
+        return False
+    install_masquerade(network, subnet)
+    return True

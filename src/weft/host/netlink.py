@@ -19,7 +19,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK
 
-from weft.core.config import IPAddress
+from weft.core.config import IPAddress, IPNetwork
 from weft.core.constants import ROUTE_PROTOCOL
 from weft.core.dataplane import FdbEntry, Neighbour, Route
 from weft.core.errors import KernelError, KernelFeatureMissing, PermissionProblem
@@ -152,6 +152,14 @@ class Netlink:
                     self._ipr.addr("del", index=index, address=str(other.ip),
                                    prefixlen=other.network.prefixlen)
 
+    def remove_addresses_in(self, index: int, subnet: IPNetwork) -> None:
+        """Remove every address of `subnet` from a device (a subnet this host lost)."""
+        for have in self.addresses(index):
+            if have.ip in subnet:
+                with self._op(f"remove address {have}"):
+                    self._ipr.addr("del", index=index, address=str(have.ip),
+                                   prefixlen=have.network.prefixlen)
+
     # --- routes -------------------------------------------------------------------------
 
     def routes(self, version: int) -> set[Route]:
@@ -207,13 +215,15 @@ class Netlink:
 
     # --- neighbours and FDB (VXLAN) -----------------------------------------------------
 
-    def neighbours(self, index: int) -> set[Neighbour]:
+    def neighbours(self, index: int, *, permanent: bool = True) -> set[Neighbour]:
+        """Neighbours on a device: weft's own (permanent) by default, or every one known."""
         with self._op("list neighbours"):
             msgs = self._ipr.get_neighbours(ifindex=index)
         return {
             Neighbour(ipaddress.ip_address(m.get_attr("NDA_DST")), m.get_attr("NDA_LLADDR"), index)
             for m in msgs
-            if m["state"] & NUD_PERMANENT and m.get_attr("NDA_LLADDR") and m.get_attr("NDA_DST")
+            if (m["state"] & NUD_PERMANENT or not permanent)
+            and m.get_attr("NDA_LLADDR") and m.get_attr("NDA_DST")
         }
 
     def replace_neighbour(self, n: Neighbour) -> None:

@@ -21,3 +21,13 @@ def apply_nft(script: str, what: str = "weft's rules") -> None:
                           check=False)
     if proc.returncode != 0:
         raise KernelError(f"nftables refused {what}: {proc.stderr.strip()}")
+
+
+def table_exists(family: str, table: str) -> bool:
+    """Whether `table` is in the ruleset now (a flush or a `delete table` removes it)."""
+    nft = shutil.which("nft")
+    if nft is None:
+        raise KernelFeatureMissing("`nft` not found: install the nftables package")
+    proc = subprocess.run([nft, "list", "table", family, table], capture_output=True,
+                          text=True, check=False)
+    return proc.returncode == 0

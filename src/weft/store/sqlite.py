@@ -54,6 +54,9 @@ class SqliteLeaseStore:
             self._db = sqlite3.connect(
                 self.path, timeout=30.0, isolation_level=None, check_same_thread=False
             )
+            # A row something else wrote that is not UTF-8 reads as replacement characters
+            # (and then fails to parse, logged and skipped) instead of failing every query.
+            self._db.text_factory = lambda raw: raw.decode("utf-8", errors="replace")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -15,3 +16,7 @@ class HostGwOptions(BackendOptions):
 
 def hostgw_overhead(ip_version: int) -> int:
     return 0
+
+
+def hostgw_data_problem(data: Mapping[str, Any]) -> str | None:
+    return None  # host-gw publishes nothing but the PublicIP

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -21,3 +22,11 @@ class UdpOptions(BackendOptions):
 def udp_overhead(ip_version: int) -> int:
     """Outer IP + UDP + weft's header + the virtio-net header it carries."""
     return IP_HEADER[ip_version] + UDP_HEADER + UDP_ENCAP_HEADER + VNET_HEADER
+
+
+def udp_data_problem(data: Mapping[str, Any]) -> str | None:
+    """Why a peer's udp BackendData cannot be used, or None (no Port: the default)."""
+    port = data.get("Port", 8285)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        return f"Port {port!r} is not a UDP port (1-65535)"
+    return None

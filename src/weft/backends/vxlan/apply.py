@@ -5,6 +5,7 @@ Learning is off: the kernel never floods, every entry comes from a lease.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,6 +20,8 @@ from weft.core.host import HostContext
 from weft.core.lease import Lease
 from weft.host.netlink import LinkInfo, Netlink
 
+log = logging.getLogger("weft.vxlan")
+
 
 class VxlanBackend:
     def __init__(self, config: NetworkConfig, host: HostContext) -> None:
@@ -27,6 +30,8 @@ class VxlanBackend:
         self.options: VxlanOptions = config.backend
         self.host = host
         self.device = f"{VXLAN_DEVICE_PREFIX}{self.options.vni}"
+        self._mac: str | None = None  # the VTEP MAC peers hold; kept when recreating
+        self._lease: Lease | None = None
 
     def _matches(self, link: LinkInfo, underlay_index: int) -> bool:
         d = link.data
@@ -50,6 +55,9 @@ class VxlanBackend:
                 nl.delete_link(self.device)
                 link = None
             if link is None:
+                # A device recreated under a running agent gets its old MAC back, so no
+                # peer has to learn a new one.
+                mac = {"address": self._mac} if self._mac else {}
                 link = nl.create_link(
                     self.device, "vxlan",
                     vxlan_id=self.options.vni,
@@ -57,10 +65,13 @@ class VxlanBackend:
                     vxlan_local=str(self.host.public_ip),
                     vxlan_link=underlay.index,
                     vxlan_learning=0,
+                    **mac,
                 )
+        self._mac = link.mac
         return {"VNI": self.options.vni, "VtepMAC": link.mac}
 
     def activate(self, lease: Lease) -> int:
+        self._lease = lease
         mtu = overlay_mtu(self.options, self.host.underlay_mtu, self.host.public_ip.version)
         with Netlink() as nl:
             link = nl.link(self.device)
@@ -71,6 +82,15 @@ class VxlanBackend:
         return mtu
 
     def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
+        if self._lease is not None:
+            # Level-based: the device, its address, MTU and state are ours too. Someone
+            # deleted it (or set it down): put it back before programming peers on it.
+            with Netlink() as nl:
+                link = nl.link(self.device)
+            if link is None:
+                log.warning("VXLAN device missing; recreating it", extra={"device": self.device})
+                self.prepare()
+            self.activate(self._lease)
         with Netlink() as nl:
             link = nl.link(self.device)
             if link is None:
@@ -82,7 +102,7 @@ class VxlanBackend:
                               nl.delete_fdb, lambda e: f"fdb {e.mac}")
             result += converge(set(wanted.neighbours), nl.neighbours(link.index),
                                nl.replace_neighbour, nl.delete_neighbour,
-                               lambda n: f"neighbour {n.ip}")
+                               lambda n: f"neighbour {n.ip}", key=lambda n: n.ip)
             result += converge(set(wanted.routes), nl.routes(self.config.network.version),
                                nl.replace_route, nl.delete_route, lambda r: str(r.dst))
         result.errors.update(wanted.errors)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -20,3 +22,16 @@ class VxlanOptions(BackendOptions):
 def vxlan_overhead(ip_version: int) -> int:
     """Outer IP + UDP + VXLAN header + the inner Ethernet header."""
     return IP_HEADER[ip_version] + UDP_HEADER + VXLAN_HEADER
+
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def vxlan_data_problem(data: Mapping[str, Any]) -> str | None:
+    """Why a peer's vxlan BackendData cannot be programmed, or None."""
+    mac = data.get("VtepMAC")
+    if not isinstance(mac, str) or not _MAC.match(mac.lower()):
+        return f"VtepMAC {mac!r} is not a MAC address like 02:42:c0:a8:00:01"
+    if int(mac[:2], 16) & 1 or mac.lower() == "00:00:00:00:00:00":
+        return f"VtepMAC {mac!r} is not a unicast MAC address"
+    return None

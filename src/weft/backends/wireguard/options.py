@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -41,3 +42,15 @@ class WireguardOptions(BackendOptions):
 def wireguard_overhead(ip_version: int) -> int:
     """Outer IP + UDP + WireGuard's data header and Poly1305 tag."""
     return IP_HEADER[ip_version] + UDP_HEADER + WIREGUARD_HEADER
+
+
+def wireguard_data_problem(data: Mapping[str, Any]) -> str | None:
+    """Why a peer's wireguard BackendData cannot be used, or None."""
+    key = data.get("PublicKey")
+    try:
+        raw = base64.b64decode(key, validate=True) if isinstance(key, str) else b""
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        return "PublicKey is not a base64-encoded 32-byte WireGuard key"
+    return None

@@ -275,6 +275,10 @@ class EtcdLeaseStore:
 
     # --- leases -------------------------------------------------------------------------
 
+    def _relative(self, key: bytes) -> str:
+        """A key below the prefix as the store seam speaks of it (`subnets/...`)."""
+        return _text(key).removeprefix(f"{self.prefix}/")
+
     def _key(self, subnet: IPNetwork) -> bytes:
         return f"{self.prefix}/{subnet_key(subnet)}".encode()
 
@@ -286,7 +290,8 @@ class EtcdLeaseStore:
             leases = [
                 lease
                 for key, value, lease_id in records
-                if (lease := lease_or_none(_text(key), value, expirations.get(lease_id, 0.0)))
+                if (lease := lease_or_none(self._relative(key), value,
+                                           expirations.get(lease_id, 0.0)))
             ]
             revision: int = result.header.revision
             return leases, revision
@@ -469,7 +474,7 @@ class EtcdLeaseStore:
         return events, reached, error
 
     def _to_event(self, ev: Any, expirations: dict[int, float]) -> LeaseEvent | None:
-        key = _text(ev.kv.key)
+        key = self._relative(ev.kv.key)
         try:
             subnet = parse_subnet_key(key)
         except ValueError:

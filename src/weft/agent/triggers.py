@@ -1,0 +1,124 @@
+"""What wakes the reconcile worker besides the store: the kernel, netfilter and the files.
+
+Each watcher calls `changed(reason)` when something weft owns may have been removed; the
+worker then converges level-based (and a pass that finds everything in place changes
+nothing, so weft's own changes do not feed back into a loop). A watcher that cannot run
+here (no nft binary) says so once and leaves the periodic resync to catch the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from asyncinotify import Inotify, Mask
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.rtnl import (
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_IPV6_ROUTE,
+    RTMGRP_LINK,
+    RTMGRP_NEIGH,
+)
+
+from weft.core.constants import ROUTE_PROTOCOL
+
+log = logging.getLogger("weft.agent")
+
+Changed = Callable[[str], None]
+_GROUPS = (RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+           | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
+_NUD_PERMANENT = 0x80
+
+
+def kernel_removal(msg: Any, devices: dict[int, str], prefix: str) -> str | None:
+    """Why this rtnetlink message may concern weft's state, or None (pure)."""
+    event = msg.get("event")
+    if event == "RTM_DELLINK":
+        name = msg.get_attr("IFLA_IFNAME") or ""
+        return f"link {name} deleted" if name.startswith(prefix) else None
+    if event == "RTM_NEWLINK":
+        name = msg.get_attr("IFLA_IFNAME") or ""
+        down = not msg["flags"] & 1
+        return f"link {name} is down" if down and name.startswith(prefix) else None
+    if event == "RTM_DELADDR":
+        name = devices.get(msg["index"], "")
+        return f"address removed from {name}" if name.startswith(prefix) else None
+    if event == "RTM_DELROUTE":
+        return "route removed" if msg["proto"] == ROUTE_PROTOCOL else None
+    if event == "RTM_DELNEIGH":
+        name = devices.get(msg["ifindex"], "")
+        permanent = msg["state"] & _NUD_PERMANENT
+        return f"neighbour removed on {name}" if permanent and name.startswith(prefix) else None
+    return None
+
+
+async def watch_kernel(changed: Changed, prefix: str) -> None:
+    """rtnetlink multicast: a device, address, route or neighbour of weft's removed."""
+    async with AsyncIPRoute() as ipr:
+        await ipr.bind(groups=_GROUPS)
+        devices: dict[int, str] = {}
+        for link in await ipr.get_links():
+            devices[link["index"]] = link.get_attr("IFLA_IFNAME") or ""
+        async for msg in ipr.get():
+            if msg.get("event") == "RTM_NEWLINK":
+                devices[msg["index"]] = msg.get_attr("IFLA_IFNAME") or ""
+            reason = kernel_removal(msg, devices, prefix)
+            if reason is not None:
+                changed(reason)
+
+
+async def watch_netfilter(changed: Changed) -> None:
+    """`nft monitor`: tables, chains or rules deleted or flushed (iptables-nft included)."""
+    nft = shutil.which("nft")
+    if nft is None:
+        log.warning("nft not found: netfilter changes are repaired at the next resync only")
+        return
+    proc = await asyncio.create_subprocess_exec(
+        nft, "monitor", "tables", "chains", "rules", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL)
+    assert proc.stdout is not None
+    try:
+        while line := await proc.stdout.readline():
+            if line.startswith((b"delete", b"flush")):
+                changed("netfilter rules removed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+_FILE_EVENTS = (Mask.DELETE | Mask.MOVED_FROM | Mask.DELETE_SELF | Mask.MOVE_SELF
+                | Mask.CLOSE_WRITE | Mask.MOVED_TO)
+
+
+async def watch_files(changed: Changed, directories: Iterable[Path]) -> None:
+    """inotify on the directories of subnet.env and the state: a file removed or replaced
+    by someone else, or the directory itself removed (then watched again once the worker
+    has recreated it)."""
+    wanted = sorted(set(directories))
+    while True:
+        with Inotify() as inotify:
+            watched = 0
+            for directory in wanted:
+                with contextlib.suppress(OSError):
+                    inotify.add_watch(directory, _FILE_EVENTS)
+                    watched += 1
+            if watched == len(wanted):
+                async for event in inotify:
+                    if event.mask & (Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.IGNORED):
+                        changed(f"directory {event.path} removed")
+                        break
+                    if event.mask & (Mask.DELETE | Mask.MOVED_FROM):
+                        changed(f"{event.path} removed")
+                    elif event.mask & (Mask.CLOSE_WRITE | Mask.MOVED_TO):
+                        changed(f"{event.path} written")
+            else:
+                changed("a directory weft writes to is missing")
+        await asyncio.sleep(0.5)  # the worker recreates the directory meanwhile

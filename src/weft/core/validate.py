@@ -1,0 +1,86 @@
+"""Every lease from the store is checked here, in one pure place, before it can reach a plan.
+
+The store is outside weft's trust: anything with write access (or a bug, or a host that
+came back late) can put a record there. A lease that fails is that peer's error, reported
+per peer; every other peer keeps working and nothing of this host's own is ever replaced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from weft.core.config import IPAddress, IPNetwork, NetworkConfig
+from weft.core.lease import Lease, subnet_in_range
+
+DataCheck = Callable[[str, Mapping[str, Any]], str | None]
+
+
+@dataclass(frozen=True)
+class TrustContext:
+    """What a lease is checked against: the config and this host's own facts."""
+
+    config: NetworkConfig
+    host_ip: IPAddress
+    own_subnet: IPNetwork | None
+    underlay_networks: tuple[IPNetwork, ...]
+    data_problem: DataCheck  # per backend: MAC, key, port (weft.backends.registry)
+
+
+@dataclass(frozen=True)
+class ValidatedView:
+    peers: dict[IPNetwork, Lease]                              # usable, own lease excluded
+    errors: dict[str, str] = field(default_factory=dict)       # subnet -> why not
+
+
+def lease_problem(lease: Lease, ctx: TrustContext) -> str | None:
+    """Why `lease` must not reach the kernel, or None. Own lease: see `validate_view`."""
+    config, subnet, ip = ctx.config, lease.subnet, lease.public_ip
+    if not subnet_in_range(config, subnet):
+        return (f"subnet {subnet} is not a /{config.length} of Network {config.network} "
+                f"between {config.first_subnet.network_address} and "
+                f"{config.last_subnet.network_address}")
+    for underlay in ctx.underlay_networks:
+        if underlay.version == subnet.version and subnet.overlaps(underlay):
+            return f"subnet {subnet} overlaps this host's underlay {underlay}"
+    if (ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local
+            or (ip.is_reserved and ip.version == 4 and int(ip) == 0xFFFFFFFF)):
+        return f"PublicIP {ip} is not a unicast host address"
+    if ip == ctx.host_ip:
+        return f"PublicIP {ip} is this host's own address"
+    if ip.version != ctx.host_ip.version:
+        return f"PublicIP {ip} is IPv{ip.version}, this host's underlay is IPv{ctx.host_ip.version}"
+    if ip in config.network:
+        return f"PublicIP {ip} is inside the overlay Network {config.network}"
+    return ctx.data_problem(lease.backend_type, lease.backend_data)
+
+
+def validate_view(leases: Iterable[Lease], ctx: TrustContext,
+                  previous: Collection[IPNetwork] = ()) -> ValidatedView:
+    """The peers that may reach the kernel. Two leases naming one PublicIP cannot both be
+    right: the one accepted before stays (a running cluster is not moved by a forged
+    record); between two new ones, neither is used until one goes away."""
+    peers: dict[IPNetwork, Lease] = {}
+    errors: dict[str, str] = {}
+    for lease in leases:
+        if lease.subnet == ctx.own_subnet:
+            continue  # this host's own subnet: the agent's lease logic decides about it
+        problem = lease_problem(lease, ctx)
+        if problem is not None:
+            errors[str(lease.subnet)] = problem
+        else:
+            peers[lease.subnet] = lease
+    by_ip: dict[IPAddress, list[Lease]] = {}
+    for lease in peers.values():
+        by_ip.setdefault(lease.public_ip, []).append(lease)
+    for ip, claims in by_ip.items():
+        if len(claims) < 2:
+            continue
+        kept = [c for c in claims if c.subnet in previous][:1]
+        for claim in claims:
+            if claim not in kept:
+                others = ", ".join(str(c.subnet) for c in claims if c is not claim)
+                errors[str(claim.subnet)] = f"PublicIP {ip} is also claimed by {others}"
+                del peers[claim.subnet]
+    return ValidatedView(peers, errors)

@@ -1,0 +1,94 @@
+"""The lease validator: one bad record is that peer's error, never anyone else's."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from weft.backends.registry import backend_data_problem
+from weft.core.config import parse_config
+from weft.core.lease import Lease
+from weft.core.validate import TrustContext, validate_view
+
+CONFIG = parse_config('{"Network": "198.19.0.0/16", "SubnetLen": 24, "SubnetMin": "198.19.1.0",'
+                      ' "SubnetMax": "198.19.200.0"}')
+HOST = ipaddress.ip_address("198.18.0.1")
+OWN = ipaddress.ip_network("198.19.1.0/24")
+CTX = TrustContext(CONFIG, HOST, OWN, (ipaddress.ip_network("198.18.0.0/24"),),
+                   backend_data_problem)
+MAC = "02:00:00:00:00:02"
+
+
+def lease(subnet: str, ip: str, backend: str = "vxlan",
+          data: Mapping[str, Any] | None = None) -> Lease:
+    return Lease(ipaddress.ip_network(subnet), ipaddress.ip_address(ip), backend,
+                 {"VtepMAC": MAC} if data is None else data)
+
+
+GOOD = lease("198.19.2.0/24", "198.18.0.2")
+
+
+@pytest.mark.parametrize(("bad", "reason"), [
+    (lease("198.19.3.0/24", "198.18.0.3", data={"VtepMAC": "zz"}), "not a MAC"),
+    (lease("198.19.3.0/24", "198.18.0.3", data={"VtepMAC": "01:00:5e:00:00:01"}), "unicast"),
+    (lease("198.19.3.0/24", "198.18.0.3", data={}), "not a MAC"),
+    (lease("198.19.3.0/24", "198.18.0.3", "udp", {"Port": 0}), "not a UDP port"),
+    (lease("198.19.3.0/24", "198.18.0.3", "udp", {"Port": True}), "not a UDP port"),
+    (lease("198.19.3.0/24", "198.18.0.3", "wireguard", {"PublicKey": "short"}), "PublicKey"),
+    (lease("198.19.3.0/24", "198.18.0.3", "carrier-pigeon", {}), "unknown BackendType"),
+    (lease("198.19.3.0/25", "198.18.0.3"), "is not a /24"),
+    (lease("10.9.0.0/24", "198.18.0.3"), "is not a /24 of Network"),
+    (lease("198.19.250.0/24", "198.18.0.3"), "between"),
+    (lease("198.19.3.0/24", "198.18.0.1"), "this host's own address"),
+    (lease("198.19.3.0/24", "127.0.0.1"), "not a unicast host address"),
+    (lease("198.19.3.0/24", "224.0.0.5"), "not a unicast host address"),
+    (lease("198.19.3.0/24", "0.0.0.0"), "not a unicast host address"),
+    (lease("198.19.3.0/24", "255.255.255.255"), "not a unicast host address"),
+    (lease("198.19.3.0/24", "198.19.9.9"), "inside the overlay Network"),
+    (lease("198.19.3.0/24", "2001:db8::3"), "IPv6"),
+])
+def test_a_bad_lease_is_reported_and_the_good_peer_kept(bad: Lease, reason: str) -> None:
+    view = validate_view([GOOD, bad], CTX)
+    assert reason in view.errors[str(bad.subnet)]
+    assert view.peers == {GOOD.subnet: GOOD}
+
+
+def test_a_subnet_overlapping_the_underlay_is_refused() -> None:
+    config = parse_config('{"Network": "198.18.0.0/15", "SubnetLen": 24}')
+    ctx = TrustContext(config, HOST, None, (ipaddress.ip_network("198.18.5.0/24"),),
+                       backend_data_problem)
+    bad = lease("198.18.5.0/24", "198.18.0.3")
+    view = validate_view([bad], ctx)
+    assert "overlaps this host's underlay" in view.errors["198.18.5.0/24"]
+
+
+def test_our_own_subnet_is_never_a_peer() -> None:
+    assert validate_view([lease(str(OWN), "198.18.0.9")], CTX).peers == {}
+
+
+def test_a_second_lease_naming_a_known_peers_address_does_not_move_it() -> None:
+    forged = lease("198.19.9.0/24", "198.18.0.2")
+    view = validate_view([GOOD, forged], CTX, previous={GOOD.subnet})
+    assert view.peers == {GOOD.subnet: GOOD}
+    assert "also claimed by 198.19.2.0/24" in view.errors["198.19.9.0/24"]
+
+
+def test_two_new_leases_naming_one_address_are_both_held_back() -> None:
+    twin = lease("198.19.9.0/24", "198.18.0.2")
+    view = validate_view([GOOD, twin], CTX)
+    assert view.peers == {}
+    assert set(view.errors) == {"198.19.2.0/24", "198.19.9.0/24"}
+
+
+def test_valid_leases_of_every_backend_pass() -> None:
+    key = "mOqLGEiNcxAA2HzR7aTYUf7aV1nJhMwxV8wRKr2IbGE="
+    leases = [GOOD, lease("198.19.3.0/24", "198.18.0.3", "udp", {"Port": 8285}),
+              lease("198.19.4.0/24", "198.18.0.4", "udp", {}),
+              lease("198.19.5.0/24", "198.18.0.5", "wireguard", {"PublicKey": key}),
+              lease("198.19.6.0/24", "198.18.5.6", "host-gw", {})]
+    view = validate_view(leases, CTX)
+    assert view.errors == {}
+    assert len(view.peers) == 5
