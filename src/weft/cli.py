@@ -78,8 +78,10 @@ class StoreOptions:
     password: str | None = None
 
     def open(self) -> LeaseStore:
+        from weft.agent.args import check_store_url
         from weft.store import open_store
 
+        check_store_url(self.url)
         if self.url.startswith(("etcd://", "etcds://")):
             return open_store(self.url, prefix=self.prefix, cafile=self.cafile,
                               certfile=self.certfile, keyfile=self.keyfile,
@@ -145,29 +147,35 @@ def agent(
                                                    "default route's)")] = None,
     subnet_file: Annotated[Path, typer.Option()] = Path(DEFAULT_SUBNET_FILE),
     state_dir: Annotated[Path, typer.Option()] = Path(DEFAULT_STATE_DIR),
-    lease_ttl: Annotated[float, typer.Option(min=1.0, help="lease TTL in seconds")] = (
+    lease_ttl: Annotated[float, typer.Option(help="lease TTL in seconds")] = (
         DEFAULT_LEASE_TTL),
     ip_masq: Annotated[bool, typer.Option(help="masquerade overlay traffic leaving the "
                                                "network")] = True,
     metrics_addr: Annotated[str | None, typer.Option(help="serve Prometheus metrics on "
                                                           "HOST:PORT")] = None,
-    resync_interval: Annotated[float, typer.Option(min=1.0, help="seconds between full "
+    resync_interval: Annotated[float, typer.Option(help="seconds between full "
                                                          "reconciles of the kernel")] = 60.0,
     release_on_exit: Annotated[bool, typer.Option(help="on exit, release the lease and "
                                                        "remove the data plane")] = False,
     log_level: LogOpt = "info",
 ) -> None:
     """Run the agent on this host: lease a subnet, program the data plane, follow peers."""
-    from weft.agent import logs
+    from weft.agent import args, logs
     from weft.agent.daemon import Agent, AgentOptions, parse_ip
     from weft.host.system import require_root
 
     try:
         logs.configure(log_level)
         require_root()  # before anything else, so the first error is the one to fix
+        # Every value checked before the store is opened or the kernel touched.
+        args.check_store_url(store.url)
+        address = parse_ip(public_ip)
+        args.check_metrics_addr(metrics_addr)
+        args.check_numbers(lease_ttl, resync_interval)
+        args.check_paths(state_dir, subnet_file)
         opts = AgentOptions(
             store=store.open(),
-            public_ip=parse_ip(public_ip), iface=iface, subnet_file=subnet_file,
+            public_ip=address, iface=iface, subnet_file=subnet_file,
             state_dir=state_dir, lease_ttl=lease_ttl, ip_masq=ip_masq,
             metrics_addr=metrics_addr, release_on_exit=release_on_exit,
             resync_interval=resync_interval,

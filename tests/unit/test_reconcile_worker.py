@@ -1,0 +1,139 @@
+"""The agent's single reconcile worker, driven by a real SQLite store's watch: bursts of
+events coalesce, the newest view always wins, and two passes never overlap."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bounded import run
+from weft.agent.daemon import Agent, AgentOptions
+from weft.backends.base import ReconcileResult
+from weft.core.config import parse_config
+from weft.core.host import HostContext
+from weft.core.lease import Lease
+from weft.store.sqlite import SqliteLeaseStore
+
+CONFIG = parse_config('{"Network": "198.19.0.0/16", "SubnetLen": 24}')
+OWN = Lease(ipaddress.ip_network("198.19.1.0/24"), ipaddress.ip_address("198.18.0.1"), "vxlan",
+            {"VtepMAC": "02:00:00:00:00:01"})
+
+
+def peer(n: int) -> Lease:
+    return Lease(ipaddress.ip_network(f"198.19.{n}.0/24"), ipaddress.ip_address(f"198.18.0.{n}"),
+                 "vxlan", {"VtepMAC": f"02:00:00:00:00:{n:02x}"})
+
+
+class SlowBackend:
+    """A backend seam that takes its time and records what it was asked, and when."""
+
+    def __init__(self, delay: float, fail_first: int = 0) -> None:
+        self.delay = delay
+        self.fail_first = fail_first
+        self.calls: list[frozenset[str]] = []
+        self.active = 0
+        self.overlapped = False
+        self._lock = threading.Lock()
+
+    def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
+        with self._lock:
+            self.active += 1
+            self.overlapped |= self.active > 1
+        try:
+            time.sleep(self.delay)
+            self.calls.append(frozenset(str(p.subnet) for p in peers))
+            if len(self.calls) <= self.fail_first:
+                raise RuntimeError("a bug in the backend")
+            return ReconcileResult(added=len(peers))
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def status(self) -> Mapping[str, Any]:
+        return {}
+
+
+def agent_on(store: SqliteLeaseStore, backend: SlowBackend, tmp_path: Path) -> Agent:
+    agent = Agent(AgentOptions(store=store, state_dir=tmp_path / "state",
+                               subnet_file=tmp_path / "subnet.env"))
+    agent.config = CONFIG
+    agent.host = HostContext(OWN.public_ip, "eth0", 1500, tmp_path / "state")
+    agent.lease = OWN
+    agent.backend = backend  # type: ignore[assignment]
+    agent._host_dirty = False  # host state (nft, files) is the netns suites' business
+    return agent
+
+
+async def _until(predicate: Any) -> None:
+    async with asyncio.timeout(10.0):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+def test_a_burst_coalesces_and_the_newest_view_is_applied_last(tmp_path: Path) -> None:
+    async def scenario() -> SlowBackend:
+        writer = SqliteLeaseStore(str(tmp_path / "store.db"))
+        reader = SqliteLeaseStore(str(tmp_path / "store.db"))
+        backend = SlowBackend(delay=0.3)
+        agent = agent_on(reader, backend, tmp_path)
+        async with asyncio.TaskGroup() as tg:
+            worker = tg.create_task(agent._reconciler())
+            watch = tg.create_task(agent._watch())
+            for n in range(2, 22):  # 20 changes while the first pass is still running
+                await writer.create_lease(peer(n), 60)
+            await writer.delete_lease(peer(5).subnet)
+            want = frozenset(f"198.19.{n}.0/24" for n in range(2, 22) if n != 5)
+            await _until(lambda: backend.calls and backend.calls[-1] == want and
+                         not agent._dirty.is_set() and backend.active == 0)
+            worker.cancel()
+            watch.cancel()
+        await writer.close()
+        await reader.close()
+        return backend
+
+    backend = run(scenario())
+    assert not backend.overlapped
+    assert len(backend.calls) < 10  # 21 store events, a handful of passes
+    assert backend.calls[-1] == frozenset(f"198.19.{n}.0/24" for n in range(2, 22) if n != 5)
+
+
+def test_a_pass_that_raises_is_retried_and_the_worker_lives_on(tmp_path: Path) -> None:
+    async def scenario() -> tuple[SlowBackend, dict[str, str]]:
+        store = SqliteLeaseStore(str(tmp_path / "store.db"))
+        backend = SlowBackend(delay=0.0, fail_first=1)
+        agent = agent_on(store, backend, tmp_path)
+        agent.leases = {peer(2).subnet: peer(2)}
+        agent.request("test")
+        async with asyncio.TaskGroup() as tg:
+            worker = tg.create_task(agent._reconciler())
+            await _until(lambda: len(backend.calls) >= 2)
+            errors = dict(agent.peer_errors.current)
+            worker.cancel()
+        await store.close()
+        return backend, errors
+
+    backend, errors = run(scenario())
+    assert backend.calls == [frozenset({"198.19.2.0/24"})] * 2
+    assert errors == {}  # the retry succeeded and cleared the error
+
+
+def test_a_poisoned_lease_never_reaches_the_backend(tmp_path: Path) -> None:
+    async def scenario() -> tuple[SlowBackend, dict[str, str]]:
+        store = SqliteLeaseStore(str(tmp_path / "store.db"))
+        backend = SlowBackend(delay=0.0)
+        agent = agent_on(store, backend, tmp_path)
+        bad = Lease(ipaddress.ip_network("198.19.9.0/24"), ipaddress.ip_address("198.18.0.9"),
+                    "vxlan", {"VtepMAC": "zz"})
+        agent.leases = {peer(2).subnet: peer(2), bad.subnet: bad, OWN.subnet: OWN}
+        await agent._reconcile_once()
+        await store.close()
+        return backend, dict(agent.peer_errors.current)
+
+    backend, errors = run(scenario())
+    assert backend.calls == [frozenset({"198.19.2.0/24"})]
+    assert "VtepMAC 'zz'" in errors["198.19.9.0/24"]
