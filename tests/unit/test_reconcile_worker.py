@@ -70,8 +70,9 @@ def agent_on(store: SqliteLeaseStore, backend: SlowBackend, tmp_path: Path) -> A
 
 
 async def _until(predicate: Any) -> None:
+    """Poll: the worker's state changes in a thread and on the loop, with no event to await."""
     async with asyncio.timeout(10.0):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.02)
 
 
