@@ -357,8 +357,11 @@ class Forwarder:
 
     def set_peers(self, table: PeerTable) -> None:
         self._peers = table  # one reference swap: threads see old or new, never half
-        for ip in [ip for ip in self._reassemblers if ip not in table.members]:
-            self._reassemblers.pop(ip, None)
+        # list(dict) copies in one C call under the GIL; iterating the dict itself here
+        # would race the receive thread inserting a new sender (RuntimeError).
+        for ip in list(self._reassemblers):
+            if ip not in table.members:
+                self._reassemblers.pop(ip, None)
 
     @property
     def peers(self) -> PeerTable:
