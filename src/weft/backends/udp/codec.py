@@ -113,7 +113,12 @@ def decode_vnet_header(first: Buffer, stream_len: int | None = None) -> VnetHead
     if len(first) < VNET_HEADER or size < MIN_STREAM:
         raise RemoteProtocolError("truncated", f"{size}-byte stream")
     flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _VNET.unpack_from(first)
-    packet_len = size - VNET_HEADER
+    _check_vnet(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, size - VNET_HEADER)
+    return VnetHeader(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
+
+
+def _check_vnet(flags: int, gso_type: int, hdr_len: int, gso_size: int, csum_start: int,
+                csum_offset: int, packet_len: int) -> None:
     if flags & ~(VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID):
         raise RemoteProtocolError("bad_vnet_header", f"flags {flags:#x}")
     if gso_type & ~VNET_GSO_ECN not in _ACCEPTED_GSO:
@@ -126,7 +131,6 @@ def decode_vnet_header(first: Buffer, stream_len: int | None = None) -> VnetHead
         raise RemoteProtocolError(
             "bad_vnet_header", f"checksum at {csum_start}+{csum_offset} past {packet_len}"
         )
-    return VnetHeader(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
 
 
 @dataclass(frozen=True)
@@ -143,30 +147,72 @@ def decode_inner(first: Buffer, stream_len: int) -> InnerPacket:
 
     The IP length must match the stream length exactly: that catches a last chunk that
     was cut short (the weft header carries no total length)."""
-    packet_len = stream_len - VNET_HEADER
     if len(first) < MIN_STREAM:
         raise RemoteProtocolError("truncated", f"{len(first)}-byte first chunk")
-    version = first[VNET_HEADER] >> 4
+    return InnerPacket(*_inner_addresses(first, 0, len(first), stream_len - VNET_HEADER))
+
+
+def _inner_addresses(buf: Buffer, start: int, end: int, packet_len: int) -> tuple[int, int, int]:
+    """(version, source, destination) of the IP header of the stream at buf[start:end]
+    (which holds at least MIN_STREAM bytes), a `packet_len`-byte IP packet."""
+    ip = start + VNET_HEADER
+    version = buf[ip] >> 4
     if version == 4:
-        ihl = (first[VNET_HEADER] & 0xF) * 4
-        (total,) = _U16BE.unpack_from(first, VNET_HEADER + 2)
+        ihl = (buf[ip] & 0xF) * 4
+        (total,) = _U16BE.unpack_from(buf, ip + 2)
         if ihl < 20 or total != packet_len:
             raise RemoteProtocolError(
                 "truncated", f"IPv4 length {total} (header {ihl}) in a {packet_len}-byte packet"
             )
-        source, destination = _V4_ADDRS.unpack_from(first, VNET_HEADER + 12)
-        return InnerPacket(4, source, destination)
+        source, destination = _V4_ADDRS.unpack_from(buf, ip + 12)
+        return 4, source, destination
     if version == 6:
-        if len(first) < VNET_HEADER + 40:
-            raise RemoteProtocolError("truncated", f"{len(first)}-byte first chunk of IPv6")
-        (payload,) = _U16BE.unpack_from(first, VNET_HEADER + 4)
+        if end - start < VNET_HEADER + 40:
+            raise RemoteProtocolError("truncated", f"{end - start}-byte first chunk of IPv6")
+        (payload,) = _U16BE.unpack_from(buf, ip + 4)
         if payload + 40 != packet_len:
             raise RemoteProtocolError(
                 "truncated", f"IPv6 payload length {payload} in a {packet_len}-byte packet"
             )
-        addrs = bytes(first[VNET_HEADER + 8 : VNET_HEADER + 40])
-        return InnerPacket(6, int.from_bytes(addrs[:16], "big"), int.from_bytes(addrs[16:], "big"))
+        addrs = bytes(buf[ip + 8 : ip + 40])
+        return 6, int.from_bytes(addrs[:16], "big"), int.from_bytes(addrs[16:], "big")
     raise RemoteProtocolError("malformed", f"IP version {version}")
+
+
+# --- the one-datagram fast path ---------------------------------------------------------
+# A stream that fits one datagram (every latency-bound packet: requests, replies, ACKs) is
+# handled without Batch/FeedResult objects or copies: the sender reads it from TUN behind
+# HEADER_SIZE bytes of headroom and writes the header in place; the receiver checks it
+# where it landed.  Same wire format, same checks, same drop reasons as the general path.
+
+
+def encode_single_into(buf: bytearray | memoryview, packet_id: int) -> None:
+    """Write the header of a one-chunk stream into buf[:HEADER_SIZE] (the stream follows
+    it in the same buffer)."""
+    _HEADER.pack_into(buf, 0, FIRST_BYTE, 0, 1, 0, packet_id & 0xFFFFFFFF)
+
+
+def decode_single(datagram: Buffer, size: int) -> tuple[int, int] | None:
+    """Check datagram[:size] as one whole stream (chunk 0 of 1): its weft header, virtio-net
+    header and inner IP header, as `decode_header`, `decode_vnet_header` and `decode_inner`
+    would.  Returns (inner IP version, inner source address); None if it is well-formed
+    but a chunk of a longer stream (feed it to a `Reassembler`).  Raises
+    RemoteProtocolError with the same reasons as the general path."""
+    if size <= HEADER_SIZE:
+        raise RemoteProtocolError("truncated", f"{size}-byte datagram")
+    first, index, count, reserved, _ = _HEADER.unpack_from(datagram)
+    if first != FIRST_BYTE or reserved or count != 1 or index:
+        decode_header(datagram[:size])  # raises the precise reason, or it is a chunk
+        return None
+    if size < HEADER_SIZE + MIN_STREAM:
+        raise RemoteProtocolError("truncated", f"{size - HEADER_SIZE}-byte stream")
+    packet_len = size - HEADER_SIZE - VNET_HEADER
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _VNET.unpack_from(
+        datagram, HEADER_SIZE
+    )
+    _check_vnet(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, packet_len)
+    version, source, _ = _inner_addresses(datagram, HEADER_SIZE, size, packet_len)
+    return version, source
 
 
 def encode_vnet_header(header: VnetHeader) -> bytes:

@@ -29,12 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from weft.backends.udp.codec import (
+    HEADER_SIZE,
     MAX_STREAM,
     MIN_STREAM,
     Chunker,
     Reassembler,
     decode_inner,
+    decode_single,
     decode_vnet_header,
+    encode_single_into,
 )
 from weft.backends.udp.plan import PeerTable
 from weft.core.config import IPAddress
@@ -409,12 +412,15 @@ class Forwarder:
 
     def _tun_to_udp(self) -> None:
         tun = self._tun
-        buf = bytearray(MAX_STREAM + 1)
+        # HEADER_SIZE bytes of headroom before the stream: a stream that fits one datagram
+        # gets its weft header written in place and leaves in one buffer, no list, no copy.
+        buf = bytearray(HEADER_SIZE + MAX_STREAM + 1)
         view = memoryview(buf)
+        into = [view[HEADER_SIZE:]]
         readv, send = os.readv, self._send_stream
         while not self._stopping:
             try:
-                size = readv(tun, [buf])
+                size = readv(tun, into)
             except OSError as exc:
                 if self._stopping:
                     return
@@ -428,20 +434,22 @@ class Forwarder:
             send(buf, view, size)
 
     def _send_stream(self, buf: bytearray, view: memoryview, size: int) -> None:
-        """Send one stream read from TUN (vnet header + packet, `size` bytes of `buf`)."""
+        """Send one stream read from TUN: vnet header + packet, `size` bytes of `buf` after
+        HEADER_SIZE bytes of headroom."""
         counters = self.tx
         if size < MIN_STREAM or size > MAX_STREAM:
             counters.drop("malformed")
             return
         table = self._peers
-        version = buf[VNET_HEADER] >> 4
+        ip = HEADER_SIZE + VNET_HEADER
+        version = buf[ip] >> 4
         if version != table.version:
             counters.drop("no_route")
             return
         if version == 4:
-            dst = _U32BE.unpack_from(buf, VNET_HEADER + 16)[0]
+            dst = _U32BE.unpack_from(buf, ip + 16)[0]
         elif size >= VNET_HEADER + 40:
-            dst = int.from_bytes(view[VNET_HEADER + 24 : VNET_HEADER + 40], "big")
+            dst = int.from_bytes(view[ip + 24 : ip + 40], "big")
         else:
             counters.drop("malformed")
             return
@@ -450,10 +458,24 @@ class Forwarder:
             counters.drop("no_route")
             return
         self._packet_id += 1
-        assert self._chunker is not None
-        assert self._sock is not None
-        sendmsg, segment_cmsg = self._sock.sendmsg, self._segment_cmsg
-        for batch in self._chunker.encode(view[:size], self._packet_id):
+        chunker = self._chunker
+        sock = self._sock
+        assert chunker is not None
+        assert sock is not None
+        if size <= chunker.chunk_size:  # the fast path: one datagram, header in place
+            encode_single_into(buf, self._packet_id)
+            try:
+                sock.sendto(view[: HEADER_SIZE + size], endpoint)
+            except OSError:
+                counters.drop("send_error")
+                return
+            counters.batches += 1
+            counters.datagrams += 1
+            counters.packets += 1
+            counters.bytes += size - VNET_HEADER
+            return
+        sendmsg, segment_cmsg = sock.sendmsg, self._segment_cmsg
+        for batch in chunker.encode(view[HEADER_SIZE : HEADER_SIZE + size], self._packet_id):
             if batch.datagrams > 1:
                 cmsg = segment_cmsg.get(batch.segment_size)
                 if cmsg is None:
@@ -500,11 +522,12 @@ class Forwarder:
     def _udp_to_tun(self) -> None:
         sock = self._sock
         assert sock is not None
-        recvmsg, receive = sock.recvmsg, self._receive
+        recvmsg_into, receive = sock.recvmsg_into, self._receive
+        buf = bytearray(RECV_SIZE)
+        bufs = [buf]
         while not self._stopping:
             try:
-                # A fresh buffer per call: pending chunks keep views into it, no copies.
-                received = recvmsg(RECV_SIZE, _CMSG_SPACE)
+                size, ancillary, flags, addr = recvmsg_into(bufs, _CMSG_SPACE)
             except OSError as exc:
                 if not self._stopping:
                     self.rx.drop("recv_error")
@@ -512,37 +535,79 @@ class Forwarder:
                 continue
             if self._stopping:
                 return
-            receive(*received)
+            if receive(buf, size, ancillary, flags, addr):
+                # A stream left incomplete keeps views into this buffer: take a new one.
+                buf = bytearray(RECV_SIZE)
+                bufs = [buf]
 
-    def _receive(self, data: bytes, ancillary: list[tuple[int, int, bytes]], flags: int,
-                 addr: tuple[str, int]) -> None:
-        """Handle one received buffer (one datagram, or many glued by UDP GRO)."""
+    def _receive(self, buf: bytearray, size: int, ancillary: list[tuple[int, int, bytes]],
+                 flags: int, addr: tuple[str, int]) -> bool:
+        """Handle one received buffer (one datagram, or many glued by UDP GRO) of `size`
+        bytes; True if an incomplete stream now holds views into `buf`."""
         counters = self.rx
         counters.batches += 1
         table = self._peers
         sender = addr[0]
         if sender not in table.members:
             counters.drop("unknown_peer")
-            return
+            return False
         if flags & socket.MSG_TRUNC:
             counters.drop("truncated")
-            return
-        segment = len(data)
+            return False
+        if size == 0:
+            counters.drop("malformed")
+            return False
+        reassembler = self._reassemblers.get(sender)
+        # The fast path: one datagram (GRO only adds its cmsg to a glued batch) carrying a
+        # whole stream, while no stream of this sender is pending (else the reassembler
+        # must see it, to drop the pending one).
+        if not ancillary and (reassembler is None or not reassembler.pending):
+            try:
+                single = decode_single(buf, size)
+            except RemoteProtocolError as exc:
+                counters.datagrams += 1
+                counters.drop(exc.reason)
+                return False
+            if single is not None:
+                counters.datagrams += 1
+                self._deliver_single(buf, size, single[0], single[1], sender, table)
+                return False
+        segment = size
         for level, kind, value in ancillary:
             if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
                 segment = _INT.unpack_from(value)[0]
-        if segment <= 0 or not data:
+        if segment <= 0:
             counters.drop("malformed")
-            return
-        counters.datagrams += -(-len(data) // segment)
-        reassembler = self._reassemblers.get(sender)
+            return False
+        counters.datagrams += -(-size // segment)
         if reassembler is None:
             reassembler = self._reassemblers[sender] = Reassembler()
-        result = reassembler.feed(data, segment)
+        result = reassembler.feed(memoryview(buf)[:size], segment)
         for reason, count in result.drops.items():
             counters.drop(reason, count)
         for parts in result.streams:
             self._deliver(parts, sender, table, os.writev, self._tun)
+        return reassembler.pending
+
+    def _deliver_single(self, buf: bytearray, size: int, version: int, source: int,
+                        sender: str, table: PeerTable) -> None:
+        """Write a one-datagram stream, already checked by `decode_single`, into TUN."""
+        counters = self.rx
+        if version != table.version:
+            counters.drop("malformed")
+            return
+        # Only the member holding the source's subnet may send it: no spoofing via us.
+        if not table.owns(sender, source):
+            counters.drop("spoofed_source")
+            return
+        try:
+            os.write(self._tun, memoryview(buf)[HEADER_SIZE:size])
+        except OSError as exc:
+            counters.drop("tun_write")
+            log.debug("TUN write failed", extra={"error": str(exc)})
+            return
+        counters.packets += 1
+        counters.bytes += size - HEADER_SIZE - VNET_HEADER
 
     def _deliver(self, parts: list[memoryview], sender: str, table: PeerTable, writev: Any,
                  tun: int) -> None:
