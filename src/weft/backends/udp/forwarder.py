@@ -86,6 +86,9 @@ _CMSG_SPACE: Final = socket.CMSG_SPACE(4)
 _U16: Final = struct.Struct("=H")
 _INT: Final = struct.Struct("=i")
 _U32BE: Final = struct.Struct("!I")
+# A plain int: `socket.MSG_TRUNC` is an IntFlag, and `int & IntFlag` runs enum code
+# (measured 1.3 µs per packet on this VM, as much as all of the codec's checks).
+_MSG_TRUNC: Final = int(socket.MSG_TRUNC)
 
 
 @dataclass
@@ -551,7 +554,7 @@ class Forwarder:
         if sender not in table.members:
             counters.drop("unknown_peer")
             return False
-        if flags & socket.MSG_TRUNC:
+        if flags & _MSG_TRUNC:
             counters.drop("truncated")
             return False
         if size == 0:
@@ -570,7 +573,22 @@ class Forwarder:
                 return False
             if single is not None:
                 counters.datagrams += 1
-                self._deliver_single(buf, size, single[0], single[1], sender, table)
+                if single[0] != table.version:
+                    counters.drop("malformed")
+                    return False
+                # Only the member holding the source's subnet may send it: no spoofing.
+                owner = table.routes.get(single[1] & table.mask)
+                if owner is None or owner[0] != sender:
+                    counters.drop("spoofed_source")
+                    return False
+                try:
+                    os.write(self._tun, memoryview(buf)[HEADER_SIZE:size])
+                except OSError as exc:
+                    counters.drop("tun_write")
+                    log.debug("TUN write failed", extra={"error": str(exc)})
+                    return False
+                counters.packets += 1
+                counters.bytes += size - HEADER_SIZE - VNET_HEADER
                 return False
         segment = size
         for level, kind, value in ancillary:
@@ -588,26 +606,6 @@ class Forwarder:
         for parts in result.streams:
             self._deliver(parts, sender, table, os.writev, self._tun)
         return reassembler.pending
-
-    def _deliver_single(self, buf: bytearray, size: int, version: int, source: int,
-                        sender: str, table: PeerTable) -> None:
-        """Write a one-datagram stream, already checked by `decode_single`, into TUN."""
-        counters = self.rx
-        if version != table.version:
-            counters.drop("malformed")
-            return
-        # Only the member holding the source's subnet may send it: no spoofing via us.
-        if not table.owns(sender, source):
-            counters.drop("spoofed_source")
-            return
-        try:
-            os.write(self._tun, memoryview(buf)[HEADER_SIZE:size])
-        except OSError as exc:
-            counters.drop("tun_write")
-            log.debug("TUN write failed", extra={"error": str(exc)})
-            return
-        counters.packets += 1
-        counters.bytes += size - HEADER_SIZE - VNET_HEADER
 
     def _deliver(self, parts: list[memoryview], sender: str, table: PeerTable, writev: Any,
                  tun: int) -> None:
