@@ -4,6 +4,9 @@
     vxlan    testbed of 2 hosts x 1 container, agents with {"Type": "vxlan"}:
              qperf container h1c1 -> container h2c1 through the overlay
     host-gw  ... one testbed per backend
+    udp-minimal  the udp testbed (same hosts, TUN device, routes, containers) with its agents
+             stopped and a minimal forwarder (weft.backends.udp.minimal) in weft's place:
+             the reference that shows what weft's udp guarantees cost
 
 All testbeds stay up for the whole bench so the schedule can interleave (native, A,
 native, B, ... per round). A backend whose agents do not come up, or whose containers
@@ -15,9 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from weft.core.constants import UDP_DEVICE
 from weft.core.errors import UsageError, WeftError
 from weft.lab.bench.cpu import CpuMeter, host_cpus
 from weft.lab.bench.qperf import qperf_server, run_qperf
@@ -32,9 +41,12 @@ from weft.lab.bench.stats import (
     summarise,
     tbf_args,
 )
-from weft.lab.testbed import ATTACHMENTS, Testbed
+from weft.lab.testbed import ATTACHMENTS, Testbed, netns_exec
 
 DEFAULT_ORDER = ("vxlan", "host-gw", "udp", "wireguard")
+UDP_MINIMAL = "udp-minimal"
+# Reference rows: measured like a backend, but not in the registry.
+REFERENCES = {UDP_MINIMAL: "udp"}
 
 
 def bench_config(backend: str) -> str:
@@ -46,8 +58,11 @@ def available_backends() -> list[str]:
     """Every backend in the registry, the usual ones first."""
     from weft.backends.registry import BACKENDS
 
-    return [b for b in DEFAULT_ORDER if b in BACKENDS] + sorted(
+    names = [b for b in DEFAULT_ORDER if b in BACKENDS] + sorted(
         b for b in BACKENDS if b not in DEFAULT_ORDER)
+    if "udp" in names:  # every report shows what weft's udp guarantees cost
+        names.insert(names.index("udp") + 1, UDP_MINIMAL)
+    return names
 
 
 @dataclass(frozen=True)
@@ -115,16 +130,48 @@ def _overlay(stack: contextlib.ExitStack, backend: str, rate_bits: int | None,
     # Each host's agent (and so a userspace data plane: the udp forwarder, wireguard-go)
     # runs on that host's CPU, beside its qperf, as on two machines.
     tb = stack.enter_context(Testbed(hosts=2, containers_per_host=1, attach=attach,
-                                     config=bench_config(backend), log_level="info",
-                                     agent_cpus=cpus))
+                                     config=bench_config(REFERENCES.get(backend, backend)),
+                                     log_level="info", agent_cpus=cpus))
     _shape(tb, rate_bits)
     tb.start(timeout=60)
+    if backend == UDP_MINIMAL:
+        _swap_in_minimal_forwarder(stack, tb)
     c1, c2 = tb.containers
     # A few tries: the first packets may wait for neighbour resolution on the way.
     if not any(tb.ping(c1.netns, c2.ip) for _ in range(3)):
         raise BenchError(f"{c1.name} cannot reach {c2.name} ({c2.ip}) through {backend}")
     return Target(backend, tb, c1.netns, c2.netns, str(c2.ip), CpuMeter(tb.all_netns()),
                   *cpus)
+
+
+def _swap_in_minimal_forwarder(stack: contextlib.ExitStack, tb: Testbed) -> None:
+    """Stop weft's agents (the persistent TUN device and its route stay, see the udp
+    backend) and run the minimal forwarder on each host, pinned like the agent was."""
+    from weft.backends.udp.plan import peer_port
+
+    ports = {str(lease.public_ip): peer_port(lease.backend_data, 8285) for lease in tb.leases()}
+    h1, h2 = tb.hosts
+    for host in tb.hosts:
+        tb.stop_agent(host)
+    for host, peer in ((h1, h2), (h2, h1)):
+        argv = [sys.executable, "-m", "weft.backends.udp.minimal", UDP_DEVICE,
+                str(host.underlay_ip), str(ports[str(host.underlay_ip)]),
+                str(peer.underlay_ip), str(ports[str(peer.underlay_ip)])]
+        if host.cpu is not None:
+            argv = ["taskset", "-c", str(host.cpu), *argv]
+        proc = subprocess.Popen(netns_exec(host.netns, argv), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        stack.callback(_kill, proc)
+    time.sleep(0.5)  # both attached to their TUN device; the ping below proves it
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
 
 
 def _cpus() -> tuple[int, int]:
@@ -185,7 +232,7 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
         targets = {NATIVE: _native(stack, rate_bits)}
         progress(_describe(targets[NATIVE]))
         for backend in opts.backends:
-            if backend not in BACKENDS:
+            if backend not in BACKENDS and backend not in REFERENCES:
                 skipped.append(Skipped(backend, "not in this build's backend registry "
                                        f"(has: {', '.join(available_backends())})"))
                 progress(f"skip {backend}: not registered")
