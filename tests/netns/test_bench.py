@@ -48,20 +48,20 @@ def test_short_real_bench_measures_every_figure_and_leaves_nothing(tmp_path: Pat
     before = set(list_netns())
     out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "weft", "bench", "--backends", "vxlan,host-gw,nosuch",
+        [sys.executable, "-m", "weft", "bench", "--backends", "vxlan,host-gw,udp-minimal,nosuch",
          "--rate", "1gbit", "--secs", "1", "--reps", "1", "--json", str(out),
          "--chart", str(chart), "--attach", "ptp"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 0, stderr
     data = json.loads(out.read_text())
     assert (data["rate"], data["secs"], data["reps"], data["attach"]) == ("1gbit", 1, 1, "ptp")
-    assert [r["name"] for r in data["results"]] == ["native", "vxlan", "host-gw"]
+    assert [r["name"] for r in data["results"]] == ["native", "vxlan", "host-gw", "udp-minimal"]
     assert [s["name"] for s in data["skipped"]] == ["nosuch"]
     assert "registry" in data["skipped"][0]["reason"]
     for result in data["results"]:
         runs = result["runs"]
-        assert len(runs) == (2 if result["name"] == "native" else 1)  # native before each
+        assert len(runs) == (3 if result["name"] == "native" else 1)  # native before each
         for figure in ("bw_MBps", "lat_us", "cpu_s", "cpu_s_per_GB"):
             assert all(isinstance(r[figure], float) and r[figure] > 0 for r in runs), result
         assert result["bw_MBps"]["median"] == pytest.approx(
