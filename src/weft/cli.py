@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from weft.core.config import redact_config
 from weft.core.constants import (
     DEFAULT_ETCD_PREFIX,
     DEFAULT_LEASE_TTL,
@@ -58,7 +59,19 @@ CaOpt = Annotated[str | None, typer.Option("--etcd-cafile", envvar="WEFT_ETCD_CA
 CertOpt = Annotated[str | None, typer.Option("--etcd-certfile", envvar="WEFT_ETCD_CERTFILE")]
 KeyOpt = Annotated[str | None, typer.Option("--etcd-keyfile", envvar="WEFT_ETCD_KEYFILE")]
 UserOpt = Annotated[str | None, typer.Option("--etcd-username", envvar="WEFT_ETCD_USERNAME")]
-PassOpt = Annotated[str | None, typer.Option("--etcd-password", envvar="WEFT_ETCD_PASSWORD")]
+# The password itself only from the environment (never shown in `ps`) or a file; the
+# flag is kept for old scripts, but every other user of the host can read it in
+# /proc/PID/cmdline.
+PassOpt = Annotated[str | None, typer.Option("--etcd-password", envvar="WEFT_ETCD_PASSWORD",
+                                             help="prefer --etcd-password-file or the "
+                                                  "WEFT_ETCD_PASSWORD variable")]
+PassFileOpt = Annotated[Path | None, typer.Option("--etcd-password-file",
+                                                  envvar="WEFT_ETCD_PASSWORD_FILE",
+                                                  help="read the etcd password from this "
+                                                       "file (root-only)")]
+PlainAuthOpt = Annotated[bool, typer.Option("--etcd-allow-plaintext-auth",
+                                            help="send user and password over plaintext "
+                                                 "etcd:// (readable on the wire)")]
 LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error")]
 
 DEFAULT_STORE = f"sqlite://{DEFAULT_SQLITE_PATH}"
@@ -76,17 +89,39 @@ class StoreOptions:
     keyfile: str | None = None
     username: str | None = None
     password: str | None = None
+    password_file: Path | None = None
+    allow_plaintext_auth: bool = False
 
     def open(self) -> LeaseStore:
         from weft.agent.args import check_store_url
         from weft.store import open_store
 
         check_store_url(self.url)
+        password = self.password
+        if self.password_file is not None:
+            password = _read_password(self.password_file)
+        if (self.url.startswith("etcd://") and (self.username or password)
+                and not self.allow_plaintext_auth):
+            raise UsageError(
+                f"store URL {self.url!r} is plaintext: the etcd user and password would "
+                "cross the network readable; use etcds:// (TLS), or pass "
+                "--etcd-allow-plaintext-auth on a network you trust"
+            )
         if self.url.startswith(("etcd://", "etcds://")):
             return open_store(self.url, prefix=self.prefix, cafile=self.cafile,
                               certfile=self.certfile, keyfile=self.keyfile,
-                              username=self.username, password=self.password)
+                              username=self.username, password=password)
         return open_store(self.url)
+
+
+def _read_password(path: Path) -> str:
+    from weft.host.files import check_private
+
+    check_private(path, "etcd password file")
+    try:
+        return path.read_text().rstrip("\n")
+    except OSError as exc:
+        raise UsageError(f"--etcd-password-file {path}: {exc.strerror}") from None
 
 
 # The flags behind StoreOptions: (parameter name, annotation, field).
@@ -95,6 +130,8 @@ _STORE_FLAGS: tuple[tuple[str, object, str], ...] = (
     ("etcd_cafile", CaOpt, "cafile"), ("etcd_certfile", CertOpt, "certfile"),
     ("etcd_keyfile", KeyOpt, "keyfile"), ("etcd_username", UserOpt, "username"),
     ("etcd_password", PassOpt, "password"),
+    ("etcd_password_file", PassFileOpt, "password_file"),
+    ("etcd_allow_plaintext_auth", PlainAuthOpt, "allow_plaintext_auth"),
 )
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -202,7 +239,7 @@ def config_set(
         config = parse_config(text)
         s = store.open()
         _using_store(s, lambda st: st.put_config(config.to_json()))
-        out.print(f"config written: {config.to_json()}", highlight=False)
+        out.print(f"config written: {redact_config(config.to_json())}", highlight=False)
     except WeftError as exc:
         raise _fail(exc) from None
 
@@ -218,7 +255,7 @@ def config_show(
         text = _using_store(s, lambda st: st.get_config())
         if text is None:
             raise UsageError("the store holds no network config: run `weft config set FILE`")
-        print(text)
+        print(redact_config(text))
     except WeftError as exc:
         raise _fail(exc) from None
 

@@ -42,9 +42,10 @@ SOURCE = textwrap.dedent("""
 """)
 
 # Sends weft-encapsulated datagrams built independently of weft's codec:
-#   argv: target_ip port kind count inner_src inner_dst
+#   argv: target_ip port kind count inner_src inner_dst [source_port]
 # kind "garbage": random bytes; "wellformed": header + vnet header + IPv4/UDP to
-# inner_dst:7777 carrying b"forged-<src>".
+# inner_dst:7777 carrying b"forged-<src>". With source_port (root, a raw socket): sent
+# from that port, as the member's forwarder would.
 FORGER = textwrap.dedent("""
     import ipaddress, os, socket, struct, sys
     target, port, kind, count, src, dst = sys.argv[1:7]
@@ -58,10 +59,17 @@ FORGER = textwrap.dedent("""
                      ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
     ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
     wellformed = bytes([0x11, 0, 1, 0]) + os.urandom(4) + bytes(10) + ip + udp
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sport = int(sys.argv[7]) if len(sys.argv) > 7 else 0
+    if sport:
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     for i in range(int(count)):
         d = os.urandom(1 + i % 1400) if kind == "garbage" else wellformed
-        s.sendto(d, (target, int(port)))
+        if sport:  # our own UDP header, checksum 0 (none, allowed over IPv4)
+            s.sendto(struct.pack("!HHHH", sport, int(port), 8 + len(d), 0) + d, (target, 0))
+        else:
+            s.sendto(d, (target, int(port)))
     print("sent", count, flush=True)
 """)
 
@@ -164,12 +172,16 @@ def test_forged_datagrams_are_dropped_and_counted_while_members_talk() -> None:
             # A non-member: garbage, and well-formed datagrams claiming a member's source.
             python_in(tb, intruder, FORGER, *target, "garbage", 300, src.ip, dst.ip)
             python_in(tb, intruder, FORGER, *target, "wellformed", 300, src.ip, dst.ip)
-            # A member: garbage, and a packet whose inner source is not in its subnet.
-            python_in(tb, h1.netns, FORGER, *target, "garbage", 100, src.ip, dst.ip)
-            python_in(tb, h1.netns, FORGER, *target, "wellformed", 50, "198.19.250.9", dst.ip)
+            # The member's IP but another port: any process on that host.
+            python_in(tb, h1.netns, FORGER, *target, "wellformed", 30, h1_tun_ip, dst.ip)
+            # The member itself (its port): garbage, and a packet whose inner source is not
+            # in its subnet.
+            python_in(tb, h1.netns, FORGER, *target, "garbage", 100, src.ip, dst.ip, PORT)
+            python_in(tb, h1.netns, FORGER, *target, "wellformed", 50, "198.19.250.9", dst.ip,
+                      PORT)
             # ...and one honest packet from the member's own overlay address, encoded by
             # this test rather than by weft: it must arrive.
-            python_in(tb, h1.netns, FORGER, *target, "wellformed", 1, h1_tun_ip, dst.ip)
+            python_in(tb, h1.netns, FORGER, *target, "wellformed", 1, h1_tun_ip, dst.ip, PORT)
             ping_out, _ = ping.communicate(timeout=60)
             heard, _ = listener.communicate(timeout=30)
         finally:
@@ -177,8 +189,11 @@ def test_forged_datagrams_are_dropped_and_counted_while_members_talk() -> None:
             listener.kill()
         assert " 0% packet loss" in ping_out, ping_out
         assert heard.split() == [f"forged-{h1_tun_ip}"]
+        # Non-members (the intruder, and the member's IP from another port) never reach
+        # the forwarder: the ingress filter drops and counts them.
+        assert tb.host_status(h2)["ingress"]["dropped"]["non_member"] == 630
         drops = backend_status(tb, h2)["rx"]["drops"]
-        assert drops.get("unknown_peer") == 600, drops
+        assert drops.get("unknown_peer", 0) == 0, drops
         assert drops.get("spoofed_source") == 50, drops
         # The member's garbage: every datagram counted under some reason, none delivered.
         member_garbage = sum(v for k, v in drops.items()

@@ -16,7 +16,7 @@ FORBIDDEN = frozenset({
 })
 PURE = sorted(
     [*(WEFT / "core").glob("*.py"), *WEFT.glob("backends/*/plan.py"),
-     WEFT / "backends" / "udp" / "codec.py"]
+     WEFT / "backends" / "udp" / "codec.py", WEFT / "host" / "ingress_rules.py"]
 )
 
 

@@ -377,9 +377,11 @@ def test_peer_table_routes_by_subnet() -> None:
     ])
     assert table.route(int(ipaddress.IPv4Address("198.19.2.77"))) == ("198.18.0.12", 9000)
     assert table.route(int(ipaddress.IPv4Address("198.19.3.1"))) is None
-    assert table.members == frozenset({"198.18.0.11", "198.18.0.12"})
-    assert table.owns("198.18.0.11", int(ipaddress.IPv4Address("198.19.1.9")))
-    assert not table.owns("198.18.0.11", int(ipaddress.IPv4Address("198.19.2.9")))
+    # A member is its (IP, port): another process on that host is not the member.
+    assert table.members == frozenset({("198.18.0.11", 8285), ("198.18.0.12", 9000)})
+    assert table.owns(("198.18.0.11", 8285), int(ipaddress.IPv4Address("198.19.1.9")))
+    assert not table.owns(("198.18.0.11", 40000), int(ipaddress.IPv4Address("198.19.1.9")))
+    assert not table.owns(("198.18.0.11", 8285), int(ipaddress.IPv4Address("198.19.2.9")))
     assert table.describe() == {"198.19.1.0/24": "198.18.0.11:8285",
                                 "198.19.2.0/24": "198.18.0.12:9000"}
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from pyroute2.netlink.generic.wireguard import wgmsg
 
-from weft.backends.wireguard.guard import guard_ruleset
 from weft.backends.wireguard.kernel import _parse_peer, _peer_spec
 from weft.backends.wireguard.keyfile import load_or_create_private_key
 from weft.backends.wireguard.keys import (
@@ -320,16 +319,6 @@ def test_psk_option_must_be_a_key() -> None:
     with pytest.raises(ConfigError, match="PSK"):
         parse_config('{"Network": "198.19.0.0/16", "Backend": {"Type": "wireguard", '
                      '"PSK": "short"}}')
-
-
-def test_guard_ruleset_drops_overlay_sources_on_the_underlay_only() -> None:
-    v4 = guard_ruleset(ipaddress.ip_network("198.19.0.0/16"), "eth0")
-    assert ('iifname "eth0" ip saddr 198.19.0.0/16 ip daddr 198.19.0.0/16 counter drop'
-            in v4)
-    v6 = guard_ruleset(ipaddress.ip_network("fd00:19::/48"), "eth0")
-    assert "ip6 saddr fd00:19::/48" in v6
-    with pytest.raises(ValueError, match="not a valid ifname"):
-        guard_ruleset(ipaddress.ip_network("198.19.0.0/16"), 'eth0" accept; #')
 
 
 def test_a_pid_file_naming_another_process_is_never_trusted(tmp_path: Path) -> None:

@@ -58,7 +58,8 @@ from weft.core.events import LeaseMap, apply_events, diff_peers
 from weft.core.host import HostContext
 from weft.core.lease import Lease
 from weft.core.validate import TrustContext, ValidatedView, validate_view
-from weft.host.forward_accept import remove_forward_accept
+from weft.host.forward_accept import overlay_devices, remove_forward_accept
+from weft.host.ingress import IngressFilter
 from weft.host.masquerade import install_masquerade, remove_masquerade
 from weft.host.netlink import Netlink
 from weft.host.system import detect_host, enable_forwarding, require_root
@@ -130,6 +131,7 @@ class Agent:
         self.backend: Backend | None = None
         self.host: HostContext | None = None
         self.lease: Lease | None = None
+        self.ingress: IngressFilter | None = None
         self.mtu = 0
         self.leases: LeaseMap = {}  # everything the store holds, unvalidated
         self.view = ValidatedView({})  # what the last reconcile used
@@ -184,6 +186,8 @@ class Agent:
         )
         self._underlay = await asyncio.to_thread(self._underlay_networks)
         self.backend = backend = create_backend(config, host)
+        self.ingress = IngressFilter(config, host.public_ip)
+        self.metrics.export_ingress(config.backend.type, self.ingress.counters)
         data = await asyncio.to_thread(backend.prepare)
         lease, reclaimed = await self._retry(
             "acquire lease",
@@ -243,9 +247,11 @@ class Agent:
     def _host_state(self) -> HostState:
         assert self.config is not None
         assert self.lease is not None
+        assert self.host is not None
         return HostState(self.config.network, self.opts.subnet_file, self.opts.state_dir,
                          SubnetEnv(self.config.network, self.lease.subnet, self.mtu,
-                                   self.opts.ip_masq), self.opts.ip_masq)
+                                   self.opts.ip_masq), self.opts.ip_masq,
+                         overlay_devices(self.config, self.host.underlay_ifname))
 
     async def _reconcile_once(self) -> bool:
         """One pass over everything the agent owns; False if it must be retried."""
@@ -275,6 +281,10 @@ class Agent:
         errors = dict(view.errors)
         try:
             peers = sorted(view.peers.values(), key=lambda x: str(x.subnet))
+            ingress_error = await asyncio.to_thread(self._apply_ingress, peers)
+            if ingress_error is not None:
+                errors["ingress"] = ingress_error
+                ok = False
             result = await asyncio.to_thread(self.backend.reconcile, peers)
             errors.update(result.errors)
             if result.added or result.removed:
@@ -297,6 +307,18 @@ class Agent:
         self.metrics.reconcile_errors.inc(len(errors.keys() - self.peer_errors.current.keys()))
         self.peer_errors.update(errors)
         return ok
+
+    def _apply_ingress(self, peers: list[Lease]) -> str | None:
+        """The underlay ingress filter, rebuilt from the same validated view
+        (weft.host.ingress); a failure is reported and retried, never blocks the backend."""
+        if self.ingress is None or self.lease is None:
+            return None  # not started (a test driving the worker alone)
+        try:
+            self.ingress.apply(self.lease, peers)
+        except (WeftError, OSError, subprocess.SubprocessError) as exc:
+            log.error("ingress filter not applied", extra={"error": str(exc)})
+            return str(exc)
+        return None
 
     async def _reconciler(self) -> None:
         backoff = Backoff()
@@ -446,6 +468,7 @@ class Agent:
             "lease_expires_in": round(lease.expires_in(time.time())) if lease else None,
             "backend": self.config.backend.type if self.config else None,
             "backend_status": dict(backend_status),
+            "ingress": self.ingress.status() if self.ingress else None,
             "peers": sorted(str(s) for s in self.view.peers),
             "revision": self.revision,
             "errors": dict(self.peer_errors.current),
@@ -530,7 +553,11 @@ class Agent:
         try:
             if self.opts.ip_masq:
                 remove_masquerade(self.config.network)
-            remove_forward_accept(self.config.network)
+            if self.host is not None:
+                remove_forward_accept(self.config.network, *overlay_devices(
+                    self.config, self.host.underlay_ifname))
+            if self.ingress is not None:
+                self.ingress.remove()
         except (WeftError, OSError, subprocess.SubprocessError) as exc:
             log.warning("could not remove weft's firewall rules", extra={"error": str(exc)})
 

@@ -29,6 +29,8 @@ class HostState:
     state_dir: Path
     env: SubnetEnv
     ip_masq: bool
+    # (tunnel device, underlay when overlay packets cross it bare): the FORWARD accepts' scope
+    devices: tuple[str | None, str | None] = (None, None)
 
 
 def converge_host_state(want: HostState) -> dict[str, str]:
@@ -59,7 +61,7 @@ def converge_host_state(want: HostState) -> dict[str, str]:
     except (WeftError, OSError, subprocess.SubprocessError) as exc:
         errors["masquerade"] = str(exc)
     try:
-        ensure_forward_accept(want.network)
+        ensure_forward_accept(want.network, *want.devices)
     except (WeftError, OSError, subprocess.SubprocessError) as exc:
         # Hosts without Docker's DROP policy do not need the rules; never fatal.
         errors["forward_accept"] = str(exc)

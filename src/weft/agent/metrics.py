@@ -27,6 +27,23 @@ class _BackendCounters(Collector):
         yield family
 
 
+class _IngressCounters(Collector):
+    """The underlay ingress filter's drops by reason (read from nftables at scrape time)."""
+
+    def __init__(self, backend: str, counters: Callable[[], Mapping[str, int]]) -> None:
+        self._backend = backend
+        self._counters = counters
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "weft_ingress_dropped_packets", "Packets the underlay ingress filter dropped",
+            labels=["backend", "reason"],
+        )
+        for reason, value in sorted(self._counters().items()):
+            family.add_metric([self._backend, reason], value)
+        yield family
+
+
 class AgentMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -51,6 +68,9 @@ class AgentMetrics:
 
     def export_backend(self, status: Callable[[], Mapping[str, Any]]) -> None:
         self.registry.register(_BackendCounters(status))
+
+    def export_ingress(self, backend: str, counters: Callable[[], Mapping[str, int]]) -> None:
+        self.registry.register(_IngressCounters(backend, counters))
 
     def serve(self, addr: str) -> None:
         host, _, port = addr.rpartition(":")

@@ -162,9 +162,35 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return "".join(parts) or "config"
 
 
+SECRET_FIELDS = frozenset({"PSK"})
+REDACTED = "<redacted>"
+
+
+def _redact(value: Any) -> Any:
+    """`value` with every secret field's value replaced (dicts and lists walked)."""
+    if isinstance(value, dict):
+        return {k: REDACTED if k in SECRET_FIELDS else _redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
+
+
+def redact_config(text: str) -> str:
+    """The config JSON as weft prints it: secrets (the WireGuard PSK) replaced."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return text if not any(f in text for f in SECRET_FIELDS) else REDACTED
+    return json.dumps(_redact(data), separators=(",", ":"))
+
+
 def _describe(err: Any) -> str:
     loc = tuple(str(x) if not isinstance(x, int) else x for x in err.get("loc", ()))
     field = _field_path(loc)
+    if SECRET_FIELDS & {str(x) for x in loc}:
+        err = {**err, "input": REDACTED}  # a secret is never echoed, not even a bad one
+    else:
+        err = {**err, "input": _redact(err.get("input"))}
     msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
         return f"{field}: unknown field (value {err.get('input')!r}); check its spelling"

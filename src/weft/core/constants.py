@@ -32,6 +32,13 @@ DEFAULT_ETCD_PREFIX: Final = "/weft/network"
 CONFIG_KEY: Final = "config"
 SUBNETS_DIR: Final = "subnets"
 
+# --- bounded input from the store ---------------------------------------------------------
+# A lease record is ~200 bytes; anything far larger is hostile or corrupt and is dropped
+# before it is parsed. A watch batch is split at this many events (nothing is lost: the
+# rest comes in the next batch), so one burst cannot hold unbounded memory.
+MAX_RECORD_BYTES: Final = 16 * 1024
+MAX_WATCH_BATCH: Final = 1000
+
 # --- lease timing -----------------------------------------------------------------------
 DEFAULT_LEASE_TTL: Final = 24 * 3600.0
 # Renew when this fraction of the TTL is left (flannel renews 1 h before a 24 h expiry;

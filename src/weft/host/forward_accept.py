@@ -5,6 +5,12 @@ knows, so packets between containers on different hosts would die in the host th
 forwards them. An accept in weft's own nftables table cannot help (nftables runs every
 base chain, and a drop anywhere wins), so like flannel weft appends two rules to that
 chain itself, marked with a comment, and removes exactly those when the host leaves.
+
+The rules are scoped to weft's devices (`-i`/`-o`): overlay traffic enters and leaves
+through the tunnel device (for host-gw and direct routing: the underlay, overlay to
+overlay only), so a packet that merely claims an overlay address on another interface
+still meets the DROP policy. (The ingress filter, `weft.host.ingress_rules`, already
+dropped overlay sources that arrived on the wrong interface.)
 """
 
 from __future__ import annotations
@@ -12,14 +18,42 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from weft.core.config import IPNetwork
+from weft.backends.hostgw.options import HostGwOptions
+from weft.backends.udp.options import UdpOptions
+from weft.backends.vxlan.options import VxlanOptions
+from weft.core.config import IPNetwork, NetworkConfig
+from weft.core.constants import UDP_DEVICE, VXLAN_DEVICE_PREFIX, WIREGUARD_DEVICE
 from weft.core.errors import KernelError
 
 COMMENT = "weft: overlay traffic"
 
 
-def forward_accept_rules(network: IPNetwork) -> list[list[str]]:
-    """The rule specs (pure): traffic from or to the overlay network is accepted."""
+def overlay_devices(config: NetworkConfig, underlay: str) -> tuple[str | None, str | None]:
+    """(the tunnel device, the underlay if overlay packets cross it unencapsulated)."""
+    options = config.backend
+    if isinstance(options, HostGwOptions):
+        return None, underlay
+    if isinstance(options, VxlanOptions):
+        return (f"{VXLAN_DEVICE_PREFIX}{options.vni}",
+                underlay if options.direct_routing else None)
+    return (UDP_DEVICE if isinstance(options, UdpOptions) else WIREGUARD_DEVICE), None
+
+
+def forward_accept_rules(network: IPNetwork, tunnel: str | None,
+                         direct: str | None) -> list[list[str]]:
+    """The rule specs (pure): overlay traffic through weft's devices is accepted."""
+    net = str(network)
+    tail = ["-m", "comment", "--comment", COMMENT, "-j", "ACCEPT"]
+    rules: list[list[str]] = []
+    if tunnel is not None:
+        rules += [["-i", tunnel, "-d", net, *tail], ["-o", tunnel, "-s", net, *tail]]
+    if direct is not None:
+        rules += [[flag, direct, "-s", net, "-d", net, *tail] for flag in ("-i", "-o")]
+    return rules
+
+
+def legacy_rules(network: IPNetwork) -> list[list[str]]:
+    """What earlier releases added (any interface): removed wherever found."""
     return [[flag, str(network), "-m", "comment", "--comment", COMMENT, "-j", "ACCEPT"]
             for flag in ("-s", "-d")]
 
@@ -34,13 +68,15 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
                           check=False, timeout=30)
 
 
-def ensure_forward_accept(network: IPNetwork) -> bool:
+def ensure_forward_accept(network: IPNetwork, tunnel: str | None,
+                          direct: str | None) -> bool:
     """Append the rules to filter/FORWARD unless already there (idempotent). False when
     the host has no iptables at all: then nothing of Docker's can drop either."""
     binary = _binary(network)
     if binary is None:
         return False
-    for rule in forward_accept_rules(network):
+    _delete_all(binary, legacy_rules(network))
+    for rule in forward_accept_rules(network, tunnel, direct):
         if _run([binary, "-C", "FORWARD", *rule]).returncode == 0:
             continue
         added = _run([binary, "-A", "FORWARD", *rule])
@@ -50,12 +86,16 @@ def ensure_forward_accept(network: IPNetwork) -> bool:
     return True
 
 
-def remove_forward_accept(network: IPNetwork) -> None:
+def remove_forward_accept(network: IPNetwork, tunnel: str | None, direct: str | None) -> None:
     """Delete every copy of the rules; rules of others stay."""
     binary = _binary(network)
     if binary is None:
         return
-    for rule in forward_accept_rules(network):
+    _delete_all(binary, forward_accept_rules(network, tunnel, direct) + legacy_rules(network))
+
+
+def _delete_all(binary: str, rules: list[list[str]]) -> None:
+    for rule in rules:
         for _ in range(100):  # copies a crashed tool may have added; never loop forever
             if _run([binary, "-D", "FORWARD", *rule]).returncode != 0:
                 break

@@ -33,6 +33,7 @@ from weft.backends.wireguard.userspace import private_socket_dir_argv
 from weft.core.constants import ROUTE_PROTOCOL
 from weft.core.errors import UsageError, WeftError
 from weft.core.lease import Lease
+from weft.host.files import private_dir, write_private
 
 NETNS_PREFIX = "weft-"
 RUNS_DIR = Path("/tmp/weft-runs")
@@ -182,8 +183,12 @@ class Testbed:
     # --- building -----------------------------------------------------------------------
 
     def build(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "owner.pid").write_text(str(os.getpid()))
+        # Root writes logs, pid files and the store here: the parent must be root's alone
+        # (a local user who made /tmp/weft-runs first is refused, not obeyed) and the run
+        # directory new and private (mkdir fails if anything is already there).
+        private_dir(RUNS_DIR, "testbed runs directory")
+        os.mkdir(self.run_dir, 0o700)
+        write_private(self.run_dir / "owner.pid", str(os.getpid()), "testbed owner file")
         sh(["ip", "netns", "add", self.underlay])
         u = ["ip", "-n", self.underlay]
         sh([*u, "link", "add", "br0", "type", "bridge"])

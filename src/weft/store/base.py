@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from weft.core.config import IPNetwork
+from weft.core.constants import MAX_RECORD_BYTES
 from weft.core.events import LeaseEvent
 from weft.core.lease import Lease, LeaseFormatError, parse_lease
 
@@ -61,8 +62,18 @@ class LeaseStore(Protocol):
     async def close(self) -> None: ...
 
 
+_oversized_logged: set[str] = set()
+
+
 def lease_or_none(key: str, value: str | bytes, expiration: float = 0.0) -> Lease | None:
-    """Parse a stored record; one that doesn't parse is logged and skipped, never fatal."""
+    """Parse a stored record; one that doesn't parse is logged and skipped, never fatal.
+    One over MAX_RECORD_BYTES is dropped unparsed (logged once per key, not per event)."""
+    if len(value) > MAX_RECORD_BYTES:
+        if key not in _oversized_logged and len(_oversized_logged) < 10_000:
+            _oversized_logged.add(key)
+            log.warning("dropping oversized lease record", extra={
+                "key": key[:200], "bytes": len(value), "limit": MAX_RECORD_BYTES})
+        return None
     try:
         return parse_lease(key, value, expiration)
     except LeaseFormatError as exc:

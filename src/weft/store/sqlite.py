@@ -8,6 +8,13 @@ DELETE event) by whichever process looks first, so an expired lease is gone for 
 
 A watcher sleeps until the file changes (inotify on its directory) or the next lease
 expires; it never polls.
+
+The store holds the config (a WireGuard PSK included) and every agent writes it, so it is
+root's alone: the directory 0700, the file and SQLite's -wal/-shm 0600 from their creation
+(umask set before the first open; SQLite gives side files the database's mode). An
+existing file others can write is refused with the fix, one others can read is warned
+about: another user who can open the file can hold a lock on -shm that stops every
+agent's writes.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ from typing import TypeVar
 from asyncinotify import Inotify, Mask
 
 from weft.core.config import IPNetwork
+from weft.core.constants import MAX_WATCH_BATCH
 from weft.core.errors import LeaseNotFound, StoreUnavailable, WatchCompacted
 from weft.core.events import EventKind, LeaseEvent
 from weft.core.lease import Lease, parse_subnet_key, subnet_key
+from weft.host.files import check_private, private_dir, private_umask
 from weft.store.base import lease_or_none
 
 _SCHEMA = """
@@ -50,16 +59,21 @@ class SqliteLeaseStore:
         self._clock = clock
         self._lock = threading.Lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
-            )
-            # A row something else wrote that is not UTF-8 reads as replacement characters
-            # (and then fails to parse, logged and skipped) instead of failing every query.
-            self._db.text_factory = lambda raw: raw.decode("utf-8", errors="replace")
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            private_dir(self.path.parent, "store directory")
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                side = self.path.with_name(self.path.name + suffix)
+                check_private(side, "store file", None)
+            with private_umask():
+                self._db = sqlite3.connect(
+                    self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+                )
+                # A row something else wrote that is not UTF-8 reads as replacement
+                # characters (then fails to parse, logged and skipped) instead of failing
+                # every query.
+                self._db.text_factory = lambda raw: raw.decode("utf-8", errors="replace")
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"cannot open the store file {self.path}: {exc}") from None
 
@@ -205,8 +219,9 @@ class SqliteLeaseStore:
             if since < compacted:
                 raise WatchCompacted(since, compacted + 1)
             rows = db.execute(
-                "SELECT rev, kind, key, value, expiration FROM events WHERE rev > ? ORDER BY rev",
-                (since,),
+                "SELECT rev, kind, key, value, expiration FROM events WHERE rev > ? "
+                "ORDER BY rev LIMIT ?",
+                (since, MAX_WATCH_BATCH),
             ).fetchall()
             # A record that doesn't parse is skipped, but the watch still moves past it.
             events = [
@@ -214,6 +229,8 @@ class SqliteLeaseStore:
             ]
             reached = rows[-1][0] if rows else since
             (next_exp,) = db.execute("SELECT min(expiration) FROM leases").fetchone()
+            if len(rows) == MAX_WATCH_BATCH:
+                next_exp = self._clock()  # a full batch: more are waiting, fetch them now
             return events, reached, next_exp
 
         return self._run_sync(q, write=True)

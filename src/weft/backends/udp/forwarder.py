@@ -39,7 +39,7 @@ from weft.backends.udp.codec import (
     decode_vnet_header,
     encode_single_into,
 )
-from weft.backends.udp.plan import PeerTable
+from weft.backends.udp.plan import Endpoint, PeerTable
 from weft.core.config import IPAddress
 from weft.core.constants import VNET_HEADER
 from weft.core.errors import (
@@ -277,7 +277,8 @@ class Forwarder:
         self._want_offloads = offloads
         self._underlay_mtu = underlay_mtu
         self._peers = PeerTable(network_version, subnet_len)
-        self._reassemblers: dict[str, Reassembler] = {}
+        # Keyed by (ip, port): chunks of one member never splice with another sender's.
+        self._reassemblers: dict[Endpoint, Reassembler] = {}
         self._tun = -1
         self._sock: socket.socket | None = None
         self._stopping = False
@@ -365,9 +366,9 @@ class Forwarder:
         self._peers = table  # one reference swap: threads see old or new, never half
         # list(dict) copies in one C call under the GIL; iterating the dict itself here
         # would race the receive thread inserting a new sender (RuntimeError).
-        for ip in list(self._reassemblers):
-            if ip not in table.members:
-                self._reassemblers.pop(ip, None)
+        for sender in list(self._reassemblers):
+            if sender not in table.members:
+                self._reassemblers.pop(sender, None)
 
     @property
     def peers(self) -> PeerTable:
@@ -544,13 +545,13 @@ class Forwarder:
                 bufs = [buf]
 
     def _receive(self, buf: bytearray, size: int, ancillary: list[tuple[int, int, bytes]],
-                 flags: int, addr: tuple[str, int]) -> bool:
+                 flags: int, addr: tuple[Any, ...]) -> bool:
         """Handle one received buffer (one datagram, or many glued by UDP GRO) of `size`
         bytes; True if an incomplete stream now holds views into `buf`."""
         counters = self.rx
         counters.batches += 1
         table = self._peers
-        sender = addr[0]
+        sender: Endpoint = (addr[0], addr[1])  # IPv6 adds flowinfo and scope id
         if sender not in table.members:
             counters.drop("unknown_peer")
             return False
@@ -577,8 +578,7 @@ class Forwarder:
                     counters.drop("malformed")
                     return False
                 # Only the member holding the source's subnet may send it: no spoofing.
-                owner = table.routes.get(single[1] & table.mask)
-                if owner is None or owner[0] != sender:
+                if table.routes.get(single[1] & table.mask) != sender:
                     counters.drop("spoofed_source")
                     return False
                 try:
@@ -607,7 +607,7 @@ class Forwarder:
             self._deliver(parts, sender, table, os.writev, self._tun)
         return reassembler.pending
 
-    def _deliver(self, parts: list[memoryview], sender: str, table: PeerTable, writev: Any,
+    def _deliver(self, parts: list[memoryview], sender: Endpoint, table: PeerTable, writev: Any,
                  tun: int) -> None:
         first = parts[0]
         size = sum(len(p) for p in parts) if len(parts) > 1 else len(first)

@@ -47,8 +47,10 @@ class PeerTable:
     subnet_len: int
     # masked inner address (int) -> (public ip, port) of the host that holds that subnet
     routes: Mapping[int, Endpoint] = field(default_factory=dict)
-    # public ips (as the socket layer spells them) of every member: the only senders heard
-    members: frozenset[str] = frozenset()
+    # (public ip as the socket layer spells it, port) of every member: the only senders
+    # heard. The port too: any process on a member host could send from its IP, only the
+    # member's forwarder sends from its port.
+    members: frozenset[Endpoint] = frozenset()
     # the subnet mask as an integer; computed once, read for every packet
     mask: int = field(init=False, repr=False, compare=False)
 
@@ -59,23 +61,22 @@ class PeerTable:
     @classmethod
     def build(cls, version: int, subnet_len: int, peers: Iterable[Peer]) -> PeerTable:
         routes: dict[int, Endpoint] = {}
-        members: set[str] = set()
+        members: set[Endpoint] = set()
         for peer in peers:
             if peer.subnet.version != version or peer.subnet.prefixlen != subnet_len:
                 raise PeerDataError(f"subnet {peer.subnet} is not a /{subnet_len} of IPv{version}")
             endpoint = (str(peer.public_ip), peer.port)
             routes[int(peer.subnet.network_address)] = endpoint
-            members.add(endpoint[0])
+            members.add(endpoint)
         return cls(version, subnet_len, routes, frozenset(members))
 
     def route(self, inner_destination: int) -> Endpoint | None:
         """Where to send a packet for this inner address, or None (no peer holds it)."""
         return self.routes.get(inner_destination & self.mask)
 
-    def owns(self, sender_ip: str, inner_source: int) -> bool:
-        """Does the member at `sender_ip` hold the subnet of this inner source address?"""
-        endpoint = self.routes.get(inner_source & self.mask)
-        return endpoint is not None and endpoint[0] == sender_ip
+    def owns(self, sender: Endpoint, inner_source: int) -> bool:
+        """Does the member at `sender` (ip, port) hold the subnet of this inner source?"""
+        return self.routes.get(inner_source & self.mask) == sender
 
     def describe(self) -> dict[str, str]:
         net = ipaddress.IPv4Network if self.version == 4 else ipaddress.IPv6Network

@@ -12,7 +12,8 @@ netlink, wireguard-go through its UAPI socket. The private key lives in
 `<state_dir>/wireguard.key` (0600); only the public key leaves the host, in the lease.
 
 Plaintext that claims an overlay source but arrives on the underlay (skipping the tunnel
-and its cryptokey check) is dropped by a small nftables guard (`weft.backends.wireguard.guard`).
+and its cryptokey check) is dropped by the host's ingress filter (`weft.host.ingress_rules`),
+which the agent rebuilds on every reconcile.
 
 Restart: `close()` leaves the device, its peers and the wireguard-go process running;
 the next `prepare()` adopts them (nothing is re-set that already matches), so a restarted
@@ -28,7 +29,6 @@ from typing import Any
 
 from weft.backends.base import ReconcileResult, converge
 from weft.backends.registry import overlay_mtu
-from weft.backends.wireguard.guard import install_guard, remove_guard
 from weft.backends.wireguard.kernel import KernelDevice
 from weft.backends.wireguard.keyfile import key_file_path, load_or_create_private_key
 from weft.backends.wireguard.keys import PrivateKey
@@ -142,8 +142,6 @@ class WireguardBackend:
                               nl.replace_route, nl.delete_route, lambda r: str(r.dst))
             if result.errors:
                 raise KernelError(f"route for {self.config.network}: {result.errors}")
-        # Overlay-sourced packets must come through the tunnel (see weft.backends.wireguard.guard).
-        install_guard(self.config.network, self.host.underlay_ifname)
         return mtu
 
     def _link(self, nl: Netlink) -> LinkInfo:
@@ -203,4 +201,3 @@ class WireguardBackend:
         self.process.stop()
         with Netlink() as nl:
             nl.delete_link(self.ifname)
-        remove_guard()

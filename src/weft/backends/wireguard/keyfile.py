@@ -16,6 +16,7 @@ from pathlib import Path
 
 from weft.backends.wireguard.keys import KeyFormatError, PrivateKey
 from weft.core.errors import ConfigError, PermissionProblem
+from weft.host.files import private_dir
 
 KEY_FILE_NAME = "wireguard.key"
 KEY_FILE_MODE = 0o600
@@ -56,6 +57,9 @@ def _read_key_file(path: Path) -> PrivateKey | None:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError(f"WireGuard key file {path} is not a regular file")
+        if info.st_uid not in (os.geteuid(), 0):
+            raise ConfigError(f"WireGuard key file {path} belongs to uid {info.st_uid}, not "
+                              f"to this user: someone else made it; delete it ({path})")
         mode = stat.S_IMODE(info.st_mode)
         if mode & 0o077:
             # Refuse rather than fix: a key others could read may already be copied.
@@ -77,7 +81,7 @@ def _read_key_file(path: Path) -> PrivateKey | None:
 
 def _publish_key_file(path: Path, key: PrivateKey) -> bool:
     """Write `key` to `path` atomically with mode 0600; False if `path` appeared meanwhile."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent, "state directory")
     # A random name: concurrent starters (processes or threads) never share a temp file.
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from weft.backends.wireguard.uapi import SOCKET_DIR, UapiDevice
 from weft.core.errors import KernelError, KernelFeatureMissing
+from weft.host.files import open_private, private_dir, write_private
 
 PID_FILE = "wireguard-go.pid"
 LOG_FILE = "wireguard-go.log"
@@ -78,7 +79,9 @@ class WireguardGo:
         """The pid of our wireguard-go, if the pid file names a live process that is
         wireguard-go for this device in this network namespace (pids get reused)."""
         try:
-            pid = int(self.pid_file.read_text().strip())
+            fd = open_private(self.pid_file, os.O_RDONLY, "wireguard-go pid file")
+            with os.fdopen(fd) as f:
+                pid = int(f.read(64).strip())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             return None
@@ -96,7 +99,7 @@ class WireguardGo:
                 "the kernel has no WireGuard module and wireguard-go is not installed; "
                 "install the wireguard-go package or load the wireguard module"
             )
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir, "state directory")
         env = {
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
             "WG_PROCESS_FOREGROUND": "1",
@@ -104,7 +107,10 @@ class WireguardGo:
             # but a quiet log is one less place to look after an incident.
             "LOG_LEVEL": "error",
         }
-        with open(self.state_dir / LOG_FILE, "ab") as log:
+        # Never through a symlink, never a file of another user (weft.host.files).
+        log_fd = open_private(self.state_dir / LOG_FILE,
+                              os.O_WRONLY | os.O_CREAT | os.O_APPEND, "wireguard-go log")
+        with os.fdopen(log_fd, "ab") as log:
             child = subprocess.Popen(
                 [binary, self.ifname], env=env, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
@@ -122,9 +128,7 @@ class WireguardGo:
                 raise KernelError(f"wireguard-go for {self.ifname} did not open its UAPI "
                                   f"socket {self.device.path} within {timeout:.0f} s")
             time.sleep(0.02)
-        tmp = self.pid_file.with_suffix(".tmp")
-        tmp.write_text(f"{child.pid}\n")
-        tmp.replace(self.pid_file)
+        write_private(self.pid_file, f"{child.pid}\n", "wireguard-go pid file")
         return child.pid
 
     def _log_tail(self) -> str:

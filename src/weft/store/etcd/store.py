@@ -64,7 +64,7 @@ import grpc
 import grpc.aio
 
 from weft.core.config import IPAddress, IPNetwork
-from weft.core.constants import CONFIG_KEY, DEFAULT_ETCD_PREFIX, SUBNETS_DIR
+from weft.core.constants import CONFIG_KEY, DEFAULT_ETCD_PREFIX, MAX_WATCH_BATCH, SUBNETS_DIR
 from weft.core.errors import LeaseNotFound, StoreError, StoreUnavailable, UsageError, WatchCompacted
 from weft.core.events import EventKind, LeaseEvent
 from weft.core.lease import Lease, parse_subnet_key, subnet_key
@@ -452,7 +452,7 @@ class EtcdLeaseStore:
         revision `after`: the events, the highest revision among them (records that don't
         parse included), and the error that ended the stream, if one came after them."""
         items = [await queue.get()]
-        while not queue.empty():
+        while not queue.empty() and len(items) < MAX_WATCH_BATCH:  # the rest: next batch
             items.append(queue.get_nowait())
         raw: list[Any] = []
         error: BaseException | None = None

@@ -1,0 +1,139 @@
+"""The underlay ingress filter, pure: leases -> the nftables script that guards this host.
+
+Two guards in one table (`inet weft-ingress`), both rebuilt from the lease view on every
+reconcile (level-based: a hand-deleted table or a stale member is repaired by the next pass):
+
+- **Encapsulation port only from members** (vxlan, udp, wireguard): a packet to the
+  backend's UDP port is accepted only from a member's public IP (for udp: its IP *and*
+  port, from its lease); everything else to that port is dropped and counted, whether it is
+  for this host (`non_member`) or on its way from a local container to a peer's port
+  (`to_peer_port`): masquerade would give it this host's address, which peers accept, so it
+  must die here, before postrouting.
+- **Overlay source only from where it can come** (every backend, host-gw included): a
+  packet claiming an overlay source must name a leased subnet and arrive on the interface
+  the route back to that source uses (a strict reverse-path check, `fib saddr . iif`), so
+  a peer's subnet only through the tunnel device, this host's only from its containers'
+  side. Not one interface name: a second underlay link is covered too (`spoofed_source`).
+
+Counters are named objects, so replacing the rules and set elements keeps their values.
+Pure: no I/O; the edge (`weft.host.ingress`) runs the script and reads the counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from weft.backends.udp.options import UdpOptions
+from weft.backends.vxlan.options import VxlanOptions
+from weft.backends.wireguard.options import WireguardOptions
+from weft.core.config import IPAddress, IPNetwork, NetworkConfig
+from weft.core.lease import Lease, subnet_in_range
+
+INGRESS_TABLE = "weft-ingress"
+COUNTERS = ("non_member", "to_peer_port", "spoofed_source")
+_CHAIN = "prerouting"
+
+
+@dataclass(frozen=True)
+class IngressPlan:
+    backend: str
+    network: IPNetwork
+    underlay_version: int
+    port: int | None  # the encapsulation port; None: host-gw, nothing encapsulated
+    by_port: bool  # udp: a member is (IP, port)
+    members: frozenset[tuple[IPAddress, int]]  # (public IP, port) of every peer
+    subnets: frozenset[IPNetwork]  # every leased subnet, this host's included
+
+
+def encapsulation_port(config: NetworkConfig) -> int | None:
+    """The UDP port this backend listens on for encapsulated traffic (host-gw: none)."""
+    options = config.backend
+    if isinstance(options, VxlanOptions | UdpOptions):
+        return int(options.port)
+    if isinstance(options, WireguardOptions):
+        return int(options.listen_port)
+    return None
+
+
+def _peer_port(lease: Lease, default: int) -> int | None:
+    port = lease.backend_data.get("Port", default)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        return None  # the backend reports this peer's bad data; it is no member here
+    return port
+
+
+def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
+                 peers: Iterable[Lease]) -> IngressPlan:
+    """The plan for this host. Peers are validated leases; one of another IP version or
+    with an unusable port is left out (it cannot send to us anyway)."""
+    port = encapsulation_port(config)
+    by_port = isinstance(config.backend, UdpOptions)
+    members: set[tuple[IPAddress, int]] = set()
+    subnets = {own.subnet}
+    for peer in peers:
+        if subnet_in_range(config, peer.subnet):
+            subnets.add(peer.subnet)
+        if port is None or peer.public_ip == public_ip:
+            continue
+        if peer.public_ip.version != public_ip.version:
+            continue
+        peer_port = _peer_port(peer, port) if by_port else port
+        if peer_port is not None:
+            members.add((peer.public_ip, peer_port))
+    return IngressPlan(config.backend.type, config.network, public_ip.version, port, by_port,
+                       frozenset(members), frozenset(subnets))
+
+
+def ingress_ruleset(plan: IngressPlan) -> str:
+    """The nft script: create what is missing, then replace set elements and rules in the
+    same transaction (never half-applied; counters keep counting)."""
+    t = f"inet {INGRESS_TABLE}"
+    ul = "ip" if plan.underlay_version == 4 else "ip6"
+    ul_type = "ipv4_addr" if plan.underlay_version == 4 else "ipv6_addr"
+    ov = "ip" if plan.network.version == 4 else "ip6"
+    ov_type = "ipv4_addr" if plan.network.version == 4 else "ipv6_addr"
+    if plan.by_port:
+        member_type = f"{ul_type} . inet_service"
+        members = {f"{ip} . {port}" for ip, port in plan.members}
+        match = f"{ul} saddr . udp sport @members"
+        to_member = f"{ul} daddr . udp dport @members"
+    else:
+        member_type = ul_type
+        members = {str(ip) for ip, _ in plan.members}
+        match = f"{ul} saddr @members"
+        to_member = f"{ul} daddr @members"
+    lines = [f"add table {t}"]
+    lines += [f"add counter {t} {name}" for name in COUNTERS]
+    lines += [
+        f"add set {t} members {{ type {member_type}; }}",
+        f"flush set {t} members",
+        f"add set {t} subnets {{ type {ov_type}; flags interval; }}",
+        f"flush set {t} subnets",
+        f"add chain {t} {_CHAIN} {{ type filter hook prerouting priority raw; policy accept; }}",
+        f"flush chain {t} {_CHAIN}",
+    ]
+    if plan.members:
+        lines.append(f"add element {t} members {{ {', '.join(sorted(members))} }}")
+    lines.append(f"add element {t} subnets {{ {', '.join(sorted(map(str, plan.subnets)))} }}")
+    rule = f"add rule {t} {_CHAIN}"
+    if plan.port is not None:
+        p = plan.port
+        lines += [
+            f"{rule} udp dport {p} {match} accept",
+            f"{rule} udp dport {p} fib daddr type local counter name non_member drop",
+            f"{rule} udp dport {p} {to_member} counter name to_peer_port drop",
+        ]
+    lines += [
+        f"{rule} iif lo accept",  # the host talking to itself
+        f"{rule} {ov} saddr {plan.network} {ov} saddr != @subnets "
+        "counter name spoofed_source drop",
+        f"{rule} {ov} saddr {plan.network} fib saddr . iif oif missing "
+        "counter name spoofed_source drop",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def reset_script() -> str:
+    """Remove the table whole (a host leaving, or a set whose type must change)."""
+    return f"table inet {INGRESS_TABLE} {{}}\ndelete table inet {INGRESS_TABLE}\n"
