@@ -4,6 +4,8 @@
     vxlan    testbed of 2 hosts x 1 container, agents with {"Type": "vxlan"}:
              qperf container h1c1 -> container h2c1 through the overlay
     host-gw  ... one testbed per backend
+    kernel-vxlan, kernel-routes   references: the same testbed, the kernel path programmed
+             by hand with no agent and no rules (weft.lab.bench.references)
 
 All testbeds stay up for the whole bench so the schedule can interleave (native, A,
 native, B, ... per round). A backend whose agents do not come up, or whose containers
@@ -18,9 +20,12 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from weft.core.constants import overhead
 from weft.core.errors import UsageError, WeftError
+from weft.integrations.subnet_env import SubnetEnv, write_subnet_env
 from weft.lab.bench.cpu import CpuMeter, host_cpus
 from weft.lab.bench.qperf import qperf_server, run_qperf
+from weft.lab.bench.references import BENCH_NETWORK, REFERENCES, Reference, host_subnet
 from weft.lab.bench.stats import (
     NATIVE,
     BenchError,
@@ -34,7 +39,8 @@ from weft.lab.bench.stats import (
 )
 from weft.lab.testbed import ATTACHMENTS, Testbed
 
-DEFAULT_ORDER = ("vxlan", "host-gw", "udp", "wireguard")
+# Each reference row sits just before the backend it stands beside.
+DEFAULT_ORDER = ("kernel-vxlan", "vxlan", "kernel-routes", "host-gw", "udp", "wireguard")
 
 
 def bench_config(backend: str) -> str:
@@ -43,11 +49,12 @@ def bench_config(backend: str) -> str:
 
 
 def available_backends() -> list[str]:
-    """Every backend in the registry, the usual ones first."""
+    """Every backend in the registry and every reference row, the usual ones first."""
     from weft.backends.registry import BACKENDS
 
-    return [b for b in DEFAULT_ORDER if b in BACKENDS] + sorted(
-        b for b in BACKENDS if b not in DEFAULT_ORDER)
+    names = {*BACKENDS, *REFERENCES}
+    return [b for b in DEFAULT_ORDER if b in names] + sorted(
+        b for b in names if b not in DEFAULT_ORDER)
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,29 @@ def _overlay(stack: contextlib.ExitStack, backend: str, rate_bits: int | None,
                   *cpus)
 
 
+def _reference(stack: contextlib.ExitStack, ref: Reference, rate_bits: int | None,
+               attach: str) -> Target:
+    """The testbed of a backend, without agents: `ref.program` builds the kernel path, and
+    the containers are attached by `weft-cni` from a subnet.env written here, as the agent
+    would write it (no masquerade: weft-cni adds none of its own)."""
+    tb = stack.enter_context(Testbed(hosts=2, containers_per_host=1, attach=attach,
+                                     config=bench_config(ref.beside), log_level="info"))
+    _shape(tb, rate_bits)
+    subnets = [host_subnet(h) for h in tb.hosts]
+    mtu = 1500 - overhead(ref.beside)
+    for host, subnet in zip(tb.hosts, subnets, strict=True):
+        tb.run(host.netns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        write_subnet_env(host.subnet_env_path, SubnetEnv(BENCH_NETWORK, subnet, mtu, False))
+    ref.program(tb, subnets)
+    for c in tb.containers:
+        tb.attach(c)
+    c1, c2 = tb.containers
+    if not any(tb.ping(c1.netns, c2.ip) for _ in range(3)):
+        raise BenchError(f"{c1.name} cannot reach {c2.name} ({c2.ip}) through {ref.name}")
+    return Target(ref.name, tb, c1.netns, c2.netns, str(c2.ip), CpuMeter(tb.all_netns()),
+                  *_cpus())
+
+
 def _cpus() -> tuple[int, int]:
     """(client CPU, server CPU): host 1's and host 2's, distinct when the machine has two."""
     cpus = host_cpus()
@@ -185,16 +215,19 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
         targets = {NATIVE: _native(stack, rate_bits)}
         progress(_describe(targets[NATIVE]))
         for backend in opts.backends:
-            if backend not in BACKENDS:
+            if backend not in BACKENDS and backend not in REFERENCES:
                 skipped.append(Skipped(backend, "not in this build's backend registry "
+                                       "or reference rows "
                                        f"(has: {', '.join(available_backends())})"))
                 progress(f"skip {backend}: not registered")
                 continue
+            ref = REFERENCES.get(backend)
             progress(f"building the {backend} testbed (2 hosts x 1 container attached "
-                     f"by {opts.attach}, agents)")
+                     f"by {opts.attach}, {'by hand, no agents' if ref else 'agents'})")
             sub = stack.enter_context(contextlib.ExitStack())
             try:
-                targets[backend] = _overlay(sub, backend, rate_bits, opts.attach)
+                targets[backend] = (_reference(sub, ref, rate_bits, opts.attach) if ref
+                                    else _overlay(sub, backend, rate_bits, opts.attach))
                 progress(_describe(targets[backend]))
             except WeftError as exc:
                 sub.close()  # tear this one down now; the others carry on
@@ -216,7 +249,7 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
                 del targets[slot.name], runs[slot.name]
                 continue
             runs[slot.name].append(run)
-            progress(f"round {slot.round + 1}/{opts.reps} {slot.name:>9}: "
+            progress(f"round {slot.round + 1}/{opts.reps} {slot.name:>13}: "
                      f"{run.bw_MBps:9.1f} MB/s {run.lat_us:8.1f} µs "
                      f"{run.cpu_s_per_GB:6.2f} CPU s/GB")
         progress("removing the testbeds")
