@@ -16,7 +16,8 @@ import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from weft.core.constants import VXLAN_DEVICE_PREFIX, overhead
+from weft.backends.registry import overhead
+from weft.core.constants import VXLAN_DEVICE_PREFIX
 from weft.lab.testbed import Host, Testbed
 
 IPv4Net = ipaddress.IPv4Network

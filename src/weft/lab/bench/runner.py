@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from weft.core.constants import overhead
+from weft.backends.registry import overhead
 from weft.core.errors import UsageError, WeftError
 from weft.integrations.subnet_env import SubnetEnv, write_subnet_env
 from weft.lab.bench.cpu import CpuMeter, host_cpus
