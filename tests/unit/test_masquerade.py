@@ -82,3 +82,14 @@ def test_mode_and_port_parsing() -> None:
     assert encap_port(VxlanOptions(Port=4789)) == 4789
     assert encap_port(WireguardOptions()) == 51820
     assert encap_port(HostGwOptions()) is None
+
+
+def test_forward_accept_only_where_the_chain_could_drop() -> None:
+    from weft.host.forward_accept import COMMENT, forward_accept_needed
+
+    assert not forward_accept_needed("-P FORWARD ACCEPT\n")
+    assert not forward_accept_needed(
+        f'-P FORWARD ACCEPT\n-A FORWARD -s 198.19.0.0/16 -m comment --comment "{COMMENT}" '
+        "-j ACCEPT\n")
+    assert forward_accept_needed("-P FORWARD DROP\n")
+    assert forward_accept_needed("-P FORWARD ACCEPT\n-A FORWARD -j DOCKER-USER\n")
