@@ -13,12 +13,13 @@ runner and `--backends` pick it up by name.
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from weft.backends.registry import overhead
 from weft.core.constants import VXLAN_DEVICE_PREFIX
-from weft.lab.testbed import Host, Testbed
+from weft.lab.testbed import Host, Testbed, sh
 
 IPv4Net = ipaddress.IPv4Network
 # The overlay the bench's backends lease from; references use the same addresses.
@@ -38,6 +39,10 @@ class Reference:
     # The backend this row stands beside (its MTU overhead, its place in the table).
     beside: str
     program: Callable[[Testbed, Sequence[IPv4Net]], None]
+    # Run once the containers are attached (their devices exist), if the row needs it.
+    after_attach: Callable[[Testbed], None] | None = None
+    # In the default list of `weft bench`; an experimental row is measured only by name.
+    default: bool = True
 
 
 def _vxlan_mac(host: Host) -> str:
@@ -78,9 +83,40 @@ def program_kernel_routes(tb: Testbed, subnets: Sequence[IPv4Net]) -> None:
                                     str(peer.underlay_ip), "dev", "eth0"])
 
 
+def attach_fastpath(tb: Testbed) -> None:
+    """The tc BPF fast path (weft.host.fastpath) on every host: on the underlay's ingress
+    and on each container's host-side veth; container veths go in the underlay program's
+    `peers` map, so packets for them take bpf_redirect_peer()."""
+    from weft.host.fastpath import FROM_CONTAINER, FROM_UNDERLAY, attach_argv, compile_fastpath
+
+    obj = compile_fastpath(BENCH_NETWORK, tb.run_dir / "bpf")
+    for host in tb.hosts:
+        for argv in attach_argv("eth0", obj, FROM_UNDERLAY):
+            tb.run(host.netns, argv)
+        filters = json.loads(tb.run(host.netns, ["tc", "-j", "filter", "show", "dev", "eth0",
+                                                 "ingress"]).stdout)
+        prog_id = next(f["options"]["prog"]["id"] for f in filters
+                       if "prog" in f.get("options", {}))
+        prog = json.loads(sh(["bpftool", "-j", "prog", "show", "id", str(prog_id)]).stdout)
+        peers_map = next(m for m in prog["map_ids"] if json.loads(sh(
+            ["bpftool", "-j", "map", "show", "id", str(m)]).stdout)["name"] == "peers")
+        links = json.loads(tb.run(host.netns, ["ip", "-j", "link", "show", "type",
+                                               "veth"]).stdout)
+        for link in links:
+            if link["ifname"] == "eth0":
+                continue
+            for argv in attach_argv(link["ifname"], obj, FROM_CONTAINER):
+                tb.run(host.netns, argv)
+            key = [str(b) for b in int(link["ifindex"]).to_bytes(4, "little")]
+            sh(["bpftool", "map", "update", "id", str(peers_map), "key", *key, "value", "1"])
+
+
 REFERENCES: dict[str, Reference] = {
     r.name: r for r in (
         Reference("kernel-vxlan", "vxlan", program_kernel_vxlan),
         Reference("kernel-routes", "host-gw", program_kernel_routes),
+        # Experimental: tcp_lat runs on it, tcp_bw stalls (see the README's bench section).
+        Reference("kernel-routes-bpf", "host-gw", program_kernel_routes, attach_fastpath,
+                  default=False),
     )
 }

@@ -49,10 +49,11 @@ def bench_config(backend: str) -> str:
 
 
 def available_backends() -> list[str]:
-    """Every backend in the registry and every reference row, the usual ones first."""
+    """Every backend in the registry and every default reference row, the usual ones
+    first."""
     from weft.backends.registry import BACKENDS
 
-    names = {*BACKENDS, *REFERENCES}
+    names = {*BACKENDS, *(name for name, ref in REFERENCES.items() if ref.default)}
     return [b for b in DEFAULT_ORDER if b in names] + sorted(
         b for b in names if b not in DEFAULT_ORDER)
 
@@ -150,6 +151,8 @@ def _reference(stack: contextlib.ExitStack, ref: Reference, rate_bits: int | Non
     ref.program(tb, subnets)
     for c in tb.containers:
         tb.attach(c)
+    if ref.after_attach is not None:
+        ref.after_attach(tb)
     c1, c2 = tb.containers
     if not any(tb.ping(c1.netns, c2.ip) for _ in range(3)):
         raise BenchError(f"{c1.name} cannot reach {c2.name} ({c2.ip}) through {ref.name}")
@@ -249,7 +252,7 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
                 del targets[slot.name], runs[slot.name]
                 continue
             runs[slot.name].append(run)
-            progress(f"round {slot.round + 1}/{opts.reps} {slot.name:>13}: "
+            progress(f"round {slot.round + 1}/{opts.reps} {slot.name:>17}: "
                      f"{run.bw_MBps:9.1f} MB/s {run.lat_us:8.1f} µs "
                      f"{run.cpu_s_per_GB:6.2f} CPU s/GB")
         progress("removing the testbeds")
