@@ -7,6 +7,7 @@ packages=(
   iproute2 nftables iptables openssl iputils-ping netcat-openbsd procps kmod tcpdump util-linux
   etcd-server etcd-client qperf iperf3
   wireguard-go wireguard-tools containernetworking-plugins
+  clang llvm libbpf-dev bpftool
   python3 python3-venv
 )
 missing=()

@@ -190,6 +190,9 @@ def agent(
                                                "network")] = True,
     metrics_addr: Annotated[str | None, typer.Option(help="serve Prometheus metrics on "
                                                           "HOST:PORT")] = None,
+    overlay_conntrack: Annotated[str, typer.Option(
+        help="overlay <-> overlay traffic skips conntrack: auto (unless destination NAT "
+             "elsewhere on the host needs it), untrack or track")] = "auto",
     resync_interval: Annotated[float, typer.Option(help="seconds between full "
                                                          "reconciles of the kernel")] = 60.0,
     release_on_exit: Annotated[bool, typer.Option(help="on exit, release the lease and "
@@ -199,6 +202,7 @@ def agent(
     """Run the agent on this host: lease a subnet, program the data plane, follow peers."""
     from weft.agent import args, logs
     from weft.agent.daemon import Agent, AgentOptions, parse_ip
+    from weft.host.masquerade import parse_conntrack_mode
     from weft.host.system import require_root
 
     try:
@@ -216,6 +220,7 @@ def agent(
             state_dir=state_dir, lease_ttl=lease_ttl, ip_masq=ip_masq,
             metrics_addr=metrics_addr, release_on_exit=release_on_exit,
             resync_interval=resync_interval,
+            overlay_conntrack=parse_conntrack_mode(overlay_conntrack),
         )
         asyncio.run(Agent(opts).run())
     except WeftError as exc:

@@ -60,7 +60,16 @@ from weft.core.lease import Lease
 from weft.core.validate import TrustContext, ValidatedView, validate_view
 from weft.host.forward_accept import overlay_devices, remove_forward_accept
 from weft.host.ingress import IngressFilter
-from weft.host.masquerade import install_masquerade, remove_masquerade
+from weft.host.masquerade import (
+    ConntrackDecision,
+    ConntrackMode,
+    Untrack,
+    decide_conntrack,
+    encap_port,
+    host_dnat_tables,
+    install_masquerade,
+    remove_masquerade,
+)
 from weft.host.netlink import Netlink
 from weft.host.system import detect_host, enable_forwarding, require_root
 from weft.integrations.subnet_env import SubnetEnv
@@ -82,6 +91,8 @@ class AgentOptions:
     state_dir: Path = Path(DEFAULT_STATE_DIR)
     lease_ttl: float = DEFAULT_LEASE_TTL
     ip_masq: bool = True
+    # Whether overlay <-> overlay traffic skips conntrack (weft.host.masquerade).
+    overlay_conntrack: ConntrackMode = "auto"
     metrics_addr: str | None = None
     release_on_exit: bool = False
     # Converge everything again now and then even when no event said so: the safety net
@@ -139,6 +150,8 @@ class Agent:
         self.peer_errors = PeerErrorLog()
         self.host_errors: dict[str, str] = {}
         self.notices: dict[str, str] = {}  # e.g. a config change that needs a restart
+        self.conntrack: ConntrackDecision | None = None  # what the masquerade table does
+        self._untrack: Untrack | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._dirty = asyncio.Event()
@@ -222,9 +235,10 @@ class Agent:
         self.mtu = await asyncio.to_thread(self.backend.activate, lease)
         if self.opts.ip_masq:
             # Replaced whole: the table names the subnet, which may be a new one. Later
-            # passes only put it back if it is missing.
-            assert self.config is not None
-            await asyncio.to_thread(install_masquerade, self.config.network, lease.subnet)
+            # passes only put it back if it is missing, or rewrite it when the conntrack
+            # decision changes (_ensure_masquerade at every resync).
+            self.conntrack = None
+            await self._ensure_masquerade()
         self._host_dirty = True
 
     # --- reconcile: one worker ----------------------------------------------------------
@@ -251,7 +265,7 @@ class Agent:
         return HostState(self.config.network, self.opts.subnet_file, self.opts.state_dir,
                          SubnetEnv(self.config.network, self.lease.subnet, self.mtu,
                                    self.opts.ip_masq), self.opts.ip_masq,
-                         overlay_devices(self.config, self.host.underlay_ifname))
+                         overlay_devices(self.config, self.host.underlay_ifname), self._untrack)
 
     async def _reconcile_once(self) -> bool:
         """One pass over everything the agent owns; False if it must be retried."""
@@ -336,6 +350,7 @@ class Agent:
         while True:
             await asyncio.sleep(self.opts.resync_interval)
             await self._check_config()
+            await self._ensure_masquerade()  # destination NAT may have come or gone
             self.request("resync", host=True)
 
     async def _check_config(self) -> None:
@@ -395,6 +410,35 @@ class Agent:
         held = self.leases.get(self.lease.subnet)
         if held is None or held.public_ip != self.lease.public_ip:
             self._renew_now.set()
+
+    async def _ensure_masquerade(self) -> None:
+        """The nftables table, with overlay traffic untracked unless destination NAT
+        elsewhere on the host needs it tracked; rewritten only when the decision changes.
+        The first install's failure is fatal (as before); later ones are logged."""
+        assert self.config is not None
+        assert self.lease is not None
+        assert self.host is not None
+        if not self.opts.ip_masq:
+            return
+        first = self.conntrack is None
+        try:
+            # Looked for in every mode, so status tells when `untrack` breaks a DNAT.
+            dnat = await asyncio.to_thread(host_dnat_tables)
+            decision = decide_conntrack(self.opts.overlay_conntrack, dnat)
+            if decision == self.conntrack:
+                return
+            untrack = Untrack(self.lease.own_address.ip, self.host.public_ip,
+                              encap_port(self.config.backend)) if decision.untracked else None
+            await asyncio.to_thread(install_masquerade, self.config.network,
+                                    self.lease.subnet, untrack)
+            self._untrack = untrack
+        except (WeftError, OSError, subprocess.SubprocessError) as exc:
+            if first:
+                raise
+            log.warning("could not update the masquerade table", extra={"error": str(exc)})
+            return
+        self.conntrack = decision
+        log.info("overlay conntrack", extra=decision.to_json())
 
     async def _renew(self) -> None:
         assert self.lease is not None
@@ -474,6 +518,7 @@ class Agent:
             "errors": dict(self.peer_errors.current),
             "host_errors": dict(self.host_errors),
             "notices": dict(self.notices),
+            "conntrack": self.conntrack.to_json() if self.conntrack else None,
         }
 
     async def _serve_status(self) -> None:

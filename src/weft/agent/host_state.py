@@ -16,7 +16,7 @@ from weft.core.config import IPNetwork
 from weft.core.errors import WeftError
 from weft.host.files import write_atomic
 from weft.host.forward_accept import ensure_forward_accept
-from weft.host.masquerade import ensure_masquerade
+from weft.host.masquerade import Untrack, ensure_masquerade
 from weft.integrations.subnet_env import SubnetEnv
 
 log = logging.getLogger("weft.agent")
@@ -31,6 +31,7 @@ class HostState:
     ip_masq: bool
     # (tunnel device, underlay when overlay packets cross it bare): the FORWARD accepts' scope
     devices: tuple[str | None, str | None] = (None, None)
+    untrack: Untrack | None = None  # the masquerade table's notrack part (its decision)
 
 
 def converge_host_state(want: HostState) -> dict[str, str]:
@@ -56,7 +57,7 @@ def converge_host_state(want: HostState) -> dict[str, str]:
     except OSError as exc:
         errors["files"] = f"{exc.filename}: {exc.strerror}"
     try:
-        if want.ip_masq and ensure_masquerade(want.network, want.env.subnet):
+        if want.ip_masq and ensure_masquerade(want.network, want.env.subnet, want.untrack):
             step("masquerade", "reinstalled the nftables table")
     except (WeftError, OSError, subprocess.SubprocessError) as exc:
         errors["masquerade"] = str(exc)

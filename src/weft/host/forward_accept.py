@@ -11,6 +11,12 @@ through the tunnel device (for host-gw and direct routing: the underlay, overlay
 overlay only), so a packet that merely claims an overlay address on another interface
 still meets the DROP policy. (The ingress filter, `weft.host.ingress_rules`, already
 dropped overlay sources that arrived on the wrong interface.)
+
+Only where they can matter: on a host whose FORWARD chain accepts everything and holds
+no rule of anyone else, the rules would only walk every forwarded packet through a chain
+(and, with iptables-nft, register one), so weft adds none there, and removes its own if
+the chain no longer needs them. The agent checks again every resync, so a Docker started
+later gets them then.
 """
 
 from __future__ import annotations
@@ -58,6 +64,14 @@ def legacy_rules(network: IPNetwork) -> list[list[str]]:
             for flag in ("-s", "-d")]
 
 
+def forward_accept_needed(listing: str) -> bool:
+    """From `iptables -S FORWARD` (pure): whether anything in the chain could drop overlay
+    traffic: a policy other than ACCEPT, or any rule that is not weft's."""
+    lines = [ln.strip() for ln in listing.splitlines()]
+    others = [ln for ln in lines if ln.startswith("-A FORWARD") and COMMENT not in ln]
+    return "-P FORWARD ACCEPT" not in lines or bool(others)
+
+
 def _binary(network: IPNetwork) -> str | None:
     return shutil.which("iptables" if network.version == 4 else "ip6tables")
 
@@ -70,10 +84,16 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 def ensure_forward_accept(network: IPNetwork, tunnel: str | None,
                           direct: str | None) -> bool:
-    """Append the rules to filter/FORWARD unless already there (idempotent). False when
-    the host has no iptables at all: then nothing of Docker's can drop either."""
+    """Append the rules to filter/FORWARD unless already there (idempotent), when the
+    chain could drop overlay traffic; otherwise make sure they are not there. True when
+    the rules are in place. Listing the chain creates no table."""
     binary = _binary(network)
     if binary is None:
+        return False  # no iptables at all: then nothing of Docker's can drop either
+    listing = _run([binary, "-S", "FORWARD"])
+    if listing.returncode == 0 and not forward_accept_needed(listing.stdout):
+        if COMMENT in listing.stdout:
+            remove_forward_accept(network, tunnel, direct)
         return False
     _delete_all(binary, legacy_rules(network))
     for rule in forward_accept_rules(network, tunnel, direct):

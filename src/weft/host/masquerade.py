@@ -1,26 +1,148 @@
-"""Masquerade for traffic leaving the overlay, through nftables (one atomic transaction).
+"""weft's nftables table: masquerade for traffic leaving the overlay, and conntrack skipped
+for traffic that stays in it. One atomic transaction.
 
 The table is replaced whole in one nft transaction, so the rules are never half-applied
 and re-running is idempotent. weft owns exactly this table.
+
+Why skip conntrack: a NAT chain turns connection tracking on for every packet of the
+namespace, and tracking costs each overlay packet several microseconds and a hash-table
+entry, for traffic weft never NATs. Two raw-priority chains (before conntrack) mark
+overlay <-> overlay packets and the host's own encapsulated packets `notrack`.
+
+When that is wrong: an untracked reply is never un-NATed. A service DNAT on the client's
+host (kube-proxy, Docker's published ports, a REDIRECT) rewrites the request's
+destination to an overlay address; the reply comes back overlay -> overlay and must meet
+its conntrack entry to get the service address back. So `--overlay-conntrack auto` (the
+default) skips tracking only while no other table on the host NATs destinations, and keeps
+it as soon as one does (checked again every resync); `untrack` and `track` force one side.
 """
 
 from __future__ import annotations
 
-from weft.core.config import IPNetwork
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from weft.core.config import BackendOptions, IPAddress, IPNetwork
 from weft.core.constants import NFT_TABLE
-from weft.host.nftables import apply_nft, table_exists
+from weft.core.errors import UsageError
+from weft.host.nftables import apply_nft, read_nft_ruleset, table_exists
+
+ConntrackMode = Literal["auto", "untrack", "track"]
+CONNTRACK_MODES: tuple[str, ...] = get_args(ConntrackMode)
+# Statements that rewrite a destination, in `nft -j` output (native and iptables-nft's).
+_DNAT_STATEMENTS = frozenset({"dnat", "redirect", "tproxy"})
+_DNAT_TARGETS = frozenset({"DNAT", "REDIRECT", "TPROXY", "DNPT"})
 
 
-def masquerade_ruleset(network: IPNetwork, subnet: IPNetwork) -> str:
+@dataclass(frozen=True)
+class Untrack:
+    """What the raw chains exempt from conntrack."""
+
+    # The host's own overlay address: replies to what this host masqueraded into the
+    # overlay come back to it and must meet their conntrack entry, so it stays tracked.
+    own_address: IPAddress
+    public_ip: IPAddress
+    encap_port: int | None  # the backend's UDP port on the underlay, if it has one
+
+
+@dataclass(frozen=True)
+class ConntrackDecision:
+    mode: ConntrackMode
+    untracked: bool
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "overlay": "untracked" if self.untracked else "tracked",
+                "reason": self.reason}
+
+
+def parse_conntrack_mode(text: str) -> ConntrackMode:
+    for mode in get_args(ConntrackMode):
+        if text == mode:
+            return mode  # type: ignore[no-any-return]
+    raise UsageError(f"--overlay-conntrack {text!r}: use {', '.join(CONNTRACK_MODES)}")
+
+
+def encap_port(options: BackendOptions) -> int | None:
+    """The UDP port a backend's encapsulated packets use on the underlay (pure): vxlan's
+    and udp's `Port`, wireguard's `ListenPort`; none for host-gw."""
+    for field in ("port", "listen_port"):
+        value = getattr(options, field, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def dnat_tables(ruleset: Mapping[str, Any], legacy_tables: Iterable[str] = ()) -> list[str]:
+    """The tables other than weft's that rewrite destinations, from `nft -j list ruleset`
+    and the legacy iptables table names (pure). A legacy `nat` table's rules cannot be read
+    without loading modules, so its existence alone counts."""
+    found: set[str] = set()
+    for item in ruleset.get("nftables", []):
+        rule = item.get("rule") if isinstance(item, Mapping) else None
+        if not isinstance(rule, Mapping) or rule.get("table") == NFT_TABLE:
+            continue
+        for expr in rule.get("expr", []):
+            if not isinstance(expr, Mapping):
+                continue
+            xt = expr.get("xt")
+            if _DNAT_STATEMENTS & expr.keys() or (
+                    isinstance(xt, Mapping) and xt.get("name") in _DNAT_TARGETS):
+                found.add(f"{rule.get('family')} {rule.get('table')}")
+    if "nat" in legacy_tables:
+        found.add("iptables-legacy nat")
+    return sorted(found)
+
+
+def decide_conntrack(mode: ConntrackMode, dnat: list[str]) -> ConntrackDecision:
+    """Whether overlay traffic skips conntrack (pure)."""
+    if mode == "track":
+        return ConntrackDecision(mode, False, "--overlay-conntrack track")
+    if mode == "untrack":
+        return ConntrackDecision(mode, True, "--overlay-conntrack untrack"
+                                 + (f" (destination NAT in {', '.join(dnat)} will not see "
+                                    "its replies)" if dnat else ""))
+    if dnat:
+        return ConntrackDecision(mode, False, f"destination NAT in {', '.join(dnat)}: "
+                                 "its replies over the overlay need conntrack")
+    return ConntrackDecision(mode, True, "no destination NAT on this host")
+
+
+def masquerade_ruleset(network: IPNetwork, subnet: IPNetwork,
+                       untrack: Untrack | None = None) -> str:
     """The nft script for `network` (pure). Traffic between overlay addresses keeps its
     source; overlay -> outside is masqueraded (not multicast); outside -> another host's
-    subnet is masqueraded so replies come back through this host.
+    subnet is masqueraded so replies come back through this host. With `untrack`,
+    overlay <-> overlay and the host's encapsulated packets skip conntrack (so they never
+    reach the NAT chain either: it only sees a connection's first packet).
 
     No forward chain: unlike iptables' single FORWARD chain, an `accept` in weft's own
     table cannot overrule a drop in another table (nftables runs every base chain), so it
     would only cost a rule walk per forwarded packet."""
     fam, ip = ("ip", "ip") if network.version == 4 else ("ip6", "ip6")
     mcast = "224.0.0.0/4" if network.version == 4 else "ff00::/8"
+    raw = ""
+    if untrack is not None:
+        encap_in = encap_out = ""
+        # The table has the overlay's family; an underlay of the other family stays tracked.
+        if untrack.encap_port is not None and untrack.public_ip.version == network.version:
+            encap_in = (f"\n        {ip} daddr {untrack.public_ip} udp dport "
+                        f"{untrack.encap_port} notrack")
+            encap_out = (f"\n        {ip} saddr {untrack.public_ip} udp dport "
+                         f"{untrack.encap_port} notrack")
+        raw = f"""
+    chain raw_prerouting {{
+        type filter hook prerouting priority raw; policy accept;
+        {ip} daddr {untrack.own_address} return
+        {ip} saddr {network} {ip} daddr {network} notrack{encap_in}
+    }}
+    chain raw_output {{
+        type filter hook output priority raw; policy accept;
+        {ip} saddr {network} {ip} daddr {network} notrack{encap_out}
+    }}"""
     return f"""\
 table {fam} {NFT_TABLE} {{}}
 delete table {fam} {NFT_TABLE}
@@ -32,13 +154,32 @@ table {fam} {NFT_TABLE} {{
         {ip} saddr {network} masquerade fully-random
         {ip} saddr != {network} {ip} daddr {subnet} return
         {ip} saddr != {network} {ip} daddr {network} masquerade fully-random
-    }}
+    }}{raw}
 }}
 """
 
 
-def install_masquerade(network: IPNetwork, subnet: IPNetwork) -> None:
-    apply_nft(masquerade_ruleset(network, subnet))
+def legacy_iptables_tables() -> list[str]:
+    """Tables of legacy (non-nft) iptables in this namespace; reading the list loads
+    nothing."""
+    try:
+        return Path("/proc/net/ip_tables_names").read_text().split()
+    except OSError:
+        return []
+
+
+def host_dnat_tables() -> list[str]:
+    text = read_nft_ruleset()
+    try:
+        ruleset = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError:
+        ruleset = {}
+    return dnat_tables(ruleset, legacy_iptables_tables())
+
+
+def install_masquerade(network: IPNetwork, subnet: IPNetwork,
+                       untrack: Untrack | None = None) -> None:
+    apply_nft(masquerade_ruleset(network, subnet, untrack))
 
 
 def remove_masquerade(network: IPNetwork) -> None:
@@ -46,9 +187,10 @@ def remove_masquerade(network: IPNetwork) -> None:
     apply_nft(f"table {fam} {NFT_TABLE} {{}}\ndelete table {fam} {NFT_TABLE}\n")
 
 
-def ensure_masquerade(network: IPNetwork, subnet: IPNetwork) -> bool:
+def ensure_masquerade(network: IPNetwork, subnet: IPNetwork,
+                      untrack: Untrack | None = None) -> bool:
     """Install the table if it is missing (flushed, deleted); True if it had to be."""
     if table_exists("ip" if network.version == 4 else "ip6", NFT_TABLE):
         return False
-    install_masquerade(network, subnet)
+    install_masquerade(network, subnet, untrack)
     return True

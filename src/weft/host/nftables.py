@@ -31,3 +31,15 @@ def table_exists(family: str, table: str) -> bool:
     proc = subprocess.run([nft, "list", "table", family, table], capture_output=True,
                           text=True, check=False)
     return proc.returncode == 0
+
+
+def read_nft_ruleset() -> str:
+    """`nft -j list ruleset`: the whole ruleset of this namespace as JSON text."""
+    nft = shutil.which("nft")
+    if nft is None:
+        raise KernelFeatureMissing("`nft` not found: install the nftables package")
+    proc = subprocess.run([nft, "-j", "list", "ruleset"], text=True, capture_output=True,
+                          check=False, timeout=30)
+    if proc.returncode != 0:
+        raise KernelError(f"nftables would not list the ruleset: {proc.stderr.strip()}")
+    return proc.stdout

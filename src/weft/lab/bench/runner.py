@@ -7,6 +7,8 @@
     udp-minimal  the udp testbed (same hosts, TUN device, routes, containers) with its agents
              stopped and a minimal forwarder (weft.backends.udp.minimal) in weft's place:
              the reference that shows what weft's udp guarantees cost
+    kernel-vxlan, kernel-routes   references: the same testbed, the kernel path programmed
+             by hand with no agent and no rules (weft.lab.bench.references)
 
 All testbeds stay up for the whole bench so the schedule can interleave (native, A,
 native, B, ... per round). A backend whose agents do not come up, or whose containers
@@ -26,10 +28,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from weft.backends.registry import overhead
 from weft.core.constants import UDP_DEVICE
 from weft.core.errors import UsageError, WeftError
+from weft.integrations.subnet_env import SubnetEnv, write_subnet_env
 from weft.lab.bench.cpu import CpuMeter, host_cpus
 from weft.lab.bench.qperf import qperf_server, run_qperf
+from weft.lab.bench.references import BENCH_NETWORK, REFERENCES, Reference, host_subnet
 from weft.lab.bench.stats import (
     NATIVE,
     BenchError,
@@ -43,10 +48,12 @@ from weft.lab.bench.stats import (
 )
 from weft.lab.testbed import ATTACHMENTS, Testbed, netns_exec
 
-DEFAULT_ORDER = ("vxlan", "host-gw", "udp", "wireguard")
+# Each reference row sits just before (kernel paths) or after (udp-minimal) its backend.
+DEFAULT_ORDER = ("kernel-vxlan", "vxlan", "kernel-routes", "host-gw", "udp", "udp-minimal",
+                 "wireguard")
 UDP_MINIMAL = "udp-minimal"
-# Reference rows: measured like a backend, but not in the registry.
-REFERENCES = {UDP_MINIMAL: "udp"}
+# Rows measured on a backend's own testbed with its agents swapped out: row -> backend.
+SWAPPED = {UDP_MINIMAL: "udp"}
 
 
 def bench_config(backend: str) -> str:
@@ -55,14 +62,13 @@ def bench_config(backend: str) -> str:
 
 
 def available_backends() -> list[str]:
-    """Every backend in the registry, the usual ones first."""
+    """Every backend in the registry and every default reference row, the usual ones
+    first."""
     from weft.backends.registry import BACKENDS
 
-    names = [b for b in DEFAULT_ORDER if b in BACKENDS] + sorted(
-        b for b in BACKENDS if b not in DEFAULT_ORDER)
-    if "udp" in names:  # every report shows what weft's udp guarantees cost
-        names.insert(names.index("udp") + 1, UDP_MINIMAL)
-    return names
+    names = {*BACKENDS, *SWAPPED, *(name for name, ref in REFERENCES.items() if ref.default)}
+    return [b for b in DEFAULT_ORDER if b in names] + sorted(
+        b for b in names if b not in DEFAULT_ORDER)
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,7 @@ def _overlay(stack: contextlib.ExitStack, backend: str, rate_bits: int | None,
     # Each host's agent (and so a userspace data plane: the udp forwarder, wireguard-go)
     # runs on that host's CPU, beside its qperf, as on two machines.
     tb = stack.enter_context(Testbed(hosts=2, containers_per_host=1, attach=attach,
-                                     config=bench_config(REFERENCES.get(backend, backend)),
+                                     config=bench_config(SWAPPED.get(backend, backend)),
                                      log_level="info", agent_cpus=cpus))
     _shape(tb, rate_bits)
     tb.start(timeout=60)
@@ -172,6 +178,31 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
     if proc.stderr:
         proc.stderr.close()
+
+
+def _reference(stack: contextlib.ExitStack, ref: Reference, rate_bits: int | None,
+               attach: str) -> Target:
+    """The testbed of a backend, without agents: `ref.program` builds the kernel path, and
+    the containers are attached by `weft-cni` from a subnet.env written here, as the agent
+    would write it (no masquerade: weft-cni adds none of its own)."""
+    tb = stack.enter_context(Testbed(hosts=2, containers_per_host=1, attach=attach,
+                                     config=bench_config(ref.beside), log_level="info"))
+    _shape(tb, rate_bits)
+    subnets = [host_subnet(h) for h in tb.hosts]
+    mtu = 1500 - overhead(ref.beside)
+    for host, subnet in zip(tb.hosts, subnets, strict=True):
+        tb.run(host.netns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        write_subnet_env(host.subnet_env_path, SubnetEnv(BENCH_NETWORK, subnet, mtu, False))
+    ref.program(tb, subnets)
+    for c in tb.containers:
+        tb.attach(c)
+    if ref.after_attach is not None:
+        ref.after_attach(tb)
+    c1, c2 = tb.containers
+    if not any(tb.ping(c1.netns, c2.ip) for _ in range(3)):
+        raise BenchError(f"{c1.name} cannot reach {c2.name} ({c2.ip}) through {ref.name}")
+    return Target(ref.name, tb, c1.netns, c2.netns, str(c2.ip), CpuMeter(tb.all_netns()),
+                  *_cpus())
 
 
 def _cpus() -> tuple[int, int]:
@@ -232,16 +263,19 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
         targets = {NATIVE: _native(stack, rate_bits)}
         progress(_describe(targets[NATIVE]))
         for backend in opts.backends:
-            if backend not in BACKENDS and backend not in REFERENCES:
+            if backend not in BACKENDS and backend not in REFERENCES and backend not in SWAPPED:
                 skipped.append(Skipped(backend, "not in this build's backend registry "
+                                       "or reference rows "
                                        f"(has: {', '.join(available_backends())})"))
                 progress(f"skip {backend}: not registered")
                 continue
+            ref = REFERENCES.get(backend)
             progress(f"building the {backend} testbed (2 hosts x 1 container attached "
-                     f"by {opts.attach}, agents)")
+                     f"by {opts.attach}, {'by hand, no agents' if ref else 'agents'})")
             sub = stack.enter_context(contextlib.ExitStack())
             try:
-                targets[backend] = _overlay(sub, backend, rate_bits, opts.attach)
+                targets[backend] = (_reference(sub, ref, rate_bits, opts.attach) if ref
+                                    else _overlay(sub, backend, rate_bits, opts.attach))
                 progress(_describe(targets[backend]))
             except WeftError as exc:
                 sub.close()  # tear this one down now; the others carry on
@@ -263,7 +297,7 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
                 del targets[slot.name], runs[slot.name]
                 continue
             runs[slot.name].append(run)
-            progress(f"round {slot.round + 1}/{opts.reps} {slot.name:>9}: "
+            progress(f"round {slot.round + 1}/{opts.reps} {slot.name:>17}: "
                      f"{run.bw_MBps:9.1f} MB/s {run.lat_us:8.1f} µs "
                      f"{run.cpu_s_per_GB:6.2f} CPU s/GB")
         progress("removing the testbeds")

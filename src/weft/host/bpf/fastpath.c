@@ -1,0 +1,120 @@
+// SPDX-License-Identifier: GPL-2.0
+/* weft's tc fast path for overlay <-> overlay IPv4 traffic (kernel routes: host-gw).
+ *
+ *   from_container  tc ingress of a container's host-side veth (the container's egress):
+ *                   FIB lookup, then bpf_redirect_neigh() to the next hop's device, past
+ *                   the host's IP stack (prerouting, forward, netfilter, qdisc of the veth).
+ *   from_underlay   tc ingress of the underlay device: a packet for a local container whose
+ *                   device is a veth (in the `peers` map, kept by the agent) goes straight
+ *                   into the container's namespace with bpf_redirect_peer(); other overlay
+ *                   packets for this host go by bpf_redirect_neigh().
+ *
+ * Anything else -- not IPv4, not overlay to overlay, IP options, TTL about to expire, a
+ * route the FIB cannot resolve, fragments of nothing special -- returns TC_ACT_OK and
+ * takes the normal path, so turning this on never loses a packet the kernel would carry.
+ *
+ * OVERLAY_NET and OVERLAY_MASK (host byte order) are set by the agent when it compiles.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#ifndef OVERLAY_NET
+#error "compile with -DOVERLAY_NET=0x... -DOVERLAY_MASK=0x..."
+#endif
+#define AF_INET 2
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);   /* ifindex of a container's host-side veth */
+	__type(value, __u8);
+} peers SEC(".maps");
+
+/* Packets and bytes sent on the fast path, per program (index 0: from_container,
+ * 1: from_underlay); what `weft status` shows. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} redirected SEC(".maps");
+
+static __always_inline int in_overlay(__be32 addr)
+{
+	return (bpf_ntohl(addr) & OVERLAY_MASK) == OVERLAY_NET;
+}
+
+static __always_inline void count(__u32 which)
+{
+	__u64 *n = bpf_map_lookup_elem(&redirected, &which);
+	if (n)
+		*n += 1;
+}
+
+/* RFC 1624 incremental checksum update for TTL - 1, as the kernel's ip_decrease_ttl. */
+static __always_inline void decrease_ttl(struct iphdr *iph)
+{
+	__u32 check = iph->check;
+	check += bpf_htons(0x0100);
+	iph->check = (__sum16)(check + (check >= 0xFFFF));
+	iph->ttl--;
+}
+
+static __always_inline int forward(struct __sk_buff *skb, int from_underlay)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *iph = data + sizeof(*eth);
+	struct bpf_fib_lookup fib = {};
+	int rc;
+
+	if ((void *)(iph + 1) > end)
+		return TC_ACT_OK;
+	if (eth->h_proto != bpf_htons(ETH_P_IP) || iph->ihl != 5 || iph->ttl <= 1)
+		return TC_ACT_OK;
+	if (!in_overlay(iph->saddr) || !in_overlay(iph->daddr))
+		return TC_ACT_OK;
+
+	fib.family = AF_INET;
+	fib.tos = iph->tos;
+	fib.l4_protocol = iph->protocol;
+	fib.tot_len = bpf_ntohs(iph->tot_len);
+	fib.ipv4_src = iph->saddr;
+	fib.ipv4_dst = iph->daddr;
+	fib.ifindex = skb->ingress_ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return TC_ACT_OK; /* local delivery, unreachable, forwarding off: the stack decides */
+	if (fib.ifindex == skb->ingress_ifindex)
+		return TC_ACT_OK; /* hairpin: leave it to the stack (redirects, ICMP) */
+
+	decrease_ttl(iph);
+	if (from_underlay && rc == BPF_FIB_LKUP_RET_SUCCESS &&
+	    bpf_map_lookup_elem(&peers, &fib.ifindex)) {
+		__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+		__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+		count(1);
+		return bpf_redirect_peer(fib.ifindex, 0);
+	}
+	count(from_underlay);
+	return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
+}
+
+SEC("tc/from_container")
+int from_container(struct __sk_buff *skb)
+{
+	return forward(skb, 0);
+}
+
+SEC("tc/from_underlay")
+int from_underlay(struct __sk_buff *skb)
+{
+	return forward(skb, 1);
+}
+
+char _license[] SEC("license") = "GPL";

@@ -1,0 +1,95 @@
+"""The masquerade table's pure parts: the ruleset, and when overlay traffic is untracked."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from weft.backends.hostgw.options import HostGwOptions
+from weft.backends.vxlan.options import VxlanOptions
+from weft.backends.wireguard.options import WireguardOptions
+from weft.core.errors import UsageError
+from weft.host.masquerade import (
+    Untrack,
+    decide_conntrack,
+    dnat_tables,
+    encap_port,
+    masquerade_ruleset,
+    parse_conntrack_mode,
+)
+
+NET = ipaddress.ip_network("198.19.0.0/16")
+SUBNET = ipaddress.ip_network("198.19.3.0/24")
+UNTRACK = Untrack(ipaddress.ip_address("198.19.3.0"), ipaddress.ip_address("198.18.0.11"), 8472)
+
+
+def _rule(table: str, *expr: object, family: str = "ip") -> dict[str, object]:
+    return {"rule": {"family": family, "table": table, "chain": "c", "expr": list(expr)}}
+
+
+def test_ruleset_untracks_overlay_and_encapsulation_but_not_replies_to_the_host() -> None:
+    text = masquerade_ruleset(NET, SUBNET, UNTRACK)
+    assert "type filter hook prerouting priority raw" in text
+    assert "type filter hook output priority raw" in text
+    pre = text.split("chain raw_prerouting")[1].split("}")[0]
+    # The return for the host's own address comes before any notrack.
+    assert pre.index("ip daddr 198.19.3.0 return") < pre.index("notrack")
+    assert "ip saddr 198.19.0.0/16 ip daddr 198.19.0.0/16 notrack" in pre
+    assert "ip daddr 198.18.0.11 udp dport 8472 notrack" in pre
+    assert "ip saddr 198.18.0.11 udp dport 8472 notrack" in text
+    assert "notrack" not in masquerade_ruleset(NET, SUBNET)
+
+
+def test_an_underlay_of_the_other_family_keeps_its_encapsulation_tracked() -> None:
+    v6 = ipaddress.ip_network("2001:db8:1::/48")
+    text = masquerade_ruleset(v6, ipaddress.ip_network("2001:db8:1:3::/64"), Untrack(
+        ipaddress.ip_address("2001:db8:1:3::"), ipaddress.ip_address("198.18.0.11"), 8472))
+    assert "udp dport" not in text
+    assert "ip6 saddr 2001:db8:1::/48 ip6 daddr 2001:db8:1::/48 notrack" in text
+
+
+def test_destination_nat_is_found_in_native_iptables_nft_and_legacy_tables() -> None:
+    ruleset = {"nftables": [
+        {"metainfo": {"version": "1.0.6"}},
+        _rule("svc", {"match": {}}, {"dnat": {"addr": "198.19.2.2"}}),
+        _rule("nat", {"xt": {"type": "target", "name": "DNAT"}}),
+        _rule("filter", {"xt": {"type": "target", "name": "ACCEPT"}}),
+        _rule("proxy", {"redirect": {"port": 100}}, family="ip6"),
+        _rule("weft", {"dnat": {"addr": "x"}}),  # weft's own table never counts
+        _rule("masq", {"masquerade": None}),  # source NAT needs no tracked replies here
+    ]}
+    assert dnat_tables(ruleset) == ["ip nat", "ip svc", "ip6 proxy"]
+    assert dnat_tables({}, ["filter", "nat"]) == ["iptables-legacy nat"]
+    assert dnat_tables({"nftables": [{"rule": "bad"}, _rule("t", "bad")]}) == []
+
+
+def test_decision_per_mode() -> None:
+    assert decide_conntrack("auto", []).untracked
+    assert not decide_conntrack("auto", ["ip nat"]).untracked
+    assert "ip nat" in decide_conntrack("auto", ["ip nat"]).reason
+    assert decide_conntrack("untrack", ["ip nat"]).untracked
+    assert "will not see its replies" in decide_conntrack("untrack", ["ip nat"]).reason
+    assert not decide_conntrack("track", []).untracked
+    assert decide_conntrack("auto", []).to_json() == {
+        "mode": "auto", "overlay": "untracked", "reason": "no destination NAT on this host"}
+
+
+def test_mode_and_port_parsing() -> None:
+    assert parse_conntrack_mode("untrack") == "untrack"
+    with pytest.raises(UsageError, match="auto, untrack, track"):
+        parse_conntrack_mode("off")
+    assert encap_port(VxlanOptions(Port=4789)) == 4789
+    assert encap_port(WireguardOptions()) == 51820
+    assert encap_port(HostGwOptions()) is None
+
+
+def test_forward_accept_only_where_the_chain_could_drop() -> None:
+    from weft.host.forward_accept import COMMENT, forward_accept_needed
+
+    assert not forward_accept_needed("-P FORWARD ACCEPT\n")
+    assert not forward_accept_needed(
+        f'-P FORWARD ACCEPT\n-A FORWARD -s 198.19.0.0/16 -m comment --comment "{COMMENT}" '
+        "-j ACCEPT\n")
+    assert forward_accept_needed("-P FORWARD DROP\n")
+    assert forward_accept_needed("-P FORWARD ACCEPT\n-A FORWARD -j DOCKER-USER\n")
