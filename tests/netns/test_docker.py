@@ -105,8 +105,8 @@ def test_docker_full_mesh_configured_from_subnet_env(docker_bed: Testbed) -> Non
     assert not failed
     # a full-size packet crosses: the container's MTU fits the overlay's
     c1, c2 = tb.containers[0], tb.containers[-1]
-    mtu = read_subnet_env(c1.host.subnet_env_path).mtu
-    assert in_container_ping(tb, c1, c2, size=mtu - 28)
+    overlay_mtu = read_subnet_env(c1.host.subnet_env_path).mtu
+    assert in_container_ping(tb, c1, c2, size=overlay_mtu - 28)  # 20 IP + 8 ICMP
 
 
 @pytest.mark.parametrize("docker_bed", ["vxlan"], indirect=True)
