@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft.integrations.subnet_env import read_subnet_env
 from weft.lab.runtimes.docker import DockerRuntime
-from weft.lab.testbed import Container, Host, Testbed
+from weft.lab.testbed import RUNS_DIR, Container, Host, Testbed, list_netns
 
 pytestmark = [
     pytest.mark.netns,
@@ -166,3 +167,39 @@ def test_dockerd_started_before_the_agent_drop_policy(docker_bed: Testbed) -> No
         for other in (o for o in tb.containers if o.host is not h3):
             assert any(in_container_ping(tb, other, c) for _ in range(3)), (other.name, c.name)
             assert any(in_container_ping(tb, c, other) for _ in range(3)), (c.name, other.name)
+
+
+CRASHING_RUN = """
+import sys, time
+from weft.lab.testbed import Testbed
+tb = Testbed(hosts=1, containers_per_host=1, runtime=sys.argv[1], log_level="info")
+tb.build()
+tb.start()
+print(tb.run_id, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("kind", ["docker", "podman"])
+def test_testbed_down_removes_what_a_killed_run_started(kind: str) -> None:
+    if shutil.which(kind) is None:
+        pytest.skip(f"needs {kind}")
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_RUN, kind],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        run_id = proc.stdout.readline().strip()
+        assert run_id, "the run did not come up"
+    finally:
+        proc.kill()  # SIGKILL: no cleanup of its own
+        proc.wait()
+    run_dir = RUNS_DIR / run_id
+    assert (run_dir / "h1").exists()
+    subprocess.run([sys.executable, "-m", "weft", "testbed", "down"], check=True, timeout=120)
+    assert run_id not in Path("/proc/self/mountinfo").read_text()
+    assert not run_dir.exists()
+    assert not [n for n in list_netns() if n.startswith(f"weft-{run_id}-")]
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/weft-{run_id}-*"))
+    leftover = subprocess.run(["pgrep", "-f", f"weft-runs/{run_id}/"], capture_output=True,
+                              text=True, check=False).stdout.split()
+    assert not leftover
