@@ -2,7 +2,7 @@
 # The test command: install, lint, type-check, run the whole suite (needs root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --runtimes  # + docker.io, podman, busybox-static
 .venv/bin/ruff check src tests
 .venv/bin/mypy src tests
 # Remove what a crashed earlier run may have left (runs still in progress are kept).

@@ -339,13 +339,15 @@ def demo(
                                             "started for the demo)")] = "sqlite",
     hosts: Annotated[int, typer.Option(min=2, max=20)] = 3,
     containers: Annotated[int, typer.Option(min=1, max=10)] = 2,
+    runtime: Annotated[str, typer.Option(help="containers as bare namespaces (netns), "
+                                              "docker containers or podman ones")] = "netns",
 ) -> None:
     """Build hosts and containers in namespaces, show leases and full connectivity."""
     from weft.lab.demo import run_demo
 
     try:
         ok = run_demo(backend=backend, store=store, hosts=hosts, containers=containers,
-                      console=out)
+                      console=out, runtime=runtime)
     except WeftError as exc:
         raise _fail(exc) from None
     raise typer.Exit(0 if ok else 1)
@@ -364,13 +366,15 @@ def bench(
     chart: Annotated[str | None, typer.Option(help="write a PNG bar chart here")] = None,
     attach: Annotated[str, typer.Option(help="how containers attach: bridge (flannel's "
                                              "layout) or ptp (routed veth)")] = "bridge",
+    runtime: Annotated[str, typer.Option(help="also measure each backend with docker "
+                                              "(or podman) containers")] = "netns",
 ) -> None:
     """qperf tcp_bw/tcp_lat: native vs each backend, container to container, on 2 hosts."""
     from weft.lab.bench.report import render_table, write_chart, write_json
     from weft.lab.bench.runner import BenchOptions, parse_backends, run_bench
 
     try:
-        opts = BenchOptions(parse_backends(backends), rate, secs, reps, attach)
+        opts = BenchOptions(parse_backends(backends), rate, secs, reps, attach, runtime)
         report = run_bench(opts, progress=lambda line: err.print(line, highlight=False))
         render_table(report, err if json_file == "-" else out)
         if json_file is not None:

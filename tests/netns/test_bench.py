@@ -162,3 +162,25 @@ def test_pinned_testbed_agents_and_their_threads_stay_on_their_host_cpu() -> Non
             for task in tasks:
                 status = (task / "status").read_text()
                 assert "Cpus_allowed_list:\t0\n" in status, task
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(not Path("/usr/sbin/dockerd").exists() or not Path("/bin/busybox").exists(),
+                    reason="needs Debian's docker.io and busybox-static "
+                           "(scripts/setup.sh --runtimes installs them)")
+def test_short_bench_with_docker_containers_beside_namespaces(tmp_path: Path) -> None:
+    """`weft bench --runtime docker`: qperf between docker containers on two hosts, in the
+    same rounds as native and the bare-namespace testbed (figures: README, not here)."""
+    before = set(list_netns())
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "weft", "bench", "--runtime", "docker", "--backends", "vxlan",
+         "--rate", "1gbit", "--secs", "1", "--reps", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["results"]] == ["native", "vxlan", "vxlan/docker"]
+    assert not data["skipped"]
+    left = [n for n in set(list_netns()) - before
+            if not (RUNS_DIR / n.removeprefix("weft-").split("-", 1)[0]).exists()]
+    assert not left  # every namespace the bench made is gone (others' runs keep a run dir)

@@ -21,7 +21,8 @@ def demo_config(backend: str) -> str:
 
 
 def run_demo(backend: str = "vxlan", store: str = "sqlite", hosts: int = 3,
-             containers: int = 2, console: Console | None = None) -> bool:
+             containers: int = 2, console: Console | None = None,
+             runtime: str = "netns") -> bool:
     """Build, show, check, tear down. True if every container reached every other."""
     console = console or Console()
     if store not in ("sqlite", "etcd"):
@@ -29,9 +30,10 @@ def run_demo(backend: str = "vxlan", store: str = "sqlite", hosts: int = 3,
     config = demo_config(backend)
     started = time.monotonic()
     with Testbed(hosts=hosts, containers_per_host=containers, config=config,
-                 store=store, log_level="info") as tb:
+                 store=store, log_level="info", runtime=runtime) as tb:
         console.print(f"[bold]weft demo[/] run {tb.run_id}: {hosts} hosts x {containers} "
-                      f"containers, backend {backend}, store {store}", highlight=False)
+                      f"{runtime} containers, backend {backend}, store {store}",
+                      highlight=False)
         tb.start()
         console.print(f"agents converged in {time.monotonic() - started:.1f}s")
 

@@ -34,6 +34,9 @@ from weft.core.constants import ROUTE_PROTOCOL
 from weft.core.errors import UsageError, WeftError
 from weft.core.lease import Lease
 from weft.host.files import private_dir, write_private
+from weft.lab.runtimes import RUNTIMES
+from weft.lab.runtimes.base import ContainerRuntime, make_runtime
+from weft.lab.runtimes.cleanup import remove_runtime_leftovers
 
 NETNS_PREFIX = "weft-"
 RUNS_DIR = Path("/tmp/weft-runs")
@@ -129,11 +132,14 @@ class Testbed:
         log_level: str = "debug",
         attach: str = "bridge",
         agent_cpus: Sequence[int] = (),
+        runtime: str = "netns",
     ) -> None:
         if os.geteuid() != 0:
             raise UsageError("the testbed needs root to create network namespaces")
         if attach not in ATTACHMENTS:
             raise UsageError(f"container attachment {attach!r}: use {' or '.join(ATTACHMENTS)}")
+        if runtime not in RUNTIMES:
+            raise UsageError(f"container runtime {runtime!r}: use {', '.join(RUNTIMES)}")
         self.run_id = secrets.token_hex(3)
         self.run_dir = RUNS_DIR / self.run_id
         self.config = config
@@ -161,6 +167,9 @@ class Testbed:
             for h in self.hosts for j in range(1, containers_per_host + 1)
         ]
         self._extra_netns: list[str] = []
+        self.runtime_name = runtime
+        # None: containers are bare namespaces attached by weft-cni right here.
+        self.runtime: ContainerRuntime | None = make_runtime(runtime, self)
 
     # --- context management -------------------------------------------------------------
 
@@ -200,7 +209,7 @@ class Testbed:
         for host in self.hosts:
             host.run_dir.mkdir(parents=True, exist_ok=True)
             self._attach_to_underlay(host.netns, f"h{host.index}", host.underlay_ip)
-        for c in self.containers:
+        for c in self.containers if self.runtime is None else ():
             sh(["ip", "netns", "add", c.netns])
             sh(["ip", "-n", c.netns, "link", "set", "lo", "up"])
         self.write_config(self.config)
@@ -265,6 +274,9 @@ class Testbed:
             self.start_agent(host)
         for host in self.hosts:
             self.wait_subnet_env(host, timeout)
+        if self.runtime is not None:
+            for host in self.hosts:  # dockerd reads the subnet.env the agent just wrote
+                self.runtime.start_host(host)
         for c in self.containers:
             self.attach(c)
         self.wait_converged(timeout)
@@ -359,6 +371,9 @@ class Testbed:
     def attach(self, c: Container) -> None:
         from weft.integrations.cni.runtime import cni_add
 
+        if self.runtime is not None:
+            self.runtime.run_container(c)
+            return
         result = cni_add(c.host.cni_conf(), netns_path=f"/var/run/netns/{c.netns}",
                          container_id=c.container_id, ifname="eth0", host_netns=c.host.netns,
                          cni_path=CNI_PATH)
@@ -370,6 +385,9 @@ class Testbed:
     def detach(self, c: Container) -> None:
         from weft.integrations.cni.runtime import cni_del
 
+        if self.runtime is not None:
+            self.runtime.remove_container(c)
+            return
         cni_del(c.host.cni_conf(), netns_path=f"/var/run/netns/{c.netns}",
                 container_id=c.container_id, ifname="eth0", host_netns=c.host.netns,
                 cni_path=CNI_PATH)
@@ -379,6 +397,14 @@ class Testbed:
     def run(self, netns: str, argv: Sequence[str], check: bool = True,
             timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         return sh(netns_exec(netns, argv), check=check, timeout=timeout)
+
+    def container_exec(self, c: Container, argv: Sequence[str], check: bool = True,
+                       timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run argv in container c: inside the real container for docker and podman (its
+        image's binaries), in its namespace for the netns runtime."""
+        if self.runtime is None:
+            return self.run(c.netns, argv, check=check, timeout=timeout)
+        return sh(self.runtime.exec_argv(c, list(argv)), check=check, timeout=timeout)
 
     def ping(self, netns: str, dst: object, count: int = 1, wait: float = 2.0) -> bool:
         proc = self.run(netns, ["ping", "-c", str(count), "-W", str(wait), "-i", "0.2",
@@ -420,6 +446,9 @@ class Testbed:
     # --- teardown -----------------------------------------------------------------------
 
     def destroy(self) -> None:
+        if self.runtime is not None:
+            with contextlib.suppress(Exception):
+                self.runtime.destroy()
         for host in self.hosts:
             with contextlib.suppress(Exception):
                 self.stop_agent(host, signal.SIGKILL, timeout=5)
@@ -442,6 +471,7 @@ def remove_run(run_id: str, netns: Sequence[str] = ()) -> list[str]:
     names = set(netns) | {n for n in list_netns() if n.startswith(prefix)}
     for name in names:
         _kill_netns_processes(name)
+    remove_runtime_leftovers(run_id, RUNS_DIR / run_id)  # containers of docker, podman
     removed = []
     for name in sorted(names, key=lambda n: n.endswith("-ul")):  # underlay last
         if sh(["ip", "netns", "del", name], check=False, timeout=20).returncode == 0:

@@ -3,6 +3,8 @@
     native   testbed of 2 hosts, no agent: qperf host h1 -> host h2 over the underlay
     vxlan    testbed of 2 hosts x 1 container, agents with {"Type": "vxlan"}:
              qperf container h1c1 -> container h2c1 through the overlay
+    vxlan/docker  (--runtime docker) the same with a dockerd per host and docker
+             containers, configured from subnet.env as the seed did
     host-gw  ... one testbed per backend
     udp-minimal  the udp testbed (same hosts, TUN device, routes, containers) with its agents
              stopped and a minimal forwarder (weft.backends.udp.minimal) in weft's place:
@@ -46,6 +48,7 @@ from weft.lab.bench.stats import (
     summarise,
     tbf_args,
 )
+from weft.lab.runtimes import RUNTIMES
 from weft.lab.testbed import ATTACHMENTS, Testbed, netns_exec
 
 # Each reference row sits just before (kernel paths) or after (udp-minimal) its backend.
@@ -78,6 +81,9 @@ class BenchOptions:
     secs: int = 5
     reps: int = 3
     attach: str = "bridge"
+    # "docker" or "podman": every backend is measured twice, with bare namespaces
+    # ("vxlan") and with that runtime's containers ("vxlan/docker"), in the same rounds.
+    runtime: str = "netns"
 
 
 def parse_backends(text: str | None) -> tuple[str, ...]:
@@ -131,13 +137,13 @@ def _native(stack: contextlib.ExitStack, rate_bits: int | None) -> Target:
 
 
 def _overlay(stack: contextlib.ExitStack, backend: str, rate_bits: int | None,
-             attach: str) -> Target:
+             attach: str, runtime: str = "netns") -> Target:
     cpus = _cpus()
     # Each host's agent (and so a userspace data plane: the udp forwarder, wireguard-go)
     # runs on that host's CPU, beside its qperf, as on two machines.
     tb = stack.enter_context(Testbed(hosts=2, containers_per_host=1, attach=attach,
                                      config=bench_config(SWAPPED.get(backend, backend)),
-                                     log_level="info", agent_cpus=cpus))
+                                     log_level="info", agent_cpus=cpus, runtime=runtime))
     _shape(tb, rate_bits)
     tb.start(timeout=60)
     if backend == UDP_MINIMAL:
@@ -146,7 +152,10 @@ def _overlay(stack: contextlib.ExitStack, backend: str, rate_bits: int | None,
     # A few tries: the first packets may wait for neighbour resolution on the way.
     if not any(tb.ping(c1.netns, c2.ip) for _ in range(3)):
         raise BenchError(f"{c1.name} cannot reach {c2.name} ({c2.ip}) through {backend}")
-    return Target(backend, tb, c1.netns, c2.netns, str(c2.ip), CpuMeter(tb.all_netns()),
+    # A docker container's namespace carries the testbed's name for it (ip netns attach),
+    # so qperf runs in the container's own network stack: its veth, docker0, iptables.
+    name = backend if runtime == "netns" else f"{backend}/{runtime}"
+    return Target(name, tb, c1.netns, c2.netns, str(c2.ip), CpuMeter(tb.all_netns()),
                   *cpus)
 
 
@@ -253,11 +262,14 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
 
     if opts.attach not in ATTACHMENTS:
         raise UsageError(f"--attach {opts.attach!r}: use {' or '.join(ATTACHMENTS)}")
+    if opts.runtime not in RUNTIMES:
+        raise UsageError(f"--runtime {opts.runtime!r}: use {', '.join(RUNTIMES)}")
     if opts.secs < 1:
         raise UsageError(f"--secs {opts.secs}: need at least 1")
     rate_bits = parse_rate(opts.rate) if opts.rate is not None else None
     schedule(opts.backends, opts.reps)  # validates names and reps before building anything
     skipped: list[Skipped] = []
+    names: list[str] = []
     with contextlib.ExitStack() as stack:
         progress("building the native testbed (2 hosts, no overlay)")
         targets = {NATIVE: _native(stack, rate_bits)}
@@ -270,18 +282,25 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
                 progress(f"skip {backend}: not registered")
                 continue
             ref = REFERENCES.get(backend)
-            progress(f"building the {backend} testbed (2 hosts x 1 container attached "
-                     f"by {opts.attach}, {'by hand, no agents' if ref else 'agents'})")
-            sub = stack.enter_context(contextlib.ExitStack())
-            try:
-                targets[backend] = (_reference(sub, ref, rate_bits, opts.attach) if ref
-                                    else _overlay(sub, backend, rate_bits, opts.attach))
-                progress(_describe(targets[backend]))
-            except WeftError as exc:
-                sub.close()  # tear this one down now; the others carry on
-                skipped.append(Skipped(backend, _reason(exc)))
-                progress(f"skip {backend}: {_reason(exc)}")
-        live = [b for b in opts.backends if b in targets]
+            # Reference rows are kernel paths or forwarders, the same whatever the runtime.
+            alone = ref is not None or backend in SWAPPED
+            for runtime in ("netns",) if alone else dict.fromkeys(("netns", opts.runtime)):
+                name = backend if runtime == "netns" else f"{backend}/{runtime}"
+                progress(f"building the {name} testbed (2 hosts x 1 {runtime} container "
+                         f"attached by {opts.attach}, "
+                         f"{'by hand, no agents' if ref else 'agents'})")
+                names.append(name)
+                sub = stack.enter_context(contextlib.ExitStack())
+                try:
+                    targets[name] = (_reference(sub, ref, rate_bits, opts.attach) if ref
+                                     else _overlay(sub, backend, rate_bits, opts.attach,
+                                                   runtime))
+                    progress(_describe(targets[name]))
+                except WeftError as exc:
+                    sub.close()  # tear this one down now; the others carry on
+                    skipped.append(Skipped(name, _reason(exc)))
+                    progress(f"skip {name}: {_reason(exc)}")
+        live = [n for n in names if n in targets]
         runs: dict[str, list[Run]] = {name: [] for name in [NATIVE, *live]}
         for slot in schedule(live, opts.reps):
             if slot.name not in targets:
