@@ -194,11 +194,11 @@ def delete_tun(name: str) -> None:
         os.close(fd)
 
 
-def set_tun_offloads(fd: int, enabled: bool, offloads: Offloads) -> None:
+def set_tun_offloads(fd: int, offloads: bool, in_force: Offloads) -> None:
     """Ask for checksum + TSO super-packets; fall back step by step to none."""
-    if not enabled:
+    if not offloads:
         fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
-        offloads.notes.append("offloads disabled by the Offloads option")
+        in_force.notes.append("offloads disabled by the Offloads option")
         return
     for flags, csum, tso in (
         (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6, True, True),
@@ -208,14 +208,14 @@ def set_tun_offloads(fd: int, enabled: bool, offloads: Offloads) -> None:
         try:
             fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
         except OSError as exc:
-            offloads.notes.append(f"TUNSETOFFLOAD {flags:#x} refused: {exc.strerror}")
+            in_force.notes.append(f"TUNSETOFFLOAD {flags:#x} refused: {exc.strerror}")
             continue
-        offloads.tun_csum, offloads.tun_tso = csum, tso
+        in_force.tun_csum, in_force.tun_tso = csum, tso
         return
 
 
 def open_udp_socket(
-    bind_ip: IPAddress, port: int, enabled: bool, offloads: Offloads
+    bind_ip: IPAddress, port: int, offloads: bool, in_force: Offloads
 ) -> socket.socket:
     family = socket.AF_INET if bind_ip.version == 4 else socket.AF_INET6
     sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -241,17 +241,17 @@ def open_udp_socket(
                 f"UDP port {port} on {bind_ip} is in use; stop the other user or set Backend.Port"
             ) from None
         raise KernelError(f"open UDP socket {bind_ip}:{port}: {exc}") from None
-    if enabled:
+    if offloads:
         try:
             sock.setsockopt(SOL_UDP, UDP_SEGMENT, 0)  # probe only: segment size is per send
-            offloads.udp_gso = True
+            in_force.udp_gso = True
         except OSError as exc:
-            offloads.notes.append(f"UDP_SEGMENT refused: {exc.strerror}")
+            in_force.notes.append(f"UDP_SEGMENT refused: {exc.strerror}")
         try:
             sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-            offloads.udp_gro = True
+            in_force.udp_gro = True
         except OSError as exc:
-            offloads.notes.append(f"UDP_GRO refused: {exc.strerror}")
+            in_force.notes.append(f"UDP_GRO refused: {exc.strerror}")
     return sock
 
 
@@ -271,10 +271,10 @@ class Forwarder:
         self.device = device
         self.bind_ip = bind_ip
         self.port = port
-        self.offloads = Offloads()
+        self.in_force = Offloads()
         self.tx = Counters()
         self.rx = Counters()
-        self._want_offloads = offloads
+        self._offloads = offloads
         self._underlay_mtu = underlay_mtu
         self._peers = PeerTable(network_version, subnet_len)
         # Keyed by (ip, port): chunks of one member never splice with another sender's.
@@ -293,23 +293,23 @@ class Forwarder:
         """Create/attach the TUN device and bind the socket; nothing runs yet."""
         self._tun = open_tun(self.device)
         try:
-            set_tun_offloads(self._tun, self._want_offloads, self.offloads)
+            set_tun_offloads(self._tun, self._offloads, self.in_force)
             self._sock = open_udp_socket(
-                self.bind_ip, self.port, self._want_offloads, self.offloads
+                self.bind_ip, self.port, self._offloads, self.in_force
             )
         except BaseException:
             os.close(self._tun)
             self._tun = -1
             raise
         self._chunker = self._make_chunker()
-        for note in self.offloads.notes:
+        for note in self.in_force.notes:
             log.warning("udp offload fallback", extra={"detail": note})
 
     def _make_chunker(self) -> Chunker:
         version = self.bind_ip.version
         return Chunker(
             datagram_size=self._underlay_mtu - IP_UDP_HEADERS[version],
-            max_segments=MAX_GSO_SEGMENTS if self.offloads.udp_gso else 1,
+            max_segments=MAX_GSO_SEGMENTS if self.in_force.udp_gso else 1,
             max_batch_bytes=MAX_UDP_PAYLOAD[version],
         )
 
@@ -383,7 +383,7 @@ class Forwarder:
             "device": self.device,
             "port": self.port,
             "running": self.running,
-            "offloads": self.offloads.as_dict(),
+            "offloads": self.in_force.as_dict(),
             "tx": self.tx.as_dict(),
             "rx": self.rx.as_dict(),
             "peers": self._peers.describe(),
@@ -501,12 +501,12 @@ class Forwarder:
         self, exc: OSError, buffers: list[Any], segment_size: int, endpoint: tuple[str, int]
     ) -> bool:
         """Handle a failed sendmsg; True if the batch went out after all."""
-        if exc.errno == errno.EIO and self.offloads.udp_gso:
+        if exc.errno == errno.EIO and self.in_force.udp_gso:
             # The route's device cannot checksum-offload UDP GSO: switch GSO off for good
             # and resend this batch datagram by datagram.
-            self.offloads.udp_gso = False
-            self.offloads.notes.append(f"UDP GSO send failed ({exc.strerror}); GSO off")
-            log.warning("udp offload fallback", extra={"detail": self.offloads.notes[-1]})
+            self.in_force.udp_gso = False
+            self.in_force.notes.append(f"UDP GSO send failed ({exc.strerror}); GSO off")
+            log.warning("udp offload fallback", extra={"detail": self.in_force.notes[-1]})
             self._chunker = self._make_chunker()
             return self._send_each(buffers, segment_size, endpoint)
         self.tx.drop("send_error")
