@@ -11,6 +11,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from weft.backends.base import backend_mismatch
 from weft.backends.wireguard.keys import KEY_LEN, KeyFormatError, PrivateKey, PublicKey
 from weft.core.config import IPAddress, IPNetwork
 from weft.core.lease import Lease
@@ -79,11 +80,9 @@ def desired_peers(
     errors: dict[str, str] = {}
     for lease in peers:
         where = str(lease.subnet)
-        if lease.backend_type != "wireguard":
-            errors[where] = (
-                f"peer {lease.public_ip} runs backend {lease.backend_type!r}; every host of a "
-                "network must use the same backend"
-            )
+        problem = backend_mismatch(lease, "wireguard")
+        if problem is not None:
+            errors[where] = problem
             continue
         text = lease.backend_data.get("PublicKey")
         if not isinstance(text, str):
