@@ -64,14 +64,17 @@ async def watch_kernel(changed: Changed, prefix: str) -> None:
     async with AsyncIPRoute() as ipr:
         await ipr.bind(groups=_GROUPS)
         devices: dict[int, str] = {}
-        for link in await ipr.get_links():
+        # pyroute2 0.9: get_links() gives an async generator, and get() ends after one
+        # datagram's batch of multicast messages, so it is called again for the next.
+        async for link in await ipr.get_links():
             devices[link["index"]] = link.get_attr("IFLA_IFNAME") or ""
-        async for msg in ipr.get():
-            if msg.get("event") == "RTM_NEWLINK":
-                devices[msg["index"]] = msg.get_attr("IFLA_IFNAME") or ""
-            reason = kernel_removal(msg, devices, prefix)
-            if reason is not None:
-                changed(reason)
+        while True:
+            async for msg in ipr.get():
+                if msg.get("event") == "RTM_NEWLINK":
+                    devices[msg["index"]] = msg.get_attr("IFLA_IFNAME") or ""
+                reason = kernel_removal(msg, devices, prefix)
+                if reason is not None:
+                    changed(reason)
 
 
 async def watch_netfilter(changed: Changed) -> None:
