@@ -83,14 +83,20 @@ async def watch_netfilter(changed: Changed) -> None:
     if nft is None:
         log.warning("nft not found: netfilter changes are repaired at the next resync only")
         return
+    # Every event, filtered here: nft 1.0 accepts one object type after `monitor` at
+    # most (`monitor tables chains rules` is a syntax error and ends the watcher at once).
     proc = await asyncio.create_subprocess_exec(
-        nft, "monitor", "tables", "chains", "rules", stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL)
+        nft, "monitor", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
     assert proc.stdout is not None
+    assert proc.stderr is not None
     try:
         while line := await proc.stdout.readline():
             if line.startswith((b"delete", b"flush")):
                 changed("netfilter rules removed")
+        # nft ended: an error for the guard to log and restart, not a silent end.
+        error = (await proc.stderr.read()).decode(errors="replace").strip()
+        raise OSError(f"`nft monitor` exited: {error or 'no message'}")
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
