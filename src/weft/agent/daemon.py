@@ -72,7 +72,7 @@ from weft.host.masquerade import (
 )
 from weft.host.netlink import Netlink
 from weft.host.system import detect_host, enable_forwarding, require_root
-from weft.integrations.subnet_env import SubnetEnv
+from weft.integrations.subnet_env import SubnetEnv, read_subnet_env
 from weft.store import LeaseStore
 
 log = logging.getLogger("weft.agent")
@@ -210,6 +210,7 @@ class Agent:
         log.info("lease reclaimed" if reclaimed else "lease acquired",
                  extra={"subnet": str(lease.subnet), "public_ip": str(host.public_ip),
                         "expires_in": round(lease.expires_in(time.time()))})
+        await self._leave_previous_subnet(lease)
         await self._take_lease(lease)
         enable_forwarding(config.network.version)
         self.metrics.export_backend(backend.status)
@@ -220,6 +221,25 @@ class Agent:
         await self._reconcile_once()
         if self.opts.metrics_addr:
             self.metrics.serve(self.opts.metrics_addr)
+
+    async def _leave_previous_subnet(self, lease: Lease) -> None:
+        """A host back after its lease expired and another host took the subnet gets a
+        new one; the old one (named by the subnet.env it wrote) must leave its data plane,
+        or two hosts answer for the same container addresses."""
+        try:
+            previous = read_subnet_env(self.opts.subnet_file).subnet
+        except UsageError:
+            return  # none, or not ours to read: nothing is known about a previous subnet
+        if previous == lease.subnet:
+            return
+        stranded = await asyncio.to_thread(_release_subnet, previous)
+        log.error("this host's previous subnet is held by another host now; released it",
+                  extra={"subnet": str(previous), "new_subnet": str(lease.subnet),
+                         "stranded_containers": ", ".join(stranded) or "none",
+                         "action": "restart the stranded containers to give them addresses "
+                                   "in the new subnet"})
+        self.notices["lease"] = (f"subnet {previous} was taken by another host while this "
+                                 f"one was away; now {lease.subnet}")
 
     def _underlay_networks(self) -> tuple[IPNetwork, ...]:
         assert self.host is not None
@@ -274,6 +294,12 @@ class Agent:
         if self._host_dirty:
             self._host_dirty = False
             self.host_errors = await asyncio.to_thread(converge_host_state, self._host_state())
+            try:
+                if self._lock.reassert():
+                    log.warning("host state repaired",
+                                extra={"part": "lock", "action": f"relocked {self._lock.path}"})
+            except (UsageError, OSError) as exc:
+                self.host_errors["lock"] = str(exc)
             if not (self.opts.state_dir / STATUS_SOCKET).exists():
                 self._status_restart.set()
             if self.host_errors:

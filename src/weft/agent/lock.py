@@ -34,6 +34,28 @@ class StateDirLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
+    def reassert(self) -> bool:
+        """The state dir (or just the lock file) was removed under a running agent: the
+        lock now sits on a file nobody can see, and a second agent would start. Lock a
+        new file in its place. True if it had to (and could); raises UsageError if
+        another agent took the new file first."""
+        if self._fd is None:
+            return False
+        try:
+            if os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(self._fd).st_ino:
+                return False
+        except FileNotFoundError:
+            pass
+        old, self._fd = self._fd, None
+        try:
+            self.acquire()
+        except BaseException:
+            self._fd = old  # still ours: keep holding what we had
+            raise
+        with contextlib.suppress(OSError):
+            os.close(old)
+        return True
+
     def release(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):

@@ -64,14 +64,17 @@ async def watch_kernel(changed: Changed, prefix: str) -> None:
     async with AsyncIPRoute() as ipr:
         await ipr.bind(groups=_GROUPS)
         devices: dict[int, str] = {}
-        for link in await ipr.get_links():
+        # pyroute2 0.9: get_links() gives an async generator, and get() ends after one
+        # datagram's batch of multicast messages, so it is called again for the next.
+        async for link in await ipr.get_links():
             devices[link["index"]] = link.get_attr("IFLA_IFNAME") or ""
-        async for msg in ipr.get():
-            if msg.get("event") == "RTM_NEWLINK":
-                devices[msg["index"]] = msg.get_attr("IFLA_IFNAME") or ""
-            reason = kernel_removal(msg, devices, prefix)
-            if reason is not None:
-                changed(reason)
+        while True:
+            async for msg in ipr.get():
+                if msg.get("event") == "RTM_NEWLINK":
+                    devices[msg["index"]] = msg.get_attr("IFLA_IFNAME") or ""
+                reason = kernel_removal(msg, devices, prefix)
+                if reason is not None:
+                    changed(reason)
 
 
 async def watch_netfilter(changed: Changed) -> None:
@@ -80,14 +83,20 @@ async def watch_netfilter(changed: Changed) -> None:
     if nft is None:
         log.warning("nft not found: netfilter changes are repaired at the next resync only")
         return
+    # Every event, filtered here: nft 1.0 accepts one object type after `monitor` at
+    # most (`monitor tables chains rules` is a syntax error and ends the watcher at once).
     proc = await asyncio.create_subprocess_exec(
-        nft, "monitor", "tables", "chains", "rules", stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL)
+        nft, "monitor", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
     assert proc.stdout is not None
+    assert proc.stderr is not None
     try:
         while line := await proc.stdout.readline():
             if line.startswith((b"delete", b"flush")):
                 changed("netfilter rules removed")
+        # nft ended: an error for the guard to log and restart, not a silent end.
+        error = (await proc.stderr.read()).decode(errors="replace").strip()
+        raise OSError(f"`nft monitor` exited: {error or 'no message'}")
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
