@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from weft.core.config import NetworkConfig
 from weft.core.host import HostContext
@@ -55,7 +55,11 @@ class Backend(Protocol):
     def teardown(self) -> None: ...
 
 
-class IncrementalBackend(Backend, Protocol):
+@runtime_checkable
+class IncrementalBackend(Protocol):
+    """A backend that can also apply one store event's change alone (vxlan, host-gw);
+    the others get a full `reconcile` for every change."""
+
     def update(self, removed: Sequence[Lease], added: Sequence[Lease]) -> ReconcileResult | None:
         """Apply only what a store event changed: `removed` are the peers' old leases,
         `added` their new ones (a changed peer is in both). None when the backend has no
