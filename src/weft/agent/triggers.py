@@ -64,7 +64,7 @@ async def watch_kernel(changed: Changed, prefix: str) -> None:
     async with AsyncIPRoute() as ipr:
         await ipr.bind(groups=_GROUPS)
         devices: dict[int, str] = {}
-        for link in await ipr.get_links():
+        async for link in await ipr.get_links():  # pyroute2 0.9: an async generator
             devices[link["index"]] = link.get_attr("IFLA_IFNAME") or ""
         async for msg in ipr.get():
             if msg.get("event") == "RTM_NEWLINK":
