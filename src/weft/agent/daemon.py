@@ -37,7 +37,7 @@ from weft.agent.lock import StateDirLock
 from weft.agent.metrics import AgentMetrics
 from weft.agent.status import STATUS_SOCKET, serve_status
 from weft.agent.triggers import watch_files, watch_kernel, watch_netfilter
-from weft.backends.base import Backend
+from weft.backends.base import Backend, IncrementalBackend, ReconcileResult
 from weft.backends.registry import backend_data_problem, create_backend
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig, parse_config
 from weft.core.constants import (
@@ -54,7 +54,7 @@ from weft.core.errors import (
     WatchCompacted,
     WeftError,
 )
-from weft.core.events import LeaseMap, apply_events, diff_peers
+from weft.core.events import LeaseMap, PeerDiff, apply_events, changes_data, diff_peers
 from weft.core.host import HostContext
 from weft.core.lease import Lease
 from weft.core.validate import TrustContext, ValidatedView, validate_view
@@ -146,6 +146,7 @@ class Agent:
         self.mtu = 0
         self.leases: LeaseMap = {}  # everything the store holds, unvalidated
         self.view = ValidatedView({})  # what the last reconcile used
+        self._applied: dict[IPNetwork, Lease] = {}  # the peers the backend last received
         self.revision = 0
         self.peer_errors = PeerErrorLog()
         self.host_errors: dict[str, str] = {}
@@ -156,6 +157,10 @@ class Agent:
         self._stop = asyncio.Event()
         self._dirty = asyncio.Event()
         self._host_dirty = True
+        # A store event applies only what it changed; the full level-based pass (dump the
+        # kernel, converge everything) runs on start, on resync and after a kernel event.
+        self._full_dirty = True
+        self._backend_errors: dict[str, str] = {}  # from the backend's plans and kernel
         self._renew_now = asyncio.Event()
         self._status_restart = asyncio.Event()
         self._lock = StateDirLock(options.state_dir)
@@ -263,10 +268,14 @@ class Agent:
 
     # --- reconcile: one worker ----------------------------------------------------------
 
-    def request(self, reason: str, *, host: bool = False) -> None:
-        """Something changed: converge soon. Bursts coalesce into one pass."""
+    def request(self, reason: str, *, host: bool = False, full: bool = True) -> None:
+        """Something changed: converge soon. Bursts coalesce into one pass. `full=False`
+        (a store event) applies only the difference between the last view and the newest;
+        any full request in the burst makes the pass a full one."""
         if host:
             self._host_dirty = True
+        if full:
+            self._full_dirty = True
         if not self._dirty.is_set():
             log.debug("reconcile requested", extra={"reason": reason})
         self._dirty.set()
@@ -317,31 +326,41 @@ class Agent:
         for lease in diff.changed:
             log.info("peer changed", extra={"subnet": str(lease.subnet),
                                             "public_ip": str(lease.public_ip)})
+        full, self._full_dirty = self._full_dirty, False
         started = time.perf_counter()
-        errors = dict(view.errors)
         try:
-            peers = sorted(view.peers.values(), key=lambda x: str(x.subnet))
-            ingress_error = await asyncio.to_thread(self._apply_ingress, peers)
-            if ingress_error is not None:
-                errors["ingress"] = ingress_error
-                ok = False
-            result = await asyncio.to_thread(self.backend.reconcile, peers)
-            errors.update(result.errors)
-            if result.added or result.removed:
+            if full or diff:
+                # The underlay ingress filter follows the same validated view; a renewal
+                # (no diff) leaves it as it is.
+                peers = sorted(view.peers.values(), key=lambda x: str(x.subnet))
+                ingress_error = await asyncio.to_thread(self._apply_ingress, peers)
+                if ingress_error is not None:
+                    self._backend_errors["ingress"] = ingress_error
+                    ok = False
+                else:
+                    self._backend_errors.pop("ingress", None)
+            result = await self._apply(view, diff, full=full)
+            if result is not None and (result.added or result.removed):
                 log.info("reconciled", extra={"added": result.added, "removed": result.removed,
-                                              "peers": len(view.peers)})
+                                              "peers": len(view.peers), "full": full})
+            if result is not None and result.errors and not full:
+                self._full_dirty = True  # an entry failed: the next pass checks everything
         except WeftError as exc:
-            errors["reconcile"] = str(exc)
+            self._backend_errors["reconcile"] = str(exc)
             ok = False
         except Exception as exc:
             # A bug, or a kernel answer nobody foresaw: logged with its traceback and
             # retried, never the end of the agent (it keeps the data plane it has).
             log.exception("reconcile failed unexpectedly", extra={"error": repr(exc)})
-            errors["reconcile"] = repr(exc)
+            self._backend_errors["reconcile"] = repr(exc)
             ok = False
         finally:
-            self.metrics.reconciles.inc()
-            self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+            if full:
+                self.metrics.reconciles.inc()
+                self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+        if not ok:
+            self._full_dirty = True
+        errors = dict(view.errors) | self._backend_errors
         self.metrics.peers.set(len(view.peers))
         self.metrics.peer_errors.set(len(errors))
         self.metrics.reconcile_errors.inc(len(errors.keys() - self.peer_errors.current.keys()))
@@ -359,6 +378,34 @@ class Agent:
             log.error("ingress filter not applied", extra={"error": str(exc)})
             return str(exc)
         return None
+
+    async def _apply(self, view: ValidatedView, diff: PeerDiff, *, full: bool
+                     ) -> ReconcileResult | None:
+        """Give the backend the newest view: whole (full) or only what changed."""
+        assert self.backend is not None
+        backend = self.backend
+        if not full and isinstance(backend, IncrementalBackend):
+            if not diff:
+                return None  # nothing a peer's data plane depends on changed
+            removed = [self._applied[s] for s in diff.subnets() if s in self._applied]
+            added = [view.peers[s] for s in diff.subnets() if s in view.peers]
+            result = await asyncio.to_thread(backend.update, removed, added)
+            if result is not None:
+                self.metrics.updates.inc()
+                for subnet in diff.subnets():
+                    self._backend_errors.pop(str(subnet), None)
+                self._backend_errors.pop("reconcile", None)
+                self._backend_errors.update(result.errors)
+                self._applied = dict(view.peers)
+                return result
+        peers = sorted(view.peers.values(), key=lambda x: str(x.subnet))
+        result = await asyncio.to_thread(backend.reconcile, peers)
+        ingress = self._backend_errors.get("ingress")
+        self._backend_errors = dict(result.errors)
+        if ingress is not None:
+            self._backend_errors["ingress"] = ingress
+        self._applied = dict(view.peers)
+        return result
 
     async def _reconciler(self) -> None:
         backoff = Backoff()
@@ -411,16 +458,20 @@ class Agent:
                 async for events in self.store.watch(self.revision):
                     backoff.reset()
                     self.revision = events[-1].revision
+                    changed = changes_data(self.leases, events)
                     self.leases = apply_events(self.leases, events)
                     self._check_own_lease()
-                    self.request("store")
+                    if changed:
+                        self.request("store", full=False)
+                    else:  # renewals: the expiry moved, nothing a data plane depends on
+                        self.metrics.store_events_ignored.inc(len(events))
             except WatchCompacted as exc:
                 log.warning("watch history compacted; resyncing from a full list",
                             extra={"error": str(exc)})
                 leases, self.revision = await self._retry("list leases", self.store.list_leases)
                 self.leases = {lease.subnet: lease for lease in leases}
                 self._check_own_lease()
-                self.request("store resync")
+                self.request("store resync", full=False)
             except StoreUnavailable as exc:
                 self.metrics.store_errors.inc()
                 delay = backoff.next()

@@ -54,6 +54,13 @@ class AgentMetrics:
         )
         self.lease_renewals = Counter("weft_lease_renewals", "Lease renewals", registry=r)
         self.reconciles = Counter("weft_reconcile", "Reconcile passes", registry=r)
+        self.updates = Counter("weft_incremental_update",
+                               "Store events applied incrementally (only what changed)",
+                               registry=r)
+        self.store_events_ignored = Counter(
+            "weft_store_events_unchanged",
+            "Store events that changed no peer's data (renewals): nothing applied",
+            registry=r)
         self.reconcile_errors = Counter(
             "weft_reconcile_errors", "Per-peer reconcile errors", registry=r
         )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from weft.core.config import NetworkConfig
 from weft.core.host import HostContext
@@ -55,8 +55,53 @@ class Backend(Protocol):
     def teardown(self) -> None: ...
 
 
+@runtime_checkable
+class IncrementalBackend(Protocol):
+    """A backend that can also apply one store event's change alone (vxlan, host-gw);
+    the others get a full `reconcile` for every change."""
+
+    def update(self, removed: Sequence[Lease], added: Sequence[Lease]) -> ReconcileResult | None:
+        """Apply only what a store event changed: `removed` are the peers' old leases,
+        `added` their new ones (a changed peer is in both). None when the backend has no
+        facts to plan with yet; the caller then runs a full `reconcile`."""
+        ...
+
+
 class BackendFactory(Protocol):
     def __call__(self, config: NetworkConfig, host: HostContext) -> Backend: ...
+
+
+@dataclass(frozen=True)
+class Delta(Generic[T]):
+    """What to add to and remove from one kernel table."""
+
+    add: frozenset[T] = frozenset()
+    remove: frozenset[T] = frozenset()
+
+    def __len__(self) -> int:
+        return len(self.add) + len(self.remove)
+
+
+def delta(desired: frozenset[T] | set[T], actual: frozenset[T] | set[T],
+          key: Callable[[T], object] | None = None) -> Delta[T]:
+    """The change that makes `actual` become `desired` (pure). As in `converge`, a stale
+    entry whose `key` a desired one shares is not removed: adding the desired one
+    overwrites it in the kernel, and removing it afterwards would remove the new one."""
+    kept = {key(item) for item in desired} if key is not None else set()
+    stale = actual - desired
+    return Delta(frozenset(desired - actual),
+                 frozenset(i for i in stale if key is None or key(i) not in kept))
+
+
+def apply_delta(table: set[T], change: Delta[T], key: Callable[[T], object] | None = None
+                ) -> set[T]:
+    """A table after `change`, as the kernel would hold it (pure; used by the tests that
+    compare incremental and full plans): an added entry replaces one with its key."""
+    out = set(table) - set(change.remove)
+    if key is not None:
+        replaced = {key(item) for item in change.add}
+        out = {item for item in out if key(item) not in replaced}
+    return out | set(change.add)
 
 
 def converge(

@@ -51,6 +51,10 @@ class PeerDiff:
     def __bool__(self) -> bool:
         return bool(self.added or self.removed or self.changed)
 
+    def subnets(self) -> list[IPNetwork]:
+        return [lease.subnet for group in (self.added, self.removed, self.changed)
+                for lease in group]
+
 
 def _same_peer(a: Lease, b: Lease) -> bool:
     # A renewal changes only the expiry; that is not a change of the data plane.
@@ -59,6 +63,22 @@ def _same_peer(a: Lease, b: Lease) -> bool:
         b.backend_type,
         dict(b.backend_data),
     )
+
+
+def changes_data(leases: Mapping[IPNetwork, Lease], events: Iterable[LeaseEvent]) -> bool:
+    """Whether `events` change anything but expiries: a round of renewals does not, and
+    needs no reconcile anywhere (the store's TTL, not the agents, removes a lease)."""
+    view = dict(leases)
+    changed = False
+    for event in events:
+        before = view.get(event.subnet)
+        if event.kind is EventKind.PUT and event.lease is not None:
+            changed |= before is None or not _same_peer(before, event.lease)
+            view[event.subnet] = event.lease
+        else:
+            changed |= before is not None
+            view.pop(event.subnet, None)
+    return changed
 
 
 def diff_peers(before: Mapping[IPNetwork, Lease], after: Mapping[IPNetwork, Lease]) -> PeerDiff:

@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from weft.backends.base import ReconcileResult, converge
+from weft.backends.base import ReconcileResult
+from weft.backends.bulk import apply_tables
 from weft.backends.hostgw import plan
 from weft.backends.registry import overlay_mtu
 from weft.core.config import NetworkConfig
-from weft.core.host import HostContext
+from weft.core.host import HostContext, UnderlayFacts
 from weft.core.lease import Lease
+from weft.host import tables
 from weft.host.netlink import Netlink
 
 
@@ -23,6 +25,7 @@ class HostGwBackend:
     def __init__(self, config: NetworkConfig, host: HostContext) -> None:
         self.config = config
         self.host = host
+        self._underlay: UnderlayFacts | None = None  # from the last full reconcile
 
     def prepare(self) -> Mapping[str, Any]:
         return {}
@@ -33,10 +36,19 @@ class HostGwBackend:
 
     def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
         with Netlink() as nl:
-            wanted = plan.plan(peers, nl.underlay_facts(self.host.underlay_ifname))
-            result = converge(set(wanted.routes), nl.routes(self.config.network.version),
-                              nl.replace_route, nl.delete_route, lambda r: str(r.dst))
+            self._underlay = underlay = nl.underlay_facts(self.host.underlay_ifname)
+        wanted = plan.plan(peers, underlay)
+        change = plan.difference(wanted, tables.weft_routes(self.config.network.version))
+        result = apply_tables(change.routes)
         result.errors.update(wanted.errors)
+        return result
+
+    def update(self, removed: Sequence[Lease], added: Sequence[Lease]) -> ReconcileResult | None:
+        if self._underlay is None:
+            return None
+        change = plan.incremental(removed, added, self._underlay)
+        result = apply_tables(change.routes)
+        result.errors.update(change.errors)
         return result
 
     def status(self) -> Mapping[str, Any]:

@@ -9,7 +9,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from weft.backends.base import ReconcileResult, converge
+from weft.backends.base import ReconcileResult
+from weft.backends.bulk import apply_tables
 from weft.backends.registry import overlay_mtu
 from weft.backends.vxlan import plan
 from weft.backends.vxlan.options import VxlanOptions
@@ -18,6 +19,7 @@ from weft.core.constants import VXLAN_DEVICE_PREFIX
 from weft.core.errors import KernelError
 from weft.core.host import HostContext
 from weft.core.lease import Lease
+from weft.host import tables
 from weft.host.netlink import LinkInfo, Netlink
 
 log = logging.getLogger("weft.vxlan")
@@ -32,6 +34,7 @@ class VxlanBackend:
         self.device = f"{VXLAN_DEVICE_PREFIX}{self.options.vni}"
         self._mac: str | None = None  # the VTEP MAC peers hold; kept when recreating
         self._lease: Lease | None = None
+        self._facts: plan.VxlanFacts | None = None  # from the last full reconcile
 
     def _matches(self, link: LinkInfo, underlay_index: int) -> bool:
         d = link.data
@@ -96,16 +99,23 @@ class VxlanBackend:
             if link is None:
                 raise KernelError(f"VXLAN device {self.device} vanished")
             facts = plan.VxlanFacts(link.index, nl.underlay_facts(self.host.underlay_ifname))
-            wanted = plan.plan(self.options, peers, facts)
-            # FDB and neighbours first, so a new route never points at an unknown MAC.
-            result = converge(set(wanted.fdb), nl.fdb(link.index), nl.append_fdb,
-                              nl.delete_fdb, lambda e: f"fdb {e.mac}")
-            result += converge(set(wanted.neighbours), nl.neighbours(link.index),
-                               nl.replace_neighbour, nl.delete_neighbour,
-                               lambda n: f"neighbour {n.ip}", key=lambda n: n.ip)
-            result += converge(set(wanted.routes), nl.routes(self.config.network.version),
-                               nl.replace_route, nl.delete_route, lambda r: str(r.dst))
+        self._facts = facts
+        wanted = plan.plan(self.options, peers, facts)
+        actual = plan.VxlanPlan(
+            frozenset(tables.fdb_entries(self.device, link.index)),
+            frozenset(tables.permanent_neighbours(self.device, link.index)),
+            frozenset(tables.weft_routes(self.config.network.version)))
+        change = plan.difference(wanted, actual)
+        result = apply_tables(change.routes, change.neighbours, change.fdb)
         result.errors.update(wanted.errors)
+        return result
+
+    def update(self, removed: Sequence[Lease], added: Sequence[Lease]) -> ReconcileResult | None:
+        if self._facts is None:
+            return None
+        change = plan.incremental(self.options, removed, added, self._facts)
+        result = apply_tables(change.routes, change.neighbours, change.fdb)
+        result.errors.update(change.errors)
         return result
 
     def status(self) -> Mapping[str, Any]:

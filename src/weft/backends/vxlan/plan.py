@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from weft.backends.base import backend_mismatch
+from weft.backends.base import Delta, backend_mismatch, delta
 from weft.backends.routes import direct_route
 from weft.backends.vxlan.options import VxlanOptions
 from weft.core.dataplane import FdbEntry, Neighbour, Route
@@ -31,6 +31,44 @@ class VxlanPlan:
     neighbours: frozenset[Neighbour]
     routes: frozenset[Route]
     errors: Mapping[str, str] = field(default_factory=dict)  # peer subnet -> why not
+
+
+@dataclass(frozen=True)
+class VxlanDelta:
+    """A change to the three tables, in the order it is applied: stale routes, neighbours
+    and FDB entries go first, then FDB, neighbours and routes are added (a new route never
+    points at an unknown MAC)."""
+
+    fdb: Delta[FdbEntry]
+    neighbours: Delta[Neighbour]
+    routes: Delta[Route]
+    errors: Mapping[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.fdb) + len(self.neighbours) + len(self.routes)
+
+
+def neighbour_key(n: Neighbour) -> object:
+    return (n.ip, n.ifindex)  # the kernel keeps one neighbour per address and device
+
+
+def route_key(r: Route) -> object:
+    return r.dst  # `replace` keeps one weft route per destination
+
+
+def difference(wanted: VxlanPlan, actual: VxlanPlan) -> VxlanDelta:
+    """What turns `actual` into `wanted`: the full reconcile's plan against a dump."""
+    return VxlanDelta(delta(wanted.fdb, actual.fdb),
+                      delta(wanted.neighbours, actual.neighbours, neighbour_key),
+                      delta(wanted.routes, actual.routes, route_key), wanted.errors)
+
+
+def incremental(options: VxlanOptions, removed: Sequence[Lease], added: Sequence[Lease],
+                facts: VxlanFacts) -> VxlanDelta:
+    """The change a store event makes, from the changed peers alone (their old leases in
+    `removed`, new ones in `added`). Every entry belongs to one peer (its subnet, its VTEP
+    address, its public IP), so the entries of the other peers cannot change."""
+    return difference(plan(options, added, facts), plan(options, removed, facts))
 
 
 def plan(options: VxlanOptions, peers: Sequence[Lease], facts: VxlanFacts) -> VxlanPlan:

@@ -11,12 +11,17 @@ etcd deletes it (and every watcher sees a DELETE) when its host stops renewing.
 
 - create: grant an etcd lease, then one transaction "if create_revision(key) == 0 then
   put(key, value, lease)"; whoever loses the race gets None (and its etcd lease revoked).
-- renew: re-grant. Read the key, check the record's PublicIP is ours, grant a new etcd
-  lease, then put the (possibly changed) value with it in a transaction guarded by the
-  key's mod_revision; the old etcd lease is revoked afterwards. A renewal is a PUT event,
-  so a changed BackendData (a restarted host) reaches every peer.
-- expiration: filled from the etcd lease (now + granted TTL on create/renew; a
-  LeaseTimeToLive query for leases read by list or watch; 0.0 when it cannot be asked).
+- renew: two requests, however many hosts there are. A keep-alive of the etcd lease this
+  store granted (its id remembered from create/renew), then one transaction "if the key
+  is still attached to that etcd lease then put(value, same lease)". A renewal is a PUT
+  event, so a changed BackendData (a restarted host) reaches every peer; watchers see
+  that nothing else changed and apply nothing. When the id is not known (a restarted
+  agent) or the lease ran out, the slow path: read the key, check the record's PublicIP
+  is ours, grant a new etcd lease, put guarded by the key's mod_revision, revoke the old.
+- expiration: carried in the record ("Expiration", seconds since the epoch, written by
+  the holder on create and renew), so neither list nor watch asks etcd about any lease
+  (a query per lease made every renewal cost 4 + N requests). etcd's TTL, not this
+  field, removes a lease; a record without it shows expiration 0.0 (unknown).
 - watch(since): one etcd watch on `<prefix>/subnets/`; events after `since` arrive in
   revision order and are yielded in the batches etcd sends them in. The etcd watch starts
   at `since` itself (its events dropped): etcd reports a compaction only to a watch that
@@ -54,7 +59,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aetcd
@@ -92,8 +97,29 @@ _WATCH_BACKOFF_FIRST = 0.1
 _WATCH_BACKOFF_MAX = 5.0
 # Renewals that lose a race (another write to the key between read and transaction).
 _RENEW_ATTEMPTS = 10
-# TimeToLive queries in flight at once when filling expirations for a list.
-_TTL_QUERIES = 32
+
+class _LeaseCompare(aetcd.transactions.BaseCompare):  # type: ignore[misc]
+    """'the key is attached to etcd lease N' (etcd >= 3.3; aetcd has no helper for it)."""
+
+    def build_compare(self, compare: Any) -> None:
+        compare.target = aetcd.rpc.Compare.LEASE
+        compare.lease = self.value
+
+
+def _record(lease: Lease, expiration: float) -> bytes:
+    data = json.loads(lease.to_json())
+    data["Expiration"] = round(expiration, 3)
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def _expiration(value: bytes) -> float:
+    """The expiry a record carries (0.0 when it has none or it is not a number)."""
+    try:
+        data = json.loads(value)
+        found = data.get("Expiration", 0.0) if isinstance(data, dict) else 0.0
+        return float(found) if isinstance(found, int | float) and math.isfinite(found) else 0.0
+    except (ValueError, TypeError, UnicodeDecodeError):
+        return 0.0
 
 
 
@@ -133,6 +159,10 @@ class EtcdLeaseStore:
         self._conn: Connection | None = None
         self._stale: list[Connection] = []
         self._subnets = f"{self.prefix}/{SUBNETS_DIR}/".encode()
+        # The etcd lease (id, granted TTL) of each lease this store holds: a keep-alive
+        # renews it with the TTL it was granted with, so a new TTL takes the slow path.
+        # Keyed by subnet and holder: a renewal naming another PublicIP is not ours.
+        self._grants: dict[tuple[IPNetwork, IPAddress], tuple[int, int]] = {}
         self._config_key = f"{self.prefix}/{CONFIG_KEY}".encode()
 
     @classmethod
@@ -285,67 +315,63 @@ class EtcdLeaseStore:
     async def list_leases(self) -> tuple[list[Lease], int]:
         async def op(client: Client) -> tuple[list[Lease], int]:
             result = await client.get_prefix(self._subnets)
-            records = [(kv.key, kv.value, kv.lease) for kv in result.kvs]
-            expirations = await self._expirations(client, [r[2] for r in records])
             leases = [
                 lease
-                for key, value, lease_id in records
-                if (lease := lease_or_none(self._relative(key), value,
-                                           expirations.get(lease_id, 0.0)))
+                for kv in result.kvs
+                if (lease := lease_or_none(self._relative(kv.key), kv.value,
+                                           _expiration(kv.value)))
             ]
             revision: int = result.header.revision
             return leases, revision
 
         return await self._call("list leases", op)
 
-    async def _expirations(self, client: Client, lease_ids: Iterable[int]) -> dict[int, float]:
-        """When each etcd lease runs out, from its remaining TTL. Best effort: a lease
-        that cannot be asked about is left out (its expiration stays 0.0, unknown)."""
-        wanted = sorted({i for i in lease_ids if i})
-        if not wanted:
-            return {}
-        now = self._clock()
-        limit = asyncio.Semaphore(_TTL_QUERIES)
-        out: dict[int, float] = {}
-
-        async def one(lease_id: int) -> None:
-            async with limit:
-                try:
-                    info = await client.get_lease_info(lease_id, keys=False)
-                except LIBRARY_ERRORS:
-                    return
-            ttl = int(info.TTL)
-            out[lease_id] = now + ttl if ttl >= 0 else now  # -1: already expired
-
-        async with asyncio.TaskGroup() as group:
-            for lease_id in wanted:
-                group.create_task(one(lease_id))
-        return out
-
     async def create_lease(self, lease: Lease, ttl: float) -> Lease | None:
         key = self._key(lease.subnet)
-        value = lease.to_json().encode()
 
         async def op(client: Client) -> Lease | None:
             now = self._clock()
             grant = await client.lease(_ttl_seconds(ttl))
+            expiration = now + int(grant.ttl)
             created, _ = await client.transaction(
                 compare=[client.transactions.create(key) == 0],
-                success=[client.transactions.put(key, value, lease=grant.id)],
+                success=[client.transactions.put(key, _record(lease, expiration),
+                                                 lease=grant.id)],
                 failure=[],
             )
             if not created:
                 await revoke_quietly(client, grant.id)
                 return None
-            return lease.with_expiration(now + int(grant.ttl))
+            self._grants[lease.subnet, lease.public_ip] = (int(grant.id), _ttl_seconds(ttl))
+            return lease.with_expiration(expiration)
 
         return await self._call(f"create the lease for {lease.subnet}", op)
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
         key = self._key(lease.subnet)
-        value = lease.to_json().encode()
+
+        async def fast(client: Client, lease_id: int) -> Lease | None:
+            """Keep-alive + one guarded put; None when the slow path must decide."""
+            now = self._clock()
+            reply = await client.refresh_lease(lease_id)
+            if reply is None or int(reply.TTL) <= 0:
+                return None  # the etcd lease ran out: its key is gone (or someone else's)
+            expiration = now + int(reply.TTL)
+            renewed, _ = await client.transaction(
+                compare=[_LeaseCompare(key) == lease_id],
+                success=[client.transactions.put(key, _record(lease, expiration),
+                                                 lease=lease_id)],
+                failure=[],
+            )
+            return lease.with_expiration(expiration) if renewed else None
 
         async def op(client: Client) -> Lease:
+            known = self._grants.get((lease.subnet, lease.public_ip))
+            if known is not None and known[1] == _ttl_seconds(ttl):
+                renewed = await fast(client, known[0])
+                if renewed is not None:
+                    return renewed
+                self._grants.pop((lease.subnet, lease.public_ip), None)
             for _ in range(_RENEW_ATTEMPTS):
                 current = await client.get(key)
                 if current is None or not _held_by(current.value, lease.public_ip):
@@ -355,15 +381,18 @@ class EtcdLeaseStore:
                     )
                 now = self._clock()
                 grant = await client.lease(_ttl_seconds(ttl))
+                expiration = now + int(grant.ttl)
                 renewed, _ = await client.transaction(
                     compare=[client.transactions.mod(key) == current.mod_revision],
-                    success=[client.transactions.put(key, value, lease=grant.id)],
+                    success=[client.transactions.put(key, _record(lease, expiration),
+                                                     lease=grant.id)],
                     failure=[],
                 )
                 if renewed:
                     if current.lease:
                         await revoke_quietly(client, current.lease)
-                    return lease.with_expiration(now + int(grant.ttl))
+                    self._grants[lease.subnet, lease.public_ip] = (int(grant.id), _ttl_seconds(ttl))
+                    return lease.with_expiration(expiration)
                 await revoke_quietly(client, grant.id)
             raise StoreError(
                 f"could not renew the lease for {lease.subnet}: the key changed under every "
@@ -374,6 +403,8 @@ class EtcdLeaseStore:
 
     async def delete_lease(self, subnet: IPNetwork) -> None:
         key = self._key(subnet)
+        for held in [g for g in self._grants if g[0] == subnet]:
+            del self._grants[held]
 
         async def op(client: Client) -> None:
             deleted = await client.delete(key, prev_kv=True)
@@ -465,15 +496,11 @@ class EtcdLeaseStore:
                 break
             if int(item.kv.mod_revision) > after:
                 raw.append(item)
-        lease_ids = [ev.kv.lease for ev in raw if ev.kind == "PUT"]
-        expirations = await self._expirations(client, lease_ids)
-        events = [
-            event for ev in raw if (event := self._to_event(ev, expirations)) is not None
-        ]
+        events = [event for ev in raw if (event := self._to_event(ev)) is not None]
         reached = max((int(ev.kv.mod_revision) for ev in raw), default=0)
         return events, reached, error
 
-    def _to_event(self, ev: Any, expirations: dict[int, float]) -> LeaseEvent | None:
+    def _to_event(self, ev: Any) -> LeaseEvent | None:
         key = self._relative(ev.kv.key)
         try:
             subnet = parse_subnet_key(key)
@@ -483,7 +510,7 @@ class EtcdLeaseStore:
         revision = int(ev.kv.mod_revision)
         if ev.kind == "DELETE":
             return LeaseEvent(EventKind.DELETE, subnet, revision)
-        lease = lease_or_none(key, ev.kv.value, expirations.get(ev.kv.lease, 0.0))
+        lease = lease_or_none(key, ev.kv.value, _expiration(ev.kv.value))
         if lease is None:
             return None
         return LeaseEvent(EventKind.PUT, subnet, revision, lease)

@@ -1,0 +1,31 @@
+"""Applying a plan's change to the kernel in one batch of rtnetlink messages (the edge
+between pure deltas and weft.host.rtnl_batch)."""
+
+from __future__ import annotations
+
+from weft.backends.base import Delta, ReconcileResult
+from weft.core.dataplane import FdbEntry, Neighbour, Route
+from weft.core.errors import KernelError
+from weft.host import rtnl_batch
+from weft.host.rtnl_batch import Op
+
+
+def apply_tables(routes: Delta[Route], neighbours: Delta[Neighbour] | None = None,
+                 fdb: Delta[FdbEntry] | None = None) -> ReconcileResult:
+    """Removals first, then FDB, neighbours and routes added, all in one batch. A failed
+    entry is reported by name and the rest still applied."""
+    neighbours = neighbours or Delta()
+    fdb = fdb or Delta()
+    ops: list[Op] = [rtnl_batch.route_op(r, remove=True) for r in routes.remove]
+    ops += [rtnl_batch.neighbour_op(n, remove=True) for n in neighbours.remove]
+    ops += [rtnl_batch.fdb_op(e, remove=True) for e in fdb.remove]
+    ops += [rtnl_batch.fdb_op(e) for e in fdb.add]
+    ops += [rtnl_batch.neighbour_op(n) for n in neighbours.add]
+    ops += [rtnl_batch.route_op(r) for r in routes.add]
+    try:
+        errors = rtnl_batch.send_batch(ops)
+    except OSError as exc:
+        raise KernelError(f"program {len(ops)} kernel entries: {exc}") from None
+    removed = len(routes.remove) + len(neighbours.remove) + len(fdb.remove)
+    return ReconcileResult(added=len(ops) - removed - len(errors), removed=removed,
+                           errors=errors)
