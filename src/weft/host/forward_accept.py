@@ -103,6 +103,14 @@ def ensure_forward_accept(network: IPNetwork, tunnel: str | None,
         if added.returncode != 0:
             raise KernelError(f"iptables refused the FORWARD accept rule "
                               f"{' '.join(rule)}: {added.stderr.strip()}")
+    # `-C` can miss a rule while another tool (dockerd restarting) rewrites the chain, and
+    # the rule is then appended twice: keep exactly one copy of each.
+    after = _run([binary, "-S", "FORWARD"]).stdout.splitlines()
+    for rule in forward_accept_rules(network, tunnel, direct):
+        match = " ".join(rule[:4])
+        extra = sum(1 for line in after if match in line and COMMENT in line) - 1
+        for _ in range(max(0, extra)):
+            _run([binary, "-D", "FORWARD", *rule])
     return True
 
 
