@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from forged import LISTENER, PACKETS
 from weft.host.ingress_rules import INGRESS_TABLE
 from weft.lab.testbed import Container, Host, Testbed
 
@@ -26,41 +27,19 @@ FORGERIES = 40
 # Sends COUNT encapsulated frames carrying an IPv4/UDP packet INNER_SRC -> INNER_DST:7777
 # with payload b"forged-<tag>", built here (independently of weft):
 #   argv: kind(vxlan|udp) target port count inner_src inner_dst tag [vtep_mac]
-FORGER = textwrap.dedent("""
-    import ipaddress, os, socket, struct, sys
+FORGER = PACKETS + textwrap.dedent("""
     kind, target, port, count, src, dst, tag = sys.argv[1:8]
-    def checksum(b):
-        s = sum(struct.unpack("!10H", b))
-        while s >> 16: s = (s & 0xFFFF) + (s >> 16)
-        return ~s & 0xFFFF
-    payload = b"forged-" + tag.encode()
-    udp = struct.pack("!HHHH", 4444, 7777, 8 + len(payload), 0) + payload
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
-                     ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
-    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    packet = inner_ipv4(src, dst, b"forged-" + tag.encode())
     if kind == "vxlan":
         mac = bytes.fromhex(sys.argv[8].replace(":", ""))
         frame = (struct.pack("!II", 0x08000000, 1 << 8) + mac + bytes.fromhex("02aabbccddee")
-                 + b"\\x08\\x00" + ip + udp)
+                 + b"\\x08\\x00" + packet)
     else:
-        frame = bytes([0x11, 0, 1, 0]) + os.urandom(4) + bytes(10) + ip + udp
+        frame = weft_udp(packet)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     for _ in range(int(count)):
         s.sendto(frame, (target, int(port)))
     print("sent", count, flush=True)
-""")
-
-# Prints every UDP payload that reaches port 7777 until SECONDS pass without one.
-LISTENER = textwrap.dedent("""
-    import socket, sys
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", 7777)); s.settimeout(float(sys.argv[1]))
-    print("ready", flush=True)
-    try:
-        while True:
-            print(s.recv(2048).decode(errors="replace"), flush=True)
-    except TimeoutError:
-        pass
 """)
 
 

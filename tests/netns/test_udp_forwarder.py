@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from forged import LISTENER, PACKETS
 from weft.lab.testbed import Host, Testbed
 
 pytestmark = pytest.mark.netns
@@ -46,19 +47,9 @@ SOURCE = textwrap.dedent("""
 # kind "garbage": random bytes; "wellformed": header + vnet header + IPv4/UDP to
 # inner_dst:7777 carrying b"forged-<src>". With source_port (root, a raw socket): sent
 # from that port, as the member's forwarder would.
-FORGER = textwrap.dedent("""
-    import ipaddress, os, socket, struct, sys
+FORGER = PACKETS + textwrap.dedent("""
     target, port, kind, count, src, dst = sys.argv[1:7]
-    def checksum(b):
-        s = sum(struct.unpack("!10H", b))
-        while s >> 16: s = (s & 0xFFFF) + (s >> 16)
-        return ~s & 0xFFFF
-    payload = b"forged-" + src.encode()
-    udp = struct.pack("!HHHH", 4444, 7777, 8 + len(payload), 0) + payload
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
-                     ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
-    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
-    wellformed = bytes([0x11, 0, 1, 0]) + os.urandom(4) + bytes(10) + ip + udp
+    wellformed = weft_udp(inner_ipv4(src, dst, b"forged-" + src.encode()))
     sport = int(sys.argv[7]) if len(sys.argv) > 7 else 0
     if sport:
         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
@@ -71,19 +62,6 @@ FORGER = textwrap.dedent("""
         else:
             s.sendto(d, (target, int(port)))
     print("sent", count, flush=True)
-""")
-
-# Prints every UDP payload that reaches port 7777 within a few seconds.
-LISTENER = textwrap.dedent("""
-    import socket, sys
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", 7777)); s.settimeout(float(sys.argv[1]))
-    print("ready", flush=True)
-    try:
-        while True:
-            print(s.recv(2048).decode(errors="replace"), flush=True)
-    except TimeoutError:
-        pass
 """)
 
 

@@ -237,14 +237,22 @@ class Agent:
             return  # none, or not ours to read: nothing is known about a previous subnet
         if previous == lease.subnet:
             return
-        stranded = await asyncio.to_thread(_release_subnet, previous)
+        await self._release_lost_subnet(previous)
+        self._note_moved(previous, lease.subnet)
+
+    async def _release_lost_subnet(self, subnet: IPNetwork) -> None:
+        """Stop answering for a subnet another host holds now (its gateway address leaves
+        the container bridge) and say which local containers that strands."""
+        stranded = await asyncio.to_thread(_release_subnet, subnet)
         log.error("this host's previous subnet is held by another host now; released it",
-                  extra={"subnet": str(previous), "new_subnet": str(lease.subnet),
+                  extra={"subnet": str(subnet),
                          "stranded_containers": ", ".join(stranded) or "none",
                          "action": "restart the stranded containers to give them addresses "
                                    "in the new subnet"})
-        self.notices["lease"] = (f"subnet {previous} was taken by another host while this "
-                                 f"one was away; now {lease.subnet}")
+
+    def _note_moved(self, old: IPNetwork, new: IPNetwork) -> None:
+        self.notices["lease"] = (f"subnet {old} was taken by another host while this one "
+                                 f"was away; now {new}")
 
     def _underlay_networks(self) -> tuple[IPNetwork, ...]:
         assert self.host is not None
@@ -558,20 +566,14 @@ class Agent:
             "recreate lease", lambda: self.store.create_lease(old, self.opts.lease_ttl))
         if created is not None:
             return created
-        stranded = await asyncio.to_thread(_release_subnet, old.subnet)
-        log.error("another host took this host's subnet; moving to a new one",
-                  extra={"subnet": str(old.subnet),
-                         "stranded_containers": ", ".join(stranded) or "none",
-                         "action": "restart the stranded containers to give them addresses "
-                                   "in the new subnet"})
+        await self._release_lost_subnet(old.subnet)  # at once, before a new one is leased
         config, host = self.config, self.host
         lease, _ = await self._retry(
             "acquire lease",
             lambda: acquire_lease(self.store, config, host.public_ip, config.backend.type,
                                   old.backend_data, self.opts.lease_ttl))
         await self._take_lease(lease)
-        self.notices["lease"] = (f"subnet {old.subnet} was taken by another host while this "
-                                 f"one was away; now {lease.subnet}")
+        self._note_moved(old.subnet, lease.subnet)
         log.info("lease acquired", extra={"subnet": str(lease.subnet)})
         self.request("new lease", host=True)
         return lease

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from weft.lab.runtimes.cleanup import cgroup_parent, unmount_below
+from weft.lab.runtimes.image import run_rootfs
 
 if TYPE_CHECKING:
     from weft.lab.testbed import Container, Host, Testbed
@@ -41,7 +42,6 @@ class DockerRuntime:
     def __init__(self, tb: Testbed) -> None:
         self.tb = tb
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
-        self._image_tar: Path | None = None
 
     # --- paths ----------------------------------------------------------------------------
 
@@ -96,7 +96,7 @@ class DockerRuntime:
                                    f"(exit {proc.returncode}):\n{self.daemon_log(host)[-3000:]}")
             time.sleep(0.2)
         if self.docker(host, "image", "inspect", IMAGE, check=False).returncode != 0:
-            self.docker(host, "import", str(self.image_tar()), IMAGE, timeout=120)
+            self.docker(host, "import", str(run_rootfs(self.tb.run_dir)), IMAGE, timeout=120)
 
     def daemon_log(self, host: Host) -> str:
         try:
@@ -121,13 +121,6 @@ class DockerRuntime:
     def restart_host(self, host: Host) -> None:
         self.stop_host(host)
         self.start_host(host)
-
-    def image_tar(self) -> Path:
-        from weft.lab.runtimes.image import build_rootfs
-
-        if self._image_tar is None:
-            self._image_tar = build_rootfs(self.tb.run_dir / "rootfs.tar")
-        return self._image_tar
 
     # --- containers -------------------------------------------------------------------------
 

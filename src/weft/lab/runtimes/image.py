@@ -94,3 +94,13 @@ def build_rootfs(out: Path, binaries: Iterable[str] = EXTRA_BINARIES) -> Path:
         info.size = len(passwd)
         tar.addfile(info, io.BytesIO(passwd))
     return out
+
+
+def run_rootfs(run_dir: Path) -> Path:
+    """The run's image tarball, built once per run and shared by every host's runtime;
+    written under another name first, so a failed build is never taken for a finished one."""
+    out = run_dir / "rootfs.tar"
+    if not out.exists():
+        partial = build_rootfs(run_dir / "rootfs.tar.part")
+        partial.rename(out)
+    return out

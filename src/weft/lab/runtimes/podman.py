@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from weft.lab.runtimes.cleanup import cgroup_parent, unmount_below
+from weft.lab.runtimes.image import run_rootfs
 
 if TYPE_CHECKING:
     from weft.lab.testbed import Container, Host, Testbed
@@ -38,7 +39,6 @@ class PodmanRuntime:
         self.tb = tb
         # Directories podman searches for CNI plugins: weft-cni's, then the reference ones.
         self.plugin_dirs = [str(Path(sys.executable).parent), "/usr/lib/cni"]
-        self._image_tar: Path | None = None
         self._ready: set[str] = set()
 
     @staticmethod
@@ -89,18 +89,11 @@ class PodmanRuntime:
         (root / "net.d" / f"{NETWORK}.conflist").write_text(
             json.dumps(self.conflist(host), indent=1) + "\n")
         if self.podman(host, "image", "exists", IMAGE, check=False).returncode != 0:
-            self.podman(host, "import", str(self.image_tar()), IMAGE, timeout=120)
+            self.podman(host, "import", str(run_rootfs(self.tb.run_dir)), IMAGE, timeout=120)
         self._ready.add(host.name)
 
     def stop_host(self, host: Host, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
         """Nothing runs between podman commands."""
-
-    def image_tar(self) -> Path:
-        from weft.lab.runtimes.image import build_rootfs
-
-        if self._image_tar is None:
-            self._image_tar = build_rootfs(self.tb.run_dir / "rootfs.tar")
-        return self._image_tar
 
     def container_name(self, c: Container) -> str:
         return c.netns

@@ -1,0 +1,39 @@
+"""Packets forged independently of weft's codec, for the trust tests.
+
+Script text, run by a plain `python3` inside a namespace (user nobody may not read the
+venv): `PACKETS` defines the builders a forger script starts with, `LISTENER` prints every
+UDP payload that reaches port 7777 until SECONDS (argv[1]) pass without one.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+PACKETS = textwrap.dedent("""
+    import ipaddress, os, socket, struct, sys
+    def checksum(b):
+        s = sum(struct.unpack("!10H", b))
+        while s >> 16: s = (s & 0xFFFF) + (s >> 16)
+        return ~s & 0xFFFF
+    def inner_ipv4(src, dst, payload):
+        \"\"\"An IPv4/UDP packet src:4444 -> dst:7777 carrying payload.\"\"\"
+        udp = struct.pack("!HHHH", 4444, 7777, 8 + len(payload), 0) + payload
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                         ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
+        return ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:] + udp
+    def weft_udp(packet):
+        \"\"\"packet in weft's udp encapsulation: its header, then a zero virtio-net header.\"\"\"
+        return bytes([0x11, 0, 1, 0]) + os.urandom(4) + bytes(10) + packet
+""")
+
+LISTENER = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 7777)); s.settimeout(float(sys.argv[1]))
+    print("ready", flush=True)
+    try:
+        while True:
+            print(s.recv(2048).decode(errors="replace"), flush=True)
+    except TimeoutError:
+        pass
+""")
