@@ -210,6 +210,16 @@ def test_vxlan_device_deleted(vxlan: Testbed) -> None:
     assert "VXLAN device missing; recreating it" in tb.agent_log(h1)
 
 
+def test_vxlan_device_mac_changed_is_put_back(vxlan: Testbed) -> None:
+    tb, h1 = vxlan, vxlan.hosts[0]
+    mac = link(tb, h1, VXLAN_DEVICE)["address"]  # type: ignore[index]
+    measure(tb, "vxlan device MAC changed (`ip link set weft.vx1 address ...`)",
+            lambda: tb.run(h1.netns, ["ip", "link", "set", VXLAN_DEVICE, "address",
+                                      "02:de:ad:be:ef:01"]),
+            lambda: link(tb, h1, VXLAN_DEVICE)["address"] == mac)  # type: ignore[index]
+    assert "VXLAN device MAC changed; putting it back" in tb.agent_log(h1)
+
+
 def test_vxlan_device_set_down(vxlan: Testbed) -> None:
     tb, h1 = vxlan, vxlan.hosts[0]
     measure(tb, "vxlan device set down",

@@ -64,15 +64,22 @@ async def watch_kernel(changed: Changed, prefix: str) -> None:
     async with AsyncIPRoute() as ipr:
         await ipr.bind(groups=_GROUPS)
         devices: dict[int, str] = {}
+        macs: dict[int, str] = {}  # a MAC peers hold (the VTEP's) changed under us
         # pyroute2 0.9: get_links() gives an async generator, and get() ends after one
         # datagram's batch of multicast messages, so it is called again for the next.
         async for link in await ipr.get_links():
             devices[link["index"]] = link.get_attr("IFLA_IFNAME") or ""
+            macs[link["index"]] = link.get_attr("IFLA_ADDRESS") or ""
         while True:
             async for msg in ipr.get():
+                reason = None
                 if msg.get("event") == "RTM_NEWLINK":
-                    devices[msg["index"]] = msg.get_attr("IFLA_IFNAME") or ""
-                reason = kernel_removal(msg, devices, prefix)
+                    index, name = msg["index"], msg.get_attr("IFLA_IFNAME") or ""
+                    mac = msg.get_attr("IFLA_ADDRESS") or ""
+                    if name.startswith(prefix) and macs.get(index, mac) != mac:
+                        reason = f"link {name} address changed"
+                    devices[index], macs[index] = name, mac
+                reason = reason or kernel_removal(msg, devices, prefix)
                 if reason is not None:
                     changed(reason)
 

@@ -80,6 +80,11 @@ class VxlanBackend:
             link = nl.link(self.device)
             if link is None:
                 raise KernelError(f"VXLAN device {self.device} vanished")
+            if self._mac and link.mac != self._mac:
+                # Someone set another MAC: peers still hold ours in their neighbour tables.
+                log.warning("VXLAN device MAC changed; putting it back",
+                            extra={"device": self.device, "mac": link.mac})
+                nl.set_link(link.index, address=self._mac)
             nl.ensure_only_address(link.index, lease.own_address)
             nl.ensure_up(link, mtu)
         return mtu
