@@ -360,7 +360,8 @@ class Agent:
                 self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
         if not ok:
             self._full_dirty = True
-        errors = dict(view.errors) | self._backend_errors
+        # Records that are not even leases (a bad key or value) are reported by their key.
+        errors = {**self.store.rejected.by_key, **view.errors} | self._backend_errors
         self.metrics.peers.set(len(view.peers))
         self.metrics.peer_errors.set(len(errors))
         self.metrics.reconcile_errors.inc(len(errors.keys() - self.peer_errors.current.keys()))
@@ -457,8 +458,9 @@ class Agent:
             try:
                 async for events in self.store.watch(self.revision):
                     backoff.reset()
-                    self.revision = events[-1].revision
-                    changed = changes_data(self.leases, events)
+                    if events:  # empty: only the records that are not leases changed
+                        self.revision = events[-1].revision
+                    changed = changes_data(self.leases, events) or not events
                     self.leases = apply_events(self.leases, events)
                     self._check_own_lease()
                     if changed:

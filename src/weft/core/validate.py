@@ -7,6 +7,7 @@ per peer; every other peer keeps working and nothing of this host's own is ever 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,10 @@ from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.lease import Lease, subnet_in_range
 
 DataCheck = Callable[[str, Mapping[str, Any]], str | None]
+
+# Every backend's data is a few short fields (a MAC, a key, a port); a record far larger
+# is not a lease, and would be carried into every pass, status answer and log line.
+MAX_BACKEND_DATA = 4096  # bytes of JSON
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,9 @@ def lease_problem(lease: Lease, ctx: TrustContext) -> str | None:
         return f"PublicIP {ip} is IPv{ip.version}, this host's underlay is IPv{ctx.host_ip.version}"
     if ip in config.network:
         return f"PublicIP {ip} is inside the overlay Network {config.network}"
+    size = len(json.dumps(dict(lease.backend_data)))
+    if size > MAX_BACKEND_DATA:
+        return f"BackendData is {size} bytes of JSON; at most {MAX_BACKEND_DATA} are accepted"
     return ctx.data_problem(lease.backend_type, lease.backend_data)
 
 
