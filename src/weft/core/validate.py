@@ -31,6 +31,7 @@ class TrustContext:
     own_subnet: IPNetwork | None
     underlay_networks: tuple[IPNetwork, ...]
     data_problem: DataCheck  # per backend: MAC, key, port (weft.backends.registry)
+    now: float = 0.0  # seconds since the epoch: whether an accepted lease still runs
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,28 @@ def lease_problem(lease: Lease, ctx: TrustContext) -> str | None:
 
 
 def validate_view(leases: Iterable[Lease], ctx: TrustContext,
-                  previous: Collection[IPNetwork] = ()) -> ValidatedView:
+                  previous: Collection[IPNetwork] | Mapping[IPNetwork, Lease] = ()
+                  ) -> ValidatedView:
     """The peers that may reach the kernel. Two leases naming one PublicIP cannot both be
     right: the one accepted before stays (a running cluster is not moved by a forged
-    record); between two new ones, neither is used until one goes away."""
+    record); between two new ones, neither is used until one goes away. Likewise a
+    subnet's PublicIP cannot change while the accepted lease runs: hosts only take a
+    subnet whose lease expired or was released (create-if-absent), so an overwrite is a
+    record written by something else, refused while the accepted lease lasts."""
     peers: dict[IPNetwork, Lease] = {}
     errors: dict[str, str] = {}
+    accepted = previous if isinstance(previous, Mapping) else {}
     for lease in leases:
         if lease.subnet == ctx.own_subnet:
             continue  # this host's own subnet: the agent's lease logic decides about it
+        before = accepted.get(lease.subnet)
+        if (before is not None and before.public_ip != lease.public_ip
+                and before.expiration > ctx.now):
+            errors[str(lease.subnet)] = (
+                f"PublicIP {lease.public_ip} overwrote the running lease of "
+                f"{before.public_ip} (not released, not expired); keeping {before.public_ip}")
+            peers[lease.subnet] = before
+            continue
         problem = lease_problem(lease, ctx)
         if problem is not None:
             errors[str(lease.subnet)] = problem
