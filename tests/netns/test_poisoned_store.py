@@ -93,6 +93,9 @@ RECORDS: dict[str, Callable[[Testbed], Record]] = {
         "198.19.212.0/24", lease("198.19.212.0/24", "198.18.0.212", "udp", {"Port": 8285})),
     "BackendType unknown": lambda tb: status_record(
         "198.19.213.0/24", lease("198.19.213.0/24", "198.18.0.213", "gre", {})),
+    "BackendData of 8 KiB": lambda tb: status_record(
+        "198.19.215.0/24", lease("198.19.215.0/24", "198.18.0.215",
+                                 data={"VNI": 1, "VtepMAC": MAC, "Pad": "x" * 8192})),
     "huge BackendData": lambda tb: status_record(
         "198.19.214.0/24", lease("198.19.214.0/24", "198.18.0.214",
                                  data={"VNI": 1, "VtepMAC": MAC, "Pad": "x" * 600_000})),
@@ -232,7 +235,7 @@ def test_bad_record_is_reported_and_takes_nothing_down(
     try:
         # SQLite reads a row that is not UTF-8 with replacement characters, so such a
         # value may parse and fail validation instead: reported by subnet, not by key.
-        names = {rec.error_key, rec.key.removeprefix("subnets/").replace("-", "/")}
+        names = {rec.error_key, rec.key, rec.key.removeprefix("subnets/").replace("-", "/")}
         wait_for("reported in every host's status",
                  lambda: all(names & errors(tb)[i].keys() for i in rec.on), tb)
         first = errors(tb)[rec.on[0]]
