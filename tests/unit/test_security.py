@@ -19,7 +19,7 @@ from weft.core.constants import MAX_RECORD_BYTES
 from weft.core.errors import ConfigError, PermissionProblem
 from weft.core.lease import Lease
 from weft.host.ingress_rules import ingress_plan, ingress_ruleset
-from weft.store.base import lease_or_none
+from weft.store.base import RejectedRecords
 
 PSK = base64.b64encode(bytes(range(32))).decode()
 ME = ipaddress.ip_address("198.18.0.11")
@@ -151,6 +151,9 @@ def test_a_store_file_others_can_write_is_refused_with_the_fix(tmp_path: Path) -
 def test_an_oversized_store_record_is_dropped_unparsed() -> None:
     value = json.dumps({"PublicIP": "198.18.0.12", "BackendType": "vxlan",
                         "BackendData": {"pad": "x" * MAX_RECORD_BYTES}})
-    assert lease_or_none("subnets/198.19.2.0-24", value) is None
-    assert lease_or_none("subnets/198.19.2.0-24", json.dumps(
+    rejected = RejectedRecords()
+    assert rejected.parse("subnets/198.19.2.0-24", value) is None
+    assert "bytes" in rejected.by_key["subnets/198.19.2.0-24"]  # reported, by its key
+    assert rejected.parse("subnets/198.19.2.0-24", json.dumps(
         {"PublicIP": "198.18.0.12", "BackendType": "vxlan"})) is not None
+    assert not rejected.by_key

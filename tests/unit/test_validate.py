@@ -92,3 +92,23 @@ def test_valid_leases_of_every_backend_pass() -> None:
     view = validate_view(leases, CTX)
     assert view.errors == {}
     assert len(view.peers) == 5
+
+
+def test_huge_backend_data_is_that_peers_error() -> None:
+    huge = lease("198.19.3.0/24", "198.18.0.3", data={"VtepMAC": MAC, "Pad": "x" * 5000})
+    view = validate_view([GOOD, huge], CTX)
+    assert list(view.peers) == [GOOD.subnet]
+    assert "bytes of JSON" in view.errors["198.19.3.0/24"]
+
+
+def test_an_overwrite_of_a_running_lease_is_refused_the_accepted_one_kept() -> None:
+    running = GOOD.with_expiration(2000.0)
+    forged = lease("198.19.2.0/24", "198.18.0.9")
+    ctx = TrustContext(CONFIG, HOST, OWN, CTX.underlay_networks, backend_data_problem, 1000.0)
+    view = validate_view([forged], ctx, previous={running.subnet: running})
+    assert view.peers == {running.subnet: running}
+    assert "overwrote the running lease" in view.errors["198.19.2.0/24"]
+    # Once the accepted lease has expired, the new holder is a legitimate successor.
+    later = TrustContext(CONFIG, HOST, OWN, CTX.underlay_networks, backend_data_problem, 3000.0)
+    assert validate_view([forged], later, previous={running.subnet: running}).peers == {
+        forged.subnet: forged}

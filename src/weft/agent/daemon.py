@@ -293,7 +293,7 @@ class Agent:
         assert self.host is not None
         return TrustContext(self.config, self.host.public_ip,
                             self.lease.subnet if self.lease else None, self._underlay,
-                            backend_data_problem)
+                            backend_data_problem, time.time())
 
     def _host_state(self) -> HostState:
         assert self.config is not None
@@ -368,7 +368,8 @@ class Agent:
                 self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
         if not ok:
             self._full_dirty = True
-        errors = dict(view.errors) | self._backend_errors
+        # Records that are not even leases (a bad key or value) are reported by their key.
+        errors = {**self.store.rejected.by_key, **view.errors} | self._backend_errors
         self.metrics.peers.set(len(view.peers))
         self.metrics.peer_errors.set(len(errors))
         self.metrics.reconcile_errors.inc(len(errors.keys() - self.peer_errors.current.keys()))
@@ -465,8 +466,9 @@ class Agent:
             try:
                 async for events in self.store.watch(self.revision):
                     backoff.reset()
-                    self.revision = events[-1].revision
-                    changed = changes_data(self.leases, events)
+                    if events:  # empty: only the records that are not leases changed
+                        self.revision = events[-1].revision
+                    changed = changes_data(self.leases, events) or not events
                     self.leases = apply_events(self.leases, events)
                     self._check_own_lease()
                     if changed:
@@ -544,6 +546,13 @@ class Agent:
                 await asyncio.sleep(wait)
                 continue
             except LeaseNotFound:
+                if self._lease_overwritten():
+                    # Wait for the record to go (the watch wakes us) or our lease to end.
+                    wait = min(backoff.next(), max(0.5, self.lease.expires_in(time.time())))
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await self._renew_now.wait()
+                    continue
                 lease = await self._recover_lease()
             backoff.reset()
             self.lease = lease
@@ -551,6 +560,29 @@ class Agent:
             self.metrics.lease_renewals.inc()
             log.info("lease renewed", extra={"subnet": str(lease.subnet),
                                              "expires_in": round(lease.expires_in(time.time()))})
+
+    def _lease_overwritten(self) -> bool:
+        """Our subnet's record names another host while our lease still runs. No host
+        takes a subnet before its lease expires (create-if-absent), so something else
+        wrote it: keep the subnet (moving would strand every container here) and say so;
+        if the record is still there when our lease ends, it is a takeover after all."""
+        assert self.lease is not None
+        held = self.leases.get(self.lease.subnet)
+        if (held is None or held.public_ip == self.lease.public_ip
+                or self.lease.expires_in(time.time()) <= 0):
+            if self.notices.pop("lease_conflict", None):
+                log.info("lease conflict cleared", extra={"subnet": str(self.lease.subnet)})
+            return False
+        message = (f"the store's record of this host's subnet {self.lease.subnet} names "
+                   f"{held.public_ip} while this host's lease still runs: written by "
+                   "something else; this host keeps its subnet (delete the record to clear "
+                   "this)")
+        if self.notices.get("lease_conflict") != message:
+            log.error("lease record overwritten; keeping the subnet",
+                      extra={"subnet": str(self.lease.subnet), "claimed_by": str(held.public_ip),
+                             "error": message})
+        self.notices["lease_conflict"] = message
+        return True
 
     async def _recover_lease(self) -> Lease:
         """Our lease expired (the store was away longer than the TTL, or the host came back

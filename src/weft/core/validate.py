@@ -7,6 +7,7 @@ per peer; every other peer keeps working and nothing of this host's own is ever 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,10 @@ from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.lease import Lease, subnet_in_range
 
 DataCheck = Callable[[str, Mapping[str, Any]], str | None]
+
+# Every backend's data is a few short fields (a MAC, a key, a port); a record far larger
+# is not a lease, and would be carried into every pass, status answer and log line.
+MAX_BACKEND_DATA = 4096  # bytes of JSON
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class TrustContext:
     own_subnet: IPNetwork | None
     underlay_networks: tuple[IPNetwork, ...]
     data_problem: DataCheck  # per backend: MAC, key, port (weft.backends.registry)
+    now: float = 0.0  # seconds since the epoch: whether an accepted lease still runs
 
 
 @dataclass(frozen=True)
@@ -53,19 +59,35 @@ def lease_problem(lease: Lease, ctx: TrustContext) -> str | None:
         return f"PublicIP {ip} is IPv{ip.version}, this host's underlay is IPv{ctx.host_ip.version}"
     if ip in config.network:
         return f"PublicIP {ip} is inside the overlay Network {config.network}"
+    size = len(json.dumps(dict(lease.backend_data)))
+    if size > MAX_BACKEND_DATA:
+        return f"BackendData is {size} bytes of JSON; at most {MAX_BACKEND_DATA} are accepted"
     return ctx.data_problem(lease.backend_type, lease.backend_data)
 
 
 def validate_view(leases: Iterable[Lease], ctx: TrustContext,
-                  previous: Collection[IPNetwork] = ()) -> ValidatedView:
+                  previous: Collection[IPNetwork] | Mapping[IPNetwork, Lease] = ()
+                  ) -> ValidatedView:
     """The peers that may reach the kernel. Two leases naming one PublicIP cannot both be
     right: the one accepted before stays (a running cluster is not moved by a forged
-    record); between two new ones, neither is used until one goes away."""
+    record); between two new ones, neither is used until one goes away. Likewise a
+    subnet's PublicIP cannot change while the accepted lease runs: hosts only take a
+    subnet whose lease expired or was released (create-if-absent), so an overwrite is a
+    record written by something else, refused while the accepted lease lasts."""
     peers: dict[IPNetwork, Lease] = {}
     errors: dict[str, str] = {}
+    accepted = previous if isinstance(previous, Mapping) else {}
     for lease in leases:
         if lease.subnet == ctx.own_subnet:
             continue  # this host's own subnet: the agent's lease logic decides about it
+        before = accepted.get(lease.subnet)
+        if (before is not None and before.public_ip != lease.public_ip
+                and before.expiration > ctx.now):
+            errors[str(lease.subnet)] = (
+                f"PublicIP {lease.public_ip} overwrote the running lease of "
+                f"{before.public_ip} (not released, not expired); keeping {before.public_ip}")
+            peers[lease.subnet] = before
+            continue
         problem = lease_problem(lease, ctx)
         if problem is not None:
             errors[str(lease.subnet)] = problem

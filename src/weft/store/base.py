@@ -56,26 +56,52 @@ class LeaseStore(Protocol):
 
     def watch(self, since: int) -> AsyncIterator[list[LeaseEvent]]:
         """Yield every change after revision `since`, in order, in batches; expiries
-        included. Raises WatchCompacted if that history is gone (resync with a list)."""
+        included (a batch is empty when only `rejected` changed). Raises WatchCompacted
+        if that history is gone (resync with a list)."""
         ...
 
     async def close(self) -> None: ...
 
+    @property
+    def rejected(self) -> RejectedRecords:
+        """The records under the subnets prefix that are not leases, as last seen."""
+        ...
 
-_oversized_logged: set[str] = set()
+
+# Kept (and logged) at most this many: a flood of bad keys must not grow memory or status.
+MAX_REJECTED = 1000
 
 
-def lease_or_none(key: str, value: str | bytes, expiration: float = 0.0) -> Lease | None:
-    """Parse a stored record; one that doesn't parse is logged and skipped, never fatal.
-    One over MAX_RECORD_BYTES is dropped unparsed (logged once per key, not per event)."""
-    if len(value) > MAX_RECORD_BYTES:
-        if key not in _oversized_logged and len(_oversized_logged) < 10_000:
-            _oversized_logged.add(key)
-            log.warning("dropping oversized lease record", extra={
-                "key": key[:200], "bytes": len(value), "limit": MAX_RECORD_BYTES})
-        return None
-    try:
-        return parse_lease(key, value, expiration)
-    except LeaseFormatError as exc:
-        log.warning("skipping lease record that does not parse", extra={"error": str(exc)})
-        return None
+class RejectedRecords:
+    """Records under the subnets prefix that are not leases (a bad key or value written by
+    something else), by key, with why. Each store keeps them from its listings and its
+    watch, so the agent can report them in `weft status` like a peer's error (logging
+    each once) until the key is deleted or holds a valid lease."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, str] = {}
+
+    def parse(self, key: str, value: str | bytes, expiration: float = 0.0) -> Lease | None:
+        """The lease, or None (and the reason kept, logged once per key and reason). One
+        over MAX_RECORD_BYTES is dropped unparsed."""
+        try:
+            if len(value) > MAX_RECORD_BYTES:
+                raise LeaseFormatError(f"lease record {key[:200]!r} is {len(value)} bytes; "
+                                       f"at most {MAX_RECORD_BYTES} are read")
+            lease = parse_lease(key, value, expiration)
+        except LeaseFormatError as exc:
+            if self.by_key.get(key) != str(exc) and len(self.by_key) < MAX_REJECTED:
+                log.warning("skipping lease record that does not parse",
+                            extra={"error": str(exc)})
+                self.by_key[key] = str(exc)
+            return None
+        self.by_key.pop(key, None)
+        return lease
+
+    def deleted(self, key: str) -> None:
+        self.by_key.pop(key, None)
+
+    def replace(self, other: RejectedRecords) -> None:
+        """A full listing replaces what the watch collected."""
+        self.by_key = dict(other.by_key)
+

@@ -36,7 +36,7 @@ from weft.core.errors import LeaseNotFound, StoreUnavailable, WatchCompacted
 from weft.core.events import EventKind, LeaseEvent
 from weft.core.lease import Lease, parse_subnet_key, subnet_key
 from weft.host.files import check_private, private_dir, private_umask
-from weft.store.base import lease_or_none
+from weft.store.base import RejectedRecords
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -58,6 +58,7 @@ class SqliteLeaseStore:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
+        self._rejected = RejectedRecords()
         try:
             private_dir(self.path.parent, "store directory")
             for suffix in ("", "-wal", "-shm", "-journal"):
@@ -76,6 +77,10 @@ class SqliteLeaseStore:
                 self._db.executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"cannot open the store file {self.path}: {exc}") from None
+
+    @property
+    def rejected(self) -> RejectedRecords:
+        return self._rejected
 
     def __repr__(self) -> str:
         return f"SqliteLeaseStore({str(self.path)!r})"
@@ -154,11 +159,13 @@ class SqliteLeaseStore:
     async def list_leases(self) -> tuple[list[Lease], int]:
         def q(db: sqlite3.Connection) -> tuple[list[Lease], int]:
             rows = db.execute("SELECT key, value, expiration FROM leases ORDER BY key")
+            rejected = RejectedRecords()
             leases = [
                 lease
                 for key, value, exp in rows.fetchall()
-                if (lease := lease_or_none(key, value, exp)) is not None
+                if (lease := rejected.parse(key, value, exp)) is not None
             ]
+            self._rejected.replace(rejected)
             return leases, self._revision(db)
 
         return await self._run(q, write=True)
@@ -225,7 +232,8 @@ class SqliteLeaseStore:
             ).fetchall()
             # A record that doesn't parse is skipped, but the watch still moves past it.
             events = [
-                event for row in rows if (event := _to_event(*row)) is not None
+                event for row in rows
+                if (event := _to_event(self._rejected, *row)) is not None
             ]
             reached = rows[-1][0] if rows else since
             (next_exp,) = db.execute("SELECT min(expiration) FROM leases").fetchone()
@@ -242,8 +250,11 @@ class SqliteLeaseStore:
             )
             name = self.path.name
             while True:
+                seen = dict(self._rejected.by_key)
                 events, since, next_exp = await asyncio.to_thread(self._changes_since, since)
-                if events:
+                # A batch of records that are not leases is yielded empty: the watcher
+                # reports them (see `rejected`).
+                if events or self._rejected.by_key != seen:
                     yield events
                 timeout = None if next_exp is None else max(0.0, next_exp - self._clock()) + 0.01
                 with contextlib.suppress(TimeoutError):
@@ -259,15 +270,16 @@ class SqliteLeaseStore:
 
 
 def _to_event(
-    rev: int, kind: str, key: str, value: str | None, expiration: float | None
+    rejected: RejectedRecords, rev: int, kind: str, key: str, value: str | None,
+    expiration: float | None
 ) -> LeaseEvent | None:
-    try:
-        subnet = parse_subnet_key(key)
-    except ValueError:
-        return None
     if kind == EventKind.DELETE.value:
-        return LeaseEvent(EventKind.DELETE, subnet, rev)
-    lease = lease_or_none(key, value or "", expiration or 0.0)
+        rejected.deleted(key)
+        try:
+            return LeaseEvent(EventKind.DELETE, parse_subnet_key(key), rev)
+        except ValueError:
+            return None
+    lease = rejected.parse(key, value or "", expiration or 0.0)
     if lease is None:
         return None
-    return LeaseEvent(EventKind.PUT, subnet, rev, lease)
+    return LeaseEvent(EventKind.PUT, lease.subnet, rev, lease)

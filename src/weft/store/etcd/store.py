@@ -73,7 +73,7 @@ from weft.core.constants import CONFIG_KEY, DEFAULT_ETCD_PREFIX, MAX_WATCH_BATCH
 from weft.core.errors import LeaseNotFound, StoreError, StoreUnavailable, UsageError, WatchCompacted
 from weft.core.events import EventKind, LeaseEvent
 from weft.core.lease import Lease, parse_subnet_key, subnet_key
-from weft.store.base import lease_or_none
+from weft.store.base import RejectedRecords
 from weft.store.etcd.client import (
     DEFAULT_TIMEOUT,
     LIBRARY_ERRORS,
@@ -164,6 +164,7 @@ class EtcdLeaseStore:
         # Keyed by subnet and holder: a renewal naming another PublicIP is not ours.
         self._grants: dict[tuple[IPNetwork, IPAddress], tuple[int, int]] = {}
         self._config_key = f"{self.prefix}/{CONFIG_KEY}".encode()
+        self._rejected = RejectedRecords()
 
     @classmethod
     def from_url(
@@ -195,6 +196,10 @@ class EtcdLeaseStore:
             username=username or None,
             password=password if username else None,
         )
+
+    @property
+    def rejected(self) -> RejectedRecords:
+        return self._rejected
 
     def __repr__(self) -> str:
         scheme = "etcds" if self._credentials else "etcd"
@@ -315,12 +320,14 @@ class EtcdLeaseStore:
     async def list_leases(self) -> tuple[list[Lease], int]:
         async def op(client: Client) -> tuple[list[Lease], int]:
             result = await client.get_prefix(self._subnets)
+            rejected = RejectedRecords()
             leases = [
                 lease
                 for kv in result.kvs
-                if (lease := lease_or_none(self._relative(kv.key), kv.value,
-                                           _expiration(kv.value)))
+                if (lease := rejected.parse(self._relative(kv.key), kv.value,
+                                            _expiration(kv.value)))
             ]
+            self._rejected.replace(rejected)
             revision: int = result.header.revision
             return leases, revision
 
@@ -443,9 +450,12 @@ class EtcdLeaseStore:
                 )
                 backoff = _WATCH_BACKOFF_FIRST
                 while True:
+                    seen = dict(self._rejected.by_key)
                     events, reached, error = await self._next_batch(conn.client, queue, last)
                     last = max(last, reached)
-                    if events:
+                    # A batch of records that are not leases is yielded empty: the
+                    # watcher reports them (see `rejected`).
+                    if events or self._rejected.by_key != seen:
                         yield events
                     if error is not None:
                         raise error
@@ -502,18 +512,17 @@ class EtcdLeaseStore:
 
     def _to_event(self, ev: Any) -> LeaseEvent | None:
         key = self._relative(ev.kv.key)
-        try:
-            subnet = parse_subnet_key(key)
-        except ValueError:
-            log.warning("skipping lease key that does not parse", extra={"key": key})
-            return None
         revision = int(ev.kv.mod_revision)
         if ev.kind == "DELETE":
-            return LeaseEvent(EventKind.DELETE, subnet, revision)
-        lease = lease_or_none(key, ev.kv.value, _expiration(ev.kv.value))
+            self._rejected.deleted(key)
+            try:
+                return LeaseEvent(EventKind.DELETE, parse_subnet_key(key), revision)
+            except ValueError:
+                return None
+        lease = self._rejected.parse(key, ev.kv.value, _expiration(ev.kv.value))
         if lease is None:
             return None
-        return LeaseEvent(EventKind.PUT, subnet, revision, lease)
+        return LeaseEvent(EventKind.PUT, lease.subnet, revision, lease)
 
 
 def _ttl_seconds(ttl: float) -> int:
