@@ -21,6 +21,7 @@ import pytest
 
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft.integrations.subnet_env import read_subnet_env
+from weft.lab.runtimes.cleanup import NETNS_LEDGER
 from weft.lab.runtimes.docker import DockerRuntime
 from weft.lab.testbed import RUNS_DIR, Container, Host, Testbed, list_netns
 
@@ -195,7 +196,13 @@ def test_testbed_down_removes_what_a_killed_run_started(kind: str) -> None:
         proc.wait()
     run_dir = RUNS_DIR / run_id
     assert (run_dir / "h1").exists()
+    ledger = run_dir / NETNS_LEDGER  # podman's own /run/netns/netns-<uuid> files
+    runtime_netns = ledger.read_text().split() if ledger.exists() else []
+    if kind == "podman":
+        assert runtime_netns
+        assert all(Path(p).exists() for p in runtime_netns)
     subprocess.run([sys.executable, "-m", "weft", "testbed", "down"], check=True, timeout=120)
+    assert not [p for p in runtime_netns if Path(p).exists()]
     assert run_id not in Path("/proc/self/mountinfo").read_text()
     assert not run_dir.exists()
     assert not [n for n in list_netns() if n.startswith(f"weft-{run_id}-")]

@@ -7,7 +7,6 @@ weft-cni notes each CNI_COMMAND podman issues, then execs weft-cni unchanged.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import shutil
 import sys
@@ -108,12 +107,34 @@ def test_podman_restart_is_del_then_add_and_never_check(
     assert isinstance(tb.runtime, PodmanRuntime)
     cid = podman_id(tb, c)
     mark = len(log.read_text().splitlines())
-    tb.runtime.podman(c.host, "restart", "-t", "0", c.netns, timeout=120)
+    tb.runtime.restart_container(c)
     new = [line for line in log.read_text().splitlines()[mark:] if cid in line]
     assert new == [f"DEL {cid}", f"ADD {cid}"]  # (and VERSION, libcni's probe)
     assert not any(line.startswith("CHECK") for line in log.read_text().splitlines())
-    info = json.loads(tb.runtime.podman(c.host, "inspect", c.netns).stdout)[0]
-    c.ip = ipaddress.ip_address(info["NetworkSettings"]["Networks"]["weft"]["IPAddress"])
     assert allocations(tb, c) == {str(c.ip)}  # the old address was freed by the DEL
     assert any(tb.container_exec(c, ["ping", "-c", "1", "-W", "2", str(peer.ip)],
                                  check=False).returncode == 0 for _ in range(3))
+
+
+def sandbox_key(tb: Testbed, c: Container) -> Path:
+    assert isinstance(tb.runtime, PodmanRuntime)
+    out = tb.runtime.podman(c.host, "inspect", "-f", "{{.NetworkSettings.SandboxKey}}",
+                            c.netns).stdout.strip()
+    return Path(out)
+
+
+def test_a_restarted_container_leaves_no_namespace_behind() -> None:
+    """`podman restart` gives the container a fresh /run/netns/netns-<uuid>; neither
+    that one nor the first outlives the run."""
+    with Testbed(hosts=1, containers_per_host=1, config=CONFIG, runtime="podman",
+                 log_level="info") as tb:
+        tb.start()
+        assert isinstance(tb.runtime, PodmanRuntime)
+        (c,) = tb.containers
+        keys = {sandbox_key(tb, c)}
+        tb.runtime.restart_container(c)
+        keys.add(sandbox_key(tb, c))
+        assert all(k.parent == Path("/run/netns") for k in keys)
+        assert tb.container_exec(c, ["ip", "-4", "addr", "show", "eth0"]).stdout.count(
+            str(c.ip)) == 1
+    assert not [k for k in keys if k.exists()]

@@ -76,8 +76,51 @@ def unmount_below(path: Path) -> None:
         libc.umount2(point.encode(), mnt_detach)
 
 
+# Network namespaces a runtime made outside the run's directory (podman's
+# /run/netns/netns-<uuid>), one path per line, so a crashed run's are found too.
+NETNS_LEDGER = "runtime-netns"
+RUNTIME_NETNS_DIR = Path("/run/netns")
+
+
+def record_runtime_netns(run_dir: Path, path: str) -> None:
+    """Note a namespace file a runtime created for one of the run's containers."""
+    if not path:
+        return
+    ledger = run_dir / NETNS_LEDGER
+    known = set(ledger.read_text().split()) if ledger.exists() else set()
+    if path not in known:
+        with ledger.open("a") as f:
+            f.write(path + "\n")
+
+
+def remove_runtime_netns(run_dir: Path, only: set[str] | None = None) -> list[str]:
+    """Unmount and delete every recorded namespace file the runtime left behind.
+
+    podman removes a container's namespace at `rm`, except the ones left by `podman
+    restart` (a fresh namespace per start) and by a killed podman; only files recorded
+    for this run (`only`: of these paths), and only under /run/netns, are touched.
+    """
+    ledger = run_dir / NETNS_LEDGER
+    if not ledger.exists():
+        return []
+    libc = ctypes.CDLL(None, use_errno=True)
+    removed = []
+    for line in ledger.read_text().split():
+        if only is not None and line not in only:
+            continue
+        path = Path(line)
+        if path.parent != RUNTIME_NETNS_DIR or not path.exists():
+            continue
+        libc.umount2(str(path).encode(), 2)  # MNT_DETACH: the nsfs bind mount
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
 def remove_runtime_leftovers(run_id: str, run_dir: Path) -> None:
     """What `remove_run` adds for the docker and podman runtimes: kill, unmount."""
     kill_run_cgroups(run_id)
     if run_dir.exists():
         unmount_below(run_dir)
+        remove_runtime_netns(run_dir)

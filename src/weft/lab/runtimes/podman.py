@@ -17,9 +17,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from weft.lab.runtimes.cleanup import cgroup_parent, unmount_below
+from weft.lab.runtimes.cleanup import (
+    cgroup_parent,
+    record_runtime_netns,
+    remove_runtime_netns,
+    unmount_below,
+)
 from weft.lab.runtimes.image import run_rootfs
 
 if TYPE_CHECKING:
@@ -99,18 +104,41 @@ class PodmanRuntime:
         return c.netns
 
     def run_container(self, c: Container) -> None:
-        from weft.lab.testbed import sh
 
         name = self.container_name(c)
         self.podman(c.host, "run", "-d", "--pull", "never", "--network", NETWORK,
                     "--name", name, "--hostname", c.name,
                     "--cgroup-parent", f"/{cgroup_parent(self.tb.run_id, c.host.name)}",
                     *ULIMITS, IMAGE, "sleep", "1000000000", timeout=120)
-        info = json.loads(self.podman(c.host, "inspect", name).stdout)[0]
-        pid = str(info["State"]["Pid"])
-        ip = info["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]
-        sh(["ip", "netns", "attach", c.netns, pid])
-        c.ip = ipaddress.ip_address(ip)
+        self._attach(c)
+
+    def restart_container(self, c: Container) -> None:
+        """`podman restart`: a CNI DEL and a fresh ADD, in a new namespace."""
+        from weft.lab.testbed import sh
+
+        sh(["ip", "netns", "del", c.netns], check=False)
+        self.podman(c.host, "restart", "-t", "0", self.container_name(c), timeout=120)
+        self._attach(c)
+
+    def _attach(self, c: Container) -> None:
+        """Name the container's namespace c.netns and learn its address."""
+        from weft.lab.testbed import sh
+
+        info = self._inspect(c.host, self.container_name(c))[0]
+        sh(["ip", "netns", "attach", c.netns, str(info["State"]["Pid"])])
+        c.ip = ipaddress.ip_address(info["NetworkSettings"]["Networks"][NETWORK]["IPAddress"])
+
+    def _inspect(self, host: Host, *names: str) -> list[dict[str, Any]]:
+        """podman inspect, recording each container's namespace file for the cleanup."""
+        proc = self.podman(host, "inspect", *names, check=False)
+        try:
+            infos: list[dict[str, Any]] = json.loads(proc.stdout or "[]")
+        except ValueError:
+            infos = []
+        for info in infos:
+            record_runtime_netns(self.tb.run_dir, info.get("NetworkSettings", {})
+                                 .get("SandboxKey") or "")
+        return infos
 
     def exec_argv(self, c: Container, argv: list[str]) -> list[str]:
         return self.podman_argv(c.host, "exec", self.container_name(c), *argv)
@@ -119,12 +147,19 @@ class PodmanRuntime:
         from weft.lab.testbed import sh
 
         sh(["ip", "netns", "del", c.netns], check=False)
+        keys = {str(info.get("NetworkSettings", {}).get("SandboxKey"))
+                for info in self._inspect(c.host, self.container_name(c))}
         self.podman(c.host, "rm", "-f", "-t", "0", self.container_name(c), check=False,
                     timeout=120)
+        remove_runtime_netns(self.tb.run_dir, only=keys)
 
     def destroy(self) -> None:
         for host in self.tb.hosts:
             if host.name in self._ready:
                 with contextlib.suppress(Exception):
+                    names = self.podman(host, "ps", "-aq", check=False).stdout.split()
+                    if names:
+                        self._inspect(host, *names)
                     self.podman(host, "rm", "-a", "-f", "-t", "0", check=False, timeout=120)
             unmount_below(self.root(host))
+        remove_runtime_netns(self.tb.run_dir)
