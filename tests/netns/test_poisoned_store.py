@@ -227,14 +227,8 @@ def errors(tb: Testbed) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize("name", list(RECORDS))
 def test_bad_record_is_reported_and_takes_nothing_down(
-        bed: tuple[Testbed, SqliteWriter | EtcdWriter], name: str,
-        request: pytest.FixtureRequest) -> None:
+        bed: tuple[Testbed, SqliteWriter | EtcdWriter], name: str) -> None:
     tb, writer = bed
-    if tb.store_kind == "etcd" and name == "a host's own subnet, another PublicIP":
-        # Known open bug (issue #12): on etcd, after the overwriting record is deleted the
-        # host does not always get its lease back, so its peers keep no route to it.
-        request.applymarker(pytest.mark.xfail(strict=False, reason="etcd: lease not "
-                                              "recreated after an overwrite is deleted"))
     rec = RECORDS[name](tb)
     before = kernel_state(tb)
     writer.put(rec)
