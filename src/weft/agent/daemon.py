@@ -530,20 +530,26 @@ class Agent:
     async def _renew(self) -> None:
         assert self.lease is not None
         backoff = Backoff()
+        retry = False  # a renewal that failed on the store is tried again, not at renew_at
         while True:
-            delay = max(0.0, self.lease.renew_at(self.opts.lease_ttl) - time.time())
+            delay = 0.0 if retry else max(0.0, self.lease.renew_at(self.opts.lease_ttl)
+                                           - time.time())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._renew_now.wait()
             self._renew_now.clear()
+            retry = False
             try:
                 lease = await self.store.renew_lease(self.lease, self.opts.lease_ttl)
             except StoreUnavailable as exc:
+                # Also a renewal asked for early (our record went away): waiting for the
+                # scheduled time would leave this host without a lease for hours.
                 self.metrics.store_errors.inc()
                 wait = min(backoff.next(), max(0.5, self.lease.expires_in(time.time()) / 4))
                 log.warning("lease renewal failed; retrying",
                             extra={"error": str(exc), "retry_in": round(wait, 2)})
                 await asyncio.sleep(wait)
+                retry = True
                 continue
             except LeaseNotFound:
                 if self._lease_overwritten():
