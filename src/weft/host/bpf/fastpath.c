@@ -83,7 +83,9 @@ static __always_inline int forward(struct __sk_buff *skb, int from_underlay)
 	fib.family = AF_INET;
 	fib.tos = iph->tos;
 	fib.l4_protocol = iph->protocol;
-	fib.tot_len = bpf_ntohs(iph->tot_len);
+	/* tot_len stays 0: then the kernel checks the skb itself against the egress MTU,
+	 * GSO-aware (is_skb_forwardable). A tot_len makes it compare the IP header's length,
+	 * and every GSO packet (up to 64 KB) would read as too big and take the slow path. */
 	fib.ipv4_src = iph->saddr;
 	fib.ipv4_dst = iph->daddr;
 	fib.ifindex = skb->ingress_ifindex;

@@ -193,7 +193,10 @@ def _reference(stack: contextlib.ExitStack, ref: Reference, rate_bits: int | Non
                attach: str) -> Target:
     """The testbed of a backend, without agents: `ref.program` builds the kernel path, and
     the containers are attached by `weft-cni` from a subnet.env written here, as the agent
-    would write it (no masquerade: weft-cni adds none of its own)."""
+    would write it. FLANNEL_IPMASQ=true there although nothing masquerades: with false,
+    weft-cni (like flannel's plugin) asks the delegate for its own ipMasq, which NATs every
+    packet to another host's subnet through conntrack: not the kernel path this row is
+    for, and a fast path skipping netfilter then sees half a connection NATed."""
     tb = stack.enter_context(Testbed(hosts=2, containers_per_host=1, attach=attach,
                                      config=bench_config(ref.beside), log_level="info"))
     _shape(tb, rate_bits)
@@ -201,7 +204,7 @@ def _reference(stack: contextlib.ExitStack, ref: Reference, rate_bits: int | Non
     mtu = 1500 - overhead(ref.beside)
     for host, subnet in zip(tb.hosts, subnets, strict=True):
         tb.run(host.netns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
-        write_subnet_env(host.subnet_env_path, SubnetEnv(BENCH_NETWORK, subnet, mtu, False))
+        write_subnet_env(host.subnet_env_path, SubnetEnv(BENCH_NETWORK, subnet, mtu, True))
     ref.program(tb, subnets)
     for c in tb.containers:
         tb.attach(c)
