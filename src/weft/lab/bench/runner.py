@@ -57,6 +57,10 @@ DEFAULT_ORDER = ("kernel-vxlan", "vxlan", "kernel-routes", "host-gw", "udp", "ud
 UDP_MINIMAL = "udp-minimal"
 # Rows measured on a backend's own testbed with its agents swapped out: row -> backend.
 SWAPPED = {UDP_MINIMAL: "udp"}
+# Rows of a backend run by agents with extra flags: row -> (backend, agent flags). Measured
+# only when named (`--backends host-gw-bpf`).
+VARIANTS = {"host-gw-bpf": ("host-gw", ("--fastpath",)),
+            "vxlan-bpf": ("vxlan", ("--fastpath",))}
 
 
 def bench_config(backend: str) -> str:
@@ -139,10 +143,11 @@ def _native(stack: contextlib.ExitStack, rate_bits: int | None) -> Target:
 def _overlay(stack: contextlib.ExitStack, backend: str, rate_bits: int | None,
              attach: str, runtime: str = "netns") -> Target:
     cpus = _cpus()
+    backend_type, agent_args = VARIANTS.get(backend, (SWAPPED.get(backend, backend), ()))
     # Each host's agent (and so a userspace data plane: the udp forwarder, wireguard-go)
     # runs on that host's CPU, beside its qperf, as on two machines.
     tb = stack.enter_context(Testbed(hosts=2, containers_per_host=1, attach=attach,
-                                     config=bench_config(SWAPPED.get(backend, backend)),
+                                     config=bench_config(backend_type), agent_args=agent_args,
                                      log_level="info", agent_cpus=cpus, runtime=runtime))
     _shape(tb, rate_bits)
     tb.start(timeout=60)
@@ -278,7 +283,7 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
         targets = {NATIVE: _native(stack, rate_bits)}
         progress(_describe(targets[NATIVE]))
         for backend in opts.backends:
-            if backend not in BACKENDS and backend not in REFERENCES and backend not in SWAPPED:
+            if backend not in {*BACKENDS, *REFERENCES, *SWAPPED, *VARIANTS}:
                 skipped.append(Skipped(backend, "not in this build's backend registry "
                                        "or reference rows "
                                        f"(has: {', '.join(available_backends())})"))
