@@ -313,7 +313,9 @@ def _fastpath_line(fp: dict[str, object]) -> str:
     if not fp.get("active"):
         return str(fp.get("reason"))
     counts = fp.get("redirected_packets")
-    line = f"on, attached to {', '.join(map(str, fp.get('attached') or [])) or 'nothing yet'}"
+    attached = fp.get("attached")
+    names = ", ".join(map(str, attached)) if isinstance(attached, list) else ""
+    line = f"on, attached to {names or 'nothing yet'}"
     if isinstance(counts, dict):
         line += "; packets redirected " + ", ".join(f"{k} {v}" for k, v in counts.items())
     return line + (f"; error: {fp['error']}" if fp.get("error") else "")

@@ -360,8 +360,13 @@ class Agent:
             if result is not None and result.errors and not full:
                 self._full_dirty = True  # an entry failed: the next pass checks everything
             if (full or diff) and self.lease is not None:
+                # The fast path skips netfilter: only where overlay packets skip conntrack
+                # (a DNATed connection's reply must meet conntrack to be un-NATed).
+                tracked = self.conntrack is not None and not self.conntrack.untracked
                 fastpath_error = await asyncio.to_thread(
-                    self.fastpath.apply, self.lease.subnet, [self.lease.subnet, *view.peers])
+                    self.fastpath.apply, self.lease.subnet, [self.lease.subnet, *view.peers],
+                    f"overlay traffic is tracked: {self.conntrack.reason}"
+                    if tracked and self.conntrack else None)
                 if fastpath_error is not None:
                     self._backend_errors["fastpath"] = fastpath_error
                     ok = False

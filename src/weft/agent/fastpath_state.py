@@ -43,6 +43,7 @@ class FastPathState:
         self.fastpath: FastPath | None = None
         self.arrival: str | None = None
         self.reason: str | None = None if enabled else "off (--fastpath turns it on)"
+        self.standing_down: str | None = None
 
     def start(self, config: NetworkConfig, own: IPNetwork, underlay: str,
               state_dir: Path) -> None:
@@ -72,13 +73,28 @@ class FastPathState:
             log.warning("fast path not used; the normal path carries everything",
                         extra={"reason": self.reason})
 
-    def apply(self, own: IPNetwork, subnets: Iterable[IPNetwork]) -> str | None:
+    def apply(self, own: IPNetwork, subnets: Iterable[IPNetwork],
+              stand_down: str | None = None) -> str | None:
         """Converge the hooks and maps for this host's subnet `own` (a lease can move) and
-        the leased `subnets`; an error string (retried), or None."""
+        the leased `subnets`; an error string (retried), or None. With `stand_down` (why
+        overlay traffic must stay in netfilter), the hooks come off instead."""
         fp = self.fastpath
         if fp is None or self.arrival is None or not isinstance(own, ipaddress.IPv4Network):
             return None
         fp.own = own
+        if stand_down is not None:
+            if self.standing_down != stand_down:
+                log.warning("fast path standing down", extra={"reason": stand_down})
+            self.standing_down = stand_down
+            try:
+                remove_fastpath()
+            except (WeftError, OSError, subprocess.SubprocessError) as exc:
+                return f"fast path: {exc}"
+            fp.attached = []
+            return None
+        if self.standing_down is not None:
+            log.info("fast path back on", extra={"was": self.standing_down})
+        self.standing_down = None
         try:
             devices, veths = fp.container_devices(exclude=[self.arrival])
             hooks = plan_hooks(self.arrival, devices)
@@ -93,9 +109,10 @@ class FastPathState:
         return None
 
     def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = {"enabled": self.enabled, "active": self.fastpath is not None,
-                                  "reason": self.reason}
-        if self.fastpath is not None:
+        active = self.fastpath is not None and self.standing_down is None
+        result: dict[str, Any] = {"enabled": self.enabled, "active": active,
+                                  "reason": self.reason or self.standing_down}
+        if active and self.fastpath is not None:
             try:
                 result |= self.fastpath.status()
             except (WeftError, OSError, subprocess.SubprocessError) as exc:
