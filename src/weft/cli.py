@@ -197,6 +197,8 @@ def agent(
                                                          "reconciles of the kernel")] = 60.0,
     release_on_exit: Annotated[bool, typer.Option(help="on exit, release the lease and "
                                                        "remove the data plane")] = False,
+    fastpath: Annotated[bool, typer.Option(help="tc BPF fast path for overlay <-> overlay "
+                                                "packets (host-gw, vxlan; needs clang)")] = False,
     log_level: LogOpt = "info",
 ) -> None:
     """Run the agent on this host: lease a subnet, program the data plane, follow peers."""
@@ -221,6 +223,7 @@ def agent(
             metrics_addr=metrics_addr, release_on_exit=release_on_exit,
             resync_interval=resync_interval,
             overlay_conntrack=parse_conntrack_mode(overlay_conntrack),
+            fastpath=fastpath,
         )
         asyncio.run(Agent(opts).run())
     except WeftError as exc:
@@ -306,6 +309,18 @@ def status(
         raise _fail(exc) from None
 
 
+def _fastpath_line(fp: dict[str, object]) -> str:
+    if not fp.get("active"):
+        return str(fp.get("reason"))
+    counts = fp.get("redirected_packets")
+    attached = fp.get("attached")
+    names = ", ".join(map(str, attached)) if isinstance(attached, list) else ""
+    line = f"on, attached to {names or 'nothing yet'}"
+    if isinstance(counts, dict):
+        line += "; packets redirected " + ", ".join(f"{k} {v}" for k, v in counts.items())
+    return line + (f"; error: {fp['error']}" if fp.get("error") else "")
+
+
 def _duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)
@@ -323,6 +338,9 @@ def _print_health(health: dict[str, object]) -> None:
     out.print(f"this host: {state}  subnet {health.get('subnet')}  public IP "
               f"{health.get('public_ip')}  backend {health.get('backend')}  peers "
               f"{len(peers) if isinstance(peers, list) else peers}", highlight=False)
+    fastpath = health.get("fastpath")
+    if isinstance(fastpath, dict):
+        out.print(f"  fast path: {_fastpath_line(fastpath)}", highlight=False)
     backend_status = health.get("backend_status")
     if isinstance(backend_status, dict):
         for key, value in backend_status.items():

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from weft.agent.fastpath_state import FastPathState
 from weft.agent.host_state import HostState, converge_host_state
 from weft.agent.leasing import acquire_lease
 from weft.agent.lock import StateDirLock
@@ -98,6 +99,8 @@ class AgentOptions:
     # Converge everything again now and then even when no event said so: the safety net
     # under the kernel, netfilter and file watchers.
     resync_interval: float = 60.0
+    # The tc BPF fast path for overlay <-> overlay packets (weft.agent.fastpath_state).
+    fastpath: bool = False
 
 
 @dataclass
@@ -165,6 +168,7 @@ class Agent:
         self._status_restart = asyncio.Event()
         self._lock = StateDirLock(options.state_dir)
         self._underlay: tuple[IPNetwork, ...] = ()
+        self.fastpath = FastPathState(options.fastpath)
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -218,6 +222,8 @@ class Agent:
         await self._leave_previous_subnet(lease)
         await self._take_lease(lease)
         enable_forwarding(config.network.version)
+        await asyncio.to_thread(self.fastpath.start, config, lease.subnet,
+                                host.underlay_ifname, state_dir)
         self.metrics.export_backend(backend.status)
         leases, self.revision = await self._retry("list leases", self.store.list_leases)
         self.leases = {lease.subnet: lease for lease in leases}
@@ -353,6 +359,17 @@ class Agent:
                                               "peers": len(view.peers), "full": full})
             if result is not None and result.errors and not full:
                 self._full_dirty = True  # an entry failed: the next pass checks everything
+            if (full or diff) and self.lease is not None:
+                # The fast path skips netfilter: only where overlay packets skip conntrack
+                # (a DNATed connection's reply must meet conntrack to be un-NATed).
+                tracked = self.conntrack is not None and not self.conntrack.untracked
+                fastpath_error = await asyncio.to_thread(
+                    self.fastpath.apply, self.lease.subnet, [self.lease.subnet, *view.peers],
+                    f"overlay traffic is tracked: {self.conntrack.reason}"
+                    if tracked and self.conntrack else None)
+                if fastpath_error is not None:
+                    self._backend_errors["fastpath"] = fastpath_error
+                    ok = False
         except WeftError as exc:
             self._backend_errors["reconcile"] = str(exc)
             ok = False
@@ -636,6 +653,7 @@ class Agent:
             "host_errors": dict(self.host_errors),
             "notices": dict(self.notices),
             "conntrack": self.conntrack.to_json() if self.conntrack else None,
+            "fastpath": self.fastpath.status(),
         }
 
     async def _serve_status(self) -> None:
@@ -667,8 +685,9 @@ class Agent:
                     tg.create_task(self._watch()), tg.create_task(self._renew()),
                     tg.create_task(self._resync()), tg.create_task(self._serve_status()),
                     tg.create_task(self._guard(
-                        "kernel events", lambda: watch_kernel(self._kernel_changed,
-                                                              DEVICE_PREFIX))),
+                        "kernel events", lambda: watch_kernel(
+                            self._kernel_changed, DEVICE_PREFIX,
+                            tc_hooks=self.fastpath.fastpath is not None))),
                     tg.create_task(self._guard(
                         "netfilter events", lambda: watch_netfilter(self._host_changed))),
                     tg.create_task(self._guard(
@@ -726,6 +745,7 @@ class Agent:
     async def _shutdown(self) -> None:
         try:
             assert self.backend is not None
+            await asyncio.to_thread(self.fastpath.close)
             await asyncio.to_thread(self.backend.close)
             if self.opts.release_on_exit and self.lease is not None:
                 log.info("releasing lease and removing the data plane",

@@ -25,6 +25,7 @@ from pyroute2.netlink.rtnl import (
     RTMGRP_IPV6_ROUTE,
     RTMGRP_LINK,
     RTMGRP_NEIGH,
+    RTMGRP_TC,
 )
 
 from weft.core.constants import ROUTE_PROTOCOL
@@ -59,10 +60,25 @@ def kernel_removal(msg: Any, devices: dict[int, str], prefix: str) -> str | None
     return None
 
 
-async def watch_kernel(changed: Changed, prefix: str) -> None:
-    """rtnetlink multicast: a device, address, route or neighbour of weft's removed."""
+def tc_hook_change(msg: Any, known: dict[int, str]) -> str | None:
+    """With the fast path on, what may need its tc hooks converged (pure): a new device
+    or a route not weft's (a container's veth and its route, added by the CNI plugin),
+    or a tc filter or qdisc removed (weft's may be among them)."""
+    event = msg.get("event")
+    if event == "RTM_NEWLINK" and msg["index"] not in known:
+        return f"link {msg.get_attr('IFLA_IFNAME') or ''} added"
+    if event == "RTM_NEWROUTE" and msg["proto"] != ROUTE_PROTOCOL:
+        return "route added"
+    if event in ("RTM_DELTFILTER", "RTM_DELQDISC"):
+        return "tc filter removed"
+    return None
+
+
+async def watch_kernel(changed: Changed, prefix: str, *, tc_hooks: bool = False) -> None:
+    """rtnetlink multicast: a device, address, route or neighbour of weft's removed (and
+    with `tc_hooks`, what the fast path's hooks follow: `tc_hook_change`)."""
     async with AsyncIPRoute() as ipr:
-        await ipr.bind(groups=_GROUPS)
+        await ipr.bind(groups=_GROUPS | (RTMGRP_TC if tc_hooks else 0))
         devices: dict[int, str] = {}
         macs: dict[int, str] = {}  # a MAC peers hold (the VTEP's) changed under us
         # pyroute2 0.9: get_links() gives an async generator, and get() ends after one
@@ -72,11 +88,11 @@ async def watch_kernel(changed: Changed, prefix: str) -> None:
             macs[link["index"]] = link.get_attr("IFLA_ADDRESS") or ""
         while True:
             async for msg in ipr.get():
-                reason = None
+                reason = tc_hook_change(msg, devices) if tc_hooks else None
                 if msg.get("event") == "RTM_NEWLINK":
                     index, name = msg["index"], msg.get_attr("IFLA_IFNAME") or ""
                     mac = msg.get_attr("IFLA_ADDRESS") or ""
-                    if name.startswith(prefix) and macs.get(index, mac) != mac:
+                    if name.startswith(prefix) and macs.get(index, mac) != mac and not reason:
                         reason = f"link {name} address changed"
                     devices[index], macs[index] = name, mac
                 reason = reason or kernel_removal(msg, devices, prefix)

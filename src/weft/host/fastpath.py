@@ -8,6 +8,7 @@ masked compares. The object is cached per network in the caller's directory.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import shutil
 import subprocess
@@ -39,7 +40,10 @@ def compile_fastpath(network: ipaddress.IPv4Network | ipaddress.IPv6Network,
     if shutil.which("clang") is None:
         raise KernelFeatureMissing("the fast path needs clang to compile its BPF program: "
                                    "install clang and libbpf-dev (scripts/setup.sh does)")
-    out = out_dir / f"fastpath-{network.network_address}-{network.prefixlen}.o"
+    text = (resources.files("weft.host") / "bpf" / SOURCE).read_bytes()
+    # The source's hash in the name: an upgraded weft never loads a stale object.
+    digest = hashlib.sha256(text).hexdigest()[:12]
+    out = out_dir / f"fastpath-{network.network_address}-{network.prefixlen}-{digest}.o"
     if out.exists():
         return out
     out_dir.mkdir(parents=True, exist_ok=True)

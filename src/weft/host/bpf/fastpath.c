@@ -9,7 +9,8 @@
  *                   into the container's namespace with bpf_redirect_peer(); other overlay
  *                   packets for this host go by bpf_redirect_neigh().
  *
- * Anything else -- not IPv4, not overlay to overlay, IP options, TTL about to expire, a
+ * Anything else -- not IPv4, not overlay to overlay, a source not leased or arriving where
+ * its route back does not leave, IP options, TTL about to expire, a
  * route the FIB cannot resolve, fragments of nothing special -- returns TC_ACT_OK and
  * takes the normal path, so turning this on never loses a packet the kernel would carry.
  *
@@ -34,7 +35,22 @@ struct {
 	__type(value, __u8);
 } peers SEC(".maps");
 
-/* Packets and bytes sent on the fast path, per program (index 0: from_container,
+/* Leased subnets (this host's and its peers'), kept by the agent: a packet takes the fast
+ * path only if its source is in one, as the ingress filter's `spoofed_source` rule asks
+ * (weft.host.ingress_rules); others go on to netfilter, which drops and counts them. */
+struct subnet_key {
+	__u32 prefixlen;
+	__be32 addr;
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct subnet_key);
+	__type(value, __u8);
+} subnets SEC(".maps");
+
+/* Packets sent on the fast path, per program (index 0: from_container,
  * 1: from_underlay); what `weft status` shows. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -80,10 +96,27 @@ static __always_inline int forward(struct __sk_buff *skb, int from_underlay)
 	if (!in_overlay(iph->saddr) || !in_overlay(iph->daddr))
 		return TC_ACT_OK;
 
+	struct subnet_key key = { .prefixlen = 32, .addr = iph->saddr };
+	if (!bpf_map_lookup_elem(&subnets, &key))
+		return TC_ACT_OK;
+	/* The strict reverse-path check of the ingress filter: the route back to the source
+	 * leaves by the device the packet came in on, or the stack (and nft) decides. */
+	fib.family = AF_INET;
+	fib.ipv4_src = iph->daddr;
+	fib.ipv4_dst = iph->saddr;
+	fib.ifindex = skb->ingress_ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
+	    fib.ifindex != skb->ingress_ifindex)
+		return TC_ACT_OK;
+
+	__builtin_memset(&fib, 0, sizeof(fib));
 	fib.family = AF_INET;
 	fib.tos = iph->tos;
 	fib.l4_protocol = iph->protocol;
-	fib.tot_len = bpf_ntohs(iph->tot_len);
+	/* tot_len stays 0: then the kernel checks the skb itself against the egress MTU,
+	 * GSO-aware (is_skb_forwardable). A tot_len makes it compare the IP header's length,
+	 * and every GSO packet (up to 64 KB) would read as too big and take the slow path. */
 	fib.ipv4_src = iph->saddr;
 	fib.ipv4_dst = iph->daddr;
 	fib.ifindex = skb->ingress_ifindex;

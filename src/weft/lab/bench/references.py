@@ -115,7 +115,7 @@ REFERENCES: dict[str, Reference] = {
     r.name: r for r in (
         Reference("kernel-vxlan", "vxlan", program_kernel_vxlan),
         Reference("kernel-routes", "host-gw", program_kernel_routes),
-        # Experimental: tcp_lat runs on it, tcp_bw stalls (see the README's bench section).
+        # Experimental: the fast path without an agent (the agent runs it: host-gw-bpf).
         Reference("kernel-routes-bpf", "host-gw", program_kernel_routes, attach_fastpath,
                   default=False),
     )

@@ -1,0 +1,130 @@
+"""The agent's `--fastpath` switch: whether the tc BPF fast path can run here, and its
+convergence at every full pass (weft.host.fastpath_hooks does the kernel work).
+
+Unavailable (not host-gw or vxlan, an IPv6 overlay, no clang, bpftool or tc, a compile
+error) is a reason shown in `weft status`, never an agent failure: the normal path carries
+everything the fast path would.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from weft.backends.hostgw.options import HostGwOptions
+from weft.backends.vxlan.options import VxlanOptions
+from weft.core.config import IPNetwork, NetworkConfig
+from weft.core.constants import VXLAN_DEVICE_PREFIX
+from weft.core.errors import WeftError
+from weft.host.fastpath import compile_fastpath
+from weft.host.fastpath_hooks import FastPath, plan_hooks, remove_fastpath
+
+log = logging.getLogger("weft.agent")
+
+
+def arrival_device(config: NetworkConfig, underlay: str) -> str | None:
+    """Where overlay packets for this host arrive unencapsulated (pure); None: a backend
+    the fast path does not serve."""
+    options = config.backend
+    if isinstance(options, HostGwOptions):
+        return underlay
+    if isinstance(options, VxlanOptions) and not options.direct_routing:
+        return f"{VXLAN_DEVICE_PREFIX}{options.vni}"
+    return None
+
+
+class FastPathState:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.fastpath: FastPath | None = None
+        self.arrival: str | None = None
+        self.reason: str | None = None if enabled else "off (--fastpath turns it on)"
+        self.standing_down: str | None = None
+
+    def start(self, config: NetworkConfig, own: IPNetwork, underlay: str,
+              state_dir: Path) -> None:
+        """Compile and check, or record why not. With the switch off, a previous run's
+        filters are taken off (the agent owns them)."""
+        if not self.enabled:
+            try:
+                if removed := remove_fastpath():
+                    log.info("fast path removed (switch off)", extra={"devices": removed})
+            except (WeftError, OSError, subprocess.SubprocessError) as exc:
+                log.warning("could not remove the fast path", extra={"error": str(exc)})
+            return
+        self.arrival = arrival_device(config, underlay)
+        if self.arrival is None:
+            self.reason = (f"unavailable: the fast path serves host-gw and vxlan (without "
+                           f"DirectRouting), not {config.backend.type}")
+        elif not isinstance(own, ipaddress.IPv4Network) or \
+                not isinstance(config.network, ipaddress.IPv4Network):
+            self.reason = "unavailable: the fast path handles IPv4 overlays only"
+        else:
+            try:
+                obj = compile_fastpath(config.network, state_dir / "bpf")
+                self.fastpath = FastPath(obj, own)
+            except (WeftError, OSError, subprocess.SubprocessError) as exc:
+                self.reason = f"unavailable: {exc}"
+        if self.reason is not None:
+            log.warning("fast path not used; the normal path carries everything",
+                        extra={"reason": self.reason})
+
+    def apply(self, own: IPNetwork, subnets: Iterable[IPNetwork],
+              stand_down: str | None = None) -> str | None:
+        """Converge the hooks and maps for this host's subnet `own` (a lease can move) and
+        the leased `subnets`; an error string (retried), or None. With `stand_down` (why
+        overlay traffic must stay in netfilter), the hooks come off instead."""
+        fp = self.fastpath
+        if fp is None or self.arrival is None or not isinstance(own, ipaddress.IPv4Network):
+            return None
+        fp.own = own
+        if stand_down is not None:
+            if self.standing_down != stand_down:
+                log.warning("fast path standing down", extra={"reason": stand_down})
+            self.standing_down = stand_down
+            try:
+                remove_fastpath()
+            except (WeftError, OSError, subprocess.SubprocessError) as exc:
+                return f"fast path: {exc}"
+            fp.attached = []
+            return None
+        if self.standing_down is not None:
+            log.info("fast path back on", extra={"was": self.standing_down})
+        self.standing_down = None
+        try:
+            devices, veths = fp.container_devices(exclude=[self.arrival])
+            hooks = plan_hooks(self.arrival, devices)
+            fp.detach_others(h.device for h in hooks)
+            v4 = [s for s in subnets if isinstance(s, ipaddress.IPv4Network)]
+            attached = fp.converge(hooks, v4, veths)
+        except (WeftError, OSError, subprocess.SubprocessError, KeyError) as exc:
+            log.error("fast path not converged", extra={"error": str(exc)})
+            return f"fast path: {exc}"
+        if attached:
+            log.info("fast path attached", extra={"devices": attached})
+        return None
+
+    def status(self) -> dict[str, Any]:
+        active = self.fastpath is not None and self.standing_down is None
+        result: dict[str, Any] = {"enabled": self.enabled, "active": active,
+                                  "reason": self.reason or self.standing_down}
+        if active and self.fastpath is not None:
+            try:
+                result |= self.fastpath.status()
+            except (WeftError, OSError, subprocess.SubprocessError) as exc:
+                result["error"] = str(exc)
+        return result
+
+    def close(self) -> None:
+        """Off on shutdown: the normal path takes over at once, no packet lost; a
+        restarted agent attaches it again."""
+        if self.fastpath is None:
+            return
+        try:
+            remove_fastpath()
+        except (WeftError, OSError, subprocess.SubprocessError) as exc:
+            log.warning("could not remove the fast path", extra={"error": str(exc)})

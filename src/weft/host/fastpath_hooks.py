@@ -1,0 +1,212 @@
+"""The tc BPF fast path on a host's devices, converged by the agent like the rest of its state.
+
+Where it goes (`hook_devices`): `from_underlay` on the device overlay packets for this host
+arrive on (the underlay for host-gw, the VXLAN device for vxlan: after decapsulation), and
+`from_container` where the containers' packets enter the host: the CNI bridge for bridge
+attachment, each container's host-side veth for ptp. Containers come and go after the agent
+starts, so the devices are found anew at every full pass (the kernel trigger asks for one
+when a link or route appears): every device with a route into this host's subnet.
+
+Owned: the ingress filter at preference 49, handle 1, whose program is fastpath.c's, on any
+device of this namespace. Nothing else is replaced or deleted; a clsact qdisc is removed
+only when weft's filter was the last one on it. The programs' maps are per attached copy
+(tc loads the object once per filter), so `subnets` (leased subnets, the source check) and
+`peers` (veths for bpf_redirect_peer) are written into each copy with bpftool.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from weft.core.errors import KernelError, KernelFeatureMissing
+from weft.host.fastpath import FROM_CONTAINER, FROM_UNDERLAY, attach_argv
+
+PREF = 49
+# The program names tc reports (the function names in fastpath.c), by section.
+PROGRAM_NAMES = {FROM_CONTAINER: "from_container", FROM_UNDERLAY: "from_underlay"}
+_COUNTER_INDEX = {FROM_CONTAINER: 0, FROM_UNDERLAY: 1}
+
+
+@dataclass(frozen=True)
+class Hook:
+    device: str
+    section: str
+
+
+def plan_hooks(arrival: str, container_devices: Iterable[str]) -> list[Hook]:
+    """The hooks for these devices (pure): one program per device, the arrival's first."""
+    hooks = [Hook(arrival, FROM_UNDERLAY)]
+    hooks += [Hook(d, FROM_CONTAINER) for d in sorted(set(container_devices) - {arrival})]
+    return hooks
+
+
+def subnet_key(net: ipaddress.IPv4Network) -> list[str]:
+    """bpftool's key bytes for the LPM trie (pure): prefix length (host order, little
+    endian here) then the address in network order."""
+    return [str(b) for b in (net.prefixlen.to_bytes(4, "little") + net.network_address.packed)]
+
+
+def _tc(argv: Sequence[str]) -> str:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, check=False, timeout=30)
+    if proc.returncode != 0:
+        raise KernelError(f"`{' '.join(argv)}` failed: {proc.stderr.strip()[-500:]}")
+    return proc.stdout
+
+
+def _owned_filter(dev: str) -> dict[str, Any] | None:
+    """weft's filter on `dev`'s ingress, or None."""
+    try:
+        out = _tc(["tc", "-j", "filter", "show", "dev", dev, "ingress"])
+    except KernelError:
+        return None  # no clsact qdisc, or the device is gone
+    for f in json.loads(out or "[]"):
+        options = f.get("options") or {}
+        prog = options.get("prog") or {}
+        if f.get("pref") == PREF and options.get("handle") == "0x1" and \
+                prog.get("name") in PROGRAM_NAMES.values():
+            result: dict[str, Any] = f
+            return result
+    return None
+
+
+def _map_ids(prog_id: int) -> dict[str, int]:
+    prog = json.loads(_tc(["bpftool", "-j", "prog", "show", "id", str(prog_id)]))
+    ids: dict[str, int] = {}
+    for map_id in prog.get("map_ids", []):
+        info = json.loads(_tc(["bpftool", "-j", "map", "show", "id", str(map_id)]))
+        ids[info["name"]] = map_id
+    return ids
+
+
+def _map_keys(map_id: int) -> set[tuple[str, ...]]:
+    dump = json.loads(_tc(["bpftool", "-j", "map", "dump", "id", str(map_id)]) or "[]")
+    return {tuple(str(int(b, 16)) for b in e["key"]) for e in dump}
+
+
+def _sync_map(map_id: int, wanted: set[tuple[str, ...]]) -> None:
+    """Make the map's keys exactly `wanted` (value 1)."""
+    have = _map_keys(map_id)
+    for key in wanted - have:
+        _tc(["bpftool", "map", "update", "id", str(map_id), "key", *key, "value", "1"])
+    for key in have - wanted:
+        _tc(["bpftool", "map", "delete", "id", str(map_id), "key", *key])
+
+
+def _counter(map_id: int, index: int) -> int:
+    dump = json.loads(_tc(["bpftool", "-j", "map", "dump", "id", str(map_id)]) or "[]")
+    total = 0
+    for e in dump:
+        formatted = e.get("formatted") or {}
+        if formatted.get("key") == index:
+            total += sum(int(v["value"]) for v in formatted.get("values", []))
+    return total
+
+
+class FastPath:
+    """The fast path of one host: compiled object in hand, tools checked."""
+
+    def __init__(self, obj: Path, own: ipaddress.IPv4Network) -> None:
+        for tool in ("tc", "bpftool"):
+            if shutil.which(tool) is None:
+                raise KernelFeatureMissing(f"the fast path needs `{tool}` (iproute2, bpftool;"
+                                           " scripts/setup.sh installs them)")
+        self.obj = obj
+        self.own = own
+        self.attached: list[Hook] = []
+
+    def container_devices(self, exclude: Iterable[str]) -> tuple[list[str], set[int]]:
+        """Devices with a route into this host's subnet (the CNI bridge, or ptp veths), and
+        the ifindexes of the veths among them (bpf_redirect_peer needs a veth)."""
+        skip = set(exclude)
+        names: list[str] = []
+        veths: set[int] = set()
+        with IPRoute() as ipr:
+            links = {link["index"]: link for link in ipr.get_links()}
+            for route in ipr.get_routes(family=2, table=254):
+                dst = route.get_attr("RTA_DST")
+                oif = route.get_attr("RTA_OIF")
+                if dst is None or oif not in links:
+                    continue
+                net = ipaddress.IPv4Network(f"{dst}/{route['dst_len']}", strict=False)
+                link = links[oif]
+                name = link.get_attr("IFLA_IFNAME")
+                if not net.subnet_of(self.own) or name in skip or name in names:
+                    continue
+                names.append(name)
+                info = link.get_attr("IFLA_LINKINFO")
+                if info is not None and info.get_attr("IFLA_INFO_KIND") == "veth":
+                    veths.add(oif)
+        return names, veths
+
+    def converge(self, hooks: Sequence[Hook], subnets: Iterable[ipaddress.IPv4Network],
+                 veths: set[int]) -> list[str]:
+        """Attach what is missing, write the maps; the devices that were (re)attached."""
+        attached: list[str] = []
+        wanted_subnets = {tuple(subnet_key(s)) for s in subnets}
+        wanted_peers = {tuple(str(b) for b in i.to_bytes(4, "little")) for i in veths}
+        for hook in hooks:
+            current = _owned_filter(hook.device)
+            if current is None or current["options"]["prog"]["name"] != \
+                    PROGRAM_NAMES[hook.section]:
+                for argv in attach_argv(hook.device, self.obj, hook.section):
+                    _tc(argv)
+                attached.append(hook.device)
+                current = _owned_filter(hook.device)
+                if current is None:
+                    raise KernelError(f"tc attached no fast path filter on {hook.device}")
+            maps = _map_ids(int(current["options"]["prog"]["id"]))
+            _sync_map(maps["subnets"], wanted_subnets)
+            if hook.section == FROM_UNDERLAY:
+                _sync_map(maps["peers"], wanted_peers)
+        self.attached = list(hooks)
+        return attached
+
+    def detach_others(self, keep: Iterable[str]) -> None:
+        """weft's filter off every device not in `keep` (a container's veth that moved, a
+        bridge no longer used)."""
+        remove_fastpath(exclude=set(keep))
+
+    def status(self) -> dict[str, Any]:
+        redirected = {"from_container": 0, "from_underlay": 0}
+        devices: list[str] = []
+        for hook in self.attached:
+            current = _owned_filter(hook.device)
+            if current is None:
+                continue
+            devices.append(hook.device)
+            maps = _map_ids(int(current["options"]["prog"]["id"]))
+            redirected[PROGRAM_NAMES[hook.section]] += _counter(
+                maps["redirected"], _COUNTER_INDEX[hook.section])
+        return {"attached": devices, "redirected_packets": redirected}
+
+
+def remove_fastpath(exclude: set[str] | None = None) -> list[str]:
+    """weft's fast path filters off every device of this namespace (but `exclude`); the
+    devices it was removed from. A clsact qdisc goes too when nothing else is on it."""
+    if shutil.which("tc") is None:
+        return []
+    qdiscs = json.loads(_tc(["tc", "-j", "qdisc", "show"]) or "[]")
+    removed: list[str] = []
+    for q in qdiscs:
+        dev = q.get("dev")
+        if q.get("kind") != "clsact" or not dev or dev in (exclude or set()):
+            continue
+        if _owned_filter(dev) is None:
+            continue
+        _tc(["tc", "filter", "del", "dev", dev, "ingress", "pref", str(PREF), "handle", "1",
+             "bpf"])
+        removed.append(dev)
+        others = [json.loads(_tc(["tc", "-j", "filter", "show", "dev", dev, d]) or "[]")
+                  for d in ("ingress", "egress")]
+        if not any(others):
+            _tc(["tc", "qdisc", "del", "dev", dev, "clsact"])
+    return removed

@@ -1,0 +1,155 @@
+"""The agent's tc BPF fast path (`--fastpath`) on the real kernel: TCP intact through it,
+non-overlay traffic on the normal path, a filter removed by hand healed, off on shutdown,
+and a clear reason where it cannot run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from test_mesh import source_seen
+
+from weft.lab.testbed import Host, Testbed
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(shutil.which("clang") is None or shutil.which("bpftool") is None,
+                       reason="the fast path needs clang and bpftool (scripts/setup.sh)"),
+]
+
+
+def config(backend: str) -> str:
+    return json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend}})
+
+
+def fastpath(tb: Testbed, host: Host) -> dict[str, Any]:
+    status: dict[str, Any] = tb.host_status(host)["fastpath"]
+    return status
+
+
+def owned_filter(tb: Testbed, host: Host, dev: str) -> bool:
+    out = tb.run(host.netns, ["tc", "-j", "filter", "show", "dev", dev, "ingress"],
+                 check=False).stdout
+    return any((f.get("options") or {}).get("prog", {}).get("name", "").startswith("from_")
+               for f in json.loads(out or "[]"))
+
+
+# Receives one TCP connection and prints how many bytes came and their SHA-256.
+SINK = """
+import hashlib, socket, sys
+srv = socket.create_server((sys.argv[1], 5201))
+srv.settimeout(30)
+print("listening", flush=True)
+conn, _ = srv.accept()
+h, n = hashlib.sha256(), 0
+while chunk := conn.recv(1 << 16):
+    h.update(chunk)
+    n += len(chunk)
+print(n, h.hexdigest(), flush=True)
+"""
+# Sends argv[2] bytes of a fixed pseudo-random pattern, then closes.
+SOURCE = """
+import hashlib, random, socket, sys
+block = random.Random(15).randbytes(1 << 20)
+left = int(sys.argv[2])
+h = hashlib.sha256()
+with socket.create_connection((sys.argv[1], 5201), timeout=30) as s:
+    while left:
+        part = block[:min(left, len(block))]
+        s.sendall(part)
+        h.update(part)
+        left -= len(part)
+print(h.hexdigest(), flush=True)
+"""
+
+
+def tcp_transfer(tb: Testbed, client: str, server: str, ip: object, nbytes: int) -> None:
+    """`nbytes` over one TCP connection, every byte counted and hashed at the far end."""
+    sink = subprocess.Popen(["ip", "netns", "exec", server, sys.executable, "-c", SINK,
+                             str(ip)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert sink.stdout is not None
+        assert sink.stdout.readline().strip() == "listening"
+        sent = tb.run(client, [sys.executable, "-c", SOURCE, str(ip), str(nbytes)]).stdout
+        out, _ = sink.communicate(timeout=60)
+        assert out.split() == [str(nbytes), sent.strip()]
+    finally:
+        sink.kill()
+        sink.wait()
+
+
+@pytest.mark.parametrize(("backend", "attach"), [("host-gw", "ptp"), ("vxlan", "bridge")])
+def test_tcp_crosses_the_fast_path_intact_and_other_traffic_takes_the_normal_one(
+        backend: str, attach: str) -> None:
+    with Testbed(hosts=2, containers_per_host=1, config=config(backend), attach=attach,
+                 agent_args=["--fastpath"]) as tb:
+        tb.start()
+        c1, c2 = tb.containers
+        h1 = tb.hosts[0]
+        status = fastpath(tb, h1)
+        assert status["active"], status
+        arrival = "eth0" if backend == "host-gw" else "weft.vx1"
+        assert status["attached"][0] == arrival
+        assert len(status["attached"]) == 2  # and where the container enters the host
+        assert all(tb.connectivity().values())
+        before = status["redirected_packets"]
+        nbytes = 64 * 2**20
+        tcp_transfer(tb, c1.netns, c2.netns, c2.ip, nbytes)
+        after = fastpath(tb, h1)["redirected_packets"]
+        # Data one way, ACKs the other: both programs carried the connection.
+        assert after["from_container"] - before["from_container"] > 1000
+        assert after["from_underlay"] > before["from_underlay"]
+        # A destination outside the overlay: the normal path, masqueraded by netfilter.
+        outside = tb.add_underlay_node("out", "198.18.0.200")
+        assert source_seen(tb, c1.netns, outside, "198.18.0.200") == str(h1.underlay_ip)
+        # Between containers the source is kept.
+        assert source_seen(tb, c1.netns, c2.netns, c2.ip) == str(c1.ip)
+
+
+def test_filter_removed_by_hand_is_healed_and_shutdown_takes_it_off() -> None:
+    with Testbed(hosts=2, containers_per_host=1, config=config("host-gw"), attach="ptp",
+                 agent_args=["--fastpath"]) as tb:
+        tb.start()
+        h1 = tb.hosts[0]
+        veth = fastpath(tb, h1)["attached"][1]
+        for dev, how in (("eth0", ["tc", "filter", "del", "dev", "eth0", "ingress"]),
+                         (veth, ["tc", "qdisc", "del", "dev", veth, "clsact"])):
+            tb.run(h1.netns, how)
+            assert not owned_filter(tb, h1, dev)
+            deadline = time.monotonic() + 10  # the kernel trigger, not the 60 s resync
+            while time.monotonic() < deadline and not owned_filter(tb, h1, dev):
+                time.sleep(0.2)
+            assert owned_filter(tb, h1, dev), tb.agent_log(h1)[-2000:]
+        assert all(tb.connectivity().values())
+        # A container attached after the agent started gets its hook too.
+        c1 = tb.containers[0]
+        tb.detach(c1)
+        tb.attach(c1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+                veth in (now := fastpath(tb, h1)["attached"]) or len(now) < 2):
+            time.sleep(0.2)
+        attached = fastpath(tb, h1)["attached"]
+        assert len(attached) == 2, attached
+        assert veth not in attached, attached
+        assert all(tb.connectivity().values())
+        assert tb.stop_agent(h1, signal.SIGTERM) == 0
+        for dev in attached:
+            assert not owned_filter(tb, h1, dev)
+        assert "clsact" not in tb.run(h1.netns, ["tc", "qdisc", "show"]).stdout
+
+
+def test_backend_without_a_fast_path_says_why_and_carries_traffic() -> None:
+    with Testbed(hosts=2, containers_per_host=1, config=config("udp"),
+                 agent_args=["--fastpath"]) as tb:
+        tb.start()
+        status = fastpath(tb, tb.hosts[0])
+        assert not status["active"]
+        assert "host-gw and vxlan" in status["reason"]
+        assert all(tb.connectivity().values())

@@ -1,0 +1,57 @@
+"""The fast path's pure parts: where it hooks, its map keys, what wakes its convergence."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+from weft.agent.fastpath_state import arrival_device
+from weft.agent.triggers import tc_hook_change
+from weft.core.config import parse_config
+from weft.core.constants import ROUTE_PROTOCOL
+from weft.host.fastpath import FROM_CONTAINER, FROM_UNDERLAY
+from weft.host.fastpath_hooks import Hook, plan_hooks, subnet_key
+
+
+def config(backend: dict[str, Any]) -> Any:
+    return parse_config(json.dumps({"Network": "198.19.0.0/16", "Backend": backend}))
+
+
+def test_arrival_is_the_underlay_for_host_gw_and_the_vxlan_device_for_vxlan() -> None:
+    assert arrival_device(config({"Type": "host-gw"}), "eth0") == "eth0"
+    assert arrival_device(config({"Type": "vxlan", "VNI": 7}), "eth0") == "weft.vx7"
+    # DirectRouting mixes both; udp and wireguard are userspace or encrypted: no fast path
+    assert arrival_device(config({"Type": "vxlan", "DirectRouting": True}), "eth0") is None
+    assert arrival_device(config({"Type": "udp"}), "eth0") is None
+
+
+def test_hooks_put_the_arrival_first_and_never_twice() -> None:
+    assert plan_hooks("eth0", ["veth2", "veth1", "eth0", "veth1"]) == [
+        Hook("eth0", FROM_UNDERLAY), Hook("veth1", FROM_CONTAINER), Hook("veth2", FROM_CONTAINER)]
+
+
+def test_subnet_key_is_prefix_length_then_address_in_network_order() -> None:
+    assert subnet_key(ipaddress.IPv4Network("198.19.3.0/24")) == [
+        "24", "0", "0", "0", "198", "19", "3", "0"]
+
+
+class Msg(dict[str, Any]):
+    def __init__(self, attrs: dict[str, Any] | None = None, **fields: Any) -> None:
+        super().__init__(fields)
+        self.attrs = attrs or {}
+
+    def get_attr(self, name: str) -> Any:
+        return self.attrs.get(name)
+
+
+def test_new_links_foreign_routes_and_removed_filters_wake_the_fast_path() -> None:
+    known = {1: "lo", 2: "eth0"}
+    new = Msg({"IFLA_IFNAME": "veth9"}, event="RTM_NEWLINK", index=9, flags=1)
+    assert tc_hook_change(new, known) == "link veth9 added"
+    assert tc_hook_change(Msg(event="RTM_NEWLINK", index=2, flags=1), known) is None
+    assert tc_hook_change(Msg(event="RTM_NEWROUTE", proto=3), known) == "route added"
+    # weft's own routes do not feed back into a loop
+    assert tc_hook_change(Msg(event="RTM_NEWROUTE", proto=ROUTE_PROTOCOL), known) is None
+    assert tc_hook_change(Msg(event="RTM_DELTFILTER"), known) == "tc filter removed"
+    assert tc_hook_change(Msg(event="RTM_NEWTFILTER"), known) is None
