@@ -42,8 +42,14 @@ def weft_routes(version: int, table: int = 254) -> set[Route]:
     """Routes in the main table (or `table`) that carry weft's protocol number."""
     indexes = link_indexes()
     out: set[Route] = set()
-    for r in _json(["ip", "-j", f"-{version}", "route", "show", "table", str(table),
-                    "proto", str(ROUTE_PROTOCOL)]):
+    try:
+        dump = _json(["ip", "-j", f"-{version}", "route", "show", "table", str(table),
+                      "proto", str(ROUTE_PROTOCOL)])
+    except KernelError as exc:
+        if table != 254 and "table does not exist" in str(exc):
+            return out  # a table the kernel makes with its first route: empty so far
+        raise
+    for r in dump:
         dst = str(r.get("dst", ""))
         if dst == "default":
             continue
