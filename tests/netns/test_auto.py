@@ -4,12 +4,13 @@ by probes and changed by them. 3 hosts: h1 and h2 on one segment, h3 behind two 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from typing import Any
 
 import pytest
 
-from weft.lab.testbed import Host, Testbed
+from weft.lab.testbed import Host, Testbed, netns_exec, sh
 
 pytestmark = pytest.mark.netns
 
@@ -40,3 +41,70 @@ def test_l2_pair_uses_host_gw_and_routed_pairs_vxlan_full_mesh() -> None:
         }
         matrix = tb.connectivity()
         assert all(matrix.values()), [pair for pair, ok in matrix.items() if not ok]
+
+
+def block_vxlan(tb: Testbed, a: Host, b: Host) -> None:
+    """Drop VXLAN's port between two hosts on the underlay switch (both directions)."""
+    rules = "\n".join(
+        f"add rule bridge weftblock block ip saddr {x.underlay_ip} ip daddr {y.underlay_ip} "
+        "udp dport 8472 drop" for x, y in ((a, b), (b, a)))
+    sh(netns_exec(tb.underlay, ["nft", "-f", "-"]), input=(
+        "add table bridge weftblock\n"
+        "add chain bridge weftblock block { type filter hook forward priority 0; }\n"
+        f"{rules}\n"))
+
+
+def unblock(tb: Testbed) -> None:
+    tb.run(tb.underlay, ["nft", "delete", "table", "bridge", "weftblock"])
+
+
+def wait_plane(tb: Testbed, host: Host, peer: Host, plane: str, timeout: float) -> float:
+    """Seconds until `host` uses `plane` towards `peer` (polled every 20 ms)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if paths(tb, host)[str(peer.underlay_ip)]["plane"] == plane:
+            return time.monotonic() - start
+        time.sleep(0.02)
+    raise AssertionError(f"{host.name} -> {peer.name} not on {plane} after {timeout}s: "
+                         f"{paths(tb, host)[str(peer.underlay_ip)]}")
+
+
+def test_blocked_vxlan_port_moves_one_pair_to_udp_and_back() -> None:
+    with Testbed(hosts=3, containers_per_host=1, config=CONFIG, routed_hosts=1) as tb:
+        tb.start()
+        h1, h2, h3 = tb.hosts
+        c1, _, c3 = tb.containers
+        wait_plane(tb, h1, h3, "vxlan", 5)
+        before = planes(tb)
+        ping = subprocess.Popen(
+            ["ip", "netns", "exec", c1.netns, "ping", "-i", "0.05", "-c", "200", "-W", "1",
+             str(c3.ip)], stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)
+            block_vxlan(tb, h1, h3)
+            moved = max(wait_plane(tb, h1, h3, "udp", 5), wait_plane(tb, h3, h1, "udp", 5))
+            # Every other pair kept its path, and never switched.
+            after = planes(tb)
+            for pair, plane in before.items():
+                if set(pair) not in ({"h1", str(h3.underlay_ip)}, {"h3", str(h1.underlay_ip)}):
+                    assert after[pair] == plane, (pair, after)
+            assert paths(tb, h2)[str(h3.underlay_ip)]["switches"] == 0
+            assert paths(tb, h1)[str(h2.underlay_ip)]["switches"] == 0
+            why = paths(tb, h1)[str(h3.underlay_ip)]["reason"]
+            assert "fell back" in why, why
+            assert "vxlan" in why, why
+            time.sleep(2.0)
+            unblock(tb)
+            back = wait_plane(tb, h1, h3, "vxlan", 10)
+            wait_plane(tb, h3, h1, "vxlan", 10)
+            out, _ = ping.communicate(timeout=30)
+        finally:
+            ping.kill()
+            ping.wait()
+        summary = next(line for line in out.splitlines() if "packet loss" in line)
+        print(f"\nMEASURED: moved to udp in {moved:.2f}s, back to vxlan in {back:.2f}s "
+              f"after unblocking; ping -i 0.05: {summary}")
+        assert moved < 2.0  # the stated bound: (ProbeMisses + 1) x ProbeInterval + apply
+        received = int(summary.split(",")[1].split()[0])
+        assert received >= 200 - 40, summary
+        assert paths(tb, h1)[str(h3.underlay_ip)]["switches"] == 2

@@ -22,6 +22,7 @@ from weft.backends.udp import plan as udp_plan
 from weft.backends.vxlan import plan as vxlan_plan
 from weft.backends.vxlan.options import VxlanOptions
 from weft.core.config import IPAddress, IPNetwork
+from weft.core.constants import AUTO_TABLES
 from weft.core.dataplane import FdbEntry, Neighbour, Route
 from weft.core.host import UnderlayFacts
 from weft.core.lease import Lease
@@ -185,5 +186,7 @@ def plan(options: AutoOptions, peers: Sequence[Lease], paths: Mapping[IPNetwork,
         if path is None or path.plane is None:
             continue
         main |= {r for r in tables[path.plane] if r.dst == peer.subnet}
-    return AutoPlan(frozenset(main), {p: frozenset(r) for p, r in tables.items()},
+    in_tables = {p: frozenset(replace(r, table=AUTO_TABLES[p]) for r in routes)
+                 for p, routes in tables.items()}
+    return AutoPlan(frozenset(main), in_tables,
                     vx.fdb, vx.neighbours, udp.table, errors)
