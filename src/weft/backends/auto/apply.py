@@ -182,7 +182,8 @@ class AutoBackend:
                 str(subnet): {
                     "peer": str(self._peers[subnet].public_ip) if subnet in self._peers else "",
                     "plane": path.plane, "reason": path.reason, "switches": path.switches,
-                    "probes": {p: {"sent": h.sent, "answered": h.answered, "usable": h.usable}
+                    "probes": {p: {"sent": h.sent, "answered": h.answered, "usable": h.usable,
+                                   "small_answered": h.small_answered}
                                for p, h in path.health.items()},
                 }
                 for subnet, path in self._paths.items()

@@ -41,18 +41,27 @@ class PlaneHealth:
     answers: int = 0
     sent: int = 0
     answered: int = 0
+    small_answered: bool = False  # the last round's small probe (while full ones miss)
 
 
 def observe(health: PlaneHealth, answered: bool, misses_to_drop: int,
-            answers_to_return: int) -> PlaneHealth:
-    """The plane's health after one probe round: its probe answered or not."""
+            answers_to_return: int, small: bool = False) -> PlaneHealth:
+    """The plane's health after one probe round: its full-size probe answered or not
+    (and whether the small one beside it was)."""
     if answered:
         answers = health.answers + 1
         usable = health.usable or answers >= answers_to_return
-        return PlaneHealth(usable, 0, answers, health.sent + 1, health.answered + 1)
+        return PlaneHealth(usable, 0, answers, health.sent + 1, health.answered + 1, small)
     misses = health.misses + 1
     usable = health.usable and misses < misses_to_drop
-    return PlaneHealth(usable, misses, 0, health.sent + 1, health.answered)
+    return PlaneHealth(usable, misses, 0, health.sent + 1, health.answered, small)
+
+
+def why_not(plane: str, health: PlaneHealth) -> str:
+    """Why a plane is not used, for status."""
+    if health.small_answered:
+        return f"{plane} (full-size probes unanswered, small ones answered: path MTU too small)"
+    return f"{plane} (probes unanswered)"
 
 
 @dataclass(frozen=True)
@@ -83,7 +92,8 @@ def _choose(cands: tuple[str, ...], health: Mapping[str, PlaneHealth],
     for i, plane in enumerate(cands):
         if health[plane].usable:
             if i > 0:
-                return plane, ("fell back: no answer to probes on " + ", ".join(cands[:i]))
+                return plane, ("fell back: " + ", ".join(why_not(p, health[p])
+                                                          for p in cands[:i]))
             if plane == "host-gw":
                 return plane, "same L2 subnet, probes answered"
             return plane, "probes answered"
@@ -92,7 +102,8 @@ def _choose(cands: tuple[str, ...], health: Mapping[str, PlaneHealth],
     # No plane answers (the peer's agent is down, or the peer is gone): keep what is in
     # place rather than move the pair for nothing; probes go on.
     keep = current if current in cands else cands[0]
-    return keep, "no plane answers probes; kept " + keep
+    return keep, ("no plane answers full-size probes; kept " + keep + ": "
+                  + ", ".join(why_not(p, health[p]) for p in cands))
 
 
 def initial(cands: tuple[str, ...]) -> PeerPath:
@@ -114,14 +125,15 @@ def rebase(path: PeerPath | None, cands: tuple[str, ...]) -> PeerPath:
                     path.switches + (plane != path.plane and path.plane is not None))
 
 
-def step(path: PeerPath, answered: Mapping[str, bool], misses_to_drop: int,
+def step(path: PeerPath, answered: Mapping[str, tuple[bool, bool]], misses_to_drop: int,
          answers_to_return: int) -> PeerPath:
-    """One probe round for one peer: `answered` per probed plane. Only this peer's path
-    changes; another pair's state never moves it."""
+    """One probe round for one peer: per probed plane, (full-size answered, small
+    answered). Only this peer's path changes; another pair's state never moves it."""
     health = dict(path.health)
-    for probed, ok in answered.items():
+    for probed, (ok, small) in answered.items():
         if probed in health:
-            health[probed] = observe(health[probed], ok, misses_to_drop, answers_to_return)
+            health[probed] = observe(health[probed], ok, misses_to_drop, answers_to_return,
+                                     small)
     plane, reason = _choose(path.candidates, health, path.plane)
     switches = path.switches + (plane != path.plane)
     return replace(path, health=health, plane=plane, reason=reason, switches=switches)

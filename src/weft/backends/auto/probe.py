@@ -38,11 +38,15 @@ IP_MTU_DISCOVER: Final = 10
 IPV6_MTU_DISCOVER: Final = 23
 IP_PMTUDISC_DO: Final = 2
 IP_UDP: Final = {4: 28, 6: 48}
+# Beside each full-size probe, one of the smallest size every IPv4 path carries: answered
+# while the full one is not, it says the path MTU is the problem, not the plane.
+SMALL_PACKET: Final = 576
 
 # subnet -> (the peer's overlay address, the planes to probe)
 Targets = Mapping[IPNetwork, tuple[IPAddress, tuple[str, ...]]]
-# subnet -> plane -> answered in the last round
-Outcomes = dict[IPNetwork, dict[str, bool]]
+# subnet -> plane -> (full-size answered, small answered) in the last round
+Outcomes = dict[IPNetwork, dict[str, tuple[bool, bool]]]
+Key = tuple[IPNetwork, str, bool]  # (peer subnet, plane, small probe)
 
 
 @dataclass
@@ -126,20 +130,24 @@ class Prober:
                 outstanding = self._send_round(seq)
                 answered = self._collect(outstanding, time.monotonic() + self.interval)
                 outcomes: Outcomes = {}
-                for (subnet, plane), _ in outstanding.items():
-                    outcomes.setdefault(subnet, {})[plane] = (subnet, plane) in answered
+                for subnet, plane, small in outstanding:
+                    if not small:
+                        outcomes.setdefault(subnet, {})[plane] = (
+                            (subnet, plane, False) in answered, (subnet, plane, True) in answered)
                 self.on_round(outcomes)
             except Exception:  # the prober must not die: log, and try again next round
                 log.exception("probe round failed")
                 self._stop.wait(self.interval)
 
-    def _send_round(self, seq: int) -> dict[tuple[IPNetwork, str], IPAddress]:
-        outstanding: dict[tuple[IPNetwork, str], IPAddress] = {}
+    def _send_round(self, seq: int) -> dict[Key, IPAddress]:
+        outstanding: dict[Key, IPAddress] = {}
+        small_payload = min(self.payload, SMALL_PACKET - IP_UDP[self.own.version])
         for subnet, (addr, planes) in self._targets.items():
-            for plane in planes:
-                # Every probe of a round has its own seq: the answer names which one.
-                outstanding[(subnet, plane)] = addr
-                data = wire.encode(wire.Probe(wire.REQUEST, plane, seq), self.payload)
+            for plane, small in ((p, s) for p in planes for s in (False, True)):
+                # A round's probes share its seq: an answer from an earlier round is late.
+                outstanding[(subnet, plane, small)] = addr
+                data = wire.encode(wire.Probe(wire.REQUEST, plane, seq),
+                                   small_payload if small else self.payload)
                 self.counters.sent += 1
                 try:
                     self._planes[plane].sendto(data, (str(addr), self.port))
@@ -152,10 +160,9 @@ class Prober:
         self._seq = seq
         return outstanding
 
-    def _collect(self, outstanding: Mapping[tuple[IPNetwork, str], IPAddress],
-                 until: float) -> set[tuple[IPNetwork, str]]:
-        answered: set[tuple[IPNetwork, str]] = set()
-        by_addr = {(addr, plane): subnet for (subnet, plane), addr in outstanding.items()}
+    def _collect(self, outstanding: Mapping[Key, IPAddress], until: float) -> set[Key]:
+        answered: set[Key] = set()
+        by_addr = {(addr, plane): subnet for (subnet, plane, _), addr in outstanding.items()}
         sockets = [self._responder, *self._planes.values()]
         while not self._stop.is_set():
             left = until - time.monotonic()
@@ -201,8 +208,7 @@ class Prober:
             self.counters.requests_answered += 1
 
     def _answered(self, data: bytes, sender: tuple[str, int],
-                  by_addr: Mapping[tuple[IPAddress, str], IPNetwork]
-                  ) -> tuple[IPNetwork, str] | None:
+                  by_addr: Mapping[tuple[IPAddress, str], IPNetwork]) -> Key | None:
         try:
             probe = wire.decode(data)
             source = ipaddress_of(sender[0])
@@ -214,11 +220,8 @@ class Prober:
             # A late answer from an earlier round, or one nobody asked for.
             self.counters.dropped_unexpected += 1
             return None
-        if len(data) < self.payload:
-            self.counters.dropped_unexpected += 1
-            return None
         self.counters.answered += 1
-        return subnet, probe.plane
+        return subnet, probe.plane, len(data) < self.payload
 
 
 def ipaddress_of(text: str) -> IPAddress:
