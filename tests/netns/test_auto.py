@@ -4,6 +4,7 @@ by probes and changed by them. 3 hosts: h1 and h2 on one segment, h3 behind two 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -29,12 +30,12 @@ def planes(tb: Testbed) -> dict[tuple[str, str], str]:
 
 
 def test_l2_pair_uses_host_gw_and_routed_pairs_vxlan_full_mesh() -> None:
-    with Testbed(hosts=3, containers_per_host=1, config=CONFIG, routed_hosts=1) as tb:
+    with Testbed(hosts=3, containers_per_host=1, config=CONFIG, routed_hosts=1,
+                 agent_args=["--metrics-addr", "127.0.0.1:9464"]) as tb:
         tb.start()
         h1, h2, h3 = tb.hosts
         time.sleep(1.0)
         got = planes(tb)
-        print(json.dumps(tb.host_status(h1)["backend_status"], indent=1))
         assert got == {
             ("h1", str(h2.underlay_ip)): "host-gw", ("h2", str(h1.underlay_ip)): "host-gw",
             ("h1", str(h3.underlay_ip)): "vxlan", ("h3", str(h1.underlay_ip)): "vxlan",
@@ -42,6 +43,25 @@ def test_l2_pair_uses_host_gw_and_routed_pairs_vxlan_full_mesh() -> None:
         }
         matrix = tb.connectivity()
         assert all(matrix.values()), [pair for pair, ok in matrix.items() if not ok]
+        # Probes went through every plane and were answered; nothing moved.
+        for path in paths(tb, h1).values():
+            assert path["switches"] == 0
+            assert all(p["answered"] > 0 for p in path["probes"].values()), path
+        # `weft status` says per peer which plane and why; metrics say the same.
+        shown = tb.weft("status", "--store", tb.store_url, "--state-dir", str(h1.state_dir),
+                        netns=h1.netns).stdout
+        assert f"{h2.underlay_ip}: host-gw — same L2 subnet, probes answered" in shown, shown
+        assert f"{h3.underlay_ip}: vxlan — probes answered" in shown, shown
+        scrape = tb.run(h1.netns, [
+            sys.executable, "-c",
+            "import urllib.request; print(urllib.request.urlopen("
+            "'http://127.0.0.1:9464/metrics', timeout=5).read().decode())"]).stdout
+        near = next(s for s, p in tb.host_status(h1)["backend_status"]["paths"].items()
+                    if p["peer"] == str(h2.underlay_ip))
+        assert f'weft_peer_data_plane{{peer="{near}",plane="host-gw"}} 1.0' in scrape
+        assert f'weft_peer_data_plane{{peer="{near}",plane="vxlan"}} 0.0' in scrape
+        assert re.search(rf'weft_peer_probes_answered_total{{peer="{near}",plane="udp"}} '
+                         r"[1-9]", scrape), scrape
 
 
 def block_vxlan(tb: Testbed, a: Host, b: Host) -> None:
