@@ -160,7 +160,8 @@ print(len(data), hashlib.sha256(data).hexdigest())
 
 
 def test_router_link_mtu_1400_large_tcp_arrives_and_status_says_why() -> None:
-    with Testbed(hosts=3, containers_per_host=1, config=CONFIG, routed_hosts=1) as tb:
+    with Testbed(hosts=3, containers_per_host=1, config=CONFIG, routed_hosts=1,
+                 agent_args=["--release-on-exit"]) as tb:
         tb.start()
         h1, _, h3 = tb.hosts
         c1, _, c3 = tb.containers
@@ -189,3 +190,11 @@ def test_router_link_mtu_1400_large_tcp_arrives_and_status_says_why() -> None:
         assert path["plane"] == "vxlan", path
         assert not udp["usable"], path
         assert udp["small_answered"], path
+        # A host leaving removes all of it: rules, plane tables, devices.
+        assert tb.stop_agent(h1) == 0
+        assert "0x57" not in tb.run(h1.netns, ["ip", "rule"]).stdout
+        assert not tb.run(h1.netns, ["ip", "route", "show", "table", "all", "proto", "87"]
+                          ).stdout.strip()
+        links = tb.run(h1.netns, ["ip", "-br", "link"]).stdout
+        assert "weft.vx1" not in links
+        assert "weft.udp0" not in links
