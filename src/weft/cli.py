@@ -344,10 +344,28 @@ def _print_health(health: dict[str, object]) -> None:
     backend_status = health.get("backend_status")
     if isinstance(backend_status, dict):
         for key, value in backend_status.items():
-            out.print(f"  {key}: {value}", highlight=False)
+            if key == "paths" and isinstance(value, dict):
+                _print_paths(value)
+            else:
+                out.print(f"  {key}: {value}", highlight=False)
     if isinstance(errors, dict):
         for peer, message in errors.items():
             out.print(f"  [red]{peer}[/]: {message}", highlight=False)
+
+
+def _print_paths(paths: dict[str, Any]) -> None:
+    """Backend auto: one line per peer, the data plane in use and why, its probes."""
+    out.print("  peers (data plane, why, probes answered/sent per plane, switches):",
+              highlight=False)
+    for subnet, path in sorted(paths.items()):
+        if not isinstance(path, dict):
+            continue
+        probes = "  ".join(
+            f"{name} {p.get('answered')}/{p.get('sent')}{'' if p.get('usable') else ' (out)'}"
+            for name, p in (path.get("probes") or {}).items() if isinstance(p, dict))
+        out.print(f"    {subnet} {path.get('peer')}: [bold]{path.get('plane')}[/] — "
+                  f"{path.get('reason')}; {probes}; switches {path.get('switches')}",
+                  highlight=False)
 
 
 @app.command()

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 
@@ -25,6 +25,37 @@ class _BackendCounters(Collector):
             if isinstance(value, int | float):
                 family.add_metric([name], value)
         yield family
+
+
+class _PeerPaths(Collector):
+    """Backend "auto": per peer the data plane in use, probes sent/answered per plane and
+    switches (from the backend's status at scrape time; nothing for other backends)."""
+
+    def __init__(self, status: Callable[[], Mapping[str, Any]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        paths = self._status().get("paths", {})
+        plane = GaugeMetricFamily("weft_peer_data_plane",
+                                  "1 for the data plane each peer's traffic is sent on",
+                                  labels=["peer", "plane"])
+        sent = CounterMetricFamily("weft_peer_probes_sent", "Full-size probes sent",
+                                   labels=["peer", "plane"])
+        answered = CounterMetricFamily("weft_peer_probes_answered",
+                                       "Full-size probes answered", labels=["peer", "plane"])
+        usable = GaugeMetricFamily("weft_peer_plane_usable",
+                                   "1 while the plane's probes are answered",
+                                   labels=["peer", "plane"])
+        switches = CounterMetricFamily("weft_peer_data_plane_switches",
+                                       "Times the peer's data plane changed", labels=["peer"])
+        for subnet, path in sorted(paths.items()):
+            switches.add_metric([subnet], path.get("switches", 0))
+            for name, probes in sorted(path.get("probes", {}).items()):
+                plane.add_metric([subnet, name], 1 if path.get("plane") == name else 0)
+                sent.add_metric([subnet, name], probes.get("sent", 0))
+                answered.add_metric([subnet, name], probes.get("answered", 0))
+                usable.add_metric([subnet, name], 1 if probes.get("usable") else 0)
+        yield from (plane, sent, answered, usable, switches)
 
 
 class _IngressCounters(Collector):
@@ -75,6 +106,7 @@ class AgentMetrics:
 
     def export_backend(self, status: Callable[[], Mapping[str, Any]]) -> None:
         self.registry.register(_BackendCounters(status))
+        self.registry.register(_PeerPaths(status))
 
     def export_ingress(self, backend: str, counters: Callable[[], Mapping[str, int]]) -> None:
         self.registry.register(_IngressCounters(backend, counters))

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from weft.backends.auto.options import AutoOptions, auto_data_problem, auto_overhead
 from weft.backends.hostgw.options import HostGwOptions, hostgw_data_problem, hostgw_overhead
 from weft.backends.udp.options import UdpOptions, udp_data_problem, udp_overhead
 from weft.backends.vxlan.options import VxlanOptions, vxlan_data_problem, vxlan_overhead
@@ -44,6 +45,8 @@ BACKENDS: dict[str, BackendSpec] = {
                            hostgw_overhead, hostgw_data_problem),
     "udp": BackendSpec(UdpOptions, "weft.backends.udp.apply:UdpBackend", udp_overhead,
                        udp_data_problem),
+    "auto": BackendSpec(AutoOptions, "weft.backends.auto.apply:AutoBackend", auto_overhead,
+                        auto_data_problem),
     "wireguard": BackendSpec(WireguardOptions, "weft.backends.wireguard.apply:WireguardBackend",
                              wireguard_overhead, wireguard_data_problem, encrypted=True),
 }

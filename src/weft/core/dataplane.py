@@ -13,6 +13,8 @@ class Route:
     gateway: IPAddress | None
     ifindex: int
     onlink: bool = False
+    table: int = 254  # main; auto keeps one table per data plane too
+    mtu: int | None = None  # a path MTU below the device's (auto), else the device's
 
 
 @dataclass(frozen=True)

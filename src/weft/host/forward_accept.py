@@ -24,6 +24,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+from weft.backends.auto.options import AutoOptions
 from weft.backends.hostgw.options import HostGwOptions
 from weft.backends.udp.options import UdpOptions
 from weft.backends.vxlan.options import VxlanOptions
@@ -39,6 +40,8 @@ def overlay_devices(config: NetworkConfig, underlay: str) -> tuple[str | None, s
     options = config.backend
     if isinstance(options, HostGwOptions):
         return None, underlay
+    if isinstance(options, AutoOptions):  # its vxlan device and plain routes (udp: TODO)
+        return f"{VXLAN_DEVICE_PREFIX}{options.vni}", underlay
     if isinstance(options, VxlanOptions):
         return (f"{VXLAN_DEVICE_PREFIX}{options.vni}",
                 underlay if options.direct_routing else None)

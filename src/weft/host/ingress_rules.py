@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from weft.backends.auto.options import AutoOptions
 from weft.backends.udp.options import UdpOptions
 from weft.backends.vxlan.options import VxlanOptions
 from weft.backends.wireguard.options import WireguardOptions
@@ -44,6 +45,9 @@ class IngressPlan:
     by_port: bool  # udp: a member is (IP, port)
     members: frozenset[tuple[IPAddress, int]]  # (public IP, port) of every peer
     subnets: frozenset[IPNetwork]  # every leased subnet, this host's included
+    # auto: a peer may send on another plane than ours back to it, so an overlay source
+    # must have a route here, not one through the interface it came in on
+    any_iif: bool = False
 
 
 def encapsulation_port(config: NetworkConfig) -> int | None:
@@ -53,6 +57,8 @@ def encapsulation_port(config: NetworkConfig) -> int | None:
         return int(options.port)
     if isinstance(options, WireguardOptions):
         return int(options.listen_port)
+    if isinstance(options, AutoOptions):
+        return int(options.vxlan_port)  # its udp forwarder checks members by itself
     return None
 
 
@@ -82,7 +88,8 @@ def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
         if peer_port is not None:
             members.add((peer.public_ip, peer_port))
     return IngressPlan(config.backend.type, config.network, public_ip.version, port, by_port,
-                       frozenset(members), frozenset(subnets))
+                       frozenset(members), frozenset(subnets),
+                       any_iif=isinstance(config.backend, AutoOptions))
 
 
 def ingress_ruleset(plan: IngressPlan) -> str:
@@ -128,8 +135,8 @@ def ingress_ruleset(plan: IngressPlan) -> str:
         f"{rule} iif lo accept",  # the host talking to itself
         f"{rule} {ov} saddr {plan.network} {ov} saddr != @subnets "
         "counter name spoofed_source drop",
-        f"{rule} {ov} saddr {plan.network} fib saddr . iif oif missing "
-        "counter name spoofed_source drop",
+        f"{rule} {ov} saddr {plan.network} fib saddr{'' if plan.any_iif else ' . iif'} "
+        "oif missing counter name spoofed_source drop",
     ]
     return "\n".join(lines) + "\n"
 

@@ -213,6 +213,27 @@ class Netlink:
         for route in self.routes(version):
             self.delete_route(route)
 
+    # --- policy rules (auto: a routing table per data plane) --------------------------------
+
+    def ensure_rule(self, version: int, fwmark: int, table: int, priority: int) -> None:
+        """`ip rule add fwmark M lookup T priority P`, unless it is there."""
+        family = 2 if version == 4 else 10
+        with self._op(f"rule fwmark {fwmark:#x} lookup {table}"):
+            for m in self._ipr.get_rules(family=family):
+                if (m.get_attr("FRA_FWMARK") == fwmark and m.get_attr("FRA_TABLE") == table
+                        and m.get_attr("FRA_PRIORITY") == priority):
+                    return
+            self._ipr.rule("add", family=family, table=table, fwmark=fwmark,
+                           priority=priority)
+
+    def delete_rule(self, version: int, fwmark: int, table: int, priority: int) -> None:
+        family = 2 if version == 4 else 10
+        try:
+            self._ipr.rule("del", family=family, table=table, fwmark=fwmark, priority=priority)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.ESRCH):
+                raise translate(exc, f"delete rule fwmark {fwmark:#x}") from None
+
     # --- neighbours and FDB (VXLAN) -----------------------------------------------------
 
     def neighbours(self, index: int, *, permanent: bool = True) -> set[Neighbour]:

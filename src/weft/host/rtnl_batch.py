@@ -26,7 +26,8 @@ RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWNEIGH, RTM_DELNEIGH = 24, 25, 28, 29
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLM_F_REPLACE, NLM_F_CREATE, NLM_F_APPEND = 0x100, 0x400, 0x800
 NLMSG_ERROR = 2
-RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_METRICS, RTA_TABLE = 1, 4, 5, 8, 15
+RTAX_MTU = 2
 NDA_DST, NDA_LLADDR = 1, 2
 RT_TABLE_MAIN, RTN_UNICAST, RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = (
     254, 1, 0, 253, 255)
@@ -69,13 +70,17 @@ def route_op(route: Route, *, remove: bool = False) -> Op:
     dst = route.dst
     scope = RT_SCOPE_NOWHERE if remove else (
         RT_SCOPE_UNIVERSE if route.gateway is not None else RT_SCOPE_LINK)
-    body = struct.pack("=BBBBBBBBI", _family(dst.version), dst.prefixlen, 0, 0, RT_TABLE_MAIN,
-                       ROUTE_PROTOCOL, scope, RTN_UNICAST,
-                       RTNH_F_ONLINK if route.onlink else 0)
+    body = struct.pack("=BBBBBBBBI", _family(dst.version), dst.prefixlen, 0, 0,
+                       route.table if route.table < 256 else 0, ROUTE_PROTOCOL, scope,
+                       RTN_UNICAST, RTNH_F_ONLINK if route.onlink else 0)
     body += _attr(RTA_DST, dst.network_address.packed)
     body += _attr(RTA_OIF, struct.pack("=i", route.ifindex))
+    if route.table != RT_TABLE_MAIN:
+        body += _attr(RTA_TABLE, struct.pack("=I", route.table))
     if route.gateway is not None:
         body += _attr(RTA_GATEWAY, route.gateway.packed)
+    if route.mtu is not None and not remove:
+        body += _attr(RTA_METRICS, _attr(RTAX_MTU, struct.pack("=I", route.mtu)))
     if remove:
         return Op(_message(RTM_DELROUTE, 0, body), f"delete route {dst}", missing_ok=True)
     return Op(_message(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body),

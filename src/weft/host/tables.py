@@ -38,20 +38,29 @@ def link_indexes() -> dict[str, int]:
             for link in _json(["ip", "-j", "link", "show"])}
 
 
-def weft_routes(version: int) -> set[Route]:
-    """Routes in the main table that carry weft's protocol number."""
+def weft_routes(version: int, table: int = 254) -> set[Route]:
+    """Routes in the main table (or `table`) that carry weft's protocol number."""
     indexes = link_indexes()
     out: set[Route] = set()
-    for r in _json(["ip", "-j", f"-{version}", "route", "show", "table", "main",
-                    "proto", str(ROUTE_PROTOCOL)]):
+    try:
+        dump = _json(["ip", "-j", f"-{version}", "route", "show", "table", str(table),
+                      "proto", str(ROUTE_PROTOCOL)])
+    except KernelError as exc:
+        if table != 254 and "table does not exist" in str(exc):
+            return out  # a table the kernel makes with its first route: empty so far
+        raise
+    for r in dump:
         dst = str(r.get("dst", ""))
         if dst == "default":
             continue
         host_len = 32 if version == 4 else 128
         network = ipaddress.ip_network(dst if "/" in dst else f"{dst}/{host_len}")
         gateway = r.get("gateway")
+        mtu = next((m["mtu"] for m in r.get("metrics", []) if isinstance(m, dict)
+                    and isinstance(m.get("mtu"), int)), None)
         out.add(Route(network, ipaddress.ip_address(gateway) if gateway else None,
-                      indexes.get(str(r.get("dev")), 0), "onlink" in r.get("flags", [])))
+                      indexes.get(str(r.get("dev")), 0), "onlink" in r.get("flags", []),
+                      table, mtu))
     return out
 
 

@@ -40,7 +40,12 @@ from weft.lab.runtimes.cleanup import remove_runtime_leftovers
 
 NETNS_PREFIX = "weft-"
 RUNS_DIR = Path("/tmp/weft-runs")
-UNDERLAY_NET = ipaddress.ip_network("198.18.0.0/24")
+UNDERLAY_NET = ipaddress.IPv4Network("198.18.0.0/24")
+# A routed underlay (`routed_hosts`): the last hosts sit on a second segment, reached
+# through two router namespaces joined by one link (the one whose MTU can be lowered).
+ROUTED_NET = ipaddress.IPv4Network("198.18.1.0/24")
+ROUTER_LINK = ("198.18.2.1", "198.18.2.2")
+ROUTER_IP = {UNDERLAY_NET: "198.18.0.254", ROUTED_NET: "198.18.1.254"}
 OPERATOR_IP = ipaddress.IPv4Address("198.18.0.1")
 DEFAULT_CONFIG = '{"Network": "198.19.0.0/16", "Backend": {"Type": "vxlan"}}'
 CNI_PATH = f"{Path(sys.executable).parent}:/usr/lib/cni"
@@ -133,6 +138,7 @@ class Testbed:
         attach: str = "bridge",
         agent_cpus: Sequence[int] = (),
         runtime: str = "netns",
+        routed_hosts: int = 0,
     ) -> None:
         if os.geteuid() != 0:
             raise UsageError("the testbed needs root to create network namespaces")
@@ -155,9 +161,13 @@ class Testbed:
         self.agent_args = list(agent_args)
         self.log_level = log_level
         self.underlay = f"{NETNS_PREFIX}{self.run_id}-ul"
+        if not 0 <= routed_hosts <= hosts:
+            raise UsageError(f"routed_hosts {routed_hosts}: between 0 and hosts ({hosts})")
+        self.routed_hosts = routed_hosts
+        self._hosts_total = hosts
         self.hosts = [
             Host(i, f"{NETNS_PREFIX}{self.run_id}-h{i}",
-                 ipaddress.IPv4Address(int(UNDERLAY_NET.network_address) + 10 + i),
+                 ipaddress.IPv4Address(int(self._segment(i).network_address) + 10 + i),
                  self.run_dir / f"h{i}", attach,
                  agent_cpus[(i - 1) % len(agent_cpus)] if agent_cpus else None)
             for i in range(1, hosts + 1)
@@ -185,6 +195,10 @@ class Testbed:
                  tb: TracebackType | None) -> None:
         self.destroy()
 
+    def _segment(self, index: int) -> ipaddress.IPv4Network:
+        """The underlay segment of host `index`: the routed one for the last hosts."""
+        return ROUTED_NET if index > self._hosts_total - self.routed_hosts else UNDERLAY_NET
+
     def all_netns(self) -> list[str]:
         return ([c.netns for c in self.containers] + [h.netns for h in self.hosts]
                 + self._extra_netns + [self.underlay])
@@ -206,23 +220,68 @@ class Testbed:
         sh([*u, "addr", "add", f"{OPERATOR_IP}/{UNDERLAY_NET.prefixlen}", "dev", "br0"])
         if self.store_kind == "etcd":
             self._start_etcd()
+        if self.routed_hosts:
+            self._build_router()
         for host in self.hosts:
             host.run_dir.mkdir(parents=True, exist_ok=True)
-            self._attach_to_underlay(host.netns, f"h{host.index}", host.underlay_ip)
+            self._attach_to_underlay(host.netns, f"h{host.index}", host.underlay_ip,
+                                     self._segment(host.index))
         for c in self.containers if self.runtime is None else ():
             sh(["ip", "netns", "add", c.netns])
             sh(["ip", "-n", c.netns, "link", "set", "lo", "up"])
         self.write_config(self.config)
 
-    def _attach_to_underlay(self, netns: str, port: str, ip: ipaddress.IPv4Address) -> None:
+    def _attach_to_underlay(self, netns: str, port: str, ip: ipaddress.IPv4Address,
+                            segment: ipaddress.IPv4Network = UNDERLAY_NET) -> None:
         sh(["ip", "netns", "add", netns])
+        bridge = "br1" if segment == ROUTED_NET else "br0"
         sh(["ip", "-n", self.underlay, "link", "add", port, "type", "veth", "peer", "name",
             "eth0", "netns", netns])
-        sh(["ip", "-n", self.underlay, "link", "set", port, "master", "br0", "up"])
+        sh(["ip", "-n", self.underlay, "link", "set", port, "master", bridge, "up"])
         n = ["ip", "-n", netns]
-        sh([*n, "addr", "add", f"{ip}/{UNDERLAY_NET.prefixlen}", "dev", "eth0"])
+        sh([*n, "addr", "add", f"{ip}/{segment.prefixlen}", "dev", "eth0"])
         sh([*n, "link", "set", "eth0", "up"])
         sh([*n, "link", "set", "lo", "up"])
+        if self.routed_hosts:  # the other segment is through the router
+            other = UNDERLAY_NET if segment == ROUTED_NET else ROUTED_NET
+            sh([*n, "route", "add", str(other), "via", ROUTER_IP[segment]])
+
+    @property
+    def routers(self) -> tuple[str, str]:
+        """The router namespaces: on the first segment, on the routed one."""
+        return (f"{NETNS_PREFIX}{self.run_id}-ra", f"{NETNS_PREFIX}{self.run_id}-rb")
+
+    def _build_router(self) -> None:
+        """Segment br0 -- ra ==link== rb -- br1: two routers and the link between them, so
+        the link's MTU can be smaller than both segments' (a path MTU below the hosts')."""
+        sh(["ip", "-n", self.underlay, "link", "add", "br1", "type", "bridge"])
+        sh(["ip", "-n", self.underlay, "link", "set", "br1", "up"])
+        ra, rb = self.routers
+        for netns in (ra, rb):
+            sh(["ip", "netns", "add", netns])
+            self._extra_netns.append(netns)
+            sh(["ip", "-n", netns, "link", "set", "lo", "up"])
+            sh(netns_exec(netns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]))
+        sh(["ip", "-n", ra, "link", "add", "link0", "type", "veth", "peer", "name", "link0",
+            "netns", rb])
+        for netns, segment, bridge, (mine, theirs), far in (
+                (ra, UNDERLAY_NET, "br0", ROUTER_LINK, ROUTED_NET),
+                (rb, ROUTED_NET, "br1", ROUTER_LINK[::-1], UNDERLAY_NET)):
+            port = f"{bridge}-{netns[-2:]}"
+            sh(["ip", "-n", self.underlay, "link", "add", port, "type", "veth", "peer",
+                "name", "eth0", "netns", netns])
+            sh(["ip", "-n", self.underlay, "link", "set", port, "master", bridge, "up"])
+            n = ["ip", "-n", netns]
+            sh([*n, "addr", "add", f"{ROUTER_IP[segment]}/{segment.prefixlen}", "dev", "eth0"])
+            sh([*n, "addr", "add", f"{mine}/30", "dev", "link0"])
+            sh([*n, "link", "set", "eth0", "up"])
+            sh([*n, "link", "set", "link0", "up"])
+            sh([*n, "route", "add", str(far), "via", theirs])
+
+    def set_router_link_mtu(self, mtu: int) -> None:
+        """The MTU of the link between the routers (both ends): a smaller path MTU."""
+        for netns in self.routers:
+            sh(["ip", "-n", netns, "link", "set", "link0", "mtu", str(mtu)])
 
     def add_underlay_node(self, name: str, ip: str) -> str:
         """An extra namespace on the underlay (e.g. a host that holds no lease)."""
