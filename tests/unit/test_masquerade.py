@@ -93,3 +93,24 @@ def test_forward_accept_only_where_the_chain_could_drop() -> None:
         "-j ACCEPT\n")
     assert forward_accept_needed("-P FORWARD DROP\n")
     assert forward_accept_needed("-P FORWARD ACCEPT\n-A FORWARD -j DOCKER-USER\n")
+
+
+@pytest.mark.parametrize(("backend", "tunnels", "direct"), [
+    ({"Type": "host-gw"}, (), "eth0"),
+    ({"Type": "vxlan"}, ("weft.vx1",), None),
+    ({"Type": "vxlan", "DirectRouting": True}, ("weft.vx1",), "eth0"),
+    ({"Type": "udp"}, ("weft.udp0",), None),
+    # auto: a peer may be on any of its planes, so a FORWARD drop must miss none of them
+    ({"Type": "auto"}, ("weft.vx1", "weft.udp0"), "eth0"),
+])
+def test_forward_accepts_cover_every_device_overlay_traffic_crosses(
+        backend: dict[str, object], tunnels: tuple[str, ...], direct: str | None) -> None:
+    import json
+
+    from weft.core.config import parse_config
+    from weft.host.forward_accept import forward_accept_rules, overlay_devices
+
+    config = parse_config(json.dumps({"Network": "198.19.0.0/16", "Backend": backend}))
+    assert overlay_devices(config, "eth0") == (tunnels, direct)
+    rules = forward_accept_rules(config.network, tunnels, direct)
+    assert {r[1] for r in rules} == set(tunnels) | ({direct} if direct else set())

@@ -29,8 +29,8 @@ class HostState:
     state_dir: Path
     env: SubnetEnv
     ip_masq: bool
-    # (tunnel device, underlay when overlay packets cross it bare): the FORWARD accepts' scope
-    devices: tuple[str | None, str | None] = (None, None)
+    # (tunnel devices, underlay when overlay packets cross it bare): the FORWARD accepts' scope
+    devices: tuple[tuple[str, ...], str | None] = ((), None)
     untrack: Untrack | None = None  # the masquerade table's notrack part (its decision)
 
 

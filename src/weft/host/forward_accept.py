@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Sequence
 
 from weft.backends.auto.options import AutoOptions
 from weft.backends.hostgw.options import HostGwOptions
@@ -35,26 +36,27 @@ from weft.core.errors import KernelError
 COMMENT = "weft: overlay traffic"
 
 
-def overlay_devices(config: NetworkConfig, underlay: str) -> tuple[str | None, str | None]:
-    """(the tunnel device, the underlay if overlay packets cross it unencapsulated)."""
+def overlay_devices(config: NetworkConfig,
+                    underlay: str) -> tuple[tuple[str, ...], str | None]:
+    """(the tunnel devices, the underlay if overlay packets cross it unencapsulated)."""
     options = config.backend
     if isinstance(options, HostGwOptions):
-        return None, underlay
-    if isinstance(options, AutoOptions):  # its vxlan device and plain routes (udp: TODO)
-        return f"{VXLAN_DEVICE_PREFIX}{options.vni}", underlay
+        return (), underlay
+    if isinstance(options, AutoOptions):  # any plane a peer may be on: all three
+        return (f"{VXLAN_DEVICE_PREFIX}{options.vni}", UDP_DEVICE), underlay
     if isinstance(options, VxlanOptions):
-        return (f"{VXLAN_DEVICE_PREFIX}{options.vni}",
+        return ((f"{VXLAN_DEVICE_PREFIX}{options.vni}",),
                 underlay if options.direct_routing else None)
-    return (UDP_DEVICE if isinstance(options, UdpOptions) else WIREGUARD_DEVICE), None
+    return ((UDP_DEVICE if isinstance(options, UdpOptions) else WIREGUARD_DEVICE),), None
 
 
-def forward_accept_rules(network: IPNetwork, tunnel: str | None,
+def forward_accept_rules(network: IPNetwork, tunnels: Sequence[str],
                          direct: str | None) -> list[list[str]]:
     """The rule specs (pure): overlay traffic through weft's devices is accepted."""
     net = str(network)
     tail = ["-m", "comment", "--comment", COMMENT, "-j", "ACCEPT"]
     rules: list[list[str]] = []
-    if tunnel is not None:
+    for tunnel in tunnels:
         rules += [["-i", tunnel, "-d", net, *tail], ["-o", tunnel, "-s", net, *tail]]
     if direct is not None:
         rules += [[flag, direct, "-s", net, "-d", net, *tail] for flag in ("-i", "-o")]
@@ -85,7 +87,7 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
                           check=False, timeout=30)
 
 
-def ensure_forward_accept(network: IPNetwork, tunnel: str | None,
+def ensure_forward_accept(network: IPNetwork, tunnels: Sequence[str],
                           direct: str | None) -> bool:
     """Append the rules to filter/FORWARD unless already there (idempotent), when the
     chain could drop overlay traffic; otherwise make sure they are not there. True when
@@ -96,10 +98,10 @@ def ensure_forward_accept(network: IPNetwork, tunnel: str | None,
     listing = _run([binary, "-S", "FORWARD"])
     if listing.returncode == 0 and not forward_accept_needed(listing.stdout):
         if COMMENT in listing.stdout:
-            remove_forward_accept(network, tunnel, direct)
+            remove_forward_accept(network, tunnels, direct)
         return False
     _delete_all(binary, legacy_rules(network))
-    for rule in forward_accept_rules(network, tunnel, direct):
+    for rule in forward_accept_rules(network, tunnels, direct):
         if _run([binary, "-C", "FORWARD", *rule]).returncode == 0:
             continue
         added = _run([binary, "-A", "FORWARD", *rule])
@@ -109,7 +111,7 @@ def ensure_forward_accept(network: IPNetwork, tunnel: str | None,
     # `-C` can miss a rule while another tool (dockerd restarting) rewrites the chain, and
     # the rule is then appended twice: keep exactly one copy of each.
     after = _run([binary, "-S", "FORWARD"]).stdout.splitlines()
-    for rule in forward_accept_rules(network, tunnel, direct):
+    for rule in forward_accept_rules(network, tunnels, direct):
         match = " ".join(rule[:4])
         extra = sum(1 for line in after if match in line and COMMENT in line) - 1
         for _ in range(max(0, extra)):
@@ -117,12 +119,13 @@ def ensure_forward_accept(network: IPNetwork, tunnel: str | None,
     return True
 
 
-def remove_forward_accept(network: IPNetwork, tunnel: str | None, direct: str | None) -> None:
+def remove_forward_accept(network: IPNetwork, tunnels: Sequence[str],
+                          direct: str | None) -> None:
     """Delete every copy of the rules; rules of others stay."""
     binary = _binary(network)
     if binary is None:
         return
-    _delete_all(binary, forward_accept_rules(network, tunnel, direct) + legacy_rules(network))
+    _delete_all(binary, forward_accept_rules(network, tunnels, direct) + legacy_rules(network))
 
 
 def _delete_all(binary: str, rules: list[list[str]]) -> None:
