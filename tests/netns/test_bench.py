@@ -33,6 +33,8 @@ def _ours_left(before: set[str], pid: int) -> list[str]:
     """Namespaces created during the bench whose run belonged to the bench's process."""
     left = []
     for name in set(list_netns()) - before:
+        if not name.startswith("weft-"):
+            continue  # a runtime's own (podman's netns-<uuid>) of another run meanwhile
         run_id = name.removeprefix("weft-").split("-", 1)[0]
         try:
             owner = int((RUNS_DIR / run_id / "owner.pid").read_text())
