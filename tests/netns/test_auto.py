@@ -7,11 +7,14 @@ import json
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from typing import Any
 
 import pytest
+from test_ingress import heard_during
 
+from forged import PACKETS
 from weft.lab.testbed import Host, Testbed, netns_exec, sh
 
 pytestmark = pytest.mark.netns
@@ -198,3 +201,39 @@ def test_router_link_mtu_1400_large_tcp_arrives_and_status_says_why() -> None:
         links = tb.run(h1.netns, ["ip", "-br", "link"]).stdout
         assert "weft.vx1" not in links
         assert "weft.udp0" not in links
+
+
+# Plain IPv4/UDP packets with a chosen source, sent raw (IP_HDRINCL): argv dst src count tag
+SPOOFER = PACKETS + textwrap.dedent("""
+    dst, src, count, tag = sys.argv[1:5]
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    for _ in range(int(count)):
+        s.sendto(inner_ipv4(src, dst, b"spoofed-" + tag.encode()), (dst, 0))
+    print("sent", count, flush=True)
+""")
+
+
+def test_loosened_reverse_path_still_holds_a_hosts_own_subnet_to_its_containers() -> None:
+    """auto takes packets of any plane from a peer (rp_filter loose), but a source in this
+    host's own subnet still comes only from its containers: a machine on the underlay
+    forging one is dropped and counted."""
+    with Testbed(hosts=2, containers_per_host=1, config=CONFIG) as tb:
+        tb.start()
+        c1, c2 = tb.containers
+        h2 = tb.hosts[1]
+        intruder = tb.add_underlay_node("intr", "198.18.0.99")
+        tb.run(intruder, ["ip", "route", "add", "198.19.0.0/16", "via", str(h2.underlay_ip)])
+        assert c2.ip is not None
+        own = str(c2.ip + 50)  # in h2's subnet, not c2 itself
+
+        def spoof(netns: str, src: str, tag: str) -> None:
+            out = tb.run(netns, ["/usr/bin/python3", "-c", SPOOFER, str(c2.ip), src, "20",
+                                 tag]).stdout
+            assert "sent" in out
+
+        before = tb.host_status(h2)["ingress"]["dropped"].get("spoofed_source", 0)
+        heard = heard_during(c2, lambda: spoof(intruder, own, "outsider"))
+        assert heard == [], heard
+        assert tb.host_status(h2)["ingress"]["dropped"]["spoofed_source"] - before >= 20
+        # Control: the genuine peer still gets through on whatever plane it uses.
+        assert tb.ping(c1.netns, c2.ip)

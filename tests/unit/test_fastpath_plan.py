@@ -50,8 +50,14 @@ def test_new_links_foreign_routes_and_removed_filters_wake_the_fast_path() -> No
     new = Msg({"IFLA_IFNAME": "veth9"}, event="RTM_NEWLINK", index=9, flags=1)
     assert tc_hook_change(new, known) == "link veth9 added"
     assert tc_hook_change(Msg(event="RTM_NEWLINK", index=2, flags=1), known) is None
-    assert tc_hook_change(Msg(event="RTM_NEWROUTE", proto=3), known) == "route added"
+    assert tc_hook_change(Msg(event="RTM_NEWROUTE", proto=3, table=254, type=1),
+                          known) == "route added"
     # weft's own routes do not feed back into a loop
-    assert tc_hook_change(Msg(event="RTM_NEWROUTE", proto=ROUTE_PROTOCOL), known) is None
+    assert tc_hook_change(Msg(event="RTM_NEWROUTE", proto=ROUTE_PROTOCOL, table=254, type=1),
+                          known) is None
+    # nor do the kernel's local routes of an address, or another table's routes
+    assert tc_hook_change(Msg(event="RTM_NEWROUTE", proto=2, table=255, type=2), known) is None
+    assert tc_hook_change(Msg(event="RTM_NEWROUTE", proto=186, table=100, type=1),
+                          known) is None
     assert tc_hook_change(Msg(event="RTM_DELTFILTER"), known) == "tc filter removed"
     assert tc_hook_change(Msg(event="RTM_NEWTFILTER"), known) is None

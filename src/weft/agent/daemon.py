@@ -208,7 +208,9 @@ class Agent:
         )
         self._underlay = await asyncio.to_thread(self._underlay_networks)
         self.backend = backend = create_backend(config, host)
-        self.ingress = IngressFilter(config, host.public_ip)
+        tunnels, bare = overlay_devices(config, host.underlay_ifname)
+        self.ingress = IngressFilter(config, host.public_ip, peer_iifs=(
+            (*tunnels, *((bare,) if bare else ())) if config.backend.type == "auto" else ()))
         self.metrics.export_ingress(config.backend.type, self.ingress.counters)
         data = await asyncio.to_thread(backend.prepare)
         lease, reclaimed = await self._retry(
@@ -362,11 +364,15 @@ class Agent:
             if (full or diff) and self.lease is not None:
                 # The fast path skips netfilter: only where overlay packets skip conntrack
                 # (a DNATed connection's reply must meet conntrack to be un-NATed).
-                tracked = self.conntrack is not None and not self.conntrack.untracked
+                # No masquerade table (--ip-masq=false): nothing untracks, all is tracked.
+                stand_down = (
+                    "overlay traffic is tracked: --ip-masq=false installs no notrack rules"
+                    if self.conntrack is None else
+                    None if self.conntrack.untracked else
+                    f"overlay traffic is tracked: {self.conntrack.reason}")
                 fastpath_error = await asyncio.to_thread(
                     self.fastpath.apply, self.lease.subnet, [self.lease.subnet, *view.peers],
-                    f"overlay traffic is tracked: {self.conntrack.reason}"
-                    if tracked and self.conntrack else None)
+                    stand_down)
                 if fastpath_error is not None:
                     self._backend_errors["fastpath"] = fastpath_error
                     ok = False
@@ -635,26 +641,33 @@ class Agent:
 
     # --- status socket ------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
+        """The agent's state, read on the loop; what asks the kernel (counters through `nft`,
+        `tc`, `bpftool`; a backend's lock) is read in a worker thread, so a status query
+        never stalls renewals and the watch."""
         assert self.backend is not None
         assert self.host is not None
+        backend, ingress, fastpath = self.backend, self.ingress, self.fastpath
         lease = self.lease
-        backend_status: Mapping[str, Any] = self.backend.status()
-        return {
+        report: dict[str, Any] = {
             "public_ip": str(self.host.public_ip),
             "subnet": str(lease.subnet) if lease else None,
             "lease_expires_in": round(lease.expires_in(time.time())) if lease else None,
             "backend": self.config.backend.type if self.config else None,
-            "backend_status": dict(backend_status),
-            "ingress": self.ingress.status() if self.ingress else None,
             "peers": sorted(str(s) for s in self.view.peers),
             "revision": self.revision,
             "errors": dict(self.peer_errors.current),
             "host_errors": dict(self.host_errors),
             "notices": dict(self.notices),
             "conntrack": self.conntrack.to_json() if self.conntrack else None,
-            "fastpath": self.fastpath.status(),
         }
+
+        def from_the_kernel() -> dict[str, Any]:
+            return {"backend_status": dict(backend.status()),
+                    "ingress": ingress.status() if ingress else None,
+                    "fastpath": fastpath.status()}
+
+        return report | await asyncio.to_thread(from_the_kernel)
 
     async def _serve_status(self) -> None:
         while True:

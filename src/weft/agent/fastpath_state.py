@@ -50,11 +50,7 @@ class FastPathState:
         """Compile and check, or record why not. With the switch off, a previous run's
         filters are taken off (the agent owns them)."""
         if not self.enabled:
-            try:
-                if removed := remove_fastpath():
-                    log.info("fast path removed (switch off)", extra={"devices": removed})
-            except (WeftError, OSError, subprocess.SubprocessError) as exc:
-                log.warning("could not remove the fast path", extra={"error": str(exc)})
+            self._remove_previous("switch off")
             return
         self.arrival = arrival_device(config, underlay)
         if self.arrival is None:
@@ -72,6 +68,16 @@ class FastPathState:
         if self.reason is not None:
             log.warning("fast path not used; the normal path carries everything",
                         extra={"reason": self.reason})
+            # A previous run's filters (frozen maps, no netfilter) must not outlive it.
+            self._remove_previous("unavailable")
+
+    @staticmethod
+    def _remove_previous(why: str) -> None:
+        try:
+            if removed := remove_fastpath():
+                log.info(f"fast path removed ({why})", extra={"devices": removed})
+        except (WeftError, OSError, subprocess.SubprocessError) as exc:
+            log.warning("could not remove the fast path", extra={"error": str(exc)})
 
     def apply(self, own: IPNetwork, subnets: Iterable[IPNetwork],
               stand_down: str | None = None) -> str | None:
@@ -115,7 +121,8 @@ class FastPathState:
         if active and self.fastpath is not None:
             try:
                 result |= self.fastpath.status()
-            except (WeftError, OSError, subprocess.SubprocessError) as exc:
+            except (WeftError, OSError, subprocess.SubprocessError, ValueError,
+                    KeyError) as exc:  # bpftool's JSON not as expected: say so
                 result["error"] = str(exc)
         return result
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +15,15 @@ from weft.core.errors import UsageError
 STATUS_SOCKET = "agent.sock"
 
 
-async def serve_status(path: Path, status: Callable[[], dict[str, Any]]) -> None:
+async def serve_status(path: Path,
+                       status: Callable[[], Awaitable[dict[str, Any]]]) -> None:
     """Answer every connection with `status()` until cancelled."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # a socket a crashed run left
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError):
-            writer.write(json.dumps(status()).encode() + b"\n")
+            writer.write(json.dumps(await status()).encode() + b"\n")
             await writer.drain()
         writer.close()
 

@@ -60,6 +60,10 @@ def kernel_removal(msg: Any, devices: dict[int, str], prefix: str) -> str | None
     return None
 
 
+_RT_TABLE_MAIN = 254
+_RTN_UNICAST = 1
+
+
 def tc_hook_change(msg: Any, known: dict[int, str]) -> str | None:
     """With the fast path on, what may need its tc hooks converged (pure): a new device
     or a route not weft's (a container's veth and its route, added by the CNI plugin),
@@ -67,7 +71,10 @@ def tc_hook_change(msg: Any, known: dict[int, str]) -> str | None:
     event = msg.get("event")
     if event == "RTM_NEWLINK" and msg["index"] not in known:
         return f"link {msg.get_attr('IFLA_IFNAME') or ''} added"
-    if event == "RTM_NEWROUTE" and msg["proto"] != ROUTE_PROTOCOL:
+    # Only unicast routes of the main table: the kernel's local and broadcast routes (every
+    # address change) and a routing daemon's other tables would mean a full pass each.
+    if (event == "RTM_NEWROUTE" and msg["proto"] != ROUTE_PROTOCOL
+            and msg["table"] == _RT_TABLE_MAIN and msg["type"] == _RTN_UNICAST):
         return "route added"
     if event in ("RTM_DELTFILTER", "RTM_DELQDISC"):
         return "tc filter removed"

@@ -122,6 +122,9 @@ class FastPath:
         self.obj = obj
         self.own = own
         self.attached: list[Hook] = []
+        # The programs this process loaded: a filter of the same name left by an earlier
+        # run (another build, other maps) is replaced, not adopted.
+        self._programs: set[int] = set()
 
     def container_devices(self, exclude: Iterable[str]) -> tuple[list[str], set[int]]:
         """Devices with a route into this host's subnet (the CNI bridge, or ptp veths), and
@@ -156,13 +159,15 @@ class FastPath:
         for hook in hooks:
             current = _owned_filter(hook.device)
             if current is None or current["options"]["prog"]["name"] != \
-                    PROGRAM_NAMES[hook.section]:
+                    PROGRAM_NAMES[hook.section] or \
+                    int(current["options"]["prog"]["id"]) not in self._programs:
                 for argv in attach_argv(hook.device, self.obj, hook.section):
                     _tc(argv)
                 attached.append(hook.device)
                 current = _owned_filter(hook.device)
                 if current is None:
                     raise KernelError(f"tc attached no fast path filter on {hook.device}")
+                self._programs.add(int(current["options"]["prog"]["id"]))
             maps = _map_ids(int(current["options"]["prog"]["id"]))
             _sync_map(maps["subnets"], wanted_subnets)
             if hook.section == FROM_UNDERLAY:

@@ -30,13 +30,15 @@ from weft.host.nftables import apply_nft
 class IngressFilter:
     """Owned state: the whole `inet weft-ingress` table, rebuilt by every `apply`."""
 
-    def __init__(self, config: NetworkConfig, public_ip: IPAddress) -> None:
+    def __init__(self, config: NetworkConfig, public_ip: IPAddress,
+                 peer_iifs: Sequence[str] = ()) -> None:
         self.config = config
         self.public_ip = public_ip
+        self.peer_iifs = tuple(peer_iifs)  # auto: every device a peer's plane arrives on
         self.plan: IngressPlan | None = None
 
     def apply(self, own: Lease, peers: Sequence[Lease]) -> None:
-        plan = ingress_plan(self.config, self.public_ip, own, peers)
+        plan = ingress_plan(self.config, self.public_ip, own, peers, self.peer_iifs)
         script = ingress_ruleset(plan)
         try:
             apply_nft(script, "the ingress filter")

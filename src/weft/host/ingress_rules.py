@@ -45,9 +45,11 @@ class IngressPlan:
     by_port: bool  # udp: a member is (IP, port)
     members: frozenset[tuple[IPAddress, int]]  # (public IP, port) of every peer
     subnets: frozenset[IPNetwork]  # every leased subnet, this host's included
-    # auto: a peer may send on another plane than ours back to it, so an overlay source
-    # must have a route here, not one through the interface it came in on
-    any_iif: bool = False
+    # auto: a peer may send on another plane than ours back to it, so a peer's source
+    # is checked against every device a plane arrives on (not the reverse route's one),
+    # while this host's own subnet still only comes from its containers' side.
+    peer_iifs: frozenset[str] = frozenset()
+    own: IPNetwork | None = None
 
 
 def encapsulation_port(config: NetworkConfig) -> int | None:
@@ -70,7 +72,7 @@ def _peer_port(lease: Lease, default: int) -> int | None:
 
 
 def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
-                 peers: Iterable[Lease]) -> IngressPlan:
+                 peers: Iterable[Lease], peer_iifs: Iterable[str] = ()) -> IngressPlan:
     """The plan for this host. Peers are validated leases; one of another IP version or
     with an unusable port is left out (it cannot send to us anyway)."""
     port = encapsulation_port(config)
@@ -89,7 +91,8 @@ def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
             members.add((peer.public_ip, peer_port))
     return IngressPlan(config.backend.type, config.network, public_ip.version, port, by_port,
                        frozenset(members), frozenset(subnets),
-                       any_iif=isinstance(config.backend, AutoOptions))
+                       peer_iifs=frozenset(peer_iifs),
+                       own=own.subnet if peer_iifs else None)
 
 
 def ingress_ruleset(plan: IngressPlan) -> str:
@@ -135,9 +138,18 @@ def ingress_ruleset(plan: IngressPlan) -> str:
         f"{rule} iif lo accept",  # the host talking to itself
         f"{rule} {ov} saddr {plan.network} {ov} saddr != @subnets "
         "counter name spoofed_source drop",
-        f"{rule} {ov} saddr {plan.network} fib saddr{'' if plan.any_iif else ' . iif'} "
-        "oif missing counter name spoofed_source drop",
     ]
+    if plan.peer_iifs and plan.own is not None:
+        iifs = ", ".join(f'"{name}"' for name in sorted(plan.peer_iifs))
+        lines += [
+            f"{rule} {ov} saddr {plan.own} fib saddr . iif oif missing "
+            "counter name spoofed_source drop",
+            f"{rule} {ov} saddr {plan.network} {ov} saddr != {plan.own} "
+            f"iifname != {{ {iifs} }} counter name spoofed_source drop",
+        ]
+    else:
+        lines.append(f"{rule} {ov} saddr {plan.network} fib saddr . iif oif missing "
+                     "counter name spoofed_source drop")
     return "\n".join(lines) + "\n"
 
 

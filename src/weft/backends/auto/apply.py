@@ -63,16 +63,15 @@ class AutoBackend:
         self._facts: plan.AutoFacts | None = None
         self._errors: dict[str, str] = {}
         self._prober: Prober | None = None
+        self._closed = False  # set under the lock: the prober must not program after close
+        self._rp_filter: dict[str, str] = {}  # device -> the value before we loosened it
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def prepare(self) -> Mapping[str, Any]:
         vx = self._vxlan.prepare()
         udp = self._udp.prepare()
-        with Netlink() as nl:
-            for plane in PLANES:
-                nl.ensure_rule(self.version, AUTO_TABLES[plane], AUTO_TABLES[plane],
-                               AUTO_RULE_PRIORITY)
+        self._ensure_rules()
         return {"hostgw": {}, "vxlan": {"VtepMAC": vx["VtepMAC"], "Port": self.options.vxlan_port},
                 "udp": {"Port": udp["Port"]}}
 
@@ -87,8 +86,11 @@ class AutoBackend:
             nl.ensure_up(link, self.mtu)
         # A packet of a pair whose ends chose different planes arrives on a device the
         # reverse route does not use: strict reverse-path filtering would drop it.
+        # The ingress filter still holds this host's own subnet to the containers' side.
         for device in (self._vxlan.device, UDP_DEVICE, self.host.underlay_ifname):
-            _loose_rp_filter(device)
+            before = _loose_rp_filter(device)
+            if before is not None:
+                self._rp_filter.setdefault(device, before)
         if self._prober is not None and self._prober.own != lease.own_address.ip:
             self._prober.close()
             self._prober = None
@@ -98,7 +100,16 @@ class AutoBackend:
             self._prober.start()
         return self.mtu
 
+    def _ensure_rules(self) -> None:
+        """The fwmark rules that send each plane's probes through that plane's table: without
+        them every plane would 'answer' through the main table's choice."""
+        with Netlink() as nl:
+            for plane in PLANES:
+                nl.ensure_rule(self.version, AUTO_TABLES[plane], AUTO_TABLES[plane],
+                               AUTO_RULE_PRIORITY)
+
     def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
+        self._ensure_rules()
         if self._lease is not None:
             with Netlink() as nl:
                 missing = nl.link(self._vxlan.device) is None
@@ -115,6 +126,8 @@ class AutoBackend:
             facts = plan.AutoFacts(vx.index, tun.index,
                                    nl.underlay_facts(self.host.underlay_ifname))
         with self._lock:
+            if self._closed:
+                return ReconcileResult()
             self._facts = facts
             self._peers = {p.subnet: p for p in peers}
             self._paths = {p.subnet: plan.rebase(self._paths.get(p.subnet),
@@ -163,7 +176,7 @@ class AutoBackend:
                 self._paths[subnet] = new
                 if new.plane != path.plane:
                     moved.append((subnet, path.plane, new))
-            if not moved or self._facts is None:
+            if not moved or self._facts is None or self._closed:
                 return
             for subnet, old, new in moved:
                 log.info("data plane switched", extra={
@@ -198,9 +211,11 @@ class AutoBackend:
                 "counters": counters}
 
     def close(self) -> None:
-        if self._prober is not None:
-            self._prober.close()
-            self._prober = None
+        with self._lock:
+            self._closed = True
+            prober, self._prober = self._prober, None
+        if prober is not None:
+            prober.close()
         self._udp.close()
 
     def teardown(self) -> None:
@@ -214,12 +229,20 @@ class AutoBackend:
             apply_tables(delta(frozenset(), frozenset(stale)))
         self._vxlan.teardown()
         self._udp.teardown()
+        for device, value in self._rp_filter.items():  # the underlay's, as we found it
+            with contextlib.suppress(OSError):
+                (RP_FILTER / device / "rp_filter").write_text(value)
 
 
-def _loose_rp_filter(device: str) -> None:
-    """Strict (1) becomes loose (2) on `device`; the kernel uses max(all, device)."""
-    conf = Path("/proc/sys/net/ipv4/conf")
+RP_FILTER = Path("/proc/sys/net/ipv4/conf")
+
+
+def _loose_rp_filter(device: str) -> str | None:
+    """Strict (1) becomes loose (2) on `device` (the kernel uses max(all, device));
+    the device's value before, when it was changed."""
     with contextlib.suppress(OSError):  # no such device (yet), or no IPv4: nothing to loosen
-        if "1" in {(conf / "all" / "rp_filter").read_text().strip(),
-                   (conf / device / "rp_filter").read_text().strip()}:
-            (conf / device / "rp_filter").write_text("2")
+        before = (RP_FILTER / device / "rp_filter").read_text().strip()
+        if "1" in {(RP_FILTER / "all" / "rp_filter").read_text().strip(), before}:
+            (RP_FILTER / device / "rp_filter").write_text("2")
+            return before
+    return None

@@ -105,7 +105,7 @@ static __always_inline int forward(struct __sk_buff *skb, int from_underlay)
 	fib.ipv4_src = iph->daddr;
 	fib.ipv4_dst = iph->saddr;
 	fib.ifindex = skb->ingress_ifindex;
-	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0); /* SKIP_NEIGH: Linux 6.3+ only */
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
 	    fib.ifindex != skb->ingress_ifindex)
 		return TC_ACT_OK;
