@@ -194,8 +194,22 @@ class KernelWatch:
         self._thread.join(5)
 
 
-def _reconciles(tb: Testbed) -> int:
-    return sum(tb.agent_log(h).count("reconcile requested") for h in tb.hosts)
+def _log_sizes(tb: Testbed) -> list[int]:
+    return [len(tb.agent_log(h)) for h in tb.hosts]
+
+
+def _reconciles_since(tb: Testbed, sizes: Sequence[int]) -> dict[str, int]:
+    """Reconcile passes requested in the agents' logs after `sizes`, by reason."""
+    reasons: dict[str, int] = {}
+    for host, size in zip(tb.hosts, sizes, strict=True):
+        for line in tb.agent_log(host)[size:].splitlines():
+            if "reconcile requested" in line:
+                try:
+                    reason = str(json.loads(line).get("reason", "?"))
+                except ValueError:
+                    reason = line.rsplit("reason", 1)[-1].strip(" =:'\"}")
+                reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons
 
 
 def _agents_cpu(pids: Sequence[int]) -> list[float]:
@@ -272,7 +286,7 @@ def measure_store(store: str, opts: ScaleOptions, progress: Progress) -> dict[st
                      f"{statistics.median(propagation) * 1000:.1f} ms")
 
             # A renewal round: every fake lease renewed once, data unchanged.
-            reconciles = _reconciles(tb)
+            sizes = _log_sizes(tb)
             requests = _etcd_requests(tb) if store == "etcd" else 0
             c0, t0 = _agents_cpu(pids), time.monotonic()
             renewed = writer(op="renew")
@@ -289,6 +303,7 @@ def measure_store(store: str, opts: ScaleOptions, progress: Progress) -> dict[st
                 counted = "SQLite statements (writer)"
             progress(f"{store}: renewal round of {renewals} in {renewed['seconds']:.1f} s")
             rss = [_rss_mb(p) for p in pids]
+            reasons = _reconciles_since(tb, sizes)
             return {
                 "store": store,
                 "leases": n,
@@ -304,7 +319,8 @@ def measure_store(store: str, opts: ScaleOptions, progress: Progress) -> dict[st
                     "renewals": renewals,
                     "seconds": renewed["seconds"],
                     "cpu_s_per_agent": _spread(renew_cpu),
-                    "reconciles": _reconciles(tb) - reconciles,
+                    "reconciles": sum(reasons.values()),
+                    "reconcile_reasons": reasons,
                     "store_requests_per_renewal": per_renewal,
                     "counted": counted,
                 },
