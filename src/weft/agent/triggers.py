@@ -84,8 +84,10 @@ async def watch_kernel(changed: Changed, prefix: str) -> None:
                     changed(reason)
 
 
-async def watch_netfilter(changed: Changed) -> None:
-    """`nft monitor`: tables, chains or rules deleted or flushed (iptables-nft included)."""
+async def watch_netfilter(changed: Changed, own: Callable[[str], bool] | None = None) -> None:
+    """`nft monitor`: tables, chains or rules deleted or flushed (iptables-nft included).
+    `own` names the lines weft itself caused (the ingress filter's element deletions on a
+    store event): those need no repair pass."""
     nft = shutil.which("nft")
     if nft is None:
         log.warning("nft not found: netfilter changes are repaired at the next resync only")
@@ -100,6 +102,8 @@ async def watch_netfilter(changed: Changed) -> None:
     try:
         while line := await proc.stdout.readline():
             if line.startswith((b"delete", b"flush")):
+                if own is not None and own(line.decode(errors="replace")):
+                    continue
                 changed("netfilter rules removed")
         # nft ended: an error for the guard to log and restart, not a silent end.
         error = (await proc.stderr.read()).decode(errors="replace").strip()
