@@ -21,6 +21,7 @@ Pure: no I/O; the edge (`weft.host.ingress`) runs the script and reads the count
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from weft.backends.udp.options import UdpOptions
 from weft.backends.vxlan.options import VxlanOptions
 from weft.backends.wireguard.options import WireguardOptions
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
-from weft.core.lease import Lease, subnet_in_range
+from weft.core.lease import Lease, subnet_range
 
 INGRESS_TABLE = "weft-ingress"
 COUNTERS = ("non_member", "to_peer_port", "spoofed_source")
@@ -72,8 +73,9 @@ def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
     by_port = isinstance(config.backend, UdpOptions)
     members: set[tuple[IPAddress, int]] = set()
     subnets = {own.subnet}
+    in_range = subnet_range(config)
     for peer in peers:
-        if subnet_in_range(config, peer.subnet):
+        if in_range(peer.subnet):
             subnets.add(peer.subnet)
         if port is None or peer.public_ip == public_ip:
             continue
@@ -179,8 +181,13 @@ def ingress_delta(old: IngressPlan, new: IngressPlan) -> IngressDelta:
     lines: list[str] = []
     deleted: list[str] = []
     added: list[str] = []
-    for name, before, after in (("members", member_elements(old), member_elements(new)),
-                                ("subnets", subnet_elements(old), subnet_elements(new))):
+    # The difference first, on the plans' own values; only it is formatted (O(changed)).
+    gone = dataclasses.replace(old, members=old.members - new.members,
+                               subnets=old.subnets - new.subnets)
+    came = dataclasses.replace(new, members=new.members - old.members,
+                               subnets=new.subnets - old.subnets)
+    for name, before, after in (("members", member_elements(gone), member_elements(came)),
+                                ("subnets", subnet_elements(gone), subnet_elements(came))):
         for element in sorted(before - after):
             line = f"delete element {t} {name} {{ {element} }}"
             lines.append(line)
