@@ -19,6 +19,7 @@ restart drops no traffic; `--release-on-exit` is for a host that leaves.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import logging
@@ -148,6 +149,12 @@ class Agent:
         self.view = ValidatedView({})  # what the last reconcile used
         self._applied: dict[IPNetwork, Lease] = {}  # the peers the backend last received
         self._validation = ValidationMemo()  # per-lease checks of the last pass
+        # Kernel removal notices our own incremental deletions cause (weft's, not a repair
+        # to make: each was a full pass of 3N entries per store event), and those that
+        # arrive while an update runs, matched once it says what it deleted.
+        self._echoes: collections.Counter[str] = collections.Counter()
+        self._updating = False
+        self._held: list[str] = []
         self.revision = 0
         self.peer_errors = PeerErrorLog()
         self.host_errors: dict[str, str] = {}
@@ -403,7 +410,15 @@ class Agent:
                 return None  # nothing a peer's data plane depends on changed
             removed = [self._applied[s] for s in diff.subnets() if s in self._applied]
             added = [view.peers[s] for s in diff.subnets() if s in view.peers]
-            result = await asyncio.to_thread(backend.update, removed, added)
+            self._updating = True
+            try:
+                result = await asyncio.to_thread(backend.update, removed, added)
+            finally:
+                self._updating = False
+                self._echoes.update(result.echoes if result is not None else ())
+                held, self._held = self._held, []
+                for reason in held:
+                    self._kernel_changed(reason)
             if result is not None:
                 self.metrics.updates.inc()
                 for subnet in diff.subnets():
@@ -412,6 +427,8 @@ class Agent:
                 self._backend_errors.update(result.errors)
                 self._applied = dict(view.peers)
                 return result
+        # A full pass checks everything: echoes still expected would only hide a removal.
+        self._echoes.clear()
         peers = sorted(view.peers.values(), key=lambda x: str(x.subnet))
         result = await asyncio.to_thread(backend.reconcile, peers)
         ingress = self._backend_errors.get("ingress")
@@ -660,6 +677,12 @@ class Agent:
             await self._shutdown()
 
     def _kernel_changed(self, reason: str) -> None:
+        if self._echoes[reason] > 0:  # our own store-event deletion, told in advance
+            self._echoes[reason] -= 1
+            return
+        if self._updating:
+            self._held.append(reason)  # may be the echo of the update now running
+            return
         self.request(reason, host=reason.startswith(f"link {CNI_BRIDGE}"))
 
     def _host_changed(self, reason: str) -> None:

@@ -27,6 +27,7 @@ from pyroute2.netlink.rtnl import (
     RTMGRP_NEIGH,
 )
 
+from weft.backends.bulk import ROUTE_REMOVED, neighbour_removed
 from weft.core.constants import ROUTE_PROTOCOL
 
 log = logging.getLogger("weft.agent")
@@ -51,11 +52,11 @@ def kernel_removal(msg: Any, devices: dict[int, str], prefix: str) -> str | None
         name = devices.get(msg["index"], "")
         return f"address removed from {name}" if name.startswith(prefix) else None
     if event == "RTM_DELROUTE":
-        return "route removed" if msg["proto"] == ROUTE_PROTOCOL else None
+        return ROUTE_REMOVED if msg["proto"] == ROUTE_PROTOCOL else None
     if event == "RTM_DELNEIGH":
         name = devices.get(msg["ifindex"], "")
         permanent = msg["state"] & _NUD_PERMANENT
-        return f"neighbour removed on {name}" if permanent and name.startswith(prefix) else None
+        return neighbour_removed(name) if permanent and name.startswith(prefix) else None
     return None
 
 

@@ -9,9 +9,17 @@ from weft.core.errors import KernelError
 from weft.host import rtnl_batch
 from weft.host.rtnl_batch import Op
 
+ROUTE_REMOVED = "route removed"
+
+
+def neighbour_removed(device: str) -> str:
+    """The kernel watcher's notice for a permanent neighbour or FDB entry deleted on
+    `device` (`weft.agent.triggers.kernel_removal`)."""
+    return f"neighbour removed on {device}"
+
 
 def apply_tables(routes: Delta[Route], neighbours: Delta[Neighbour] | None = None,
-                 fdb: Delta[FdbEntry] | None = None) -> ReconcileResult:
+                 fdb: Delta[FdbEntry] | None = None, device: str = "") -> ReconcileResult:
     """Removals first, then FDB, neighbours and routes added, all in one batch. A failed
     entry is reported by name and the rest still applied."""
     neighbours = neighbours or Delta()
@@ -34,5 +42,8 @@ def apply_tables(routes: Delta[Route], neighbours: Delta[Neighbour] | None = Non
     except OSError as exc:
         raise KernelError(f"program {len(ops)} kernel entries: {exc}") from None
     removed = len(ops) - len(fdb.add) - len(neighbours.add) - len(routes.add)
+    routes_removed = sum(1 for r in routes.remove if r.dst not in rerouted)
+    echoes = ((ROUTE_REMOVED,) * routes_removed
+              + (neighbour_removed(device),) * (removed - routes_removed))
     return ReconcileResult(added=len(ops) - removed - len(errors), removed=removed,
-                           errors=errors)
+                           errors=errors, echoes=echoes)
