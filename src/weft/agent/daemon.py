@@ -411,6 +411,7 @@ class Agent:
             removed = [self._applied[s] for s in diff.subnets() if s in self._applied]
             added = [view.peers[s] for s in diff.subnets() if s in view.peers]
             self._updating = True
+            result = None
             try:
                 result = await asyncio.to_thread(backend.update, removed, added)
             finally:
