@@ -43,6 +43,9 @@ testbed_app = typer.Typer(help="The namespace testbed used by demo, bench and te
                           no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(testbed_app, name="testbed")
+# `weft bench` measures the data plane; `weft bench scale` the control plane at scale.
+bench_app = typer.Typer(invoke_without_command=True)
+app.add_typer(bench_app, name="bench")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # an error stays one line, greppable
@@ -389,8 +392,9 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
-@app.command()
+@bench_app.callback()
 def bench(
+    ctx: typer.Context,
     backends: Annotated[str | None, typer.Option(help="comma-separated, e.g. vxlan,host-gw "
                                                       "(default: every registered one)")] = None,
     rate: Annotated[str | None, typer.Option(help="shape each host's underlay with tbf, "
@@ -406,6 +410,8 @@ def bench(
                                               "(or podman) containers")] = "netns",
 ) -> None:
     """qperf tcp_bw/tcp_lat: native vs each backend, container to container, on 2 hosts."""
+    if ctx.invoked_subcommand is not None:
+        return
     from weft.lab.bench.report import render_table, write_chart, write_json
     from weft.lab.bench.runner import BenchOptions, parse_backends, run_bench
 
@@ -417,6 +423,32 @@ def bench(
             write_json(report, json_file)
         if chart is not None:
             write_chart(report, chart)
+    except WeftError as exc:
+        raise _fail(exc) from None
+
+
+@bench_app.command("scale")
+def bench_scale(
+    leases: Annotated[int, typer.Option(min=1, max=8000, help="fake leases: valid records "
+                                        "for hosts that don't exist")] = 1000,
+    agents: Annotated[int, typer.Option(min=1, max=50, help="real vxlan agents")] = 3,
+    stores: Annotated[str | None, typer.Option(help="sqlite,etcd (default: both)")] = None,
+    events: Annotated[int, typer.Option(min=1, help="lease changes timed to the kernel")] = 10,
+    storm: Annotated[int, typer.Option(min=0, max=200, help="agents started at once on "
+                                       "etcd (0: no start storm)")] = 100,
+    json_file: Annotated[str | None, typer.Option("--json", help="write the JSON here "
+                                                                 "(- for stdout)")] = None,
+) -> None:
+    """Control plane at scale: join, event -> kernel, CPU, RSS, store requests, start storm."""
+    from weft.lab.bench.scale import ScaleOptions, parse_stores, run_scale
+    from weft.lab.bench.scale_report import render_scale_table, write_scale_json
+
+    try:
+        opts = ScaleOptions(leases, agents, parse_stores(stores), events, storm)
+        report = run_scale(opts, progress=lambda line: err.print(line, highlight=False))
+        render_scale_table(report, err if json_file == "-" else out)
+        if json_file is not None:
+            write_scale_json(report, json_file)
     except WeftError as exc:
         raise _fail(exc) from None
 

@@ -66,8 +66,54 @@ def test_an_agent_among_300_fake_leases() -> None:
         time.sleep(1.0)
         assert tb.agent_log(host).count("reconcile requested") == requested
 
-        # One peer restarts with a new VTEP MAC: that change, and only it, reaches the kernel.
+        # One peer restarts with a new VTEP MAC: that change, and only it, reaches the kernel;
+        # the deletion of its old FDB entry is the agent's own, so it asks for no repair pass.
+        before_change = len(tb.agent_log(host))
         changed = fake(7, mac_suffix=0x42)
         asyncio.run(write([changed], renew=True))
         wait_for("the new MAC in the neighbour table", lambda: "00:42" in tb.run(
             host.netns, ["ip", "neigh", "show", str(changed.subnet.network_address)]).stdout)
+        time.sleep(1.0)
+        assert "neighbour removed on" not in tb.agent_log(host)[before_change:]
+
+        # A peer leaves and another joins: the ingress filter follows by set elements (no
+        # flush), and weft's own element deletions wake no repair pass.
+        def members() -> str:
+            return tb.run(host.netns, ["nft", "list", "set", "inet", "weft-ingress",
+                                       "members"]).stdout
+
+        def nft_wakeups() -> int:
+            return tb.agent_log(host).count("netfilter rules removed")
+
+        time.sleep(0.5)
+        woken = nft_wakeups()
+        gone, joined = fake(3), fake(FAKES)
+
+        async def swap() -> None:
+            store = SqliteLeaseStore(store_path)
+            try:
+                await store.delete_lease(gone.subnet)
+                await store.create_lease(joined, 3600)
+            finally:
+                await store.close()
+
+        asyncio.run(swap())
+
+        def swapped() -> bool:
+            listed = members()
+            return f"{joined.public_ip}," in listed.replace(" }", ",") and \
+                f"{gone.public_ip}," not in listed.replace(" }", ",")
+
+        wait_for("the ingress members to follow", swapped)
+        wait_for("the joined peer's route", lambda: str(joined.subnet) in tb.run(
+            host.netns, ["ip", "route", "show", "proto", "87"]).stdout)
+        time.sleep(1.0)
+        assert nft_wakeups() == woken
+
+        # An element deleted by hand is still noticed and put back.
+        kept = fake(5)
+        tb.run(host.netns, ["nft", "delete", "element", "inet", "weft-ingress", "members",
+                            f"{{ {kept.public_ip} }}"])
+        wait_for("the hand-deleted member back", lambda: f"{kept.public_ip}," in
+                 members().replace(" }", ","))
+        assert nft_wakeups() > woken

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Mapping
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from weft.backends.registry import backend_data_problem
 from weft.core.config import parse_config
 from weft.core.lease import Lease
-from weft.core.validate import TrustContext, validate_view
+from weft.core.validate import TrustContext, ValidationMemo, validate_view
 
 CONFIG = parse_config('{"Network": "198.19.0.0/16", "SubnetLen": 24, "SubnetMin": "198.19.1.0",'
                       ' "SubnetMax": "198.19.200.0"}')
@@ -112,3 +113,80 @@ def test_an_overwrite_of_a_running_lease_is_refused_the_accepted_one_kept() -> N
     later = TrustContext(CONFIG, HOST, OWN, CTX.underlay_networks, backend_data_problem, 3000.0)
     assert validate_view([forged], later, previous={running.subnet: running}).peers == {
         forged.subnet: forged}
+
+
+# --- the per-lease validation memo: memoised passes equal uncached ones -----------------
+
+A = lease("198.19.2.0/24", "198.18.0.2")
+B = lease("198.19.3.0/24", "198.18.0.3")
+B_SAME_IP_AS_A = lease("198.19.3.0/24", "198.18.0.2")
+C_SAME_IP_AS_A = lease("198.19.4.0/24", "198.18.0.2")
+BAD_MAC = lease("198.19.5.0/24", "198.18.0.5", data={"VtepMAC": "zz"})
+FIXED_MAC = lease("198.19.5.0/24", "198.18.0.5")
+RENEWED_A = dataclasses.replace(A, expiration=123.0)
+
+# Each step is the whole lease table the agent holds after one store event.
+SEQUENCES = {
+    "add, change, remove": [[A], [A, B], [A, dataclasses.replace(B, backend_data={
+        "VtepMAC": "02:00:00:00:00:09"})], [A]],
+    "a bad record, then fixed": [[A, BAD_MAC], [A, FIXED_MAC], [A, BAD_MAC]],
+    "a second claim on A's IP loses, then wins when A goes": [
+        [A], [A, B_SAME_IP_AS_A], [B_SAME_IP_AS_A]],
+    "two new claims on one IP: neither, then one": [
+        [B_SAME_IP_AS_A, C_SAME_IP_AS_A], [C_SAME_IP_AS_A]],
+    "a renewal (new expiry) and a subnet moving": [
+        [A, B], [RENEWED_A, B], [RENEWED_A, lease("198.19.3.0/24", "198.18.0.7")]],
+    "own subnet in the table": [[A, lease("198.19.1.0/24", "198.18.0.9")], [A]],
+}
+
+
+@pytest.mark.parametrize("steps", SEQUENCES.values(), ids=SEQUENCES.keys())
+def test_memoised_views_equal_uncached_views(steps: list[list[Lease]]) -> None:
+    memo = ValidationMemo()
+    cached_prev: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, Lease] = {}
+    plain_prev: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, Lease] = {}
+    for table in steps:
+        cached = validate_view(table, CTX, previous=cached_prev, memo=memo)
+        plain = validate_view(table, CTX, previous=plain_prev)
+        assert cached == plain
+        cached_prev, plain_prev = cached.peers, plain.peers
+
+
+def test_a_new_trust_context_forgets_the_answers() -> None:
+    memo = ValidationMemo()
+    assert validate_view([A], CTX, memo=memo).peers == {A.subnet: A}
+    # This host's own address is A's now: A's answer must be checked again, not reused.
+    moved = dataclasses.replace(CTX, host_ip=A.public_ip)
+    view = validate_view([A], moved, memo=memo)
+    assert "own address" in view.errors[str(A.subnet)]
+
+
+def test_an_unchanged_lease_is_not_checked_again() -> None:
+    calls: list[str] = []
+
+    def counting(backend: str, data: object) -> str | None:
+        calls.append(backend)
+        return CTX.data_problem(backend, data)  # type: ignore[arg-type]
+
+    ctx = dataclasses.replace(CTX, data_problem=counting)
+    memo = ValidationMemo()
+    table = [lease(f"198.19.{i}.0/24", f"198.18.0.{i}") for i in range(2, 52)]
+    validate_view(table, ctx, memo=memo)
+    assert len(calls) == 50
+    table[7] = dataclasses.replace(table[7], backend_data={"VtepMAC": "02:00:00:00:00:07"})
+    view = validate_view(table, ctx, memo=memo)
+    assert len(calls) == 51  # only the changed lease
+    assert view.peers[table[7].subnet] == table[7]
+
+
+def test_the_clock_moving_keeps_the_answers() -> None:
+    calls: list[str] = []
+
+    def counting(backend: str, data: object) -> str | None:
+        calls.append(backend)
+        return CTX.data_problem(backend, data)  # type: ignore[arg-type]
+
+    memo = ValidationMemo()
+    validate_view([A, B], dataclasses.replace(CTX, data_problem=counting, now=1.0), memo=memo)
+    validate_view([A, B], dataclasses.replace(CTX, data_problem=counting, now=2.0), memo=memo)
+    assert len(calls) == 2  # every pass has a new `now`; no lease was checked twice

@@ -19,6 +19,7 @@ restart drops no traffic; `--release-on-exit` is for a host that leaves.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import logging
@@ -58,7 +59,7 @@ from weft.core.errors import (
 from weft.core.events import LeaseMap, PeerDiff, apply_events, changes_data, diff_peers
 from weft.core.host import HostContext
 from weft.core.lease import Lease
-from weft.core.validate import TrustContext, ValidatedView, validate_view
+from weft.core.validate import TrustContext, ValidatedView, ValidationMemo, validate_view
 from weft.host.forward_accept import overlay_devices, remove_forward_accept
 from weft.host.ingress import IngressFilter
 from weft.host.masquerade import (
@@ -150,6 +151,13 @@ class Agent:
         self.leases: LeaseMap = {}  # everything the store holds, unvalidated
         self.view = ValidatedView({})  # what the last reconcile used
         self._applied: dict[IPNetwork, Lease] = {}  # the peers the backend last received
+        self._validation = ValidationMemo()  # per-lease checks of the last pass
+        # Kernel removal notices our own incremental deletions cause (weft's, not a repair
+        # to make: each was a full pass of 3N entries per store event), and those that
+        # arrive while an update runs, matched once it says what it deleted.
+        self._echoes: collections.Counter[str] = collections.Counter()
+        self._updating = False
+        self._held: list[str] = []
         self.revision = 0
         self.peer_errors = PeerErrorLog()
         self.host_errors: dict[str, str] = {}
@@ -330,32 +338,25 @@ class Agent:
             if self.host_errors:
                 log.error("could not repair host state", extra=self.host_errors)
                 self._host_dirty = ok = False
-        view = validate_view(self.leases.values(), self._trust(), previous=self.view.peers)
+        view = validate_view(self.leases.values(), self._trust(), previous=self.view.peers,
+                             memo=self._validation)
         before, self.view = self.view.peers, view
         diff = diff_peers(before, view.peers)
-        for lease in diff.added:
-            log.info("peer added", extra={"subnet": str(lease.subnet),
-                                          "public_ip": str(lease.public_ip)})
-        for lease in diff.removed:
-            log.info("peer removed", extra={"subnet": str(lease.subnet),
-                                            "public_ip": str(lease.public_ip)})
-        for lease in diff.changed:
-            log.info("peer changed", extra={"subnet": str(lease.subnet),
-                                            "public_ip": str(lease.public_ip)})
+        _log_peers(diff)
         full, self._full_dirty = self._full_dirty, False
         started = time.perf_counter()
         try:
-            if full or diff:
-                # The underlay ingress filter follows the same validated view; a renewal
-                # (no diff) leaves it as it is.
-                peers = sorted(view.peers.values(), key=lambda x: str(x.subnet))
-                ingress_error = await asyncio.to_thread(self._apply_ingress, peers)
-                if ingress_error is not None:
-                    self._backend_errors["ingress"] = ingress_error
-                    ok = False
-                else:
-                    self._backend_errors.pop("ingress", None)
+            # Order: a removed peer leaves the ingress filter first (the safe side: its
+            # packets are refused before its routes go); an added peer's routes, FDB and
+            # neighbour reach the kernel first (the filter only guards incoming traffic,
+            # and rebuilding it is not what the new peer's traffic waits for).
+            ingress = bool(full or diff)
+            ingress_first = bool(diff.removed or diff.changed or not diff.added)
+            if ingress and ingress_first:
+                ok = await self._ingress_step(view, full=full) and ok
             result = await self._apply(view, diff, full=full)
+            if ingress and not ingress_first:
+                ok = await self._ingress_step(view, full=full) and ok
             if result is not None and (result.added or result.removed):
                 log.info("reconciled", extra={"added": result.added, "removed": result.removed,
                                               "peers": len(view.peers), "full": full})
@@ -399,13 +400,25 @@ class Agent:
         self.peer_errors.update(errors)
         return ok
 
-    def _apply_ingress(self, peers: list[Lease]) -> str | None:
-        """The underlay ingress filter, rebuilt from the same validated view
-        (weft.host.ingress); a failure is reported and retried, never blocks the backend."""
+    async def _ingress_step(self, view: ValidatedView, *, full: bool) -> bool:
+        """The underlay ingress filter follows the same validated view (a renewal, no
+        diff, leaves it as it is); False when it could not be applied."""
+        ingress_error = await asyncio.to_thread(self._apply_ingress, list(view.peers.values()),
+                                                full)
+        if ingress_error is not None:
+            self._backend_errors["ingress"] = ingress_error
+            return False
+        self._backend_errors.pop("ingress", None)
+        return True
+
+    def _apply_ingress(self, peers: list[Lease], full: bool) -> str | None:
+        """The underlay ingress filter from the validated view (weft.host.ingress): whole on
+        a full pass, by difference on a store event; a failure is reported and retried,
+        never blocks the backend."""
         if self.ingress is None or self.lease is None:
             return None  # not started (a test driving the worker alone)
         try:
-            self.ingress.apply(self.lease, peers)
+            self.ingress.apply(self.lease, peers, full=full)
         except (WeftError, OSError, subprocess.SubprocessError) as exc:
             log.error("ingress filter not applied", extra={"error": str(exc)})
             return str(exc)
@@ -421,7 +434,16 @@ class Agent:
                 return None  # nothing a peer's data plane depends on changed
             removed = [self._applied[s] for s in diff.subnets() if s in self._applied]
             added = [view.peers[s] for s in diff.subnets() if s in view.peers]
-            result = await asyncio.to_thread(backend.update, removed, added)
+            self._updating = True
+            result = None
+            try:
+                result = await asyncio.to_thread(backend.update, removed, added)
+            finally:
+                self._updating = False
+                self._echoes.update(result.echoes if result is not None else ())
+                held, self._held = self._held, []
+                for reason in held:
+                    self._kernel_changed(reason)
             if result is not None:
                 self.metrics.updates.inc()
                 for subnet in diff.subnets():
@@ -430,6 +452,8 @@ class Agent:
                 self._backend_errors.update(result.errors)
                 self._applied = dict(view.peers)
                 return result
+        # A full pass checks everything: echoes still expected would only hide a removal.
+        self._echoes.clear()
         peers = sorted(view.peers.values(), key=lambda x: str(x.subnet))
         result = await asyncio.to_thread(backend.reconcile, peers)
         ingress = self._backend_errors.get("ingress")
@@ -702,7 +726,9 @@ class Agent:
                             self._kernel_changed, DEVICE_PREFIX,
                             tc_hooks=self.fastpath.fastpath is not None))),
                     tg.create_task(self._guard(
-                        "netfilter events", lambda: watch_netfilter(self._host_changed))),
+                        "netfilter events", lambda: watch_netfilter(
+                            self._host_changed,
+                            self.ingress.own_echo if self.ingress else None))),
                     tg.create_task(self._guard(
                         "file events", lambda: watch_files(self._host_changed, directories))),
                 ]
@@ -722,6 +748,12 @@ class Agent:
             await self._shutdown()
 
     def _kernel_changed(self, reason: str) -> None:
+        if self._echoes[reason] > 0:  # our own store-event deletion, told in advance
+            self._echoes[reason] -= 1
+            return
+        if self._updating:
+            self._held.append(reason)  # may be the echo of the update now running
+            return
         self.request(reason, host=reason.startswith(f"link {CNI_BRIDGE}"))
 
     def _host_changed(self, reason: str) -> None:
@@ -801,3 +833,24 @@ def parse_ip(value: str | None) -> IPAddress | None:
         return ipaddress.ip_address(value)
     except ValueError:
         raise UsageError(f"--public-ip {value!r} is not an IP address") from None
+
+
+_PEER_LINES = 20  # a join of thousands logs a summary, not a line per peer
+
+
+def _log_peers(diff: PeerDiff) -> None:
+    """One info line per peer added, removed or changed, up to `_PEER_LINES` per pass;
+    beyond that one summary line (the rest at debug): a host joining 5,000 peers spent
+    a measurable part of its join formatting 5,000 log lines."""
+    lines = [("peer added", lease) for lease in diff.added]
+    lines += [("peer removed", lease) for lease in diff.removed]
+    lines += [("peer changed", lease) for lease in diff.changed]
+    many = len(lines) > _PEER_LINES
+    if many:
+        log.info("peers changed", extra={"added": len(diff.added), "removed": len(diff.removed),
+                                         "changed": len(diff.changed)})
+    if many and not log.isEnabledFor(logging.DEBUG):
+        return
+    for message, lease in lines:
+        log.log(logging.DEBUG if many else logging.INFO, message,
+                extra={"subnet": str(lease.subnet), "public_ip": str(lease.public_ip)})

@@ -28,6 +28,7 @@ from pyroute2.netlink.rtnl import (
     RTMGRP_TC,
 )
 
+from weft.backends.bulk import ROUTE_REMOVED, neighbour_removed
 from weft.core.constants import ROUTE_PROTOCOL
 
 log = logging.getLogger("weft.agent")
@@ -52,11 +53,11 @@ def kernel_removal(msg: Any, devices: dict[int, str], prefix: str) -> str | None
         name = devices.get(msg["index"], "")
         return f"address removed from {name}" if name.startswith(prefix) else None
     if event == "RTM_DELROUTE":
-        return "route removed" if msg["proto"] == ROUTE_PROTOCOL else None
+        return ROUTE_REMOVED if msg["proto"] == ROUTE_PROTOCOL else None
     if event == "RTM_DELNEIGH":
         name = devices.get(msg["ifindex"], "")
         permanent = msg["state"] & _NUD_PERMANENT
-        return f"neighbour removed on {name}" if permanent and name.startswith(prefix) else None
+        return neighbour_removed(name) if permanent and name.startswith(prefix) else None
     return None
 
 
@@ -107,8 +108,10 @@ async def watch_kernel(changed: Changed, prefix: str, *, tc_hooks: bool = False)
                     changed(reason)
 
 
-async def watch_netfilter(changed: Changed) -> None:
-    """`nft monitor`: tables, chains or rules deleted or flushed (iptables-nft included)."""
+async def watch_netfilter(changed: Changed, own: Callable[[str], bool] | None = None) -> None:
+    """`nft monitor`: tables, chains or rules deleted or flushed (iptables-nft included).
+    `own` names the lines weft itself caused (the ingress filter's element deletions on a
+    store event): those need no repair pass."""
     nft = shutil.which("nft")
     if nft is None:
         log.warning("nft not found: netfilter changes are repaired at the next resync only")
@@ -123,6 +126,8 @@ async def watch_netfilter(changed: Changed) -> None:
     try:
         while line := await proc.stdout.readline():
             if line.startswith((b"delete", b"flush")):
+                if own is not None and own(line.decode(errors="replace")):
+                    continue
                 changed("netfilter rules removed")
         # nft ended: an error for the guard to log and restart, not a silent end.
         error = (await proc.stderr.read()).decode(errors="replace").strip()

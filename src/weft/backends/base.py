@@ -31,11 +31,15 @@ class ReconcileResult:
     added: int = 0
     removed: int = 0
     errors: dict[str, str] = field(default_factory=dict)  # peer subnet -> message
+    # The removal notices this pass's own deletions raise in the agent's kernel watcher
+    # (`weft.backends.bulk.removal_notice`): expected, so they ask for no repair pass.
+    echoes: tuple[str, ...] = ()
 
     def __iadd__(self, other: ReconcileResult) -> ReconcileResult:
         self.added += other.added
         self.removed += other.removed
         self.errors.update(other.errors)
+        self.echoes += other.echoes
         return self
 
 

@@ -9,15 +9,30 @@ from weft.core.errors import KernelError
 from weft.host import rtnl_batch
 from weft.host.rtnl_batch import Op
 
+ROUTE_REMOVED = "route removed"
+
+
+def neighbour_removed(device: str) -> str:
+    """The kernel watcher's notice for a permanent neighbour or FDB entry deleted on
+    `device` (`weft.agent.triggers.kernel_removal`)."""
+    return f"neighbour removed on {device}"
+
 
 def apply_tables(routes: Delta[Route], neighbours: Delta[Neighbour] | None = None,
-                 fdb: Delta[FdbEntry] | None = None) -> ReconcileResult:
+                 fdb: Delta[FdbEntry] | None = None, device: str = "") -> ReconcileResult:
     """Removals first, then FDB, neighbours and routes added, all in one batch. A failed
     entry is reported by name and the rest still applied."""
     neighbours = neighbours or Delta()
     fdb = fdb or Delta()
-    ops: list[Op] = [rtnl_batch.route_op(r, remove=True) for r in routes.remove]
-    ops += [rtnl_batch.neighbour_op(n, remove=True) for n in neighbours.remove]
+    # A route or neighbour added again under the same key (a peer's new gateway or VTEP
+    # MAC) is replaced in place (NLM_F_REPLACE), not deleted first: no moment without it,
+    # and no deletion for the agent's own kernel watcher to take for a removal to repair.
+    rerouted = {r.dst for r in routes.add}
+    readdressed = {(n.ip, n.ifindex) for n in neighbours.add}
+    ops: list[Op] = [rtnl_batch.route_op(r, remove=True) for r in routes.remove
+                     if r.dst not in rerouted]
+    ops += [rtnl_batch.neighbour_op(n, remove=True) for n in neighbours.remove
+            if (n.ip, n.ifindex) not in readdressed]
     ops += [rtnl_batch.fdb_op(e, remove=True) for e in fdb.remove]
     ops += [rtnl_batch.fdb_op(e) for e in fdb.add]
     ops += [rtnl_batch.neighbour_op(n) for n in neighbours.add]
@@ -26,6 +41,9 @@ def apply_tables(routes: Delta[Route], neighbours: Delta[Neighbour] | None = Non
         errors = rtnl_batch.send_batch(ops)
     except OSError as exc:
         raise KernelError(f"program {len(ops)} kernel entries: {exc}") from None
-    removed = len(routes.remove) + len(neighbours.remove) + len(fdb.remove)
+    removed = len(ops) - len(fdb.add) - len(neighbours.add) - len(routes.add)
+    routes_removed = sum(1 for r in routes.remove if r.dst not in rerouted)
+    echoes = ((ROUTE_REMOVED,) * routes_removed
+              + (neighbour_removed(device),) * (removed - routes_removed))
     return ReconcileResult(added=len(ops) - removed - len(errors), removed=removed,
-                           errors=errors)
+                           errors=errors, echoes=echoes)

@@ -57,8 +57,9 @@ class PeerDiff:
 
 
 def _same_peer(a: Lease, b: Lease) -> bool:
-    # A renewal changes only the expiry; that is not a change of the data plane.
-    return (a.public_ip, a.backend_type, dict(a.backend_data)) == (
+    # A renewal changes only the expiry; that is not a change of the data plane. The
+    # same object (the common case: a view carries unchanged leases over) needs no look.
+    return a is b or (a.public_ip, a.backend_type, dict(a.backend_data)) == (
         b.public_ip,
         b.backend_type,
         dict(b.backend_data),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
@@ -65,18 +65,43 @@ def lease_problem(lease: Lease, ctx: TrustContext) -> str | None:
     return ctx.data_problem(lease.backend_type, lease.backend_data)
 
 
+class ValidationMemo:
+    """`lease_problem` answers kept from the last pass, per subnet, for the same lease
+    value under the same trust context: a store event re-checks only the lease it changed
+    (the per-lease checks are most of a pass's cost at thousands of leases). Pure: a dict.
+    The cross-lease check (one PublicIP, two leases) is not memoised: it always runs."""
+
+    def __init__(self) -> None:
+        self._ctx: TrustContext | None = None
+        self._answers: dict[IPNetwork, tuple[Lease, str | None]] = {}
+
+    def begin(self, ctx: TrustContext) -> dict[IPNetwork, tuple[Lease, str | None]]:
+        """The answers usable under `ctx` (none if it changed); a pass replaces them.
+        The clock is no part of it: `lease_problem` never reads `now`."""
+        ctx = replace(ctx, now=0.0)
+        if ctx != self._ctx:
+            self._ctx, self._answers = ctx, {}
+        answers, self._answers = self._answers, {}
+        return answers
+
+    def keep(self, lease: Lease, problem: str | None) -> None:
+        self._answers[lease.subnet] = (lease, problem)
+
+
 def validate_view(leases: Iterable[Lease], ctx: TrustContext,
-                  previous: Collection[IPNetwork] | Mapping[IPNetwork, Lease] = ()
-                  ) -> ValidatedView:
+                  previous: Collection[IPNetwork] | Mapping[IPNetwork, Lease] = (),
+                  memo: ValidationMemo | None = None) -> ValidatedView:
     """The peers that may reach the kernel. Two leases naming one PublicIP cannot both be
     right: the one accepted before stays (a running cluster is not moved by a forged
     record); between two new ones, neither is used until one goes away. Likewise a
     subnet's PublicIP cannot change while the accepted lease runs: hosts only take a
     subnet whose lease expired or was released (create-if-absent), so an overwrite is a
-    record written by something else, refused while the accepted lease lasts."""
+    record written by something else, refused while the accepted lease lasts. With
+    `memo`, an unchanged lease is not checked again (the same answer, from the last pass)."""
     peers: dict[IPNetwork, Lease] = {}
     errors: dict[str, str] = {}
     accepted = previous if isinstance(previous, Mapping) else {}
+    known = memo.begin(ctx) if memo is not None else {}
     for lease in leases:
         if lease.subnet == ctx.own_subnet:
             continue  # this host's own subnet: the agent's lease logic decides about it
@@ -88,7 +113,13 @@ def validate_view(leases: Iterable[Lease], ctx: TrustContext,
                 f"{before.public_ip} (not released, not expired); keeping {before.public_ip}")
             peers[lease.subnet] = before
             continue
-        problem = lease_problem(lease, ctx)
+        cached = known.get(lease.subnet)
+        if cached is not None and (cached[0] is lease or cached[0] == lease):
+            problem = cached[1]
+        else:
+            problem = lease_problem(lease, ctx)
+        if memo is not None:
+            memo.keep(lease, problem)
         if problem is not None:
             errors[str(lease.subnet)] = problem
         else:

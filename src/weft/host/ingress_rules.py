@@ -21,6 +21,8 @@ Pure: no I/O; the edge (`weft.host.ingress`) runs the script and reads the count
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -29,7 +31,7 @@ from weft.backends.udp.options import UdpOptions
 from weft.backends.vxlan.options import VxlanOptions
 from weft.backends.wireguard.options import WireguardOptions
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
-from weft.core.lease import Lease, subnet_in_range
+from weft.core.lease import Lease, subnet_range
 
 INGRESS_TABLE = "weft-ingress"
 COUNTERS = ("non_member", "to_peer_port", "spoofed_source")
@@ -79,8 +81,9 @@ def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
     by_port = isinstance(config.backend, UdpOptions)
     members: set[tuple[IPAddress, int]] = set()
     subnets = {own.subnet}
+    in_range = subnet_range(config)
     for peer in peers:
-        if subnet_in_range(config, peer.subnet):
+        if in_range(peer.subnet):
             subnets.add(peer.subnet)
         if port is None or peer.public_ip == public_ip:
             continue
@@ -103,14 +106,13 @@ def ingress_ruleset(plan: IngressPlan) -> str:
     ul_type = "ipv4_addr" if plan.underlay_version == 4 else "ipv6_addr"
     ov = "ip" if plan.network.version == 4 else "ip6"
     ov_type = "ipv4_addr" if plan.network.version == 4 else "ipv6_addr"
+    members = member_elements(plan)
     if plan.by_port:
         member_type = f"{ul_type} . inet_service"
-        members = {f"{ip} . {port}" for ip, port in plan.members}
         match = f"{ul} saddr . udp sport @members"
         to_member = f"{ul} daddr . udp dport @members"
     else:
         member_type = ul_type
-        members = {str(ip) for ip, _ in plan.members}
         match = f"{ul} saddr @members"
         to_member = f"{ul} daddr @members"
     lines = [f"add table {t}"]
@@ -125,7 +127,7 @@ def ingress_ruleset(plan: IngressPlan) -> str:
     ]
     if plan.members:
         lines.append(f"add element {t} members {{ {', '.join(sorted(members))} }}")
-    lines.append(f"add element {t} subnets {{ {', '.join(sorted(map(str, plan.subnets)))} }}")
+    lines.append(f"add element {t} subnets {{ {', '.join(sorted(subnet_elements(plan)))} }}")
     rule = f"add rule {t} {_CHAIN}"
     if plan.port is not None:
         p = plan.port
@@ -156,3 +158,77 @@ def ingress_ruleset(plan: IngressPlan) -> str:
 def reset_script() -> str:
     """Remove the table whole (a host leaving, or a set whose type must change)."""
     return f"table inet {INGRESS_TABLE} {{}}\ndelete table inet {INGRESS_TABLE}\n"
+
+
+def member_elements(plan: IngressPlan) -> frozenset[str]:
+    """The members set's elements as nft prints them: `IP`, or `IP . port` (udp)."""
+    if plan.by_port:
+        return frozenset(f"{ip} . {port}" for ip, port in plan.members)
+    return frozenset(str(ip) for ip, _ in plan.members)
+
+
+def subnet_elements(plan: IngressPlan) -> frozenset[str]:
+    """The subnets set's elements as nft prints them (a one-address prefix without `/N`)."""
+    return frozenset(_nft_prefix(s) for s in plan.subnets)
+
+
+def _nft_prefix(subnet: IPNetwork) -> str:
+    return str(subnet.network_address) if subnet.prefixlen == subnet.max_prefixlen else str(subnet)
+
+
+def same_shape(old: IngressPlan, new: IngressPlan) -> bool:
+    """Only members or subnets differ: the table can follow by set elements alone."""
+    return dataclasses.replace(old, members=frozenset(), subnets=frozenset()) == \
+        dataclasses.replace(new, members=frozenset(), subnets=frozenset())
+
+
+@dataclass(frozen=True)
+class IngressDelta:
+    """Set elements to delete and add so that a table written for `old` holds `new`."""
+
+    script: str  # one nft transaction; empty when nothing differs
+    deleted: tuple[str, ...]  # the `delete element` lines `nft monitor` will echo, one each
+
+
+def ingress_delta(old: IngressPlan, new: IngressPlan) -> IngressDelta:
+    """The difference between two plans of the same shape (`same_shape`) as element
+    updates: O(changed), no flush, so the sets keep every other element and the chain its
+    counters. Deletions go first: a subnet that moves between two leases is never in twice
+    (an interval set refuses an overlapping element)."""
+    assert same_shape(old, new)
+    t = f"inet {INGRESS_TABLE}"
+    lines: list[str] = []
+    deleted: list[str] = []
+    added: list[str] = []
+    # The difference first, on the plans' own values; only it is formatted (O(changed)).
+    gone = dataclasses.replace(old, members=old.members - new.members,
+                               subnets=old.subnets - new.subnets)
+    came = dataclasses.replace(new, members=new.members - old.members,
+                               subnets=new.subnets - old.subnets)
+    for name, before, after in (("members", member_elements(gone), member_elements(came)),
+                                ("subnets", subnet_elements(gone), subnet_elements(came))):
+        for element in sorted(before - after):
+            line = f"delete element {t} {name} {{ {element} }}"
+            lines.append(line)
+            deleted.append(line)
+        added += [f"add element {t} {name} {{ {e} }}" for e in sorted(after - before)]
+    lines += added
+    return IngressDelta("\n".join(lines) + "\n" if lines else "", tuple(deleted))
+
+
+_ELEMENTS = re.compile(r"^(\s*)elements = \{([^}]*)\}\n", re.MULTILINE)
+_SET_NAME = re.compile(r"^\s*set (\S+) \{", re.MULTILINE)
+
+
+def split_listing(text: str) -> tuple[str, dict[str, frozenset[str]]]:
+    """`nft list table` text -> (the table without its set elements, the elements of each
+    set). Rules and set definitions are compared as text; elements as sets, since nft
+    prints them in an order and line wrapping of its own."""
+    elements: dict[str, frozenset[str]] = {}
+    names = [(m.start(), m.group(1)) for m in _SET_NAME.finditer(text)]
+    for match in _ELEMENTS.finditer(text):
+        owner = [name for start, name in names if start < match.start()]
+        if owner:
+            items = (" ".join(e.split()) for e in match.group(2).split(","))
+            elements[owner[-1]] = frozenset(e for e in items if e)
+    return _ELEMENTS.sub("", text), elements

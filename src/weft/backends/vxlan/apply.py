@@ -119,7 +119,7 @@ class VxlanBackend:
         if self._facts is None:
             return None
         change = plan.incremental(self.options, removed, added, self._facts)
-        result = apply_tables(change.routes, change.neighbours, change.fdb)
+        result = apply_tables(change.routes, change.neighbours, change.fdb, self.device)
         result.errors.update(change.errors)
         return result
 
