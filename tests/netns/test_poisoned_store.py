@@ -196,7 +196,10 @@ def kernel_state(tb: Testbed) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for h in tb.hosts:
         def j(argv: list[str], netns: str = h.netns) -> Any:
-            return json.loads(tb.run(netns, argv).stdout or "[]")
+            # Sorted: an entry deleted and added back (the blip of a lease recreated) may
+            # be listed in another place; the set of entries is what must not change.
+            entries = json.loads(tb.run(netns, argv).stdout or "[]")
+            return sorted(entries, key=lambda e: json.dumps(e, sort_keys=True))
 
         state[h.name] = {
             "routes": j(["ip", "-j", "route", "show", "proto", str(ROUTE_PROTOCOL)]),
@@ -212,12 +215,13 @@ def full_mesh(tb: Testbed) -> bool:
                for src in tb.containers for dst in tb.containers if src is not dst)
 
 
-def wait_for(what: str, check: Callable[[], bool], tb: Testbed, timeout: float = 10) -> None:
+def wait_for(what: str, check: Callable[[], bool], tb: Testbed, timeout: float = 10,
+             detail: Callable[[], object] = lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while not check():
         for h in tb.hosts:
             tb._check_alive(h)  # no agent exits
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s {detail()}"
         time.sleep(0.1)
 
 
@@ -250,10 +254,11 @@ def test_bad_record_is_reported_and_takes_nothing_down(
             assert during[h.name] == before[h.name], f"{name}: kernel changed on {h.name}"
     finally:
         writer.delete(rec)
-    wait_for("the error cleared", lambda: not any(errors(tb)), tb)
+    wait_for("the error cleared", lambda: not any(errors(tb)), tb, detail=lambda: errors(tb))
     # Deleting an overwritten lease of a live host deletes that host's subnet for a moment
     # (its peers drop the routes until it recreates its lease): wait for the settled state.
-    wait_for("the kernel as before", lambda: kernel_state(tb) == before, tb, timeout=20)
+    wait_for("the kernel as before", lambda: kernel_state(tb) == before, tb, timeout=20,
+             detail=lambda: (before, kernel_state(tb)))
     time.sleep(0.3)
     assert kernel_state(tb) == before
     for h in tb.hosts:

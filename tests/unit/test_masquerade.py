@@ -114,3 +114,22 @@ def test_forward_accepts_cover_every_device_overlay_traffic_crosses(
     assert overlay_devices(config, "eth0") == (tunnels, direct)
     rules = forward_accept_rules(config.network, tunnels, direct)
     assert {r[1] for r in rules} == set(tunnels) | ({direct} if direct else set())
+
+
+def test_netfilter_lines_that_wake_the_agent() -> None:
+    """`nft monitor` lines (as printed for iptables-nft): removals, and a FORWARD chain that
+    could now drop overlay traffic; weft's own accepts wake nothing (no loop)."""
+    from weft.agent.triggers import netfilter_change
+    from weft.host.forward_accept import COMMENT
+
+    chain = "add chain ip filter FORWARD { type filter hook forward priority filter; policy %s; }"
+    assert netfilter_change("delete table ip weft\n") == "netfilter rules removed"
+    assert netfilter_change("flush chain ip filter FORWARD\n") == "netfilter rules removed"
+    assert netfilter_change(chain % "drop") == "FORWARD policy set to drop"
+    assert netfilter_change(chain % "accept") is None
+    assert netfilter_change("add rule ip filter FORWARD counter jump DOCKER-USER\n") == \
+        "FORWARD rule added"
+    assert netfilter_change(f'add rule ip filter FORWARD iifname "weft.vx1" ip daddr '
+                            f'198.19.0.0/16 counter comment "{COMMENT}" accept\n') is None
+    assert netfilter_change("add rule ip nat POSTROUTING masquerade\n") is None
+    assert netfilter_change("# new generation 4 by process 15084 (iptables)\n") is None

@@ -152,6 +152,7 @@ class Agent:
         self.view = ValidatedView({})  # what the last reconcile used
         self._applied: dict[IPNetwork, Lease] = {}  # the peers the backend last received
         self._validation = ValidationMemo()  # per-lease checks of the last pass
+        self._rejected_seen: dict[str, str] = {}  # the store's non-lease records, last seen
         # Kernel removal notices our own incremental deletions cause (weft's, not a repair
         # to make: each was a full pass of 3N entries per store event), and those that
         # arrive while an update runs, matched once it says what it deleted.
@@ -515,7 +516,12 @@ class Agent:
                     backoff.reset()
                     if events:  # empty: only the records that are not leases changed
                         self.revision = events[-1].revision
-                    changed = changes_data(self.leases, events) or not events
+                    # A record that is not a lease going away changes no lease, but its
+                    # error must leave every status: the store's rejected set counts too.
+                    rejected = dict(self.store.rejected.by_key)
+                    changed = (changes_data(self.leases, events) or not events
+                               or rejected != self._rejected_seen)
+                    self._rejected_seen = rejected
                     self.leases = apply_events(self.leases, events)
                     self._check_own_lease()
                     if changed:

@@ -30,6 +30,7 @@ from pyroute2.netlink.rtnl import (
 
 from weft.backends.bulk import ROUTE_REMOVED, neighbour_removed
 from weft.core.constants import ROUTE_PROTOCOL
+from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 
 log = logging.getLogger("weft.agent")
 
@@ -108,6 +109,22 @@ async def watch_kernel(changed: Changed, prefix: str, *, tc_hooks: bool = False)
                     changed(reason)
 
 
+def netfilter_change(line: str) -> str | None:
+    """What an `nft monitor` line means for weft (pure): something removed or flushed, or
+    a FORWARD chain turned into one that could drop overlay traffic (a DROP policy, a rule
+    of another tool such as dockerd's): then weft's FORWARD accepts must be (re)checked.
+    weft's own accepts carry their comment and wake nothing."""
+    if line.startswith(("delete", "flush")):
+        return "netfilter rules removed"
+    if " filter FORWARD " not in line:
+        return None
+    if line.startswith("add chain") and "policy drop" in line:
+        return "FORWARD policy set to drop"
+    if line.startswith("add rule") and FORWARD_COMMENT not in line:
+        return "FORWARD rule added"
+    return None
+
+
 async def watch_netfilter(changed: Changed, own: Callable[[str], bool] | None = None) -> None:
     """`nft monitor`: tables, chains or rules deleted or flushed (iptables-nft included).
     `own` names the lines weft itself caused (the ingress filter's element deletions on a
@@ -124,11 +141,12 @@ async def watch_netfilter(changed: Changed, own: Callable[[str], bool] | None = 
     assert proc.stdout is not None
     assert proc.stderr is not None
     try:
-        while line := await proc.stdout.readline():
-            if line.startswith((b"delete", b"flush")):
-                if own is not None and own(line.decode(errors="replace")):
-                    continue
-                changed("netfilter rules removed")
+        while raw := await proc.stdout.readline():
+            line = raw.decode(errors="replace")
+            reason = netfilter_change(line)
+            if reason is None or (own is not None and own(line)):
+                continue
+            changed(reason)
         # nft ended: an error for the guard to log and restart, not a silent end.
         error = (await proc.stderr.read()).decode(errors="replace").strip()
         raise OSError(f"`nft monitor` exited: {error or 'no message'}")
