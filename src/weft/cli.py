@@ -440,15 +440,16 @@ def bench_scale(
                                                                  "(- for stdout)")] = None,
 ) -> None:
     """Control plane at scale: join, event -> kernel, CPU, RSS, store requests, start storm."""
+    from weft.lab.bench.report import write_json_data
     from weft.lab.bench.scale import ScaleOptions, parse_stores, run_scale
-    from weft.lab.bench.scale_report import render_scale_table, write_scale_json
+    from weft.lab.bench.scale_report import render_scale_table
 
     try:
         opts = ScaleOptions(leases, agents, parse_stores(stores), events, storm)
         report = run_scale(opts, progress=lambda line: err.print(line, highlight=False))
         render_scale_table(report, err if json_file == "-" else out)
         if json_file is not None:
-            write_scale_json(report, json_file)
+            write_json_data(report, json_file)
     except WeftError as exc:
         raise _fail(exc) from None
 

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_bench import _ours_left
 
-from weft.lab.testbed import RUNS_DIR, list_netns
+from weft.lab.testbed import list_netns
 
 pytestmark = pytest.mark.netns
 
@@ -43,17 +44,3 @@ def test_tiny_scale_bench_reports_every_figure(tmp_path: Path) -> None:
     assert 1 <= rr["store_requests_per_renewal"] < 20
     assert "storm" not in report
     assert not _ours_left(before, proc.pid)  # other engineers' runs may come and go
-
-
-def _ours_left(before: set[str], pid: int) -> list[str]:
-    """Namespaces made during the run whose run directory belonged to the bench."""
-    left = []
-    for name in set(list_netns()) - before:
-        run_id = name.removeprefix("weft-").split("-", 1)[0]
-        try:
-            owner = int((RUNS_DIR / run_id / "owner.pid").read_text())
-        except (OSError, ValueError):
-            owner = pid  # no run dir: nobody is using it
-        if owner == pid:
-            left.append(name)
-    return left

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -43,7 +44,12 @@ def render_table(report: BenchReport, console: Console) -> None:
 
 def write_json(report: BenchReport, dest: str) -> None:
     """The report as JSON to a file, or to stdout for `-`."""
-    text = json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n"
+    write_json_data(report.to_json(), dest)
+
+
+def write_json_data(data: Any, dest: str) -> None:
+    """Any bench's JSON to a file, or to stdout for `-`; a clear error if it cannot."""
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     if dest == "-":
         sys.stdout.write(text)
         return

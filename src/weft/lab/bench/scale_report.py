@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-
-from weft.core.errors import UsageError
 
 
 def _mm(d: dict[str, float], scale: float = 1.0, fmt: str = "{:.2f}") -> str:
@@ -52,14 +47,3 @@ def render_scale_table(report: dict[str, Any], console: Console) -> None:
                       f"s, {storm['deadline_hits']} request(s) hit their deadline, "
                       f"{storm['store_retries']} retries (load {storm['load_before']} → "
                       f"{storm['load_after']})", highlight=False)
-
-
-def write_scale_json(report: dict[str, Any], dest: str) -> None:
-    text = json.dumps(report, indent=2) + "\n"
-    if dest == "-":
-        sys.stdout.write(text)
-        return
-    try:
-        Path(dest).write_text(text)
-    except OSError as exc:
-        raise UsageError(f"--json {dest}: cannot write: {exc.strerror}") from None
