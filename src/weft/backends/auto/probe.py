@@ -27,16 +27,13 @@ from typing import Final
 
 from weft.backends.auto import wire
 from weft.backends.auto.options import PLANES
+from weft.backends.udp.forwarder import IP_PMTUDISC_DO, set_path_mtu_discovery
 from weft.core.config import IPAddress, IPNetwork
 from weft.core.constants import AUTO_TABLES
 
 log = logging.getLogger("weft.backends.auto")
 
-SO_MARK: Final = 36
-IP_FREEBIND: Final = 15
-IP_MTU_DISCOVER: Final = 10
-IPV6_MTU_DISCOVER: Final = 23
-IP_PMTUDISC_DO: Final = 2
+IP_FREEBIND: Final = 15  # not named by Python's socket module
 IP_UDP: Final = {4: 28, 6: 48}
 # Beside each full-size probe, one of the smallest size every IPv4 path carries: answered
 # while the full one is not, it says the path MTU is the problem, not the plane.
@@ -66,12 +63,9 @@ def _socket(version: int, own: IPAddress, port: int, mark: int | None) -> socket
     try:
         # The overlay address may be (re)assigned after we bind: bind to it anyway.
         sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-        if version == 4:
-            sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
-        else:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IP_PMTUDISC_DO)
+        set_path_mtu_discovery(sock, family, IP_PMTUDISC_DO)
         if mark is not None:
-            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         sock.bind((str(own), port))
         sock.setblocking(False)
     except BaseException:

@@ -71,7 +71,16 @@ SO_SNDBUFFORCE: Final = 32
 SO_RCVBUFFORCE: Final = 33
 IP_MTU_DISCOVER: Final = 10
 IPV6_MTU_DISCOVER: Final = 23
+IP_PMTUDISC_DO: Final = 2  # set DF, follow the learned path MTU
 IP_PMTUDISC_PROBE: Final = 3  # set DF, ignore learned path MTU: never fragment, never shrink
+
+
+def set_path_mtu_discovery(sock: socket.socket, family: int, mode: int) -> None:
+    """IP_MTU_DISCOVER (or its IPv6 twin) on `sock`: how the kernel treats DF."""
+    if family == socket.AF_INET:
+        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, mode)
+    else:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, mode)
 # The kernel's limit on segments per GSO send (UDP_MAX_SEGMENTS; 64 on older kernels).
 MAX_GSO_SEGMENTS: Final = 64
 # Largest UDP payload of one send: 64 KiB minus the UDP and (for IPv4) IP headers.  A
@@ -229,10 +238,7 @@ def open_udp_socket(
             except OSError:
                 sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
         # Never let the kernel IP-fragment a datagram: a too-big send fails loudly instead.
-        if family == socket.AF_INET:
-            sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
-        else:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IP_PMTUDISC_PROBE)
+        set_path_mtu_discovery(sock, family, IP_PMTUDISC_PROBE)
         sock.bind((str(bind_ip), port))
     except OSError as exc:
         sock.close()
