@@ -15,6 +15,7 @@ import pytest
 from test_ingress import heard_during
 
 from forged import PACKETS
+from weft.core.constants import AUTO_RULE_PRIORITY, AUTO_TABLES
 from weft.lab.testbed import Host, Testbed, netns_exec, sh
 
 pytestmark = pytest.mark.netns
@@ -237,3 +238,27 @@ def test_loosened_reverse_path_still_holds_a_hosts_own_subnet_to_its_containers(
         assert tb.host_status(h2)["ingress"]["dropped"]["spoofed_source"] - before >= 20
         # Control: the genuine peer still gets through on whatever plane it uses.
         assert tb.ping(c1.netns, c2.ip)
+
+
+def test_a_deleted_plane_rule_is_put_back_by_the_kernel_event_not_the_resync() -> None:
+    """Someone runs `ip rule del` on one of auto's fwmark rules: without it that plane's
+    probes would follow the main table and 'answer' for a plane they never crossed. The
+    rtnetlink event wakes the repair at once (the resync is an hour away here)."""
+    with Testbed(hosts=2, containers_per_host=1, config=CONFIG,
+                 agent_args=["--resync-interval", "3600"]) as tb:
+        tb.start()
+        h1 = tb.hosts[0]
+
+        def rules() -> set[int]:
+            shown = json.loads(tb.run(h1.netns, ["ip", "-j", "rule", "show"]).stdout)
+            return {int(r["table"]) for r in shown if r.get("priority") == AUTO_RULE_PRIORITY
+                    and r.get("table", "").isdigit()}
+
+        assert rules() == set(AUTO_TABLES.values())
+        table = AUTO_TABLES["vxlan"]
+        tb.run(h1.netns, ["ip", "rule", "del", "priority", str(AUTO_RULE_PRIORITY),
+                          "fwmark", hex(table), "lookup", str(table)])
+        deadline = time.monotonic() + 10
+        while table not in rules() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert rules() == set(AUTO_TABLES.values())

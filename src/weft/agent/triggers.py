@@ -21,23 +21,26 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.rtnl import (
     RTMGRP_IPV4_IFADDR,
     RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV4_RULE,
     RTMGRP_IPV6_IFADDR,
     RTMGRP_IPV6_ROUTE,
+    RTMGRP_IPV6_RULE,
     RTMGRP_LINK,
     RTMGRP_NEIGH,
     RTMGRP_TC,
 )
 
 from weft.backends.bulk import ROUTE_REMOVED, neighbour_removed
-from weft.core.constants import ROUTE_PROTOCOL
+from weft.core.constants import AUTO_TABLES, ROUTE_PROTOCOL
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 
 log = logging.getLogger("weft.agent")
 
 Changed = Callable[[str], None]
 _GROUPS = (RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
-           | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
+           | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE)
 _NUD_PERMANENT = 0x80
+_WEFT_TABLES = frozenset(AUTO_TABLES.values())
 
 
 def kernel_removal(msg: Any, devices: dict[int, str], prefix: str) -> str | None:
@@ -59,6 +62,10 @@ def kernel_removal(msg: Any, devices: dict[int, str], prefix: str) -> str | None
         name = devices.get(msg["ifindex"], "")
         permanent = msg["state"] & _NUD_PERMANENT
         return neighbour_removed(name) if permanent and name.startswith(prefix) else None
+    if event == "RTM_DELRULE":
+        # auto's fwmark rules; the table is in FRA_TABLE (the header's byte holds only < 256).
+        table = msg.get_attr("FRA_TABLE") or msg["table"]
+        return f"routing rule for table {table:#x} removed" if table in _WEFT_TABLES else None
     return None
 
 
@@ -84,7 +91,8 @@ def tc_hook_change(msg: Any, known: dict[int, str]) -> str | None:
 
 
 async def watch_kernel(changed: Changed, prefix: str, *, tc_hooks: bool = False) -> None:
-    """rtnetlink multicast: a device, address, route or neighbour of weft's removed (and
+    """rtnetlink multicast: a device, address, route, neighbour or routing rule of weft's
+    removed (and
     with `tc_hooks`, what the fast path's hooks follow: `tc_hook_change`)."""
     async with AsyncIPRoute() as ipr:
         await ipr.bind(groups=_GROUPS | (RTMGRP_TC if tc_hooks else 0))
