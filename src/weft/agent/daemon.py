@@ -59,7 +59,7 @@ from weft.core.errors import (
 from weft.core.events import LeaseMap, PeerDiff, apply_events, changes_data, diff_peers
 from weft.core.host import HostContext
 from weft.core.lease import Lease
-from weft.core.validate import TrustContext, ValidatedView, ValidationMemo, validate_view
+from weft.core.validate import TrustContext, ValidatedView, ViewKeeper
 from weft.host.forward_accept import overlay_devices, remove_forward_accept
 from weft.host.ingress import IngressFilter
 from weft.host.masquerade import (
@@ -79,6 +79,7 @@ from weft.store import LeaseStore
 
 log = logging.getLogger("weft.agent")
 T = TypeVar("T")
+PeerChange = tuple[list[Lease], list[Lease]]  # the changed peers' old leases, their new ones
 
 # Every device weft creates starts with this (weft.vx1, weft.udp0, weft.wg0, weft0).
 DEVICE_PREFIX = "weft"
@@ -151,7 +152,10 @@ class Agent:
         self.leases: LeaseMap = {}  # everything the store holds, unvalidated
         self.view = ValidatedView({})  # what the last reconcile used
         self._applied: dict[IPNetwork, Lease] = {}  # the peers the backend last received
-        self._validation = ValidationMemo()  # per-lease checks of the last pass
+        # The validated view kept by difference: a store event re-validates the subnets
+        # it named (`_pending`, since the last pass), not every lease.
+        self._keeper = ViewKeeper()
+        self._pending: set[IPNetwork] = set()
         self._rejected_seen: dict[str, str] = {}  # the store's non-lease records, last seen
         # Kernel removal notices our own incremental deletions cause (weft's, not a repair
         # to make: each was a full pass of 3N entries per store event), and those that
@@ -339,12 +343,20 @@ class Agent:
             if self.host_errors:
                 log.error("could not repair host state", extra=self.host_errors)
                 self._host_dirty = ok = False
-        view = validate_view(self.leases.values(), self._trust(), previous=self.view.peers,
-                             memo=self._validation)
-        before, self.view = self.view.peers, view
-        diff = diff_peers(before, view.peers)
-        _log_peers(diff)
         full, self._full_dirty = self._full_dirty, False
+        named, self._pending = self._pending, set()
+        before = self.view.peers
+        if full:
+            view = self._keeper.full(self.leases.values(), self._trust())
+            diff = diff_peers(before, view.peers)
+        else:
+            view, touched = self._keeper.update(self.leases, named, self._trust())
+            diff = diff_peers(before, view.peers, touched)
+        self.view = view
+        _log_peers(diff)
+        # A store event's changed peers, old leases and new (a changed peer is in both).
+        change = None if full else ([before[s] for s in diff.subnets() if s in before],
+                                    [view.peers[s] for s in diff.subnets() if s in view.peers])
         started = time.perf_counter()
         try:
             # Order: a removed peer leaves the ingress filter first (the safe side: its
@@ -354,10 +366,10 @@ class Agent:
             ingress = bool(full or diff)
             ingress_first = bool(diff.removed or diff.changed or not diff.added)
             if ingress and ingress_first:
-                ok = await self._ingress_step(view, full=full) and ok
+                ok = await self._ingress_step(view, change, full=full) and ok
             result = await self._apply(view, diff, full=full)
             if ingress and not ingress_first:
-                ok = await self._ingress_step(view, full=full) and ok
+                ok = await self._ingress_step(view, change, full=full) and ok
             if result is not None and (result.added or result.removed):
                 log.info("reconciled", extra={"added": result.added, "removed": result.removed,
                                               "peers": len(view.peers), "full": full})
@@ -401,25 +413,27 @@ class Agent:
         self.peer_errors.update(errors)
         return ok
 
-    async def _ingress_step(self, view: ValidatedView, *, full: bool) -> bool:
+    async def _ingress_step(self, view: ValidatedView,
+                            change: PeerChange | None, *, full: bool) -> bool:
         """The underlay ingress filter follows the same validated view (a renewal, no
         diff, leaves it as it is); False when it could not be applied."""
         ingress_error = await asyncio.to_thread(self._apply_ingress, list(view.peers.values()),
-                                                full)
+                                                change, full)
         if ingress_error is not None:
             self._backend_errors["ingress"] = ingress_error
             return False
         self._backend_errors.pop("ingress", None)
         return True
 
-    def _apply_ingress(self, peers: list[Lease], full: bool) -> str | None:
+    def _apply_ingress(self, peers: list[Lease], change: PeerChange | None,
+                       full: bool) -> str | None:
         """The underlay ingress filter from the validated view (weft.host.ingress): whole on
         a full pass, by difference on a store event; a failure is reported and retried,
         never blocks the backend."""
         if self.ingress is None or self.lease is None:
             return None  # not started (a test driving the worker alone)
         try:
-            self.ingress.apply(self.lease, peers, full=full)
+            self.ingress.apply(self.lease, peers, full=full, change=change)
         except (WeftError, OSError, subprocess.SubprocessError) as exc:
             log.error("ingress filter not applied", extra={"error": str(exc)})
             return str(exc)
@@ -523,6 +537,8 @@ class Agent:
                                or rejected != self._rejected_seen)
                     self._rejected_seen = rejected
                     self.leases = apply_events(self.leases, events)
+                    # Renewals too: the next pass takes their new expiries into the view.
+                    self._pending.update(event.subnet for event in events)
                     self._check_own_lease()
                     if changed:
                         self.request("store", full=False)
@@ -532,7 +548,9 @@ class Agent:
                 log.warning("watch history compacted; resyncing from a full list",
                             extra={"error": str(exc)})
                 leases, self.revision = await self._retry("list leases", self.store.list_leases)
+                self._pending.update(self.leases)  # whatever the missed history changed
                 self.leases = {lease.subnet: lease for lease in leases}
+                self._pending.update(self.leases)
                 self._check_own_lease()
                 self.request("store resync", full=False)
             except StoreUnavailable as exc:
