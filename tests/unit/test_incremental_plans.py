@@ -1,7 +1,8 @@
 """Incremental application equals a full reconcile: from a table of store event sequences,
 the kernel tables after applying each event's incremental plan (from the changed peers
 alone) are exactly the full plan of the resulting view, for vxlan (with and without
-DirectRouting) and host-gw. Also: a round of renewals changes no data."""
+DirectRouting) and host-gw; and the agent's whole store-event path (validated, diffed and
+planned by difference) equals a full pass. Also: a round of renewals changes no data."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ import pytest
 
 from weft.backends.base import apply_delta
 from weft.backends.hostgw import plan as hostgw
+from weft.backends.registry import backend_data_problem
 from weft.backends.vxlan import plan as vxlan
 from weft.backends.vxlan.options import VxlanOptions
+from weft.core.config import parse_config
 from weft.core.dataplane import FdbEntry, Neighbour, Route
 from weft.core.events import EventKind, LeaseEvent, apply_events, changes_data, diff_peers
 from weft.core.host import UnderlayFacts
 from weft.core.lease import Lease
+from weft.core.validate import TrustContext, ViewKeeper, validate_view
+from weft.host.ingress_rules import ingress_plan, ingress_update
 
 UNDERLAY = UnderlayFacts(2, (ipaddress.ip_interface("198.18.0.1/24"),))
 FACTS = vxlan.VxlanFacts(7, UNDERLAY)
@@ -119,3 +124,52 @@ def test_a_round_of_renewals_changes_no_data() -> None:
     assert changes_data(view, [delete(3)])
     assert not changes_data(view, [delete(8)])
     assert changes_data(view, [put(lease(8))])
+
+
+# --- the whole store-event path: validated, diffed and planned by difference ------------
+
+CONFIG = parse_config('{"Network": "198.19.0.0/16", "SubnetLen": 24}')
+ME = ipaddress.ip_address("198.18.0.1")
+OWN = Lease(ipaddress.ip_network("198.19.1.0/24"), ME, "vxlan", {"VtepMAC": "02:00:00:00:00:01"})
+TRUST = TrustContext(CONFIG, ME, OWN.subnet, (ipaddress.ip_network("198.18.0.0/24"),),
+                     backend_data_problem)
+PATH_SEQUENCES = {
+    **SEQUENCES,
+    "a second claim on a peer's address, then the peer leaves": [
+        [put(lease(2)), put(lease(3))], [put(lease(4, ip="198.18.0.2"))], [delete(2)]],
+    "a bad record, fixed, a renewal of it": [
+        [put(lease(2)), put(Lease(lease(3).subnet, lease(3).public_ip, "vxlan",
+                                  {"VtepMAC": "zz"}))], [put(lease(3))],
+        [put(lease(3, expiry=9.0))]],
+    "this host's own lease and a peer naming this host's address": [
+        [put(OWN), put(lease(2))], [put(lease(5, ip="198.18.0.1"))]],
+}
+
+
+@pytest.mark.parametrize("name", list(PATH_SEQUENCES))
+def test_a_store_event_path_by_difference_equals_a_full_pass(name: str) -> None:
+    """What the agent does per store event (`ViewKeeper.update` of the named subnets, the
+    diff among the touched ones, `vxlan.incremental`, `ingress_update`) leaves the kernel
+    tables and the ingress plan of a full pass over the resulting view."""
+    options = VxlanOptions()
+    keeper = ViewKeeper()
+    leases: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, Lease] = {}
+    view = keeper.full([], TRUST)
+    tables: Tables = (set(), set(), set())
+    ingress = ingress_plan(CONFIG, ME, OWN, [])
+    for batch in PATH_SEQUENCES[name]:
+        leases = apply_events(leases, batch)
+        new, touched = keeper.update(leases, {e.subnet for e in batch}, TRUST)
+        diff = diff_peers(view.peers, new.peers, touched)
+        removed = [view.peers[s] for s in diff.subnets() if s in view.peers]
+        added = [new.peers[s] for s in diff.subnets() if s in new.peers]
+        change = vxlan.incremental(options, removed, added, FACTS)
+        tables = (apply_delta(tables[0], change.fdb),
+                  apply_delta(tables[1], change.neighbours, vxlan.neighbour_key),
+                  apply_delta(tables[2], change.routes, vxlan.route_key))
+        ingress = ingress_update(CONFIG, ME, ingress, removed, added)
+        full = validate_view(leases.values(), TRUST, previous=view.peers)
+        assert new == full
+        assert tables == vxlan_full(options, list(full.peers.values()))
+        assert ingress == ingress_plan(CONFIG, ME, OWN, full.peers.values())
+        view = new

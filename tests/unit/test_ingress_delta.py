@@ -1,6 +1,8 @@
 """The ingress filter by difference (pure): over a table of event sequences, applying each
-step's element delta to the sets gives exactly the sets of a full rebuild; a plan of
-another shape is not delta-able; `nft list` text is split into skeleton and elements."""
+step's element delta to the sets gives exactly the sets of a full rebuild, and a plan
+updated from a store event's changed peers alone is the plan rebuilt from all of them; a
+plan of another shape is not delta-able; `nft list` text is split into skeleton and
+elements."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ import re
 import pytest
 
 from weft.core.config import NetworkConfig, parse_config
+from weft.core.events import diff_peers
 from weft.core.lease import Lease
 from weft.host.ingress_rules import (
     ingress_delta,
     ingress_plan,
+    ingress_update,
     member_elements,
     same_shape,
     split_listing,
@@ -111,3 +115,29 @@ def test_a_listing_splits_into_skeleton_and_elements() -> None:
     assert "elements" not in skeleton
     assert "set empty" in skeleton
     assert "flags interval" in skeleton
+
+
+A_NEW_PORT = lease("198.19.0.8/29", "198.18.1.1", "udp", Port=9000)
+# Validated views only: two peers never share a PublicIP (core.validate holds one back).
+UPDATES = {
+    **{name: steps for name, steps in SEQUENCES.items() if "share one IP" not in name},
+    "a peer's backend data changes, its IP stays": [[A, B], [A_NEW_PORT, B], [A, B]],
+    "this host's address in a peer's lease (no member)": [[A], [A, lease("198.19.0.32/29",
+                                                                         "198.18.0.1")]],
+    "a peer out of the subnet range": [[A], [A, lease("10.0.0.0/29", "198.18.1.7")]],
+}
+
+
+@pytest.mark.parametrize("config", [VXLAN, UDP], ids=["vxlan", "udp"])
+@pytest.mark.parametrize("steps", UPDATES.values(), ids=UPDATES.keys())
+def test_a_plan_updated_by_difference_equals_the_plan_rebuilt(
+        config: NetworkConfig, steps: list[list[Lease]]) -> None:
+    plan = ingress_plan(config, ME, OWN, steps[0])
+    view = {x.subnet: x for x in steps[0]}
+    for peers in steps[1:]:
+        new = {x.subnet: x for x in peers}
+        diff = diff_peers(view, new)
+        plan = ingress_update(config, ME, plan, [view[s] for s in diff.subnets() if s in view],
+                              [new[s] for s in diff.subnets() if s in new])
+        assert plan == ingress_plan(config, ME, OWN, peers)
+        view = new

@@ -8,11 +8,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from weft.backends.registry import backend_data_problem
 from weft.core.config import parse_config
 from weft.core.lease import Lease
-from weft.core.validate import TrustContext, ValidationMemo, validate_view
+from weft.core.validate import TrustContext, ViewKeeper, validate_view
 
 CONFIG = parse_config('{"Network": "198.19.0.0/16", "SubnetLen": 24, "SubnetMin": "198.19.1.0",'
                       ' "SubnetMax": "198.19.200.0"}')
@@ -142,7 +144,7 @@ SEQUENCES = {
 
 @pytest.mark.parametrize("steps", SEQUENCES.values(), ids=SEQUENCES.keys())
 def test_memoised_views_equal_uncached_views(steps: list[list[Lease]]) -> None:
-    memo = ValidationMemo()
+    memo = ViewKeeper()
     cached_prev: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, Lease] = {}
     plain_prev: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, Lease] = {}
     for table in steps:
@@ -153,7 +155,7 @@ def test_memoised_views_equal_uncached_views(steps: list[list[Lease]]) -> None:
 
 
 def test_a_new_trust_context_forgets_the_answers() -> None:
-    memo = ValidationMemo()
+    memo = ViewKeeper()
     assert validate_view([A], CTX, memo=memo).peers == {A.subnet: A}
     # This host's own address is A's now: A's answer must be checked again, not reused.
     moved = dataclasses.replace(CTX, host_ip=A.public_ip)
@@ -169,7 +171,7 @@ def test_an_unchanged_lease_is_not_checked_again() -> None:
         return CTX.data_problem(backend, data)  # type: ignore[arg-type]
 
     ctx = dataclasses.replace(CTX, data_problem=counting)
-    memo = ValidationMemo()
+    memo = ViewKeeper()
     table = [lease(f"198.19.{i}.0/24", f"198.18.0.{i}") for i in range(2, 52)]
     validate_view(table, ctx, memo=memo)
     assert len(calls) == 50
@@ -186,7 +188,116 @@ def test_the_clock_moving_keeps_the_answers() -> None:
         calls.append(backend)
         return CTX.data_problem(backend, data)  # type: ignore[arg-type]
 
-    memo = ValidationMemo()
+    memo = ViewKeeper()
     validate_view([A, B], dataclasses.replace(CTX, data_problem=counting, now=1.0), memo=memo)
     validate_view([A, B], dataclasses.replace(CTX, data_problem=counting, now=2.0), memo=memo)
     assert len(calls) == 2  # every pass has a new `now`; no lease was checked twice
+
+
+# --- the view kept by difference: a store event's update equals a full pass -------------
+
+RUNNING_A = A.with_expiration(2000.0)
+FORGED_A = dataclasses.replace(lease("198.19.2.0/24", "198.18.0.9"), expiration=5000.0)
+B_MOVES_TO_A_IP = dataclasses.replace(B_SAME_IP_AS_A, expiration=5000.0)
+
+# Each step: the whole lease table after one store event, and the clock at that pass.
+TIMED: dict[str, list[tuple[list[Lease], float]]] = {
+    **{name: [(table, 0.0) for table in steps] for name, steps in SEQUENCES.items()},
+    "an overwrite refused while the accepted lease runs, accepted once it has expired": [
+        ([RUNNING_A, B], 1000.0), ([FORGED_A, B], 1000.0), ([FORGED_A, B], 1500.0),
+        ([FORGED_A, B], 3000.0)],
+    "a peer moves onto a running peer's address: the running one keeps it": [
+        ([A, B], 0.0), ([A, B_MOVES_TO_A_IP], 0.0), ([B_MOVES_TO_A_IP], 0.0)],
+    "three claims on one address, the held one goes, then another": [
+        ([A], 0.0), ([A, B_SAME_IP_AS_A, C_SAME_IP_AS_A], 0.0),
+        ([B_SAME_IP_AS_A, C_SAME_IP_AS_A], 0.0), ([C_SAME_IP_AS_A], 0.0)],
+    "a duplicate claim turns bad, then good again": [
+        ([A, B_SAME_IP_AS_A], 0.0),
+        ([A, dataclasses.replace(B_SAME_IP_AS_A, backend_data={"VtepMAC": "zz"})], 0.0),
+        ([A, B_SAME_IP_AS_A], 0.0), ([B_SAME_IP_AS_A], 0.0)],
+    "renewals of a peer, a bad record and a duplicate": [
+        ([A, BAD_MAC, B_SAME_IP_AS_A], 0.0),
+        ([RENEWED_A, dataclasses.replace(BAD_MAC, expiration=9.0),
+          dataclasses.replace(B_SAME_IP_AS_A, expiration=9.0)], 0.0)],
+}
+
+
+def _named(before: dict[Any, Lease], after: dict[Any, Lease]) -> set[Any]:
+    """The subnets a store's events name between two tables (a renewal names its own)."""
+    return {s for s in before.keys() | after.keys() if before.get(s) is not after.get(s)}
+
+
+def _check_updates_equal_full_passes(steps: list[tuple[list[Lease], float]]) -> None:
+    keeper = ViewKeeper()
+    table: dict[Any, Lease] = {}
+    plain = keeper.full([], CTX)
+    for leases, now in steps:
+        new = {x.subnet: x for x in leases}
+        ctx = dataclasses.replace(CTX, now=now)
+        kept, touched = keeper.update(new, _named(table, new), ctx)
+        expected = validate_view(new.values(), ctx, previous=plain.peers)
+        assert kept == expected
+        assert touched is not None
+        # Outside the touched subnets, nothing differs from the last view.
+        assert {s for s in plain.peers.keys() | kept.peers.keys()
+                if plain.peers.get(s) != kept.peers.get(s)} <= touched
+        table, plain = new, expected
+
+
+@pytest.mark.parametrize("steps", TIMED.values(), ids=TIMED.keys())
+def test_updates_by_difference_equal_full_passes(steps: list[tuple[list[Lease], float]]) -> None:
+    _check_updates_equal_full_passes(steps)
+
+
+def test_an_update_checks_only_the_changed_lease() -> None:
+    calls: list[str] = []
+
+    def counting(backend: str, data: object) -> str | None:
+        calls.append(backend)
+        return CTX.data_problem(backend, data)  # type: ignore[arg-type]
+
+    ctx = dataclasses.replace(CTX, data_problem=counting)
+    keeper = ViewKeeper()
+    table = {x.subnet: x for x in (lease(f"198.19.{i}.0/24", f"198.18.0.{i}")
+                                   for i in range(2, 52))}
+    keeper.full(table.values(), ctx)
+    changed = dataclasses.replace(table[A.subnet], backend_data={"VtepMAC": "02:00:00:00:00:07"})
+    table[A.subnet] = changed
+    view, touched = keeper.update(table, {A.subnet}, ctx)
+    assert len(calls) == 51
+    assert touched == {A.subnet}
+    assert view.peers[A.subnet] is changed
+
+
+def test_a_new_trust_context_makes_the_update_a_full_pass() -> None:
+    keeper = ViewKeeper()
+    keeper.full([A], CTX)
+    view, touched = keeper.update({A.subnet: A}, set(), dataclasses.replace(CTX, host_ip=A.public_ip))
+    assert touched is None
+    assert "own address" in view.errors[str(A.subnet)]
+
+
+_SUBNETS = [f"198.19.{i}.0/24" for i in (1, 2, 3, 4, 5)]  # 198.19.1.0/24 is this host's
+_IPS = ["198.18.0.2", "198.18.0.3", "198.18.0.4", "198.18.0.1"]  # the last is this host's
+_MACS = [MAC, "02:00:00:00:00:09", "zz"]
+_record = st.builds(lambda s, ip, mac, exp: dataclasses.replace(
+    lease(s, ip, data={"VtepMAC": mac}), expiration=exp), st.sampled_from(_SUBNETS),
+    st.sampled_from(_IPS), st.sampled_from(_MACS), st.sampled_from([0.0, 50.0, 500.0]))
+_step = st.tuples(st.lists(st.one_of(_record, st.sampled_from(_SUBNETS)), max_size=4),
+                  st.sampled_from([0.0, 10.0, 100.0, 1000.0]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_step, min_size=1, max_size=8))
+def test_random_event_sequences_updated_by_difference_equal_full_passes(
+        events: list[tuple[list[Lease | str], float]]) -> None:
+    table: dict[Any, Lease] = {}
+    steps: list[tuple[list[Lease], float]] = []
+    for batch, now in sorted(events, key=lambda e: e[1]):  # the clock only moves forward
+        for event in batch:
+            if isinstance(event, str):
+                table.pop(ipaddress.ip_network(event), None)  # a delete
+            else:
+                table[event.subnet] = event
+        steps.append((list(table.values()), now))
+    _check_updates_equal_full_passes(steps)

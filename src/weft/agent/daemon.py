@@ -59,7 +59,7 @@ from weft.core.errors import (
 from weft.core.events import LeaseMap, PeerDiff, apply_events, changes_data, diff_peers
 from weft.core.host import HostContext
 from weft.core.lease import Lease
-from weft.core.validate import TrustContext, ValidatedView, ValidationMemo, validate_view
+from weft.core.validate import TrustContext, ValidatedView, ViewKeeper
 from weft.host.forward_accept import overlay_devices, remove_forward_accept
 from weft.host.ingress import IngressFilter
 from weft.host.masquerade import (
@@ -79,9 +79,15 @@ from weft.store import LeaseStore
 
 log = logging.getLogger("weft.agent")
 T = TypeVar("T")
+PeerChange = tuple[list[Lease], list[Lease]]  # the changed peers' old leases, their new ones
 
 # Every device weft creates starts with this (weft.vx1, weft.udp0, weft.wg0, weft0).
 DEVICE_PREFIX = "weft"
+# The store request deadline while the agent starts (the store's own after): measured with
+# 100 agents starting at once on 2 cores, etcd answered, but the starved clients read the
+# answers after etcd's 3 s had passed (284 requests retried). A start has no data plane to
+# keep yet; a request caught on a dead member waits this long once, then the next is tried.
+START_DEADLINE = 15.0
 
 
 @dataclass
@@ -151,7 +157,10 @@ class Agent:
         self.leases: LeaseMap = {}  # everything the store holds, unvalidated
         self.view = ValidatedView({})  # what the last reconcile used
         self._applied: dict[IPNetwork, Lease] = {}  # the peers the backend last received
-        self._validation = ValidationMemo()  # per-lease checks of the last pass
+        # The validated view kept by difference: a store event re-validates the subnets
+        # it named (`_pending`, since the last pass), not every lease.
+        self._keeper = ViewKeeper()
+        self._pending: set[IPNetwork] = set()
         self._rejected_seen: dict[str, str] = {}  # the store's non-lease records, last seen
         # Kernel removal notices our own incremental deletions cause (weft's, not a repair
         # to make: each was a full pass of 3N entries per store event), and those that
@@ -201,6 +210,13 @@ class Agent:
         return text, parse_config(text)
 
     async def start(self) -> None:
+        self.store.starting(START_DEADLINE)
+        try:
+            await self._start()
+        finally:
+            self.store.starting(None)
+
+    async def _start(self) -> None:
         require_root()
         state_dir = self.opts.state_dir
         try:
@@ -222,10 +238,12 @@ class Agent:
             (*tunnels, *((bare,) if bare else ())) if config.backend.type == "auto" else ()))
         self.metrics.export_ingress(config.backend.type, self.ingress.counters)
         data = await asyncio.to_thread(backend.prepare)
+        listings: list[tuple[list[Lease], int]] = []
         lease, reclaimed = await self._retry(
             "acquire lease",
             lambda: acquire_lease(self.store, config, host.public_ip, config.backend.type,
-                                  data, self.opts.lease_ttl),
+                                  data, self.opts.lease_ttl,
+                                  on_list=lambda *listing: listings.append(listing)),
         )
         log.info("lease reclaimed" if reclaimed else "lease acquired",
                  extra={"subnet": str(lease.subnet), "public_ip": str(host.public_ip),
@@ -236,8 +254,12 @@ class Agent:
         await asyncio.to_thread(self.fastpath.start, config, lease.subnet,
                                 host.underlay_ifname, state_dir)
         self.metrics.export_backend(backend.status)
-        leases, self.revision = await self._retry("list leases", self.store.list_leases)
-        self.leases = {lease.subnet: lease for lease in leases}
+        # The view starts from the listing the lease was chosen by (at 5,000 leases a second
+        # listing was a tenth of the join); the watch from its revision brings what came
+        # after, our own lease's write included.
+        leases, self.revision = listings[-1]
+        self.leases = {x.subnet: x for x in leases}
+        self.leases[lease.subnet] = lease
         # The first pass runs here, so what goes wrong on start-up reaches the caller; it
         # also removes what an earlier run left that no lease wants.
         await self._reconcile_once()
@@ -339,12 +361,20 @@ class Agent:
             if self.host_errors:
                 log.error("could not repair host state", extra=self.host_errors)
                 self._host_dirty = ok = False
-        view = validate_view(self.leases.values(), self._trust(), previous=self.view.peers,
-                             memo=self._validation)
-        before, self.view = self.view.peers, view
-        diff = diff_peers(before, view.peers)
-        _log_peers(diff)
         full, self._full_dirty = self._full_dirty, False
+        named, self._pending = self._pending, set()
+        before = self.view.peers
+        if full:
+            view = self._keeper.full(self.leases.values(), self._trust())
+            diff = diff_peers(before, view.peers)
+        else:
+            view, touched = self._keeper.update(self.leases, named, self._trust())
+            diff = diff_peers(before, view.peers, touched)
+        self.view = view
+        _log_peers(diff)
+        # A store event's changed peers, old leases and new (a changed peer is in both).
+        change = None if full else ([before[s] for s in diff.subnets() if s in before],
+                                    [view.peers[s] for s in diff.subnets() if s in view.peers])
         started = time.perf_counter()
         try:
             # Order: a removed peer leaves the ingress filter first (the safe side: its
@@ -354,10 +384,10 @@ class Agent:
             ingress = bool(full or diff)
             ingress_first = bool(diff.removed or diff.changed or not diff.added)
             if ingress and ingress_first:
-                ok = await self._ingress_step(view, full=full) and ok
+                ok = await self._ingress_step(view, change, full=full) and ok
             result = await self._apply(view, diff, full=full)
             if ingress and not ingress_first:
-                ok = await self._ingress_step(view, full=full) and ok
+                ok = await self._ingress_step(view, change, full=full) and ok
             if result is not None and (result.added or result.removed):
                 log.info("reconciled", extra={"added": result.added, "removed": result.removed,
                                               "peers": len(view.peers), "full": full})
@@ -401,25 +431,27 @@ class Agent:
         self.peer_errors.update(errors)
         return ok
 
-    async def _ingress_step(self, view: ValidatedView, *, full: bool) -> bool:
+    async def _ingress_step(self, view: ValidatedView,
+                            change: PeerChange | None, *, full: bool) -> bool:
         """The underlay ingress filter follows the same validated view (a renewal, no
         diff, leaves it as it is); False when it could not be applied."""
         ingress_error = await asyncio.to_thread(self._apply_ingress, list(view.peers.values()),
-                                                full)
+                                                change, full)
         if ingress_error is not None:
             self._backend_errors["ingress"] = ingress_error
             return False
         self._backend_errors.pop("ingress", None)
         return True
 
-    def _apply_ingress(self, peers: list[Lease], full: bool) -> str | None:
+    def _apply_ingress(self, peers: list[Lease], change: PeerChange | None,
+                       full: bool) -> str | None:
         """The underlay ingress filter from the validated view (weft.host.ingress): whole on
         a full pass, by difference on a store event; a failure is reported and retried,
         never blocks the backend."""
         if self.ingress is None or self.lease is None:
             return None  # not started (a test driving the worker alone)
         try:
-            self.ingress.apply(self.lease, peers, full=full)
+            self.ingress.apply(self.lease, peers, full=full, change=change)
         except (WeftError, OSError, subprocess.SubprocessError) as exc:
             log.error("ingress filter not applied", extra={"error": str(exc)})
             return str(exc)
@@ -523,6 +555,8 @@ class Agent:
                                or rejected != self._rejected_seen)
                     self._rejected_seen = rejected
                     self.leases = apply_events(self.leases, events)
+                    # Renewals too: the next pass takes their new expiries into the view.
+                    self._pending.update(event.subnet for event in events)
                     self._check_own_lease()
                     if changed:
                         self.request("store", full=False)
@@ -532,7 +566,9 @@ class Agent:
                 log.warning("watch history compacted; resyncing from a full list",
                             extra={"error": str(exc)})
                 leases, self.revision = await self._retry("list leases", self.store.list_leases)
+                self._pending.update(self.leases)  # whatever the missed history changed
                 self.leases = {lease.subnet: lease for lease in leases}
+                self._pending.update(self.leases)
                 self._check_own_lease()
                 self.request("store resync", full=False)
             except StoreUnavailable as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from weft.core.config import IPAddress, NetworkConfig
@@ -32,11 +32,16 @@ async def acquire_lease(
     backend_data: Mapping[str, Any],
     ttl: float,
     rng: random.Random | None = None,
+    on_list: Callable[[list[Lease], int], None] | None = None,
 ) -> tuple[Lease, bool]:
-    """Return (lease, reclaimed). Raises NetworkFull when no subnet is free."""
+    """Return (lease, reclaimed). Raises NetworkFull when no subnet is free. `on_list` is
+    given each listing read (with its revision): the agent starts its view from the last
+    one and watches from its revision, instead of listing thousands of leases again."""
     rng = rng or random.Random()
     for _ in range(_MAX_ATTEMPTS):
-        leases, _rev = await store.list_leases()
+        leases, revision = await store.list_leases()
+        if on_list is not None:
+            on_list(leases, revision)
         previous = find_reclaimable(config, leases, public_ip)
         if previous is not None:
             wanted = Lease(previous.subnet, public_ip, backend_type, dict(backend_data))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncinotify import Inotify, Mask
-from pyroute2 import AsyncIPRoute
+from pyroute2.iproute.linux import AsyncIPRoute
 from pyroute2.netlink.rtnl import (
     RTMGRP_IPV4_IFADDR,
     RTMGRP_IPV4_ROUTE,

@@ -1,8 +1,8 @@
 """Lease events and what they change. Pure: no I/O, no clock.
 
 A store's watch yields `LeaseEvent`s in revision order. The agent folds them into its
-view of all leases (`apply_events`) and logs what changed between two views
-(`diff_peers`); the backend only ever sees the whole resulting view (level-based).
+view of all leases (`apply_events`) and says what changed between two views
+(`diff_peers`): the backend applies that difference, and the whole view on a full pass.
 """
 
 from __future__ import annotations
@@ -82,7 +82,13 @@ def changes_data(leases: Mapping[IPNetwork, Lease], events: Iterable[LeaseEvent]
     return changed
 
 
-def diff_peers(before: Mapping[IPNetwork, Lease], after: Mapping[IPNetwork, Lease]) -> PeerDiff:
+def diff_peers(before: Mapping[IPNetwork, Lease], after: Mapping[IPNetwork, Lease],
+               subnets: Iterable[IPNetwork] | None = None) -> PeerDiff:
+    """What changed between two views; with `subnets`, only among those (a store event's:
+    the rest is known to be the same, and comparing it is O(N) per event)."""
+    if subnets is not None:
+        before = {s: before[s] for s in subnets if s in before}
+        after = {s: after[s] for s in subnets if s in after}
     added = tuple(lease for subnet, lease in after.items() if subnet not in before)
     removed = tuple(lease for subnet, lease in before.items() if subnet not in after)
     changed = tuple(

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 
 from weft.core.errors import KernelError, KernelFeatureMissing
 from weft.host.fastpath import FROM_CONTAINER, FROM_UNDERLAY, attach_argv

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from weft.core.config import IPAddress, NetworkConfig
+from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.errors import KernelError
 from weft.core.lease import Lease
 from weft.host.ingress_rules import (
@@ -26,6 +26,7 @@ from weft.host.ingress_rules import (
     ingress_delta,
     ingress_plan,
     ingress_ruleset,
+    ingress_update,
     member_elements,
     reset_script,
     same_shape,
@@ -46,6 +47,7 @@ class IngressFilter:
         self.public_ip = public_ip
         self.peer_iifs = tuple(peer_iifs)  # auto: every device a peer's plane arrives on
         self.plan: IngressPlan | None = None
+        self._own: IPNetwork | None = None  # this host's subnet when `plan` was made
         # The table as the kernel listed it after the last whole write, set elements left
         # out (those follow the plan, by difference between whole writes).
         self._skeleton: str | None = None
@@ -54,9 +56,17 @@ class IngressFilter:
         self._echoes: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def apply(self, own: Lease, peers: Sequence[Lease], *, full: bool = True) -> None:
-        plan = ingress_plan(self.config, self.public_ip, own, peers, self.peer_iifs)
+    def apply(self, own: Lease, peers: Sequence[Lease], *, full: bool = True,
+              change: tuple[Sequence[Lease], Sequence[Lease]] | None = None) -> None:
+        """Converge the table to the plan of `peers`. A store event (`full=False`) may give
+        its `change` (the changed peers' old leases, their new ones): the plan then follows
+        from the last one by that difference alone, not rebuilt from every peer."""
         old = self.plan
+        if not full and change is not None and old is not None and own.subnet == self._own:
+            plan = ingress_update(self.config, self.public_ip, old, *change)
+        else:
+            plan = ingress_plan(self.config, self.public_ip, own, peers, self.peer_iifs)
+        self._own = own.subnet
         if not full and old is not None and self._skeleton is not None and same_shape(old, plan):
             self._apply_delta(old, plan)
             return

@@ -77,10 +77,33 @@ def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
                  peers: Iterable[Lease], peer_iifs: Iterable[str] = ()) -> IngressPlan:
     """The plan for this host. Peers are validated leases; one of another IP version or
     with an unusable port is left out (it cannot send to us anyway)."""
+    members, subnets = _elements(config, public_ip, peers)
+    return IngressPlan(config.backend.type, config.network, public_ip.version,
+                       encapsulation_port(config), isinstance(config.backend, UdpOptions),
+                       frozenset(members), frozenset(subnets | {own.subnet}),
+                       peer_iifs=frozenset(peer_iifs),
+                       own=own.subnet if peer_iifs else None)
+
+
+def ingress_update(config: NetworkConfig, public_ip: IPAddress, plan: IngressPlan,
+                   removed: Iterable[Lease], added: Iterable[Lease]) -> IngressPlan:
+    """`plan` after a store event: `removed` are the changed peers' old leases, `added`
+    their new ones (a changed peer is in both). O(changed) Python work: the elements of a
+    validated view are one per peer (no two peers share a PublicIP or a subnet, and this
+    host's own are no peer's), so taking a removed peer's out takes no one else's."""
+    gone_members, gone_subnets = _elements(config, public_ip, removed)
+    came_members, came_subnets = _elements(config, public_ip, added)
+    return dataclasses.replace(plan, members=(plan.members - gone_members) | came_members,
+                               subnets=(plan.subnets - gone_subnets) | came_subnets)
+
+
+def _elements(config: NetworkConfig, public_ip: IPAddress, peers: Iterable[Lease]
+              ) -> tuple[set[tuple[IPAddress, int]], set[IPNetwork]]:
+    """The members and subnets elements `peers` give."""
     port = encapsulation_port(config)
     by_port = isinstance(config.backend, UdpOptions)
     members: set[tuple[IPAddress, int]] = set()
-    subnets = {own.subnet}
+    subnets: set[IPNetwork] = set()
     in_range = subnet_range(config)
     for peer in peers:
         if in_range(peer.subnet):
@@ -92,10 +115,7 @@ def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
         peer_port = _peer_port(peer, port) if by_port else port
         if peer_port is not None:
             members.add((peer.public_ip, peer_port))
-    return IngressPlan(config.backend.type, config.network, public_ip.version, port, by_port,
-                       frozenset(members), frozenset(subnets),
-                       peer_iifs=frozenset(peer_iifs),
-                       own=own.subnet if peer_iifs else None)
+    return members, subnets
 
 
 def ingress_ruleset(plan: IngressPlan) -> str:

@@ -62,6 +62,11 @@ class LeaseStore(Protocol):
 
     async def close(self) -> None: ...
 
+    def starting(self, deadline: float | None) -> None:
+        """Requests made from now on may take up to `deadline` seconds (an agent's start,
+        when its host is busiest); None: the store's own deadline again."""
+        ...
+
     @property
     def rejected(self) -> RejectedRecords:
         """The records under the subnets prefix that are not leases, as last seen."""

@@ -267,6 +267,9 @@ class SqliteLeaseStore:
         with self._lock:
             self._db.close()
 
+    def starting(self, deadline: float | None) -> None:
+        pass  # a local file: no request deadline
+
 
 
 def _to_event(

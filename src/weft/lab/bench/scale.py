@@ -258,6 +258,9 @@ def measure_store(store: str, opts: ScaleOptions, progress: Progress) -> dict[st
 
             # Events: a new lease, then a changed one (a new VTEP MAC), alternately.
             watches = [KernelWatch(h.netns) for h in tb.hosts]
+            # `ip monitor` subscribes after it starts: an agent quicker than that (7-25 ms
+            # now) programmed the first event unseen, and the bench waited out its timeout.
+            time.sleep(SETTLE)
             try:
                 propagation: list[float] = []
                 per_agent_max: list[float] = [0.0] * len(tb.hosts)

@@ -69,6 +69,10 @@ class Client(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type hints
         self.endpoint = endpoint
         self._weft_credentials = credentials
 
+    def set_deadline(self, seconds: float) -> None:
+        """The deadline of the requests made from now on (aetcd reads it per request)."""
+        self._timeout = seconds
+
     async def connect(self) -> None:
         # This mirrors aetcd 1.0.0's Client.connect (pinned), which can only open
         # insecure channels: same attributes, a channel of our choosing.

@@ -154,6 +154,7 @@ class EtcdLeaseStore:
         self._username = username
         self._password = password
         self._timeout = timeout
+        self._deadline = timeout  # longer during an agent's start (`starting`)
         self._clock = clock
         self._index = 0
         self._conn: Connection | None = None
@@ -246,6 +247,7 @@ class EtcdLeaseStore:
         reauthenticated = False
         while len(failures) < len(self.endpoints):
             conn = self._acquire()
+            conn.client.set_deadline(self._deadline)
             try:
                 return await op(conn.client)
             except LIBRARY_ERRORS as exc:
@@ -269,6 +271,9 @@ class EtcdLeaseStore:
             f"running and reachable at {', '.join(map(str, self.endpoints))}"
             f"{self._hint(' '.join(failures))}"
         )
+
+    def starting(self, deadline: float | None) -> None:
+        self._deadline = self._timeout if deadline is None else max(self._timeout, deadline)
 
     def _hint(self, detail: str) -> str:
         """What to do about the usual refusals, in weft's terms."""
