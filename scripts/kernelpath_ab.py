@@ -1,0 +1,128 @@
+"""What weft's rules cost over the hand-built kernel path, one piece at a time (issue #15).
+
+Builds, as `weft bench` does (same testbeds, same ptp attachment, same pinning), a weft
+host-gw testbed (agents) and a kernel-routes testbed (by hand, no rules), then:
+
+    pairs    for each piece: qperf on the bare reference, then on the reference with that
+             piece loaded by `nft -f` (weft's own rulesets, from weft.host.ingress_rules and
+             weft.host.masquerade); median of the paired ratios over the rounds, so load
+             drifting between rounds hits both sides of a pair
+    profile  `perf record -a` over one qperf run on each testbed (host-gw against
+             kernel-routes, or `profile vxlan` against kernel-vxlan); netfilter's share of
+             the samples, by symbol
+
+Run under the shared lock:
+    flock /work/wt/bench.lock .venv/bin/python scripts/kernelpath_ab.py pairs 8 1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from weft.host.ingress_rules import IngressPlan, ingress_ruleset
+from weft.host.masquerade import Untrack, masquerade_ruleset
+from weft.lab.bench.references import BENCH_NETWORK, REFERENCES, host_subnet
+from weft.lab.bench.runner import Target, _overlay, _reference, measure
+from weft.lab.testbed import Host, Testbed
+
+
+def _drop(script: str, pattern: str) -> str:
+    return "".join(ln for ln in script.splitlines(keepends=True) if pattern not in ln)
+
+
+def pieces(tb: Testbed, host: Host) -> dict[str, str]:
+    """Each piece's nft script for `host` of the reference testbed (weft's own rulesets)."""
+    subnets = frozenset(host_subnet(h) for h in tb.hosts)
+    ingress = ingress_ruleset(IngressPlan("host-gw", BENCH_NETWORK, 4, None, False,
+                                          frozenset(), subnets))
+    own = host_subnet(host)
+    masq = masquerade_ruleset(BENCH_NETWORK, own,
+                              Untrack(own.network_address, host.underlay_ip, None))
+    nat_only = masquerade_ruleset(BENCH_NETWORK, own)
+    raw_only = re.sub(r"chain postrouting \{.*?\n    \}", "", masq, flags=re.DOTALL)
+    return {
+        "weft's rules (ingress + masquerade + notrack)": ingress + masq,
+        "ingress filter": ingress,
+        "ingress filter without its fib rule": _drop(ingress, "fib saddr"),
+        "masquerade table + notrack chains": masq,
+        "notrack chains alone (no NAT chain)": raw_only,
+        "masquerade table, overlay tracked": nat_only,
+    }
+
+
+def load(tb: Testbed, piece: str | None) -> None:
+    for host in tb.hosts:
+        tb.run(host.netns, ["nft", "flush", "ruleset"])
+        if piece is not None:
+            path = tb.run_dir / "piece.nft"
+            path.write_text(pieces(tb, host)[piece])
+            tb.run(host.netns, ["nft", "-f", str(path)])
+
+
+def pairs(weft: Target, ref: Target, reps: int, secs: int) -> None:
+    names = ["weft host-gw (agents)", *pieces(ref.testbed, ref.testbed.hosts[0])]
+    runs: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n in names}
+    for rnd in range(reps):
+        for name in names:
+            load(ref.testbed, None)
+            a = measure(ref, rnd, secs)
+            if name.startswith("weft host-gw"):
+                b = measure(weft, rnd, secs)
+            else:
+                load(ref.testbed, name)
+                b = measure(ref, rnd, secs)
+            runs[name].append((a.bw_MBps, a.lat_us, b.bw_MBps, b.lat_us))
+            print(f"r{rnd} {name:>48}: ref {a.bw_MBps:7.1f} MB/s {a.lat_us:6.2f} µs, "
+                  f"with it {b.bw_MBps:7.1f} MB/s {b.lat_us:6.2f} µs", flush=True)
+    med = statistics.median
+    print("\n| added to kernel-routes | BW % of ref | Lat % of ref | Lat Δ µs |")
+    print("|---|---|---|---|")
+    for name, rs in runs.items():
+        print(f"| {name} | {med(100 * b / a for a, _, b, _ in rs):.1f} | "
+              f"{med(100 * bl / al for _, al, _, bl in rs):.1f} | "
+              f"{med(bl - al for _, al, _, bl in rs):+.2f} |")
+
+
+def profile(weft: Target, ref: Target, out: Path) -> None:
+    for name, t in (("weft", weft), ("ref", ref)):
+        data = out / f"perf-{name}.data"
+        proc = subprocess.Popen(["perf", "record", "-a", "-q", "-o", str(data)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        run = measure(t, 0, 4)
+        proc.send_signal(2)
+        proc.wait()
+        report = subprocess.run(["perf", "report", "-i", str(data), "--sort", "symbol",
+                                 "--stdio"], capture_output=True, text=True, check=True).stdout
+        shares = {m.group(2): float(m.group(1)) for m in
+                  re.finditer(r"^\s+([\d.]+)%\s+\[k\]\s+(\S+)", report, re.MULTILINE)}
+        netfilter = {s: p for s, p in shares.items()
+                     if re.match(r"(nft?_|ipv4_conntrack|ipv4_confirm|__nf_)", s)}
+        busy = 100 - shares.get("pv_native_safe_halt", 0.0)
+        print(f"{name}: {run.bw_MBps:.0f} MB/s {run.lat_us:.1f} µs; busy {busy:.1f} %, "
+              f"netfilter {sum(netfilter.values()):.2f} % of samples:")
+        for sym, pct in sorted(netfilter.items(), key=lambda kv: -kv[1])[:20]:
+            print(f"    {pct:5.2f} % {sym}")
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    backend = sys.argv[2] if mode == "profile" and len(sys.argv) > 2 else "host-gw"
+    reference = {"host-gw": "kernel-routes", "vxlan": "kernel-vxlan"}[backend]
+    with contextlib.ExitStack() as stack:
+        weft = _overlay(stack, backend, None, "ptp")
+        ref = _reference(stack, REFERENCES[reference], None, "ptp")
+        if mode == "pairs":
+            pairs(weft, ref, int(sys.argv[2]), int(sys.argv[3]))
+        else:
+            profile(weft, ref, ref.testbed.run_dir)
+
+
+if __name__ == "__main__":
+    main()
