@@ -12,7 +12,7 @@ host-gw testbed (agents) and a kernel-routes testbed (by hand, no rules), then:
              the samples, by symbol
 
 Run under the shared lock:
-    flock /work/wt/bench.lock .venv/bin/python scripts/kernelpath_ab.py pairs 8 1
+    .venv/bin/python -m weft.lab.bench.pieces pairs 8 1
 """
 
 from __future__ import annotations
