@@ -1,6 +1,6 @@
 """The `udp` backend's I/O edge: a TUN device, a UDP socket and two threads moving batches.
 
-    TUN --read 1 stream (<= 64 KB GSO super-packet)--> Chunker --1 sendmsg, UDP_SEGMENT--> peer
+    TUN --readv 1 stream into chunk slots--> write_headers --1 sendmsg, UDP_SEGMENT--> peer
     TUN <--1 writev (vnet hdr + payload views)-- Reassembler <--1 recvmsg, UDP_GRO-- peer
 
 Each direction has a dedicated thread blocked in its read system call, not an event
