@@ -29,6 +29,7 @@ from weft.backends.udp.codec import (
     encode_vnet_header,
     split_segments,
     stream_bytes,
+    write_headers,
 )
 from weft.backends.udp.plan import Peer, PeerDataError, PeerTable, peer_port
 from weft.core.constants import VNET_HEADER
@@ -499,3 +500,47 @@ def test_fast_path_agrees_on_mutated_datagrams(base: bytes, flips: list[tuple[in
         if at < len(data):
             data[at] = value
     _agree(bytes(data[: len(data) - cut % 8 if cut >= 50 else len(data)]))
+
+
+# --- the forwarder's send layout: scattered by readv, headers written in place -------------
+
+
+def laid_out_batches(chunker: Chunker, stream: bytes, packet_id: int) -> list[bytes]:
+    """What the forwarder sends for `stream`: readv into `slots`, `write_headers`, then one
+    buffer per `spans` entry."""
+    buf = bytearray(chunker.chunk_count(MAX_STREAM + 1) * chunker.datagram_size)
+    offset = 0
+    for slot in chunker.slots(memoryview(buf)):  # what readv does with the list
+        take = min(len(slot), len(stream) - offset)
+        slot[:take] = stream[offset : offset + take]
+        offset += take
+    total = chunker.laid_out(len(stream))
+    count = write_headers(buf, total, chunker.datagram_size, packet_id)
+    assert count == chunker.chunk_count(len(stream))
+    return [bytes(buf[start:end]) for start, end, _ in chunker.spans(total)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(1, MAX_STREAM), datagram=datagram_sizes,
+       pid=st.integers(0, 0xFFFFFFFF), per_batch=st.integers(1, 64))
+def test_the_scattered_layout_sends_exactly_what_the_chunker_encodes(
+    size: int, datagram: int, pid: int, per_batch: int
+) -> None:
+    if -(-MAX_STREAM // (datagram - HEADER_SIZE)) > 255:
+        datagram = 1472  # too many chunks for one stream: the Chunker refuses that size
+    chunker = Chunker(datagram, per_batch, 65507)
+    stream = bytes((i * 7 + size) & 0xFF for i in range(size))
+    expected = encode_all(chunker, stream, pid)
+    sent = laid_out_batches(chunker, stream, pid)
+    assert sent == [stream_bytes(b.buffers) for b in expected]
+    spans = chunker.spans(chunker.laid_out(size))
+    assert [d for _, _, d in spans] == [b.datagrams for b in expected]
+
+
+def test_write_headers_refuses_a_layout_that_is_not_one_stream() -> None:
+    with pytest.raises(LocalProtocolError):
+        write_headers(bytearray(3000), 1472 + HEADER_SIZE, 1472, 1)  # last chunk empty
+    with pytest.raises(LocalProtocolError):
+        write_headers(bytearray(10), 0, 1472, 1)
+    with pytest.raises(LocalProtocolError):
+        Chunker(1472, 64, 65507).slots(memoryview(bytearray(1000)))
