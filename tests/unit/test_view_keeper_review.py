@@ -1,0 +1,142 @@
+"""Review of the view kept by difference (issue #14): hostile and random store event
+sequences, where a store event's update must give what a fresh full pass gives, a later
+full pass must repair nothing, and the ingress plan kept by difference must equal the
+plan built from the whole view."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weft.backends.registry import backend_data_problem
+from weft.core.config import parse_config
+from weft.core.events import diff_peers
+from weft.core.lease import Lease
+from weft.core.validate import TrustContext, ValidatedView, ViewKeeper, validate_view
+from weft.host.ingress_rules import ingress_plan, ingress_update
+
+CONFIG = parse_config('{"Network": "198.19.0.0/16", "SubnetLen": 24, "SubnetMin": "198.19.1.0",'
+                      ' "SubnetMax": "198.19.200.0", "Backend": {"Type": "udp"}}')
+HOST = ipaddress.ip_address("198.18.0.1")
+OWN_SUBNET = ipaddress.ip_network("198.19.1.0/24")
+OWN = Lease(OWN_SUBNET, HOST, "udp", {"Port": 8285})
+CTX = TrustContext(CONFIG, HOST, OWN_SUBNET, (ipaddress.ip_network("198.18.0.0/24"),),
+                   backend_data_problem)
+MAC = "02:00:00:00:00:02"
+
+
+def udp(subnet: str, ip: str, port: Any = 8285, expiration: float = 0.0) -> Lease:
+    return Lease(ipaddress.ip_network(subnet), ipaddress.ip_address(ip), "udp",
+                 {"Port": port}, expiration)
+
+
+def test_a_port_turned_true_is_refused_by_an_update_as_by_a_fresh_pass() -> None:
+    """FINDING: `_same_record` compares BackendData with ==, and in Python True == 1 and
+    8285.0 == 8285: a record changing {"Port": 1} to {"Port": true} is taken for a renewal
+    (the candidate swapped in unchecked), and a full pass reuses the memoised answer, so
+    the periodic resync never refuses it either; a fresh pass does."""
+    keeper = ViewKeeper()
+    good = udp("198.19.2.0/24", "198.18.0.2", 1)
+    keeper.full([good], CTX)
+    hostile = udp("198.19.2.0/24", "198.18.0.2", True)
+    kept, _ = keeper.update({hostile.subnet: hostile}, {hostile.subnet}, CTX)
+    fresh = validate_view([hostile], CTX, previous={good.subnet: good})
+    assert "not a UDP port" in fresh.errors[str(hostile.subnet)]
+    assert kept == fresh
+    # The agent's periodic full pass (same keeper, same trust context) must refuse it too.
+    assert keeper.full([hostile], CTX) == fresh
+
+
+def test_a_float_port_is_refused_by_an_update_as_by_a_fresh_pass() -> None:
+    """FINDING (same cause): 8285 -> 8285.0 is accepted as an unchanged record."""
+    keeper = ViewKeeper()
+    good = udp("198.19.2.0/24", "198.18.0.2")
+    keeper.full([good], CTX)
+    hostile = udp("198.19.2.0/24", "198.18.0.2", 8285.0)
+    kept, _ = keeper.update({hostile.subnet: hostile}, {hostile.subnet}, CTX)
+    assert kept == validate_view([hostile], CTX, previous={good.subnet: good})
+
+
+# --- random hostile sequences ------------------------------------------------------------
+
+_SUBNETS = ["198.19.1.0/24",  # this host's
+            "198.19.2.0/24", "198.19.3.0/24", "198.19.4.0/24", "198.19.5.0/24",
+            "198.19.250.0/24",  # outside SubnetMin..SubnetMax
+            "198.19.6.0/25",    # not a /24
+            "10.9.0.0/24"]      # outside the Network
+_IPS = ["198.18.0.2", "198.18.0.3", "198.18.0.4",
+        "198.18.0.1",   # this host's
+        "198.19.9.9",   # inside the overlay
+        "224.0.0.5"]    # not unicast
+_DATA: list[tuple[str, dict[str, Any]]] = [
+    ("udp", {"Port": 8285}), ("udp", {"Port": 8286}), ("udp", {"Port": 0}),
+    ("udp", {}), ("vxlan", {"VtepMAC": MAC}), ("vxlan", {"VtepMAC": "zz"}),
+    ("carrier-pigeon", {}),
+]
+_record = st.builds(
+    lambda s, ip, data, exp: Lease(ipaddress.ip_network(s), ipaddress.ip_address(ip),
+                                   data[0], dict(data[1]), exp),
+    st.sampled_from(_SUBNETS), st.sampled_from(_IPS), st.sampled_from(_DATA),
+    st.sampled_from([0.0, 50.0, 500.0, 5000.0]))
+_batch = st.tuples(st.lists(st.one_of(_record, st.sampled_from(_SUBNETS)), max_size=5),
+                   st.sampled_from([0.0, 10.0, 100.0, 1000.0, 10000.0]))
+
+
+def _tables(events: list[tuple[list[Lease | str], float]]) -> list[tuple[dict[Any, Lease],
+                                                                          set[Any], float]]:
+    table: dict[Any, Lease] = {}
+    steps = []
+    for batch, now in sorted(events, key=lambda e: e[1]):
+        named: set[Any] = set()
+        for event in batch:
+            if isinstance(event, str):
+                subnet = ipaddress.ip_network(event)
+                table.pop(subnet, None)
+            else:
+                subnet = event.subnet
+                table[subnet] = event
+            named.add(subnet)
+        steps.append((dict(table), named, now))
+    return steps
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_batch, min_size=1, max_size=10))
+def test_hostile_sequences_an_update_equals_a_fresh_full_pass_and_a_resync_repairs_nothing(
+        events: list[tuple[list[Lease | str], float]]) -> None:
+    keeper = ViewKeeper()
+    view = keeper.full([], CTX)
+    plan = ingress_plan(CONFIG, HOST, OWN, [])
+    for table, named, now in _tables(events):
+        ctx = dataclasses.replace(CTX, now=now)
+        before = view
+        kept, touched = keeper.update(table, named, ctx)
+        assert touched is not None
+        # What a fresh validator (no memo) gives from the same history.
+        assert kept == validate_view(table.values(), ctx, previous=before.peers)
+        # The periodic full pass, from a fresh keeper, changes nothing.
+        assert validate_view(table.values(), ctx, previous=kept.peers) == kept
+        # The agent's store-event diff (among the touched) is the whole diff.
+        assert _sets(diff_peers(before.peers, kept.peers, touched)) == _sets(
+            diff_peers(before.peers, kept.peers))
+        plan = _ingress_step(plan, before, kept, touched)
+        view = kept
+
+
+def _sets(diff: Any) -> tuple[set[Any], ...]:
+    return (set(map(repr, diff.added)), set(map(repr, diff.removed)),
+            set(map(repr, diff.changed)))
+
+
+def _ingress_step(plan: Any, before: ValidatedView, after: ValidatedView,
+                  touched: set[Any]) -> Any:
+    diff = diff_peers(before.peers, after.peers, touched)
+    old = [before.peers[s] for s in diff.subnets() if s in before.peers]
+    new = [after.peers[s] for s in diff.subnets() if s in after.peers]
+    updated = ingress_update(CONFIG, HOST, plan, old, new)
+    assert updated == ingress_plan(CONFIG, HOST, OWN, after.peers.values())
+    return updated
