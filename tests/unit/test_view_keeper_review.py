@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from weft.backends.registry import backend_data_problem
 from weft.core.config import parse_config
-from weft.core.events import diff_peers
+from weft.core.events import EventKind, LeaseEvent, changes_data, diff_peers
 from weft.core.lease import Lease
 from weft.core.validate import TrustContext, ValidatedView, ViewKeeper, validate_view
 from weft.host.ingress_rules import ingress_plan, ingress_update
@@ -59,6 +59,16 @@ def test_a_float_port_is_refused_by_an_update_as_by_a_fresh_pass() -> None:
     hostile = udp("198.19.2.0/24", "198.18.0.2", 8285.0)
     kept, _ = keeper.update({hostile.subnet: hostile}, {hostile.subnet}, CTX)
     assert kept == validate_view([hostile], CTX, previous={good.subnet: good})
+
+
+def test_a_port_turned_true_is_a_data_change_for_the_watch_and_the_diff() -> None:
+    """FINDING (same cause, weft.core.events._same_peer): the watch sees no data change,
+    requests no pass, and diff_peers reports nothing, so the backend is never told."""
+    good = udp("198.19.2.0/24", "198.18.0.2", 1)
+    hostile = udp("198.19.2.0/24", "198.18.0.2", True)
+    event = LeaseEvent(EventKind.PUT, hostile.subnet, 2, hostile)
+    assert changes_data({good.subnet: good}, [event])
+    assert diff_peers({good.subnet: good}, {hostile.subnet: hostile}).changed == (hostile,)
 
 
 # --- random hostile sequences ------------------------------------------------------------
