@@ -64,6 +64,18 @@ class Lease:
         return self.expiration - ttl * RENEW_FRACTION
 
 
+def same_peer(a: Lease, b: Lease) -> bool:
+    """The same lease but for its expiry (a renewal: no check and no data plane reads it).
+    BackendData is compared as the JSON it came from: in Python True == 1 == 1.0, so a
+    record turning {"Port": 1} into {"Port": true} would pass for a renewal, unchecked."""
+    if a is b:
+        return True
+    if (a.subnet, a.public_ip, a.backend_type) != (b.subnet, b.public_ip, b.backend_type):
+        return False
+    da, db = dict(a.backend_data), dict(b.backend_data)
+    return da == db and json.dumps(da, sort_keys=True) == json.dumps(db, sort_keys=True)
+
+
 def subnet_key(subnet: IPNetwork) -> str:
     """`10.244.3.0/24` -> `subnets/10.244.3.0-24` (flannel's layout, relative to the prefix)."""
     return f"{SUBNETS_DIR}/{subnet.network_address}-{subnet.prefixlen}"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
-from weft.core.lease import Lease, subnet_range
+from weft.core.lease import Lease, same_peer, subnet_range
 
 DataCheck = Callable[[str, Mapping[str, Any]], str | None]
 
@@ -74,12 +74,6 @@ def lease_problem(lease: Lease, ctx: TrustContext,
 def _bounds(network: IPNetwork) -> tuple[int, int]:
     low = int(network.network_address)
     return low, low + (1 << (network.max_prefixlen - network.prefixlen)) - 1
-
-
-def _same_record(a: Lease, b: Lease) -> bool:
-    """The same lease but for its expiry (which no per-lease check reads)."""
-    return a is b or (a.subnet, a.public_ip, a.backend_type, dict(a.backend_data)) == (
-        b.subnet, b.public_ip, b.backend_type, dict(b.backend_data))
 
 
 def _order(lease: Lease) -> tuple[int, int, int]:
@@ -143,7 +137,7 @@ class ViewKeeper:
             lease = leases.get(subnet)
             held = self._candidates.get(subnet)
             if (lease is not None and held is not None and subnet not in self._overwrites
-                    and _same_record(held, lease)):
+                    and same_peer(held, lease)):
                 # A renewal: the same peer, a later expiry; no check reads the expiry.
                 self._candidates[subnet] = lease
                 self._answers[subnet] = (lease, None)
@@ -197,7 +191,7 @@ class ViewKeeper:
             self._add(before)
             return
         cached = known.get(subnet)
-        if cached is not None and _same_record(cached[0], lease):
+        if cached is not None and same_peer(cached[0], lease):
             problem = cached[1]
         else:
             problem = lease_problem(lease, ctx, in_range)
