@@ -76,6 +76,17 @@ def _bounds(network: IPNetwork) -> tuple[int, int]:
     return low, low + (1 << (network.max_prefixlen - network.prefixlen)) - 1
 
 
+_NAMED = 3  # other claimants an error names: k claims naming all others are O(k^2) text
+
+
+def _some(claims: list[Lease], claim: Lease) -> str:
+    """The first few other claims of one address, and how many more (k forged records on
+    one address must cost O(k), not O(k^2), at every event touching it)."""
+    others = [str(c.subnet) for c in claims[:_NAMED + 1] if c is not claim][:_NAMED]
+    more = len(claims) - 1 - len(others)
+    return ", ".join(others) + (f" and {more} more" if more else "")
+
+
 def _order(lease: Lease) -> tuple[int, int, int]:
     return lease.subnet.version, int(lease.subnet.network_address), lease.subnet.prefixlen
 
@@ -234,8 +245,8 @@ class ViewKeeper:
         kept = held[0] if held else None  # in subnet order: the same whatever came first
         for claim in claims:
             if claim is not kept:
-                others = ", ".join(str(c.subnet) for c in claims if c is not claim)
-                self._duplicates[claim.subnet] = f"PublicIP {ip} is also claimed by {others}"
+                self._duplicates[claim.subnet] = f"PublicIP {ip} is also claimed by " + \
+                    _some(claims, claim)
         return subnets
 
 
