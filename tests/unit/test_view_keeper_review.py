@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from weft.backends.registry import backend_data_problem
 from weft.core.config import parse_config
 from weft.core.events import EventKind, LeaseEvent, apply_events, changes_data, diff_peers
-from weft.core.lease import Lease
+from weft.core.lease import Lease, same_peer
 from weft.core.validate import (
     TrustContext,
     ValidatedView,
@@ -225,3 +225,15 @@ def test_many_claims_on_one_address_cost_linear_error_text() -> None:
     view = ViewKeeper().full(forged, ctx)
     assert len(view.errors) == len(forged)
     assert max(map(len, view.errors.values())) < 300
+
+
+def test_same_peer_compares_backend_data_type_for_type() -> None:
+    def with_data(data: dict[str, Any]) -> Lease:
+        return Lease(OWN_SUBNET, HOST, "udp", data, 1.0)
+
+    same = with_data({"Port": 1, "X": [1, {"a": 2.5}]})
+    assert same_peer(same, dataclasses.replace(same, expiration=2.0))
+    assert same_peer(with_data({"a": 1, "b": 2}), with_data({"b": 2, "a": 1}))
+    for other in ({"Port": True, "X": [1, {"a": 2.5}]}, {"Port": 1.0, "X": [1, {"a": 2.5}]},
+                  {"Port": 1, "X": [True, {"a": 2.5}]}, {"Port": 1, "X": [1, {"a": 2.5}], "Y": 0}):
+        assert not same_peer(same, with_data(other)), other

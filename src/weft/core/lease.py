@@ -66,14 +66,23 @@ class Lease:
 
 def same_peer(a: Lease, b: Lease) -> bool:
     """The same lease but for its expiry (a renewal: no check and no data plane reads it).
-    BackendData is compared as the JSON it came from: in Python True == 1 == 1.0, so a
-    record turning {"Port": 1} into {"Port": true} would pass for a renewal, unchecked."""
+    BackendData is compared type for type, as the JSON it came from: in Python
+    True == 1 == 1.0, so a record turning {"Port": 1} into {"Port": true} would pass for a
+    renewal, unchecked."""
     if a is b:
         return True
-    if (a.subnet, a.public_ip, a.backend_type) != (b.subnet, b.public_ip, b.backend_type):
+    return ((a.subnet, a.public_ip, a.backend_type) == (b.subnet, b.public_ip, b.backend_type)
+            and _same_json(dict(a.backend_data), dict(b.backend_data)))
+
+
+def _same_json(x: Any, y: Any) -> bool:
+    if type(x) is not type(y):
         return False
-    da, db = dict(a.backend_data), dict(b.backend_data)
-    return da == db and json.dumps(da, sort_keys=True) == json.dumps(db, sort_keys=True)
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_same_json(v, y[k]) for k, v in x.items())
+    if isinstance(x, list):
+        return len(x) == len(y) and all(map(_same_json, x, y))
+    return bool(x == y)
 
 
 def subnet_key(subnet: IPNetwork) -> str:
