@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import threading
 import types
 from typing import Any
 
@@ -27,15 +28,26 @@ def install() -> None:
         return  # not installed (or not a package): the import will say so itself
     module = importlib.util.module_from_spec(spec)
     loader = spec.loader
+    # The hook stays until the __init__ has run whole: a thread asking for a name meanwhile
+    # waits here for it, instead of reading a half-run package.
+    lock = threading.RLock()
+    loading = False
 
     def __getattr__(name: str) -> Any:  # PEP 562: the module's own attribute hook
-        if name.startswith("__"):
-            raise AttributeError(name)
-        if importlib.util.find_spec(f"{_NAME}.{name}") is not None:
+        nonlocal loading
+        if not name.startswith("__") and importlib.util.find_spec(f"{_NAME}.{name}"):
             return importlib.import_module(f"{_NAME}.{name}")  # a submodule: no more
-        del module.__dict__["__getattr__"]
-        loader.exec_module(module)  # the whole package, as `import pyroute2` gives it
-        return getattr(module, name)
+        with lock:
+            if loading:  # the __init__ itself asks for a name it has not bound yet
+                raise AttributeError(f"partially initialized module {_NAME!r} has no {name!r}")
+            if "__getattr__" in module.__dict__:
+                loading = True
+                try:
+                    loader.exec_module(module)  # the whole package, as `import pyroute2`
+                finally:
+                    loading = False
+                del module.__dict__["__getattr__"]
+        return getattr(module, name)  # dunders too: __version__, __all__ are the package's
 
     module.__dict__["__getattr__"] = __getattr__
     sys.modules[_NAME] = module

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from weft.core.config import IPNetwork
-from weft.core.lease import Lease
+from weft.core.lease import Lease, same_peer
 
 
 class EventKind(Enum):
@@ -56,16 +56,6 @@ class PeerDiff:
                 for lease in group]
 
 
-def _same_peer(a: Lease, b: Lease) -> bool:
-    # A renewal changes only the expiry; that is not a change of the data plane. The
-    # same object (the common case: a view carries unchanged leases over) needs no look.
-    return a is b or (a.public_ip, a.backend_type, dict(a.backend_data)) == (
-        b.public_ip,
-        b.backend_type,
-        dict(b.backend_data),
-    )
-
-
 def changes_data(leases: Mapping[IPNetwork, Lease], events: Iterable[LeaseEvent]) -> bool:
     """Whether `events` change anything but expiries: a round of renewals does not, and
     needs no reconcile anywhere (the store's TTL, not the agents, removes a lease)."""
@@ -74,7 +64,7 @@ def changes_data(leases: Mapping[IPNetwork, Lease], events: Iterable[LeaseEvent]
     for event in events:
         before = view.get(event.subnet)
         if event.kind is EventKind.PUT and event.lease is not None:
-            changed |= before is None or not _same_peer(before, event.lease)
+            changed |= before is None or not same_peer(before, event.lease)
             view[event.subnet] = event.lease
         else:
             changed |= before is not None
@@ -94,6 +84,6 @@ def diff_peers(before: Mapping[IPNetwork, Lease], after: Mapping[IPNetwork, Leas
     changed = tuple(
         lease
         for subnet, lease in after.items()
-        if subnet in before and not _same_peer(before[subnet], lease)
+        if subnet in before and not same_peer(before[subnet], lease)
     )
     return PeerDiff(added, removed, changed)

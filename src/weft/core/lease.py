@@ -64,6 +64,27 @@ class Lease:
         return self.expiration - ttl * RENEW_FRACTION
 
 
+def same_peer(a: Lease, b: Lease) -> bool:
+    """The same lease but for its expiry (a renewal: no check and no data plane reads it).
+    BackendData is compared type for type, as the JSON it came from: in Python
+    True == 1 == 1.0, so a record turning {"Port": 1} into {"Port": true} would pass for a
+    renewal, unchecked."""
+    if a is b:
+        return True
+    return ((a.subnet, a.public_ip, a.backend_type) == (b.subnet, b.public_ip, b.backend_type)
+            and _same_json(dict(a.backend_data), dict(b.backend_data)))
+
+
+def _same_json(x: Any, y: Any) -> bool:
+    if type(x) is not type(y):
+        return False
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_same_json(v, y[k]) for k, v in x.items())
+    if isinstance(x, list):
+        return len(x) == len(y) and all(map(_same_json, x, y))
+    return bool(x == y)
+
+
 def subnet_key(subnet: IPNetwork) -> str:
     """`10.244.3.0/24` -> `subnets/10.244.3.0-24` (flannel's layout, relative to the prefix)."""
     return f"{SUBNETS_DIR}/{subnet.network_address}-{subnet.prefixlen}"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
-from weft.core.lease import Lease, subnet_range
+from weft.core.lease import Lease, same_peer, subnet_range
 
 DataCheck = Callable[[str, Mapping[str, Any]], str | None]
 
@@ -76,10 +76,15 @@ def _bounds(network: IPNetwork) -> tuple[int, int]:
     return low, low + (1 << (network.max_prefixlen - network.prefixlen)) - 1
 
 
-def _same_record(a: Lease, b: Lease) -> bool:
-    """The same lease but for its expiry (which no per-lease check reads)."""
-    return a is b or (a.subnet, a.public_ip, a.backend_type, dict(a.backend_data)) == (
-        b.subnet, b.public_ip, b.backend_type, dict(b.backend_data))
+_NAMED = 3  # other claimants an error names: k claims naming all others are O(k^2) text
+
+
+def _some(claims: list[Lease], claim: Lease) -> str:
+    """The first few other claims of one address, and how many more (k forged records on
+    one address must cost O(k), not O(k^2), at every event touching it)."""
+    others = [str(c.subnet) for c in claims[:_NAMED + 1] if c is not claim][:_NAMED]
+    more = len(claims) - 1 - len(others)
+    return ", ".join(others) + (f" and {more} more" if more else "")
 
 
 def _order(lease: Lease) -> tuple[int, int, int]:
@@ -143,7 +148,7 @@ class ViewKeeper:
             lease = leases.get(subnet)
             held = self._candidates.get(subnet)
             if (lease is not None and held is not None and subnet not in self._overwrites
-                    and _same_record(held, lease)):
+                    and same_peer(held, lease)):
                 # A renewal: the same peer, a later expiry; no check reads the expiry.
                 self._candidates[subnet] = lease
                 self._answers[subnet] = (lease, None)
@@ -197,7 +202,7 @@ class ViewKeeper:
             self._add(before)
             return
         cached = known.get(subnet)
-        if cached is not None and _same_record(cached[0], lease):
+        if cached is not None and same_peer(cached[0], lease):
             problem = cached[1]
         else:
             problem = lease_problem(lease, ctx, in_range)
@@ -240,8 +245,8 @@ class ViewKeeper:
         kept = held[0] if held else None  # in subnet order: the same whatever came first
         for claim in claims:
             if claim is not kept:
-                others = ", ".join(str(c.subnet) for c in claims if c is not claim)
-                self._duplicates[claim.subnet] = f"PublicIP {ip} is also claimed by {others}"
+                self._duplicates[claim.subnet] = f"PublicIP {ip} is also claimed by " + \
+                    _some(claims, claim)
         return subnets
 
 
