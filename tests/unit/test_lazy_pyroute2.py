@@ -57,7 +57,7 @@ print(errors)
 
 
 def test_threads_asking_for_a_name_at_once_all_get_it() -> None:
-    """FINDING: the first thread deletes the hook, then runs the package __init__ (0.15 s)
+    """Found in review: the first thread deletes the hook, then runs the package __init__ (0.15 s)
     unlocked: a second thread gets KeyError('__getattr__') or an AttributeError for a
     name the half-run __init__ has not bound yet (the agent imports in to_thread)."""
     out = _run(RACE)
@@ -66,7 +66,7 @@ def test_threads_asking_for_a_name_at_once_all_get_it() -> None:
 
 
 def test_the_package_dunders_are_those_of_the_whole_package() -> None:
-    """FINDING: `pyroute2.__version__` (and `__all__`, so `from pyroute2 import *`) raise
+    """Found in review: `pyroute2.__version__` (and `__all__`, so `from pyroute2 import *`) raise
     AttributeError or come out empty: names starting with "__" never run the __init__."""
     out = _run("import weft, pyroute2; print(pyroute2.__version__, len(pyroute2.__all__))")
     assert out.returncode == 0, out.stderr

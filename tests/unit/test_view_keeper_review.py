@@ -41,7 +41,7 @@ def udp(subnet: str, ip: str, port: Any = 8285, expiration: float = 0.0) -> Leas
 
 
 def test_a_port_turned_true_is_refused_by_an_update_as_by_a_fresh_pass() -> None:
-    """FINDING: `_same_record` compares BackendData with ==, and in Python True == 1 and
+    """Found in review: `_same_record` compares BackendData with ==, and in Python True == 1 and
     8285.0 == 8285: a record changing {"Port": 1} to {"Port": true} is taken for a renewal
     (the candidate swapped in unchecked), and a full pass reuses the memoised answer, so
     the periodic resync never refuses it either; a fresh pass does."""
@@ -58,7 +58,7 @@ def test_a_port_turned_true_is_refused_by_an_update_as_by_a_fresh_pass() -> None
 
 
 def test_a_float_port_is_refused_by_an_update_as_by_a_fresh_pass() -> None:
-    """FINDING (same cause): 8285 -> 8285.0 is accepted as an unchanged record."""
+    """Found in review (same cause): 8285 -> 8285.0 is accepted as an unchanged record."""
     keeper = ViewKeeper()
     good = udp("198.19.2.0/24", "198.18.0.2")
     keeper.full([good], CTX)
@@ -68,7 +68,7 @@ def test_a_float_port_is_refused_by_an_update_as_by_a_fresh_pass() -> None:
 
 
 def test_a_port_turned_true_is_a_data_change_for_the_watch_and_the_diff() -> None:
-    """FINDING (same cause, weft.core.events._same_peer): the watch sees no data change,
+    """Found in review (same cause, weft.core.events._same_peer): the watch sees no data change,
     requests no pass, and diff_peers reports nothing, so the backend is never told."""
     good = udp("198.19.2.0/24", "198.18.0.2", 1)
     hostile = udp("198.19.2.0/24", "198.18.0.2", True)
@@ -182,10 +182,10 @@ def _ingress_step(plan: Any, before: ValidatedView, after: ValidatedView,
 # --- found by reading; not regressions of #14 (main's validate_view did the same) ------
 
 def test_a_subnet_released_and_retaken_between_two_passes_is_the_new_holders() -> None:
-    """FINDING (pre-existing, made likelier by coalesced passes): the keeper sees only the
-    resulting table, so a DELETE (release) and the next host's create-if-absent PUT landing
-    in one pass look like an overwrite of the running lease: the released host's old lease
-    stays a peer (traffic to a gone host) until its old expiry, up to a TTL."""
+    """Found in review (pre-existing, likelier with coalesced passes): the resulting table
+    alone makes a DELETE (release) and the next host's create-if-absent PUT in one pass look
+    like an overwrite of the running lease, which kept the released host's old lease a peer
+    until its old expiry. The agent passes the subnets its watch saw deleted."""
     running = udp("198.19.2.0/24", "198.18.0.2", expiration=5000.0)
     successor = udp("198.19.2.0/24", "198.18.0.3", expiration=9000.0)
     ctx = dataclasses.replace(CTX, now=1000.0)
@@ -194,14 +194,24 @@ def test_a_subnet_released_and_retaken_between_two_passes_is_the_new_holders() -
     events = [LeaseEvent(EventKind.DELETE, running.subnet, 2),
               LeaseEvent(EventKind.PUT, successor.subnet, 3, successor)]
     table = apply_events({running.subnet: running}, events)
-    view, _ = keeper.update(table, {e.subnet for e in events}, ctx)
+    view, _ = keeper.update(table, {e.subnet for e in events}, ctx, released={running.subnet})
     assert view.peers == {successor.subnet: successor}
+    # A full pass told the same (a resync landing on the pair) agrees.
+    again = ViewKeeper()
+    again.full([running], ctx)
+    assert again.full(table.values(), ctx, released={running.subnet}).peers == view.peers
+    # Without the release in between, the same table is an overwrite, refused.
+    keeper = ViewKeeper()
+    keeper.full([running], ctx)
+    refused, _ = keeper.update({successor.subnet: successor}, {successor.subnet}, ctx)
+    assert refused.peers == {running.subnet: running}
+    assert "overwrote the running lease" in refused.errors[str(running.subnet)]
 
 
 def test_a_lease_kept_against_an_overwrite_is_checked_under_a_new_trust_context() -> None:
-    """FINDING (pre-existing): the running lease kept against an overwrite skips
-    lease_problem, so after this host's address moves onto it (a new trust context, a
-    full pass) it stays a peer naming this host's own address."""
+    """Found in review (pre-existing): the running lease kept against an overwrite skipped
+    lease_problem, so after this host's address moved onto it (a new trust context, a full
+    pass) it stayed a peer naming this host's own address."""
     running = udp("198.19.2.0/24", "198.18.0.2", expiration=5000.0)
     forged = udp("198.19.2.0/24", "198.18.0.3")
     ctx = dataclasses.replace(CTX, now=1000.0)
@@ -213,7 +223,7 @@ def test_a_lease_kept_against_an_overwrite_is_checked_under_a_new_trust_context(
 
 
 def test_many_claims_on_one_address_cost_linear_error_text() -> None:
-    """FINDING (pre-existing in main, and it breaks "a store event costs what it changed"):
+    """Found in review (pre-existing in main, and it breaks "a store event costs what it changed"):
     each of k claims on one PublicIP names all the others, O(k^2) text rebuilt on every
     event touching that address: measured 3,000 forged records = 161 MB of error strings,
     18 s a full pass and 15 s a single store event (a store writer's DoS, then OOM)."""

@@ -56,7 +56,14 @@ from weft.core.errors import (
     WatchCompacted,
     WeftError,
 )
-from weft.core.events import LeaseMap, PeerDiff, apply_events, changes_data, diff_peers
+from weft.core.events import (
+    EventKind,
+    LeaseMap,
+    PeerDiff,
+    apply_events,
+    changes_data,
+    diff_peers,
+)
 from weft.core.host import HostContext
 from weft.core.lease import Lease
 from weft.core.validate import TrustContext, ValidatedView, ViewKeeper
@@ -161,6 +168,9 @@ class Agent:
         # it named (`_pending`, since the last pass), not every lease.
         self._keeper = ViewKeeper()
         self._pending: set[IPNetwork] = set()
+        # Subnets whose record the store deleted since the last pass: a new holder there
+        # took a free subnet (create-if-absent), not the running lease's (not an overwrite).
+        self._released: set[IPNetwork] = set()
         self._rejected_seen: dict[str, str] = {}  # the store's non-lease records, last seen
         # Kernel removal notices our own incremental deletions cause (weft's, not a repair
         # to make: each was a full pass of 3N entries per store event), and those that
@@ -363,12 +373,13 @@ class Agent:
                 self._host_dirty = ok = False
         full, self._full_dirty = self._full_dirty, False
         named, self._pending = self._pending, set()
+        released, self._released = self._released, set()
         before = self.view.peers
         if full:
-            view = self._keeper.full(self.leases.values(), self._trust())
+            view = self._keeper.full(self.leases.values(), self._trust(), released=released)
             diff = diff_peers(before, view.peers)
         else:
-            view, touched = self._keeper.update(self.leases, named, self._trust())
+            view, touched = self._keeper.update(self.leases, named, self._trust(), released)
             diff = diff_peers(before, view.peers, touched)
         self.view = view
         _log_peers(diff)
@@ -557,6 +568,8 @@ class Agent:
                     self.leases = apply_events(self.leases, events)
                     # Renewals too: the next pass takes their new expiries into the view.
                     self._pending.update(event.subnet for event in events)
+                    self._released.update(event.subnet for event in events
+                                          if event.kind is EventKind.DELETE)
                     self._check_own_lease()
                     if changed:
                         self.request("store", full=False)

@@ -76,6 +76,18 @@ def _bounds(network: IPNetwork) -> tuple[int, int]:
     return low, low + (1 << (network.max_prefixlen - network.prefixlen)) - 1
 
 
+def _without(previous: Mapping[IPNetwork, Lease],
+             released: Collection[IPNetwork]) -> Mapping[IPNetwork, Lease]:
+    """The last view less the released subnets (a copy in C and k pops, not a Python
+    walk of N entries per store event)."""
+    if not released:
+        return previous
+    kept = dict(previous)
+    for subnet in released:
+        kept.pop(subnet, None)
+    return kept
+
+
 _NAMED = 3  # other claimants an error names: k claims naming all others are O(k^2) text
 
 
@@ -111,11 +123,17 @@ class ViewKeeper:
         self.view = ValidatedView({})
 
     def full(self, leases: Iterable[Lease], ctx: TrustContext,
-             previous: Collection[IPNetwork] | Mapping[IPNetwork, Lease] | None = None
-             ) -> ValidatedView:
-        """Every lease checked (an unchanged one's answer taken from the last pass)."""
+             previous: Collection[IPNetwork] | Mapping[IPNetwork, Lease] | None = None,
+             released: Collection[IPNetwork] = ()) -> ValidatedView:
+        """Every lease checked (an unchanged one's answer taken from the last pass).
+        `released`: subnets whose record was deleted since the last pass (released or
+        expired): a new holder there took a free subnet, not a running lease."""
         if previous is None:
             previous = self.view.peers
+        if isinstance(previous, Mapping):
+            previous = _without(previous, released)
+        elif released:
+            previous = set(previous) - set(released)
         self._begin(ctx)
         accepted = previous if isinstance(previous, Mapping) else {}
         known, self._answers = self._answers, {}
@@ -134,14 +152,16 @@ class ViewKeeper:
         return self.view
 
     def update(self, leases: Mapping[IPNetwork, Lease], changed: Iterable[IPNetwork],
-               ctx: TrustContext) -> tuple[ValidatedView, set[IPNetwork] | None]:
+               ctx: TrustContext, released: Collection[IPNetwork] = ()
+               ) -> tuple[ValidatedView, set[IPNetwork] | None]:
         """The view after the store changed the leases of `changed` (put or deleted), and
-        the subnets whose view entry may differ (None: all, after a new trust context)."""
+        the subnets whose view entry may differ (None: all, after a new trust context).
+        `released` as for `full` (each of them is in `changed`)."""
         if replace(ctx, now=0.0) != self._ctx:
-            return self.full(leases.values(), ctx), None
+            return self.full(leases.values(), ctx, released=released), None
         before = self.view
-        previous = before.peers
-        touched = set(changed) | self._overwrites
+        previous = _without(before.peers, released)
+        touched = set(changed) | self._overwrites | set(released)
         ips: set[IPAddress] = set()
         in_range = subnet_range(ctx.config)
         for subnet in touched:
@@ -195,11 +215,17 @@ class ViewKeeper:
         before = accepted.get(subnet)
         if (before is not None and before.public_ip != lease.public_ip
                 and before.expiration > ctx.now):
-            self._stage_errors[subnet] = (
-                f"PublicIP {lease.public_ip} overwrote the running lease of "
-                f"{before.public_ip} (not released, not expired); keeping {before.public_ip}")
             self._overwrites.add(subnet)
-            self._add(before)
+            refused = (f"PublicIP {lease.public_ip} overwrote the running lease of "
+                       f"{before.public_ip} (not released, not expired)")
+            # The lease kept is checked like any other: the trust context may have moved
+            # since it was accepted (this host's address now its PublicIP, say).
+            kept_problem = lease_problem(before, ctx, in_range)
+            if kept_problem is None:
+                self._stage_errors[subnet] = f"{refused}; keeping {before.public_ip}"
+                self._add(before)
+            else:
+                self._stage_errors[subnet] = f"{refused}; the running lease: {kept_problem}"
             return
         cached = known.get(subnet)
         if cached is not None and same_peer(cached[0], lease):
