@@ -148,7 +148,7 @@ def test_memoised_views_equal_uncached_views(steps: list[list[Lease]]) -> None:
     cached_prev: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, Lease] = {}
     plain_prev: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, Lease] = {}
     for table in steps:
-        cached = validate_view(table, CTX, previous=cached_prev, memo=memo)
+        cached = memo.full(table, CTX, previous=cached_prev)
         plain = validate_view(table, CTX, previous=plain_prev)
         assert cached == plain
         cached_prev, plain_prev = cached.peers, plain.peers
@@ -156,10 +156,10 @@ def test_memoised_views_equal_uncached_views(steps: list[list[Lease]]) -> None:
 
 def test_a_new_trust_context_forgets_the_answers() -> None:
     memo = ViewKeeper()
-    assert validate_view([A], CTX, memo=memo).peers == {A.subnet: A}
+    assert memo.full([A], CTX).peers == {A.subnet: A}
     # This host's own address is A's now: A's answer must be checked again, not reused.
     moved = dataclasses.replace(CTX, host_ip=A.public_ip)
-    view = validate_view([A], moved, memo=memo)
+    view = memo.full([A], moved)
     assert "own address" in view.errors[str(A.subnet)]
 
 
@@ -173,10 +173,10 @@ def test_an_unchanged_lease_is_not_checked_again() -> None:
     ctx = dataclasses.replace(CTX, data_problem=counting)
     memo = ViewKeeper()
     table = [lease(f"198.19.{i}.0/24", f"198.18.0.{i}") for i in range(2, 52)]
-    validate_view(table, ctx, memo=memo)
+    memo.full(table, ctx)
     assert len(calls) == 50
     table[7] = dataclasses.replace(table[7], backend_data={"VtepMAC": "02:00:00:00:00:07"})
-    view = validate_view(table, ctx, memo=memo)
+    view = memo.full(table, ctx)
     assert len(calls) == 51  # only the changed lease
     assert view.peers[table[7].subnet] == table[7]
 
@@ -189,8 +189,8 @@ def test_the_clock_moving_keeps_the_answers() -> None:
         return CTX.data_problem(backend, data)  # type: ignore[arg-type]
 
     memo = ViewKeeper()
-    validate_view([A, B], dataclasses.replace(CTX, data_problem=counting, now=1.0), memo=memo)
-    validate_view([A, B], dataclasses.replace(CTX, data_problem=counting, now=2.0), memo=memo)
+    memo.full([A, B], dataclasses.replace(CTX, data_problem=counting, now=1.0))
+    memo.full([A, B], dataclasses.replace(CTX, data_problem=counting, now=2.0))
     assert len(calls) == 2  # every pass has a new `now`; no lease was checked twice
 
 

@@ -277,13 +277,13 @@ class ViewKeeper:
 
 
 def validate_view(leases: Iterable[Lease], ctx: TrustContext,
-                  previous: Collection[IPNetwork] | Mapping[IPNetwork, Lease] = (),
-                  memo: ViewKeeper | None = None) -> ValidatedView:
-    """The peers that may reach the kernel. Two leases naming one PublicIP cannot both be
-    right: the one accepted before stays (a running cluster is not moved by a forged
-    record); between two new ones, neither is used until one goes away. Likewise a
-    subnet's PublicIP cannot change while the accepted lease runs: hosts only take a
-    subnet whose lease expired or was released (create-if-absent), so an overwrite is a
-    record written by something else, refused while the accepted lease lasts. With
-    `memo`, an unchanged lease is not checked again (the same answer, from the last pass)."""
-    return (memo if memo is not None else ViewKeeper()).full(leases, ctx, previous)
+                  previous: Collection[IPNetwork] | Mapping[IPNetwork, Lease] = ()
+                  ) -> ValidatedView:
+    """The peers that may reach the kernel, from nothing kept (`ViewKeeper.full` of a new
+    keeper). Two leases naming one PublicIP cannot both be right: the one accepted before
+    stays (a running cluster is not moved by a forged record); between two new ones,
+    neither is used until one goes away. Likewise a subnet's PublicIP cannot change while
+    the accepted lease runs: hosts only take a subnet whose lease expired or was released
+    (create-if-absent), so an overwrite is a record written by something else, refused
+    while the accepted lease lasts."""
+    return ViewKeeper().full(leases, ctx, previous)
