@@ -370,7 +370,9 @@ class Agent:
                 self._status_restart.set()
             if self.host_errors:
                 log.error("could not repair host state", extra=self.host_errors)
-                self._host_dirty = ok = False
+                # Retried with the worker's backoff: clearing it left the repair (and any
+                # request that came in during this pass) to the next resync, 60 s away.
+                self._host_dirty, ok = True, False
         full, self._full_dirty = self._full_dirty, False
         named, self._pending = self._pending, set()
         released, self._released = self._released, set()

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +168,27 @@ _FILE_EVENTS = (Mask.DELETE | Mask.MOVED_FROM | Mask.DELETE_SELF | Mask.MOVE_SEL
                 | Mask.CLOSE_WRITE | Mask.MOVED_TO)
 
 
+def file_event(mask: Mask, path: Path | None,
+               watched: Collection[Path]) -> tuple[str | None, bool]:
+    """What an inotify event means (pure): why to wake the worker (None: nothing), and
+    whether the watches must be set up anew because a watched directory is gone.
+
+    A watched directory's removal is also taken from its parent's DELETE (the state dir
+    sits in the subnet file's directory), not only from its own DELETE_SELF: the kernel
+    sends that one only when the last reference to the directory is dropped, and a file
+    still open in it (the agent's own lock, until the worker relocks) holds it back.
+    `path` is None when the watch is already gone (asyncinotify holds it weakly)."""
+    if mask & (Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.IGNORED):
+        return f"directory {path} removed", True
+    if mask & (Mask.DELETE | Mask.MOVED_FROM):
+        if path in watched:
+            return f"directory {path} removed", True
+        return f"{path} removed", False
+    if mask & (Mask.CLOSE_WRITE | Mask.MOVED_TO):
+        return f"{path} written", False
+    return None, False
+
+
 async def watch_files(changed: Changed, directories: Iterable[Path]) -> None:
     """inotify on the directories of subnet.env and the state: a file removed or replaced
     by someone else, or the directory itself removed (then watched again once the worker
@@ -182,13 +203,11 @@ async def watch_files(changed: Changed, directories: Iterable[Path]) -> None:
                     watched += 1
             if watched == len(wanted):
                 async for event in inotify:
-                    if event.mask & (Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.IGNORED):
-                        changed(f"directory {event.path} removed")
+                    reason, rewatch = file_event(event.mask, event.path, wanted)
+                    if reason is not None:
+                        changed(reason)
+                    if rewatch:
                         break
-                    if event.mask & (Mask.DELETE | Mask.MOVED_FROM):
-                        changed(f"{event.path} removed")
-                    elif event.mask & (Mask.CLOSE_WRITE | Mask.MOVED_TO):
-                        changed(f"{event.path} written")
             else:
                 changed("a directory weft writes to is missing")
         await asyncio.sleep(0.5)  # the worker recreates the directory meanwhile
