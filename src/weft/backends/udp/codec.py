@@ -187,10 +187,22 @@ def _inner_addresses(buf: Buffer, start: int, end: int, packet_len: int) -> tupl
 # where it landed.  Same wire format, same checks, same drop reasons as the general path.
 
 
+# The header of a one-chunk stream is FIRST_BYTE, chunk 0, count 1, reserved 0 and the
+# packet id: the sender's per-packet work is one C call of this packer, no Python frame.
+SINGLE_PREFIX: Final = bytes((FIRST_BYTE, 0, 1, 0))
+SINGLE_HEADER: Final = struct.Struct("!4sI")
+# What `decode_single` reads of a datagram of at least HEADER_SIZE + MIN_STREAM bytes, in
+# two C calls: the weft header and the virtio-net header (little-endian; the packet id,
+# the only multi-byte header field, is skipped), then the start of the inner IPv4 header
+# (version/IHL, total length, source address; big-endian).
+_SINGLE_HEADERS: Final = struct.Struct("<BBBB4xBBHHHH")
+_SINGLE_V4: Final = struct.Struct("!BxH8xI")
+
+
 def encode_single_into(buf: bytearray | memoryview, packet_id: int) -> None:
     """Write the header of a one-chunk stream into buf[:HEADER_SIZE] (the stream follows
     it in the same buffer)."""
-    _HEADER.pack_into(buf, 0, FIRST_BYTE, 0, 1, 0, packet_id & 0xFFFFFFFF)
+    SINGLE_HEADER.pack_into(buf, 0, SINGLE_PREFIX, packet_id & 0xFFFFFFFF)
 
 
 def decode_single(datagram: Buffer, size: int) -> tuple[int, int] | None:
@@ -199,31 +211,39 @@ def decode_single(datagram: Buffer, size: int) -> tuple[int, int] | None:
     would.  Returns (inner IP version, inner source address); None if it is well-formed
     but a chunk of a longer stream (feed it to a `Reassembler`).  Raises
     RemoteProtocolError with the same reasons as the general path."""
-    if size <= HEADER_SIZE:
-        raise RemoteProtocolError("truncated", f"{size}-byte datagram")
-    first, index, count, reserved, _ = _HEADER.unpack_from(datagram)
+    if size < HEADER_SIZE + MIN_STREAM:
+        return _decode_short(datagram, size)
+    (first, index, count, reserved, flags, gso_type, hdr_len, gso_size, csum_start,
+     csum_offset) = _SINGLE_HEADERS.unpack_from(datagram)
     if first != FIRST_BYTE or reserved or count != 1 or index:
         decode_header(datagram[:size])  # raises the precise reason, or it is a chunk
         return None
-    if size < HEADER_SIZE + MIN_STREAM:
-        raise RemoteProtocolError("truncated", f"{size - HEADER_SIZE}-byte stream")
     packet_len = size - HEADER_SIZE - VNET_HEADER
-    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _VNET.unpack_from(
-        datagram, HEADER_SIZE
-    )
     # One test for the usual small packet (no GSO, a checksum to complete or none); any
     # other header gets the full checks (and their precise reasons).
     if flags > VNET_F_NEEDS_CSUM or gso_type or hdr_len > packet_len or (
         flags and csum_start + csum_offset + 2 > packet_len
     ):
         _check_vnet(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, packet_len)
-    ip = HEADER_SIZE + VNET_HEADER
-    if datagram[ip] == 0x45:  # IPv4 without options, the usual case, inline
-        if _U16BE.unpack_from(datagram, ip + 2)[0] != packet_len:
+    version_ihl, total, source = _SINGLE_V4.unpack_from(datagram, HEADER_SIZE + VNET_HEADER)
+    if version_ihl == 0x45:  # IPv4 without options, the usual case, inline
+        if total != packet_len:
             raise RemoteProtocolError("truncated", f"IPv4 length in a {packet_len}-byte packet")
-        return 4, _U32BE.unpack_from(datagram, ip + 12)[0]
+        return 4, source
     version, source, _ = _inner_addresses(datagram, HEADER_SIZE, size, packet_len)
     return version, source
+
+
+def _decode_short(datagram: Buffer, size: int) -> tuple[int, int] | None:
+    """`decode_single` of a datagram too short to hold a whole stream: a chunk of a
+    longer one, or refused with the general path's reason."""
+    if size <= HEADER_SIZE:
+        raise RemoteProtocolError("truncated", f"{size}-byte datagram")
+    first, index, count, reserved, _ = _HEADER.unpack_from(datagram)
+    if first != FIRST_BYTE or reserved or count != 1 or index:
+        decode_header(datagram[:size])  # raises the precise reason, or it is a chunk
+        return None
+    raise RemoteProtocolError("truncated", f"{size - HEADER_SIZE}-byte stream")
 
 
 def encode_vnet_header(header: VnetHeader) -> bytes:
