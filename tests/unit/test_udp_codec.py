@@ -23,6 +23,7 @@ from weft.backends.udp.codec import (
     decode_header,
     decode_inner,
     decode_single,
+    decode_stream,
     decode_vnet_header,
     encode_header,
     encode_single_into,
@@ -437,12 +438,20 @@ def _general(datagram: bytes) -> tuple[object, ...]:
         return ("held",)
     parts = result.streams[0]
     size = sum(len(p) for p in parts)
+    assert result.sizes == [size]
     try:
         decode_vnet_header(parts[0], size)
         inner = decode_inner(parts[0], size)
     except RemoteProtocolError as exc:
-        return ("drop", exc.reason)
-    return ("ok", inner.version, inner.source)
+        outcome: tuple[object, ...] = ("drop", exc.reason)
+    else:
+        outcome = ("ok", inner.version, inner.source)
+    try:  # the forwarder's one call per stream decides alike
+        one_call: tuple[object, ...] = ("ok", *decode_stream(parts[0], size))
+    except RemoteProtocolError as exc:
+        one_call = ("drop", exc.reason)
+    assert one_call == outcome
+    return outcome
 
 
 def _fast(datagram: bytes) -> tuple[object, ...]:

@@ -24,6 +24,7 @@ GRO batch does not cost the good ones.  Misuse by the caller raises `LocalProtoc
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -151,6 +152,21 @@ def decode_inner(first: Buffer, stream_len: int) -> InnerPacket:
     if len(first) < MIN_STREAM:
         raise RemoteProtocolError("truncated", f"{len(first)}-byte first chunk")
     return InnerPacket(*_inner_addresses(first, 0, len(first), stream_len - VNET_HEADER))
+
+
+def decode_stream(first: Buffer, stream_len: int) -> tuple[int, int]:
+    """`decode_vnet_header` then `decode_inner` of a reassembled stream, same checks and
+    reasons, without their objects: (inner IP version, inner source address).  The
+    receive side's per-stream call."""
+    if len(first) < VNET_HEADER or stream_len < MIN_STREAM:
+        raise RemoteProtocolError("truncated", f"{stream_len}-byte stream")
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _VNET.unpack_from(first)
+    _check_vnet(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
+                stream_len - VNET_HEADER)
+    if len(first) < MIN_STREAM:
+        raise RemoteProtocolError("truncated", f"{len(first)}-byte first chunk")
+    version, source, _ = _inner_addresses(first, 0, len(first), stream_len - VNET_HEADER)
+    return version, source
 
 
 def _inner_addresses(buf: Buffer, start: int, end: int, packet_len: int) -> tuple[int, int, int]:
@@ -371,9 +387,11 @@ def split_segments(buffer: Buffer, segment_size: int) -> list[memoryview]:
 @dataclass
 class FeedResult:
     """What one `feed` produced: complete streams (each a list of views to write with one
-    writev; the first starts with the vnet header) and datagrams dropped, by reason."""
+    writev; the first starts with the vnet header), their sizes, and datagrams dropped,
+    by reason."""
 
     streams: list[list[memoryview]] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # each stream's length, in order
     drops: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str, count: int = 1) -> None:
@@ -451,7 +469,7 @@ class Reassembler:
                 or any(view[4 + j : total : seg] != pid_bytes[j : j + 1] * k for j in range(4))
             ):
                 return False
-        parts = [view[start + HEADER_SIZE : start + seg] for start in range(0, total, seg)]
+        parts = list(map(view.__getitem__, _payload_slices(total, seg)))
         size = total - k * HEADER_SIZE
         if index0 == 0:
             result.drop("reassembly", self.reset())
@@ -460,6 +478,7 @@ class Reassembler:
                     result.drop("oversize")
                 else:
                     result.streams.append(parts)
+                    result.sizes.append(size)
                 return True
             self._pid, self._count, self._next, self._size, self._parts = pid, count, k, size, parts
         elif self._next == index0 and self._pid == pid and self._count == count:
@@ -476,8 +495,18 @@ class Reassembler:
             self.reset()
         elif self._next == self._count:
             result.streams.append(self._parts)
+            result.sizes.append(self._size)
             self._pid, self._count, self._next, self._size, self._parts = -1, 0, 0, 0, []
         return True
+
+
+@functools.lru_cache(maxsize=256)
+def _payload_slices(total: int, seg: int) -> tuple[slice, ...]:
+    """Where each datagram's payload sits in a buffer of `total` bytes cut every `seg`.
+    Cached: nearly every GRO batch has one of a few shapes, and slicing by ready slice
+    objects in one `map` saves a Python step per datagram (measured ~20 % of the views'
+    cost)."""
+    return tuple(slice(start + HEADER_SIZE, start + seg) for start in range(0, total, seg))
 
 
 def stream_bytes(parts: Sequence[Buffer]) -> bytes:

@@ -36,9 +36,8 @@ from weft.backends.udp.codec import (
     SINGLE_PREFIX,
     Chunker,
     Reassembler,
-    decode_inner,
     decode_single,
-    decode_vnet_header,
+    decode_stream,
     write_headers,
 )
 from weft.backends.udp.plan import Endpoint, PeerTable
@@ -667,30 +666,27 @@ class Forwarder:
         result = reassembler.feed(memoryview(buf)[:size], segment)
         for reason, count in result.drops.items():
             counters.drop(reason, count)
-        for parts in result.streams:
-            self._deliver(parts, sender, table, os.writev, self._tun)
+        for parts, stream_len in zip(result.streams, result.sizes, strict=True):
+            self._deliver(parts, stream_len, sender, table, os.writev, self._tun)
         if reassembler.pending:
             self._pending.add(sender)
             return True
         self._pending.discard(sender)
         return False
 
-    def _deliver(self, parts: list[memoryview], sender: Endpoint, table: PeerTable, writev: Any,
-                 tun: int) -> None:
-        first = parts[0]
-        size = sum(len(p) for p in parts) if len(parts) > 1 else len(first)
+    def _deliver(self, parts: list[memoryview], size: int, sender: Endpoint, table: PeerTable,
+                 writev: Any, tun: int) -> None:
         counters = self.rx
         try:
-            decode_vnet_header(first, size)
-            inner = decode_inner(first, size)
+            version, source = decode_stream(parts[0], size)
         except RemoteProtocolError as exc:
             counters.drop(exc.reason)
             return
-        if inner.version != table.version:
+        if version != table.version:
             counters.drop("malformed")
             return
         # Only the member holding the source's subnet may send it: no spoofing via us.
-        if not table.owns(sender, inner.source):
+        if table.routes.get(source & table.mask) != sender:
             counters.drop("spoofed_source")
             return
         try:
