@@ -32,12 +32,12 @@ from weft.backends.udp.codec import (
     HEADER_SIZE,
     MAX_STREAM,
     MIN_STREAM,
+    SINGLE_HEADER,
+    SINGLE_PREFIX,
     Chunker,
     Reassembler,
-    decode_inner,
     decode_single,
-    decode_vnet_header,
-    encode_single_into,
+    decode_stream,
     write_headers,
 )
 from weft.backends.udp.plan import Endpoint, PeerTable
@@ -95,10 +95,13 @@ RECV_SIZE: Final = 0x10000
 _CMSG_SPACE: Final = socket.CMSG_SPACE(4)
 _U16: Final = struct.Struct("=H")
 _INT: Final = struct.Struct("=i")
-_U32BE: Final = struct.Struct("!I")
 # A plain int: `socket.MSG_TRUNC` is an IntFlag, and `int & IntFlag` runs enum code
 # (measured 1.3 µs per packet on this VM, as much as all of the codec's checks).
 _MSG_TRUNC: Final = int(socket.MSG_TRUNC)
+# Where the inner IP header starts in the TX buffer, and its version/IHL byte and IPv4
+# destination read in one C call (an IPv6 header reads its destination separately).
+_IP: Final = HEADER_SIZE + VNET_HEADER
+_V4_DESTINATION: Final = struct.Struct("!B15xI")
 
 
 @dataclass
@@ -123,23 +126,30 @@ class Offloads:
 
 @dataclass
 class Counters:
-    """One direction's counters; written only by that direction's thread."""
+    """One direction's counters; written only by that direction's thread.
+
+    The one-datagram fast path counts each packet with two updates, not four: `singles`
+    (one stream, one datagram, one system call) and `single_bytes` (their inner bytes);
+    `as_dict` folds them into the totals."""
 
     packets: int = 0  # streams (inner packets, GSO super-packets count once)
     bytes: int = 0  # inner bytes, vnet header excluded
     datagrams: int = 0  # UDP datagrams on the underlay
     batches: int = 0  # system calls on the UDP side (sendmsg / recvmsg)
     drops: dict[str, int] = field(default_factory=dict)
+    singles: int = 0
+    single_bytes: int = 0
 
     def drop(self, reason: str, count: int = 1) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + count
 
     def as_dict(self) -> dict[str, Any]:
+        singles = self.singles
         return {
-            "packets": self.packets,
-            "bytes": self.bytes,
-            "datagrams": self.datagrams,
-            "batches": self.batches,
+            "packets": self.packets + singles,
+            "bytes": self.bytes + self.single_bytes,
+            "datagrams": self.datagrams + singles,
+            "batches": self.batches + singles,
             "drops": dict(self.drops),
         }
 
@@ -286,12 +296,15 @@ class Forwarder:
         self._peers = PeerTable(network_version, subnet_len)
         # Keyed by (ip, port): chunks of one member never splice with another sender's.
         self._reassemblers: dict[Endpoint, Reassembler] = {}
+        # Senders whose reassembler holds an incomplete stream: almost always empty, so
+        # the receive fast path tests it with one truth test, not a lookup.
+        self._pending: set[Endpoint] = set()
         self._tun = -1
         self._sock: socket.socket | None = None
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._chunker: Chunker | None = None
-        self._packet_id = 0
+        self._packet_id = 0  # the last one sent; the TX thread keeps it in a local
         self._segment_cmsg: dict[int, list[tuple[int, int, bytes]]] = {}
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -376,6 +389,7 @@ class Forwarder:
         for sender in list(self._reassemblers):
             if sender not in table.members:
                 self._reassemblers.pop(sender, None)
+                self._pending.discard(sender)
 
     @property
     def peers(self) -> PeerTable:
@@ -424,7 +438,9 @@ class Forwarder:
     def _tun_to_udp(self) -> None:
         tun = self._tun
         chunker = self._chunker
+        sock = self._sock
         assert chunker is not None
+        assert sock is not None
         # The readv scatters each stream straight into its chunks' places, HEADER_SIZE
         # bytes of room before each: a stream that fits one datagram gets its header
         # written in place and leaves in one buffer; a super-packet gets all its headers
@@ -434,66 +450,70 @@ class Forwarder:
         buf = bytearray(chunker.chunk_count(MAX_STREAM + 1) * chunker.datagram_size)
         view = memoryview(buf)
         into = chunker.slots(view)
-        readv, send = os.readv, self._send_stream
-        while not self._stopping:
+        # Everything a 1-byte packet touches is a local or one C call: this loop is the
+        # forwarder's whole per-packet cost on the latency path (see README, udp).
+        readv, sendto, send_chunks = os.readv, sock.sendto, self._send_chunks
+        stamp, prefix = SINGLE_HEADER.pack_into, SINGLE_PREFIX
+        v4_destination = _V4_DESTINATION.unpack_from
+        counters = self.tx
+        single_max = chunker.chunk_size
+        packet_id = self._packet_id
+        while True:
             try:
                 size = readv(tun, into)
             except OSError as exc:
                 if self._stopping:
                     return
-                if not self.tx.drops.get("tun_read"):  # once, not every 0.1 s
+                if not counters.drops.get("tun_read"):  # once, not every 0.1 s
                     log.warning("TUN read failed", extra={"error": str(exc)})
-                self.tx.drop("tun_read")
+                counters.drop("tun_read")
                 time.sleep(0.1)  # e.g. the device was deleted under us: do not spin
                 continue
             if self._stopping:
                 return
-            send(buf, view, size)
+            if not MIN_STREAM <= size <= MAX_STREAM:
+                counters.drop("malformed")
+                continue
+            table = self._peers
+            version_ihl, destination = v4_destination(buf, _IP)
+            if version_ihl >> 4 != table.version:
+                counters.drop("no_route")
+                continue
+            if table.version == 6:
+                if size < VNET_HEADER + 40:
+                    counters.drop("malformed")
+                    continue
+                destination = int.from_bytes(view[_IP + 24 : _IP + 40], "big")
+            endpoint = table.routes.get(destination & table.mask)
+            if endpoint is None:
+                counters.drop("no_route")
+                continue
+            packet_id = (packet_id + 1) & 0xFFFFFFFF
+            if size > single_max:
+                send_chunks(buf, view, size, endpoint, packet_id)
+                continue
+            # The fast path: one datagram, its header written in place.
+            stamp(buf, 0, prefix, packet_id)
+            try:
+                sendto(view[: HEADER_SIZE + size], endpoint)
+            except OSError:
+                counters.drop("send_error")
+                continue
+            counters.singles += 1
+            counters.single_bytes += size - VNET_HEADER
 
-    def _send_stream(self, buf: bytearray, view: memoryview, size: int) -> None:
-        """Send one stream read from TUN: vnet header + packet, `size` bytes of `buf` laid
-        out as `Chunker.slots` places it (the first chunk after HEADER_SIZE bytes of room)."""
+    def _send_chunks(self, buf: bytearray, view: memoryview, size: int, endpoint: Endpoint,
+                     packet_id: int) -> None:
+        """Send one stream of more than one datagram: `size` bytes of `buf` laid out as
+        `Chunker.slots` places it, routed to `endpoint`."""
         counters = self.tx
-        if size < MIN_STREAM or size > MAX_STREAM:
-            counters.drop("malformed")
-            return
-        table = self._peers
-        ip = HEADER_SIZE + VNET_HEADER
-        version = buf[ip] >> 4
-        if version != table.version:
-            counters.drop("no_route")
-            return
-        if version == 4:
-            dst = _U32BE.unpack_from(buf, ip + 16)[0]
-        elif size >= VNET_HEADER + 40:
-            dst = int.from_bytes(view[ip + 24 : ip + 40], "big")
-        else:
-            counters.drop("malformed")
-            return
-        endpoint = table.routes.get(dst & table.mask)
-        if endpoint is None:
-            counters.drop("no_route")
-            return
-        self._packet_id += 1
         chunker = self._chunker
         sock = self._sock
         assert chunker is not None
         assert sock is not None
-        if size <= chunker.chunk_size:  # the fast path: one datagram, header in place
-            encode_single_into(buf, self._packet_id)
-            try:
-                sock.sendto(view[: HEADER_SIZE + size], endpoint)
-            except OSError:
-                counters.drop("send_error")
-                return
-            counters.batches += 1
-            counters.datagrams += 1
-            counters.packets += 1
-            counters.bytes += size - VNET_HEADER
-            return
         total = chunker.laid_out(size)
         datagram = chunker.datagram_size
-        write_headers(buf, total, datagram, self._packet_id)
+        write_headers(buf, total, datagram, packet_id)
         sendmsg, segment_cmsg = sock.sendmsg, self._segment_cmsg
         for start, end, datagrams in chunker.spans(total):
             piece = view[start:end]
@@ -543,32 +563,86 @@ class Forwarder:
     def _udp_to_tun(self) -> None:
         sock = self._sock
         assert sock is not None
-        recvmsg_into, receive = sock.recvmsg_into, self._receive
+        # As on the send side, a 1-byte packet's whole path is this loop: locals, three C
+        # calls (recvmsg_into, decode_single's two unpacks, write) and one dict lookup.
+        recvmsg_into, receive, refuse = sock.recvmsg_into, self._receive, self._refuse
+        write, tun, decode = os.write, self._tun, decode_single
+        counters = self.rx
+        pending = self._pending
+        ipv4 = self.bind_ip.version == 4
         buf = bytearray(RECV_SIZE)
         bufs = [buf]
-        while not self._stopping:
+        view = memoryview(buf)
+        while True:
             try:
                 size, ancillary, flags, addr = recvmsg_into(bufs, _CMSG_SPACE)
             except OSError as exc:
-                if not self._stopping:
-                    self.rx.drop("recv_error")
-                    log.debug("UDP receive failed", extra={"error": str(exc)})
+                if self._stopping:
+                    return
+                counters.drop("recv_error")
+                log.debug("UDP receive failed", extra={"error": str(exc)})
                 continue
             if self._stopping:
                 return
-            if receive(buf, size, ancillary, flags, addr):
+            sender: Endpoint = addr if ipv4 else addr[:2]  # IPv6 adds flowinfo, scope id
+            # The fast path: one datagram (GRO only adds its cmsg to a glued batch), no
+            # flag (MSG_TRUNC), while no stream of this sender is pending (else the
+            # reassembler must see it, to drop the pending one).
+            if not ancillary and not flags and not (pending and sender in pending):
+                table = self._peers
+                try:
+                    single = decode(buf, size)
+                except RemoteProtocolError as exc:
+                    refuse(sender, table, size, exc.reason)
+                    continue
+                if single is not None:
+                    version, source = single
+                    # Only the member holding the source's subnet may send it (no
+                    # spoofing via us); one lookup, as the holder is a member too.
+                    if table.routes.get(source & table.mask) != sender or (
+                        version != table.version
+                    ):
+                        refuse(sender, table, size,
+                               "malformed" if version != table.version else "spoofed_source")
+                        continue
+                    try:
+                        write(tun, view[HEADER_SIZE:size])
+                    except OSError as exc:
+                        refuse(sender, table, size, "tun_write")
+                        log.debug("TUN write failed", extra={"error": str(exc)})
+                        continue
+                    counters.singles += 1
+                    counters.single_bytes += size - _IP
+                    continue
+            if receive(buf, size, ancillary, flags, sender):
                 # A stream left incomplete keeps views into this buffer: take a new one.
                 buf = bytearray(RECV_SIZE)
                 bufs = [buf]
+                view = memoryview(buf)
+
+    def _refuse(self, sender: Endpoint, table: PeerTable, size: int, reason: str) -> None:
+        """Count a datagram the fast path refused, as the general path would have: a
+        stranger's as `unknown_peer` whatever it holds, an empty one as `malformed`."""
+        counters = self.rx
+        counters.batches += 1
+        if sender not in table.members:
+            counters.drop("unknown_peer")
+            return
+        if size == 0:
+            counters.drop("malformed")
+            return
+        counters.datagrams += 1
+        counters.drop(reason)
 
     def _receive(self, buf: bytearray, size: int, ancillary: list[tuple[int, int, bytes]],
-                 flags: int, addr: tuple[Any, ...]) -> bool:
-        """Handle one received buffer (one datagram, or many glued by UDP GRO) of `size`
-        bytes; True if an incomplete stream now holds views into `buf`."""
+                 flags: int, sender: Endpoint) -> bool:
+        """Handle one received buffer the fast path did not take (many datagrams glued by
+        UDP GRO, a chunk of a longer stream, a flagged one, or one while a stream of its
+        sender is pending) of `size` bytes; True if an incomplete stream now holds views
+        into `buf`."""
         counters = self.rx
         counters.batches += 1
         table = self._peers
-        sender: Endpoint = (addr[0], addr[1])  # IPv6 adds flowinfo and scope id
         if sender not in table.members:
             counters.drop("unknown_peer")
             return False
@@ -578,35 +652,6 @@ class Forwarder:
         if size == 0:
             counters.drop("malformed")
             return False
-        reassembler = self._reassemblers.get(sender)
-        # The fast path: one datagram (GRO only adds its cmsg to a glued batch) carrying a
-        # whole stream, while no stream of this sender is pending (else the reassembler
-        # must see it, to drop the pending one).
-        if not ancillary and (reassembler is None or not reassembler.pending):
-            try:
-                single = decode_single(buf, size)
-            except RemoteProtocolError as exc:
-                counters.datagrams += 1
-                counters.drop(exc.reason)
-                return False
-            if single is not None:
-                counters.datagrams += 1
-                if single[0] != table.version:
-                    counters.drop("malformed")
-                    return False
-                # Only the member holding the source's subnet may send it: no spoofing.
-                if table.routes.get(single[1] & table.mask) != sender:
-                    counters.drop("spoofed_source")
-                    return False
-                try:
-                    os.write(self._tun, memoryview(buf)[HEADER_SIZE:size])
-                except OSError as exc:
-                    counters.drop("tun_write")
-                    log.debug("TUN write failed", extra={"error": str(exc)})
-                    return False
-                counters.packets += 1
-                counters.bytes += size - HEADER_SIZE - VNET_HEADER
-                return False
         segment = size
         for level, kind, value in ancillary:
             if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
@@ -615,31 +660,33 @@ class Forwarder:
             counters.drop("malformed")
             return False
         counters.datagrams += -(-size // segment)
+        reassembler = self._reassemblers.get(sender)
         if reassembler is None:
             reassembler = self._reassemblers[sender] = Reassembler()
         result = reassembler.feed(memoryview(buf)[:size], segment)
         for reason, count in result.drops.items():
             counters.drop(reason, count)
-        for parts in result.streams:
-            self._deliver(parts, sender, table, os.writev, self._tun)
-        return reassembler.pending
+        for parts, stream_len in zip(result.streams, result.sizes, strict=True):
+            self._deliver(parts, stream_len, sender, table, os.writev, self._tun)
+        if reassembler.pending:
+            self._pending.add(sender)
+            return True
+        self._pending.discard(sender)
+        return False
 
-    def _deliver(self, parts: list[memoryview], sender: Endpoint, table: PeerTable, writev: Any,
-                 tun: int) -> None:
-        first = parts[0]
-        size = sum(len(p) for p in parts) if len(parts) > 1 else len(first)
+    def _deliver(self, parts: list[memoryview], size: int, sender: Endpoint, table: PeerTable,
+                 writev: Any, tun: int) -> None:
         counters = self.rx
         try:
-            decode_vnet_header(first, size)
-            inner = decode_inner(first, size)
+            version, source = decode_stream(parts[0], size)
         except RemoteProtocolError as exc:
             counters.drop(exc.reason)
             return
-        if inner.version != table.version:
+        if version != table.version:
             counters.drop("malformed")
             return
         # Only the member holding the source's subnet may send it: no spoofing via us.
-        if not table.owns(sender, inner.source):
+        if table.routes.get(source & table.mask) != sender:
             counters.drop("spoofed_source")
             return
         try:
