@@ -216,16 +216,12 @@ class ViewKeeper:
         if (before is not None and before.public_ip != lease.public_ip
                 and before.expiration > ctx.now):
             self._overwrites.add(subnet)
-            refused = (f"PublicIP {lease.public_ip} overwrote the running lease of "
-                       f"{before.public_ip} (not released, not expired)")
-            # The lease kept is checked like any other: the trust context may have moved
-            # since it was accepted (this host's address now its PublicIP, say).
-            kept_problem = lease_problem(before, ctx, in_range)
-            if kept_problem is None:
-                self._stage_errors[subnet] = f"{refused}; keeping {before.public_ip}"
-                self._add(before)
-            else:
-                self._stage_errors[subnet] = f"{refused}; the running lease: {kept_problem}"
+            # The running lease stays whole, unchecked against the current context: it is
+            # what a later pass refuses the overwrite by (a view holds only usable peers).
+            self._stage_errors[subnet] = (
+                f"PublicIP {lease.public_ip} overwrote the running lease of "
+                f"{before.public_ip} (not released, not expired); keeping {before.public_ip}")
+            self._add(before)
             return
         cached = known.get(subnet)
         if cached is not None and same_peer(cached[0], lease):
