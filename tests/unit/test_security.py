@@ -19,6 +19,7 @@ from weft.core.constants import MAX_RECORD_BYTES
 from weft.core.errors import ConfigError, PermissionProblem
 from weft.core.lease import Lease
 from weft.host.ingress_rules import ingress_plan, ingress_ruleset
+from weft.host.masquerade import Untrack
 from weft.store.base import RejectedRecords
 
 PSK = base64.b64encode(bytes(range(32))).decode()
@@ -29,19 +30,56 @@ def lease(subnet: str, ip: str, backend: str, **data: object) -> Lease:
     return Lease(ipaddress.ip_network(subnet), ipaddress.ip_address(ip), backend, data)
 
 
-def rules(backend: dict[str, object], peers: list[Lease]) -> str:
+def rules(backend: dict[str, object], peers: list[Lease], untrack: Untrack | None = None
+          ) -> str:
     config = parse_config(json.dumps({"Network": "198.19.0.0/16", "Backend": backend}))
     own = lease("198.19.1.0/24", str(ME), str(backend["Type"]))
-    return ingress_ruleset(ingress_plan(config, ME, own, [own, *peers]))
+    return ingress_ruleset(ingress_plan(config, ME, own, [own, *peers], untrack=untrack))
+
+
+UNTRACK = Untrack(ipaddress.ip_address("198.19.1.0"), ME, 8472)
+PEER = lease("198.19.2.0/24", "198.18.0.12", "vxlan")
+
+
+def test_vxlan_decapsulated_peer_traffic_is_accepted_and_untracked_by_one_rule() -> None:
+    script = rules({"Type": "vxlan"}, [PEER], UNTRACK)
+    first = [ln for ln in script.splitlines() if ln.startswith("add rule")
+             and " prerouting " in ln][1]  # after the port's jump
+    # Never this host's own subnet (the `fib` rule drops that on the tunnel), never to
+    # its own address (replies to what it masqueraded stay tracked), never leaving the
+    # overlay (masqueraded).
+    assert first.endswith('prerouting iifname "weft.vx1" ip saddr != 198.19.1.0/24 '
+                          "ip saddr @subnets ip daddr 198.19.0.0/16 ip daddr != 198.19.1.0 "
+                          "notrack accept"), first
+    # The encapsulated packets to this host, from members only; the rest of the overlay
+    # after every check.
+    assert "encap ip daddr 198.18.0.11 ip saddr @members notrack accept" in script
+    assert script.splitlines()[-1].endswith(
+        "ip saddr 198.19.0.0/16 ip daddr 198.19.0.0/16 ip daddr != 198.19.1.0 notrack")
+    assert script.index("fib saddr . iif") < script.rindex("notrack")
+
+
+def test_the_tunnel_shortcut_needs_every_peer_behind_the_tunnel_and_tracking_no_notrack(
+) -> None:
+    assert "iifname" not in rules({"Type": "vxlan", "DirectRouting": True}, [PEER], UNTRACK)
+    assert "iifname" not in rules({"Type": "host-gw"}, [PEER], UNTRACK)
+    tracked = rules({"Type": "vxlan"}, [PEER])
+    assert "notrack" not in tracked
+    assert 'iifname "weft.vx1" ip saddr != 198.19.1.0/24 ip saddr @subnets accept' in tracked
 
 
 def test_vxlan_accepts_its_port_only_from_member_ips() -> None:
     script = rules({"Type": "vxlan", "Port": 4789},
                    [lease("198.19.2.0/24", "198.18.0.12", "vxlan")])
     assert "add element inet weft-ingress members { 198.18.0.12 }" in script
-    assert "udp dport 4789 ip saddr @members accept" in script
-    assert "udp dport 4789 fib daddr type local counter name non_member drop" in script
-    assert "udp dport 4789 ip daddr @members counter name to_peer_port drop" in script
+    # Only UDP to the port walks its rules, in a chain of their own.
+    assert "prerouting udp dport 4789 jump encap" in script
+    assert "encap ip saddr @members accept" in script
+    assert "encap fib daddr type local counter name non_member drop" in script
+    assert "encap ip daddr @members counter name to_peer_port drop" in script
+    # The port's rules come before the tunnel's shortcut: a decapsulated packet to this
+    # host's port is checked too.
+    assert script.index("jump encap") < script.index('iifname "weft.vx1"')
     assert "198.18.0.11" not in script  # this host is no member of its own port
     assert "subnets { 198.19.1.0/24, 198.19.2.0/24 }" in script
 

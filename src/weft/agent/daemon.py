@@ -608,6 +608,11 @@ class Agent:
             await asyncio.to_thread(install_masquerade, self.config.network,
                                     self.lease.subnet, untrack)
             self._untrack = untrack
+            if self.ingress is not None and self.ingress.untrack != untrack:
+                # Prerouting's notrack rules live in the ingress filter's chain.
+                self.ingress.untrack = untrack
+                if not first:
+                    self.request("overlay conntrack decision")
         except (WeftError, OSError, subprocess.SubprocessError) as exc:
             if first:
                 raise

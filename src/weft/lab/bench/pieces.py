@@ -39,15 +39,18 @@ def _drop(script: str, pattern: str) -> str:
 def pieces(tb: Testbed, host: Host) -> dict[str, str]:
     """Each piece's nft script for `host` of the reference testbed (weft's own rulesets)."""
     subnets = frozenset(host_subnet(h) for h in tb.hosts)
-    ingress = ingress_ruleset(IngressPlan("host-gw", BENCH_NETWORK, 4, None, False,
-                                          frozenset(), subnets))
     own = host_subnet(host)
-    masq = masquerade_ruleset(BENCH_NETWORK, own,
-                              Untrack(own.network_address, host.underlay_ip, None))
+    untrack = Untrack(own.network_address, host.underlay_ip, None)
+    ingress = ingress_ruleset(IngressPlan("host-gw", BENCH_NETWORK, 4, None, False,
+                                          frozenset(), subnets, own=own))
+    # The notrack rules of prerouting are the ingress chain's own (weft.host.ingress_rules).
+    notrack = ingress_ruleset(IngressPlan("host-gw", BENCH_NETWORK, 4, None, False,
+                                          frozenset(), subnets, own=own, untrack=untrack))
+    masq = masquerade_ruleset(BENCH_NETWORK, own, untrack)
     nat_only = masquerade_ruleset(BENCH_NETWORK, own)
     raw_only = re.sub(r"chain postrouting \{.*?\n    \}", "", masq, flags=re.DOTALL)
     return {
-        "weft's rules (ingress + masquerade + notrack)": ingress + masq,
+        "weft's rules (ingress + masquerade + notrack)": notrack + masq,
         "ingress filter": ingress,
         "ingress filter without its fib rule": _drop(ingress, "fib saddr"),
         "masquerade table + notrack chains": masq,
