@@ -11,13 +11,13 @@ from weft.backends.vxlan.options import VxlanOptions
 from weft.backends.wireguard.options import WireguardOptions
 from weft.core.errors import UsageError
 from weft.host.masquerade import (
-    Untrack,
     decide_conntrack,
     dnat_tables,
     encap_port,
     masquerade_ruleset,
     parse_conntrack_mode,
 )
+from weft.host.untrack import Untrack
 
 NET = ipaddress.ip_network("198.19.0.0/16")
 SUBNET = ipaddress.ip_network("198.19.3.0/24")

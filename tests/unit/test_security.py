@@ -19,7 +19,7 @@ from weft.core.constants import MAX_RECORD_BYTES
 from weft.core.errors import ConfigError, PermissionProblem
 from weft.core.lease import Lease
 from weft.host.ingress_rules import ingress_plan, ingress_ruleset
-from weft.host.masquerade import Untrack
+from weft.host.untrack import Untrack
 from weft.store.base import RejectedRecords
 
 PSK = base64.b64encode(bytes(range(32))).decode()

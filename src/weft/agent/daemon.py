@@ -65,7 +65,6 @@ from weft.host.ingress import IngressFilter
 from weft.host.masquerade import (
     ConntrackDecision,
     ConntrackMode,
-    Untrack,
     decide_conntrack,
     encap_port,
     host_dnat_tables,
@@ -74,6 +73,7 @@ from weft.host.masquerade import (
 )
 from weft.host.netlink import Netlink
 from weft.host.system import detect_host, enable_forwarding, require_root
+from weft.host.untrack import Untrack
 from weft.integrations.subnet_env import SubnetEnv, read_subnet_env
 from weft.store import LeaseStore
 

@@ -33,8 +33,8 @@ from weft.host.ingress_rules import (
     split_listing,
     subnet_elements,
 )
-from weft.host.masquerade import Untrack
 from weft.host.nftables import apply_nft
+from weft.host.untrack import Untrack
 
 
 class IngressFilter:

@@ -33,7 +33,7 @@ from weft.backends.wireguard.options import WireguardOptions
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.constants import VXLAN_DEVICE_PREFIX
 from weft.core.lease import Lease, subnet_range
-from weft.host.masquerade import Untrack
+from weft.host.untrack import Untrack
 
 INGRESS_TABLE = "weft-ingress"
 COUNTERS = ("non_member", "to_peer_port", "spoofed_source")

@@ -26,27 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from weft.core.config import BackendOptions, IPAddress, IPNetwork
+from weft.core.config import BackendOptions, IPNetwork
 from weft.core.constants import NFT_TABLE
 from weft.core.errors import UsageError
 from weft.host.nftables import apply_nft, read_nft_ruleset, table_exists
+from weft.host.untrack import Untrack
 
 ConntrackMode = Literal["auto", "untrack", "track"]
 CONNTRACK_MODES: tuple[str, ...] = get_args(ConntrackMode)
 # Statements that rewrite a destination, in `nft -j` output (native and iptables-nft's).
 _DNAT_STATEMENTS = frozenset({"dnat", "redirect", "tproxy"})
 _DNAT_TARGETS = frozenset({"DNAT", "REDIRECT", "TPROXY", "DNPT"})
-
-
-@dataclass(frozen=True)
-class Untrack:
-    """What the raw chains exempt from conntrack."""
-
-    # The host's own overlay address: replies to what this host masqueraded into the
-    # overlay come back to it and must meet their conntrack entry, so it stays tracked.
-    own_address: IPAddress
-    public_ip: IPAddress
-    encap_port: int | None  # the backend's UDP port on the underlay, if it has one
 
 
 @dataclass(frozen=True)

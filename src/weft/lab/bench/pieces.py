@@ -33,7 +33,8 @@ from pathlib import Path
 
 from weft.core.constants import VXLAN_DEVICE_PREFIX
 from weft.host.ingress_rules import IngressPlan, ingress_ruleset
-from weft.host.masquerade import Untrack, masquerade_ruleset
+from weft.host.masquerade import masquerade_ruleset
+from weft.host.untrack import Untrack
 from weft.lab.bench.qperf import qperf_server, run_qperf
 from weft.lab.bench.references import BENCH_NETWORK, REFERENCES, VNI, VXLAN_PORT, host_subnet
 from weft.lab.bench.runner import Target, _overlay, _reference, measure
