@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from weft.core.constants import VXLAN_DEVICE_PREFIX
@@ -134,14 +135,16 @@ _FLOOR = """table ip floor {
 """
 
 
-def vxlan_rules(tb: Testbed, host: Host) -> str:
-    """weft's vxlan rules for `host` of the kernel-vxlan reference, overlay untracked."""
+def vxlan_rules(tb: Testbed, host: Host, shortcut: bool = True) -> str:
+    """weft's vxlan rules for `host` of the kernel-vxlan reference, overlay untracked
+    (`shortcut=False`: without the VXLAN device's set-lookup rule, as with DirectRouting)."""
     own = host_subnet(host)
     members = frozenset((h.underlay_ip, VXLAN_PORT) for h in tb.hosts if h is not host)
     untrack = Untrack(own.network_address, host.underlay_ip, VXLAN_PORT)
     plan = IngressPlan("vxlan", BENCH_NETWORK, 4, VXLAN_PORT, False, members,
                        frozenset(host_subnet(h) for h in tb.hosts), own=own,
-                       tunnel=f"{VXLAN_DEVICE_PREFIX}{VNI}", untrack=untrack)
+                       tunnel=f"{VXLAN_DEVICE_PREFIX}{VNI}" if shortcut else None,
+                       untrack=untrack)
     return ingress_ruleset(plan) + masquerade_ruleset(BENCH_NETWORK, own, untrack)
 
 
@@ -168,8 +171,12 @@ def netfilter_us(t: Target, test: str, secs: int) -> tuple[float, float]:
 
 
 def cost(ref: Target, rounds: int, secs: int = 4) -> None:
-    variants = {"kernel-vxlan (no rules)": None, "+ weft's vxlan rules": vxlan_rules,
-                "+ conntrack/NAT hooks only (floor)": lambda tb, host: _FLOOR}
+    variants: dict[str, Callable[[Testbed, Host], str] | None] = {
+        "kernel-vxlan (no rules)": None,
+        "+ weft's vxlan rules": vxlan_rules,
+        "+ the same without the weft.vx1 rule": lambda tb, host: vxlan_rules(tb, host, False),
+        "+ conntrack/NAT hooks only (floor)": lambda tb, host: _FLOOR,
+    }
     got: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n in variants}
     for rnd in range(rounds):
         for name, rules in variants.items():
@@ -183,7 +190,7 @@ def cost(ref: Target, rounds: int, secs: int = 4) -> None:
             lat, lat_nf = netfilter_us(ref, "tcp_lat", secs)
             per_mb, per_trip = bw_nf / (bw * secs), 1000 * lat_nf / (secs * 1e6 / lat)
             got[name].append((per_mb, per_trip, bw, lat))
-            print(f"r{rnd} {name:>36}: {bw:7.1f} MB/s {lat:6.1f} µs; netfilter "
+            print(f"r{rnd} {name:>38}: {bw:7.1f} MB/s {lat:6.1f} µs; netfilter "
                   f"{per_mb:5.1f} µs/MB, {per_trip:5.0f} ns/round trip", flush=True)
     med = statistics.median
     print("\n| kernel-vxlan | netfilter µs CPU per MB | ns per round trip | BW MB/s | Lat µs |")
