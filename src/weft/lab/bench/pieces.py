@@ -11,8 +11,9 @@ host-gw testbed (agents) and a kernel-routes testbed (by hand, no rules), then:
              kernel-routes, or `profile vxlan` against kernel-vxlan); netfilter's share of
              the samples, by symbol
     cost     (`cost R`, vxlan) the kernel-vxlan reference bare, with weft's vxlan rules
-             (this tree's ingress and masquerade rulesets, loaded by `nft -f`) and with the
-             floor those rules stand on (conntrack and NAT hooks, everything untracked),
+             (this tree's ingress and masquerade rulesets, loaded by `nft -f`), with them
+             but for the weft.vx1 set-lookup rule, and with the floor those rules stand on
+             (conntrack and NAT hooks, everything untracked),
              interleaved over R rounds: netfilter's CPU time per MB of tcp_bw and per
              tcp_lat round trip, from fixed-period `cpu-clock` samples. CPU time, not a
              share of the machine, so the other engineers' load hardly moves it.
