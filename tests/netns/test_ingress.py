@@ -175,9 +175,9 @@ def test_forged_udp_datagrams_never_reach_a_container_and_are_counted() -> None:
 
 
 def test_a_member_cannot_decapsulate_a_source_it_does_not_lease_to_a_container() -> None:
-    """On the VXLAN device the filter's first rule accepts (and untracks) a peer's subnet
-    by a set lookup instead of the reverse-path `fib` rule: the receiving host's own
-    subnet and an unleased overlay address, sent by a member, must still be dropped."""
+    """A member's frames pass the port's rules, and the filter accepts (and untracks) its
+    own subnet's sources early: the receiving host's own subnet and an unleased overlay
+    address, decapsulated from a member's frames, must still be dropped and counted."""
     with Testbed(hosts=2, containers_per_host=1, config=VXLAN) as tb:
         tb.start()
         c1, c2 = tb.containers

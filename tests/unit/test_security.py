@@ -41,31 +41,29 @@ UNTRACK = Untrack(ipaddress.ip_address("198.19.1.0"), ME, 8472)
 PEER = lease("198.19.2.0/24", "198.18.0.12", "vxlan")
 
 
-def test_vxlan_decapsulated_peer_traffic_is_accepted_and_untracked_by_one_rule() -> None:
+def test_vxlan_overlay_traffic_is_untracked_only_after_the_source_checks() -> None:
     script = rules({"Type": "vxlan"}, [PEER], UNTRACK)
-    first = [ln for ln in script.splitlines() if ln.startswith("add rule")
-             and " prerouting " in ln][1]  # after the port's jump
-    # Never this host's own subnet (the `fib` rule drops that on the tunnel), never to
-    # its own address (replies to what it masqueraded stay tracked), never leaving the
-    # overlay (masqueraded).
-    assert first.endswith('prerouting iifname "weft.vx1" ip saddr != 198.19.1.0/24 '
-                          "ip saddr @subnets ip daddr 198.19.0.0/16 ip daddr != 198.19.1.0 "
-                          "notrack accept"), first
+    lines = script.splitlines()
+    own_fib = lines.index("add rule inet weft-ingress prerouting ip saddr 198.19.1.0/24 fib "
+                          "saddr . iif oif missing counter name spoofed_source drop")
+    # This host's own subnet is done right after its reverse-path check: never to its
+    # own address (replies to what it masqueraded stay tracked), never leaving the overlay.
+    assert lines[own_fib + 1] == ("add rule inet weft-ingress prerouting ip saddr "
+                                  "198.19.1.0/24 ip daddr 198.19.0.0/16 ip daddr != "
+                                  "198.19.1.0 notrack accept")
     # The encapsulated packets to this host, from members only; the rest of the overlay
     # after every check.
     assert "encap ip daddr 198.18.0.11 ip saddr @members notrack accept" in script
-    assert script.splitlines()[-1].endswith(
+    assert lines[-1].endswith(
         "ip saddr 198.19.0.0/16 ip daddr 198.19.0.0/16 ip daddr != 198.19.1.0 notrack")
-    assert script.index("fib saddr . iif") < script.rindex("notrack")
+    assert script.index("ip saddr != @subnets") < script.rindex("notrack")
+    assert script.rindex("fib saddr . iif") < script.rindex("notrack")
 
 
-def test_the_tunnel_shortcut_needs_every_peer_behind_the_tunnel_and_tracking_no_notrack(
-) -> None:
-    assert "iifname" not in rules({"Type": "vxlan", "DirectRouting": True}, [PEER], UNTRACK)
-    assert "iifname" not in rules({"Type": "host-gw"}, [PEER], UNTRACK)
+def test_tracked_overlay_gets_no_notrack() -> None:
     tracked = rules({"Type": "vxlan"}, [PEER])
     assert "notrack" not in tracked
-    assert 'iifname "weft.vx1" ip saddr != 198.19.1.0/24 ip saddr @subnets accept' in tracked
+    assert "prerouting ip saddr 198.19.1.0/24 accept" in tracked
 
 
 def test_vxlan_accepts_its_port_only_from_member_ips() -> None:
@@ -77,9 +75,9 @@ def test_vxlan_accepts_its_port_only_from_member_ips() -> None:
     assert "encap ip saddr @members accept" in script
     assert "encap fib daddr type local counter name non_member drop" in script
     assert "encap ip daddr @members counter name to_peer_port drop" in script
-    # The port's rules come before the tunnel's shortcut: a decapsulated packet to this
-    # host's port is checked too.
-    assert script.index("jump encap") < script.index('iifname "weft.vx1"')
+    # Before the early accepts: a packet from this host's own subnet to the port is
+    # checked too.
+    assert script.index("jump encap") < script.index("ip saddr 198.19.1.0/24 accept")
     assert "198.18.0.11" not in script  # this host is no member of its own port
     assert "subnets { 198.19.1.0/24, 198.19.2.0/24 }" in script
 

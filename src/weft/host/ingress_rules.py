@@ -31,7 +31,6 @@ from weft.backends.udp.options import UdpOptions
 from weft.backends.vxlan.options import VxlanOptions
 from weft.backends.wireguard.options import WireguardOptions
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
-from weft.core.constants import VXLAN_DEVICE_PREFIX
 from weft.core.lease import Lease, subnet_range
 from weft.host.untrack import Untrack
 
@@ -55,9 +54,6 @@ class IngressPlan:
     # while this host's own subnet still only comes from its containers' side.
     peer_iifs: frozenset[str] = frozenset()
     own: IPNetwork | None = None
-    # The tunnel device whose every route is a peer's subnet (vxlan without DirectRouting):
-    # there a set lookup answers what the reverse-path `fib` lookup would, for less.
-    tunnel: str | None = None
     # Overlay <-> overlay and this host's encapsulated packets skip conntrack (the
     # masquerade decision). Done here, in the one base chain every packet walks anyway,
     # instead of in a second table's chain on the same hook.
@@ -92,17 +88,7 @@ def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
     return IngressPlan(config.backend.type, config.network, public_ip.version,
                        encapsulation_port(config), isinstance(config.backend, UdpOptions),
                        frozenset(members), frozenset(subnets | {own.subnet}),
-                       peer_iifs=frozenset(peer_iifs), own=own.subnet,
-                       tunnel=_peers_only_tunnel(config), untrack=untrack)
-
-
-def _peers_only_tunnel(config: NetworkConfig) -> str | None:
-    """vxlan's device when the backend routes every peer's subnet, and nothing else,
-    through it (no DirectRouting: those peers' routes use the underlay)."""
-    options = config.backend
-    if not isinstance(options, VxlanOptions) or options.direct_routing:
-        return None
-    return f"{VXLAN_DEVICE_PREFIX}{options.vni}"
+                       peer_iifs=frozenset(peer_iifs), own=own.subnet, untrack=untrack)
 
 
 def ingress_update(config: NetworkConfig, public_ip: IPAddress, plan: IngressPlan,
@@ -143,9 +129,9 @@ def ingress_ruleset(plan: IngressPlan) -> str:
     same transaction (never half-applied; counters keep counting).
 
     Rule order is for the common packet: UDP to the encapsulation port jumps to its own
-    chain (one rule for every other packet instead of four), then an overlay packet
-    decapsulated on the tunnel device is accepted (and untracked) by one rule. Every accept
-    before the general checks accepts only packets those checks would pass too."""
+    chain (one rule for every other packet instead of three), and a source in this host's
+    own subnet is done right after its reverse-path check. Every accept before the general
+    checks accepts only packets those checks would pass too."""
     t = f"inet {INGRESS_TABLE}"
     ul = "ip" if plan.underlay_version == 4 else "ip6"
     ul_type = "ipv4_addr" if plan.underlay_version == 4 else "ipv6_addr"
@@ -192,13 +178,6 @@ def ingress_ruleset(plan: IngressPlan) -> str:
             f"{encap} fib daddr type local counter name non_member drop",
             f"{encap} {to_member} counter name to_peer_port drop",
         ]
-    if plan.tunnel is not None and plan.own is not None:
-        # After the port's rules (a decapsulated packet may be one to this host's port
-        # too). On this device the route back to a source is a peer's subnet exactly when
-        # the source is in a leased subnet other than this host's: the `fib` rule's answer.
-        lines.append(f'{rule} iifname "{plan.tunnel}" {ov} saddr != {plan.own} '
-                     f"{ov} saddr @subnets "
-                     + (f"{ov} daddr {plan.network} {notrack}" if untrack else "") + "accept")
     lines.append(f"{rule} iif lo accept")  # the host talking to itself
     if plan.own is not None:
         # This host's own subnet (its containers' side: most of what it forwards): the

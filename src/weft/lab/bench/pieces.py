@@ -11,9 +11,8 @@ host-gw testbed (agents) and a kernel-routes testbed (by hand, no rules), then:
              kernel-routes, or `profile vxlan` against kernel-vxlan); netfilter's share of
              the samples, by symbol
     cost     (`cost R`, vxlan) the kernel-vxlan reference bare, with weft's vxlan rules
-             (this tree's ingress and masquerade rulesets, loaded by `nft -f`), with them
-             but for the weft.vx1 set-lookup rule, and with the floor those rules stand on
-             (conntrack and NAT hooks, everything untracked),
+             (this tree's ingress and masquerade rulesets, loaded by `nft -f`) and with the
+             floor those rules stand on (conntrack and NAT hooks, everything untracked),
              interleaved over R rounds: netfilter's CPU time per MB of tcp_bw and per
              tcp_lat round trip, from fixed-period `cpu-clock` samples. CPU time, not a
              share of the machine, so the other engineers' load hardly moves it.
@@ -33,12 +32,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from weft.core.constants import VXLAN_DEVICE_PREFIX
 from weft.host.ingress_rules import IngressPlan, ingress_ruleset
 from weft.host.masquerade import masquerade_ruleset
 from weft.host.untrack import Untrack
 from weft.lab.bench.qperf import qperf_server, run_qperf
-from weft.lab.bench.references import BENCH_NETWORK, REFERENCES, VNI, VXLAN_PORT, host_subnet
+from weft.lab.bench.references import BENCH_NETWORK, REFERENCES, VXLAN_PORT, host_subnet
 from weft.lab.bench.runner import Target, _overlay, _reference, measure
 from weft.lab.bench.stats import BenchError
 from weft.lab.testbed import Host, Testbed
@@ -136,16 +134,13 @@ _FLOOR = """table ip floor {
 """
 
 
-def vxlan_rules(tb: Testbed, host: Host, shortcut: bool = True) -> str:
-    """weft's vxlan rules for `host` of the kernel-vxlan reference, overlay untracked
-    (`shortcut=False`: without the VXLAN device's set-lookup rule, as with DirectRouting)."""
+def vxlan_rules(tb: Testbed, host: Host) -> str:
+    """weft's vxlan rules for `host` of the kernel-vxlan reference, overlay untracked."""
     own = host_subnet(host)
     members = frozenset((h.underlay_ip, VXLAN_PORT) for h in tb.hosts if h is not host)
     untrack = Untrack(own.network_address, host.underlay_ip, VXLAN_PORT)
     plan = IngressPlan("vxlan", BENCH_NETWORK, 4, VXLAN_PORT, False, members,
-                       frozenset(host_subnet(h) for h in tb.hosts), own=own,
-                       tunnel=f"{VXLAN_DEVICE_PREFIX}{VNI}" if shortcut else None,
-                       untrack=untrack)
+                       frozenset(host_subnet(h) for h in tb.hosts), own=own, untrack=untrack)
     return ingress_ruleset(plan) + masquerade_ruleset(BENCH_NETWORK, own, untrack)
 
 
@@ -175,7 +170,6 @@ def cost(ref: Target, rounds: int, secs: int = 4) -> None:
     variants: dict[str, Callable[[Testbed, Host], str] | None] = {
         "kernel-vxlan (no rules)": None,
         "+ weft's vxlan rules": vxlan_rules,
-        "+ the same without the weft.vx1 rule": lambda tb, host: vxlan_rules(tb, host, False),
         "+ conntrack/NAT hooks only (floor)": lambda tb, host: _FLOOR,
     }
     got: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n in variants}
