@@ -172,3 +172,28 @@ def test_forged_udp_datagrams_never_reach_a_container_and_are_counted() -> None:
         for host in tb.hosts:
             tb.run(host.netns, ["nft", "delete", "table", "inet", INGRESS_TABLE])
         assert heard_during(c2, forge_all) == []
+
+
+def test_a_member_cannot_decapsulate_a_source_it_does_not_lease_to_a_container() -> None:
+    """A member's frames pass the port's rules, and the filter accepts (and untracks) its
+    own subnet's sources early: the receiving host's own subnet and an unleased overlay
+    address, decapsulated from a member's frames, must still be dropped and counted."""
+    with Testbed(hosts=2, containers_per_host=1, config=VXLAN) as tb:
+        tb.start()
+        c1, c2 = tb.containers
+        h1, h2 = tb.hosts
+        mac = vtep_mac(tb, h2)
+        target = (h2.underlay_ip, 8472)
+        assert c2.ip is not None
+        own = c2.ip + 5  # in h2's own subnet: only h2's containers' side may claim it
+        before = dropped(tb, h2).get("spoofed_source", 0)
+
+        def send_all() -> None:
+            for src, tag in ((own, "own"), ("198.19.250.9", "unleased"), (c1.ip, "member")):
+                forge(tb, h1.netns, "vxlan", *target, FORGERIES, src, c2.ip, tag, mac)
+
+        heard = heard_during(c2, send_all)
+        assert "forged-own" not in heard, heard
+        assert "forged-unleased" not in heard, heard
+        assert heard.count("forged-member") > 0, heard  # a member's own subnet gets through
+        assert dropped(tb, h2)["spoofed_source"] - before == 2 * FORGERIES

@@ -19,6 +19,7 @@ from weft.core.constants import MAX_RECORD_BYTES
 from weft.core.errors import ConfigError, PermissionProblem
 from weft.core.lease import Lease
 from weft.host.ingress_rules import ingress_plan, ingress_ruleset
+from weft.host.untrack import Untrack
 from weft.store.base import RejectedRecords
 
 PSK = base64.b64encode(bytes(range(32))).decode()
@@ -29,19 +30,54 @@ def lease(subnet: str, ip: str, backend: str, **data: object) -> Lease:
     return Lease(ipaddress.ip_network(subnet), ipaddress.ip_address(ip), backend, data)
 
 
-def rules(backend: dict[str, object], peers: list[Lease]) -> str:
+def rules(backend: dict[str, object], peers: list[Lease], untrack: Untrack | None = None
+          ) -> str:
     config = parse_config(json.dumps({"Network": "198.19.0.0/16", "Backend": backend}))
     own = lease("198.19.1.0/24", str(ME), str(backend["Type"]))
-    return ingress_ruleset(ingress_plan(config, ME, own, [own, *peers]))
+    return ingress_ruleset(ingress_plan(config, ME, own, [own, *peers], untrack=untrack))
+
+
+UNTRACK = Untrack(ipaddress.ip_address("198.19.1.0"), ME, 8472)
+PEER = lease("198.19.2.0/24", "198.18.0.12", "vxlan")
+
+
+def test_vxlan_overlay_traffic_is_untracked_only_after_the_source_checks() -> None:
+    script = rules({"Type": "vxlan"}, [PEER], UNTRACK)
+    lines = script.splitlines()
+    own_fib = lines.index("add rule inet weft-ingress prerouting ip saddr 198.19.1.0/24 fib "
+                          "saddr . iif oif missing counter name spoofed_source drop")
+    # This host's own subnet is done right after its reverse-path check: never to its
+    # own address (replies to what it masqueraded stay tracked), never leaving the overlay.
+    assert lines[own_fib + 1] == ("add rule inet weft-ingress prerouting ip saddr "
+                                  "198.19.1.0/24 ip daddr 198.19.0.0/16 ip daddr != "
+                                  "198.19.1.0 notrack accept")
+    # The encapsulated packets to this host, from members only; the rest of the overlay
+    # after every check.
+    assert "encap ip daddr 198.18.0.11 ip saddr @members notrack accept" in script
+    assert lines[-1].endswith(
+        "ip saddr 198.19.0.0/16 ip daddr 198.19.0.0/16 ip daddr != 198.19.1.0 notrack")
+    assert script.index("ip saddr != @subnets") < script.rindex("notrack")
+    assert script.rindex("fib saddr . iif") < script.rindex("notrack")
+
+
+def test_tracked_overlay_gets_no_notrack() -> None:
+    tracked = rules({"Type": "vxlan"}, [PEER])
+    assert "notrack" not in tracked
+    assert "prerouting ip saddr 198.19.1.0/24 accept" in tracked
 
 
 def test_vxlan_accepts_its_port_only_from_member_ips() -> None:
     script = rules({"Type": "vxlan", "Port": 4789},
                    [lease("198.19.2.0/24", "198.18.0.12", "vxlan")])
     assert "add element inet weft-ingress members { 198.18.0.12 }" in script
-    assert "udp dport 4789 ip saddr @members accept" in script
-    assert "udp dport 4789 fib daddr type local counter name non_member drop" in script
-    assert "udp dport 4789 ip daddr @members counter name to_peer_port drop" in script
+    # Only UDP to the port walks its rules, in a chain of their own.
+    assert "prerouting udp dport 4789 jump encap" in script
+    assert "encap ip saddr @members accept" in script
+    assert "encap fib daddr type local counter name non_member drop" in script
+    assert "encap ip daddr @members counter name to_peer_port drop" in script
+    # Before the early accepts: a packet from this host's own subnet to the port is
+    # checked too.
+    assert script.index("jump encap") < script.index("ip saddr 198.19.1.0/24 accept")
     assert "198.18.0.11" not in script  # this host is no member of its own port
     assert "subnets { 198.19.1.0/24, 198.19.2.0/24 }" in script
 

@@ -72,7 +72,6 @@ from weft.host.ingress import IngressFilter
 from weft.host.masquerade import (
     ConntrackDecision,
     ConntrackMode,
-    Untrack,
     decide_conntrack,
     encap_port,
     host_dnat_tables,
@@ -81,6 +80,7 @@ from weft.host.masquerade import (
 )
 from weft.host.netlink import Netlink
 from weft.host.system import detect_host, enable_forwarding, require_root
+from weft.host.untrack import Untrack
 from weft.integrations.subnet_env import SubnetEnv, read_subnet_env
 from weft.store import LeaseStore
 
@@ -623,6 +623,11 @@ class Agent:
             await asyncio.to_thread(install_masquerade, self.config.network,
                                     self.lease.subnet, untrack)
             self._untrack = untrack
+            if self.ingress is not None and self.ingress.untrack != untrack:
+                # Prerouting's notrack rules live in the ingress filter's chain.
+                self.ingress.untrack = untrack
+                if not first:
+                    self.request("overlay conntrack decision")
         except (WeftError, OSError, subprocess.SubprocessError) as exc:
             if first:
                 raise

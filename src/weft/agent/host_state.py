@@ -16,7 +16,8 @@ from weft.core.config import IPNetwork
 from weft.core.errors import WeftError
 from weft.host.files import write_atomic
 from weft.host.forward_accept import ensure_forward_accept
-from weft.host.masquerade import Untrack, ensure_masquerade
+from weft.host.masquerade import ensure_masquerade
+from weft.host.untrack import Untrack
 from weft.integrations.subnet_env import SubnetEnv
 
 log = logging.getLogger("weft.agent")

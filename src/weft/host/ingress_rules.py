@@ -32,10 +32,12 @@ from weft.backends.vxlan.options import VxlanOptions
 from weft.backends.wireguard.options import WireguardOptions
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.lease import Lease, subnet_range
+from weft.host.untrack import Untrack
 
 INGRESS_TABLE = "weft-ingress"
 COUNTERS = ("non_member", "to_peer_port", "spoofed_source")
 _CHAIN = "prerouting"
+_ENCAP = "encap"  # the encapsulation port's rules, jumped to by UDP to that port only
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,10 @@ class IngressPlan:
     # while this host's own subnet still only comes from its containers' side.
     peer_iifs: frozenset[str] = frozenset()
     own: IPNetwork | None = None
+    # Overlay <-> overlay and this host's encapsulated packets skip conntrack (the
+    # masquerade decision). Done here, in the one base chain every packet walks anyway,
+    # instead of in a second table's chain on the same hook.
+    untrack: Untrack | None = None
 
 
 def encapsulation_port(config: NetworkConfig) -> int | None:
@@ -74,15 +80,15 @@ def _peer_port(lease: Lease, default: int) -> int | None:
 
 
 def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
-                 peers: Iterable[Lease], peer_iifs: Iterable[str] = ()) -> IngressPlan:
+                 peers: Iterable[Lease], peer_iifs: Iterable[str] = (),
+                 untrack: Untrack | None = None) -> IngressPlan:
     """The plan for this host. Peers are validated leases; one of another IP version or
     with an unusable port is left out (it cannot send to us anyway)."""
     members, subnets = _elements(config, public_ip, peers)
     return IngressPlan(config.backend.type, config.network, public_ip.version,
                        encapsulation_port(config), isinstance(config.backend, UdpOptions),
                        frozenset(members), frozenset(subnets | {own.subnet}),
-                       peer_iifs=frozenset(peer_iifs),
-                       own=own.subnet if peer_iifs else None)
+                       peer_iifs=frozenset(peer_iifs), own=own.subnet, untrack=untrack)
 
 
 def ingress_update(config: NetworkConfig, public_ip: IPAddress, plan: IngressPlan,
@@ -120,7 +126,12 @@ def _elements(config: NetworkConfig, public_ip: IPAddress, peers: Iterable[Lease
 
 def ingress_ruleset(plan: IngressPlan) -> str:
     """The nft script: create what is missing, then replace set elements and rules in the
-    same transaction (never half-applied; counters keep counting)."""
+    same transaction (never half-applied; counters keep counting).
+
+    Rule order is for the common packet: UDP to the encapsulation port jumps to its own
+    chain (one rule for every other packet instead of three), and a source in this host's
+    own subnet is done right after its reverse-path check. Every accept before the general
+    checks accepts only packets those checks would pass too."""
     t = f"inet {INGRESS_TABLE}"
     ul = "ip" if plan.underlay_version == 4 else "ip6"
     ul_type = "ipv4_addr" if plan.underlay_version == 4 else "ipv6_addr"
@@ -135,6 +146,10 @@ def ingress_ruleset(plan: IngressPlan) -> str:
         member_type = ul_type
         match = f"{ul} saddr @members"
         to_member = f"{ul} daddr @members"
+    untrack = plan.untrack
+    # Packets to the host's own overlay address stay tracked: replies to what this host
+    # masqueraded into the overlay must meet their conntrack entry.
+    notrack = f"{ov} daddr != {untrack.own_address} notrack " if untrack else ""
     lines = [f"add table {t}"]
     lines += [f"add counter {t} {name}" for name in COUNTERS]
     lines += [
@@ -145,33 +160,46 @@ def ingress_ruleset(plan: IngressPlan) -> str:
         f"add chain {t} {_CHAIN} {{ type filter hook prerouting priority raw; policy accept; }}",
         f"flush chain {t} {_CHAIN}",
     ]
+    if plan.port is not None:
+        lines += [f"add chain {t} {_ENCAP}", f"flush chain {t} {_ENCAP}"]
     if plan.members:
         lines.append(f"add element {t} members {{ {', '.join(sorted(members))} }}")
     lines.append(f"add element {t} subnets {{ {', '.join(sorted(subnet_elements(plan)))} }}")
     rule = f"add rule {t} {_CHAIN}"
     if plan.port is not None:
         p = plan.port
+        encap = f"add rule {t} {_ENCAP}"
+        lines.append(f"{rule} udp dport {p} jump {_ENCAP}")
+        if untrack is not None and untrack.public_ip.version == plan.underlay_version \
+                and plan.underlay_version == plan.network.version:
+            lines.append(f"{encap} {ul} daddr {untrack.public_ip} {match} notrack accept")
         lines += [
-            f"{rule} udp dport {p} {match} accept",
-            f"{rule} udp dport {p} fib daddr type local counter name non_member drop",
-            f"{rule} udp dport {p} {to_member} counter name to_peer_port drop",
+            f"{encap} {match} accept",
+            f"{encap} fib daddr type local counter name non_member drop",
+            f"{encap} {to_member} counter name to_peer_port drop",
         ]
-    lines += [
-        f"{rule} iif lo accept",  # the host talking to itself
-        f"{rule} {ov} saddr {plan.network} {ov} saddr != @subnets "
-        "counter name spoofed_source drop",
-    ]
-    if plan.peer_iifs and plan.own is not None:
-        iifs = ", ".join(f'"{name}"' for name in sorted(plan.peer_iifs))
+    lines.append(f"{rule} iif lo accept")  # the host talking to itself
+    if plan.own is not None:
+        # This host's own subnet (its containers' side: most of what it forwards): the
+        # strict reverse-path check, then done; the leased-subnets rule would pass it.
         lines += [
             f"{rule} {ov} saddr {plan.own} fib saddr . iif oif missing "
             "counter name spoofed_source drop",
-            f"{rule} {ov} saddr {plan.network} {ov} saddr != {plan.own} "
-            f"iifname != {{ {iifs} }} counter name spoofed_source drop",
+            f"{rule} {ov} saddr {plan.own} "
+            + (f"{ov} daddr {plan.network} {notrack}" if untrack else "") + "accept",
         ]
+    lines.append(f"{rule} {ov} saddr {plan.network} {ov} saddr != @subnets "
+                 "counter name spoofed_source drop")
+    if plan.peer_iifs and plan.own is not None:
+        iifs = ", ".join(f'"{name}"' for name in sorted(plan.peer_iifs))
+        lines.append(f"{rule} {ov} saddr {plan.network} {ov} saddr != {plan.own} "
+                     f"iifname != {{ {iifs} }} counter name spoofed_source drop")
     else:
         lines.append(f"{rule} {ov} saddr {plan.network} fib saddr . iif oif missing "
                      "counter name spoofed_source drop")
+    if untrack is not None:
+        lines.append(f"{rule} {ov} saddr {plan.network} {ov} daddr {plan.network} "
+                     + notrack.rstrip())
     return "\n".join(lines) + "\n"
 
 

@@ -6,8 +6,9 @@ and re-running is idempotent. weft owns exactly this table.
 
 Why skip conntrack: a NAT chain turns connection tracking on for every packet of the
 namespace, and tracking costs each overlay packet several microseconds and a hash-table
-entry, for traffic weft never NATs. Two raw-priority chains (before conntrack) mark
-overlay <-> overlay packets and the host's own encapsulated packets `notrack`.
+entry, for traffic weft never NATs. A raw-priority output chain (before conntrack) marks
+overlay <-> overlay packets and the host's own encapsulated packets `notrack`; arriving
+packets are marked by the ingress filter's prerouting chain (weft.host.ingress_rules).
 
 When that is wrong: an untracked reply is never un-NATed. A service DNAT on the client's
 host (kube-proxy, Docker's published ports, a REDIRECT) rewrites the request's
@@ -25,27 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from weft.core.config import BackendOptions, IPAddress, IPNetwork
+from weft.core.config import BackendOptions, IPNetwork
 from weft.core.constants import NFT_TABLE
 from weft.core.errors import UsageError
 from weft.host.nftables import apply_nft, read_nft_ruleset, table_exists
+from weft.host.untrack import Untrack
 
 ConntrackMode = Literal["auto", "untrack", "track"]
 CONNTRACK_MODES: tuple[str, ...] = get_args(ConntrackMode)
 # Statements that rewrite a destination, in `nft -j` output (native and iptables-nft's).
 _DNAT_STATEMENTS = frozenset({"dnat", "redirect", "tproxy"})
 _DNAT_TARGETS = frozenset({"DNAT", "REDIRECT", "TPROXY", "DNPT"})
-
-
-@dataclass(frozen=True)
-class Untrack:
-    """What the raw chains exempt from conntrack."""
-
-    # The host's own overlay address: replies to what this host masqueraded into the
-    # overlay come back to it and must meet their conntrack entry, so it stays tracked.
-    own_address: IPAddress
-    public_ip: IPAddress
-    encap_port: int | None  # the backend's UDP port on the underlay, if it has one
 
 
 @dataclass(frozen=True)
@@ -126,22 +117,18 @@ def masquerade_ruleset(network: IPNetwork, subnet: IPNetwork,
     mcast = "224.0.0.0/4" if network.version == 4 else "ff00::/8"
     raw = ""
     if untrack is not None:
-        encap_in = encap_out = ""
+        encap_out = ""
         # The table has the overlay's family; an underlay of the other family stays tracked.
         if untrack.encap_port is not None and untrack.public_ip.version == network.version:
-            encap_in = (f"\n        {ip} daddr {untrack.public_ip} udp dport "
-                        f"{untrack.encap_port} notrack")
             encap_out = (f"\n        {ip} saddr {untrack.public_ip} udp dport "
                          f"{untrack.encap_port} notrack")
+        # Prerouting's notrack rules are the ingress filter's (weft.host.ingress_rules):
+        # one base chain per hook fewer for every packet to walk.
+        # The encapsulated packets first: every overlay packet a tunnel sends is one.
         raw = f"""
-    chain raw_prerouting {{
-        type filter hook prerouting priority raw; policy accept;
-        {ip} daddr {untrack.own_address} return
-        {ip} saddr {network} {ip} daddr {network} notrack{encap_in}
-    }}
     chain raw_output {{
-        type filter hook output priority raw; policy accept;
-        {ip} saddr {network} {ip} daddr {network} notrack{encap_out}
+        type filter hook output priority raw; policy accept;{encap_out}
+        {ip} saddr {network} {ip} daddr {network} notrack
     }}"""
     return f"""\
 table {fam} {NFT_TABLE} {{}}

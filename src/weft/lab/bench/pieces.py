@@ -10,6 +10,12 @@ host-gw testbed (agents) and a kernel-routes testbed (by hand, no rules), then:
     profile  `perf record -a` over one qperf run on each testbed (host-gw against
              kernel-routes, or `profile vxlan` against kernel-vxlan); netfilter's share of
              the samples, by symbol
+    cost     (`cost R`, vxlan) the kernel-vxlan reference bare, with weft's vxlan rules
+             (this tree's ingress and masquerade rulesets, loaded by `nft -f`) and with the
+             floor those rules stand on (conntrack and NAT hooks, everything untracked),
+             interleaved over R rounds: netfilter's CPU time per MB of tcp_bw and per
+             tcp_lat round trip, from fixed-period `cpu-clock` samples. CPU time, not a
+             share of the machine, so the other engineers' load hardly moves it.
 
 Run under the shared lock:
     .venv/bin/python -m weft.lab.bench.pieces pairs 8 1
@@ -23,12 +29,16 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from weft.host.ingress_rules import IngressPlan, ingress_ruleset
-from weft.host.masquerade import Untrack, masquerade_ruleset
-from weft.lab.bench.references import BENCH_NETWORK, REFERENCES, host_subnet
+from weft.host.masquerade import masquerade_ruleset
+from weft.host.untrack import Untrack
+from weft.lab.bench.qperf import qperf_server, run_qperf
+from weft.lab.bench.references import BENCH_NETWORK, REFERENCES, VXLAN_PORT, host_subnet
 from weft.lab.bench.runner import Target, _overlay, _reference, measure
+from weft.lab.bench.stats import BenchError
 from weft.lab.testbed import Host, Testbed
 
 
@@ -39,15 +49,18 @@ def _drop(script: str, pattern: str) -> str:
 def pieces(tb: Testbed, host: Host) -> dict[str, str]:
     """Each piece's nft script for `host` of the reference testbed (weft's own rulesets)."""
     subnets = frozenset(host_subnet(h) for h in tb.hosts)
-    ingress = ingress_ruleset(IngressPlan("host-gw", BENCH_NETWORK, 4, None, False,
-                                          frozenset(), subnets))
     own = host_subnet(host)
-    masq = masquerade_ruleset(BENCH_NETWORK, own,
-                              Untrack(own.network_address, host.underlay_ip, None))
+    untrack = Untrack(own.network_address, host.underlay_ip, None)
+    ingress = ingress_ruleset(IngressPlan("host-gw", BENCH_NETWORK, 4, None, False,
+                                          frozenset(), subnets, own=own))
+    # The notrack rules of prerouting are the ingress chain's own (weft.host.ingress_rules).
+    notrack = ingress_ruleset(IngressPlan("host-gw", BENCH_NETWORK, 4, None, False,
+                                          frozenset(), subnets, own=own, untrack=untrack))
+    masq = masquerade_ruleset(BENCH_NETWORK, own, untrack)
     nat_only = masquerade_ruleset(BENCH_NETWORK, own)
     raw_only = re.sub(r"chain postrouting \{.*?\n    \}", "", masq, flags=re.DOTALL)
     return {
-        "weft's rules (ingress + masquerade + notrack)": ingress + masq,
+        "weft's rules (ingress + masquerade + notrack)": notrack + masq,
         "ingress filter": ingress,
         "ingress filter without its fib rule": _drop(ingress, "fib saddr"),
         "masquerade table + notrack chains": masq,
@@ -111,8 +124,83 @@ def profile(weft: Target, ref: Target, out: Path) -> None:
             print(f"    {pct:5.2f} % {sym}")
 
 
+_NETFILTER = re.compile(r"(nft?_|ipv4_conntrack|ipv4_confirm|__nf_)")
+_PERIOD_US = 100  # each cpu-clock sample stands for 100 µs of CPU time
+_FLOOR = """table ip floor {
+    chain pre { type filter hook prerouting priority raw; notrack; }
+    chain out { type filter hook output priority raw; notrack; }
+    chain post { type nat hook postrouting priority srcnat; }
+}
+"""
+
+
+def vxlan_rules(tb: Testbed, host: Host) -> str:
+    """weft's vxlan rules for `host` of the kernel-vxlan reference, overlay untracked."""
+    own = host_subnet(host)
+    members = frozenset((h.underlay_ip, VXLAN_PORT) for h in tb.hosts if h is not host)
+    untrack = Untrack(own.network_address, host.underlay_ip, VXLAN_PORT)
+    plan = IngressPlan("vxlan", BENCH_NETWORK, 4, VXLAN_PORT, False, members,
+                       frozenset(host_subnet(h) for h in tb.hosts), own=own, untrack=untrack)
+    return ingress_ruleset(plan) + masquerade_ruleset(BENCH_NETWORK, own, untrack)
+
+
+def netfilter_us(t: Target, test: str, secs: int) -> tuple[float, float]:
+    """(the qperf figure, netfilter's CPU µs on all CPUs) over one `test` run."""
+    data = t.testbed.run_dir / "perf-cost.data"
+    with qperf_server(t.server_netns, t.server_cpu):
+        proc = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-c",
+                                 str(_PERIOD_US * 1000), "-a", "-q", "-o", str(data)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        run = run_qperf(t.client_netns, t.server_ip, [test], secs, t.client_cpu)
+        proc.send_signal(2)
+        proc.wait()
+    report = subprocess.run(["perf", "report", "-i", str(data), "--sort", "symbol", "-n",
+                             "--stdio"], capture_output=True, text=True, check=True).stdout
+    samples = sum(int(m.group(1)) for m in re.finditer(
+        r"^\s+[\d.]+%\s+(\d+)\s+\[k\]\s+(\S+)", report, re.MULTILINE)
+        if _NETFILTER.match(m.group(2)))
+    figure = run.bw_MBps if test == "tcp_bw" else run.lat_us
+    if figure is None:
+        raise BenchError(f"qperf {test} printed no figure")
+    return figure, samples * _PERIOD_US
+
+
+def cost(ref: Target, rounds: int, secs: int = 4) -> None:
+    variants: dict[str, Callable[[Testbed, Host], str] | None] = {
+        "kernel-vxlan (no rules)": None,
+        "+ weft's vxlan rules": vxlan_rules,
+        "+ conntrack/NAT hooks only (floor)": lambda tb, host: _FLOOR,
+    }
+    got: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n in variants}
+    for rnd in range(rounds):
+        for name, rules in variants.items():
+            for host in ref.testbed.hosts:
+                ref.testbed.run(host.netns, ["nft", "flush", "ruleset"])
+                if rules is not None:
+                    path = ref.testbed.run_dir / "cost.nft"
+                    path.write_text(rules(ref.testbed, host))
+                    ref.testbed.run(host.netns, ["nft", "-f", str(path)])
+            bw, bw_nf = netfilter_us(ref, "tcp_bw", secs)
+            lat, lat_nf = netfilter_us(ref, "tcp_lat", secs)
+            per_mb, per_trip = bw_nf / (bw * secs), 1000 * lat_nf / (secs * 1e6 / lat)
+            got[name].append((per_mb, per_trip, bw, lat))
+            print(f"r{rnd} {name:>38}: {bw:7.1f} MB/s {lat:6.1f} µs; netfilter "
+                  f"{per_mb:5.1f} µs/MB, {per_trip:5.0f} ns/round trip", flush=True)
+    med = statistics.median
+    print("\n| kernel-vxlan | netfilter µs CPU per MB | ns per round trip | BW MB/s | Lat µs |")
+    print("|---|---|---|---|---|")
+    for name, rs in got.items():
+        print(f"| {name} | {med(r[0] for r in rs):.1f} | {med(r[1] for r in rs):.0f} | "
+              f"{med(r[2] for r in rs):.0f} | {med(r[3] for r in rs):.1f} |")
+
+
 def main() -> None:
     mode = sys.argv[1]
+    if mode == "cost":
+        with contextlib.ExitStack() as stack:
+            cost(_reference(stack, REFERENCES["kernel-vxlan"], None, "ptp"), int(sys.argv[2]))
+        return
     backend = sys.argv[2] if mode == "profile" and len(sys.argv) > 2 else "host-gw"
     reference = {"host-gw": "kernel-routes", "vxlan": "kernel-vxlan"}[backend]
     with contextlib.ExitStack() as stack:
