@@ -15,6 +15,8 @@ from weft.backends.registry import overhead
 from weft.backends.udp.codec import (
     HEADER_SIZE,
     MAX_STREAM,
+    SINGLE_HEADER,
+    SINGLE_PREFIX,
     Chunker,
     ChunkHeader,
     InnerPacket,
@@ -26,7 +28,6 @@ from weft.backends.udp.codec import (
     decode_stream,
     decode_vnet_header,
     encode_header,
-    encode_single_into,
     encode_vnet_header,
     split_segments,
     stream_bytes,
@@ -483,7 +484,7 @@ def _fast(datagram: bytes) -> tuple[object, ...]:
 
 def _single(stream: bytes, packet_id: int = 7) -> bytes:
     buf = bytearray(HEADER_SIZE) + stream
-    encode_single_into(buf, packet_id)
+    SINGLE_HEADER.pack_into(buf, 0, SINGLE_PREFIX, packet_id)  # as the forwarder writes it
     return bytes(buf)
 
 

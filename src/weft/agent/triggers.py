@@ -92,8 +92,7 @@ def tc_hook_change(msg: Any, known: dict[int, str]) -> str | None:
 
 async def watch_kernel(changed: Changed, prefix: str, *, tc_hooks: bool = False) -> None:
     """rtnetlink multicast: a device, address, route, neighbour or routing rule of weft's
-    removed (and
-    with `tc_hooks`, what the fast path's hooks follow: `tc_hook_change`)."""
+    removed (and with `tc_hooks`, what the fast path's hooks follow: `tc_hook_change`)."""
     async with AsyncIPRoute() as ipr:
         await ipr.bind(groups=_GROUPS | (RTMGRP_TC if tc_hooks else 0))
         devices: dict[int, str] = {}

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from weft.core.config import IPAddress, IPNetwork, NetworkConfig
+from weft.core.config import IPAddress, NetworkConfig
 from weft.core.errors import KernelError
 from weft.core.lease import Lease
 from weft.host.ingress_rules import (
@@ -51,7 +51,6 @@ class IngressFilter:
         # The masquerade decision's notrack part (the agent sets it); the table carries
         # prerouting's notrack rules, so a changed decision rewrites it at the next pass.
         self.untrack: Untrack | None = None
-        self._own: IPNetwork | None = None  # this host's subnet when `plan` was made
         # The table as the kernel listed it after the last whole write, set elements left
         # out (those follow the plan, by difference between whole writes).
         self._skeleton: str | None = None
@@ -66,13 +65,12 @@ class IngressFilter:
         its `change` (the changed peers' old leases, their new ones): the plan then follows
         from the last one by that difference alone, not rebuilt from every peer."""
         old = self.plan
-        if not full and change is not None and old is not None and own.subnet == self._own \
+        if not full and change is not None and old is not None and own.subnet == old.own \
                 and old.untrack == self.untrack:
             plan = ingress_update(self.config, self.public_ip, old, *change)
         else:
             plan = ingress_plan(self.config, self.public_ip, own, peers, self.peer_iifs,
                                 self.untrack)
-        self._own = own.subnet
         if not full and old is not None and self._skeleton is not None and same_shape(old, plan):
             self._apply_delta(old, plan)
             return

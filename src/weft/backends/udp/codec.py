@@ -215,12 +215,6 @@ _SINGLE_HEADERS: Final = struct.Struct("<BBBB4xBBHHHH")
 _SINGLE_V4: Final = struct.Struct("!BxH8xI")
 
 
-def encode_single_into(buf: bytearray | memoryview, packet_id: int) -> None:
-    """Write the header of a one-chunk stream into buf[:HEADER_SIZE] (the stream follows
-    it in the same buffer)."""
-    SINGLE_HEADER.pack_into(buf, 0, SINGLE_PREFIX, packet_id & 0xFFFFFFFF)
-
-
 def decode_single(datagram: Buffer, size: int) -> tuple[int, int] | None:
     """Check datagram[:size] as one whole stream (chunk 0 of 1): its weft header, virtio-net
     header and inner IP header, as `decode_header`, `decode_vnet_header` and `decode_inner`

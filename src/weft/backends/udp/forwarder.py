@@ -304,7 +304,6 @@ class Forwarder:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._chunker: Chunker | None = None
-        self._packet_id = 0  # the last one sent; the TX thread keeps it in a local
         self._segment_cmsg: dict[int, list[tuple[int, int, bytes]]] = {}
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -457,7 +456,7 @@ class Forwarder:
         v4_destination = _V4_DESTINATION.unpack_from
         counters = self.tx
         single_max = chunker.chunk_size
-        packet_id = self._packet_id
+        packet_id = 0  # the last one sent
         while True:
             try:
                 size = readv(tun, into)
