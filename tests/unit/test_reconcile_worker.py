@@ -112,7 +112,9 @@ def test_a_pass_that_raises_is_retried_and_the_worker_lives_on(tmp_path: Path) -
         agent.request("test")
         async with asyncio.TaskGroup() as tg:
             worker = tg.create_task(agent._reconciler())
-            await _until(lambda: len(backend.calls) >= 2)
+            # The second call starts in a thread; its pass clears the error on the loop
+            # after it returns: wait for that end, not the call's start (the race CI hit).
+            await _until(lambda: len(backend.calls) >= 2 and not agent.peer_errors.current)
             errors = dict(agent.peer_errors.current)
             worker.cancel()
         await store.close()
