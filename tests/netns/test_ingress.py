@@ -5,7 +5,9 @@ same forgeries get through (so these tests can fail)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import signal
 import subprocess
 import textwrap
@@ -15,7 +17,9 @@ from typing import Any
 import pytest
 
 from forged import LISTENER, PACKETS
-from weft.host.ingress_rules import INGRESS_TABLE
+from weft.core.config import parse_config
+from weft.core.lease import Lease
+from weft.host.ingress_rules import INGRESS_TABLE, ingress_plan, ingress_ruleset
 from weft.lab.testbed import Container, Host, Testbed
 
 pytestmark = pytest.mark.netns
@@ -197,3 +201,33 @@ def test_a_member_cannot_decapsulate_a_source_it_does_not_lease_to_a_container()
         assert "forged-unleased" not in heard, heard
         assert heard.count("forged-member") > 0, heard  # a member's own subnet gets through
         assert dropped(tb, h2)["spoofed_source"] - before == 2 * FORGERIES
+
+
+def _chains(netns: str) -> list[str]:
+    listed = subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list", "table", "inet",
+                             INGRESS_TABLE], capture_output=True, text=True, check=True).stdout
+    return sorted(item["chain"]["name"] for item in json.loads(listed)["nftables"]
+                  if "chain" in item)
+
+
+def test_a_backend_without_an_encapsulation_port_leaves_no_encap_chain_behind() -> None:
+    """vxlan -> host-gw -> vxlan on one table, as `nft -f` applies weft's scripts: the
+    encapsulation chain goes with its port and comes back with it."""
+    config = {t: parse_config(json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": t}}))
+              for t in ("vxlan", "host-gw")}
+    me = ipaddress.ip_address("198.18.0.11")
+    own = Lease(ipaddress.ip_network("198.19.1.0/24"), me, "vxlan", {})
+    peer = Lease(ipaddress.ip_network("198.19.2.0/24"), ipaddress.ip_address("198.18.0.12"),
+                 "vxlan", {})
+    netns = f"weft-ig{os.getpid()}-ns"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:
+        seen = []
+        for backend in ("vxlan", "host-gw", "vxlan"):
+            script = ingress_ruleset(ingress_plan(config[backend], me, own, [own, peer]))
+            subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=script,
+                           text=True, check=True)
+            seen.append(_chains(netns))
+        assert seen == [["encap", "prerouting"], ["prerouting"], ["encap", "prerouting"]]
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False)

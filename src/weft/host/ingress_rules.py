@@ -162,6 +162,10 @@ def ingress_ruleset(plan: IngressPlan) -> str:
     ]
     if plan.port is not None:
         lines += [f"add chain {t} {_ENCAP}", f"flush chain {t} {_ENCAP}"]
+    else:
+        # A backend without an encapsulation port (host-gw after vxlan): the chain's one
+        # jump went with the flush above, so the chain itself can go in the same transaction.
+        lines += [f"add chain {t} {_ENCAP}", f"delete chain {t} {_ENCAP}"]
     if plan.members:
         lines.append(f"add element {t} members {{ {', '.join(sorted(members))} }}")
     lines.append(f"add element {t} subnets {{ {', '.join(sorted(subnet_elements(plan)))} }}")
