@@ -2,7 +2,8 @@
 
 Two levels. The store alone, against real etcd processes on loopback: an unreachable etcd
 is a clear StoreUnavailable; with one member of three killed, requests and watches move
-to another member and no event is lost or repeated; across a restart of the whole cluster
+to another member and no event is lost or repeated; a member left without a leader is
+unavailable, never a refusal; across a restart of the whole cluster
 a watch resumes where it stopped. Then whole agents, in the namespace testbed, with a
 3-member cluster inside the run's underlay namespace: a member dies and the agents keep
 renewing and a new host still joins; etcd dies entirely and the overlay keeps carrying
@@ -131,6 +132,50 @@ def test_one_member_killed_requests_and_watch_move_to_another(
             assert subnets == [NET.format(i) for i in range(1, 7)]  # none lost, none twice
             leases, _ = await writer.list_leases()
             assert len(leases) == 6
+
+    run(main())
+
+
+def test_a_member_without_a_leader_is_unavailable_not_a_refusal(
+    three_members: LocalEtcd,
+) -> None:
+    # etcd ends a stream (a keep-alive, a watch) at once on a member that has no leader
+    # (weft asks for `hasleader`); grpc.aio then often reports its own failed write of the
+    # request (INTERNAL) instead of etcd's UNAVAILABLE; a keep-alive caught there while the
+    # leader goes runs out of its deadline, which etcd may report as UNKNOWN. Either way the
+    # member cannot serve us now: taken for a refusal, it stopped an agent renewing right
+    # after its leader died.
+    prefix = unique_prefix()
+    lone = three_members.members[2]
+
+    async def main() -> None:
+        store = EtcdLeaseStore.from_url(f"etcd://{lone.endpoint}", prefix=prefix)
+        try:
+            held = await store.create_lease(lease(1), 60)
+            assert held is not None
+            for i in (0, 1):
+                await asyncio.to_thread(three_members.kill, i)
+            deadline = time.monotonic() + 10
+            while True:  # until the member knows it has no leader (it may have been it)
+                try:
+                    held = await store.renew_lease(held, 60)
+                except StoreUnavailable:
+                    break
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            for _ in range(40):  # a keep-alive stream each
+                with pytest.raises(StoreUnavailable):
+                    await store.renew_lease(held, 60)
+            for _ in range(8):  # a watch never raises: it reconnects until a leader is back
+                watch = store.watch(1)
+                try:
+                    with pytest.raises(TimeoutError):
+                        async with asyncio.timeout(0.4):
+                            await anext(watch)
+                finally:
+                    await watch.aclose()
+        finally:
+            await store.close()
 
     run(main())
 

@@ -42,6 +42,16 @@ _RETRYABLE_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
 
+# What grpc.aio reports, in place of the server's status, when a streaming call's request
+# cannot be written because the call already ended (grpc/grpc#36066, so in grpcio 1.85).
+# etcd ends a keep-alive or watch stream at once on a member without a leader (we ask for
+# `hasleader`), so a renewal or watch there right after the leader died gets this about
+# every other time instead of UNAVAILABLE "no leader": not a refusal, nor etcd's word.
+_LOCAL_WRITE_FAILURE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
+# etcd's own word for a request that ran out of its deadline on the server (a keep-alive
+# on a follower whose leader just died, say), which gRPC passes on as UNKNOWN.
+_SERVER_DEADLINE = (grpc.StatusCode.UNKNOWN, "context deadline exceeded")
+
 class Client(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type hints
     """aetcd's client, connecting over TLS when asked and requiring a leader."""
 
@@ -160,7 +170,10 @@ def is_retryable(exc: BaseException) -> bool:
     ):
         return True
     rpc_error = _rpc_error(exc)
-    return rpc_error is not None and rpc_error.code() in _RETRYABLE_CODES
+    if rpc_error is None:
+        return False
+    status = (rpc_error.code(), rpc_error.details())
+    return status[0] in _RETRYABLE_CODES or status in (_LOCAL_WRITE_FAILURE, _SERVER_DEADLINE)
 
 
 def is_expired_token(exc: BaseException) -> bool:
