@@ -31,6 +31,7 @@ from etcd_server import (
     leader_index,
     unique_prefix,
 )
+from weft.core.constants import DEFAULT_ETCD_PREFIX
 from weft.core.errors import StoreUnavailable, WatchCompacted
 from weft.core.events import LeaseEvent
 from weft.core.lease import Lease
@@ -372,3 +373,53 @@ def test_agents_cut_off_while_a_lease_goes_and_history_is_compacted_resync() -> 
         tb.wait_converged(30, hosts=tb.hosts[:2])
         for i in (0, 1):
             assert "watch history compacted; resyncing" in tb.agent_log(tb.hosts[i])
+
+
+@pytest.mark.netns
+def test_a_store_that_refuses_the_agent_keeps_it_running_and_it_renews_once_allowed() -> None:
+    """Permissions taken away from a running agent (an operator's mistake, or a store
+    someone else controls): every renewal and watch is refused, not unreachable. The agent
+    stays up with its subnet and data plane, says so, and renews once allowed again."""
+    with Testbed(hosts=2, containers_per_host=1, store="etcd", lease_ttl=4,
+                 agent_args=["--etcd-username", "weft", "--etcd-password", "secret",
+                             "--etcd-allow-plaintext-auth"]) as tb:
+        root = "--user=root:rootpw"
+        tb.etcd.etcdctl("user", "add", "root:rootpw", "--interactive=false")
+        tb.etcd.etcdctl("user", "add", "weft:secret", "--interactive=false")
+        tb.etcd.etcdctl("role", "add", "weft")
+        grant = ("weft", f"{DEFAULT_ETCD_PREFIX}/", "--prefix=true")
+        tb.etcd.etcdctl("role", "grant-permission", grant[0], "readwrite", *grant[1:])
+        tb.etcd.etcdctl("user", "grant-role", "weft", "weft")
+        tb.etcd.etcdctl("auth", "enable")
+        _start_hosts(tb, 2)
+        subnets = [tb.host_status(h)["subnet"] for h in tb.hosts]
+        c1, c2 = tb.containers
+        tb.etcd.etcdctl(root, "role", "revoke-permission", *grant)
+        # Two lease lifetimes of refusals: 4 s leases renew every 2 s.
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            for host in tb.hosts:
+                assert host.agent is not None
+                assert host.agent.poll() is None, tb.agent_log(host)[-3000:]
+            time.sleep(0.5)
+        for i, host in enumerate(tb.hosts):
+            log = tb.agent_log(host)
+            assert "permission denied" in log, log[-3000:]
+            assert "agent stopped" not in log
+            status = tb.host_status(host)
+            assert status["subnet"] == subnets[i]
+            assert "permission denied" in status["notices"]["store"]
+        assert tb.ping(c1.netns, c2.ip, count=3)  # the data plane carries on meanwhile
+        before = [_renewals(tb, i) for i in (0, 1)]
+        tb.etcd.etcdctl(root, "role", "grant-permission", grant[0], "readwrite", *grant[1:])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(
+                _renewals(tb, i) < before[i] + 2 for i in (0, 1)):
+            time.sleep(0.2)
+        assert all(_renewals(tb, i) >= before[i] + 2 for i in (0, 1)), \
+            [tb.agent_log(h)[-2000:] for h in tb.hosts]
+        statuses = [tb.host_status(h) for h in tb.hosts]
+        assert [s["subnet"] for s in statuses] == subnets
+        assert not any("store" in s["notices"] for s in statuses)
+        assert tb.ping(c1.netns, c2.ip, count=3)
+        assert tb.ping(c2.netns, c1.ip, count=3)

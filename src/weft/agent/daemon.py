@@ -51,6 +51,7 @@ from weft.core.constants import (
 from weft.core.errors import (
     ConfigError,
     LeaseNotFound,
+    StoreError,
     StoreUnavailable,
     UsageError,
     WatchCompacted,
@@ -533,7 +534,7 @@ class Agent:
         would renumber every container): it is refused loudly until the agent restarts."""
         try:
             text = await self.store.get_config()
-        except StoreUnavailable:
+        except StoreError:  # unreachable or refusing: the next resync asks again
             return
         if text == self.config_text or text is None:
             self.notices.pop("config", None)
@@ -586,11 +587,12 @@ class Agent:
                 self._pending.update(self.leases)
                 self._check_own_lease()
                 self.request("store resync", full=False)
-            except StoreUnavailable as exc:
+            except StoreError as exc:  # unreachable, or refusing us: ask again
                 self.metrics.store_errors.inc()
                 delay = backoff.next()
-                log.warning("watch lost the store; the data plane stays as it is",
-                            extra={"error": str(exc), "retry_in": round(delay, 2)})
+                (log.warning if isinstance(exc, StoreUnavailable) else log.error)(
+                    "watch lost the store; the data plane stays as it is",
+                    extra={"error": str(exc), "retry_in": round(delay, 2)})
                 await asyncio.sleep(delay)
 
     def _check_own_lease(self) -> None:
@@ -650,16 +652,6 @@ class Agent:
             retry = False
             try:
                 lease = await self.store.renew_lease(self.lease, self.opts.lease_ttl)
-            except StoreUnavailable as exc:
-                # Also a renewal asked for early (our record went away): waiting for the
-                # scheduled time would leave this host without a lease for hours.
-                self.metrics.store_errors.inc()
-                wait = min(backoff.next(), max(0.5, self.lease.expires_in(time.time()) / 4))
-                log.warning("lease renewal failed; retrying",
-                            extra={"error": str(exc), "retry_in": round(wait, 2)})
-                await asyncio.sleep(wait)
-                retry = True
-                continue
             except LeaseNotFound:
                 if self._lease_overwritten():
                     # Wait for the record to go (the watch wakes us) or our lease to end.
@@ -669,6 +661,24 @@ class Agent:
                             await self._renew_now.wait()
                     continue
                 lease = await self._recover_lease()
+            except StoreError as exc:
+                # Unreachable, or a refusal (its permissions changed, a record rewritten under
+                # every attempt): the subnet and the data plane stay, and the renewal is asked
+                # again. An agent that stopped here would let its lease run out with nobody
+                # left to take it back. Also a renewal asked for early (our record went away):
+                # waiting for the scheduled time would leave this host without a lease for hours.
+                self.metrics.store_errors.inc()
+                wait = min(backoff.next(), max(0.5, self.lease.expires_in(time.time()) / 4))
+                refused = not isinstance(exc, StoreUnavailable)
+                if refused:
+                    self.notices["store"] = f"the store refuses this host's renewal: {exc}"
+                (log.error if refused else log.warning)(
+                    "lease renewal failed; retrying",
+                    extra={"error": str(exc), "retry_in": round(wait, 2)})
+                await asyncio.sleep(wait)
+                retry = True
+                continue
+            self.notices.pop("store", None)
             backoff.reset()
             self.lease = lease
             self.metrics.lease_expiry.set(lease.expiration)
