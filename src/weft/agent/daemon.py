@@ -51,6 +51,7 @@ from weft.core.constants import (
 from weft.core.errors import (
     ConfigError,
     LeaseNotFound,
+    NetworkFull,
     StoreError,
     StoreUnavailable,
     UsageError,
@@ -201,18 +202,43 @@ class Agent:
 
     # --- start-up -----------------------------------------------------------------------
 
-    async def _retry(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
-        """Run a store operation until it succeeds; the store being down is not fatal."""
+    async def _retry(self, what: str, op: Callable[[], Awaitable[T]], *,
+                     refusals: bool = False) -> T:
+        """Run a store operation until it succeeds; the store being down is not fatal, nor,
+        with `refusals` (a running agent), the store refusing it: see `_refused`. What the
+        store answers (a lease gone, a network full, a compacted history) is the caller's."""
         backoff = Backoff()
         while True:
             try:
-                return await op()
+                result = await op()
             except StoreUnavailable as exc:
                 self.metrics.store_errors.inc()
                 delay = backoff.next()
                 log.warning("store unavailable; retrying",
                             extra={"op": what, "error": str(exc), "retry_in": round(delay, 2)})
                 await asyncio.sleep(delay)
+            except (LeaseNotFound, NetworkFull, WatchCompacted):
+                raise
+            except StoreError as exc:
+                if not refusals:
+                    raise
+                self._refused("store", what, exc)
+                await asyncio.sleep(backoff.next())
+            else:
+                if refusals:
+                    self.notices.pop("store", None)
+                return result
+
+    def _refused(self, notice: str, what: str, exc: StoreError) -> None:
+        """The store refused a running agent (its permissions changed, say). Stopping would
+        let this host's lease run out with nobody left to take it back, so the subnet and
+        the data plane stay and the caller asks again; `weft status` says so, and the log
+        does when the refusal is new or changes (a refusal answers at once: no log flood)."""
+        self.metrics.store_errors.inc()
+        message = f"the store refuses this host's {what}: {exc}"
+        if self.notices.get(notice) != message:
+            log.error("store refused; retrying", extra={"op": what, "error": str(exc)})
+        self.notices[notice] = message
 
     async def _load_config(self) -> tuple[str, NetworkConfig]:
         text = await self._retry("get config", self.store.get_config)
@@ -534,8 +560,12 @@ class Agent:
         would renumber every container): it is refused loudly until the agent restarts."""
         try:
             text = await self.store.get_config()
-        except StoreError:  # unreachable or refusing: the next resync asks again
+        except StoreUnavailable:  # the next resync asks again
             return
+        except StoreError as exc:
+            self._refused("store_config", "config check", exc)
+            return
+        self.notices.pop("store_config", None)
         if text == self.config_text or text is None:
             self.notices.pop("config", None)
             return
@@ -560,6 +590,7 @@ class Agent:
             try:
                 async for events in self.store.watch(self.revision):
                     backoff.reset()
+                    self.notices.pop("store_watch", None)
                     if events:  # empty: only the records that are not leases changed
                         self.revision = events[-1].revision
                     # A record that is not a lease going away changes no lease, but its
@@ -581,19 +612,22 @@ class Agent:
             except WatchCompacted as exc:
                 log.warning("watch history compacted; resyncing from a full list",
                             extra={"error": str(exc)})
-                leases, self.revision = await self._retry("list leases", self.store.list_leases)
+                leases, self.revision = await self._retry("list leases", self.store.list_leases,
+                                                          refusals=True)
                 self._pending.update(self.leases)  # whatever the missed history changed
                 self.leases = {lease.subnet: lease for lease in leases}
                 self._pending.update(self.leases)
                 self._check_own_lease()
                 self.request("store resync", full=False)
-            except StoreError as exc:  # unreachable, or refusing us: ask again
+            except StoreUnavailable as exc:
                 self.metrics.store_errors.inc()
                 delay = backoff.next()
-                (log.warning if isinstance(exc, StoreUnavailable) else log.error)(
-                    "watch lost the store; the data plane stays as it is",
-                    extra={"error": str(exc), "retry_in": round(delay, 2)})
+                log.warning("watch lost the store; the data plane stays as it is",
+                            extra={"error": str(exc), "retry_in": round(delay, 2)})
                 await asyncio.sleep(delay)
+            except StoreError as exc:  # refusing us: ask again (see `_refused`)
+                self._refused("store_watch", "watch", exc)
+                await asyncio.sleep(backoff.next())
 
     def _check_own_lease(self) -> None:
         """Our subnet gone from the store, or held by someone else: renew (or move) now,
@@ -651,7 +685,8 @@ class Agent:
             self._renew_now.clear()
             retry = False
             try:
-                lease = await self.store.renew_lease(self.lease, self.opts.lease_ttl)
+                renewed: Lease | None = await self.store.renew_lease(self.lease,
+                                                                     self.opts.lease_ttl)
             except LeaseNotFound:
                 if self._lease_overwritten():
                     # Wait for the record to go (the watch wakes us) or our lease to end.
@@ -660,24 +695,25 @@ class Agent:
                         async with asyncio.timeout(wait):
                             await self._renew_now.wait()
                     continue
-                lease = await self._recover_lease()
+                renewed = None  # recovered below, outside this handler
             except StoreError as exc:
-                # Unreachable, or a refusal (its permissions changed, a record rewritten under
-                # every attempt): the subnet and the data plane stay, and the renewal is asked
-                # again. An agent that stopped here would let its lease run out with nobody
-                # left to take it back. Also a renewal asked for early (our record went away):
-                # waiting for the scheduled time would leave this host without a lease for hours.
-                self.metrics.store_errors.inc()
-                wait = min(backoff.next(), max(0.5, self.lease.expires_in(time.time()) / 4))
-                refused = not isinstance(exc, StoreUnavailable)
-                if refused:
-                    self.notices["store"] = f"the store refuses this host's renewal: {exc}"
-                (log.error if refused else log.warning)(
-                    "lease renewal failed; retrying",
-                    extra={"error": str(exc), "retry_in": round(wait, 2)})
+                # Unreachable, or a refusal (a record rewritten under every attempt, its
+                # permissions changed): ask again soon, while the lease runs. Also a renewal
+                # asked for early (our record went away): waiting for the scheduled time
+                # would leave this host without a lease for hours.
+                remaining = self.lease.expires_in(time.time())
+                step = backoff.next()
+                wait = min(step, max(0.5, remaining / 4)) if remaining > 0 else step
+                if isinstance(exc, StoreUnavailable):
+                    self.metrics.store_errors.inc()
+                    log.warning("lease renewal failed; retrying",
+                                extra={"error": str(exc), "retry_in": round(wait, 2)})
+                else:
+                    self._refused("store", "lease renewal", exc)
                 await asyncio.sleep(wait)
                 retry = True
                 continue
+            lease = renewed if renewed is not None else await self._recover_lease()
             self.notices.pop("store", None)
             backoff.reset()
             self.lease = lease
@@ -720,7 +756,8 @@ class Agent:
         log.error("lease lost; trying to take the same subnet back",
                   extra={"subnet": str(old.subnet)})
         created = await self._retry(
-            "recreate lease", lambda: self.store.create_lease(old, self.opts.lease_ttl))
+            "recreate lease", lambda: self.store.create_lease(old, self.opts.lease_ttl),
+            refusals=True)
         if created is not None:
             return created
         await self._release_lost_subnet(old.subnet)  # at once, before a new one is leased
@@ -728,7 +765,7 @@ class Agent:
         lease, _ = await self._retry(
             "acquire lease",
             lambda: acquire_lease(self.store, config, host.public_ip, config.backend.type,
-                                  old.backend_data, self.opts.lease_ttl))
+                                  old.backend_data, self.opts.lease_ttl), refusals=True)
         await self._take_lease(lease)
         self._note_moved(old.subnet, lease.subnet)
         log.info("lease acquired", extra={"subnet": str(lease.subnet)})
@@ -867,8 +904,10 @@ class Agent:
             if self.opts.release_on_exit and self.lease is not None:
                 log.info("releasing lease and removing the data plane",
                          extra={"subnet": str(self.lease.subnet)})
-                with contextlib.suppress(StoreUnavailable):
+                try:
                     await self.store.delete_lease(self.lease.subnet)
+                except StoreError as exc:  # the data plane goes all the same; the lease expires
+                    log.warning("could not release the lease", extra={"error": str(exc)})
                 await asyncio.to_thread(self._remove_host_rules)
                 await asyncio.to_thread(self.backend.teardown)
                 self.opts.subnet_file.unlink(missing_ok=True)
