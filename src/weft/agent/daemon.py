@@ -203,10 +203,11 @@ class Agent:
     # --- start-up -----------------------------------------------------------------------
 
     async def _retry(self, what: str, op: Callable[[], Awaitable[T]], *,
-                     refusals: bool = False) -> T:
+                     refusals: str | None = None) -> T:
         """Run a store operation until it succeeds; the store being down is not fatal, nor,
-        with `refusals` (a running agent), the store refusing it: see `_refused`. What the
-        store answers (a lease gone, a network full, a compacted history) is the caller's."""
+        for a running agent, the store refusing it: then `refusals` names the notice that
+        says so (see `_refused`). What the store answers (a lease gone, a network full, a
+        compacted history) is the caller's."""
         backoff = Backoff()
         while True:
             try:
@@ -220,13 +221,13 @@ class Agent:
             except (LeaseNotFound, NetworkFull, WatchCompacted):
                 raise
             except StoreError as exc:
-                if not refusals:
+                if refusals is None:
                     raise
-                self._refused("store", what, exc)
+                self._refused(refusals, what, exc)
                 await asyncio.sleep(backoff.next())
             else:
-                if refusals:
-                    self.notices.pop("store", None)
+                if refusals is not None:
+                    self.notices.pop(refusals, None)
                 return result
 
     def _refused(self, notice: str, what: str, exc: StoreError) -> None:
@@ -613,7 +614,7 @@ class Agent:
                 log.warning("watch history compacted; resyncing from a full list",
                             extra={"error": str(exc)})
                 leases, self.revision = await self._retry("list leases", self.store.list_leases,
-                                                          refusals=True)
+                                                          refusals="store_watch")
                 self._pending.update(self.leases)  # whatever the missed history changed
                 self.leases = {lease.subnet: lease for lease in leases}
                 self._pending.update(self.leases)
@@ -757,7 +758,7 @@ class Agent:
                   extra={"subnet": str(old.subnet)})
         created = await self._retry(
             "recreate lease", lambda: self.store.create_lease(old, self.opts.lease_ttl),
-            refusals=True)
+            refusals="store")
         if created is not None:
             return created
         await self._release_lost_subnet(old.subnet)  # at once, before a new one is leased
@@ -765,7 +766,7 @@ class Agent:
         lease, _ = await self._retry(
             "acquire lease",
             lambda: acquire_lease(self.store, config, host.public_ip, config.backend.type,
-                                  old.backend_data, self.opts.lease_ttl), refusals=True)
+                                  old.backend_data, self.opts.lease_ttl), refusals="store")
         await self._take_lease(lease)
         self._note_moved(old.subnet, lease.subnet)
         log.info("lease acquired", extra={"subnet": str(lease.subnet)})
