@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 
 import pytest
 
@@ -24,6 +25,18 @@ def _netns_unavailable() -> str | None:
 
 
 _NETNS_REASON = _netns_unavailable()
+
+
+@pytest.fixture
+def scratch_netns() -> Iterator[str]:
+    """An empty network namespace (lo up) of this test's own, removed after it."""
+    name = f"weft-sc{os.getpid()}-ns"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -48,6 +48,20 @@ def etcd_cluster(
         yield cluster
 
 
+ROOT_USER = "--user=root:rootpw"  # etcdctl's flag for the root user `enable_auth` adds
+
+
+def enable_auth(cluster: LocalEtcd, prefix: str) -> None:
+    """Users root (password rootpw) and weft (password secret), weft's role granted read
+    and write on `prefix`, then auth on: from here etcdctl needs ROOT_USER."""
+    cluster.etcdctl("user", "add", "root:rootpw", "--interactive=false")
+    cluster.etcdctl("user", "add", "weft:secret", "--interactive=false")
+    cluster.etcdctl("role", "add", "weft")
+    cluster.etcdctl("role", "grant-permission", "weft", "--prefix=true", "readwrite", prefix)
+    cluster.etcdctl("user", "grant-role", "weft", "weft")
+    cluster.etcdctl("auth", "enable")
+
+
 def unique_prefix() -> str:
     """A key prefix no other test uses (shaped like flannel's)."""
     return f"/weft-test/{uuid.uuid4().hex[:12]}/network"

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -80,17 +78,6 @@ def test_short_real_bench_measures_every_figure_and_leaves_nothing(tmp_path: Pat
 
 
 # --- the edges, on real processes ---------------------------------------------------------
-
-
-@pytest.fixture
-def scratch_netns() -> Iterator[str]:
-    name = f"weft-bt{os.getpid()}-ns"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def _qperf_pids(netns: str) -> list[str]:

@@ -27,6 +27,8 @@ from bounded import run
 from etcd_server import (
     ETCD_AVAILABLE,
     ETCD_MISSING_REASON,
+    ROOT_USER,
+    enable_auth,
     etcd_cluster,
     leader_index,
     unique_prefix,
@@ -387,18 +389,12 @@ def test_a_store_that_refuses_the_agent_keeps_it_running_and_it_renews_once_allo
     with Testbed(hosts=2, containers_per_host=1, store="etcd", lease_ttl=ttl,
                  agent_args=["--etcd-username", "weft", "--etcd-password", "secret",
                              "--etcd-allow-plaintext-auth"]) as tb:
-        root = "--user=root:rootpw"
-        tb.etcd.etcdctl("user", "add", "root:rootpw", "--interactive=false")
-        tb.etcd.etcdctl("user", "add", "weft:secret", "--interactive=false")
-        tb.etcd.etcdctl("role", "add", "weft")
         grant = ("weft", f"{DEFAULT_ETCD_PREFIX}/", "--prefix=true")
-        tb.etcd.etcdctl("role", "grant-permission", grant[0], "readwrite", *grant[1:])
-        tb.etcd.etcdctl("user", "grant-role", "weft", "weft")
-        tb.etcd.etcdctl("auth", "enable")
+        enable_auth(tb.etcd, grant[1])
         _start_hosts(tb, 2)
         subnets = [tb.host_status(h)["subnet"] for h in tb.hosts]
         c1, c2 = tb.containers
-        tb.etcd.etcdctl(root, "role", "revoke-permission", *grant)
+        tb.etcd.etcdctl(ROOT_USER, "role", "revoke-permission", *grant)
 
         def alive() -> None:
             for host in tb.hosts:
@@ -429,7 +425,7 @@ def test_a_store_that_refuses_the_agent_keeps_it_running_and_it_renews_once_allo
             # Said when it starts, not on every retry (a refusal answers at once).
             assert log.count("store refused; retrying") <= 3, log[-3000:]
         # Read again, not write: each agent finds its record gone and cannot recreate it.
-        tb.etcd.etcdctl(root, "role", "grant-permission", grant[0], "read", *grant[1:])
+        tb.etcd.etcdctl(ROOT_USER, "role", "grant-permission", grant[0], "read", *grant[1:])
         deadline = time.monotonic() + 3 * ttl
         while time.monotonic() < deadline and not all(
                 "recreate lease" in tb.host_status(h)["notices"].get("store", "")
@@ -439,7 +435,7 @@ def test_a_store_that_refuses_the_agent_keeps_it_running_and_it_renews_once_allo
         assert all("recreate lease" in tb.host_status(h)["notices"].get("store", "")
                    for h in tb.hosts), [tb.host_status(h)["notices"] for h in tb.hosts]
         alive()
-        tb.etcd.etcdctl(root, "role", "grant-permission", grant[0], "readwrite", *grant[1:])
+        tb.etcd.etcdctl(ROOT_USER, "role", "grant-permission", grant[0], "readwrite", *grant[1:])
         tb.wait_converged(60)
         statuses = [tb.host_status(h) for h in tb.hosts]
         assert [s["subnet"] for s in statuses] == subnets  # each took its own back

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 import bounded
-from etcd_server import etcd_cluster, make_tls, requires_etcd
+from etcd_server import ROOT_USER, enable_auth, etcd_cluster, make_tls, requires_etcd
 from weft.core.errors import StoreError, StoreUnavailable, UsageError
 from weft.core.lease import Lease
 from weft.lab.etcd_local import EtcdTls, LocalEtcd
@@ -206,15 +206,8 @@ def test_plaintext_to_a_tls_etcd_fails_clearly(tls_etcd: LocalEtcd) -> None:
 def auth_etcd() -> Iterator[LocalEtcd]:
     # Simple tokens live 2 s here, so a test sees weft authenticate again.
     with etcd_cluster(extra_args=["--auth-token-ttl=2"]) as cluster:
-        root = "--user=root:rootpw"
-        cluster.etcdctl("user", "add", "root:rootpw", "--interactive=false")
-        cluster.etcdctl("user", "add", "weft:secret", "--interactive=false")
-        cluster.etcdctl("role", "add", "weft")
-        cluster.etcdctl("role", "grant-permission", "weft", "--prefix=true", "readwrite",
-                        "/weft-auth/")
-        cluster.etcdctl("user", "grant-role", "weft", "weft")
-        cluster.etcdctl("auth", "enable")
-        cluster.etcdctl(root, "endpoint", "health")
+        enable_auth(cluster, "/weft-auth/")
+        cluster.etcdctl(ROOT_USER, "endpoint", "health")
         yield cluster
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import signal
 import subprocess
 import textwrap
@@ -210,7 +209,8 @@ def _chains(netns: str) -> list[str]:
                   if "chain" in item)
 
 
-def test_a_backend_without_an_encapsulation_port_leaves_no_encap_chain_behind() -> None:
+def test_a_backend_without_an_encapsulation_port_leaves_no_encap_chain_behind(
+        scratch_netns: str) -> None:
     """vxlan -> host-gw -> vxlan on one table, as `nft -f` applies weft's scripts: the
     encapsulation chain goes with its port and comes back with it."""
     config = {t: parse_config(json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": t}}))
@@ -219,15 +219,10 @@ def test_a_backend_without_an_encapsulation_port_leaves_no_encap_chain_behind() 
     own = Lease(ipaddress.ip_network("198.19.1.0/24"), me, "vxlan", {})
     peer = Lease(ipaddress.ip_network("198.19.2.0/24"), ipaddress.ip_address("198.18.0.12"),
                  "vxlan", {})
-    netns = f"weft-ig{os.getpid()}-ns"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    try:
-        seen = []
-        for backend in ("vxlan", "host-gw", "vxlan"):
-            script = ingress_ruleset(ingress_plan(config[backend], me, own, [own, peer]))
-            subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=script,
-                           text=True, check=True)
-            seen.append(_chains(netns))
-        assert seen == [["encap", "prerouting"], ["prerouting"], ["encap", "prerouting"]]
-    finally:
-        subprocess.run(["ip", "netns", "del", netns], check=False)
+    seen = []
+    for backend in ("vxlan", "host-gw", "vxlan"):
+        script = ingress_ruleset(ingress_plan(config[backend], me, own, [own, peer]))
+        subprocess.run(["ip", "netns", "exec", scratch_netns, "nft", "-f", "-"], input=script,
+                       text=True, check=True)
+        seen.append(_chains(scratch_netns))
+    assert seen == [["encap", "prerouting"], ["prerouting"], ["encap", "prerouting"]]
