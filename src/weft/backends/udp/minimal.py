@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 
-from weft.backends.udp.forwarder import (
+from weft.backends.udp.tun import (
     TUN_F_CSUM,
     TUN_F_TSO4,
     TUN_F_TSO6,
