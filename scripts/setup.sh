@@ -47,4 +47,5 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e '.[test]'
+# weft (the product, with its test tools) and the lab (testbed, demo, bench) beside it.
+.venv/bin/pip install -q -e '.[test]' -e ./lab
