@@ -8,6 +8,7 @@ packages=(
   etcd-server etcd-client qperf iperf3
   wireguard-go wireguard-tools containernetworking-plugins
   clang llvm libbpf-dev bpftool
+  systemd  # systemd-analyze: the tests verify the shipped units
   python3 python3-venv
 )
 # --runtimes (scripts/test.sh): the real container runtimes the namespace tests drive.

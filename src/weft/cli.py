@@ -501,6 +501,46 @@ def docker_opts(
         raise _fail(exc) from None
 
 
+@app.command()
+def units(
+    directory: Annotated[Path, typer.Option("--dir", help="where systemd reads units")] = Path(
+        "/etc/systemd/system"),
+    weft_path: Annotated[str | None, typer.Option("--weft", help="the weft executable the "
+                                                  "units run (default: this one)")] = None,
+    dockerd: Annotated[str | None, typer.Option(help="dockerd's path (default: the one on "
+                                                "PATH, else /usr/bin/dockerd)")] = None,
+    docker: Annotated[bool, typer.Option(help="also write docker.service.d/weft.conf (dockerd "
+                                              "on weft's subnet)")] = True,
+) -> None:
+    """Write the agent's systemd unit (weft.service) and docker's drop-in."""
+    import os
+    import shutil
+    import sysconfig
+
+    from weft.integrations.systemd.units import render_units, write_units
+
+    try:
+        if weft_path is None:
+            # where pip put this install's console scripts (a venv's bin, /usr/local/bin)
+            here = Path(sysconfig.get_path("scripts")) / "weft"
+            weft_path = str(here) if here.is_file() else shutil.which("weft")
+            if weft_path is None:
+                raise UsageError("cannot find the weft executable: give its path with --weft")
+        if dockerd is None:
+            search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin"])
+            dockerd = shutil.which("dockerd", path=search) or "/usr/bin/dockerd"
+        written = write_units(directory, render_units(weft_path, dockerd, docker=docker))
+    except OSError as exc:
+        raise _fail(UsageError(f"cannot write units in {directory}: {exc}")) from None
+    except WeftError as exc:
+        raise _fail(exc) from None
+    for path in written:
+        out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    out.print("then: systemctl daemon-reload && systemctl enable --now weft"
+              + (" && systemctl restart docker" if docker else ""), highlight=False,
+              soft_wrap=True)
+
+
 @testbed_app.command("down")
 def testbed_down() -> None:
     """Remove every namespace, process and file a testbed run left behind."""
