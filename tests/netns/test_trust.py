@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from weft.lab.testbed import Testbed
+from weft_lab.testbed import Testbed
 
 pytestmark = pytest.mark.netns
 

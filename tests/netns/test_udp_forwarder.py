@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from forged import LISTENER, PACKETS
-from weft.lab.testbed import Host, Testbed
+from weft_lab.testbed import Host, Testbed
 
 pytestmark = pytest.mark.netns
 

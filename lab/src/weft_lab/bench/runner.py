@@ -7,10 +7,10 @@
              containers, configured from subnet.env as the seed did
     host-gw  ... one testbed per backend
     udp-minimal  the udp testbed (same hosts, TUN device, routes, containers) with its agents
-             stopped and a minimal forwarder (weft.backends.udp.minimal) in weft's place:
+             stopped and a minimal forwarder (weft_lab.bench.udp_minimal) in weft's place:
              the reference that shows what weft's udp guarantees cost
     kernel-vxlan, kernel-routes   references: the same testbed, the kernel path programmed
-             by hand with no agent and no rules (weft.lab.bench.references)
+             by hand with no agent and no rules (weft_lab.bench.references)
 
 All testbeds stay up for the whole bench so the schedule can interleave (native, A,
 native, B, ... per round). A backend whose agents do not come up, or whose containers
@@ -34,10 +34,10 @@ from weft.backends.registry import overhead
 from weft.core.constants import UDP_DEVICE
 from weft.core.errors import UsageError, WeftError
 from weft.integrations.subnet_env import SubnetEnv, write_subnet_env
-from weft.lab.bench.cpu import CpuMeter, host_cpus
-from weft.lab.bench.qperf import qperf_server, run_qperf
-from weft.lab.bench.references import BENCH_NETWORK, REFERENCES, Reference, host_subnet
-from weft.lab.bench.stats import (
+from weft_lab.bench.cpu import CpuMeter, host_cpus
+from weft_lab.bench.qperf import qperf_server, run_qperf
+from weft_lab.bench.references import BENCH_NETWORK, REFERENCES, Reference, host_subnet
+from weft_lab.bench.stats import (
     NATIVE,
     BenchError,
     BenchReport,
@@ -48,8 +48,8 @@ from weft.lab.bench.stats import (
     summarise,
     tbf_args,
 )
-from weft.lab.runtimes import RUNTIMES
-from weft.lab.testbed import ATTACHMENTS, Testbed, netns_exec
+from weft_lab.runtimes import RUNTIMES
+from weft_lab.testbed import ATTACHMENTS, Testbed, netns_exec
 
 # Each reference row sits just before (kernel paths) or after (udp-minimal) its backend.
 DEFAULT_ORDER = ("kernel-vxlan", "vxlan", "kernel-routes", "host-gw", "udp", "udp-minimal",
@@ -174,7 +174,7 @@ def _swap_in_minimal_forwarder(stack: contextlib.ExitStack, tb: Testbed) -> None
     for host in tb.hosts:
         tb.stop_agent(host)
     for host, peer in ((h1, h2), (h2, h1)):
-        argv = [sys.executable, "-m", "weft.backends.udp.minimal", UDP_DEVICE,
+        argv = [sys.executable, "-m", "weft_lab.bench.udp_minimal", UDP_DEVICE,
                 str(host.underlay_ip), str(ports[str(host.underlay_ip)]),
                 str(peer.underlay_ip), str(ports[str(peer.underlay_ip)])]
         if host.cpu is not None:

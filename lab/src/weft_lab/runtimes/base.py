@@ -1,12 +1,35 @@
-"""The seam between the testbed and a container runtime (docker, podman)."""
+"""The seam between the testbed and a container runtime (docker, podman).
+
+A runtime is handed the run it serves as a `RunView` (what it reads of the testbed) and
+the plain `Host`/`Container` records, so the runtimes never import the testbed: the
+testbed imports them, and nothing points back.
+"""
 
 from __future__ import annotations
 
 import signal
-from typing import TYPE_CHECKING, Protocol
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from weft.lab.testbed import Container, Host, Testbed
+from weft_lab.nodes import Container, Host
+
+
+class RunView(Protocol):
+    """What a runtime needs of the testbed run: its id, directory, hosts and `weft`."""
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def run_dir(self) -> Path: ...
+
+    @property
+    def hosts(self) -> Sequence[Host]: ...
+
+    def weft(self, *args: str, netns: str | None = None, check: bool = True,
+             timeout: float = 60.0) -> subprocess.CompletedProcess[str]: ...
 
 
 class ContainerRuntime(Protocol):
@@ -29,14 +52,3 @@ class ContainerRuntime(Protocol):
     def destroy(self) -> None:
         """Remove every container, daemon and mount the runtime made, pass or fail."""
 
-
-def make_runtime(name: str, tb: Testbed) -> ContainerRuntime | None:
-    if name == "docker":
-        from weft.lab.runtimes.docker import DockerRuntime
-
-        return DockerRuntime(tb)
-    if name == "podman":
-        from weft.lab.runtimes.podman import PodmanRuntime
-
-        return PodmanRuntime(tb)
-    return None

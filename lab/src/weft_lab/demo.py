@@ -10,7 +10,7 @@ from rich.table import Table
 
 from weft.backends.registry import BACKENDS
 from weft.core.errors import UsageError
-from weft.lab.testbed import Testbed
+from weft_lab.testbed import Testbed
 
 
 def demo_config(backend: str) -> str:

@@ -8,7 +8,7 @@ Each host's dockerd is started with the flags `weft docker-opts` prints from the
 dockerd needs). Its own data root, exec root, pidfile and socket live in the host's run
 directory, so several daemons coexist; its containers' cgroups sit under a parent named
 after the run. dockerd's iptables rules go into the host namespace's tables, never the
-machine's. Nothing is pulled: the image is `docker import`ed from weft.lab.runtimes.image.
+machine's. Nothing is pulled: the image is `docker import`ed from weft_lab.runtimes.image.
 `--live-restore` keeps containers running while dockerd restarts, as in production.
 """
 
@@ -23,13 +23,12 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from weft.lab.runtimes.cleanup import cgroup_parent, unmount_below
-from weft.lab.runtimes.image import run_rootfs
-
-if TYPE_CHECKING:
-    from weft.lab.testbed import Container, Host, Testbed
+from weft_lab.nodes import Container, Host
+from weft_lab.runtimes.base import RunView
+from weft_lab.runtimes.cleanup import cgroup_parent, unmount_below
+from weft_lab.runtimes.image import run_rootfs
+from weft_lab.shell import TestbedError, sh
 
 DOCKER = "/usr/bin/docker"  # Debian's client, matching its dockerd (not a newer one on PATH)
 DOCKERD = "/usr/sbin/dockerd"
@@ -39,7 +38,7 @@ IMAGE = "weft-lab:latest"
 class DockerRuntime:
     name = "docker"
 
-    def __init__(self, tb: Testbed) -> None:
+    def __init__(self, tb: RunView) -> None:
         self.tb = tb
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -54,8 +53,6 @@ class DockerRuntime:
 
     def docker(self, host: Host, *args: str, check: bool = True,
                timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        from weft.lab.testbed import sh
-
         return sh([DOCKER, "-H", f"unix://{self.socket(host)}", *args], check=check,
                   timeout=timeout)
 
@@ -68,8 +65,6 @@ class DockerRuntime:
         return shlex.split(out)
 
     def start_host(self, host: Host, timeout: float = 60.0) -> None:
-        from weft.lab.testbed import TestbedError
-
         root = self.root(host)
         for d in ("data", "exec"):
             (root / d).mkdir(parents=True, exist_ok=True)
@@ -130,8 +125,6 @@ class DockerRuntime:
     def run_container(self, c: Container) -> None:
         """`docker run` on the host's default bridge; its namespace gets the testbed's
         name for c (`ip netns attach`), so every testbed helper reaches it."""
-        from weft.lab.testbed import sh
-
         name = self.container_name(c)
         self.docker(c.host, "run", "-d", "--pull", "never", "--name", name,
                     "--hostname", c.name, IMAGE, "sleep", "1000000000")
@@ -147,8 +140,6 @@ class DockerRuntime:
                 self.container_name(c), *argv]
 
     def remove_container(self, c: Container) -> None:
-        from weft.lab.testbed import sh
-
         sh(["ip", "netns", "del", c.netns], check=False)
         self.docker(c.host, "rm", "-f", self.container_name(c), check=False)
 

@@ -18,7 +18,7 @@ host-gw testbed (agents) and a kernel-routes testbed (by hand, no rules), then:
              share of the machine, so the other engineers' load hardly moves it.
 
 Run under the shared lock:
-    .venv/bin/python -m weft.lab.bench.pieces pairs 8 1
+    .venv/bin/python -m weft_lab.bench.pieces pairs 8 1
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from pathlib import Path
 from weft.host.ingress_rules import IngressPlan, ingress_ruleset
 from weft.host.masquerade import masquerade_ruleset
 from weft.host.untrack import Untrack
-from weft.lab.bench.qperf import qperf_server, run_qperf
-from weft.lab.bench.references import BENCH_NETWORK, REFERENCES, VXLAN_PORT, host_subnet
-from weft.lab.bench.runner import Target, _overlay, _reference, measure
-from weft.lab.bench.stats import BenchError
-from weft.lab.testbed import Host, Testbed
+from weft_lab.bench.qperf import qperf_server, run_qperf
+from weft_lab.bench.references import BENCH_NETWORK, REFERENCES, VXLAN_PORT, host_subnet
+from weft_lab.bench.runner import Target, _overlay, _reference, measure
+from weft_lab.bench.stats import BenchError
+from weft_lab.testbed import Host, Testbed
 
 
 def _drop(script: str, pattern: str) -> str:

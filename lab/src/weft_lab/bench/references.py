@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from weft.backends.registry import overhead
 from weft.core.constants import VXLAN_DEVICE_PREFIX
-from weft.lab.testbed import Host, Testbed, sh
+from weft_lab.testbed import Host, Testbed, sh
 
 IPv4Net = ipaddress.IPv4Network
 # The overlay the bench's backends lease from; references use the same addresses.

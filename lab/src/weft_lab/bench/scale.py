@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from weft.core.constants import VXLAN_DEVICE_PREFIX
-from weft.lab.bench.cpu import CLK_TCK
-from weft.lab.bench.scale_writer import fake_lease
-from weft.lab.testbed import Host, Testbed, TestbedError, netns_exec
+from weft_lab.bench.cpu import CLK_TCK
+from weft_lab.bench.scale_writer import fake_lease
+from weft_lab.testbed import Host, Testbed, TestbedError, netns_exec
 
 STORES = ("sqlite", "etcd")
 # A /29 per host: 8,192 subnets in the overlay range, room for 5,000 fakes and the agents.
@@ -103,7 +103,7 @@ class Writer:
     """The scale_writer process on the operator's machine, one command at a time."""
 
     def __init__(self, tb: Testbed) -> None:
-        argv = netns_exec(tb.underlay, [sys.executable, "-m", "weft.lab.bench.scale_writer",
+        argv = netns_exec(tb.underlay, [sys.executable, "-m", "weft_lab.bench.scale_writer",
                                         tb.store_url, str(SUBNET_LEN)])
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)

@@ -6,7 +6,7 @@ TUN keeps `IFF_VNET_HDR` and TSO, so a super-packet travels as ONE UDP datagram 
 kernel IP-fragments on the underlay — exactly what weft's forwarder must not do.  It only
 exists so that `weft bench` can show what weft's guarantees cost; never use it for real.
 
-    python -m weft.backends.udp.minimal DEVICE BIND_IP PORT PEER_IP PEER_PORT
+    python -m weft_lab.bench.udp_minimal DEVICE BIND_IP PORT PEER_IP PEER_PORT
 """
 
 from __future__ import annotations

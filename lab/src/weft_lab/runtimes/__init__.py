@@ -1,6 +1,6 @@
 """Container runtimes for the testbed: how a testbed container comes to exist.
 
-    netns    a bare network namespace attached by weft-cni (weft.lab.testbed itself)
+    netns    a bare network namespace attached by weft-cni (weft_lab.testbed itself)
     docker   a real dockerd per host, configured from `weft docker-opts` (docker.py)
     podman   real podman containers on `--network weft`, i.e. weft-cni (podman.py)
 

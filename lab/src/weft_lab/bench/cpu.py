@@ -25,7 +25,7 @@ import resource
 from dataclasses import dataclass
 from pathlib import Path
 
-from weft.lab.bench.stats import ticks_delta
+from weft_lab.bench.stats import ticks_delta
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from weft.core.errors import UsageError
-from weft.lab.bench.stats import NATIVE, BenchReport, Spread
+from weft_lab.bench.stats import NATIVE, BenchReport, Spread
 
 
 def _num(x: float) -> str:

@@ -13,7 +13,7 @@ takes one JSON command a line on stdin, answering one JSON line on stdout:
 The leases are valid records for hosts that don't exist: subnets from the top of the
 overlay network down (agents take theirs from the bottom) and public IPs from 198.18.1.0
 on, inside the underlay range and off the testbed's one link, so nothing is ever sent to
-them. Run as `python -m weft.lab.bench.scale_writer STORE_URL SUBNET_LEN`.
+them. Run as `python -m weft_lab.bench.scale_writer STORE_URL SUBNET_LEN`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from weft.lab.bench.stats import BenchError
+from weft_lab.bench.stats import BenchError
 
 QPERF_PORT = 19765  # qperf's default; each namespace has its own port space
 

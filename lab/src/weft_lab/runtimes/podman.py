@@ -17,18 +17,18 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from weft.lab.runtimes.cleanup import (
+from weft_lab.nodes import Container, Host
+from weft_lab.runtimes.base import RunView
+from weft_lab.runtimes.cleanup import (
     cgroup_parent,
     record_runtime_netns,
     remove_runtime_netns,
     unmount_below,
 )
-from weft.lab.runtimes.image import run_rootfs
-
-if TYPE_CHECKING:
-    from weft.lab.testbed import Container, Host, Testbed
+from weft_lab.runtimes.image import run_rootfs
+from weft_lab.shell import sh
 
 PODMAN = "/usr/bin/podman"
 IMAGE = "localhost/weft-lab:latest"
@@ -40,7 +40,7 @@ ULIMITS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
 class PodmanRuntime:
     name = "podman"
 
-    def __init__(self, tb: Testbed) -> None:
+    def __init__(self, tb: RunView) -> None:
         self.tb = tb
         # Directories podman searches for CNI plugins: weft-cni's, then the reference ones.
         self.plugin_dirs = [str(Path(sys.executable).parent), "/usr/lib/cni"]
@@ -81,8 +81,6 @@ class PodmanRuntime:
 
     def podman(self, host: Host, *args: str, check: bool = True,
                timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        from weft.lab.testbed import sh
-
         return sh(self.podman_argv(host, *args), check=check, timeout=timeout)
 
     def start_host(self, host: Host, timeout: float = 60.0) -> None:
@@ -114,16 +112,12 @@ class PodmanRuntime:
 
     def restart_container(self, c: Container) -> None:
         """`podman restart`: a CNI DEL and a fresh ADD, in a new namespace."""
-        from weft.lab.testbed import sh
-
         sh(["ip", "netns", "del", c.netns], check=False)
         self.podman(c.host, "restart", "-t", "0", self.container_name(c), timeout=120)
         self._attach(c)
 
     def _attach(self, c: Container) -> None:
         """Name the container's namespace c.netns and learn its address."""
-        from weft.lab.testbed import sh
-
         info = self._inspect(c.host, self.container_name(c))[0]
         sh(["ip", "netns", "attach", c.netns, str(info["State"]["Pid"])])
         c.ip = ipaddress.ip_address(info["NetworkSettings"]["Networks"][NETWORK]["IPAddress"])
@@ -144,8 +138,6 @@ class PodmanRuntime:
         return self.podman_argv(c.host, "exec", self.container_name(c), *argv)
 
     def remove_container(self, c: Container) -> None:
-        from weft.lab.testbed import sh
-
         sh(["ip", "netns", "del", c.netns], check=False)
         keys = {str(info.get("NetworkSettings", {}).get("SandboxKey"))
                 for info in self._inspect(c.host, self.container_name(c))}

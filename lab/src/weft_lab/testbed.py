@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,9 +33,16 @@ from weft.core.constants import ROUTE_PROTOCOL
 from weft.core.errors import UsageError, WeftError
 from weft.core.lease import Lease
 from weft.host.files import private_dir, write_private
-from weft.lab.runtimes import RUNTIMES
-from weft.lab.runtimes.base import ContainerRuntime, make_runtime
-from weft.lab.runtimes.cleanup import remove_runtime_leftovers
+from weft_lab.nodes import Container as Container
+from weft_lab.nodes import Host as Host
+from weft_lab.runtimes import RUNTIMES
+from weft_lab.runtimes.base import ContainerRuntime
+from weft_lab.runtimes.cleanup import remove_runtime_leftovers
+from weft_lab.runtimes.docker import DockerRuntime
+from weft_lab.runtimes.podman import PodmanRuntime
+from weft_lab.shell import TestbedError as TestbedError
+from weft_lab.shell import netns_exec as netns_exec
+from weft_lab.shell import sh as sh
 
 NETNS_PREFIX = "weft-"
 RUNS_DIR = Path("/tmp/weft-runs")
@@ -51,75 +57,6 @@ DEFAULT_CONFIG = '{"Network": "198.19.0.0/16", "Backend": {"Type": "vxlan"}}'
 CNI_PATH = f"{Path(sys.executable).parent}:/usr/lib/cni"
 # How weft-cni attaches containers: the reference plugin it delegates to.
 ATTACHMENTS = ("bridge", "ptp")
-
-
-class TestbedError(WeftError):
-    """The testbed could not be built or did not converge."""
-
-    __test__ = False  # not a pytest test class
-
-
-def sh(argv: Sequence[str], *, check: bool = True, timeout: float = 60.0,
-       input: str | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                          check=False, input=input)
-    if check and proc.returncode != 0:
-        raise TestbedError(f"`{' '.join(argv)}` failed ({proc.returncode}): "
-                           f"{(proc.stderr or proc.stdout).strip()}")
-    return proc
-
-
-def netns_exec(netns: str, argv: Sequence[str]) -> list[str]:
-    return ["ip", "netns", "exec", netns, *argv]
-
-
-@dataclass
-class Host:
-    index: int
-    netns: str
-    underlay_ip: ipaddress.IPv4Address
-    run_dir: Path
-    attach: str = "bridge"
-    cpu: int | None = None  # the one CPU this host's agent runs on, if pinned
-    agent: subprocess.Popen[bytes] | None = None
-    agent_args: list[str] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return f"h{self.index}"
-
-    @property
-    def subnet_env_path(self) -> Path:
-        return self.run_dir / "subnet.env"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.run_dir / "state"
-
-    @property
-    def log_path(self) -> Path:
-        return self.run_dir / "agent.log"
-
-    def cni_conf(self) -> dict[str, Any]:
-        return {"cniVersion": "1.0.0", "name": "weft", "type": "weft-cni",
-                "subnetFile": str(self.subnet_env_path), "dataDir": str(self.run_dir / "cni"),
-                "delegate": {"type": self.attach}}
-
-
-@dataclass
-class Container:
-    host: Host
-    index: int
-    netns: str
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.host.name}c{self.index}"
-
-    @property
-    def container_id(self) -> str:
-        return self.netns
 
 
 class Testbed:
@@ -179,7 +116,9 @@ class Testbed:
         self._extra_netns: list[str] = []
         self.runtime_name = runtime
         # None: containers are bare namespaces attached by weft-cni right here.
-        self.runtime: ContainerRuntime | None = make_runtime(runtime, self)
+        self.runtime: ContainerRuntime | None = (
+            DockerRuntime(self) if runtime == "docker"
+            else PodmanRuntime(self) if runtime == "podman" else None)
 
     # --- context management -------------------------------------------------------------
 
@@ -296,7 +235,7 @@ class Testbed:
         return sh(netns_exec(netns, argv) if netns else argv, check=check, timeout=timeout)
 
     def _start_etcd(self) -> None:
-        from weft.lab.etcd_local import LocalEtcd
+        from weft_lab.etcd_local import LocalEtcd
 
         self.etcd = LocalEtcd(members=self.etcd_members, base_dir=self.run_dir / "etcd",
                               netns=self.underlay,
