@@ -26,6 +26,21 @@ def test_config_set_and_show_round_trip(tmp_path: Path) -> None:
                                         "Backend": {"Type": "host-gw"}}
 
 
+def test_config_set_echoes_its_json_on_one_line_when_not_on_a_terminal(tmp_path: Path) -> None:
+    cfg = {"Network": "198.19.0.0/16", "SubnetLen": 24, "SubnetMin": "198.19.10.0",
+           "SubnetMax": "198.19.250.0",
+           "Backend": {"Type": "vxlan", "VNI": 4242, "Port": 4789,
+                       "DirectRouting": True}}
+    proc = weft("config", "set", "-", "--store", f"sqlite://{tmp_path / 'store.db'}",
+                input=json.dumps(cfg))
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stdout.splitlines()
+    assert len(line) > 80  # longer than the width rich assumes off a terminal
+    prefix, echoed = line.split(": ", 1)
+    assert prefix == "config written"
+    assert json.loads(echoed)["Backend"]["VNI"] == 4242
+
+
 def test_bad_config_is_one_clear_line_and_nothing_is_written(tmp_path: Path) -> None:
     store = f"sqlite://{tmp_path / 'store.db'}"
     proc = weft("config", "set", "-", "--store", store, input='{"Network": "10.0.0.0/8", "SubnetLen": 4}')
@@ -53,11 +68,18 @@ def test_status_lists_leases_and_says_when_no_agent_runs(tmp_path: Path) -> None
         "asyncio.run(m())")
     subprocess.run([sys.executable, "-c", code], check=True)
     proc = weft("status", "--store", store, "--state-dir", str(tmp_path / "state"))
-    assert proc.returncode == 0
+    # No agent answers: the leases are shown, one line says why, and the exit status is 3.
+    assert proc.returncode == 3
     assert "198.19.7.0/24" in proc.stdout
     assert "198.18.0.7" in proc.stdout
-    assert "is `weft agent` running?" in proc.stdout
-    data = json.loads(weft("status", "--json", "--store", store, "--state-dir", str(tmp_path)).stdout)
+    assert proc.stderr.splitlines() == [
+        f"error: this host: no agent answers at {tmp_path / 'state' / 'agent.sock'}: "
+        "is `weft agent` running?"]
+    as_json = weft("status", "--json", "--store", store, "--state-dir", str(tmp_path))
+    assert as_json.returncode == 3
+    assert len(as_json.stderr.splitlines()) == 1
+    data = json.loads(as_json.stdout)
+    assert "is `weft agent` running?" in data["host"]["error"]
     (lease,) = data["leases"]
     assert lease["subnet"] == "198.19.7.0/24"
     assert 590 <= lease["expires_in"] <= 600
