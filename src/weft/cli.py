@@ -264,7 +264,9 @@ def config_set(
         config = parse_config(text)
         s = store.open()
         _using_store(s, lambda st: st.put_config(config.to_json()))
-        out.print(f"config written: {redact_config(config.to_json())}", highlight=False)
+        # one line however long (a pipe or log gets JSON it can cut out and parse)
+        out.print(f"config written: {redact_config(config.to_json())}", highlight=False,
+                  soft_wrap=True)
     except WeftError as exc:
         raise _fail(exc) from None
 
@@ -292,7 +294,10 @@ def status(
     state_dir: Annotated[Path, typer.Option()] = Path(DEFAULT_STATE_DIR),
     json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Show every lease and this host's health (from its running agent)."""
+    """Show every lease and this host's health (from its running agent).
+
+    Exits 3 (as `systemctl status` for a unit not running) when no agent answers: the
+    leases are still shown, and one line on stderr says so."""
     import json
 
     from weft.agent.status import query_status
@@ -300,10 +305,15 @@ def status(
     try:
         s = store.open()
         leases, revision = _using_store(s, lambda st: st.list_leases())
+        no_agent: str | None = None
         try:
             health = asyncio.run(query_status(state_dir))
         except UsageError as exc:
-            health = {"error": str(exc)}
+            no_agent = str(exc)
+            health = {"error": no_agent}
+        except OSError as exc:  # e.g. not root: the state directory is root's alone
+            no_agent = f"cannot ask the agent in {state_dir}: {exc.strerror}"
+            health = {"error": no_agent}
         now = time.time()
         if json_output:
             print(json.dumps({
@@ -313,17 +323,21 @@ def status(
                             "expires_in": round(lease.expires_in(now))} for lease in leases],
                 "host": health,
             }, indent=2))
-            return
-        table = Table(title=f"leases (store revision {revision})")
-        for col in ("subnet", "public IP", "backend", "expires in"):
-            table.add_column(col)
-        for lease in leases:
-            table.add_row(str(lease.subnet), str(lease.public_ip), lease.backend_type,
-                          _duration(lease.expires_in(now)))
-        out.print(table)
-        _print_health(health)
+        else:
+            table = Table(title=f"leases (store revision {revision})")
+            for col in ("subnet", "public IP", "backend", "expires in"):
+                table.add_column(col)
+            for lease in leases:
+                table.add_row(str(lease.subnet), str(lease.public_ip), lease.backend_type,
+                              _duration(lease.expires_in(now)))
+            out.print(table)
+            if no_agent is None:
+                _print_health(health)
     except WeftError as exc:
         raise _fail(exc) from None
+    if no_agent is not None:
+        err.print(f"[bold red]error:[/] this host: {no_agent}", highlight=False)
+        raise typer.Exit(3)
 
 
 def _fastpath_line(fp: dict[str, object]) -> str:
@@ -346,9 +360,6 @@ def _duration(seconds: float) -> str:
 
 
 def _print_health(health: dict[str, object]) -> None:
-    if "error" in health:
-        out.print(f"[yellow]this host:[/] {health['error']}", highlight=False)
-        return
     peers = health.get("peers") or []
     errors = health.get("errors") or {}
     state = "[green]healthy[/]" if not errors else "[red]errors[/]"

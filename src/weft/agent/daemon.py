@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from weft.agent.fastpath_state import FastPathState
-from weft.agent.host_state import HostState, converge_host_state
+from weft.agent.host_state import HostState, Written, converge_host_state
 from weft.agent.leasing import acquire_lease
 from weft.agent.lock import StateDirLock
 from weft.agent.metrics import AgentMetrics
@@ -190,6 +190,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._dirty = asyncio.Event()
         self._host_dirty = True
+        self._written = Written()  # the files this run wrote (a repair vs a first write)
         # A store event applies only what it changed; the full level-based pass (dump the
         # kernel, converge everything) runs on start, on resync and after a kernel event.
         self._full_dirty = True
@@ -387,7 +388,8 @@ class Agent:
         ok = True
         if self._host_dirty:
             self._host_dirty = False
-            self.host_errors = await asyncio.to_thread(converge_host_state, self._host_state())
+            self.host_errors = await asyncio.to_thread(converge_host_state, self._host_state(),
+                                                       self._written)
             try:
                 if self._lock.reassert():
                     log.warning("host state repaired",
