@@ -240,7 +240,7 @@ def config_set(
     store: StoreOptions,
 ) -> None:
     """Validate a network config and write it to the store."""
-    from weft.core.config import parse_config
+    from weft.backends.registry import parse_config
 
     try:
         try:

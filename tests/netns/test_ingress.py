@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from forged import LISTENER, PACKETS
-from weft.core.config import parse_config
+from weft.backends.registry import parse_config
 from weft.core.lease import Lease
 from weft.host.ingress_rules import INGRESS_TABLE, ingress_plan, ingress_ruleset
 from weft.lab.testbed import Container, Host, Testbed

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from weft.backends.registry import parse_config
 from weft.backends.udp.options import UdpOptions
 from weft.backends.vxlan.options import VxlanOptions
 from weft.backends.wireguard.options import WireguardOptions
-from weft.core.config import parse_config
 from weft.core.errors import ConfigError, NetworkFull
 from weft.core.lease import all_subnets, choose_subnet, subnet_in_range
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from weft.agent.fastpath_state import arrival_device
 from weft.agent.triggers import tc_hook_change
-from weft.core.config import parse_config
+from weft.backends.registry import parse_config
 from weft.core.constants import ROUTE_PROTOCOL
 from weft.host.fastpath import FROM_CONTAINER, FROM_UNDERLAY
 from weft.host.fastpath_hooks import Hook, plan_hooks, subnet_key

@@ -13,10 +13,9 @@ import pytest
 
 from weft.backends.base import apply_delta
 from weft.backends.hostgw import plan as hostgw
-from weft.backends.registry import backend_data_problem
+from weft.backends.registry import backend_data_problem, parse_config
 from weft.backends.vxlan import plan as vxlan
 from weft.backends.vxlan.options import VxlanOptions
-from weft.core.config import parse_config
 from weft.core.dataplane import FdbEntry, Neighbour, Route
 from weft.core.events import EventKind, LeaseEvent, apply_events, changes_data, diff_peers
 from weft.core.host import UnderlayFacts

@@ -11,7 +11,8 @@ import re
 
 import pytest
 
-from weft.core.config import NetworkConfig, parse_config
+from weft.backends.registry import parse_config
+from weft.core.config import NetworkConfig
 from weft.core.events import diff_peers
 from weft.core.lease import Lease
 from weft.host.ingress_rules import (

@@ -105,7 +105,7 @@ def test_forward_accepts_cover_every_device_overlay_traffic_crosses(
         backend: dict[str, object], tunnels: tuple[str, ...], direct: str | None) -> None:
     import json
 
-    from weft.core.config import parse_config
+    from weft.backends.registry import parse_config
     from weft.host.forward_accept import forward_accept_rules, overlay_devices
 
     config = parse_config(json.dumps({"Network": "198.19.0.0/16", "Backend": backend}))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from weft.core.config import parse_config
+from weft.backends.registry import parse_config
 from weft.core.constants import MAX_RECORD_BYTES
 from weft.core.errors import ConfigError, PermissionProblem
 from weft.core.lease import Lease

@@ -12,8 +12,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weft.backends.registry import backend_data_problem
-from weft.core.config import parse_config
+from weft.backends.registry import backend_data_problem, parse_config
 from weft.core.events import EventKind, LeaseEvent, apply_events, changes_data, diff_peers
 from weft.core.lease import Lease, same_peer
 from weft.core.validate import (

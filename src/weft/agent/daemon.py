@@ -40,8 +40,8 @@ from weft.agent.metrics import AgentMetrics
 from weft.agent.status import STATUS_SOCKET, serve_status
 from weft.agent.triggers import watch_files, watch_kernel, watch_netfilter
 from weft.backends.base import Backend, IncrementalBackend, ReconcileResult
-from weft.backends.registry import backend_data_problem, create_backend
-from weft.core.config import IPAddress, IPNetwork, NetworkConfig, parse_config
+from weft.backends.registry import backend_data_problem, create_backend, parse_config
+from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.constants import (
     CNI_BRIDGE,
     DEFAULT_LEASE_TTL,

@@ -22,7 +22,8 @@ from weft.backends.wireguard.options import (
     wireguard_data_problem,
     wireguard_overhead,
 )
-from weft.core.config import BackendOptions, NetworkConfig
+from weft.core import config as core_config
+from weft.core.config import BackendOptions, BackendTypes, NetworkConfig
 from weft.core.host import HostContext
 
 if TYPE_CHECKING:
@@ -50,6 +51,17 @@ BACKENDS: dict[str, BackendSpec] = {
     "wireguard": BackendSpec(WireguardOptions, "weft.backends.wireguard.apply:WireguardBackend",
                              wireguard_overhead, wireguard_data_problem, encrypted=True),
 }
+
+
+# The backend of a config whose `Backend` names no `Type` (flannel's default too).
+DEFAULT_TYPE = "vxlan"
+TYPES = BackendTypes({name: spec.options for name, spec in BACKENDS.items()}, DEFAULT_TYPE)
+
+
+def parse_config(text: str | bytes) -> NetworkConfig:
+    """Parse and validate the JSON network config, `Backend` by its `Type`'s own options
+    model, or raise ConfigError naming the field and the value."""
+    return core_config.parse_config(text, TYPES)
 
 
 def create_backend(config: NetworkConfig, host: HostContext) -> Backend:
