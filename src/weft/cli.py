@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from weft.backends.registry import DEFAULT_TYPE
 from weft.core.config import redact_config
 from weft.core.constants import (
     DEFAULT_ETCD_PREFIX,
@@ -254,7 +255,7 @@ def config_set(
     store: StoreOptions,
 ) -> None:
     """Validate a network config and write it to the store."""
-    from weft.core.config import parse_config
+    from weft.backends.registry import parse_config
 
     try:
         try:
@@ -398,7 +399,7 @@ def _print_paths(paths: dict[str, Any]) -> None:
 
 @app.command()
 def demo(
-    backend: Annotated[str, typer.Option(help="vxlan, host-gw, udp or wireguard")] = "vxlan",
+    backend: Annotated[str, typer.Option(help="vxlan, host-gw, udp or wireguard")] = DEFAULT_TYPE,
     store: Annotated[str, typer.Option(help="sqlite (embedded) or etcd (a local etcd "
                                             "started for the demo)")] = "sqlite",
     hosts: Annotated[int, typer.Option(min=2, max=20)] = 3,

@@ -6,9 +6,8 @@ import ipaddress
 import json
 from typing import Any
 
-from weft.agent.fastpath_state import arrival_device
 from weft.agent.triggers import tc_hook_change
-from weft.core.config import parse_config
+from weft.backends.registry import backend_facts, parse_config
 from weft.core.constants import ROUTE_PROTOCOL
 from weft.host.fastpath import FROM_CONTAINER, FROM_UNDERLAY
 from weft.host.fastpath_hooks import Hook, plan_hooks, subnet_key
@@ -16,6 +15,10 @@ from weft.host.fastpath_hooks import Hook, plan_hooks, subnet_key
 
 def config(backend: dict[str, Any]) -> Any:
     return parse_config(json.dumps({"Network": "198.19.0.0/16", "Backend": backend}))
+
+
+def arrival_device(config: Any, underlay: str) -> str | None:
+    return backend_facts(config.backend, underlay).arrival
 
 
 def test_arrival_is_the_underlay_for_host_gw_and_the_vxlan_device_for_vxlan() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from bounded import run
 from weft.agent.daemon import Agent, AgentOptions
 from weft.backends.base import ReconcileResult
-from weft.core.config import parse_config
+from weft.backends.registry import parse_config
 from weft.core.host import HostContext
 from weft.core.lease import Lease
 from weft.store.sqlite import SqliteLeaseStore

@@ -39,9 +39,14 @@ from weft.agent.lock import StateDirLock
 from weft.agent.metrics import AgentMetrics
 from weft.agent.status import STATUS_SOCKET, serve_status
 from weft.agent.triggers import watch_files, watch_kernel, watch_netfilter
-from weft.backends.base import Backend, IncrementalBackend, ReconcileResult
-from weft.backends.registry import backend_data_problem, create_backend
-from weft.core.config import IPAddress, IPNetwork, NetworkConfig, parse_config
+from weft.backends.base import Backend, BackendFacts, IncrementalBackend, ReconcileResult
+from weft.backends.registry import (
+    backend_data_problem,
+    backend_facts,
+    create_backend,
+    parse_config,
+)
+from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.constants import (
     CNI_BRIDGE,
     DEFAULT_LEASE_TTL,
@@ -69,13 +74,12 @@ from weft.core.events import (
 from weft.core.host import HostContext
 from weft.core.lease import Lease
 from weft.core.validate import TrustContext, ValidatedView, ViewKeeper
-from weft.host.forward_accept import overlay_devices, remove_forward_accept
+from weft.host.forward_accept import remove_forward_accept
 from weft.host.ingress import IngressFilter
 from weft.host.masquerade import (
     ConntrackDecision,
     ConntrackMode,
     decide_conntrack,
-    encap_port,
     host_dnat_tables,
     install_masquerade,
     remove_masquerade,
@@ -159,6 +163,7 @@ class Agent:
         self.config: NetworkConfig | None = None
         self.config_text: str | None = None
         self.backend: Backend | None = None
+        self.facts: BackendFacts | None = None  # the backend's ports, devices, tables
         self.host: HostContext | None = None
         self.lease: Lease | None = None
         self.ingress: IngressFilter | None = None
@@ -272,9 +277,9 @@ class Agent:
         )
         self._underlay = await asyncio.to_thread(self._underlay_networks)
         self.backend = backend = create_backend(config, host)
-        tunnels, bare = overlay_devices(config, host.underlay_ifname)
-        self.ingress = IngressFilter(config, host.public_ip, peer_iifs=(
-            (*tunnels, *((bare,) if bare else ())) if config.backend.type == "auto" else ()))
+        self.facts = facts = backend_facts(config.backend, host.underlay_ifname)
+        self.ingress = IngressFilter(config, host.public_ip, port=facts.encap_port,
+                                     by_port=facts.members_by_port, peer_iifs=facts.peer_iifs)
         self.metrics.export_ingress(config.backend.type, self.ingress.counters)
         data = await asyncio.to_thread(backend.prepare)
         listings: list[tuple[list[Lease], int]] = []
@@ -290,8 +295,8 @@ class Agent:
         await self._leave_previous_subnet(lease)
         await self._take_lease(lease)
         enable_forwarding(config.network.version)
-        await asyncio.to_thread(self.fastpath.start, config, lease.subnet,
-                                host.underlay_ifname, state_dir)
+        await asyncio.to_thread(self.fastpath.start, config, lease.subnet, facts.arrival,
+                                state_dir)
         self.metrics.export_backend(backend.status)
         # The view starts from the listing the lease was chosen by (at 5,000 leases a second
         # listing was a tenth of the join); the watch from its revision brings what came
@@ -376,11 +381,11 @@ class Agent:
     def _host_state(self) -> HostState:
         assert self.config is not None
         assert self.lease is not None
-        assert self.host is not None
+        assert self.facts is not None
         return HostState(self.config.network, self.opts.subnet_file, self.opts.state_dir,
                          SubnetEnv(self.config.network, self.lease.subnet, self.mtu,
                                    self.opts.ip_masq), self.opts.ip_masq,
-                         overlay_devices(self.config, self.host.underlay_ifname), self._untrack)
+                         (self.facts.tunnels, self.facts.bare_underlay), self._untrack)
 
     async def _reconcile_once(self) -> bool:
         """One pass over everything the agent owns; False if it must be retried."""
@@ -648,6 +653,7 @@ class Agent:
         assert self.config is not None
         assert self.lease is not None
         assert self.host is not None
+        assert self.facts is not None
         if not self.opts.ip_masq:
             return
         first = self.conntrack is None
@@ -658,7 +664,7 @@ class Agent:
             if decision == self.conntrack:
                 return
             untrack = Untrack(self.lease.own_address.ip, self.host.public_ip,
-                              encap_port(self.config.backend)) if decision.untracked else None
+                              self.facts.encap_port) if decision.untracked else None
             await asyncio.to_thread(install_masquerade, self.config.network,
                                     self.lease.subnet, untrack)
             self._untrack = untrack
@@ -836,7 +842,8 @@ class Agent:
                     tg.create_task(self._guard(
                         "kernel events", lambda: watch_kernel(
                             self._kernel_changed, DEVICE_PREFIX,
-                            tc_hooks=self.fastpath.fastpath is not None))),
+                            tc_hooks=self.fastpath.fastpath is not None,
+                            tables=self.facts.tables if self.facts else ()))),
                     tg.create_task(self._guard(
                         "netfilter events", lambda: watch_netfilter(
                             self._host_changed,
@@ -892,8 +899,8 @@ class Agent:
             if self.opts.ip_masq:
                 remove_masquerade(self.config.network)
             if self.host is not None:
-                remove_forward_accept(self.config.network, *overlay_devices(
-                    self.config, self.host.underlay_ifname))
+                facts = backend_facts(self.config.backend, self.host.underlay_ifname)
+                remove_forward_accept(self.config.network, facts.tunnels, facts.bare_underlay)
             if self.ingress is not None:
                 self.ingress.remove()
         except (WeftError, OSError, subprocess.SubprocessError) as exc:

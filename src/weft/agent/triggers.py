@@ -31,7 +31,7 @@ from pyroute2.netlink.rtnl import (
 )
 
 from weft.backends.bulk import ROUTE_REMOVED, neighbour_removed
-from weft.core.constants import AUTO_TABLES, ROUTE_PROTOCOL
+from weft.core.constants import ROUTE_PROTOCOL
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 
 log = logging.getLogger("weft.agent")
@@ -40,11 +40,12 @@ Changed = Callable[[str], None]
 _GROUPS = (RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
            | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE)
 _NUD_PERMANENT = 0x80
-_WEFT_TABLES = frozenset(AUTO_TABLES.values())
 
 
-def kernel_removal(msg: Any, devices: dict[int, str], prefix: str) -> str | None:
-    """Why this rtnetlink message may concern weft's state, or None (pure)."""
+def kernel_removal(msg: Any, devices: dict[int, str], prefix: str,
+                   tables: Collection[int] = ()) -> str | None:
+    """Why this rtnetlink message may concern weft's state, or None (pure). `tables`: the
+    routing tables the backend owns (its facts), whose rules are weft's."""
     event = msg.get("event")
     if event == "RTM_DELLINK":
         name = msg.get_attr("IFLA_IFNAME") or ""
@@ -63,9 +64,10 @@ def kernel_removal(msg: Any, devices: dict[int, str], prefix: str) -> str | None
         permanent = msg["state"] & _NUD_PERMANENT
         return neighbour_removed(name) if permanent and name.startswith(prefix) else None
     if event == "RTM_DELRULE":
-        # auto's fwmark rules; the table is in FRA_TABLE (the header's byte holds only < 256).
+        # The backend's fwmark rules (auto's); the table is in FRA_TABLE (the header's byte
+        # holds only < 256).
         table = msg.get_attr("FRA_TABLE") or msg["table"]
-        return f"routing rule for table {table:#x} removed" if table in _WEFT_TABLES else None
+        return f"routing rule for table {table:#x} removed" if table in tables else None
     return None
 
 
@@ -90,9 +92,11 @@ def tc_hook_change(msg: Any, known: dict[int, str]) -> str | None:
     return None
 
 
-async def watch_kernel(changed: Changed, prefix: str, *, tc_hooks: bool = False) -> None:
+async def watch_kernel(changed: Changed, prefix: str, *, tc_hooks: bool = False,
+                       tables: Collection[int] = ()) -> None:
     """rtnetlink multicast: a device, address, route, neighbour or routing rule of weft's
-    removed (and with `tc_hooks`, what the fast path's hooks follow: `tc_hook_change`)."""
+    (a rule of one of the backend's `tables`) removed (and with `tc_hooks`, what the fast
+    path's hooks follow: `tc_hook_change`)."""
     async with AsyncIPRoute() as ipr:
         await ipr.bind(groups=_GROUPS | (RTMGRP_TC if tc_hooks else 0))
         devices: dict[int, str] = {}
@@ -111,7 +115,7 @@ async def watch_kernel(changed: Changed, prefix: str, *, tc_hooks: bool = False)
                     if name.startswith(prefix) and macs.get(index, mac) != mac and not reason:
                         reason = f"link {name} address changed"
                     devices[index], macs[index] = name, mac
-                reason = reason or kernel_removal(msg, devices, prefix)
+                reason = reason or kernel_removal(msg, devices, prefix, tables)
                 if reason is not None:
                     changed(reason)
 
