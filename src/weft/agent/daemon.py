@@ -19,7 +19,6 @@ restart drops no traffic; `--release-on-exit` is for a host that leaves.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import ipaddress
 import logging
@@ -67,6 +66,7 @@ from weft.core.events import (
     diff_peers,
 )
 from weft.core.host import HostContext
+from weft.core.kernel_events import EchoFilter, KernelEvent, concerns_link
 from weft.core.lease import Lease
 from weft.core.validate import TrustContext, ValidatedView, ViewKeeper
 from weft.host.forward_accept import overlay_devices, remove_forward_accept
@@ -174,12 +174,9 @@ class Agent:
         # took a free subnet (create-if-absent), not the running lease's (not an overwrite).
         self._released: set[IPNetwork] = set()
         self._rejected_seen: dict[str, str] = {}  # the store's non-lease records, last seen
-        # Kernel removal notices our own incremental deletions cause (weft's, not a repair
-        # to make: each was a full pass of 3N entries per store event), and those that
-        # arrive while an update runs, matched once it says what it deleted.
-        self._echoes: collections.Counter[str] = collections.Counter()
-        self._updating = False
-        self._held: list[str] = []
+        # Kernel events our own incremental deletions cause (weft's, not a repair to make:
+        # each was a full pass of 3N entries per store event).
+        self._echoes = EchoFilter()
         self.revision = 0
         self.peer_errors = PeerErrorLog()
         self.host_errors: dict[str, str] = {}
@@ -508,16 +505,13 @@ class Agent:
                 return None  # nothing a peer's data plane depends on changed
             removed = [self._applied[s] for s in diff.subnets() if s in self._applied]
             added = [view.peers[s] for s in diff.subnets() if s in view.peers]
-            self._updating = True
+            self._echoes.hold()
             result = None
             try:
                 result = await asyncio.to_thread(backend.update, removed, added)
             finally:
-                self._updating = False
-                self._echoes.update(result.echoes if result is not None else ())
-                held, self._held = self._held, []
-                for reason in held:
-                    self._kernel_changed(reason)
+                for event in self._echoes.settle(result.echoes if result is not None else ()):
+                    self._kernel_event(event)
             if result is not None:
                 self.metrics.updates.inc()
                 for subnet in diff.subnets():
@@ -526,8 +520,7 @@ class Agent:
                 self._backend_errors.update(result.errors)
                 self._applied = dict(view.peers)
                 return result
-        # A full pass checks everything: echoes still expected would only hide a removal.
-        self._echoes.clear()
+        self._echoes.forget()
         peers = sorted(view.peers.values(), key=lambda x: str(x.subnet))
         result = await asyncio.to_thread(backend.reconcile, peers)
         ingress = self._backend_errors.get("ingress")
@@ -857,14 +850,12 @@ class Agent:
         finally:
             await self._shutdown()
 
-    def _kernel_changed(self, reason: str) -> None:
-        if self._echoes[reason] > 0:  # our own store-event deletion, told in advance
-            self._echoes[reason] -= 1
-            return
-        if self._updating:
-            self._held.append(reason)  # may be the echo of the update now running
-            return
-        self.request(reason, host=reason.startswith(f"link {CNI_BRIDGE}"))
+    def _kernel_changed(self, event: KernelEvent) -> None:
+        if self._echoes.admit(event):  # not our own store-event deletion, nor held
+            self._kernel_event(event)
+
+    def _kernel_event(self, event: KernelEvent) -> None:
+        self.request(str(event), host=concerns_link(event, CNI_BRIDGE))
 
     def _host_changed(self, reason: str) -> None:
         self.request(reason, host=True)
