@@ -114,8 +114,8 @@ def test_a_pass_that_raises_is_retried_and_the_worker_lives_on(tmp_path: Path) -
             worker = tg.create_task(agent._reconciler())
             # The second call starts in a thread; its pass clears the error on the loop
             # after it returns: wait for that end, not the call's start (the race CI hit).
-            await _until(lambda: len(backend.calls) >= 2 and not agent.peer_errors.current)
-            errors = dict(agent.peer_errors.current)
+            await _until(lambda: len(backend.calls) >= 2 and not agent.health.reported)
+            errors = dict(agent.health.reported)
             worker.cancel()
         await store.close()
         return backend, errors
@@ -135,7 +135,7 @@ def test_a_poisoned_lease_never_reaches_the_backend(tmp_path: Path) -> None:
         agent.leases = {peer(2).subnet: peer(2), bad.subnet: bad, OWN.subnet: OWN}
         await agent._reconcile_once()
         await store.close()
-        return backend, dict(agent.peer_errors.current)
+        return backend, dict(agent.health.reported)
 
     backend, errors = run(scenario())
     assert backend.calls == [frozenset({"198.19.2.0/24"})]

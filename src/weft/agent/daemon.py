@@ -22,20 +22,21 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import random
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from weft.agent.fastpath_state import FastPathState
+from weft.agent.health import Health, Notice, Part
 from weft.agent.host_state import HostState, converge_host_state
 from weft.agent.leasing import acquire_lease
 from weft.agent.lock import StateDirLock
 from weft.agent.metrics import AgentMetrics
+from weft.agent.retry import Backoff, StoreRetry, restarting
 from weft.agent.status import STATUS_SOCKET, serve_status
 from weft.agent.triggers import watch_files, watch_kernel, watch_netfilter
 from weft.backends.base import Backend, IncrementalBackend, ReconcileResult
@@ -50,7 +51,6 @@ from weft.core.constants import (
 from weft.core.errors import (
     ConfigError,
     LeaseNotFound,
-    NetworkFull,
     StoreError,
     StoreUnavailable,
     UsageError,
@@ -119,38 +119,6 @@ class AgentOptions:
     fastpath: bool = False
 
 
-@dataclass
-class Backoff:
-    """Exponential backoff with jitter for retries (pure but for the sleep)."""
-
-    initial: float = 0.5
-    cap: float = 15.0
-    current: float = field(default=0.0, init=False)
-
-    def next(self) -> float:
-        self.current = min(self.cap, self.current * 2 if self.current else self.initial)
-        return self.current * random.uniform(0.8, 1.2)
-
-    def reset(self) -> None:
-        self.current = 0.0
-
-
-class PeerErrorLog:
-    """Per-peer errors, logged when they appear or change and when they clear, not on
-    every pass (a bad record in the store must not flood the log)."""
-
-    def __init__(self) -> None:
-        self.current: dict[str, str] = {}
-
-    def update(self, errors: Mapping[str, str]) -> None:
-        for peer, message in errors.items():
-            if self.current.get(peer) != message:
-                log.error("peer not usable", extra={"peer": peer, "error": message})
-        for peer in self.current.keys() - errors.keys():
-            log.info("peer error cleared", extra={"peer": peer})
-        self.current = dict(errors)
-
-
 class Agent:
     def __init__(self, options: AgentOptions) -> None:
         self.opts = options
@@ -178,9 +146,8 @@ class Agent:
         # each was a full pass of 3N entries per store event).
         self._echoes = EchoFilter()
         self.revision = 0
-        self.peer_errors = PeerErrorLog()
-        self.host_errors: dict[str, str] = {}
-        self.notices: dict[str, str] = {}  # e.g. a config change that needs a restart
+        self.health = Health(lambda: self.store.rejected.by_key)
+        self.retry = StoreRetry(self.health, self.metrics.store_errors.inc)
         self.conntrack: ConntrackDecision | None = None  # what the masquerade table does
         self._untrack: Untrack | None = None
         self.ready = asyncio.Event()
@@ -190,7 +157,6 @@ class Agent:
         # A store event applies only what it changed; the full level-based pass (dump the
         # kernel, converge everything) runs on start, on resync and after a kernel event.
         self._full_dirty = True
-        self._backend_errors: dict[str, str] = {}  # from the backend's plans and kernel
         self._renew_now = asyncio.Event()
         self._status_restart = asyncio.Event()
         self._lock = StateDirLock(options.state_dir)
@@ -199,47 +165,8 @@ class Agent:
 
     # --- start-up -----------------------------------------------------------------------
 
-    async def _retry(self, what: str, op: Callable[[], Awaitable[T]], *,
-                     refusals: str | None = None) -> T:
-        """Run a store operation until it succeeds; the store being down is not fatal, nor,
-        for a running agent, the store refusing it: then `refusals` names the notice that
-        says so (see `_refused`). What the store answers (a lease gone, a network full, a
-        compacted history) is the caller's."""
-        backoff = Backoff()
-        while True:
-            try:
-                result = await op()
-            except StoreUnavailable as exc:
-                self.metrics.store_errors.inc()
-                delay = backoff.next()
-                log.warning("store unavailable; retrying",
-                            extra={"op": what, "error": str(exc), "retry_in": round(delay, 2)})
-                await asyncio.sleep(delay)
-            except (LeaseNotFound, NetworkFull, WatchCompacted):
-                raise
-            except StoreError as exc:
-                if refusals is None:
-                    raise
-                self._refused(refusals, what, exc)
-                await asyncio.sleep(backoff.next())
-            else:
-                if refusals is not None:
-                    self.notices.pop(refusals, None)
-                return result
-
-    def _refused(self, notice: str, what: str, exc: StoreError) -> None:
-        """The store refused a running agent (its permissions changed, say). Stopping would
-        let this host's lease run out with nobody left to take it back, so the subnet and
-        the data plane stay and the caller asks again; `weft status` says so, and the log
-        does when the refusal is new or changes (a refusal answers at once: no log flood)."""
-        self.metrics.store_errors.inc()
-        message = f"the store refuses this host's {what}: {exc}"
-        if self.notices.get(notice) != message:
-            log.error("store refused; retrying", extra={"op": what, "error": str(exc)})
-        self.notices[notice] = message
-
     async def _load_config(self) -> tuple[str, NetworkConfig]:
-        text = await self._retry("get config", self.store.get_config)
+        text = await self.retry.call("get config", self.store.get_config)
         if text is None:
             raise UsageError("the store holds no network config: run `weft config set FILE`")
         return text, parse_config(text)
@@ -274,7 +201,7 @@ class Agent:
         self.metrics.export_ingress(config.backend.type, self.ingress.counters)
         data = await asyncio.to_thread(backend.prepare)
         listings: list[tuple[list[Lease], int]] = []
-        lease, reclaimed = await self._retry(
+        lease, reclaimed = await self.retry.call(
             "acquire lease",
             lambda: acquire_lease(self.store, config, host.public_ip, config.backend.type,
                                   data, self.opts.lease_ttl,
@@ -325,8 +252,8 @@ class Agent:
                                    "in the new subnet"})
 
     def _note_moved(self, old: IPNetwork, new: IPNetwork) -> None:
-        self.notices["lease"] = (f"subnet {old} was taken by another host while this one "
-                                 f"was away; now {new}")
+        self.health.notice(Notice.LEASE, f"subnet {old} was taken by another host while "
+                                         f"this one was away; now {new}")
 
     def _underlay_networks(self) -> tuple[IPNetwork, ...]:
         assert self.host is not None
@@ -384,17 +311,18 @@ class Agent:
         ok = True
         if self._host_dirty:
             self._host_dirty = False
-            self.host_errors = await asyncio.to_thread(converge_host_state, self._host_state())
+            host_errors = await asyncio.to_thread(converge_host_state, self._host_state())
             try:
                 if self._lock.reassert():
                     log.warning("host state repaired",
                                 extra={"part": "lock", "action": f"relocked {self._lock.path}"})
             except (UsageError, OSError) as exc:
-                self.host_errors["lock"] = str(exc)
+                host_errors["lock"] = str(exc)
+            self.health.host = host_errors
             if not (self.opts.state_dir / STATUS_SOCKET).exists():
                 self._status_restart.set()
-            if self.host_errors:
-                log.error("could not repair host state", extra=self.host_errors)
+            if host_errors:
+                log.error("could not repair host state", extra=host_errors)
                 # Retried with the worker's backoff: clearing it left the repair (and any
                 # request that came in during this pass) to the next resync, 60 s away.
                 self._host_dirty, ok = True, False
@@ -444,16 +372,16 @@ class Agent:
                     self.fastpath.apply, self.lease.subnet, [self.lease.subnet, *view.peers],
                     stand_down)
                 if fastpath_error is not None:
-                    self._backend_errors["fastpath"] = fastpath_error
+                    self.health.data_plane[Part.FASTPATH] = fastpath_error
                     ok = False
         except WeftError as exc:
-            self._backend_errors["reconcile"] = str(exc)
+            self.health.data_plane[Part.RECONCILE] = str(exc)
             ok = False
         except Exception as exc:
             # A bug, or a kernel answer nobody foresaw: logged with its traceback and
             # retried, never the end of the agent (it keeps the data plane it has).
             log.exception("reconcile failed unexpectedly", extra={"error": repr(exc)})
-            self._backend_errors["reconcile"] = repr(exc)
+            self.health.data_plane[Part.RECONCILE] = repr(exc)
             ok = False
         finally:
             if full:
@@ -461,12 +389,10 @@ class Agent:
                 self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
         if not ok:
             self._full_dirty = True
-        # Records that are not even leases (a bad key or value) are reported by their key.
-        errors = {**self.store.rejected.by_key, **view.errors} | self._backend_errors
+        new_errors = self.health.publish(view.errors)
         self.metrics.peers.set(len(view.peers))
-        self.metrics.peer_errors.set(len(errors))
-        self.metrics.reconcile_errors.inc(len(errors.keys() - self.peer_errors.current.keys()))
-        self.peer_errors.update(errors)
+        self.metrics.peer_errors.set(len(self.health.reported))
+        self.metrics.reconcile_errors.inc(new_errors)
         return ok
 
     async def _ingress_step(self, view: ValidatedView,
@@ -476,9 +402,9 @@ class Agent:
         ingress_error = await asyncio.to_thread(self._apply_ingress, list(view.peers.values()),
                                                 change, full)
         if ingress_error is not None:
-            self._backend_errors["ingress"] = ingress_error
+            self.health.data_plane[Part.INGRESS] = ingress_error
             return False
-        self._backend_errors.pop("ingress", None)
+        self.health.data_plane.pop(Part.INGRESS, None)
         return True
 
     def _apply_ingress(self, peers: list[Lease], change: PeerChange | None,
@@ -514,19 +440,13 @@ class Agent:
                     self._kernel_event(event)
             if result is not None:
                 self.metrics.updates.inc()
-                for subnet in diff.subnets():
-                    self._backend_errors.pop(str(subnet), None)
-                self._backend_errors.pop("reconcile", None)
-                self._backend_errors.update(result.errors)
+                self.health.backend_updated([str(s) for s in diff.subnets()], result.errors)
                 self._applied = dict(view.peers)
                 return result
         self._echoes.forget()
         peers = sorted(view.peers.values(), key=lambda x: str(x.subnet))
         result = await asyncio.to_thread(backend.reconcile, peers)
-        ingress = self._backend_errors.get("ingress")
-        self._backend_errors = dict(result.errors)
-        if ingress is not None:
-            self._backend_errors["ingress"] = ingress
+        self.health.backend_replaced(result.errors)
         self._applied = dict(view.peers)
         return result
 
@@ -557,11 +477,11 @@ class Agent:
         except StoreUnavailable:  # the next resync asks again
             return
         except StoreError as exc:
-            self._refused("store_config", "config check", exc)
+            self.retry.refused(Notice.STORE_CONFIG, "config check", exc)
             return
-        self.notices.pop("store_config", None)
+        self.health.clear(Notice.STORE_CONFIG)
         if text == self.config_text or text is None:
-            self.notices.pop("config", None)
+            self.health.clear(Notice.CONFIG)
             return
         try:
             changed = parse_config(text) != self.config
@@ -572,9 +492,8 @@ class Agent:
                 return
             message = ("the network config in the store changed; it is not applied to a "
                        "running agent: restart `weft agent` on every host to apply it")
-        if self.notices.get("config") != message:
+        if self.health.notice(Notice.CONFIG, message):
             log.error("config change refused", extra={"error": message})
-        self.notices["config"] = message
 
     # --- the store ----------------------------------------------------------------------
 
@@ -584,7 +503,7 @@ class Agent:
             try:
                 async for events in self.store.watch(self.revision):
                     backoff.reset()
-                    self.notices.pop("store_watch", None)
+                    self.health.clear(Notice.STORE_WATCH)
                     if events:  # empty: only the records that are not leases changed
                         self.revision = events[-1].revision
                     # A record that is not a lease going away changes no lease, but its
@@ -606,21 +525,21 @@ class Agent:
             except WatchCompacted as exc:
                 log.warning("watch history compacted; resyncing from a full list",
                             extra={"error": str(exc)})
-                leases, self.revision = await self._retry("list leases", self.store.list_leases,
-                                                          refusals="store_watch")
+                leases, self.revision = await self.retry.call(
+                    "list leases", self.store.list_leases, refusals=Notice.STORE_WATCH)
                 self._pending.update(self.leases)  # whatever the missed history changed
                 self.leases = {lease.subnet: lease for lease in leases}
                 self._pending.update(self.leases)
                 self._check_own_lease()
                 self.request("store resync", full=False)
             except StoreUnavailable as exc:
-                self.metrics.store_errors.inc()
+                self.retry.unavailable()
                 delay = backoff.next()
                 log.warning("watch lost the store; the data plane stays as it is",
                             extra={"error": str(exc), "retry_in": round(delay, 2)})
                 await asyncio.sleep(delay)
             except StoreError as exc:  # refusing us: ask again (see `_refused`)
-                self._refused("store_watch", "watch", exc)
+                self.retry.refused(Notice.STORE_WATCH, "watch", exc)
                 await asyncio.sleep(backoff.next())
 
     def _check_own_lease(self) -> None:
@@ -699,16 +618,16 @@ class Agent:
                 step = backoff.next()
                 wait = min(step, max(0.5, remaining / 4)) if remaining > 0 else step
                 if isinstance(exc, StoreUnavailable):
-                    self.metrics.store_errors.inc()
+                    self.retry.unavailable()
                     log.warning("lease renewal failed; retrying",
                                 extra={"error": str(exc), "retry_in": round(wait, 2)})
                 else:
-                    self._refused("store", "lease renewal", exc)
+                    self.retry.refused(Notice.STORE, "lease renewal", exc)
                 await asyncio.sleep(wait)
                 retry = True
                 continue
             lease = renewed if renewed is not None else await self._recover_lease()
-            self.notices.pop("store", None)
+            self.health.clear(Notice.STORE)
             backoff.reset()
             self.lease = lease
             self.metrics.lease_expiry.set(lease.expiration)
@@ -725,18 +644,17 @@ class Agent:
         held = self.leases.get(self.lease.subnet)
         if (held is None or held.public_ip == self.lease.public_ip
                 or self.lease.expires_in(time.time()) <= 0):
-            if self.notices.pop("lease_conflict", None):
+            if self.health.clear(Notice.LEASE_CONFLICT):
                 log.info("lease conflict cleared", extra={"subnet": str(self.lease.subnet)})
             return False
         message = (f"the store's record of this host's subnet {self.lease.subnet} names "
                    f"{held.public_ip} while this host's lease still runs: written by "
                    "something else; this host keeps its subnet (delete the record to clear "
                    "this)")
-        if self.notices.get("lease_conflict") != message:
+        if self.health.notice(Notice.LEASE_CONFLICT, message):
             log.error("lease record overwritten; keeping the subnet",
                       extra={"subnet": str(self.lease.subnet), "claimed_by": str(held.public_ip),
                              "error": message})
-        self.notices["lease_conflict"] = message
         return True
 
     async def _recover_lease(self) -> Lease:
@@ -749,17 +667,18 @@ class Agent:
         old = self.lease
         log.error("lease lost; trying to take the same subnet back",
                   extra={"subnet": str(old.subnet)})
-        created = await self._retry(
+        created = await self.retry.call(
             "recreate lease", lambda: self.store.create_lease(old, self.opts.lease_ttl),
-            refusals="store")
+            refusals=Notice.STORE)
         if created is not None:
             return created
         await self._release_lost_subnet(old.subnet)  # at once, before a new one is leased
         config, host = self.config, self.host
-        lease, _ = await self._retry(
+        lease, _ = await self.retry.call(
             "acquire lease",
             lambda: acquire_lease(self.store, config, host.public_ip, config.backend.type,
-                                  old.backend_data, self.opts.lease_ttl), refusals="store")
+                                  old.backend_data, self.opts.lease_ttl),
+            refusals=Notice.STORE)
         await self._take_lease(lease)
         self._note_moved(old.subnet, lease.subnet)
         log.info("lease acquired", extra={"subnet": str(lease.subnet)})
@@ -783,9 +702,7 @@ class Agent:
             "backend": self.config.backend.type if self.config else None,
             "peers": sorted(str(s) for s in self.view.peers),
             "revision": self.revision,
-            "errors": dict(self.peer_errors.current),
-            "host_errors": dict(self.host_errors),
-            "notices": dict(self.notices),
+            **self.health.status(),
             "conntrack": self.conntrack.to_json() if self.conntrack else None,
         }
 
@@ -862,17 +779,7 @@ class Agent:
 
     async def _guard(self, name: str, watcher: Callable[[], Awaitable[None]]) -> None:
         """A change watcher that fails is restarted; the periodic resync covers the gap."""
-        backoff = Backoff(initial=1.0, cap=30.0)
-        while True:
-            try:
-                await watcher()
-                return
-            except Exception as exc:
-                delay = backoff.next()
-                log.warning("change watcher failed; restarting it",
-                            extra={"watcher": name, "error": repr(exc),
-                                   "retry_in": round(delay, 2)})
-                await asyncio.sleep(delay)
+        await restarting(name, watcher)
 
     def _remove_host_rules(self) -> None:
         """The masquerade table and the FORWARD accept rules, when the host leaves."""
