@@ -1,4 +1,4 @@
-"""The agent: the daemon on each host.
+"""The agent: the daemon on each host. This module only wires its parts.
 
     config ──▶ lock state dir ──▶ acquire/reclaim lease ──▶ backend up ──▶ host state
                                                                 │
@@ -14,81 +14,59 @@ the state dirty, and the worker converges the kernel to the newest validated lea
 the store holds can end the agent: a bad lease is that peer's error, a failed pass is
 retried with backoff. On SIGTERM the agent exits and leaves the data plane standing, so a
 restart drops no traffic; `--release-on-exit` is for a host that leaves.
+
+The parts, each with one job, get what they need handed to them (values, callbacks):
+    lease_keeper   acquire, renew, recover, move this host's lease
+    store_watch    follow the store (the unvalidated lease view), check the config
+    reconciler     the one worker: the validated view, the diff, the apply order, echoes
+    host_keeper    the host pass of the worker: subnet.env, nftables, FORWARD, the lock
+    conntrack      the masquerade table and the overlay conntrack decision
+    retry, health  one retry policy; one record of every error and notice
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from weft.agent.conntrack import OverlayConntrack
 from weft.agent.fastpath_state import FastPathState
-from weft.agent.health import Health, Notice, Part
-from weft.agent.host_state import HostState, converge_host_state
-from weft.agent.leasing import acquire_lease
+from weft.agent.health import Health
+from weft.agent.host_keeper import HostKeeper
+from weft.agent.lease_keeper import LeaseKeeper, OwnLease, acquire
 from weft.agent.lock import StateDirLock
 from weft.agent.metrics import AgentMetrics
-from weft.agent.retry import Backoff, StoreRetry, restarting
-from weft.agent.status import STATUS_SOCKET, serve_status
+from weft.agent.reconciler import Reconciler, ReconcileRequests
+from weft.agent.retry import StoreRetry, restarting
+from weft.agent.status import STATUS_SOCKET, serve_status_anew
+from weft.agent.store_watch import StoreView, check_config, watch_store
 from weft.agent.triggers import watch_files, watch_kernel, watch_netfilter
-from weft.backends.base import Backend, IncrementalBackend, ReconcileResult
-from weft.backends.registry import backend_data_problem, create_backend
+from weft.backends.base import Backend
+from weft.backends.registry import create_backend
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig, parse_config
 from weft.core.constants import (
-    CNI_BRIDGE,
     DEFAULT_LEASE_TTL,
     DEFAULT_STATE_DIR,
     DEFAULT_SUBNET_FILE,
 )
-from weft.core.errors import (
-    ConfigError,
-    LeaseNotFound,
-    StoreError,
-    StoreUnavailable,
-    UsageError,
-    WatchCompacted,
-    WeftError,
-)
-from weft.core.events import (
-    EventKind,
-    LeaseMap,
-    PeerDiff,
-    apply_events,
-    changes_data,
-    diff_peers,
-)
+from weft.core.errors import StoreError, UsageError, WeftError
 from weft.core.host import HostContext
-from weft.core.kernel_events import EchoFilter, KernelEvent, concerns_link
-from weft.core.lease import Lease
-from weft.core.validate import TrustContext, ValidatedView, ViewKeeper
 from weft.host.forward_accept import overlay_devices, remove_forward_accept
 from weft.host.ingress import IngressFilter
-from weft.host.masquerade import (
-    ConntrackDecision,
-    ConntrackMode,
-    decide_conntrack,
-    encap_port,
-    host_dnat_tables,
-    install_masquerade,
-    remove_masquerade,
-)
+from weft.host.masquerade import ConntrackMode, remove_masquerade
 from weft.host.netlink import Netlink
 from weft.host.system import detect_host, enable_forwarding, require_root
-from weft.host.untrack import Untrack
-from weft.integrations.subnet_env import SubnetEnv, read_subnet_env
 from weft.store import LeaseStore
 
 log = logging.getLogger("weft.agent")
-T = TypeVar("T")
-PeerChange = tuple[list[Lease], list[Lease]]  # the changed peers' old leases, their new ones
 
 # Every device weft creates starts with this (weft.vx1, weft.udp0, weft.wg0, weft0).
 DEVICE_PREFIX = "weft"
@@ -119,49 +97,35 @@ class AgentOptions:
     fastpath: bool = False
 
 
+@dataclass(frozen=True)
+class Running:
+    """What start-up made: the parts the run drives and shutdown closes."""
+
+    config_text: str
+    config: NetworkConfig
+    host: HostContext
+    backend: Backend
+    ingress: IngressFilter
+    devices: tuple[tuple[str, ...], str | None]  # (tunnels, bare underlay): FORWARD's scope
+    store_view: StoreView
+    keeper: LeaseKeeper
+    conntrack: OverlayConntrack
+    reconciler: Reconciler
+
+
 class Agent:
     def __init__(self, options: AgentOptions) -> None:
         self.opts = options
         self.store = options.store
         self.metrics = AgentMetrics()
-        self.config: NetworkConfig | None = None
-        self.config_text: str | None = None
-        self.backend: Backend | None = None
-        self.host: HostContext | None = None
-        self.lease: Lease | None = None
-        self.ingress: IngressFilter | None = None
-        self.mtu = 0
-        self.leases: LeaseMap = {}  # everything the store holds, unvalidated
-        self.view = ValidatedView({})  # what the last reconcile used
-        self._applied: dict[IPNetwork, Lease] = {}  # the peers the backend last received
-        # The validated view kept by difference: a store event re-validates the subnets
-        # it named (`_pending`, since the last pass), not every lease.
-        self._keeper = ViewKeeper()
-        self._pending: set[IPNetwork] = set()
-        # Subnets whose record the store deleted since the last pass: a new holder there
-        # took a free subnet (create-if-absent), not the running lease's (not an overwrite).
-        self._released: set[IPNetwork] = set()
-        self._rejected_seen: dict[str, str] = {}  # the store's non-lease records, last seen
-        # Kernel events our own incremental deletions cause (weft's, not a repair to make:
-        # each was a full pass of 3N entries per store event).
-        self._echoes = EchoFilter()
-        self.revision = 0
         self.health = Health(lambda: self.store.rejected.by_key)
         self.retry = StoreRetry(self.health, self.metrics.store_errors.inc)
-        self.conntrack: ConntrackDecision | None = None  # what the masquerade table does
-        self._untrack: Untrack | None = None
+        self.requests = ReconcileRequests()  # every part's `request(reason)`
+        self.fastpath = FastPathState(options.fastpath)
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
-        self._dirty = asyncio.Event()
-        self._host_dirty = True
-        # A store event applies only what it changed; the full level-based pass (dump the
-        # kernel, converge everything) runs on start, on resync and after a kernel event.
-        self._full_dirty = True
-        self._renew_now = asyncio.Event()
         self._status_restart = asyncio.Event()
         self._lock = StateDirLock(options.state_dir)
-        self._underlay: tuple[IPNetwork, ...] = ()
-        self.fastpath = FastPathState(options.fastpath)
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -171,14 +135,14 @@ class Agent:
             raise UsageError("the store holds no network config: run `weft config set FILE`")
         return text, parse_config(text)
 
-    async def start(self) -> None:
+    async def start(self) -> Running:
         self.store.starting(START_DEADLINE)
         try:
-            await self._start()
+            return await self._start()
         finally:
             self.store.starting(None)
 
-    async def _start(self) -> None:
+    async def _start(self) -> Running:
         require_root()
         state_dir = self.opts.state_dir
         try:
@@ -187,574 +151,72 @@ class Agent:
             raise UsageError(
                 f"--state-dir {state_dir}: cannot create it ({exc.strerror})") from None
         self._lock.acquire()
-        self.config_text, config = await self._load_config()
-        self.config = config
+        config_text, config = await self._load_config()
         # pyroute2's sync API runs its own event loop, so netlink work happens off this one.
-        self.host = host = await asyncio.to_thread(
+        host = await asyncio.to_thread(
             detect_host, self.opts.public_ip, self.opts.iface, state_dir
         )
-        self._underlay = await asyncio.to_thread(self._underlay_networks)
-        self.backend = backend = create_backend(config, host)
+        underlay = await asyncio.to_thread(_underlay_networks, host.underlay_ifname)
+        backend = create_backend(config, host)
         tunnels, bare = overlay_devices(config, host.underlay_ifname)
-        self.ingress = IngressFilter(config, host.public_ip, peer_iifs=(
+        ingress = IngressFilter(config, host.public_ip, peer_iifs=(
             (*tunnels, *((bare,) if bare else ())) if config.backend.type == "auto" else ()))
-        self.metrics.export_ingress(config.backend.type, self.ingress.counters)
+        self.metrics.export_ingress(config.backend.type, ingress.counters)
         data = await asyncio.to_thread(backend.prepare)
-        listings: list[tuple[list[Lease], int]] = []
-        lease, reclaimed = await self.retry.call(
-            "acquire lease",
-            lambda: acquire_lease(self.store, config, host.public_ip, config.backend.type,
-                                  data, self.opts.lease_ttl,
-                                  on_list=lambda *listing: listings.append(listing)),
-        )
-        log.info("lease reclaimed" if reclaimed else "lease acquired",
-                 extra={"subnet": str(lease.subnet), "public_ip": str(host.public_ip),
-                        "expires_in": round(lease.expires_in(time.time()))})
-        await self._leave_previous_subnet(lease)
-        await self._take_lease(lease)
+        lease, leases, revision = await acquire(self.store, config, host.public_ip, data,
+                                                self.opts.lease_ttl, self.retry)
+        # The view starts from the listing the lease was chosen by; the watch from its
+        # revision brings what came after, our own lease's write included.
+        store_view = StoreView([*leases, lease], revision)
+        own = OwnLease(lease)
+        conntrack = OverlayConntrack(config, host.public_ip, ip_masq=self.opts.ip_masq,
+                                     mode=self.opts.overlay_conntrack, ingress=ingress,
+                                     request=self.requests)
+        keeper = LeaseKeeper(own, self.store, config, host.public_ip, ttl=self.opts.lease_ttl,
+                             activate=backend.activate, on_taken=conntrack.replace,
+                             record=store_view.record, request=self.requests,
+                             retry=self.retry, health=self.health, metrics=self.metrics)
+        await keeper.leave_previous_subnet(self.opts.subnet_file)
+        await keeper.take(lease)
         enable_forwarding(config.network.version)
         await asyncio.to_thread(self.fastpath.start, config, lease.subnet,
                                 host.underlay_ifname, state_dir)
         self.metrics.export_backend(backend.status)
-        # The view starts from the listing the lease was chosen by (at 5,000 leases a second
-        # listing was a tenth of the join); the watch from its revision brings what came
-        # after, our own lease's write included.
-        leases, self.revision = listings[-1]
-        self.leases = {x.subnet: x for x in leases}
-        self.leases[lease.subnet] = lease
+        host_keeper = HostKeeper(
+            own, network=config.network, subnet_file=self.opts.subnet_file,
+            state_dir=state_dir, ip_masq=self.opts.ip_masq, devices=(tunnels, bare),
+            untrack=lambda: conntrack.untrack, lock=self._lock,
+            status_socket=state_dir / STATUS_SOCKET, on_socket_gone=self._status_restart.set,
+            health=self.health)
+        reconciler = Reconciler(
+            backend, store_view, self.requests, config=config, public_ip=host.public_ip,
+            underlay=underlay, lease=lambda: own.lease, converge_host=host_keeper.converge,
+            ingress=ingress, fastpath=self.fastpath, stand_down=conntrack.stand_down,
+            health=self.health, metrics=self.metrics)
         # The first pass runs here, so what goes wrong on start-up reaches the caller; it
         # also removes what an earlier run left that no lease wants.
-        await self._reconcile_once()
+        await reconciler.pass_once()
         if self.opts.metrics_addr:
             self.metrics.serve(self.opts.metrics_addr)
-
-    async def _leave_previous_subnet(self, lease: Lease) -> None:
-        """A host back after its lease expired and another host took the subnet gets a
-        new one; the old one (named by the subnet.env it wrote) must leave its data plane,
-        or two hosts answer for the same container addresses."""
-        try:
-            previous = read_subnet_env(self.opts.subnet_file).subnet
-        except UsageError:
-            return  # none, or not ours to read: nothing is known about a previous subnet
-        if previous == lease.subnet:
-            return
-        await self._release_lost_subnet(previous)
-        self._note_moved(previous, lease.subnet)
-
-    async def _release_lost_subnet(self, subnet: IPNetwork) -> None:
-        """Stop answering for a subnet another host holds now (its gateway address leaves
-        the container bridge) and say which local containers that strands."""
-        stranded = await asyncio.to_thread(_release_subnet, subnet)
-        log.error("this host's previous subnet is held by another host now; released it",
-                  extra={"subnet": str(subnet),
-                         "stranded_containers": ", ".join(stranded) or "none",
-                         "action": "restart the stranded containers to give them addresses "
-                                   "in the new subnet"})
-
-    def _note_moved(self, old: IPNetwork, new: IPNetwork) -> None:
-        self.health.notice(Notice.LEASE, f"subnet {old} was taken by another host while "
-                                         f"this one was away; now {new}")
-
-    def _underlay_networks(self) -> tuple[IPNetwork, ...]:
-        assert self.host is not None
-        with Netlink() as nl:
-            facts = nl.underlay_facts(self.host.underlay_ifname)
-        return tuple(a.network for a in facts.addresses)
-
-    async def _take_lease(self, lease: Lease) -> None:
-        """Make `lease` this host's: the backend's own address and MTU, subnet.env."""
-        assert self.backend is not None
-        self.lease = lease
-        self.metrics.lease_expiry.set(lease.expiration)
-        self.mtu = await asyncio.to_thread(self.backend.activate, lease)
-        if self.opts.ip_masq:
-            # Replaced whole: the table names the subnet, which may be a new one. Later
-            # passes only put it back if it is missing, or rewrite it when the conntrack
-            # decision changes (_ensure_masquerade at every resync).
-            self.conntrack = None
-            await self._ensure_masquerade()
-        self._host_dirty = True
-
-    # --- reconcile: one worker ----------------------------------------------------------
-
-    def request(self, reason: str, *, host: bool = False, full: bool = True) -> None:
-        """Something changed: converge soon. Bursts coalesce into one pass. `full=False`
-        (a store event) applies only the difference between the last view and the newest;
-        any full request in the burst makes the pass a full one."""
-        if host:
-            self._host_dirty = True
-        if full:
-            self._full_dirty = True
-        if not self._dirty.is_set():
-            log.debug("reconcile requested", extra={"reason": reason})
-        self._dirty.set()
-
-    def _trust(self) -> TrustContext:
-        assert self.config is not None
-        assert self.host is not None
-        return TrustContext(self.config, self.host.public_ip,
-                            self.lease.subnet if self.lease else None, self._underlay,
-                            backend_data_problem, time.time())
-
-    def _host_state(self) -> HostState:
-        assert self.config is not None
-        assert self.lease is not None
-        assert self.host is not None
-        return HostState(self.config.network, self.opts.subnet_file, self.opts.state_dir,
-                         SubnetEnv(self.config.network, self.lease.subnet, self.mtu,
-                                   self.opts.ip_masq), self.opts.ip_masq,
-                         overlay_devices(self.config, self.host.underlay_ifname), self._untrack)
-
-    async def _reconcile_once(self) -> bool:
-        """One pass over everything the agent owns; False if it must be retried."""
-        assert self.backend is not None
-        ok = True
-        if self._host_dirty:
-            self._host_dirty = False
-            host_errors = await asyncio.to_thread(converge_host_state, self._host_state())
-            try:
-                if self._lock.reassert():
-                    log.warning("host state repaired",
-                                extra={"part": "lock", "action": f"relocked {self._lock.path}"})
-            except (UsageError, OSError) as exc:
-                host_errors["lock"] = str(exc)
-            self.health.host = host_errors
-            if not (self.opts.state_dir / STATUS_SOCKET).exists():
-                self._status_restart.set()
-            if host_errors:
-                log.error("could not repair host state", extra=host_errors)
-                # Retried with the worker's backoff: clearing it left the repair (and any
-                # request that came in during this pass) to the next resync, 60 s away.
-                self._host_dirty, ok = True, False
-        full, self._full_dirty = self._full_dirty, False
-        named, self._pending = self._pending, set()
-        released, self._released = self._released, set()
-        before = self.view.peers
-        if full:
-            view = self._keeper.full(self.leases.values(), self._trust(), released=released)
-            diff = diff_peers(before, view.peers)
-        else:
-            view, touched = self._keeper.update(self.leases, named, self._trust(), released)
-            diff = diff_peers(before, view.peers, touched)
-        self.view = view
-        _log_peers(diff)
-        # A store event's changed peers, old leases and new (a changed peer is in both).
-        change = None if full else ([before[s] for s in diff.subnets() if s in before],
-                                    [view.peers[s] for s in diff.subnets() if s in view.peers])
-        started = time.perf_counter()
-        try:
-            # Order: a removed peer leaves the ingress filter first (the safe side: its
-            # packets are refused before its routes go); an added peer's routes, FDB and
-            # neighbour reach the kernel first (the filter only guards incoming traffic,
-            # and rebuilding it is not what the new peer's traffic waits for).
-            ingress = bool(full or diff)
-            ingress_first = bool(diff.removed or diff.changed or not diff.added)
-            if ingress and ingress_first:
-                ok = await self._ingress_step(view, change, full=full) and ok
-            result = await self._apply(view, diff, full=full)
-            if ingress and not ingress_first:
-                ok = await self._ingress_step(view, change, full=full) and ok
-            if result is not None and (result.added or result.removed):
-                log.info("reconciled", extra={"added": result.added, "removed": result.removed,
-                                              "peers": len(view.peers), "full": full})
-            if result is not None and result.errors and not full:
-                self._full_dirty = True  # an entry failed: the next pass checks everything
-            if (full or diff) and self.lease is not None:
-                # The fast path skips netfilter: only where overlay packets skip conntrack
-                # (a DNATed connection's reply must meet conntrack to be un-NATed).
-                # No masquerade table (--ip-masq=false): nothing untracks, all is tracked.
-                stand_down = (
-                    "overlay traffic is tracked: --ip-masq=false installs no notrack rules"
-                    if self.conntrack is None else
-                    None if self.conntrack.untracked else
-                    f"overlay traffic is tracked: {self.conntrack.reason}")
-                fastpath_error = await asyncio.to_thread(
-                    self.fastpath.apply, self.lease.subnet, [self.lease.subnet, *view.peers],
-                    stand_down)
-                if fastpath_error is not None:
-                    self.health.data_plane[Part.FASTPATH] = fastpath_error
-                    ok = False
-        except WeftError as exc:
-            self.health.data_plane[Part.RECONCILE] = str(exc)
-            ok = False
-        except Exception as exc:
-            # A bug, or a kernel answer nobody foresaw: logged with its traceback and
-            # retried, never the end of the agent (it keeps the data plane it has).
-            log.exception("reconcile failed unexpectedly", extra={"error": repr(exc)})
-            self.health.data_plane[Part.RECONCILE] = repr(exc)
-            ok = False
-        finally:
-            if full:
-                self.metrics.reconciles.inc()
-                self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
-        if not ok:
-            self._full_dirty = True
-        new_errors = self.health.publish(view.errors)
-        self.metrics.peers.set(len(view.peers))
-        self.metrics.peer_errors.set(len(self.health.reported))
-        self.metrics.reconcile_errors.inc(new_errors)
-        return ok
-
-    async def _ingress_step(self, view: ValidatedView,
-                            change: PeerChange | None, *, full: bool) -> bool:
-        """The underlay ingress filter follows the same validated view (a renewal, no
-        diff, leaves it as it is); False when it could not be applied."""
-        ingress_error = await asyncio.to_thread(self._apply_ingress, list(view.peers.values()),
-                                                change, full)
-        if ingress_error is not None:
-            self.health.data_plane[Part.INGRESS] = ingress_error
-            return False
-        self.health.data_plane.pop(Part.INGRESS, None)
-        return True
-
-    def _apply_ingress(self, peers: list[Lease], change: PeerChange | None,
-                       full: bool) -> str | None:
-        """The underlay ingress filter from the validated view (weft.host.ingress): whole on
-        a full pass, by difference on a store event; a failure is reported and retried,
-        never blocks the backend."""
-        if self.ingress is None or self.lease is None:
-            return None  # not started (a test driving the worker alone)
-        try:
-            self.ingress.apply(self.lease, peers, full=full, change=change)
-        except (WeftError, OSError, subprocess.SubprocessError) as exc:
-            log.error("ingress filter not applied", extra={"error": str(exc)})
-            return str(exc)
-        return None
-
-    async def _apply(self, view: ValidatedView, diff: PeerDiff, *, full: bool
-                     ) -> ReconcileResult | None:
-        """Give the backend the newest view: whole (full) or only what changed."""
-        assert self.backend is not None
-        backend = self.backend
-        if not full and isinstance(backend, IncrementalBackend):
-            if not diff:
-                return None  # nothing a peer's data plane depends on changed
-            removed = [self._applied[s] for s in diff.subnets() if s in self._applied]
-            added = [view.peers[s] for s in diff.subnets() if s in view.peers]
-            self._echoes.hold()
-            result = None
-            try:
-                result = await asyncio.to_thread(backend.update, removed, added)
-            finally:
-                for event in self._echoes.settle(result.echoes if result is not None else ()):
-                    self._kernel_event(event)
-            if result is not None:
-                self.metrics.updates.inc()
-                self.health.backend_updated([str(s) for s in diff.subnets()], result.errors)
-                self._applied = dict(view.peers)
-                return result
-        self._echoes.forget()
-        peers = sorted(view.peers.values(), key=lambda x: str(x.subnet))
-        result = await asyncio.to_thread(backend.reconcile, peers)
-        self.health.backend_replaced(result.errors)
-        self._applied = dict(view.peers)
-        return result
-
-    async def _reconciler(self) -> None:
-        backoff = Backoff()
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            if await self._reconcile_once():
-                backoff.reset()
-                self.ready.set()
-            else:
-                await asyncio.sleep(backoff.next())
-                self._dirty.set()
-
-    async def _resync(self) -> None:
-        while True:
-            await asyncio.sleep(self.opts.resync_interval)
-            await self._check_config()
-            await self._ensure_masquerade()  # destination NAT may have come or gone
-            self.request("resync", host=True)
-
-    async def _check_config(self) -> None:
-        """A config changed in the store is not applied live (a new Network or backend
-        would renumber every container): it is refused loudly until the agent restarts."""
-        try:
-            text = await self.store.get_config()
-        except StoreUnavailable:  # the next resync asks again
-            return
-        except StoreError as exc:
-            self.retry.refused(Notice.STORE_CONFIG, "config check", exc)
-            return
-        self.health.clear(Notice.STORE_CONFIG)
-        if text == self.config_text or text is None:
-            self.health.clear(Notice.CONFIG)
-            return
-        try:
-            changed = parse_config(text) != self.config
-        except ConfigError as exc:
-            message = f"the config in the store is invalid and was not applied: {exc}"
-        else:
-            if not changed:
-                return
-            message = ("the network config in the store changed; it is not applied to a "
-                       "running agent: restart `weft agent` on every host to apply it")
-        if self.health.notice(Notice.CONFIG, message):
-            log.error("config change refused", extra={"error": message})
-
-    # --- the store ----------------------------------------------------------------------
-
-    async def _watch(self) -> None:
-        backoff = Backoff()
-        while True:
-            try:
-                async for events in self.store.watch(self.revision):
-                    backoff.reset()
-                    self.health.clear(Notice.STORE_WATCH)
-                    if events:  # empty: only the records that are not leases changed
-                        self.revision = events[-1].revision
-                    # A record that is not a lease going away changes no lease, but its
-                    # error must leave every status: the store's rejected set counts too.
-                    rejected = dict(self.store.rejected.by_key)
-                    changed = (changes_data(self.leases, events) or not events
-                               or rejected != self._rejected_seen)
-                    self._rejected_seen = rejected
-                    self.leases = apply_events(self.leases, events)
-                    # Renewals too: the next pass takes their new expiries into the view.
-                    self._pending.update(event.subnet for event in events)
-                    self._released.update(event.subnet for event in events
-                                          if event.kind is EventKind.DELETE)
-                    self._check_own_lease()
-                    if changed:
-                        self.request("store", full=False)
-                    else:  # renewals: the expiry moved, nothing a data plane depends on
-                        self.metrics.store_events_ignored.inc(len(events))
-            except WatchCompacted as exc:
-                log.warning("watch history compacted; resyncing from a full list",
-                            extra={"error": str(exc)})
-                leases, self.revision = await self.retry.call(
-                    "list leases", self.store.list_leases, refusals=Notice.STORE_WATCH)
-                self._pending.update(self.leases)  # whatever the missed history changed
-                self.leases = {lease.subnet: lease for lease in leases}
-                self._pending.update(self.leases)
-                self._check_own_lease()
-                self.request("store resync", full=False)
-            except StoreUnavailable as exc:
-                self.retry.unavailable()
-                delay = backoff.next()
-                log.warning("watch lost the store; the data plane stays as it is",
-                            extra={"error": str(exc), "retry_in": round(delay, 2)})
-                await asyncio.sleep(delay)
-            except StoreError as exc:  # refusing us: ask again (see `_refused`)
-                self.retry.refused(Notice.STORE_WATCH, "watch", exc)
-                await asyncio.sleep(backoff.next())
-
-    def _check_own_lease(self) -> None:
-        """Our subnet gone from the store, or held by someone else: renew (or move) now,
-        not at the next renewal."""
-        if self.lease is None:
-            return
-        held = self.leases.get(self.lease.subnet)
-        if held is None or held.public_ip != self.lease.public_ip:
-            self._renew_now.set()
-
-    async def _ensure_masquerade(self) -> None:
-        """The nftables table, with overlay traffic untracked unless destination NAT
-        elsewhere on the host needs it tracked; rewritten only when the decision changes.
-        The first install's failure is fatal (as before); later ones are logged."""
-        assert self.config is not None
-        assert self.lease is not None
-        assert self.host is not None
-        if not self.opts.ip_masq:
-            return
-        first = self.conntrack is None
-        try:
-            # Looked for in every mode, so status tells when `untrack` breaks a DNAT.
-            dnat = await asyncio.to_thread(host_dnat_tables)
-            decision = decide_conntrack(self.opts.overlay_conntrack, dnat)
-            if decision == self.conntrack:
-                return
-            untrack = Untrack(self.lease.own_address.ip, self.host.public_ip,
-                              encap_port(self.config.backend)) if decision.untracked else None
-            await asyncio.to_thread(install_masquerade, self.config.network,
-                                    self.lease.subnet, untrack)
-            self._untrack = untrack
-            if self.ingress is not None and self.ingress.untrack != untrack:
-                # Prerouting's notrack rules live in the ingress filter's chain.
-                self.ingress.untrack = untrack
-                if not first:
-                    self.request("overlay conntrack decision")
-        except (WeftError, OSError, subprocess.SubprocessError) as exc:
-            if first:
-                raise
-            log.warning("could not update the masquerade table", extra={"error": str(exc)})
-            return
-        self.conntrack = decision
-        log.info("overlay conntrack", extra=decision.to_json())
-
-    async def _renew(self) -> None:
-        assert self.lease is not None
-        backoff = Backoff()
-        retry = False  # a renewal that failed on the store is tried again, not at renew_at
-        while True:
-            delay = 0.0 if retry else max(0.0, self.lease.renew_at(self.opts.lease_ttl)
-                                           - time.time())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._renew_now.wait()
-            self._renew_now.clear()
-            retry = False
-            try:
-                renewed: Lease | None = await self.store.renew_lease(self.lease,
-                                                                     self.opts.lease_ttl)
-            except LeaseNotFound:
-                if self._lease_overwritten():
-                    # Wait for the record to go (the watch wakes us) or our lease to end.
-                    wait = min(backoff.next(), max(0.5, self.lease.expires_in(time.time())))
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(wait):
-                            await self._renew_now.wait()
-                    continue
-                renewed = None  # recovered below, outside this handler
-            except StoreError as exc:
-                # Unreachable, or a refusal (a record rewritten under every attempt, its
-                # permissions changed): ask again soon, while the lease runs. Also a renewal
-                # asked for early (our record went away): waiting for the scheduled time
-                # would leave this host without a lease for hours.
-                remaining = self.lease.expires_in(time.time())
-                step = backoff.next()
-                wait = min(step, max(0.5, remaining / 4)) if remaining > 0 else step
-                if isinstance(exc, StoreUnavailable):
-                    self.retry.unavailable()
-                    log.warning("lease renewal failed; retrying",
-                                extra={"error": str(exc), "retry_in": round(wait, 2)})
-                else:
-                    self.retry.refused(Notice.STORE, "lease renewal", exc)
-                await asyncio.sleep(wait)
-                retry = True
-                continue
-            lease = renewed if renewed is not None else await self._recover_lease()
-            self.health.clear(Notice.STORE)
-            backoff.reset()
-            self.lease = lease
-            self.metrics.lease_expiry.set(lease.expiration)
-            self.metrics.lease_renewals.inc()
-            log.info("lease renewed", extra={"subnet": str(lease.subnet),
-                                             "expires_in": round(lease.expires_in(time.time()))})
-
-    def _lease_overwritten(self) -> bool:
-        """Our subnet's record names another host while our lease still runs. No host
-        takes a subnet before its lease expires (create-if-absent), so something else
-        wrote it: keep the subnet (moving would strand every container here) and say so;
-        if the record is still there when our lease ends, it is a takeover after all."""
-        assert self.lease is not None
-        held = self.leases.get(self.lease.subnet)
-        if (held is None or held.public_ip == self.lease.public_ip
-                or self.lease.expires_in(time.time()) <= 0):
-            if self.health.clear(Notice.LEASE_CONFLICT):
-                log.info("lease conflict cleared", extra={"subnet": str(self.lease.subnet)})
-            return False
-        message = (f"the store's record of this host's subnet {self.lease.subnet} names "
-                   f"{held.public_ip} while this host's lease still runs: written by "
-                   "something else; this host keeps its subnet (delete the record to clear "
-                   "this)")
-        if self.health.notice(Notice.LEASE_CONFLICT, message):
-            log.error("lease record overwritten; keeping the subnet",
-                      extra={"subnet": str(self.lease.subnet), "claimed_by": str(held.public_ip),
-                             "error": message})
-        return True
-
-    async def _recover_lease(self) -> Lease:
-        """Our lease expired (the store was away longer than the TTL, or the host came back
-        late). Take the same subnet back if it is free; if another host took it, this host
-        must stop answering for it at once and move to a new subnet."""
-        assert self.lease is not None
-        assert self.config is not None
-        assert self.host is not None
-        old = self.lease
-        log.error("lease lost; trying to take the same subnet back",
-                  extra={"subnet": str(old.subnet)})
-        created = await self.retry.call(
-            "recreate lease", lambda: self.store.create_lease(old, self.opts.lease_ttl),
-            refusals=Notice.STORE)
-        if created is not None:
-            return created
-        await self._release_lost_subnet(old.subnet)  # at once, before a new one is leased
-        config, host = self.config, self.host
-        lease, _ = await self.retry.call(
-            "acquire lease",
-            lambda: acquire_lease(self.store, config, host.public_ip, config.backend.type,
-                                  old.backend_data, self.opts.lease_ttl),
-            refusals=Notice.STORE)
-        await self._take_lease(lease)
-        self._note_moved(old.subnet, lease.subnet)
-        log.info("lease acquired", extra={"subnet": str(lease.subnet)})
-        self.request("new lease", host=True)
-        return lease
-
-    # --- status socket ------------------------------------------------------------------
-
-    async def status(self) -> dict[str, Any]:
-        """The agent's state, read on the loop; what asks the kernel (counters through `nft`,
-        `tc`, `bpftool`; a backend's lock) is read in a worker thread, so a status query
-        never stalls renewals and the watch."""
-        assert self.backend is not None
-        assert self.host is not None
-        backend, ingress, fastpath = self.backend, self.ingress, self.fastpath
-        lease = self.lease
-        report: dict[str, Any] = {
-            "public_ip": str(self.host.public_ip),
-            "subnet": str(lease.subnet) if lease else None,
-            "lease_expires_in": round(lease.expires_in(time.time())) if lease else None,
-            "backend": self.config.backend.type if self.config else None,
-            "peers": sorted(str(s) for s in self.view.peers),
-            "revision": self.revision,
-            **self.health.status(),
-            "conntrack": self.conntrack.to_json() if self.conntrack else None,
-        }
-
-        def from_the_kernel() -> dict[str, Any]:
-            return {"backend_status": dict(backend.status()),
-                    "ingress": ingress.status() if ingress else None,
-                    "fastpath": fastpath.status()}
-
-        return report | await asyncio.to_thread(from_the_kernel)
-
-    async def _serve_status(self) -> None:
-        while True:
-            self._status_restart.clear()
-            server = asyncio.create_task(
-                serve_status(self.opts.state_dir / STATUS_SOCKET, self.status))
-            await self._status_restart.wait()  # the socket was removed: serve it anew
-            server.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await server
+        return Running(config_text, config, host, backend, ingress, (tunnels, bare),
+                       store_view, keeper, conntrack, reconciler)
 
     # --- run ----------------------------------------------------------------------------
 
     async def run(self) -> None:
         try:
-            await self.start()
+            running = await self.start()
         except BaseException:
             self._lock.release()
             raise
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        directories = [self.opts.subnet_file.parent, self.opts.state_dir]
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [
-                    tg.create_task(self._reconciler()),
-                    tg.create_task(self._watch()), tg.create_task(self._renew()),
-                    tg.create_task(self._resync()), tg.create_task(self._serve_status()),
-                    tg.create_task(self._guard(
-                        "kernel events", lambda: watch_kernel(
-                            self._kernel_changed, DEVICE_PREFIX,
-                            tc_hooks=self.fastpath.fastpath is not None))),
-                    tg.create_task(self._guard(
-                        "netfilter events", lambda: watch_netfilter(
-                            self._host_changed,
-                            self.ingress.own_echo if self.ingress else None))),
-                    tg.create_task(self._guard(
-                        "file events", lambda: watch_files(self._host_changed, directories))),
-                ]
+                tasks = [tg.create_task(service) for service in self._services(running)]
                 self.ready.set()
-                log.info("agent running", extra={"subnet": str(self.lease.subnet if self.lease
-                                                               else "")})
+                log.info("agent running", extra={"subnet": str(running.keeper.lease.subnet)})
                 await self._stop.wait()
                 for task in tasks:
                     task.cancel()
@@ -765,50 +227,90 @@ class Agent:
                 raise leaf from None
             raise
         finally:
-            await self._shutdown()
+            await self._shutdown(running)
 
-    def _kernel_changed(self, event: KernelEvent) -> None:
-        if self._echoes.admit(event):  # not our own store-event deletion, nor held
-            self._kernel_event(event)
+    def _services(self, r: Running) -> list[Coroutine[Any, Any, None]]:
+        """Everything the run's one TaskGroup holds."""
+        directories = [self.opts.subnet_file.parent, self.opts.state_dir]
 
-    def _kernel_event(self, event: KernelEvent) -> None:
-        self.request(str(event), host=concerns_link(event, CNI_BRIDGE))
+        def host_changed(reason: str) -> None:
+            self.requests(reason, host=True)
 
-    def _host_changed(self, reason: str) -> None:
-        self.request(reason, host=True)
+        return [
+            r.reconciler.run(),
+            watch_store(self.store, r.store_view, request=self.requests,
+                        check_lease=r.keeper.check_record, retry=self.retry,
+                        health=self.health, metrics=self.metrics),
+            r.keeper.run(),
+            self._resync(r),
+            serve_status_anew(self.opts.state_dir / STATUS_SOCKET, lambda: self._status(r),
+                              self._status_restart),
+            restarting("kernel events", lambda: watch_kernel(
+                r.reconciler.kernel_changed, DEVICE_PREFIX,
+                tc_hooks=self.fastpath.fastpath is not None)),
+            restarting("netfilter events", lambda: watch_netfilter(
+                host_changed, r.ingress.own_echo)),
+            restarting("file events", lambda: watch_files(host_changed, directories)),
+        ]
 
-    async def _guard(self, name: str, watcher: Callable[[], Awaitable[None]]) -> None:
-        """A change watcher that fails is restarted; the periodic resync covers the gap."""
-        await restarting(name, watcher)
+    async def _resync(self, r: Running) -> None:
+        while True:
+            await asyncio.sleep(self.opts.resync_interval)
+            await check_config(self.store, r.config_text, r.config, retry=self.retry,
+                               health=self.health)
+            await r.conntrack.ensure(r.keeper.lease)  # destination NAT may have come or gone
+            self.requests("resync", host=True)
 
-    def _remove_host_rules(self) -> None:
+    async def _status(self, r: Running) -> dict[str, Any]:
+        """The agent's state, read on the loop; what asks the kernel (counters through `nft`,
+        `tc`, `bpftool`; a backend's lock) is read in a worker thread, so a status query
+        never stalls renewals and the watch."""
+        backend, ingress, fastpath = r.backend, r.ingress, self.fastpath
+        lease = r.keeper.lease
+        report: dict[str, Any] = {
+            "public_ip": str(r.host.public_ip),
+            "subnet": str(lease.subnet),
+            "lease_expires_in": round(lease.expires_in(time.time())),
+            "backend": r.config.backend.type,
+            "peers": sorted(str(s) for s in r.reconciler.view.peers),
+            "revision": r.store_view.revision,
+            **self.health.status(),
+            "conntrack": r.conntrack.status(),
+        }
+
+        def from_the_kernel() -> dict[str, Any]:
+            return {"backend_status": dict(backend.status()),
+                    "ingress": ingress.status(),
+                    "fastpath": fastpath.status()}
+
+        return report | await asyncio.to_thread(from_the_kernel)
+
+    # --- shutdown -----------------------------------------------------------------------
+
+    def _remove_host_rules(self, r: Running) -> None:
         """The masquerade table and the FORWARD accept rules, when the host leaves."""
-        assert self.config is not None
         try:
             if self.opts.ip_masq:
-                remove_masquerade(self.config.network)
-            if self.host is not None:
-                remove_forward_accept(self.config.network, *overlay_devices(
-                    self.config, self.host.underlay_ifname))
-            if self.ingress is not None:
-                self.ingress.remove()
+                remove_masquerade(r.config.network)
+            remove_forward_accept(r.config.network, *r.devices)
+            r.ingress.remove()
         except (WeftError, OSError, subprocess.SubprocessError) as exc:
             log.warning("could not remove weft's firewall rules", extra={"error": str(exc)})
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, r: Running) -> None:
         try:
-            assert self.backend is not None
             await asyncio.to_thread(self.fastpath.close)
-            await asyncio.to_thread(self.backend.close)
-            if self.opts.release_on_exit and self.lease is not None:
+            await asyncio.to_thread(r.backend.close)
+            if self.opts.release_on_exit:
+                subnet = r.keeper.lease.subnet
                 log.info("releasing lease and removing the data plane",
-                         extra={"subnet": str(self.lease.subnet)})
+                         extra={"subnet": str(subnet)})
                 try:
-                    await self.store.delete_lease(self.lease.subnet)
+                    await self.store.delete_lease(subnet)
                 except StoreError as exc:  # the data plane goes all the same; the lease expires
                     log.warning("could not release the lease", extra={"error": str(exc)})
-                await asyncio.to_thread(self._remove_host_rules)
-                await asyncio.to_thread(self.backend.teardown)
+                await asyncio.to_thread(self._remove_host_rules, r)
+                await asyncio.to_thread(r.backend.teardown)
                 self.opts.subnet_file.unlink(missing_ok=True)
             else:
                 log.info("agent stopped; data plane left in place")
@@ -818,22 +320,15 @@ class Agent:
             self._lock.release()
 
 
+def _underlay_networks(ifname: str) -> tuple[IPNetwork, ...]:
+    with Netlink() as nl:
+        facts = nl.underlay_facts(ifname)
+    return tuple(a.network for a in facts.addresses)
+
+
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-def _release_subnet(subnet: IPNetwork) -> list[str]:
-    """Stop answering for a subnet this host no longer holds: its gateway address leaves
-    the container bridge. Returns the containers (neighbours on the bridge) left in it."""
-    with Netlink() as nl:
-        bridge = nl.link(CNI_BRIDGE)
-        if bridge is None:
-            return []
-        stranded = sorted(str(n.ip) for n in nl.neighbours(bridge.index, permanent=False)
-                          if n.ip in subnet)
-        nl.remove_addresses_in(bridge.index, subnet)
-    return stranded
 
 
 def parse_ip(value: str | None) -> IPAddress | None:
@@ -843,24 +338,3 @@ def parse_ip(value: str | None) -> IPAddress | None:
         return ipaddress.ip_address(value)
     except ValueError:
         raise UsageError(f"--public-ip {value!r} is not an IP address") from None
-
-
-_PEER_LINES = 20  # a join of thousands logs a summary, not a line per peer
-
-
-def _log_peers(diff: PeerDiff) -> None:
-    """One info line per peer added, removed or changed, up to `_PEER_LINES` per pass;
-    beyond that one summary line (the rest at debug): a host joining 5,000 peers spent
-    a measurable part of its join formatting 5,000 log lines."""
-    lines = [("peer added", lease) for lease in diff.added]
-    lines += [("peer removed", lease) for lease in diff.removed]
-    lines += [("peer changed", lease) for lease in diff.changed]
-    many = len(lines) > _PEER_LINES
-    if many:
-        log.info("peers changed", extra={"added": len(diff.added), "removed": len(diff.removed),
-                                         "changed": len(diff.changed)})
-    if many and not log.isEnabledFor(logging.DEBUG):
-        return
-    for message, lease in lines:
-        log.log(logging.DEBUG if many else logging.INFO, message,
-                extra={"subnet": str(lease.subnet), "public_ip": str(lease.public_ip)})
