@@ -22,7 +22,6 @@ from pyroute2.netlink.rtnl import (RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_
 from weft.agent.triggers import kernel_removal
 from weft.backends.base import delta
 from weft.backends.bulk import apply_tables
-from weft.core.constants import AUTO_TABLES
 from weft.core.dataplane import FdbEntry, Neighbour, Route
 from weft.core.kernel_events import NeighbourRemoved
 
@@ -38,7 +37,7 @@ net, ip = ipaddress.ip_network, ipaddress.ip_address
 routes = frozenset({
     Route(net("198.19.3.0/24"), ip("198.19.3.0"), index, onlink=True),
     Route(net("198.19.4.0/24"), ip("198.19.4.0"), index, onlink=True,
-          table=AUTO_TABLES["vxlan"]),
+          table=0x5702),  # > 255, as auto's tables
     Route(net("2001:db8:3::/64"), None, index)})
 neighbours = frozenset({Neighbour(ip("198.19.3.0"), "02:00:00:00:00:03", index)})
 fdb = frozenset({FdbEntry("02:00:00:00:00:03", ip("198.18.0.3"), index)})
