@@ -16,7 +16,7 @@ from weft.agent.health import Health, Notice
 from weft.agent.lease_keeper import LeaseKeeper, OwnLease
 from weft.agent.metrics import AgentMetrics
 from weft.agent.retry import StoreRetry
-from weft.agent.store_watch import StoreView
+from weft.agent.store_watch import OwnDeletions, StoreView
 from weft.backends.registry import parse_config
 from weft.core.config import IPNetwork
 from weft.core.events import EventKind, LeaseEvent
@@ -25,9 +25,11 @@ from weft.store.sqlite import SqliteLeaseStore
 
 CONFIG = parse_config('{"Network": "198.19.0.0/16", "SubnetLen": 24}')
 SUBNET = ipaddress.ip_network("198.19.1.0/24")
-OURS = Lease(SUBNET, ipaddress.ip_address("198.18.0.1"), "vxlan", {"VtepMAC": "02:00:00:00:00:01"})
+HOST_ID = "0123456789abcdef0123456789abcdef"
+OURS = Lease(SUBNET, ipaddress.ip_address("198.18.0.1"), "vxlan", {"VtepMAC": "02:00:00:00:00:01"},
+             host_id=HOST_ID)
 THEIRS = Lease(SUBNET, ipaddress.ip_address("198.18.0.9"), "vxlan",
-               {"VtepMAC": "02:00:00:00:00:09"})
+               {"VtepMAC": "02:00:00:00:00:09"}, host_id="f" * 32)
 
 
 async def _until(predicate: Callable[[], bool]) -> None:
@@ -38,7 +40,8 @@ async def _until(predicate: Callable[[], bool]) -> None:
 
 
 def keeper_on(store: SqliteLeaseStore, lease: Lease, records: dict[IPNetwork, Lease],
-              health: Health, requests: list[str]) -> LeaseKeeper:
+              health: Health, requests: list[str],
+              deletions: OwnDeletions | None = None) -> LeaseKeeper:
     taken: list[Lease] = []
 
     async def on_taken(new: Lease) -> None:
@@ -50,7 +53,7 @@ def keeper_on(store: SqliteLeaseStore, lease: Lease, records: dict[IPNetwork, Le
     return LeaseKeeper(OwnLease(lease), store, CONFIG, OURS.public_ip, ttl=60,
                        activate=lambda _: 1450, on_taken=on_taken, record=records.get,
                        request=request, retry=StoreRetry(health, lambda: None), health=health,
-                       metrics=AgentMetrics())
+                       metrics=AgentMetrics(), host_id=HOST_ID, deletions=deletions)
 
 
 def test_a_record_gone_is_taken_back_at_once(tmp_path: Path) -> None:
@@ -77,7 +80,33 @@ def test_a_record_gone_is_taken_back_at_once(tmp_path: Path) -> None:
     assert requests == []  # the same subnet: nothing of the data plane moves
 
 
-def test_a_record_written_over_a_running_lease_is_refused_until_it_goes(tmp_path: Path) -> None:
+def test_a_record_written_over_a_running_lease_is_put_back(tmp_path: Path) -> None:
+    async def scenario() -> tuple[Lease, Lease, dict[str, Any]]:
+        store = SqliteLeaseStore(str(tmp_path / "store.db"))
+        created = await store.create_lease(OURS, 60)
+        assert created is not None
+        await store.restore_lease(THEIRS, 60)  # written over, no deletion between
+        records = {SUBNET: THEIRS}
+        health = Health()
+        keeper = keeper_on(store, created, records, health, [])
+        async with asyncio.TaskGroup() as tg:
+            renewing = tg.create_task(keeper.run())
+            keeper.check_record()
+            await _until(lambda: keeper.lease.expiration != created.expiration)
+            renewing.cancel()
+        leases, _ = await store.list_leases()
+        await store.close()
+        return leases[0], keeper.lease, health.status()["notices"]
+
+    held, lease, notices = run(scenario())
+    assert (held.public_ip, held.host_id, held.backend_data) == (
+        OURS.public_ip, HOST_ID, OURS.backend_data)
+    assert lease.subnet == SUBNET
+    assert notices == {}  # fixed, nothing left to say
+
+
+def test_a_record_of_another_host_after_a_deletion_is_refused_until_it_goes(
+        tmp_path: Path) -> None:
     async def scenario() -> tuple[dict[str, Any], dict[str, Any], Lease]:
         store = SqliteLeaseStore(str(tmp_path / "store.db"))
         created = await store.create_lease(OURS, 60)
@@ -86,7 +115,9 @@ def test_a_record_written_over_a_running_lease_is_refused_until_it_goes(tmp_path
         assert await store.create_lease(THEIRS, 60) is not None  # written by something else
         records = {SUBNET: THEIRS}
         health = Health()
-        keeper = keeper_on(store, created, records, health, [])
+        deletions = OwnDeletions()
+        keeper = keeper_on(store, created, records, health, [], deletions)
+        deletions.deleted = True  # the watch saw the deletion
         async with asyncio.TaskGroup() as tg:
             renewing = tg.create_task(keeper.run())
             keeper.check_record()

@@ -41,7 +41,9 @@ from weft.agent.conntrack import OverlayConntrack
 from weft.agent.fastpath_state import FastPathState
 from weft.agent.health import Health
 from weft.agent.host_keeper import HostKeeper
+from weft.agent.identity import load_host_id
 from weft.agent.lease_keeper import LeaseKeeper, OwnLease, acquire
+from weft.agent.leasing import check_address_free
 from weft.agent.lock import StateDirLock
 from weft.agent.metrics import AgentMetrics
 from weft.agent.reconciler import Reconciler, ReconcileRequests
@@ -151,6 +153,7 @@ class Agent:
             raise UsageError(
                 f"--state-dir {state_dir}: cannot create it ({exc.strerror})") from None
         self._lock.acquire()
+        host_id = load_host_id(state_dir)
         config_text, config = await self._load_config()
         # pyroute2's sync API runs its own event loop, so netlink work happens off this one.
         host = await asyncio.to_thread(
@@ -162,9 +165,13 @@ class Agent:
         ingress = IngressFilter(config, host.public_ip, port=facts.encap_port,
                                 by_port=facts.members_by_port, peer_iifs=facts.peer_iifs)
         self.metrics.export_ingress(config.backend.type, ingress.counters)
+        # Another host's live lease at this address: refused before the backend touches
+        # the kernel (its device would take the address's traffic from the live owner).
+        await self.retry.call("list leases",
+                              lambda: check_address_free(self.store, host.public_ip, host_id))
         data = await asyncio.to_thread(backend.prepare)
         lease, leases, revision = await acquire(self.store, config, host.public_ip, data,
-                                                self.opts.lease_ttl, self.retry)
+                                                self.opts.lease_ttl, self.retry, host_id)
         # The view starts from the listing the lease was chosen by; the watch from its
         # revision brings what came after, our own lease's write included.
         store_view = StoreView([*leases, lease], revision)
@@ -176,7 +183,9 @@ class Agent:
         keeper = LeaseKeeper(own, self.store, config, host.public_ip, ttl=self.opts.lease_ttl,
                              activate=backend.activate, on_taken=conntrack.replace,
                              record=store_view.record, request=self.requests,
-                             retry=self.retry, health=self.health, metrics=self.metrics)
+                             retry=self.retry, health=self.health, metrics=self.metrics,
+                             host_id=host_id, deletions=store_view.own,
+                             known_taken=lambda: store_view.live_subnets(time.time()))
         await keeper.leave_previous_subnet(self.opts.subnet_file)
         await keeper.take(lease)
         enable_forwarding(config.network.version)
@@ -189,7 +198,7 @@ class Agent:
             devices=(facts.tunnels, facts.bare_underlay),
             untrack=lambda: conntrack.untrack, lock=self._lock,
             status_socket=state_dir / STATUS_SOCKET, on_socket_gone=self._status_restart.set,
-            health=self.health)
+            health=self.health, host_id=host_id)
         reconciler = Reconciler(
             backend, store_view, self.requests, config=config, public_ip=host.public_ip,
             underlay=underlay, lease=lambda: own.lease, converge_host=host_keeper.converge,
@@ -271,6 +280,7 @@ class Agent:
         lease = r.keeper.lease
         report: dict[str, Any] = {
             "public_ip": str(r.host.public_ip),
+            "host_id": r.keeper.host_id,
             "subnet": str(lease.subnet),
             "lease_expires_in": round(lease.expires_in(time.time())),
             "backend": r.config.backend.type,

@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +24,11 @@ from weft.agent.health import Health, Notice
 from weft.agent.leasing import acquire_lease
 from weft.agent.metrics import AgentMetrics
 from weft.agent.retry import Backoff, StoreRetry
+from weft.agent.store_watch import OwnDeletions
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.constants import CNI_BRIDGE
 from weft.core.errors import LeaseNotFound, StoreError, StoreUnavailable, UsageError
-from weft.core.lease import Lease
+from weft.core.lease import Lease, held_by, same_peer
 from weft.host.netlink import Netlink
 from weft.integrations.subnet_env import read_subnet_env
 from weft.store import LeaseStore
@@ -46,8 +48,8 @@ class OwnLease:
 
 
 async def acquire(store: LeaseStore, config: NetworkConfig, public_ip: IPAddress,
-                  backend_data: Mapping[str, Any], ttl: float, retry: StoreRetry
-                  ) -> tuple[Lease, list[Lease], int]:
+                  backend_data: Mapping[str, Any], ttl: float, retry: StoreRetry,
+                  host_id: str = "") -> tuple[Lease, list[Lease], int]:
     """Reclaim or acquire a lease at start; also the listing it was chosen by and its
     revision (the view starts from it: at 5,000 leases a second listing was a tenth of
     the join)."""
@@ -56,7 +58,8 @@ async def acquire(store: LeaseStore, config: NetworkConfig, public_ip: IPAddress
         "acquire lease",
         lambda: acquire_lease(store, config, public_ip, config.backend.type,
                               backend_data, ttl,
-                              on_list=lambda *listing: listings.append(listing)),
+                              on_list=lambda *listing: listings.append(listing),
+                              host_id=host_id),
     )
     log.info("lease reclaimed" if reclaimed else "lease acquired",
              extra={"subnet": str(lease.subnet), "public_ip": str(public_ip),
@@ -65,13 +68,26 @@ async def acquire(store: LeaseStore, config: NetworkConfig, public_ip: IPAddress
     return lease, leases, revision
 
 
+class _Conflict(Enum):
+    PUT_BACK = "put back"  # written over while our lease runs: ours goes back
+    WAIT = "wait"  # deleted, then taken by another host: kept, said, until it goes
+
+
 class LeaseKeeper:
     def __init__(self, own: OwnLease, store: LeaseStore, config: NetworkConfig,
                  public_ip: IPAddress, *, ttl: float, activate: Callable[[Lease], int],
                  on_taken: Callable[[Lease], Awaitable[None]],
                  record: Callable[[IPNetwork], Lease | None], request: Request,
-                 retry: StoreRetry, health: Health, metrics: AgentMetrics) -> None:
+                 retry: StoreRetry, health: Health, metrics: AgentMetrics,
+                 host_id: str = "", deletions: OwnDeletions | None = None,
+                 known_taken: Callable[[], Collection[IPNetwork]] = frozenset) -> None:
         self.own = own
+        self.host_id = host_id  # this host's identity (weft.agent.identity)
+        # Whether the watch saw our subnet's record deleted since we last wrote it.
+        self.deletions = deletions if deletions is not None else OwnDeletions()
+        self.deletions.written(own.lease.subnet)
+        # The subnets live peers are known to hold (never taken when moving).
+        self.known_taken = known_taken
         self.store = store
         self.config = config
         self.public_ip = public_ip
@@ -106,19 +122,31 @@ class LeaseKeeper:
         """Make `lease` this host's: the backend's own address and MTU, the masquerade
         table (subnet.env follows at the next host pass)."""
         self.own.lease = lease
+        self.deletions.written(lease.subnet)
         self.metrics.lease_expiry.set(lease.expiration)
         self.own.mtu = await asyncio.to_thread(self.activate, lease)
         await self.on_taken(lease)
 
     def check_record(self) -> None:
-        """The store watch saw a change: our subnet gone from the store, or held by someone
-        else, means renew (or move) now, not at the next renewal."""
+        """The store watch saw a change: our subnet gone from the store, held by someone
+        else, or our record written by something else, means renew (put back, or move)
+        now, not at the next renewal."""
         held = self.record(self.lease.subnet)
-        if held is None or held.public_ip != self.lease.public_ip:
+        if held is None or not same_peer(held, self.lease):
             self._renew_now.set()
+
+    def retry_in(self, backoff: Backoff) -> float:
+        """The next retry of a failed renewal: backed off, but never past a quarter of what
+        is left of the lease (a store back before the lease ends gets a renewal in time),
+        and once it ended, a quarter of the TTL (the store may still hold the record: a
+        restarted etcd gives its leases a full TTL again, and a renewal must land first)."""
+        remaining = self.lease.expires_in(time.time())
+        horizon = remaining if remaining > 0 else self.ttl
+        return min(backoff.next(), max(0.5, horizon / 4))
 
     async def run(self) -> None:
         backoff = Backoff()
+        put_back = Backoff()  # a record written over again and again is put back slower
         retry = False  # a renewal that failed on the store is tried again, not at renew_at
         while True:
             delay = 0.0 if retry else max(0.0, self.lease.renew_at(self.ttl) - time.time())
@@ -128,24 +156,24 @@ class LeaseKeeper:
             self._renew_now.clear()
             retry = False
             try:
-                renewed: Lease | None = await self.store.renew_lease(self.lease, self.ttl)
-            except LeaseNotFound:
-                if self._overwritten():
-                    # Wait for the record to go (the watch wakes us) or our lease to end.
-                    wait = min(backoff.next(), max(0.5, self.lease.expires_in(time.time())))
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(wait):
-                            await self._renew_now.wait()
-                    continue
-                renewed = None  # recovered below, outside this handler
+                try:
+                    renewed: Lease | None = await self.store.renew_lease(self.lease, self.ttl)
+                except LeaseNotFound:
+                    conflict = self._overwritten()
+                    if conflict is _Conflict.WAIT:
+                        # Wait for the record to go (the watch wakes us) or our lease to end.
+                        await self._wait(min(backoff.next(),
+                                             max(0.5, self.lease.expires_in(time.time()))))
+                        continue
+                    renewed = None
+                    if conflict is _Conflict.PUT_BACK:
+                        renewed = await self._put_back(put_back)
             except StoreError as exc:
                 # Unreachable, or a refusal (a record rewritten under every attempt, its
                 # permissions changed): ask again soon, while the lease runs. Also a renewal
                 # asked for early (our record went away): waiting for the scheduled time
                 # would leave this host without a lease for hours.
-                remaining = self.lease.expires_in(time.time())
-                step = backoff.next()
-                wait = min(step, max(0.5, remaining / 4)) if remaining > 0 else step
+                wait = self.retry_in(backoff)
                 if isinstance(exc, StoreUnavailable):
                     self.retry.unavailable()
                     log.warning("lease renewal failed; retrying",
@@ -156,6 +184,7 @@ class LeaseKeeper:
                 retry = True
                 continue
             lease = renewed if renewed is not None else await self._recover()
+            self.deletions.written(lease.subnet)
             self.health.clear(Notice.STORE)
             backoff.reset()
             self.own.lease = lease
@@ -164,18 +193,48 @@ class LeaseKeeper:
             log.info("lease renewed", extra={"subnet": str(lease.subnet),
                                              "expires_in": round(lease.expires_in(time.time()))})
 
-    def _overwritten(self) -> bool:
-        """Our subnet's record names another host while our lease still runs. No host
+    async def _wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._renew_now.wait()
+
+    async def _put_back(self, backoff: Backoff) -> Lease:
+        """Write our record back over what something else wrote while our lease runs. A
+        writer that keeps at it is met more slowly each time (no write storm), and said
+        in `weft status` as what this host cannot fix."""
+        lease, held = self.lease, self.record(self.lease.subnet)
+        named = held.public_ip if held is not None else "another host"
+        if backoff.current:  # overwritten again since the last put-back
+            message = (f"the store's record of this host's subnet {lease.subnet} keeps being "
+                       f"written over by something else (last naming {named}) while this "
+                       "host's lease runs; this host puts it back each time: find the writer")
+            if self.health.notice(Notice.LEASE_CONFLICT, message):
+                log.error("lease record overwritten again", extra={
+                    "subnet": str(lease.subnet), "claimed_by": str(named), "error": message})
+            await asyncio.sleep(min(backoff.next(), max(0.5, lease.expires_in(time.time()) / 4)))
+        else:
+            backoff.next()
+        restored = await self.store.restore_lease(lease, self.ttl)
+        log.warning("own lease record was written over by something else; put it back",
+                    extra={"subnet": str(lease.subnet), "claimed_by": str(named)})
+        return restored
+
+    def _overwritten(self) -> _Conflict | None:
+        """Our subnet's record names another holder while our lease still runs. No host
         takes a subnet before its lease expires (create-if-absent), so something else
-        wrote it: keep the subnet (moving would strand every container here) and say so;
-        if the record is still there when our lease ends, it is a takeover after all."""
+        wrote it: put ours back. If the record was deleted first, another host may have
+        taken the subnet as free: keep it (moving would strand every container here) and
+        say so; if that record is still there when our lease ends, it is a takeover after
+        all. None: our lease ended, or the record is gone (recover)."""
         lease = self.lease
         held = self.record(lease.subnet)
-        if (held is None or held.public_ip == lease.public_ip
+        if (held is None or held_by(held, lease)
                 or lease.expires_in(time.time()) <= 0):
             if self.health.clear(Notice.LEASE_CONFLICT):
                 log.info("lease conflict cleared", extra={"subnet": str(lease.subnet)})
-            return False
+            return None
+        if not self.deletions(lease.subnet):
+            return _Conflict.PUT_BACK
         message = (f"the store's record of this host's subnet {lease.subnet} names "
                    f"{held.public_ip} while this host's lease still runs: written by "
                    "something else; this host keeps its subnet (delete the record to clear "
@@ -184,7 +243,7 @@ class LeaseKeeper:
             log.error("lease record overwritten; keeping the subnet",
                       extra={"subnet": str(lease.subnet), "claimed_by": str(held.public_ip),
                              "error": message})
-        return True
+        return _Conflict.WAIT
 
     async def _recover(self) -> Lease:
         """Our lease expired (the store was away longer than the TTL, or the host came back
@@ -195,7 +254,7 @@ class LeaseKeeper:
                   extra={"subnet": str(old.subnet)})
         created = await self.retry.call(
             "recreate lease", lambda: self.store.create_lease(old, self.ttl),
-            refusals=Notice.STORE)
+            refusals=Notice.STORE, cap=self._retry_cap())
         if created is not None:
             return created
         await _release_lost_subnet(old.subnet)  # at once, before a new one is leased
@@ -203,13 +262,18 @@ class LeaseKeeper:
         lease, _ = await self.retry.call(
             "acquire lease",
             lambda: acquire_lease(self.store, config, self.public_ip, config.backend.type,
-                                  old.backend_data, self.ttl),
-            refusals=Notice.STORE)
+                                  old.backend_data, self.ttl, host_id=self.host_id,
+                                  known_taken=self.known_taken, refuse_shared=False),
+            refusals=Notice.STORE, cap=self._retry_cap())
         await self.take(lease)
         self._note_moved(old.subnet, lease.subnet)
         log.info("lease acquired", extra={"subnet": str(lease.subnet)})
         self.request("new lease", host=True)
         return lease
+
+    def _retry_cap(self) -> float:
+        """Retries to take a lease back stay as close as a renewal's after its end."""
+        return max(0.5, self.ttl / 4)
 
     def _note_moved(self, old: IPNetwork, new: IPNetwork) -> None:
         self.health.notice(Notice.LEASE, f"subnet {old} was taken by another host while "

@@ -25,10 +25,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("weft.agent")
 
 
+class OwnDeletions:
+    """Whether this host's record was deleted (or vanished in a re-list) since the lease
+    keeper last wrote it: the watch marks, the keeper reads and clears. Another host's
+    record there then took a free subnet; without a deletion, something wrote over ours."""
+
+    def __init__(self) -> None:
+        self.subnet: IPNetwork | None = None
+        self.deleted = False
+
+    def written(self, subnet: IPNetwork) -> None:
+        self.subnet, self.deleted = subnet, False
+
+    def __call__(self, subnet: IPNetwork) -> bool:
+        return self.deleted and subnet == self.subnet
+
+
 class StoreView:
     def __init__(self, leases: Iterable[Lease], revision: int) -> None:
         self.leases: LeaseMap = {lease.subnet: lease for lease in leases}
         self.revision = revision
+        self.own = OwnDeletions()
         # The subnets a store event named since the last pass (renewals too: the next pass
         # takes their new expiries into the view); only those are validated again.
         self._pending: set[IPNetwork] = set()
@@ -59,6 +76,8 @@ class StoreView:
         self._pending.update(event.subnet for event in events)
         self._released.update(event.subnet for event in events
                               if event.kind is EventKind.DELETE)
+        if any(e.kind is EventKind.DELETE and e.subnet == self.own.subnet for e in events):
+            self.own.deleted = True
         return changed
 
     def relist(self, leases: Iterable[Lease], revision: int) -> None:
@@ -67,6 +86,14 @@ class StoreView:
         self._pending.update(self.leases)  # whatever the missed history changed
         self.leases = {lease.subnet: lease for lease in leases}
         self._pending.update(self.leases)
+        if self.own.subnet is not None and self.own.subnet not in self.leases:
+            self.own.deleted = True
+
+    def live_subnets(self, now: float) -> set[IPNetwork]:
+        """The subnets whose last known lease has not ended: held by a live host, even if
+        a store restored from an older snapshot no longer lists them."""
+        return {s for s, lease in self.leases.items()
+                if lease.expiration == 0.0 or lease.expires_in(now) > 0}
 
 
 async def watch_store(store: LeaseStore, view: StoreView, *, request: Request,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
+import re
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -17,6 +18,11 @@ from typing import Any
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.constants import RENEW_FRACTION, SUBNETS_DIR
 from weft.core.errors import NetworkFull
+
+# The lease record's field naming its holder (see `Lease.host_id`).
+HOST_ID_FIELD = "HostID"
+# A host ID as weft writes it (32 hex digits); a record's is checked against this shape.
+_HOST_ID = re.compile(r"[0-9a-f]{8,64}")
 
 
 class LeaseFormatError(ValueError):
@@ -30,16 +36,22 @@ class Lease:
     backend_type: str
     backend_data: Mapping[str, Any] = field(default_factory=dict)
     expiration: float = 0.0  # seconds since the epoch; 0 while unknown
+    # The holder's stable identity (weft.agent.identity), not its address: the address is a
+    # fact of the lease and may change. "" in a record written before weft carried it (or by
+    # flannel): such a record is known by its PublicIP alone.
+    host_id: str = ""
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "PublicIP": str(self.public_ip),
-                "BackendType": self.backend_type,
-                "BackendData": dict(self.backend_data),
-            },
-            sort_keys=True,
-        )
+        record: dict[str, Any] = {
+            "PublicIP": str(self.public_ip),
+            "BackendType": self.backend_type,
+            "BackendData": dict(self.backend_data),
+        }
+        if self.host_id:
+            # An extra field: flannel's readers (Go's encoding/json) skip fields they don't
+            # know, so a mixed store stays readable by both.
+            record[HOST_ID_FIELD] = self.host_id
+        return json.dumps(record, sort_keys=True)
 
     @property
     def key(self) -> str:
@@ -71,7 +83,8 @@ def same_peer(a: Lease, b: Lease) -> bool:
     renewal, unchecked."""
     if a is b:
         return True
-    return ((a.subnet, a.public_ip, a.backend_type) == (b.subnet, b.public_ip, b.backend_type)
+    return ((a.subnet, a.public_ip, a.backend_type, a.host_id)
+            == (b.subnet, b.public_ip, b.backend_type, b.host_id)
             and _same_json(dict(a.backend_data), dict(b.backend_data)))
 
 
@@ -124,7 +137,24 @@ def parse_lease(key: str, value: str | bytes, expiration: float = 0.0) -> Lease:
         raise LeaseFormatError(f"lease {key!r} lacks a valid field: {exc}") from None
     if not isinstance(backend_type, str) or not isinstance(backend_data, dict):
         raise LeaseFormatError(f"lease {key!r} has a malformed BackendType or BackendData")
-    return Lease(subnet, public_ip, backend_type, backend_data, expiration)
+    host_id = data.get(HOST_ID_FIELD, "")
+    if not isinstance(host_id, str) or (host_id and not valid_host_id(host_id)):
+        raise LeaseFormatError(f"lease {key!r} has a malformed {HOST_ID_FIELD}")
+    return Lease(subnet, public_ip, backend_type, backend_data, expiration, host_id)
+
+
+def valid_host_id(host_id: str) -> bool:
+    return _HOST_ID.fullmatch(host_id) is not None
+
+
+def held_by(record: Lease, lease: Lease) -> bool:
+    """Whether the stored `record` is `lease`'s holder's: by host identity when both carry
+    one, else (a record from before identities, or flannel's) by PublicIP. The identity
+    decides even when the address changed, and a second host that shares an address
+    never passes for the holder."""
+    if record.host_id and lease.host_id:
+        return record.host_id == lease.host_id
+    return record.public_ip == lease.public_ip
 
 
 def all_subnets(config: NetworkConfig) -> Iterator[IPNetwork]:
@@ -160,12 +190,27 @@ def choose_subnet(
 
 
 def find_reclaimable(
-    config: NetworkConfig, leases: Collection[Lease], public_ip: IPAddress
+    config: NetworkConfig, leases: Collection[Lease], public_ip: IPAddress, host_id: str = ""
 ) -> Lease | None:
-    """A restarted host takes back the lease it held before (same public IP), if that
-    subnet still belongs to the configured network."""
+    """A restarted host takes back the lease it held before, if that subnet still belongs
+    to the configured network: the one carrying its identity (whatever address it names),
+    else a record without an identity naming its public IP (written before identities)."""
+    in_range = subnet_range(config)
+    mine = [lease for lease in leases if in_range(lease.subnet)
+            and held_by(lease, Lease(lease.subnet, public_ip, "", host_id=host_id))]
+    # Its own identity first: an old record at the same address is the fallback only.
+    mine.sort(key=lambda lease: not (host_id and lease.host_id == host_id))
+    return mine[0] if mine else None
+
+
+def address_holder(leases: Collection[Lease], public_ip: IPAddress, host_id: str,
+                   now: float) -> Lease | None:
+    """A live lease of another host (another identity) that names `public_ip`: a second
+    host with this host's address (a copied config, cloned VMs). Records without an
+    identity can't tell and are not counted."""
     for lease in leases:
-        if lease.public_ip == public_ip and subnet_in_range(config, lease.subnet):
+        if (lease.public_ip == public_ip and lease.host_id and lease.host_id != host_id
+                and (lease.expiration == 0.0 or lease.expires_in(now) > 0)):
             return lease
     return None
 

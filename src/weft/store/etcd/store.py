@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import math
@@ -72,7 +71,14 @@ from weft.core.config import IPAddress, IPNetwork
 from weft.core.constants import CONFIG_KEY, DEFAULT_ETCD_PREFIX, MAX_WATCH_BATCH, SUBNETS_DIR
 from weft.core.errors import LeaseNotFound, StoreError, StoreUnavailable, UsageError, WatchCompacted
 from weft.core.events import EventKind, LeaseEvent
-from weft.core.lease import Lease, parse_subnet_key, subnet_key
+from weft.core.lease import (
+    Lease,
+    LeaseFormatError,
+    held_by,
+    parse_lease,
+    parse_subnet_key,
+    subnet_key,
+)
 from weft.store.base import RejectedRecords
 from weft.store.etcd.client import (
     DEFAULT_TIMEOUT,
@@ -123,12 +129,12 @@ def _expiration(value: bytes) -> float:
 
 
 
-def _held_by(value: bytes, public_ip: IPAddress) -> bool:
-    """Whether a stored lease record names `public_ip` (a record that doesn't parse: no)."""
+def _held_by(key: str, value: bytes, lease: Lease) -> bool:
+    """Whether a stored lease record is `lease`'s holder's (weft.core.lease.held_by; a
+    record that doesn't parse: no)."""
     try:
-        data = json.loads(value)
-        return isinstance(data, dict) and ipaddress.ip_address(data["PublicIP"]) == public_ip
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return held_by(parse_lease(key, value), lease)
+    except LeaseFormatError:
         return False
 
 
@@ -386,7 +392,8 @@ class EtcdLeaseStore:
                 self._grants.pop((lease.subnet, lease.public_ip), None)
             for _ in range(_RENEW_ATTEMPTS):
                 current = await client.get(key)
-                if current is None or not _held_by(current.value, lease.public_ip):
+                if current is None or not _held_by(self._relative(key), current.value,
+                                                   lease):
                     raise LeaseNotFound(
                         f"lease for {lease.subnet} ({lease.public_ip}) is gone: it expired or "
                         "another host holds the subnet now"
@@ -412,6 +419,26 @@ class EtcdLeaseStore:
             )
 
         return await self._call(f"renew the lease for {lease.subnet}", op)
+
+    async def restore_lease(self, lease: Lease, ttl: float) -> Lease:
+        key = self._key(lease.subnet)
+
+        async def op(client: Client) -> Lease:
+            now = self._clock()
+            grant = await client.lease(_ttl_seconds(ttl))
+            expiration = now + int(grant.ttl)
+            previous = await client.put(key, _record(lease, expiration), lease=grant.id,
+                                        prev_kv=True)
+            old = getattr(getattr(previous, "prev_kv", None), "lease", 0)
+            if old:  # the writer's etcd lease, if it attached one, has nothing left to keep
+                await revoke_quietly(client, old)
+            known = self._grants.pop((lease.subnet, lease.public_ip), None)
+            if known is not None and known[0] != old:
+                await revoke_quietly(client, known[0])
+            self._grants[lease.subnet, lease.public_ip] = (int(grant.id), _ttl_seconds(ttl))
+            return lease.with_expiration(expiration)
+
+        return await self._call(f"restore the lease for {lease.subnet}", op)
 
     async def delete_lease(self, subnet: IPNetwork) -> None:
         key = self._key(subnet)
