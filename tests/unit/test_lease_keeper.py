@@ -165,3 +165,44 @@ def test_a_relist_names_every_subnet_before_and_after() -> None:
     assert view.revision == 9
     assert view.record(SUBNET) is None
     assert view.take_changes() == ({SUBNET, other.subnet}, set())
+
+
+def test_a_sqlite_store_replaced_by_an_older_copy_is_told_to_the_watcher(tmp_path: Path) -> None:
+    import shutil
+
+    import pytest
+
+    from weft.core.errors import StoreRewound
+
+    async def scenario() -> None:
+        path = tmp_path / "store.db"
+        store = SqliteLeaseStore(str(path))
+        await store.create_lease(OURS, 60)
+        await store.close()
+        shutil.copy(path, tmp_path / "backup.db")
+        store = SqliteLeaseStore(str(path))
+        await store.create_lease(Lease(ipaddress.ip_network("198.19.2.0/24"),
+                                       THEIRS.public_ip, "vxlan"), 60)
+        _, seen = await store.list_leases()
+        await store.close()
+        shutil.copy(tmp_path / "backup.db", path)  # the restore
+        store = SqliteLeaseStore(str(path))
+        try:
+            with pytest.raises(StoreRewound, match="behind revision"):
+                await anext(aiter(store.watch(seen)))
+        finally:
+            await store.close()
+
+    run(scenario())
+
+
+def test_a_relist_after_the_store_went_back_keeps_the_lost_live_leases_aside() -> None:
+    other = Lease(ipaddress.ip_network("198.19.2.0/24"), ipaddress.ip_address("198.18.0.2"),
+                  "vxlan", {}, expiration=200.0)
+    gone = Lease(ipaddress.ip_network("198.19.3.0/24"), ipaddress.ip_address("198.18.0.3"),
+                 "vxlan", {}, expiration=50.0)
+    view = StoreView([OURS.with_expiration(200.0), other, gone], 9)
+    view.relist([OURS.with_expiration(200.0)], 5, rewound_at=100.0)
+    assert other.subnet not in view.leases  # the data plane follows the store...
+    assert view.live_subnets(100.0) == {SUBNET, other.subnet}  # ...but it is never taken
+    assert view.live_subnets(300.0) == set()

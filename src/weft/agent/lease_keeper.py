@@ -135,6 +135,11 @@ class LeaseKeeper:
         if held is None or not same_peer(held, self.lease):
             self._renew_now.set()
 
+    def reassert(self) -> None:
+        """Renew now, whatever the view says (the store went back in time or lost history:
+        our record may be gone, or an older one, with no event to say so)."""
+        self._renew_now.set()
+
     def retry_in(self, backoff: Backoff) -> float:
         """The next retry of a failed renewal: backed off, but never past a quarter of what
         is left of the lease (a store back before the lease ends gets a renewal in time),

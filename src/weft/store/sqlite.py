@@ -32,7 +32,7 @@ from asyncinotify import Inotify, Mask
 
 from weft.core.config import IPNetwork
 from weft.core.constants import MAX_WATCH_BATCH
-from weft.core.errors import LeaseNotFound, StoreUnavailable, WatchCompacted
+from weft.core.errors import LeaseNotFound, StoreRewound, StoreUnavailable, WatchCompacted
 from weft.core.events import EventKind, LeaseEvent
 from weft.core.lease import (
     Lease,
@@ -247,6 +247,12 @@ class SqliteLeaseStore:
             compacted = int(row[0]) if row else 0
             if since < compacted:
                 raise WatchCompacted(since, compacted + 1)
+            if since > (current := self._revision(db)):
+                # The file was replaced by an older copy (a restored backup): what the
+                # watcher saw after `current` may be gone without a deletion.
+                raise StoreRewound(f"the store {self.path} is at revision {current}, behind "
+                                   f"revision {since} this watch had seen: restored from an "
+                                   "older copy?")
             rows = db.execute(
                 "SELECT rev, kind, key, value, expiration FROM events WHERE rev > ? "
                 "ORDER BY rev LIMIT ?",

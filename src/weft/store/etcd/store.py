@@ -69,7 +69,14 @@ import grpc.aio
 
 from weft.core.config import IPAddress, IPNetwork
 from weft.core.constants import CONFIG_KEY, DEFAULT_ETCD_PREFIX, MAX_WATCH_BATCH, SUBNETS_DIR
-from weft.core.errors import LeaseNotFound, StoreError, StoreUnavailable, UsageError, WatchCompacted
+from weft.core.errors import (
+    LeaseNotFound,
+    StoreError,
+    StoreRewound,
+    StoreUnavailable,
+    UsageError,
+    WatchCompacted,
+)
 from weft.core.events import EventKind, LeaseEvent
 from weft.core.lease import (
     Lease,
@@ -172,6 +179,7 @@ class EtcdLeaseStore:
         self._grants: dict[tuple[IPNetwork, IPAddress], tuple[int, int]] = {}
         self._config_key = f"{self.prefix}/{CONFIG_KEY}".encode()
         self._rejected = RejectedRecords()
+        self._cluster: int | None = None  # the etcd cluster id last seen (a restore: new)
 
     @classmethod
     def from_url(
@@ -454,8 +462,28 @@ class EtcdLeaseStore:
 
     # --- watch --------------------------------------------------------------------------
 
+    async def _check_position(self, client: Client, last: int) -> None:
+        """Raise StoreRewound if etcd is another cluster than the one this store last
+        spoke to, or its revision is behind `last` (restored from an older snapshot):
+        what came after the snapshot is gone without a DELETE, and a watch from `last`
+        would drop the new history's first events as already seen."""
+        header = (await client.get_prefix(self._config_key)).header
+        cluster, revision = int(header.cluster_id), int(header.revision)
+        known, self._cluster = self._cluster, cluster
+        if known is not None and cluster != known:
+            raise StoreRewound(f"etcd at {client.endpoint} is another cluster ({cluster:x}, "
+                               f"was {known:x}): a new or restored cluster")
+        if revision < last:
+            raise StoreRewound(f"etcd at {client.endpoint} is at revision {revision}, behind "
+                               f"revision {last} this watch had seen: restored from an older "
+                               "snapshot?")
+
     async def watch(self, since: int) -> AsyncGenerator[list[LeaseEvent], None]:
         last = since  # the revision of the last event received: resume after it
+        # The last event received (at `last`), its key and value: a watch from `last` must
+        # deliver it again first; another event there is a history that was rewritten (a
+        # restore, and a new host's write at the same revision, maybe on the same key).
+        last_event: tuple[bytes, bytes] | None = None
         backoff = _WATCH_BACKOFF_FIRST
         while True:
             conn = self._acquire()
@@ -463,6 +491,7 @@ class EtcdLeaseStore:
             watcher: Any = None
             try:
                 await conn.client.connect()
+                await self._check_position(conn.client, last)
                 queue: asyncio.Queue[Any] = asyncio.Queue()
                 # A stream of our own (not the client's shared one), so ending this watch
                 # or losing it touches nothing else.
@@ -481,10 +510,14 @@ class EtcdLeaseStore:
                     start_revision=max(last, 1),
                 )
                 backoff = _WATCH_BACKOFF_FIRST
+                replay = last_event  # checked against the first event of this stream
                 while True:
                     seen = dict(self._rejected.by_key)
-                    events, reached, error = await self._next_batch(conn.client, queue, last)
-                    last = max(last, reached)
+                    events, reached, error, newest = await self._next_batch(
+                        conn.client, queue, last, replay)
+                    replay = None
+                    if reached > last:
+                        last, last_event = reached, newest
                     # A batch of records that are not leases is yielded empty: the
                     # watcher reports them (see `rejected`).
                     if events or self._rejected.by_key != seen:
@@ -519,12 +552,22 @@ class EtcdLeaseStore:
             backoff = min(backoff * 2, _WATCH_BACKOFF_MAX)
 
     async def _next_batch(
-        self, client: Client, queue: asyncio.Queue[Any], after: int
-    ) -> tuple[list[LeaseEvent], int, BaseException | None]:
+        self, client: Client, queue: asyncio.Queue[Any], after: int,
+        replay: tuple[bytes, bytes] | None,
+    ) -> tuple[list[LeaseEvent], int, BaseException | None, tuple[bytes, bytes] | None]:
         """Everything the stream delivered so far (waiting for at least one item) past
         revision `after`: the events, the highest revision among them (records that don't
-        parse included), and the error that ended the stream, if one came after them."""
+        parse included), the error that ended the stream, if one came after them, and the
+        last event's key and value. `replay`: the key and value the stream's first event
+        must have (it is at `after`; StoreRewound otherwise)."""
         items = [await queue.get()]
+        first = items[0]
+        if (replay is not None and not isinstance(first, BaseException) and first is not None
+                and (int(first.kv.mod_revision) > after
+                     or (bytes(first.kv.key), bytes(first.kv.value or b"")) != replay)):
+            raise StoreRewound(f"etcd at {client.endpoint} no longer holds the event at "
+                               f"revision {after} this watch had seen: its history was "
+                               "rewritten (restored from an older snapshot?)")
         while not queue.empty() and len(items) < MAX_WATCH_BATCH:  # the rest: next batch
             items.append(queue.get_nowait())
         raw: list[Any] = []
@@ -540,7 +583,8 @@ class EtcdLeaseStore:
                 raw.append(item)
         events = [event for ev in raw if (event := self._to_event(ev)) is not None]
         reached = max((int(ev.kv.mod_revision) for ev in raw), default=0)
-        return events, reached, error
+        newest = (bytes(raw[-1].kv.key), bytes(raw[-1].kv.value or b"")) if raw else None
+        return events, reached, error, newest
 
     def _to_event(self, ev: Any) -> LeaseEvent | None:
         key = self._relative(ev.kv.key)
