@@ -36,7 +36,7 @@ from weft.core.errors import LeaseNotFound, StoreUnavailable, WatchCompacted
 from weft.core.events import EventKind, LeaseEvent
 from weft.core.lease import Lease, parse_subnet_key, subnet_key
 from weft.host.files import check_private, private_dir, private_umask
-from weft.store.base import RejectedRecords
+from weft.store.base import RejectedRecords, record_key
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -113,8 +113,9 @@ class SqliteLeaseStore:
         now = self._clock()
         rows = db.execute("SELECT key FROM leases WHERE expiration <= ?", (now,)).fetchall()
         for (key,) in rows:
-            db.execute("DELETE FROM leases WHERE key = ?", (key,))
-            self._event(db, EventKind.DELETE, key, None, None)
+            db.execute("DELETE FROM leases WHERE key IS ?", (key,))
+            if key is not None:  # SQLite lets a TEXT PRIMARY KEY be NULL; events' is not
+                self._event(db, EventKind.DELETE, key, None, None)
 
     def _event(
         self, db: sqlite3.Connection, kind: EventKind, key: str, value: str | None,
@@ -273,16 +274,19 @@ class SqliteLeaseStore:
 
 
 def _to_event(
-    rejected: RejectedRecords, rev: int, kind: str, key: str, value: str | None,
-    expiration: float | None
+    rejected: RejectedRecords, rev: int, kind: object, key: object, value: object,
+    expiration: object
 ) -> LeaseEvent | None:
+    """One events row as a LeaseEvent (None: not a lease). Its columns hold whatever
+    something else wrote there (SQLite keeps any type in any column)."""
     if kind == EventKind.DELETE.value:
         rejected.deleted(key)
         try:
-            return LeaseEvent(EventKind.DELETE, parse_subnet_key(key), rev)
+            return LeaseEvent(EventKind.DELETE, parse_subnet_key(record_key(key)), rev)
         except ValueError:
             return None
-    lease = rejected.parse(key, value or "", expiration or 0.0)
+    lease = rejected.parse(key, "" if value is None else value,
+                           0.0 if expiration is None else expiration)
     if lease is None:
         return None
     return LeaseEvent(EventKind.PUT, lease.subnet, rev, lease)
