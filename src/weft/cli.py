@@ -114,6 +114,11 @@ class StoreOptions:
             return open_store(self.url, prefix=self.prefix, cafile=self.cafile,
                               certfile=self.certfile, keyfile=self.keyfile,
                               username=self.username, password=password)
+        from weft.host.files import private_dir
+
+        # The store checks its own directory; whether another user could swap it (or a
+        # directory above it) is the host layer's to say.
+        private_dir(Path(self.url.removeprefix("sqlite://")).parent, "store directory")
         return open_store(self.url)
 
 
