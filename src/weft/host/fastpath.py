@@ -50,11 +50,8 @@ def compile_fastpath(network: ipaddress.IPv4Network | ipaddress.IPv6Network,
     if shutil.which("clang") is None:
         raise KernelFeatureMissing("the fast path needs clang to compile its BPF program: "
                                    "install clang and libbpf-dev (scripts/setup.sh does)")
-    text = (resources.files("weft.host") / "bpf" / SOURCE).read_bytes()
-    # The source's hash in the name: an upgraded weft never loads a stale object.
-    digest = hashlib.sha256(text).hexdigest()[:12]
     private_dir(out_dir, "fast path object directory")
-    out = out_dir / f"fastpath-{network.network_address}-{network.prefixlen}-{digest}.o"
+    out = object_path(network, out_dir)
     if out.exists() or out.is_symlink():
         try:
             check_built(out)
@@ -76,6 +73,14 @@ def compile_fastpath(network: ipaddress.IPv4Network | ipaddress.IPv6Network,
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def object_path(network: ipaddress.IPv4Network, out_dir: Path) -> Path:
+    """Where the object for `network` is kept. The source's hash in the name: an upgraded
+    weft never loads a stale object."""
+    text = (resources.files("weft.host") / "bpf" / SOURCE).read_bytes()
+    digest = hashlib.sha256(text).hexdigest()[:12]
+    return out_dir / f"fastpath-{network.network_address}-{network.prefixlen}-{digest}.o"
 
 
 class BuiltObjectMismatch(KernelError):
