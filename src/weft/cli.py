@@ -245,6 +245,7 @@ def config_set(
     store: StoreOptions,
 ) -> None:
     """Validate a network config and write it to the store."""
+    from weft.backends.registry import BACKENDS
     from weft.core.config import parse_config
 
     try:
@@ -256,6 +257,12 @@ def config_set(
         s = store.open()
         _using_store(s, lambda st: st.put_config(config.to_json()))
         out.print(f"config written: {redact_config(config.to_json())}", highlight=False)
+        if not BACKENDS[config.backend.type].encrypted:
+            err.print(f"[yellow]warning:[/] backend {config.backend.type} does not "
+                      "authenticate traffic between hosts: any machine on the underlay "
+                      "segments between them can send packets into containers as a member; "
+                      "use wireguard on a network you do not control (docs/security.md)",
+                      highlight=False)
     except WeftError as exc:
         raise _fail(exc) from None
 
