@@ -111,8 +111,12 @@ def test_a_bad_key_type_in_either_column_is_its_own_error() -> None:
     assert rejected.parse(12, record({})) is None
     assert rejected.parse(b"subnets/\xff", record({})) is None
     assert set(rejected.by_key) == {"12", "subnets/\ufffd"}
-    assert rejected.parse("subnets/" + "1" * 100_000, record({})) is None
-    assert all(len(reason) < 600 for reason in rejected.by_key.values())
+    long_key = "subnets/" + "1" * 100_000
+    assert rejected.parse(long_key, record({})) is None
+    assert all(len(key) < 300 and len(reason) < 600 for key, reason in rejected.by_key.items())
+    assert len(rejected.by_key) == 3
+    rejected.deleted(long_key.encode())  # as the watch hands it over
+    assert len(rejected.by_key) == 2
 
 
 @pytest.mark.parametrize("text", [nested(5000), '{"Network": ' + nested(990) + "}",

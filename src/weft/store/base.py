@@ -14,6 +14,7 @@ write files on the host. Both implementations share the flannel key layout in
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -103,6 +104,15 @@ def parse_record(key: str, value: object, expiration: object = 0.0) -> Lease:
 # before their text reaches an error message.
 MAX_KEY_CHARS = 256
 
+
+def _shown(key: str) -> str:
+    """How a rejected record's key is kept and reported: a key longer than MAX_KEY_CHARS
+    (etcd allows 1.5 MB) by its start and a digest, so status and memory stay small."""
+    if len(key) <= MAX_KEY_CHARS:
+        return key
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{key[:200]}…sha256:{digest}"
+
 # Kept (and logged) at most this many: a flood of bad keys must not grow memory or status.
 MAX_REJECTED = 1000
 
@@ -121,9 +131,10 @@ class RejectedRecords:
         over MAX_RECORD_BYTES is dropped unparsed. Whatever a record holds, nothing but
         that record's error comes out: the row types too are what something else wrote
         (SQLite keeps any type in any column)."""
-        key = record_key(key)
+        text = record_key(key)
+        key = _shown(text)
         try:
-            lease = parse_record(key, value, expiration)
+            lease = parse_record(text, value, expiration)
         except Exception as exc:  # anything a record makes the parsing raise is its own
             reason = str(exc) if isinstance(exc, LeaseFormatError) else (
                 f"lease record {key[:200]!r} does not parse: {type(exc).__name__}: "
@@ -137,7 +148,7 @@ class RejectedRecords:
         return lease
 
     def deleted(self, key: object) -> None:
-        self.by_key.pop(record_key(key), None)
+        self.by_key.pop(_shown(record_key(key)), None)
 
     def replace(self, other: RejectedRecords) -> None:
         """A full listing replaces what the watch collected."""
