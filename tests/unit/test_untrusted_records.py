@@ -192,7 +192,7 @@ def test_arbitrary_json_is_a_lease_or_that_records_error(
                           float)
 
 
-SQL_VALUE = (st.none() | st.integers() | st.floats() | st.text(max_size=60)
+SQL_VALUE = (st.none() | st.integers(-2**63, 2**63 - 1) | st.floats() | st.text(max_size=60)
              | st.binary(max_size=60) | RECORDS.map(json.dumps))
 
 
