@@ -11,6 +11,8 @@ import ipaddress
 import json
 import math
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -237,3 +239,34 @@ def test_the_sqlite_store_lists_any_rows_as_leases_and_errors(
     leases, _ = asyncio.run(store.list_leases())
     for lease in leases:
         survives_the_validator(lease)
+
+
+def test_the_one_shot_commands_answer_with_any_record_in_the_store(tmp_path: Path) -> None:
+    """`weft status --json` and `weft config show` read the store: with a config and
+    records nested 5,000 deep in it, they answer (the records are skipped, the config is
+    printed as it is), no traceback."""
+    url = f"sqlite://{tmp_path / 'store.db'}"
+
+    def weft(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "weft", *args, "--store", url],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    good = Lease(ipaddress.ip_network("198.19.2.0/24"), ipaddress.ip_address("198.18.0.2"),
+                 "vxlan", {"VNI": 1, "VtepMAC": "02:00:00:00:00:02"})
+    store = SqliteLeaseStore(tmp_path / "store.db")
+    asyncio.run(store.put_config('{"Network": ' + nested(5000) + "}"))
+    asyncio.run(store.create_lease(good, 3600))
+    asyncio.run(store.close())
+    db = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+    for i, value in enumerate([record(None).replace("null", nested(990)),
+                               record(None).replace("null", nested_objects(5000)), 7]):
+        db.execute("INSERT INTO leases (key, value, public_ip, expiration) VALUES "
+                   "(?, ?, NULL, 4e9)", (f"subnets/198.19.{10 + i}.0-24", value))
+    db.close()
+    status = weft("status", "--json", "--state-dir", str(tmp_path / "none"))
+    assert status.returncode == 0, status.stderr
+    assert [x["subnet"] for x in json.loads(status.stdout)["leases"]] == ["198.19.2.0/24"]
+    shown = weft("config", "show")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith('{"Network": [[[')
+    assert "Traceback" not in status.stderr + shown.stderr
