@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from weft.core.config import IPNetwork
-from weft.core.errors import WeftError
-from weft.host.files import write_atomic
+from weft.core.errors import PermissionProblem, WeftError
+from weft.host.files import private_dir, write_atomic
 from weft.host.forward_accept import ensure_forward_accept
 from weft.host.masquerade import ensure_masquerade
 from weft.host.untrack import Untrack
@@ -43,8 +43,9 @@ def converge_host_state(want: HostState) -> dict[str, str]:
         log.warning("host state repaired", extra={"part": part, "action": action})
 
     try:
-        if not want.state_dir.is_dir():
-            want.state_dir.mkdir(parents=True, mode=0o700)
+        if want.state_dir.is_symlink() or not want.state_dir.is_dir():
+            # Made root's again, or refused (a symlink put in its place): weft.host.files.
+            private_dir(want.state_dir, "state directory (--state-dir)")
             step("state_dir", f"recreated {want.state_dir}")
         rendered = want.env.render().encode()
         try:
@@ -55,6 +56,8 @@ def converge_host_state(want: HostState) -> dict[str, str]:
             write_atomic(want.subnet_file, rendered)
             if current is None:
                 step("subnet_env", f"rewrote {want.subnet_file}")
+    except PermissionProblem as exc:
+        errors["files"] = str(exc)
     except OSError as exc:
         errors["files"] = f"{exc.filename}: {exc.strerror}"
     try:
