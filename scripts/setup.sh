@@ -8,6 +8,7 @@ packages=(
   etcd-server etcd-client qperf iperf3
   wireguard-go wireguard-tools containernetworking-plugins
   clang llvm libbpf-dev bpftool
+  systemd  # systemd-analyze: the tests verify the shipped units
   python3 python3-venv
 )
 # --runtimes (scripts/test.sh): the real container runtimes the namespace tests drive.
@@ -47,4 +48,5 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e '.[test]'
+# weft (the product, with its test tools) and the lab (testbed, demo, bench) beside it.
+.venv/bin/pip install -q -e '.[test]' -e ./lab

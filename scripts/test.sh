@@ -3,8 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --runtimes  # + docker.io, podman, busybox-static
-.venv/bin/ruff check src tests
-.venv/bin/mypy src tests
+.venv/bin/ruff check src lab/src tests
+.venv/bin/mypy src lab/src tests
 # Remove what a crashed earlier run may have left (runs still in progress are kept).
 .venv/bin/weft testbed down >/dev/null
 .venv/bin/pytest -q "$@"

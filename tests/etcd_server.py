@@ -1,11 +1,11 @@
 """Real etcd servers for tests, on free loopback ports with temporary data.
 
-    with etcd_cluster(members=3) as cluster:     # weft.lab.etcd_local.LocalEtcd
+    with etcd_cluster(members=3) as cluster:     # weft_lab.etcd_local.LocalEtcd
         cluster.url                              # "etcd://127.0.0.1:P1,..."
         cluster.kill(1); cluster.restart(1)      # a member crashes and comes back
         cluster.etcdctl("put", key, value)       # the real etcdctl
 
-There is one etcd launcher in weft (`weft.lab.etcd_local`, also behind `weft demo --store
+There is one etcd launcher in weft (`weft_lab.etcd_local`, also behind `weft demo --store
 etcd`); this module adds what tests need around it: the skip when the server binary is
 missing, and a prefix per test so tests can share one server without seeing each other.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from weft.lab.etcd_local import ETCD_BINARY, ETCDCTL_BINARY, EtcdTls, LocalEtcd
+from weft_lab.etcd_local import ETCD_BINARY, ETCDCTL_BINARY, EtcdTls, LocalEtcd
 
 ETCD_MISSING_REASON = (
     f"needs the etcd server ({ETCD_BINARY}, Debian package etcd-server) and "

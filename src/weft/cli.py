@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import inspect
 import sys
 import time
@@ -181,6 +182,19 @@ def _using_store(store: LeaseStore, op: Callable[[LeaseStore], Awaitable[T]]) ->
 def _fail(exc: Exception) -> typer.Exit:
     err.print(f"[bold red]error:[/] {exc}", highlight=False)
     return typer.Exit(1)
+
+
+def _need_lab() -> None:
+    """demo, bench and testbed live in the lab (`weft_lab`), a distribution of its own that
+    an agent host does not install: without it, say how to get it instead of a traceback."""
+    try:
+        importlib.import_module("weft_lab")
+    except ModuleNotFoundError as exc:
+        if exc.name != "weft_lab":
+            raise
+        err.print("[bold red]error:[/] the lab is not installed: pip install ./lab (from "
+                  "weft's source tree) for weft demo, bench and testbed", highlight=False)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -394,7 +408,8 @@ def demo(
                                               "docker containers or podman ones")] = "netns",
 ) -> None:
     """Build hosts and containers in namespaces, show leases and full connectivity."""
-    from weft.lab.demo import run_demo
+    _need_lab()
+    from weft_lab.demo import run_demo
 
     try:
         ok = run_demo(backend=backend, store=store, hosts=hosts, containers=containers,
@@ -422,10 +437,11 @@ def bench(
                                               "(or podman) containers")] = "netns",
 ) -> None:
     """qperf tcp_bw/tcp_lat: native vs each backend, container to container, on 2 hosts."""
+    _need_lab()
     if ctx.invoked_subcommand is not None:
         return
-    from weft.lab.bench.report import render_table, write_chart, write_json
-    from weft.lab.bench.runner import BenchOptions, parse_backends, run_bench
+    from weft_lab.bench.report import render_table, write_chart, write_json
+    from weft_lab.bench.runner import BenchOptions, parse_backends, run_bench
 
     try:
         opts = BenchOptions(parse_backends(backends), rate, secs, reps, attach, runtime)
@@ -452,9 +468,9 @@ def bench_scale(
                                                                  "(- for stdout)")] = None,
 ) -> None:
     """Control plane at scale: join, event -> kernel, CPU, RSS, store requests, start storm."""
-    from weft.lab.bench.report import write_json_data
-    from weft.lab.bench.scale import ScaleOptions, parse_stores, run_scale
-    from weft.lab.bench.scale_report import render_scale_table
+    from weft_lab.bench.report import write_json_data
+    from weft_lab.bench.scale import ScaleOptions, parse_stores, run_scale
+    from weft_lab.bench.scale_report import render_scale_table
 
     try:
         opts = ScaleOptions(leases, agents, parse_stores(stores), events, storm)
@@ -497,10 +513,51 @@ def docker_opts(
         raise _fail(exc) from None
 
 
+@app.command()
+def units(
+    directory: Annotated[Path, typer.Option("--dir", help="where systemd reads units")] = Path(
+        "/etc/systemd/system"),
+    weft_path: Annotated[str | None, typer.Option("--weft", help="the weft executable the "
+                                                  "units run (default: this one)")] = None,
+    dockerd: Annotated[str | None, typer.Option(help="dockerd's path (default: the one on "
+                                                "PATH, else /usr/bin/dockerd)")] = None,
+    docker: Annotated[bool, typer.Option(help="also write docker.service.d/weft.conf (dockerd "
+                                              "on weft's subnet)")] = True,
+) -> None:
+    """Write the agent's systemd unit (weft.service) and docker's drop-in."""
+    import os
+    import shutil
+    import sysconfig
+
+    from weft.integrations.systemd.units import render_units, write_units
+
+    try:
+        if weft_path is None:
+            # where pip put this install's console scripts (a venv's bin, /usr/local/bin)
+            here = Path(sysconfig.get_path("scripts")) / "weft"
+            weft_path = str(here) if here.is_file() else shutil.which("weft")
+            if weft_path is None:
+                raise UsageError("cannot find the weft executable: give its path with --weft")
+        if dockerd is None:
+            search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin"])
+            dockerd = shutil.which("dockerd", path=search) or "/usr/bin/dockerd"
+        written = write_units(directory, render_units(weft_path, dockerd, docker=docker))
+    except OSError as exc:
+        raise _fail(UsageError(f"cannot write units in {directory}: {exc}")) from None
+    except WeftError as exc:
+        raise _fail(exc) from None
+    for path in written:
+        out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    out.print("then: systemctl daemon-reload && systemctl enable --now weft"
+              + (" && systemctl restart docker" if docker else ""), highlight=False,
+              soft_wrap=True)
+
+
 @testbed_app.command("down")
 def testbed_down() -> None:
     """Remove every namespace, process and file a testbed run left behind."""
-    from weft.lab.testbed import remove_leftovers
+    _need_lab()
+    from weft_lab.testbed import remove_leftovers
 
     removed = remove_leftovers()
     out.print(f"removed {len(removed)} leftover namespace(s)"

@@ -16,7 +16,7 @@ from test_ingress import heard_during
 
 from forged import PACKETS
 from weft.core.constants import AUTO_RULE_PRIORITY, AUTO_TABLES
-from weft.lab.testbed import Host, Testbed, netns_exec, sh
+from weft_lab.testbed import Host, Testbed, netns_exec, sh
 
 pytestmark = pytest.mark.netns
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from weft.lab.bench.cpu import CLK_TCK, CpuMeter
-from weft.lab.bench.qperf import qperf_server, run_qperf
-from weft.lab.bench.stats import (
+from weft_lab.bench.cpu import CLK_TCK, CpuMeter
+from weft_lab.bench.qperf import qperf_server, run_qperf
+from weft_lab.bench.stats import (
     BenchError,
 )
-from weft.lab.testbed import RUNS_DIR, list_netns
+from weft_lab.testbed import RUNS_DIR, list_netns
 
 
 def weft(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -136,7 +136,7 @@ def test_cpu_meter_counts_a_busy_process_in_the_namespace(scratch_netns: str) ->
 
 @pytest.mark.netns
 def test_pinned_testbed_agents_and_their_threads_stay_on_their_host_cpu() -> None:
-    from weft.lab.testbed import Testbed
+    from weft_lab.testbed import Testbed
 
     config = json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": "udp"}})
     with Testbed(hosts=2, containers_per_host=0, config=config, agent_cpus=(0,),

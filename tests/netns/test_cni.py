@@ -25,7 +25,7 @@ from weft.integrations.cni.runtime import (
     cni_version,
 )
 from weft.integrations.cni.spec import CniError, ErrorCode
-from weft.lab.testbed import NETNS_PREFIX, RUNS_DIR, Testbed, remove_run
+from weft_lab.testbed import NETNS_PREFIX, RUNS_DIR, Testbed, remove_run
 
 pytestmark = pytest.mark.netns
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from weft.lab.testbed import Host, Testbed
+from weft_lab.testbed import Host, Testbed
 
 pytestmark = pytest.mark.netns
 

@@ -21,9 +21,9 @@ import pytest
 
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft.integrations.subnet_env import read_subnet_env
-from weft.lab.runtimes.cleanup import NETNS_LEDGER
-from weft.lab.runtimes.docker import DockerRuntime
-from weft.lab.testbed import RUNS_DIR, Container, Host, Testbed, list_netns
+from weft_lab.runtimes.cleanup import NETNS_LEDGER
+from weft_lab.runtimes.docker import DockerRuntime
+from weft_lab.testbed import RUNS_DIR, Container, Host, Testbed, list_netns
 
 pytestmark = [
     pytest.mark.netns,
@@ -172,7 +172,7 @@ def test_dockerd_started_before_the_agent_drop_policy(docker_bed: Testbed) -> No
 
 CRASHING_RUN = """
 import sys, time
-from weft.lab.testbed import Testbed
+from weft_lab.testbed import Testbed
 tb = Testbed(hosts=1, containers_per_host=1, runtime=sys.argv[1], log_level="info")
 tb.build()
 tb.start()

@@ -37,9 +37,9 @@ from weft.core.constants import DEFAULT_ETCD_PREFIX
 from weft.core.errors import StoreUnavailable, WatchCompacted
 from weft.core.events import LeaseEvent
 from weft.core.lease import Lease
-from weft.lab.etcd_local import LocalEtcd, free_loopback_port
-from weft.lab.testbed import Testbed, netns_exec, sh
 from weft.store.etcd import EtcdLeaseStore
+from weft_lab.etcd_local import LocalEtcd, free_loopback_port
+from weft_lab.testbed import Testbed, netns_exec, sh
 
 pytestmark = [
     pytest.mark.etcd,

@@ -25,10 +25,10 @@ import bounded
 from etcd_server import ROOT_USER, enable_auth, etcd_cluster, make_tls, requires_etcd
 from weft.core.errors import StoreError, StoreUnavailable, UsageError
 from weft.core.lease import Lease
-from weft.lab.etcd_local import EtcdTls, LocalEtcd
-from weft.lab.testbed import RUNS_DIR, list_netns
 from weft.store import open_store
 from weft.store.etcd import Endpoint, EtcdLeaseStore, parse_etcd_url
+from weft_lab.etcd_local import EtcdTls, LocalEtcd
+from weft_lab.testbed import RUNS_DIR, list_netns
 
 
 def run(coro: Awaitable[Any]) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from test_mesh import source_seen
 
-from weft.lab.testbed import Host, Testbed
+from weft_lab.testbed import Host, Testbed
 
 pytestmark = [
     pytest.mark.netns,

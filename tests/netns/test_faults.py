@@ -27,7 +27,7 @@ import pytest
 
 from weft.core.constants import CNI_BRIDGE, NFT_TABLE, UDP_DEVICE, WIREGUARD_DEVICE
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
-from weft.lab.testbed import Container, Host, Testbed, netns_exec
+from weft_lab.testbed import Container, Host, Testbed, netns_exec
 
 pytestmark = pytest.mark.netns
 

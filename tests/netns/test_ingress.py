@@ -19,7 +19,7 @@ from forged import LISTENER, PACKETS
 from weft.core.config import parse_config
 from weft.core.lease import Lease
 from weft.host.ingress_rules import INGRESS_TABLE, ingress_plan, ingress_ruleset
-from weft.lab.testbed import Container, Host, Testbed
+from weft_lab.testbed import Container, Host, Testbed
 
 pytestmark = pytest.mark.netns
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
-from weft.lab.testbed import RUNS_DIR, Testbed, list_netns
+from weft_lab.testbed import RUNS_DIR, Testbed, list_netns
 
 pytestmark = pytest.mark.netns
 

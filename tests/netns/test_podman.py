@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from weft.lab.runtimes.podman import PodmanRuntime
-from weft.lab.testbed import Container, Testbed
+from weft_lab.runtimes.podman import PodmanRuntime
+from weft_lab.testbed import Container, Testbed
 
 pytestmark = [
     pytest.mark.netns,

@@ -22,8 +22,8 @@ import pytest
 
 from etcd_server import ETCD_AVAILABLE, ETCD_MISSING_REASON
 from weft.core.constants import DEFAULT_ETCD_PREFIX, ROUTE_PROTOCOL
-from weft.lab.etcd_local import ETCDCTL_BINARY
-from weft.lab.testbed import Testbed, netns_exec
+from weft_lab.etcd_local import ETCDCTL_BINARY
+from weft_lab.testbed import Testbed, netns_exec
 
 pytestmark = pytest.mark.netns
 

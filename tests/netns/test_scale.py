@@ -12,8 +12,8 @@ from collections.abc import Callable
 import pytest
 
 from weft.core.lease import Lease
-from weft.lab.testbed import Testbed
 from weft.store.sqlite import SqliteLeaseStore
+from weft_lab.testbed import Testbed
 
 pytestmark = pytest.mark.netns
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_bench import _ours_left
 
-from weft.lab.testbed import list_netns
+from weft_lab.testbed import list_netns
 
 pytestmark = pytest.mark.netns
 

@@ -32,10 +32,10 @@ from weft.core.config import IPNetwork, parse_config
 from weft.core.errors import LeaseNotFound, NetworkFull, WatchCompacted
 from weft.core.events import EventKind, LeaseEvent
 from weft.core.lease import Lease
-from weft.lab.etcd_local import LocalEtcd
 from weft.store.base import LeaseStore
 from weft.store.etcd import EtcdLeaseStore
 from weft.store.sqlite import SqliteLeaseStore
+from weft_lab.etcd_local import LocalEtcd
 
 NET = ipaddress.ip_network
 

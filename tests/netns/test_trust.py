@@ -19,7 +19,7 @@ import pytest
 from forged import LISTENER, PACKETS
 from weft.core.config import parse_config
 from weft.host.fastpath import object_path
-from weft.lab.testbed import Container, Host, Testbed
+from weft_lab.testbed import Container, Host, Testbed
 
 pytestmark = pytest.mark.netns
 

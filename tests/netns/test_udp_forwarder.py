@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from forged import LISTENER, PACKETS
-from weft.lab.testbed import Host, Testbed
+from weft_lab.testbed import Host, Testbed
 
 pytestmark = pytest.mark.netns
 
@@ -208,10 +208,11 @@ def test_restart_keeps_the_device_and_route_and_traffic_resumes() -> None:
 # Opens a forwarder on a fresh TUN device, brings it up (or not), and times close().
 CLOSE_PROMPTLY = textwrap.dedent("""
     import ipaddress, subprocess, sys, time
-    from weft.backends.udp.forwarder import Forwarder, delete_tun
+    from weft.backends.udp.apply import open_forwarder
+    from weft.backends.udp.tun import delete_tun
     dev = sys.argv[1]
-    fwd = Forwarder(dev, ipaddress.ip_address(sys.argv[2]), 8399, 1500, 4, 24)
-    fwd.open(); fwd.start()
+    fwd = open_forwarder(dev, ipaddress.ip_address(sys.argv[2]), 8399, 1500, 4, 24)
+    fwd.start()
     subprocess.run(["ip", "link", "set", dev, "up"], check=True)
     time.sleep(0.2)
     started = time.monotonic()

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from weft.lab.testbed import Testbed
+from weft_lab.testbed import Testbed
 
 pytestmark = pytest.mark.netns
 

@@ -25,7 +25,7 @@ from weft.backends.wireguard.keys import PrivateKey
 from weft.backends.wireguard.plan import DeviceChange, PeerConfig
 from weft.backends.wireguard.uapi import UapiDevice
 from weft.core.constants import WIREGUARD_DEVICE
-from weft.lab.testbed import Container, Host, Testbed
+from weft_lab.testbed import Container, Host, Testbed
 
 pytestmark = [
     pytest.mark.netns,

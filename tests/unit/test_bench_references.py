@@ -6,8 +6,8 @@ import ipaddress
 from pathlib import Path
 
 from weft.host.fastpath import attach_argv, compile_args
-from weft.lab.bench.references import REFERENCES
-from weft.lab.bench.runner import available_backends
+from weft_lab.bench.references import REFERENCES
+from weft_lab.bench.runner import available_backends
 
 
 def test_each_default_reference_sits_just_before_its_backend() -> None:

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from weft.core.errors import UsageError
-from weft.lab.bench.qperf import parse_qperf
-from weft.lab.bench.report import render_table, write_chart, write_json
-from weft.lab.bench.stats import (
+from weft_lab.bench.qperf import parse_qperf
+from weft_lab.bench.report import render_table, write_chart, write_json
+from weft_lab.bench.stats import (
     NATIVE,
     BenchError,
     BenchReport,

@@ -1,1 +1,1 @@
-"""The `udp` backend's data plane: wire codec, peer table, forwarder."""
+"""The `udp` backend's data plane: wire codec, peer table, TUN device, socket, forwarder."""

@@ -5,6 +5,8 @@ persistent TUN device `weft.udp0` carrying this host's subnet network address (/
 one route for the whole cluster Network through it.  Which peer gets a packet is decided
 by the forwarder's peer table (weft.backends.udp.plan), swapped atomically on every reconcile.
 Speed comes from batching (TUN TSO + UDP GSO/GRO), see weft.backends.udp.forwarder.
+`open_forwarder` is the wiring: it opens the device (tun) and the socket (bind) and hands
+them to the forwarder, which opens nothing itself.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import Any
 from weft.backends.base import ReconcileResult, converge
 from weft.backends.registry import overlay_mtu
 from weft.backends.udp import plan
-from weft.backends.udp.forwarder import Forwarder, delete_tun
+from weft.backends.udp.bind import open_bind
+from weft.backends.udp.forwarder import Forwarder
 from weft.backends.udp.options import UdpOptions
-from weft.core.config import NetworkConfig
+from weft.backends.udp.tun import delete_tun, open_device
+from weft.core.config import IPAddress, NetworkConfig
 from weft.core.constants import UDP_DEVICE
 from weft.core.dataplane import Route
 from weft.core.errors import KernelError
@@ -47,7 +51,7 @@ class UdpBackend:
 
     def prepare(self) -> Mapping[str, Any]:
         if self.forwarder is None:
-            forwarder = Forwarder(
+            forwarder = open_forwarder(
                 UDP_DEVICE,
                 self.host.public_ip,
                 self.options.port,
@@ -56,7 +60,6 @@ class UdpBackend:
                 self.config.length,
                 offloads=self.options.offloads,
             )
-            forwarder.open()
             forwarder.start()
             self.forwarder = forwarder
         return {"Port": self.options.port}
@@ -142,6 +145,27 @@ class UdpBackend:
                     if route.ifindex == link.index:
                         nl.delete_route(route)
         delete_tun(UDP_DEVICE)
+
+
+def open_forwarder(device: str, bind_ip: IPAddress, port: int, underlay_mtu: int,
+                   network_version: int, subnet_len: int, offloads: bool = True) -> Forwarder:
+    """Create/attach TUN device `device`, bind the socket, and hand both to a forwarder
+    (not started yet); `offloads=False` asks for none on either."""
+    tun = open_device(device, offloads)
+    try:
+        bind = open_bind(bind_ip, port, offloads)
+    except BaseException:
+        tun.close()
+        raise
+    try:
+        forwarder = Forwarder(tun, bind, underlay_mtu, network_version, subnet_len)
+    except BaseException:
+        tun.close()
+        bind.close()
+        raise
+    for note in forwarder.in_force.notes:
+        log.warning("udp offload fallback", extra={"detail": note})
+    return forwarder
 
 
 def _disable_ipv6(device: str) -> None:

@@ -1,24 +1,29 @@
-"""The `udp` backend's I/O edge: a TUN device, a UDP socket and two threads moving batches.
+"""The `udp` backend's loops: two threads moving batches between a TUN device and a socket.
 
     TUN --readv 1 stream into chunk slots--> write_headers --1 sendmsg, UDP_SEGMENT--> peer
     TUN <--1 writev (vnet hdr + payload views)-- Reassembler <--1 recvmsg, UDP_GRO-- peer
 
+The device and the socket are handed in (wireguard-go's `NewDevice(tun.Device,
+conn.Bind, ...)`): `weft.backends.udp.apply` opens them (weft.backends.udp.tun,
+weft.backends.udp.bind) and the forwarder owns them from then on; a test hands it a
+socketpair for the device.  The loops see the device as an fd (one stream per read, one
+per write) and the bind as a socket object, so nothing stands between them and the
+system calls.
+
 Each direction has a dedicated thread blocked in its read system call, not an event
 loop: a packet costs one wake-up and one system call to fetch it (a poll/EAGAIN pattern
 cost ~10 µs more per round trip, measured), and the Python work of one direction runs
-while the other direction's system calls have dropped the GIL.  To stop, `close()` shuts
-the socket's receive side and sends one broadcast out of the TUN device: that wakes both.
+while the other direction's system calls have dropped the GIL.  To stop, `close()` wakes
+both: the bind's receive side is shut, the device sends itself one packet.
 
-All per-packet parsing lives in the pure `weft.backends.udp.codec`; this module holds fds,
-threads, counters and the fallbacks for offloads the kernel refuses.  Nothing from the
+All per-packet parsing lives in the pure `weft.backends.udp.codec`; this module holds
+threads, counters and the fallback for a GSO send the kernel refuses.  Nothing from the
 wire may raise out of a thread: every datagram is delivered or dropped and counted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import logging
 import os
 import socket
@@ -26,8 +31,16 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
+from weft.backends.udp.bind import (
+    IP_UDP_HEADERS,
+    MAX_GSO_SEGMENTS,
+    MAX_UDP_PAYLOAD,
+    SOL_UDP,
+    UDP_GRO,
+    UDP_SEGMENT,
+)
 from weft.backends.udp.codec import (
     HEADER_SIZE,
     MAX_STREAM,
@@ -43,54 +56,10 @@ from weft.backends.udp.codec import (
 from weft.backends.udp.plan import Endpoint, PeerTable
 from weft.core.config import IPAddress
 from weft.core.constants import VNET_HEADER
-from weft.core.errors import (
-    KernelError,
-    KernelFeatureMissing,
-    PermissionProblem,
-    RemoteProtocolError,
-)
+from weft.core.errors import RemoteProtocolError
 
 log = logging.getLogger("weft.backends.udp")
 
-# --- linux/if_tun.h -----------------------------------------------------------------------
-TUNSETIFF: Final = 0x400454CA
-TUNSETPERSIST: Final = 0x400454CB
-TUNSETOFFLOAD: Final = 0x400454D0
-TUNSETVNETHDRSZ: Final = 0x400454D8
-IFF_TUN: Final = 0x0001
-IFF_NO_PI: Final = 0x1000
-IFF_VNET_HDR: Final = 0x4000
-TUN_F_CSUM: Final = 0x01
-TUN_F_TSO4: Final = 0x02
-TUN_F_TSO6: Final = 0x04
-# --- linux/udp.h ----------------------------------------------------------------------------
-SOL_UDP: Final = 17
-UDP_SEGMENT: Final = 103
-UDP_GRO: Final = 104
-# --- socket options the socket module does not name on every build ----------------------
-SO_SNDBUFFORCE: Final = 32
-SO_RCVBUFFORCE: Final = 33
-IP_MTU_DISCOVER: Final = 10
-IPV6_MTU_DISCOVER: Final = 23
-IP_PMTUDISC_DO: Final = 2  # set DF, follow the learned path MTU
-IP_PMTUDISC_PROBE: Final = 3  # set DF, ignore learned path MTU: never fragment, never shrink
-
-
-def set_path_mtu_discovery(sock: socket.socket, family: int, mode: int) -> None:
-    """IP_MTU_DISCOVER (or its IPv6 twin) on `sock`: how the kernel treats DF."""
-    if family == socket.AF_INET:
-        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, mode)
-    else:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, mode)
-# The kernel's limit on segments per GSO send (UDP_MAX_SEGMENTS; 64 on older kernels).
-MAX_GSO_SEGMENTS: Final = 64
-# Largest UDP payload of one send: 64 KiB minus the UDP and (for IPv4) IP headers.  A
-# 64 KiB super-packet plus its chunk headers exceeds it and takes two sends.  Capping the
-# TUN's gso_max_size instead would avoid that, but then the kernel segments forwarded
-# container traffic in software before the TUN: measured 10x slower.
-MAX_UDP_PAYLOAD: Final = {4: 0xFFFF - 8 - 20, 6: 0xFFFF - 8}
-IP_UDP_HEADERS: Final = {4: 20 + 8, 6: 40 + 8}
-SOCKET_BUFFER: Final = 8 << 20
 RECV_SIZE: Final = 0x10000
 _CMSG_SPACE: Final = socket.CMSG_SPACE(4)
 _U16: Final = struct.Struct("=H")
@@ -102,6 +71,46 @@ _MSG_TRUNC: Final = int(socket.MSG_TRUNC)
 # destination read in one C call (an IPv6 header reads its destination separately).
 _IP: Final = HEADER_SIZE + VNET_HEADER
 _V4_DESTINATION: Final = struct.Struct("!B15xI")
+
+
+class Device(Protocol):
+    """What the loops need of a TUN device (`weft.backends.udp.tun.TunDevice`): one read
+    of `fd` returns one stream (virtio-net header + IP packet), one write or writev takes
+    one; the offloads it has; `wake` makes a read blocked on `fd` return."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def fd(self) -> int: ...
+    @property
+    def csum(self) -> bool: ...
+    @property
+    def tso(self) -> bool: ...
+    @property
+    def notes(self) -> list[str]: ...
+    def wake(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Bind(Protocol):
+    """What the loops need of the underlay socket (`weft.backends.udp.bind.UdpBind`): the
+    bound socket, its address, the UDP offloads it has; `wake` makes a recvmsg blocked on
+    it return."""
+
+    @property
+    def sock(self) -> socket.socket: ...
+    @property
+    def ip(self) -> IPAddress: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def gso(self) -> bool: ...
+    @property
+    def gro(self) -> bool: ...
+    @property
+    def notes(self) -> list[str]: ...
+    def wake(self) -> None: ...
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -154,144 +163,28 @@ class Counters:
         }
 
 
-def _ifreq(name: str, flags: int) -> bytes:
-    return struct.pack("16sH22x", name.encode(), flags)
-
-
-def _os_error(exc: OSError, what: str) -> Exception:
-    if exc.errno in (errno.EPERM, errno.EACCES):
-        return PermissionProblem(f"{what}: permission denied; run as root (CAP_NET_ADMIN)")
-    if exc.errno in (errno.ENOENT, errno.ENODEV, errno.ENOTTY):
-        return KernelFeatureMissing(f"{what}: the kernel lacks TUN support ({exc})")
-    return KernelError(f"{what}: {exc}")
-
-
-def open_tun(name: str) -> int:
-    """Create (or re-attach to) persistent TUN device `name` with a virtio-net header.
-
-    Persistent: the device and its routes outlive this process, so restarting the agent
-    does not tear down routes (traffic pauses until the new process attaches)."""
-    if len(name.encode()) > 15:
-        raise KernelError(f"device name {name!r} is longer than 15 bytes")
-    try:
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise _os_error(exc, "open /dev/net/tun") from None
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR))
-        fcntl.ioctl(fd, TUNSETVNETHDRSZ, _INT.pack(VNET_HEADER))
-        fcntl.ioctl(fd, TUNSETPERSIST, 1)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno == errno.EBUSY:
-            raise KernelError(
-                f"TUN device {name} is held by another process; is another weft agent "
-                "running on this host? Stop it first"
-            ) from None
-        if exc.errno == errno.EINVAL:
-            raise KernelError(
-                f"TUN device {name}: exists with other flags ({exc}); delete it "
-                f"(ip link del {name}) and retry"
-            ) from None
-        raise _os_error(exc, f"set up TUN device {name}") from None
-    return fd
-
-
-def delete_tun(name: str) -> None:
-    """Remove persistent TUN device `name` if it exists (attach, unset persist, close)."""
-    try:
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise _os_error(exc, "open /dev/net/tun") from None
-    try:
-        # Attach (or, if it is gone, create) and drop persistence: close() then removes it.
-        fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR))
-        fcntl.ioctl(fd, TUNSETPERSIST, 0)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise _os_error(exc, f"delete TUN device {name}") from None
-    finally:
-        os.close(fd)
-
-
-def set_tun_offloads(fd: int, offloads: bool, in_force: Offloads) -> None:
-    """Ask for checksum + TSO super-packets; fall back step by step to none."""
-    if not offloads:
-        fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
-        in_force.notes.append("offloads disabled by the Offloads option")
-        return
-    for flags, csum, tso in (
-        (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6, True, True),
-        (TUN_F_CSUM, True, False),
-        (0, False, False),
-    ):
-        try:
-            fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
-        except OSError as exc:
-            in_force.notes.append(f"TUNSETOFFLOAD {flags:#x} refused: {exc.strerror}")
-            continue
-        in_force.tun_csum, in_force.tun_tso = csum, tso
-        return
-
-
-def open_udp_socket(
-    bind_ip: IPAddress, port: int, offloads: bool, in_force: Offloads
-) -> socket.socket:
-    family = socket.AF_INET if bind_ip.version == 4 else socket.AF_INET6
-    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    try:
-        for force, plain in (
-            (SO_RCVBUFFORCE, socket.SO_RCVBUF),
-            (SO_SNDBUFFORCE, socket.SO_SNDBUF),
-        ):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
-        # Never let the kernel IP-fragment a datagram: a too-big send fails loudly instead.
-        set_path_mtu_discovery(sock, family, IP_PMTUDISC_PROBE)
-        sock.bind((str(bind_ip), port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise KernelError(
-                f"UDP port {port} on {bind_ip} is in use; stop the other user or set Backend.Port"
-            ) from None
-        raise KernelError(f"open UDP socket {bind_ip}:{port}: {exc}") from None
-    if offloads:
-        try:
-            sock.setsockopt(SOL_UDP, UDP_SEGMENT, 0)  # probe only: segment size is per send
-            in_force.udp_gso = True
-        except OSError as exc:
-            in_force.notes.append(f"UDP_SEGMENT refused: {exc.strerror}")
-        try:
-            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-            in_force.udp_gro = True
-        except OSError as exc:
-            in_force.notes.append(f"UDP_GRO refused: {exc.strerror}")
-    return sock
-
-
 class Forwarder:
-    """Moves packets between the TUN device and peers; `peers` is swapped atomically."""
+    """Moves packets between a TUN device and peers; `peers` is swapped atomically.
+
+    `device` and `bind` are handed in open and belong to the forwarder from then on:
+    `close()` closes both."""
 
     def __init__(
         self,
-        device: str,
-        bind_ip: IPAddress,
-        port: int,
+        device: Device,
+        bind: Bind,
         underlay_mtu: int,
         network_version: int,
         subnet_len: int,
-        offloads: bool = True,
     ) -> None:
         self.device = device
-        self.bind_ip = bind_ip
-        self.port = port
-        self.in_force = Offloads()
+        self.bind = bind
+        # The offloads this forwarder uses: what the device and the socket were granted,
+        # until a refused GSO send turns udp_gso off here for good.
+        self.in_force = Offloads(device.csum, device.tso, bind.gso, bind.gro,
+                                 [*device.notes, *bind.notes])
         self.tx = Counters()
         self.rx = Counters()
-        self._offloads = offloads
         self._underlay_mtu = underlay_mtu
         self._peers = PeerTable(network_version, subnet_len)
         # Keyed by (ip, port): chunks of one member never splice with another sender's.
@@ -299,33 +192,17 @@ class Forwarder:
         # Senders whose reassembler holds an incomplete stream: almost always empty, so
         # the receive fast path tests it with one truth test, not a lookup.
         self._pending: set[Endpoint] = set()
-        self._tun = -1
-        self._sock: socket.socket | None = None
+        self._tun = device.fd
+        self._sock: socket.socket | None = bind.sock
         self._stopping = False
         self._threads: list[threading.Thread] = []
-        self._chunker: Chunker | None = None
+        self._chunker = self._make_chunker()
         self._segment_cmsg: dict[int, list[tuple[int, int, bytes]]] = {}
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Create/attach the TUN device and bind the socket; nothing runs yet."""
-        self._tun = open_tun(self.device)
-        try:
-            set_tun_offloads(self._tun, self._offloads, self.in_force)
-            self._sock = open_udp_socket(
-                self.bind_ip, self.port, self._offloads, self.in_force
-            )
-        except BaseException:
-            os.close(self._tun)
-            self._tun = -1
-            raise
-        self._chunker = self._make_chunker()
-        for note in self.in_force.notes:
-            log.warning("udp offload fallback", extra={"detail": note})
-
     def _make_chunker(self) -> Chunker:
-        version = self.bind_ip.version
+        version = self.bind.ip.version
         return Chunker(
             datagram_size=self._underlay_mtu - IP_UDP_HEADERS[version],
             max_segments=MAX_GSO_SEGMENTS if self.in_force.udp_gso else 1,
@@ -334,7 +211,7 @@ class Forwarder:
 
     def start(self) -> None:
         if self._sock is None:
-            raise RuntimeError("Forwarder.start() before open()")
+            raise RuntimeError("Forwarder.start() after close()")
         self._stopping = False
         # One thread per direction, each blocked in the kernel until its fd is readable:
         # measured against one thread for both ways (no better) and against busy-polling
@@ -349,37 +226,23 @@ class Forwarder:
             thread.start()
 
     def close(self) -> None:
-        """Stop both threads and close the fds; the persistent TUN device stays."""
+        """Stop both threads and close the device's fd and the socket; a persistent TUN
+        device stays."""
         self._stopping = True
         if self._sock is not None:
-            # Shutting the receive side wakes a blocked recvmsg (it returns empty at once);
-            # the kernel reports ENOTCONN for an unconnected socket but does it anyway.
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RD)
+            self.bind.wake()  # the RX thread's blocked recvmsg returns at once
         if self._threads:
-            self._wake_tun_reader()
+            self.device.wake()  # the TX thread's blocked read returns, sees `_stopping`
         for thread in self._threads:
             thread.join(timeout=2)
             if thread.is_alive():  # only if the device is down: it ends with the process
                 log.warning("udp forwarder thread did not stop", extra={"thread": thread.name})
         self._threads = []
-        if self._tun >= 0:
-            os.close(self._tun)
-            self._tun = -1
         if self._sock is not None:
-            self._sock.close()
+            self.device.close()
+            self._tun = -1
+            self.bind.close()
             self._sock = None
-
-    def _wake_tun_reader(self) -> None:
-        """Send one empty broadcast out of our TUN device: the TX thread's blocked read
-        returns it, sees `_stopping`, and ends.  Works without any route or address."""
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.device.encode())
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-                sock.sendto(b"", ("255.255.255.255", 9))
-        except OSError as exc:  # ENETDOWN: never activated; nothing will wake the reader
-            log.debug("could not wake the TUN reader", extra={"error": str(exc)})
 
     def set_peers(self, table: PeerTable) -> None:
         self._peers = table  # one reference swap: threads see old or new, never half
@@ -400,8 +263,8 @@ class Forwarder:
 
     def status(self) -> dict[str, Any]:
         return {
-            "device": self.device,
-            "port": self.port,
+            "device": self.device.name,
+            "port": self.bind.port,
             "running": self.running,
             "offloads": self.in_force.as_dict(),
             "tx": self.tx.as_dict(),
@@ -438,7 +301,6 @@ class Forwarder:
         tun = self._tun
         chunker = self._chunker
         sock = self._sock
-        assert chunker is not None
         assert sock is not None
         # The readv scatters each stream straight into its chunks' places, HEADER_SIZE
         # bytes of room before each: a stream that fits one datagram gets its header
@@ -508,7 +370,6 @@ class Forwarder:
         counters = self.tx
         chunker = self._chunker
         sock = self._sock
-        assert chunker is not None
         assert sock is not None
         total = chunker.laid_out(size)
         datagram = chunker.datagram_size
@@ -568,7 +429,7 @@ class Forwarder:
         write, tun, decode = os.write, self._tun, decode_single
         counters = self.rx
         pending = self._pending
-        ipv4 = self.bind_ip.version == 4
+        ipv4 = self.bind.ip.version == 4
         buf = bytearray(RECV_SIZE)
         bufs = [buf]
         view = memoryview(buf)

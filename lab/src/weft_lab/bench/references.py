@@ -1,0 +1,122 @@
+"""Reference rows for `weft bench`: a kernel path built by hand, with no agent and no rules.
+
+A reference is measured like a backend (same testbed, same container attachment through
+`weft-cni`, same pinning, interleaved with native), but its hosts are programmed here
+with `ip` and `bridge` only: the devices, routes, neighbours and FDB entries weft would
+program, and nothing else (no masquerade table, no FORWARD rules, no agent). A report then
+shows what weft adds on top of the kernel path, not only on top of native.
+
+To add a row, write a `program(tb, subnets)` and add a `Reference` to `REFERENCES`; the
+runner and `--backends` pick it up by name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from weft.backends.registry import overhead
+from weft.core.constants import VXLAN_DEVICE_PREFIX
+from weft_lab.testbed import Host, Testbed, sh
+
+IPv4Net = ipaddress.IPv4Network
+# The overlay the bench's backends lease from; references use the same addresses.
+BENCH_NETWORK = ipaddress.IPv4Network("198.19.0.0/16")
+VNI = 1
+VXLAN_PORT = 8472
+
+
+def host_subnet(host: Host) -> IPv4Net:
+    """Host i's subnet, 198.19.i.0/24: what a backend's lease would give it (pure)."""
+    return IPv4Net(f"198.19.{host.index}.0/24")
+
+
+@dataclass(frozen=True)
+class Reference:
+    name: str
+    # The backend this row stands beside (its MTU overhead, its place in the table).
+    beside: str
+    program: Callable[[Testbed, Sequence[IPv4Net]], None]
+    # Run once the containers are attached (their devices exist), if the row needs it.
+    after_attach: Callable[[Testbed], None] | None = None
+    # In the default list of `weft bench`; an experimental row is measured only by name.
+    default: bool = True
+
+
+def _vxlan_mac(host: Host) -> str:
+    """A fixed, locally administered MAC per host, so peers can be programmed before the
+    device exists (a lease carries the VtepMAC for the same reason)."""
+    return f"02:77:65:66:74:{host.index:02x}"
+
+
+def program_kernel_vxlan(tb: Testbed, subnets: Sequence[IPv4Net]) -> None:
+    """What the vxlan backend programs (weft.backends.vxlan.apply), by hand."""
+    dev = f"{VXLAN_DEVICE_PREFIX}{VNI}"
+    mtu = 1500 - overhead("vxlan")
+    for host, subnet in zip(tb.hosts, subnets, strict=True):
+        tb.run(host.netns, ["ip", "link", "add", dev, "address", _vxlan_mac(host), "type",
+                            "vxlan", "id", str(VNI), "dstport", str(VXLAN_PORT), "local",
+                            str(host.underlay_ip), "dev", "eth0", "nolearning"])
+        tb.run(host.netns, ["ip", "addr", "add", f"{subnet.network_address}/32", "dev", dev])
+        tb.run(host.netns, ["ip", "link", "set", dev, "mtu", str(mtu), "up"])
+        for peer, peer_subnet in zip(tb.hosts, subnets, strict=True):
+            if peer is host:
+                continue
+            vtep = str(peer_subnet.network_address)
+            mac = _vxlan_mac(peer)
+            tb.run(host.netns, ["bridge", "fdb", "append", mac, "dev", dev, "dst",
+                                str(peer.underlay_ip)])
+            tb.run(host.netns, ["ip", "neigh", "replace", vtep, "lladdr", mac, "dev", dev,
+                                "nud", "permanent"])
+            tb.run(host.netns, ["ip", "route", "replace", str(peer_subnet), "via", vtep,
+                                "dev", dev, "onlink"])
+
+
+def program_kernel_routes(tb: Testbed, subnets: Sequence[IPv4Net]) -> None:
+    """What the host-gw backend programs (weft.backends.hostgw.apply), by hand."""
+    for host in tb.hosts:
+        for peer, peer_subnet in zip(tb.hosts, subnets, strict=True):
+            if peer is not host:
+                tb.run(host.netns, ["ip", "route", "replace", str(peer_subnet), "via",
+                                    str(peer.underlay_ip), "dev", "eth0"])
+
+
+def attach_fastpath(tb: Testbed) -> None:
+    """The tc BPF fast path (weft.host.fastpath) on every host: on the underlay's ingress
+    and on each container's host-side veth; container veths go in the underlay program's
+    `peers` map, so packets for them take bpf_redirect_peer()."""
+    from weft.host.fastpath import FROM_CONTAINER, FROM_UNDERLAY, attach_argv, compile_fastpath
+
+    obj = compile_fastpath(BENCH_NETWORK, tb.run_dir / "bpf")
+    for host in tb.hosts:
+        for argv in attach_argv("eth0", obj, FROM_UNDERLAY):
+            tb.run(host.netns, argv)
+        filters = json.loads(tb.run(host.netns, ["tc", "-j", "filter", "show", "dev", "eth0",
+                                                 "ingress"]).stdout)
+        prog_id = next(f["options"]["prog"]["id"] for f in filters
+                       if "prog" in f.get("options", {}))
+        prog = json.loads(sh(["bpftool", "-j", "prog", "show", "id", str(prog_id)]).stdout)
+        peers_map = next(m for m in prog["map_ids"] if json.loads(sh(
+            ["bpftool", "-j", "map", "show", "id", str(m)]).stdout)["name"] == "peers")
+        links = json.loads(tb.run(host.netns, ["ip", "-j", "link", "show", "type",
+                                               "veth"]).stdout)
+        for link in links:
+            if link["ifname"] == "eth0":
+                continue
+            for argv in attach_argv(link["ifname"], obj, FROM_CONTAINER):
+                tb.run(host.netns, argv)
+            key = [str(b) for b in int(link["ifindex"]).to_bytes(4, "little")]
+            sh(["bpftool", "map", "update", "id", str(peers_map), "key", *key, "value", "1"])
+
+
+REFERENCES: dict[str, Reference] = {
+    r.name: r for r in (
+        Reference("kernel-vxlan", "vxlan", program_kernel_vxlan),
+        Reference("kernel-routes", "host-gw", program_kernel_routes),
+        # Experimental: the fast path without an agent (the agent runs it: host-gw-bpf).
+        Reference("kernel-routes-bpf", "host-gw", program_kernel_routes, attach_fastpath,
+                  default=False),
+    )
+}
