@@ -54,11 +54,14 @@ def _text(value: str | bytes) -> str:
 
 
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
+    out = dict(pairs)  # in C: a Python loop per object cost a listing of 5,000 leases 40 ms
+    if len(out) == len(pairs):
+        return out
+    seen: set[str] = set()  # the rare case: find the key to name it
+    for key, _ in pairs:
+        if key in seen:
             raise UntrustedJson(f"key {key[:100]!r} appears twice in one object")
-        out[key] = value
+        seen.add(key)
     return out
 
 
@@ -73,6 +76,11 @@ def _constant(name: str) -> Any:
     raise UntrustedJson(f"{name} is not a JSON number")
 
 
+# One decoder for every record (json.loads builds a new one per call when given hooks).
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique, parse_float=_finite,
+                            parse_constant=_constant)
+
+
 def loads(value: str | bytes) -> Any:
     """Decode `value`, or raise UntrustedJson saying why not (never anything else)."""
     try:
@@ -80,8 +88,9 @@ def loads(value: str | bytes) -> Any:
         depth = depth_over(text)
         if depth is not None:
             raise UntrustedJson(f"nested {depth} levels deep; at most {MAX_DEPTH} are read")
-        return json.loads(text, object_pairs_hook=_unique, parse_float=_finite,
-                          parse_constant=_constant)
+        if text.startswith("\ufeff"):
+            raise UntrustedJson("Unexpected UTF-8 BOM (decode using utf-8-sig)")
+        return _DECODER.decode(text)
     except UntrustedJson:
         raise
     except json.JSONDecodeError as exc:
