@@ -280,7 +280,7 @@ def _private_place(path: Path) -> None:
     """The store's directory 0700 (made if missing) and its files: none a symlink, of
     another user, or writable by others (refused with the fix); readable by others is
     warned about. The store's own minimal check: a store does not import the host layer,
-    whose `weft.host.files.private_dir` the CLI runs first to check the directories above."""
+    whose `files.private_dir` the CLI runs first to check the directories above."""
     old = os.umask(0o077)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
