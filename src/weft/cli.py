@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from weft.backends.registry import DEFAULT_TYPE
 from weft.core.config import redact_config
 from weft.core.constants import (
     DEFAULT_ETCD_PREFIX,
@@ -259,8 +260,7 @@ def config_set(
     store: StoreOptions,
 ) -> None:
     """Validate a network config and write it to the store."""
-    from weft.backends.registry import BACKENDS
-    from weft.core.config import parse_config
+    from weft.backends.registry import backend_facts, parse_config
 
     try:
         try:
@@ -270,8 +270,11 @@ def config_set(
         config = parse_config(text)
         s = store.open()
         _using_store(s, lambda st: st.put_config(config.to_json()))
-        out.print(f"config written: {redact_config(config.to_json())}", highlight=False)
-        if not BACKENDS[config.backend.type].encrypted:
+        # one line however long (a pipe or log gets JSON it can cut out and parse)
+        out.print(f"config written: {redact_config(config.to_json())}", highlight=False,
+                  soft_wrap=True)
+        # The underlay's name plays no part in whether a backend authenticates.
+        if not backend_facts(config.backend, "").encrypted:
             err.print(f"[yellow]warning:[/] backend {config.backend.type} does not "
                       "authenticate traffic between hosts: any machine on the underlay "
                       "segments between them can send packets into containers as a member; "
@@ -304,7 +307,10 @@ def status(
     state_dir: Annotated[Path, typer.Option()] = Path(DEFAULT_STATE_DIR),
     json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Show every lease and this host's health (from its running agent)."""
+    """Show every lease and this host's health (from its running agent).
+
+    Exits 3 (as `systemctl status` for a unit not running) when no agent answers: the
+    leases are still shown, and one line on stderr says so."""
     import json
 
     from weft.agent.status import query_status
@@ -312,10 +318,15 @@ def status(
     try:
         s = store.open()
         leases, revision = _using_store(s, lambda st: st.list_leases())
+        no_agent: str | None = None
         try:
             health = asyncio.run(query_status(state_dir))
         except UsageError as exc:
-            health = {"error": str(exc)}
+            no_agent = str(exc)
+            health = {"error": no_agent}
+        except OSError as exc:  # e.g. not root: the state directory is root's alone
+            no_agent = f"cannot ask the agent in {state_dir}: {exc.strerror}"
+            health = {"error": no_agent}
         now = time.time()
         if json_output:
             print(json.dumps({
@@ -325,17 +336,21 @@ def status(
                             "expires_in": round(lease.expires_in(now))} for lease in leases],
                 "host": health,
             }, indent=2))
-            return
-        table = Table(title=f"leases (store revision {revision})")
-        for col in ("subnet", "public IP", "backend", "expires in"):
-            table.add_column(col)
-        for lease in leases:
-            table.add_row(str(lease.subnet), str(lease.public_ip), lease.backend_type,
-                          _duration(lease.expires_in(now)))
-        out.print(table)
-        _print_health(health)
+        else:
+            table = Table(title=f"leases (store revision {revision})")
+            for col in ("subnet", "public IP", "backend", "expires in"):
+                table.add_column(col)
+            for lease in leases:
+                table.add_row(str(lease.subnet), str(lease.public_ip), lease.backend_type,
+                              _duration(lease.expires_in(now)))
+            out.print(table)
+            if no_agent is None:
+                _print_health(health)
     except WeftError as exc:
         raise _fail(exc) from None
+    if no_agent is not None:
+        err.print(f"[bold red]error:[/] this host: {no_agent}", highlight=False)
+        raise typer.Exit(3)
 
 
 def _fastpath_line(fp: dict[str, object]) -> str:
@@ -358,9 +373,6 @@ def _duration(seconds: float) -> str:
 
 
 def _print_health(health: dict[str, object]) -> None:
-    if "error" in health:
-        out.print(f"[yellow]this host:[/] {health['error']}", highlight=False)
-        return
     peers = health.get("peers") or []
     errors = health.get("errors") or {}
     state = "[green]healthy[/]" if not errors else "[red]errors[/]"
@@ -399,7 +411,7 @@ def _print_paths(paths: dict[str, Any]) -> None:
 
 @app.command()
 def demo(
-    backend: Annotated[str, typer.Option(help="vxlan, host-gw, udp or wireguard")] = "vxlan",
+    backend: Annotated[str, typer.Option(help="vxlan, host-gw, udp or wireguard")] = DEFAULT_TYPE,
     store: Annotated[str, typer.Option(help="sqlite (embedded) or etcd (a local etcd "
                                             "started for the demo)")] = "sqlite",
     hosts: Annotated[int, typer.Option(min=2, max=20)] = 3,

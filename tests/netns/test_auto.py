@@ -15,7 +15,7 @@ import pytest
 from test_ingress import heard_during
 
 from forged import PACKETS
-from weft.core.constants import AUTO_RULE_PRIORITY, AUTO_TABLES
+from weft.backends.auto.options import AUTO_RULE_PRIORITY, AUTO_TABLES
 from weft_lab.testbed import Host, Testbed, netns_exec, sh
 
 pytestmark = pytest.mark.netns

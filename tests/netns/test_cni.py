@@ -1,5 +1,6 @@
-"""`weft-cni` through the real executable and the real reference plugins (/usr/lib/cni),
-in network namespaces these tests create: one playing the host, others the containers."""
+"""`weft-cni` through the real executable and the real reference plugins (/usr/lib/cni or
+/opt/cni/bin), in network namespaces these tests create: one playing the host, others the
+containers."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from typing import Any
 
 import pytest
 
+from weft.integrations.cni.plugin import REFERENCE_PLUGIN_DIRS
 from weft.integrations.cni.runtime import (
-    REFERENCE_PLUGINS_DIR,
     cni_add,
     cni_check,
     cni_del,
     cni_version,
+    default_cni_path,
 )
 from weft.integrations.cni.spec import CniError, ErrorCode
 from weft_lab.testbed import NETNS_PREFIX, RUNS_DIR, Testbed, remove_run
@@ -30,11 +32,11 @@ from weft_lab.testbed import NETNS_PREFIX, RUNS_DIR, Testbed, remove_run
 pytestmark = pytest.mark.netns
 
 WEFT_CNI = Path(sys.executable).parent / "weft-cni"
-CNI_PATH = f"{WEFT_CNI.parent}:{REFERENCE_PLUGINS_DIR}"
+CNI_PATH = default_cni_path()  # WEFT_CNI's directory, then the reference plugins
 SUBNET_ENV = ("FLANNEL_NETWORK=198.19.0.0/16\nFLANNEL_SUBNET={gateway}/{prefix}\n"
               "FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n")
 
-if not (Path(REFERENCE_PLUGINS_DIR) / "bridge").exists():
+if not any((Path(d) / "bridge").exists() for d in REFERENCE_PLUGIN_DIRS):
     pytest.skip("needs the CNI reference plugins (Debian containernetworking-plugins)",
                 allow_module_level=True)
 

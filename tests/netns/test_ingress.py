@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from forged import LISTENER, PACKETS
-from weft.core.config import parse_config
+from ingress_plans import ingress_plan_for
+from weft.backends.registry import parse_config
 from weft.core.lease import Lease
-from weft.host.ingress_rules import INGRESS_TABLE, ingress_plan, ingress_ruleset
+from weft.host.ingress_rules import INGRESS_TABLE, ingress_ruleset
 from weft_lab.testbed import Container, Host, Testbed
 
 pytestmark = pytest.mark.netns
@@ -221,7 +222,7 @@ def test_a_backend_without_an_encapsulation_port_leaves_no_encap_chain_behind(
                  "vxlan", {})
     seen = []
     for backend in ("vxlan", "host-gw", "vxlan"):
-        script = ingress_ruleset(ingress_plan(config[backend], me, own, [own, peer]))
+        script = ingress_ruleset(ingress_plan_for(config[backend], me, own, [own, peer]))
         subprocess.run(["ip", "netns", "exec", scratch_netns, "nft", "-f", "-"], input=script,
                        text=True, check=True)
         seen.append(_chains(scratch_netns))

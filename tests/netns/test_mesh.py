@@ -116,7 +116,9 @@ def test_host_gw_peer_off_segment_is_an_error_for_that_peer_only() -> None:
     with Testbed(hosts=2, containers_per_host=0, config=config("host-gw")) as tb:
         tb.start()
         # A lease from a host on another L2 subnet, written as another agent would.
-        tb.operator("status")  # the store is reachable from the operator's machine
+        # The store is reachable from the operator's machine (exit 1 if not); 3: no agent
+        # runs on that machine.
+        assert tb.operator("status", check=False).returncode == 3
         sys_argv = [sys.executable, "-c", (
             "import asyncio, ipaddress; from weft.store import open_store; "
             "from weft.core.lease import Lease\n"

@@ -28,7 +28,8 @@ import weft.store.sqlite
 from bounded import run
 from etcd_server import etcd_cluster, requires_etcd, unique_prefix
 from weft.agent.leasing import acquire_lease
-from weft.core.config import IPNetwork, parse_config
+from weft.backends.registry import parse_config
+from weft.core.config import IPNetwork
 from weft.core.errors import LeaseNotFound, NetworkFull, WatchCompacted
 from weft.core.events import EventKind, LeaseEvent
 from weft.core.lease import Lease

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from forged import LISTENER, PACKETS
-from weft.core.config import parse_config
+from weft.backends.registry import parse_config
 from weft.host.fastpath import object_path
 from weft_lab.testbed import Container, Host, Testbed
 

@@ -9,10 +9,8 @@ from collections.abc import Sequence
 import pytest
 
 from weft.backends.auto import plan, wire
-from weft.backends.auto.options import AutoOptions, auto_data_problem, auto_overhead
-from weft.backends.registry import backend_data_problem, overlay_mtu
-from weft.core.config import parse_config
-from weft.core.constants import AUTO_TABLES
+from weft.backends.auto.options import AUTO_TABLES, AutoOptions, auto_data_problem, auto_overhead
+from weft.backends.registry import backend_data_problem, overlay_mtu, parse_config
 from weft.core.dataplane import Route
 from weft.core.host import UnderlayFacts
 from weft.core.lease import Lease

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from weft.backends.registry import parse_config
 from weft.backends.udp.options import UdpOptions
 from weft.backends.vxlan.options import VxlanOptions
 from weft.backends.wireguard.options import WireguardOptions
-from weft.core.config import parse_config
 from weft.core.errors import ConfigError, NetworkFull
 from weft.core.lease import all_subnets, choose_subnet, subnet_in_range
 
@@ -119,3 +119,16 @@ def test_every_allocated_subnet_is_in_range(text: str, taken_count: int, rng: ra
 def test_capacity_matches_enumeration() -> None:
     c = parse_config('{"Network": "198.19.0.0/24", "SubnetLen": 29}')
     assert len(list(all_subnets(c))) == c.capacity == 31
+
+
+def test_core_parses_with_the_backend_types_it_is_handed() -> None:
+    """core knows no backend: the registry hands its parser the options models."""
+    from weft.backends.hostgw.options import HostGwOptions
+    from weft.core import config as core_config
+
+    types = core_config.BackendTypes({"host-gw": HostGwOptions}, "host-gw")
+    assert isinstance(core_config.parse_config('{"Network": "198.19.0.0/16"}', types).backend,
+                      HostGwOptions)
+    with pytest.raises(ConfigError, match="unknown backend Type 'vxlan'; known types: host-gw"):
+        core_config.parse_config(
+            '{"Network": "198.19.0.0/16", "Backend": {"Type": "vxlan"}}', types)

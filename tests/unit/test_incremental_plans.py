@@ -11,18 +11,18 @@ from collections.abc import Sequence
 
 import pytest
 
+from ingress_plans import ingress_plan_for
 from weft.backends.base import apply_delta
 from weft.backends.hostgw import plan as hostgw
-from weft.backends.registry import backend_data_problem
+from weft.backends.registry import backend_data_problem, parse_config
 from weft.backends.vxlan import plan as vxlan
 from weft.backends.vxlan.options import VxlanOptions
-from weft.core.config import parse_config
 from weft.core.dataplane import FdbEntry, Neighbour, Route
 from weft.core.events import EventKind, LeaseEvent, apply_events, changes_data, diff_peers
 from weft.core.host import UnderlayFacts
 from weft.core.lease import Lease
 from weft.core.validate import TrustContext, ViewKeeper, validate_view
-from weft.host.ingress_rules import ingress_plan, ingress_update
+from weft.host.ingress_rules import ingress_update
 
 UNDERLAY = UnderlayFacts(2, (ipaddress.ip_interface("198.18.0.1/24"),))
 FACTS = vxlan.VxlanFacts(7, UNDERLAY)
@@ -156,7 +156,7 @@ def test_a_store_event_path_by_difference_equals_a_full_pass(name: str) -> None:
     leases: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, Lease] = {}
     view = keeper.full([], TRUST)
     tables: Tables = (set(), set(), set())
-    ingress = ingress_plan(CONFIG, ME, OWN, [])
+    ingress = ingress_plan_for(CONFIG, ME, OWN, [])
     for batch in PATH_SEQUENCES[name]:
         leases = apply_events(leases, batch)
         new, touched = keeper.update(leases, {e.subnet for e in batch}, TRUST)
@@ -171,5 +171,5 @@ def test_a_store_event_path_by_difference_equals_a_full_pass(name: str) -> None:
         full = validate_view(leases.values(), TRUST, previous=view.peers)
         assert new == full
         assert tables == vxlan_full(options, list(full.peers.values()))
-        assert ingress == ingress_plan(CONFIG, ME, OWN, full.peers.values())
+        assert ingress == ingress_plan_for(CONFIG, ME, OWN, full.peers.values())
         view = new

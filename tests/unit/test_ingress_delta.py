@@ -11,12 +11,13 @@ import re
 
 import pytest
 
-from weft.core.config import NetworkConfig, parse_config
+from ingress_plans import ingress_plan_for
+from weft.backends.registry import parse_config
+from weft.core.config import NetworkConfig
 from weft.core.events import diff_peers
 from weft.core.lease import Lease
 from weft.host.ingress_rules import (
     ingress_delta,
-    ingress_plan,
     ingress_update,
     member_elements,
     same_shape,
@@ -53,10 +54,10 @@ _LINE = re.compile(r"^(add|delete) element inet weft-ingress (members|subnets) \
 @pytest.mark.parametrize("steps", SEQUENCES.values(), ids=SEQUENCES.keys())
 def test_deltas_give_the_sets_of_a_full_rebuild(config: NetworkConfig,
                                                 steps: list[list[Lease]]) -> None:
-    plan = ingress_plan(config, ME, OWN, steps[0])
+    plan = ingress_plan_for(config, ME, OWN, steps[0])
     sets = {"members": set(member_elements(plan)), "subnets": set(subnet_elements(plan))}
     for peers in steps[1:]:
-        new = ingress_plan(config, ME, OWN, peers)
+        new = ingress_plan_for(config, ME, OWN, peers)
         delta = ingress_delta(plan, new)
         for line in delta.script.splitlines():
             match = _LINE.match(line)
@@ -76,16 +77,16 @@ def test_deltas_give_the_sets_of_a_full_rebuild(config: NetworkConfig,
 
 
 def test_no_change_is_no_script_and_deletions_come_first() -> None:
-    plan = ingress_plan(VXLAN, ME, OWN, [A, B])
+    plan = ingress_plan_for(VXLAN, ME, OWN, [A, B])
     assert ingress_delta(plan, plan).script == ""
-    lines = ingress_delta(plan, ingress_plan(VXLAN, ME, OWN, [A, B_MOVED])).script.splitlines()
+    lines = ingress_delta(plan, ingress_plan_for(VXLAN, ME, OWN, [A, B_MOVED])).script.splitlines()
     assert lines == ["delete element inet weft-ingress members { 198.18.1.2 }",
                      "add element inet weft-ingress members { 198.18.1.9 }"]
 
 
 def test_another_backend_or_port_is_not_delta_able() -> None:
-    assert not same_shape(ingress_plan(VXLAN, ME, OWN, [A]), ingress_plan(UDP, ME, OWN, [A]))
-    assert same_shape(ingress_plan(VXLAN, ME, OWN, [A]), ingress_plan(VXLAN, ME, OWN, [A, B]))
+    assert not same_shape(ingress_plan_for(VXLAN, ME, OWN, [A]), ingress_plan_for(UDP, ME, OWN, [A]))
+    assert same_shape(ingress_plan_for(VXLAN, ME, OWN, [A]), ingress_plan_for(VXLAN, ME, OWN, [A, B]))
 
 
 LISTING = """table inet weft-ingress {
@@ -132,12 +133,12 @@ UPDATES = {
 @pytest.mark.parametrize("steps", UPDATES.values(), ids=UPDATES.keys())
 def test_a_plan_updated_by_difference_equals_the_plan_rebuilt(
         config: NetworkConfig, steps: list[list[Lease]]) -> None:
-    plan = ingress_plan(config, ME, OWN, steps[0])
+    plan = ingress_plan_for(config, ME, OWN, steps[0])
     view = {x.subnet: x for x in steps[0]}
     for peers in steps[1:]:
         new = {x.subnet: x for x in peers}
         diff = diff_peers(view, new)
         plan = ingress_update(config, ME, plan, [view[s] for s in diff.subnets() if s in view],
                               [new[s] for s in diff.subnets() if s in new])
-        assert plan == ingress_plan(config, ME, OWN, peers)
+        assert plan == ingress_plan_for(config, ME, OWN, peers)
         view = new

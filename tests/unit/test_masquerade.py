@@ -6,14 +6,15 @@ import ipaddress
 
 import pytest
 
+from weft.backends.auto.options import AutoOptions
 from weft.backends.hostgw.options import HostGwOptions
+from weft.backends.registry import backend_facts
 from weft.backends.vxlan.options import VxlanOptions
 from weft.backends.wireguard.options import WireguardOptions
 from weft.core.errors import UsageError
 from weft.host.masquerade import (
     decide_conntrack,
     dnat_tables,
-    encap_port,
     masquerade_ruleset,
     parse_conntrack_mode,
 )
@@ -77,9 +78,11 @@ def test_mode_and_port_parsing() -> None:
     assert parse_conntrack_mode("untrack") == "untrack"
     with pytest.raises(UsageError, match="auto, untrack, track"):
         parse_conntrack_mode("off")
-    assert encap_port(VxlanOptions(Port=4789)) == 4789
-    assert encap_port(WireguardOptions()) == 51820
-    assert encap_port(HostGwOptions()) is None
+    assert backend_facts(VxlanOptions(Port=4789), "eth0").encap_port == 4789
+    assert backend_facts(WireguardOptions(), "eth0").encap_port == 51820
+    assert backend_facts(HostGwOptions(), "eth0").encap_port is None
+    # auto: its VXLAN plane's port, as the ingress filter guards it
+    assert backend_facts(AutoOptions(VxlanPort=4789), "eth0").encap_port == 4789
 
 
 def test_forward_accept_only_where_the_chain_could_drop() -> None:
@@ -105,11 +108,12 @@ def test_forward_accepts_cover_every_device_overlay_traffic_crosses(
         backend: dict[str, object], tunnels: tuple[str, ...], direct: str | None) -> None:
     import json
 
-    from weft.core.config import parse_config
-    from weft.host.forward_accept import forward_accept_rules, overlay_devices
+    from weft.backends.registry import parse_config
+    from weft.host.forward_accept import forward_accept_rules
 
     config = parse_config(json.dumps({"Network": "198.19.0.0/16", "Backend": backend}))
-    assert overlay_devices(config, "eth0") == (tunnels, direct)
+    facts = backend_facts(config.backend, "eth0")
+    assert (facts.tunnels, facts.bare_underlay) == (tunnels, direct)
     rules = forward_accept_rules(config.network, tunnels, direct)
     assert {r[1] for r in rules} == set(tunnels) | ({direct} if direct else set())
 

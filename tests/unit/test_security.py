@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from weft.core.config import parse_config
+from ingress_plans import ingress_plan_for
+from weft.backends.registry import parse_config
 from weft.core.constants import MAX_RECORD_BYTES
 from weft.core.errors import ConfigError, PermissionProblem
 from weft.core.lease import Lease
-from weft.host.ingress_rules import ingress_plan, ingress_ruleset
+from weft.host.ingress_rules import ingress_ruleset
 from weft.host.untrack import Untrack
 from weft.store.base import RejectedRecords
 
@@ -34,7 +35,7 @@ def rules(backend: dict[str, object], peers: list[Lease], untrack: Untrack | Non
           ) -> str:
     config = parse_config(json.dumps({"Network": "198.19.0.0/16", "Backend": backend}))
     own = lease("198.19.1.0/24", str(ME), str(backend["Type"]))
-    return ingress_ruleset(ingress_plan(config, ME, own, [own, *peers], untrack=untrack))
+    return ingress_ruleset(ingress_plan_for(config, ME, own, [own, *peers], untrack=untrack))
 
 
 UNTRACK = Untrack(ipaddress.ip_address("198.19.1.0"), ME, 8472)

@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weft.backends.registry import backend_data_problem
-from weft.core.config import parse_config
+from weft.backends.registry import backend_data_problem, parse_config
 from weft.core.lease import Lease
 from weft.core.validate import TrustContext, ViewKeeper, validate_view
 

@@ -12,8 +12,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weft.backends.registry import backend_data_problem
-from weft.core.config import parse_config
+from ingress_plans import ingress_plan_for
+from weft.backends.registry import backend_data_problem, parse_config
 from weft.core.events import EventKind, LeaseEvent, apply_events, changes_data, diff_peers
 from weft.core.lease import Lease, same_peer
 from weft.core.validate import (
@@ -22,7 +22,7 @@ from weft.core.validate import (
     ViewKeeper,
     validate_view,
 )
-from weft.host.ingress_rules import ingress_plan, ingress_update
+from weft.host.ingress_rules import ingress_update
 
 CONFIG = parse_config('{"Network": "198.19.0.0/16", "SubnetLen": 24, "SubnetMin": "198.19.1.0",'
                       ' "SubnetMax": "198.19.200.0", "Backend": {"Type": "udp"}}')
@@ -146,7 +146,7 @@ def test_hostile_sequences_an_update_equals_a_fresh_full_pass_and_a_resync_repai
         events: list[tuple[list[Lease | str], float]]) -> None:
     keeper = ViewKeeper()
     view = keeper.full([], CTX)
-    plan = ingress_plan(CONFIG, HOST, OWN, [])
+    plan = ingress_plan_for(CONFIG, HOST, OWN, [])
     for table, named, now in _tables(events):
         ctx = dataclasses.replace(CTX, now=now)
         before = view
@@ -174,7 +174,7 @@ def _ingress_step(plan: Any, before: ValidatedView, after: ValidatedView,
     old = [before.peers[s] for s in diff.subnets() if s in before.peers]
     new = [after.peers[s] for s in diff.subnets() if s in after.peers]
     updated = ingress_update(CONFIG, HOST, plan, old, new)
-    assert updated == ingress_plan(CONFIG, HOST, OWN, after.peers.values())
+    assert updated == ingress_plan_for(CONFIG, HOST, OWN, after.peers.values())
     return updated
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from pyroute2.netlink.generic.wireguard import wgmsg
 
+from weft.backends.registry import parse_config
 from weft.backends.wireguard.kernel import _parse_peer, _peer_spec
 from weft.backends.wireguard.keyfile import load_or_create_private_key
 from weft.backends.wireguard.keys import (
@@ -36,7 +37,6 @@ from weft.backends.wireguard.protocol import (
 )
 from weft.backends.wireguard.uapi import UapiDevice
 from weft.backends.wireguard.userspace import WireguardGo
-from weft.core.config import parse_config
 from weft.core.errors import ConfigError, KernelError
 from weft.core.lease import Lease
 

@@ -15,26 +15,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from weft.backends.hostgw.options import HostGwOptions
-from weft.backends.vxlan.options import VxlanOptions
 from weft.core.config import IPNetwork, NetworkConfig
-from weft.core.constants import VXLAN_DEVICE_PREFIX
 from weft.core.errors import WeftError
 from weft.host.fastpath import compile_fastpath
 from weft.host.fastpath_hooks import FastPath, plan_hooks, remove_fastpath
 
 log = logging.getLogger("weft.agent")
-
-
-def arrival_device(config: NetworkConfig, underlay: str) -> str | None:
-    """Where overlay packets for this host arrive unencapsulated (pure); None: a backend
-    the fast path does not serve."""
-    options = config.backend
-    if isinstance(options, HostGwOptions):
-        return underlay
-    if isinstance(options, VxlanOptions) and not options.direct_routing:
-        return f"{VXLAN_DEVICE_PREFIX}{options.vni}"
-    return None
 
 
 class FastPathState:
@@ -45,14 +31,16 @@ class FastPathState:
         self.reason: str | None = None if enabled else "off (--fastpath turns it on)"
         self.standing_down: str | None = None
 
-    def start(self, config: NetworkConfig, own: IPNetwork, underlay: str,
+    def start(self, config: NetworkConfig, own: IPNetwork, arrival: str | None,
               state_dir: Path) -> None:
-        """Compile and check, or record why not. With the switch off, a previous run's
-        filters are taken off (the agent owns them)."""
+        """Compile and check, or record why not. `arrival`: where overlay packets for this
+        host arrive unencapsulated (the backend's facts); None: a backend the fast path
+        does not serve. With the switch off, a previous run's filters are taken off (the
+        agent owns them)."""
         if not self.enabled:
             self._remove_previous("switch off")
             return
-        self.arrival = arrival_device(config, underlay)
+        self.arrival = arrival
         if self.arrival is None:
             self.reason = (f"unavailable: the fast path serves host-gw and vxlan (without "
                            f"DirectRouting), not {config.backend.type}")

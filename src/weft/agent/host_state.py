@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from weft.core.config import IPNetwork
@@ -35,8 +35,38 @@ class HostState:
     untrack: Untrack | None = None  # the masquerade table's notrack part (its decision)
 
 
-def converge_host_state(want: HostState) -> dict[str, str]:
-    """Put back whatever is missing; returns what failed (part -> message), retried later."""
+@dataclass
+class Written:
+    """What this agent wrote in this run, so a later pass tells a repair (someone removed
+    or changed the file) from the first write or an update of its own (a new lease)."""
+
+    subnet_env: bytes | None = field(default=None, repr=False)
+
+
+def converge_subnet_env(path: Path, rendered: bytes, written: Written) -> None:
+    """Write subnet.env if it is not `rendered`. The first write of a run and an update of
+    the agent's own file are info; putting back a file someone removed or changed is a
+    repair, a warning."""
+    try:
+        current: bytes | None = path.read_bytes()
+    except FileNotFoundError:
+        current = None
+    if current != rendered:
+        write_atomic(path, rendered)
+        if written.subnet_env is None:
+            log.info("subnet.env written", extra={"path": str(path)})
+        elif current == written.subnet_env:
+            log.info("subnet.env updated", extra={"path": str(path)})
+        else:
+            log.warning("host state repaired", extra={
+                "part": "subnet_env",
+                "action": f"rewrote {path} ({'removed' if current is None else 'changed'})"})
+    written.subnet_env = rendered
+
+
+def converge_host_state(want: HostState, written: Written | None = None) -> dict[str, str]:
+    """Put back whatever is missing; returns what failed (part -> message), retried later.
+    `written` carries what this agent wrote across passes (a fresh one: a first start)."""
     errors: dict[str, str] = {}
 
     def step(part: str, action: str) -> None:
@@ -47,15 +77,8 @@ def converge_host_state(want: HostState) -> dict[str, str]:
             # Made root's again, or refused (a symlink put in its place): weft.host.files.
             private_dir(want.state_dir, "state directory (--state-dir)")
             step("state_dir", f"recreated {want.state_dir}")
-        rendered = want.env.render().encode()
-        try:
-            current = want.subnet_file.read_bytes()
-        except FileNotFoundError:
-            current = None
-        if current != rendered:
-            write_atomic(want.subnet_file, rendered)
-            if current is None:
-                step("subnet_env", f"rewrote {want.subnet_file}")
+        converge_subnet_env(want.subnet_file, want.env.render().encode(),
+                            Written() if written is None else written)
     except PermissionProblem as exc:
         errors["files"] = str(exc)
     except OSError as exc:

@@ -9,6 +9,9 @@ Lifecycle, driven by the agent:
     backend.close()                   # SIGTERM: stop our threads/processes, leave the
                                       # kernel data plane in place so nothing is dropped
     backend.teardown()                # remove everything the backend owns (host leaving)
+
+What the rest of the host needs to know about a backend (its ports, devices, overhead) it
+learns from the backend's `BackendFacts`, never by asking which backend it is.
 """
 
 from __future__ import annotations
@@ -17,11 +20,61 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-from weft.core.config import NetworkConfig
+from weft.core.config import BackendOptions, NetworkConfig
 from weft.core.host import HostContext
+from weft.core.kernel_events import KernelEvent
 from weft.core.lease import Lease
 
 T = TypeVar("T")
+OptionsT = TypeVar("OptionsT", bound=BackendOptions)
+
+
+@dataclass(frozen=True)
+class BackendFacts:
+    """What the host's filters, the fast path and the agent need to know about a backend,
+    as plain values (as flannel's trafficmngr takes networks and ports, never backend
+    types). Each backend declares its own, from its options and the underlay's name."""
+
+    # Bytes the encapsulation adds to every packet on the underlay, by its IP version.
+    overhead: Mapping[int, int]
+    # The UDP port encapsulated packets use on the underlay: the ingress filter accepts it
+    # from member hosts only, and the host's own encapsulated packets skip conntrack.
+    # None: nothing encapsulated (host-gw).
+    encap_port: int | None = None
+    # The ingress filter's members are (address, port), the port from each peer's lease
+    # (udp); else addresses alone.
+    members_by_port: bool = False
+    # The tunnel devices overlay traffic enters and leaves by.
+    tunnels: tuple[str, ...] = ()
+    # The underlay, when overlay packets cross it unencapsulated (host-gw, DirectRouting).
+    bare_underlay: str | None = None
+    # Where overlay packets for this host arrive unencapsulated, for the tc fast path;
+    # None: a backend the fast path does not serve.
+    arrival: str | None = None
+    # Devices a peer's overlay source may arrive on whichever way the route back to it
+    # goes (auto: a peer may send on another plane than ours to it); empty: the ingress
+    # filter's strict reverse-path check.
+    peer_iifs: tuple[str, ...] = ()
+    # Routing tables the backend owns: a rule selecting one that is removed is repaired.
+    tables: frozenset[int] = frozenset()
+    # Every packet between hosts is encrypted and authenticated.
+    encrypted: bool = False
+
+
+def by_ip_version(overhead: Callable[[int], int]) -> dict[int, int]:
+    """An overhead function's answers for IPv4 and IPv6 underlays."""
+    return {version: overhead(version) for version in (4, 6)}
+
+
+@dataclass(frozen=True)
+class BackendSpec(Generic[OptionsT]):
+    """One backend, as the registry (`weft.backends.registry`) knows it."""
+
+    options: type[OptionsT]  # validated from the config's `Backend`
+    factory: str  # "module:Class", a class taking (NetworkConfig, HostContext)
+    facts: Callable[[OptionsT, str], BackendFacts]  # (its options, the underlay's name)
+    overhead: Callable[[int], int]  # bytes added to every packet, by outer IP version
+    data_problem: Callable[[Mapping[str, Any]], str | None]  # a peer's BackendData, checked
 
 
 @dataclass
@@ -31,9 +84,9 @@ class ReconcileResult:
     added: int = 0
     removed: int = 0
     errors: dict[str, str] = field(default_factory=dict)  # peer subnet -> message
-    # The removal notices this pass's own deletions raise in the agent's kernel watcher
-    # (`weft.backends.bulk.removal_notice`): expected, so they ask for no repair pass.
-    echoes: tuple[str, ...] = ()
+    # The kernel events this pass's own deletions raise in the agent's kernel watcher
+    # (`weft.backends.bulk.apply_tables`): expected, so they ask for no repair pass.
+    echoes: tuple[KernelEvent, ...] = ()
 
     def __iadd__(self, other: ReconcileResult) -> ReconcileResult:
         self.added += other.added

@@ -1,61 +1,62 @@
 """Backends by `Type`: a plain dict, explicit wiring, no import side effects.
 
-Adding a backend is one entry here: its options model (validated from `Backend` in the
-config), its factory and its per-packet overhead. Factories are named, not imported: the
-udp and wireguard backends pull in threads, crypto and more, and a host imports only the
-one it runs. Pure: importing this module imports only the options models.
+Adding a backend is its package plus one entry here: its `BackendSpec` (declared in its
+package's `options.py`): the options model validated from the config's `Backend`, its
+factory, its facts (`BackendFacts`: ports, devices, overhead), its per-packet overhead
+and the check of a peer's BackendData. Nothing outside `weft.backends` asks which backend
+a host runs: it is handed the facts. Factories are named, not imported: the udp and
+wireguard backends pull in threads, crypto and more, and a host imports only the one it
+runs. Pure: importing this module imports only the options models.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
-from weft.backends.auto.options import AutoOptions, auto_data_problem, auto_overhead
-from weft.backends.hostgw.options import HostGwOptions, hostgw_data_problem, hostgw_overhead
-from weft.backends.udp.options import UdpOptions, udp_data_problem, udp_overhead
-from weft.backends.vxlan.options import VxlanOptions, vxlan_data_problem, vxlan_overhead
-from weft.backends.wireguard.options import (
-    WireguardOptions,
-    wireguard_data_problem,
-    wireguard_overhead,
-)
-from weft.core.config import BackendOptions, NetworkConfig
+from weft.backends.auto.options import AUTO_BACKEND
+from weft.backends.base import BackendFacts, BackendSpec
+from weft.backends.hostgw.options import HOSTGW_BACKEND
+from weft.backends.udp.options import UDP_BACKEND
+from weft.backends.vxlan.options import VXLAN_BACKEND
+from weft.backends.wireguard.options import WIREGUARD_BACKEND
+from weft.core import config as core_config
+from weft.core.config import BackendOptions, BackendTypes, NetworkConfig
 from weft.core.host import HostContext
 
 if TYPE_CHECKING:
     from weft.backends.base import Backend
 
-
-@dataclass(frozen=True)
-class BackendSpec:
-    options: type[BackendOptions]
-    factory: str  # "module:Class", a class taking (NetworkConfig, HostContext)
-    overhead: Callable[[int], int]  # bytes added to every packet, by outer IP version
-    data_problem: Callable[[Mapping[str, Any]], str | None]  # a peer's BackendData, checked
-    encrypted: bool = False
-
-
-BACKENDS: dict[str, BackendSpec] = {
-    "vxlan": BackendSpec(VxlanOptions, "weft.backends.vxlan.apply:VxlanBackend",
-                         vxlan_overhead, vxlan_data_problem),
-    "host-gw": BackendSpec(HostGwOptions, "weft.backends.hostgw.apply:HostGwBackend",
-                           hostgw_overhead, hostgw_data_problem),
-    "udp": BackendSpec(UdpOptions, "weft.backends.udp.apply:UdpBackend", udp_overhead,
-                       udp_data_problem),
-    "auto": BackendSpec(AutoOptions, "weft.backends.auto.apply:AutoBackend", auto_overhead,
-                        auto_data_problem),
-    "wireguard": BackendSpec(WireguardOptions, "weft.backends.wireguard.apply:WireguardBackend",
-                             wireguard_overhead, wireguard_data_problem, encrypted=True),
+BACKENDS: dict[str, BackendSpec[Any]] = {
+    "vxlan": VXLAN_BACKEND,
+    "host-gw": HOSTGW_BACKEND,
+    "udp": UDP_BACKEND,
+    "auto": AUTO_BACKEND,
+    "wireguard": WIREGUARD_BACKEND,
 }
+
+# The backend of a config whose `Backend` names no `Type` (flannel's default too).
+DEFAULT_TYPE = "vxlan"
+TYPES = BackendTypes({name: spec.options for name, spec in BACKENDS.items()}, DEFAULT_TYPE)
+
+
+def parse_config(text: str | bytes) -> NetworkConfig:
+    """Parse and validate the JSON network config, `Backend` by its `Type`'s own options
+    model, or raise ConfigError naming the field and the value."""
+    return core_config.parse_config(text, TYPES)
 
 
 def create_backend(config: NetworkConfig, host: HostContext) -> Backend:
     module, _, name = BACKENDS[config.backend.type].factory.partition(":")
     factory = getattr(importlib.import_module(module), name)
     return cast("Backend", factory(config, host))
+
+
+def backend_facts(options: BackendOptions, underlay: str) -> BackendFacts:
+    """What the rest of the host needs to know about the backend `options` configure, on a
+    host whose underlay device is `underlay`."""
+    return BACKENDS[options.type].facts(options, underlay)
 
 
 def overhead(backend_type: str, ip_version: int = 4) -> int:

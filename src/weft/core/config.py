@@ -4,13 +4,17 @@
 
 Every mistake becomes one `ConfigError` whose message names the field and the value.
 Each backend owns its options model (`weft.backends.<name>.options`); the registry
-(`weft.backends.registry`) maps `Type` to it.
+(`weft.backends.registry`) maps `Type` to it and hands that map to `parse_config` here
+(`BackendTypes`), so core imports nothing of weft above it: parse with
+`weft.backends.registry.parse_config`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import (
@@ -19,6 +23,7 @@ from pydantic import (
     Field,
     SerializeAsAny,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -42,6 +47,15 @@ class BackendOptions(BaseModel):
     mtu: Annotated[int, Field(ge=576, le=65535)] | None = Field(default=None, alias="MTU")
 
 
+@dataclass(frozen=True)
+class BackendTypes:
+    """The backends a config may name: each `Type`'s options model, and the `Type` of a
+    config that names none. The registry builds it; validation gets it as its context."""
+
+    models: Mapping[str, type[BackendOptions]]
+    default: str
+
+
 class NetworkConfig(BaseModel):
     """The cluster network: one address range split into one subnet per host."""
 
@@ -52,7 +66,7 @@ class NetworkConfig(BaseModel):
     subnet_max: IPAddress | None = Field(default=None, alias="SubnetMax")
     # SerializeAsAny: serialise the concrete options model, not just the base's fields.
     backend: SerializeAsAny[BackendOptions] = Field(
-        default_factory=lambda: {"Type": "vxlan"}, alias="Backend", validate_default=True
+        default_factory=dict, alias="Backend", validate_default=True
     )
 
     @field_validator("network", mode="before")
@@ -68,23 +82,23 @@ class NetworkConfig(BaseModel):
 
     @field_validator("backend", mode="before")
     @classmethod
-    def _backend_by_type(cls, value: Any) -> Any:
+    def _backend_by_type(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, BackendOptions):
             return value
+        types = (info.context or {}).get("backend_types")
+        if not isinstance(types, BackendTypes):
+            raise TypeError("no backend types to validate Backend with: parse with "
+                            "weft.backends.registry.parse_config")
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise ValueError("must be an object like {\"Type\": \"vxlan\"}")
-        # The registry names each backend's own options model; imported here, not at the
-        # top, because the options models build on BackendOptions above.
-        from weft.backends.registry import BACKENDS
-
-        kind = value.get("Type", "vxlan")
-        spec = BACKENDS.get(kind) if isinstance(kind, str) else None
-        if spec is None:
-            known = ", ".join(sorted(BACKENDS))
+            raise ValueError(f"must be an object like {{\"Type\": \"{types.default}\"}}")
+        kind = value.get("Type", types.default)
+        model = types.models.get(kind) if isinstance(kind, str) else None
+        if model is None:
+            known = ", ".join(sorted(types.models))
             raise ValueError(f"unknown backend Type {kind!r}; known types: {known}")
-        return spec.options.model_validate(value)
+        return model.model_validate(value)
 
     @model_validator(mode="after")
     def _subnets_fit(self) -> NetworkConfig:
@@ -201,8 +215,10 @@ def _describe(err: Any) -> str:
     return f"{field}: {msg} (got {err.get('input')!r})"
 
 
-def parse_config(text: str | bytes) -> NetworkConfig:
-    """Parse and validate the JSON network config, or raise ConfigError naming the problem."""
+def parse_config(text: str | bytes, types: BackendTypes) -> NetworkConfig:
+    """Parse and validate the JSON network config, or raise ConfigError naming the problem.
+    `types`: the backends `Backend` may name (`weft.backends.registry.parse_config` gives
+    the registry's)."""
     try:
         data = untrusted_json.loads(text)  # also read back from the store: bounded
     except UntrustedJson as exc:
@@ -212,7 +228,7 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     if "Network" not in data:
         raise ConfigError('Network: required, e.g. "10.244.0.0/16"')
     try:
-        return NetworkConfig.model_validate(data)
+        return NetworkConfig.model_validate(data, context={"backend_types": types})
     except ValidationError as exc:
         problems = "; ".join(_describe(e) for e in exc.errors())
         raise ConfigError(problems) from None

@@ -15,12 +15,6 @@ CNI_BRIDGE: Final = "weft0"
 # exactly the routes it made and never touches anyone else's (see /etc/iproute2/rt_protos).
 ROUTE_PROTOCOL: Final = 87  # "W"
 
-# --- auto: per data plane, a routing table and the fwmark that selects it ----------------
-# A probe socket marked for a plane is routed by that plane's table whatever the main table
-# chose for the peer. The table number doubles as the mark; the rules sit before main.
-AUTO_TABLES: Final = {"host-gw": 0x5701, "vxlan": 0x5702, "udp": 0x5703}
-AUTO_RULE_PRIORITY: Final = 0x5700
-
 # --- header sizes --------------------------------------------------------------------
 # Each backend's overhead (`weft.backends.registry.overhead`) is built from these; nothing
 # else hard-codes them.

@@ -25,34 +25,17 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
-from weft.backends.auto.options import AutoOptions
-from weft.backends.hostgw.options import HostGwOptions
-from weft.backends.udp.options import UdpOptions
-from weft.backends.vxlan.options import VxlanOptions
-from weft.core.config import IPNetwork, NetworkConfig
-from weft.core.constants import UDP_DEVICE, VXLAN_DEVICE_PREFIX, WIREGUARD_DEVICE
+from weft.core.config import IPNetwork
 from weft.core.errors import KernelError
 
 COMMENT = "weft: overlay traffic"
 
 
-def overlay_devices(config: NetworkConfig,
-                    underlay: str) -> tuple[tuple[str, ...], str | None]:
-    """(the tunnel devices, the underlay if overlay packets cross it unencapsulated)."""
-    options = config.backend
-    if isinstance(options, HostGwOptions):
-        return (), underlay
-    if isinstance(options, AutoOptions):  # any plane a peer may be on: all three
-        return (f"{VXLAN_DEVICE_PREFIX}{options.vni}", UDP_DEVICE), underlay
-    if isinstance(options, VxlanOptions):
-        return ((f"{VXLAN_DEVICE_PREFIX}{options.vni}",),
-                underlay if options.direct_routing else None)
-    return ((UDP_DEVICE if isinstance(options, UdpOptions) else WIREGUARD_DEVICE),), None
-
-
 def forward_accept_rules(network: IPNetwork, tunnels: Sequence[str],
                          direct: str | None) -> list[list[str]]:
-    """The rule specs (pure): overlay traffic through weft's devices is accepted."""
+    """The rule specs (pure): overlay traffic through weft's devices is accepted. `tunnels`
+    and `direct` are the backend's facts (`BackendFacts.tunnels`, `.bare_underlay`): its
+    tunnel devices, and the underlay if overlay packets cross it unencapsulated."""
     net = str(network)
     tail = ["-m", "comment", "--comment", COMMENT, "-j", "ACCEPT"]
     rules: list[list[str]] = []

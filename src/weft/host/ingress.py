@@ -42,11 +42,15 @@ class IngressFilter:
     in place and rewrites it whole if anything differs; a store event (`full=False`) only
     adds and deletes the set elements that changed, when the table is as last written."""
 
-    def __init__(self, config: NetworkConfig, public_ip: IPAddress,
-                 peer_iifs: Sequence[str] = ()) -> None:
+    def __init__(self, config: NetworkConfig, public_ip: IPAddress, *, port: int | None,
+                 by_port: bool = False, peer_iifs: Sequence[str] = ()) -> None:
         self.config = config
         self.public_ip = public_ip
-        self.peer_iifs = tuple(peer_iifs)  # auto: every device a peer's plane arrives on
+        # The backend's facts (weft.backends.base.BackendFacts): the encapsulation port,
+        # whether a member is (address, port), every device a peer's source may arrive on.
+        self.port = port
+        self.by_port = by_port
+        self.peer_iifs = tuple(peer_iifs)
         self.plan: IngressPlan | None = None
         # The masquerade decision's notrack part (the agent sets it); the table carries
         # prerouting's notrack rules, so a changed decision rewrites it at the next pass.
@@ -69,8 +73,9 @@ class IngressFilter:
                 and old.untrack == self.untrack:
             plan = ingress_update(self.config, self.public_ip, old, *change)
         else:
-            plan = ingress_plan(self.config, self.public_ip, own, peers, self.peer_iifs,
-                                self.untrack)
+            plan = ingress_plan(self.config, self.public_ip, own, peers, port=self.port,
+                                by_port=self.by_port, peer_iifs=self.peer_iifs,
+                                untrack=self.untrack)
         if not full and old is not None and self._skeleton is not None and same_shape(old, plan):
             self._apply_delta(old, plan)
             return

@@ -26,10 +26,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from weft.backends.auto.options import AutoOptions
-from weft.backends.udp.options import UdpOptions
-from weft.backends.vxlan.options import VxlanOptions
-from weft.backends.wireguard.options import WireguardOptions
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.lease import Lease, subnet_range
 from weft.host.untrack import Untrack
@@ -60,18 +56,6 @@ class IngressPlan:
     untrack: Untrack | None = None
 
 
-def encapsulation_port(config: NetworkConfig) -> int | None:
-    """The UDP port this backend listens on for encapsulated traffic (host-gw: none)."""
-    options = config.backend
-    if isinstance(options, VxlanOptions | UdpOptions):
-        return int(options.port)
-    if isinstance(options, WireguardOptions):
-        return int(options.listen_port)
-    if isinstance(options, AutoOptions):
-        return int(options.vxlan_port)  # its udp forwarder checks members by itself
-    return None
-
-
 def _peer_port(lease: Lease, default: int) -> int | None:
     port = lease.backend_data.get("Port", default)
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
@@ -80,14 +64,15 @@ def _peer_port(lease: Lease, default: int) -> int | None:
 
 
 def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
-                 peers: Iterable[Lease], peer_iifs: Iterable[str] = (),
-                 untrack: Untrack | None = None) -> IngressPlan:
-    """The plan for this host. Peers are validated leases; one of another IP version or
-    with an unusable port is left out (it cannot send to us anyway)."""
-    members, subnets = _elements(config, public_ip, peers)
+                 peers: Iterable[Lease], *, port: int | None, by_port: bool = False,
+                 peer_iifs: Iterable[str] = (), untrack: Untrack | None = None) -> IngressPlan:
+    """The plan for this host. `port`, `by_port` and `peer_iifs` are the backend's facts
+    (`weft.backends.base.BackendFacts`: its encapsulation port, members as (address,
+    port), the devices a peer's source may arrive on). Peers are validated leases; one of
+    another IP version or with an unusable port is left out (it cannot send to us)."""
+    members, subnets = _elements(config, public_ip, peers, port, by_port)
     return IngressPlan(config.backend.type, config.network, public_ip.version,
-                       encapsulation_port(config), isinstance(config.backend, UdpOptions),
-                       frozenset(members), frozenset(subnets | {own.subnet}),
+                       port, by_port, frozenset(members), frozenset(subnets | {own.subnet}),
                        peer_iifs=frozenset(peer_iifs), own=own.subnet, untrack=untrack)
 
 
@@ -97,17 +82,16 @@ def ingress_update(config: NetworkConfig, public_ip: IPAddress, plan: IngressPla
     their new ones (a changed peer is in both). O(changed) Python work: the elements of a
     validated view are one per peer (no two peers share a PublicIP or a subnet, and this
     host's own are no peer's), so taking a removed peer's out takes no one else's."""
-    gone_members, gone_subnets = _elements(config, public_ip, removed)
-    came_members, came_subnets = _elements(config, public_ip, added)
+    gone_members, gone_subnets = _elements(config, public_ip, removed, plan.port, plan.by_port)
+    came_members, came_subnets = _elements(config, public_ip, added, plan.port, plan.by_port)
     return dataclasses.replace(plan, members=(plan.members - gone_members) | came_members,
                                subnets=(plan.subnets - gone_subnets) | came_subnets)
 
 
-def _elements(config: NetworkConfig, public_ip: IPAddress, peers: Iterable[Lease]
+def _elements(config: NetworkConfig, public_ip: IPAddress, peers: Iterable[Lease],
+              port: int | None, by_port: bool
               ) -> tuple[set[tuple[IPAddress, int]], set[IPNetwork]]:
     """The members and subnets elements `peers` give."""
-    port = encapsulation_port(config)
-    by_port = isinstance(config.backend, UdpOptions)
     members: set[tuple[IPAddress, int]] = set()
     subnets: set[IPNetwork] = set()
     in_range = subnet_range(config)

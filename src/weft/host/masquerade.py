@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from weft.core.config import BackendOptions, IPNetwork
+from weft.core.config import IPNetwork
 from weft.core.constants import NFT_TABLE
 from weft.core.errors import UsageError
 from weft.host.nftables import apply_nft, read_nft_ruleset, table_exists
@@ -55,16 +55,6 @@ def parse_conntrack_mode(text: str) -> ConntrackMode:
         if text == mode:
             return mode  # type: ignore[no-any-return]
     raise UsageError(f"--overlay-conntrack {text!r}: use {', '.join(CONNTRACK_MODES)}")
-
-
-def encap_port(options: BackendOptions) -> int | None:
-    """The UDP port a backend's encapsulated packets use on the underlay (pure): vxlan's
-    and udp's `Port`, wireguard's `ListenPort`; none for host-gw."""
-    for field in ("port", "listen_port"):
-        value = getattr(options, field, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def dnat_tables(ruleset: Mapping[str, Any], legacy_tables: Iterable[str] = ()) -> list[str]:

@@ -17,4 +17,4 @@ class Untrack:
     # overlay come back to it and must meet their conntrack entry, so it stays tracked.
     own_address: IPAddress
     public_ip: IPAddress
-    encap_port: int | None  # the backend's UDP port on the underlay, if it has one
+    encap_port: int | None  # the backend's UDP port on the underlay (BackendFacts.encap_port)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from weft.integrations.cni.runtime import default_cni_path
 from weft_lab.nodes import Container, Host
 from weft_lab.runtimes.base import RunView
 from weft_lab.runtimes.cleanup import (
@@ -43,7 +44,7 @@ class PodmanRuntime:
     def __init__(self, tb: RunView) -> None:
         self.tb = tb
         # Directories podman searches for CNI plugins: weft-cni's, then the reference ones.
-        self.plugin_dirs = [str(Path(sys.executable).parent), "/usr/lib/cni"]
+        self.plugin_dirs = default_cni_path().split(os.pathsep)
         self._ready: set[str] = set()
 
     @staticmethod

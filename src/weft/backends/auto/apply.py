@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from weft.backends.auto import plan
-from weft.backends.auto.options import PLANES, AutoOptions
+from weft.backends.auto.options import AUTO_RULE_PRIORITY, AUTO_TABLES, PLANES, AutoOptions
 from weft.backends.auto.probe import Outcomes, Prober
 from weft.backends.base import ReconcileResult, delta
 from weft.backends.bulk import apply_tables
@@ -32,7 +32,7 @@ from weft.backends.vxlan.apply import VxlanBackend
 from weft.backends.vxlan.options import VxlanOptions
 from weft.backends.vxlan.plan import neighbour_key, route_key
 from weft.core.config import IPNetwork, NetworkConfig
-from weft.core.constants import AUTO_RULE_PRIORITY, AUTO_TABLES, UDP_DEVICE
+from weft.core.constants import UDP_DEVICE
 from weft.core.errors import KernelError
 from weft.core.host import HostContext
 from weft.core.lease import Lease

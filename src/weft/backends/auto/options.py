@@ -7,15 +7,22 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from weft.backends.base import BackendFacts, BackendSpec, by_ip_version
 from weft.backends.udp.options import udp_data_problem, udp_overhead
 from weft.backends.vxlan.options import vxlan_data_problem, vxlan_overhead
 from weft.core.config import BackendOptions
+from weft.core.constants import UDP_DEVICE, VXLAN_DEVICE_PREFIX
 
 # The data planes auto may choose, fastest first. Never wireguard: an encrypted network
 # is chosen by hand, and auto must never fall back from it to plaintext.
 PLANES: tuple[str, ...] = ("host-gw", "vxlan", "udp")
 # How each plane is named in the lease's BackendData.
 DATA_KEYS: Mapping[str, str] = {"host-gw": "hostgw", "vxlan": "vxlan", "udp": "udp"}
+# Per plane, a routing table and the fwmark that selects it: a probe socket marked for a
+# plane is routed by that plane's table whatever the main table chose for the peer. The
+# table number doubles as the mark; the rules sit before main.
+AUTO_TABLES: Mapping[str, int] = {"host-gw": 0x5701, "vxlan": 0x5702, "udp": 0x5703}
+AUTO_RULE_PRIORITY = 0x5700
 
 
 class AutoOptions(BackendOptions):
@@ -59,3 +66,18 @@ def auto_data_problem(data: Mapping[str, Any]) -> str | None:
     if not isinstance(data.get("hostgw", {}), Mapping):
         return f"BackendData hostgw {data['hostgw']!r} is not an object"
     return None
+
+
+def auto_facts(options: AutoOptions, underlay: str) -> BackendFacts:
+    """Every plane a peer may be on: the VXLAN and TUN devices and the bare underlay, and
+    a peer's packets may arrive on any of them. The ingress filter guards the VXLAN port
+    by member address; the udp plane's forwarder checks its members by itself."""
+    vxlan = f"{VXLAN_DEVICE_PREFIX}{options.vni}"
+    return BackendFacts(by_ip_version(auto_overhead), encap_port=options.vxlan_port,
+                        tunnels=(vxlan, UDP_DEVICE), bare_underlay=underlay,
+                        peer_iifs=(vxlan, UDP_DEVICE, underlay),
+                        tables=frozenset(AUTO_TABLES.values()))
+
+
+AUTO_BACKEND = BackendSpec(AutoOptions, "weft.backends.auto.apply:AutoBackend", auto_facts,
+                           auto_overhead, auto_data_problem)

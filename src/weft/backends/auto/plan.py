@@ -16,13 +16,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from weft.backends.auto.options import DATA_KEYS, PLANES, AutoOptions
+from weft.backends.auto.options import AUTO_TABLES, DATA_KEYS, PLANES, AutoOptions
 from weft.backends.routes import direct_route
 from weft.backends.udp import plan as udp_plan
 from weft.backends.vxlan import plan as vxlan_plan
 from weft.backends.vxlan.options import VxlanOptions
 from weft.core.config import IPAddress, IPNetwork
-from weft.core.constants import AUTO_TABLES
 from weft.core.dataplane import FdbEntry, Neighbour, Route
 from weft.core.host import UnderlayFacts
 from weft.core.lease import Lease

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from weft.backends.auto import wire
-from weft.backends.auto.options import PLANES
+from weft.backends.auto.options import AUTO_TABLES, PLANES
 from weft.backends.udp.bind import IP_PMTUDISC_DO, set_path_mtu_discovery
 from weft.core.config import IPAddress, IPNetwork
-from weft.core.constants import AUTO_TABLES
 
 log = logging.getLogger("weft.backends.auto")
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from weft.backends.base import BackendFacts, BackendSpec, by_ip_version
 from weft.core.config import BackendOptions
 
 
@@ -20,3 +21,13 @@ def hostgw_overhead(ip_version: int) -> int:
 
 def hostgw_data_problem(data: Mapping[str, Any]) -> str | None:
     return None  # host-gw publishes nothing but the PublicIP
+
+
+def hostgw_facts(options: HostGwOptions, underlay: str) -> BackendFacts:
+    """No device of its own: overlay packets cross the underlay as they are."""
+    return BackendFacts(by_ip_version(hostgw_overhead), bare_underlay=underlay,
+                        arrival=underlay)
+
+
+HOSTGW_BACKEND = BackendSpec(HostGwOptions, "weft.backends.hostgw.apply:HostGwBackend",
+                             hostgw_facts, hostgw_overhead, hostgw_data_problem)

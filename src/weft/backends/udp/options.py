@@ -7,8 +7,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from weft.backends.base import BackendFacts, BackendSpec, by_ip_version
 from weft.core.config import BackendOptions
-from weft.core.constants import IP_HEADER, UDP_ENCAP_HEADER, UDP_HEADER, VNET_HEADER
+from weft.core.constants import (
+    IP_HEADER,
+    UDP_DEVICE,
+    UDP_ENCAP_HEADER,
+    UDP_HEADER,
+    VNET_HEADER,
+)
 
 
 class UdpOptions(BackendOptions):
@@ -30,3 +37,14 @@ def udp_data_problem(data: Mapping[str, Any]) -> str | None:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         return f"Port {port!r} is not a UDP port (1-65535)"
     return None
+
+
+def udp_facts(options: UdpOptions, underlay: str) -> BackendFacts:
+    """A TUN device; each peer's port is its own (in its lease), so a member is an
+    (address, port) pair."""
+    return BackendFacts(by_ip_version(udp_overhead), encap_port=options.port,
+                        members_by_port=True, tunnels=(UDP_DEVICE,))
+
+
+UDP_BACKEND = BackendSpec(UdpOptions, "weft.backends.udp.apply:UdpBackend", udp_facts,
+                          udp_overhead, udp_data_problem)

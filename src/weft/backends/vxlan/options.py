@@ -8,8 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from weft.backends.base import BackendFacts, BackendSpec, by_ip_version
 from weft.core.config import BackendOptions
-from weft.core.constants import IP_HEADER, UDP_HEADER, VXLAN_HEADER
+from weft.core.constants import IP_HEADER, UDP_HEADER, VXLAN_DEVICE_PREFIX, VXLAN_HEADER
 
 
 class VxlanOptions(BackendOptions):
@@ -24,6 +25,16 @@ def vxlan_overhead(ip_version: int) -> int:
     return IP_HEADER[ip_version] + UDP_HEADER + VXLAN_HEADER
 
 
+def vxlan_facts(options: VxlanOptions, underlay: str) -> BackendFacts:
+    """One VXLAN device; with DirectRouting, peers on the same link are plain routes over
+    the underlay (so the fast path, which serves one arrival device, is not used)."""
+    device = f"{VXLAN_DEVICE_PREFIX}{options.vni}"
+    return BackendFacts(by_ip_version(vxlan_overhead), encap_port=options.port,
+                        tunnels=(device,),
+                        bare_underlay=underlay if options.direct_routing else None,
+                        arrival=None if options.direct_routing else device)
+
+
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
@@ -35,3 +46,7 @@ def vxlan_data_problem(data: Mapping[str, Any]) -> str | None:
     if int(mac[:2], 16) & 1 or mac.lower() == "00:00:00:00:00:00":
         return f"VtepMAC {mac!r} is not a unicast MAC address"
     return None
+
+
+VXLAN_BACKEND = BackendSpec(VxlanOptions, "weft.backends.vxlan.apply:VxlanBackend", vxlan_facts,
+                            vxlan_overhead, vxlan_data_problem)

@@ -9,8 +9,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
+from weft.backends.base import BackendFacts, BackendSpec, by_ip_version
 from weft.core.config import BackendOptions
-from weft.core.constants import IP_HEADER, UDP_HEADER, WIREGUARD_HEADER
+from weft.core.constants import IP_HEADER, UDP_HEADER, WIREGUARD_DEVICE, WIREGUARD_HEADER
 
 
 class WireguardOptions(BackendOptions):
@@ -54,3 +55,13 @@ def wireguard_data_problem(data: Mapping[str, Any]) -> str | None:
     if len(raw) != 32:
         return "PublicKey is not a base64-encoded 32-byte WireGuard key"
     return None
+
+
+def wireguard_facts(options: WireguardOptions, underlay: str) -> BackendFacts:
+    return BackendFacts(by_ip_version(wireguard_overhead), encap_port=options.listen_port,
+                        tunnels=(WIREGUARD_DEVICE,), encrypted=True)
+
+
+WIREGUARD_BACKEND = BackendSpec(WireguardOptions,
+                                "weft.backends.wireguard.apply:WireguardBackend",
+                                wireguard_facts, wireguard_overhead, wireguard_data_problem)

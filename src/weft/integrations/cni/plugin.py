@@ -14,11 +14,17 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Final
 
 from weft.host.files import write_atomic
 from weft.integrations.cni.handler import handle
 from weft.integrations.cni.spec import SPEC_VERSION, CniError, ErrorCode
 from weft.integrations.subnet_env import read_subnet_env
+
+# Where the reference plugins (bridge, ptp, host-local) are found: the CNI convention
+# (the upstream release; containerd's and CRI-O's default bin_dir) and Debian's
+# containernetworking-plugins package. A default search path holds both, in this order.
+REFERENCE_PLUGIN_DIRS: Final = ("/opt/cni/bin", "/usr/lib/cni")
 
 
 def find_plugin(name: str, cni_path: str) -> Path:
@@ -30,7 +36,8 @@ def find_plugin(name: str, cni_path: str) -> Path:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
     raise CniError(ErrorCode.INVALID_ENVIRONMENT, f"plugin {name!r} not found in CNI_PATH",
-                   f"CNI_PATH={cni_path!r}")
+                   f"CNI_PATH={cni_path!r}; the reference plugins are in /opt/cni/bin (the "
+                   "CNI release) or /usr/lib/cni (Debian's containernetworking-plugins)")
 
 
 def run_delegate(name: str, env: Mapping[str, str], stdin: bytes) -> tuple[int, bytes]:

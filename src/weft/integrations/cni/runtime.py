@@ -16,9 +16,11 @@ for ADD/CHECK and in reverse for DEL, each plugin getting the previous one's res
 `prevResult`, as libcni does). The plugin runs inside `ip netns exec <host_netns>` when
 `host_netns` is given: that namespace plays the host the container lives on.
 
-CNI_PATH must hold both the reference plugins (/usr/lib/cni) and the directory of the
-`weft-cni` executable: the runtime looks `weft-cni` up there, and `weft-cni` looks up its
-delegate (`bridge`) and the delegate its IPAM (`host-local`) there too.
+CNI_PATH must hold both the reference plugins and the directory of the `weft-cni`
+executable: the runtime looks `weft-cni` up there, and `weft-cni` looks up its delegate
+(`bridge`) and the delegate its IPAM (`host-local`) there too. `default_cni_path` is this
+Python's bin directory, then both homes of the reference plugins: /opt/cni/bin (the CNI
+convention) and /usr/lib/cni (Debian's containernetworking-plugins).
 
 Every failure raises `weft.integrations.cni.spec.CniError` carrying the plugin's JSON error (code,
 msg, details).
@@ -34,16 +36,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from weft.integrations.cni.plugin import find_plugin
+from weft.integrations.cni.plugin import REFERENCE_PLUGIN_DIRS, find_plugin
 from weft.integrations.cni.spec import SPEC_VERSION, CniError, ErrorCode
 
-REFERENCE_PLUGINS_DIR: Final = "/usr/lib/cni"
 PLUGIN_TIMEOUT: Final = 60.0
 
 
 def default_cni_path() -> str:
-    """The directory of this Python's `weft-cni` (the venv's bin) and the reference plugins."""
-    return f"{Path(sys.executable).parent}{os.pathsep}{REFERENCE_PLUGINS_DIR}"
+    """The directory of this Python's `weft-cni` (the venv's bin), then the directories of
+    the reference plugins (REFERENCE_PLUGIN_DIRS)."""
+    return os.pathsep.join([str(Path(sys.executable).parent), *REFERENCE_PLUGIN_DIRS])
 
 
 def run_cni_plugin(command: str, conf: Mapping[str, Any], *, container_id: str, ifname: str,
