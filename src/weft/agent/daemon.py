@@ -39,7 +39,7 @@ from typing import Any
 
 from weft.agent.conntrack import OverlayConntrack
 from weft.agent.fastpath_state import FastPathState
-from weft.agent.health import Health
+from weft.agent.health import Health, Part
 from weft.agent.host_keeper import HostKeeper
 from weft.agent.identity import load_host_id
 from weft.agent.lease_keeper import LeaseKeeper, OwnLease, acquire
@@ -66,7 +66,7 @@ from weft.host.forward_accept import remove_forward_accept
 from weft.host.ingress import IngressFilter
 from weft.host.masquerade import ConntrackMode, remove_masquerade
 from weft.host.netlink import Netlink
-from weft.host.system import detect_host, enable_forwarding, require_root
+from weft.host.system import detect_host, enable_forwarding, require_root, underlay_address
 from weft.store import LeaseStore
 
 log = logging.getLogger("weft.agent")
@@ -128,6 +128,8 @@ class Agent:
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._status_restart = asyncio.Event()
+        self._underlay_changed = asyncio.Event()  # an address came or went on the underlay
+        self._readdress = asyncio.Event()  # this host's address moved: start again on it
         self._lock = StateDirLock(options.state_dir)
 
     # --- start-up -----------------------------------------------------------------------
@@ -155,7 +157,8 @@ class Agent:
         except OSError as exc:
             raise UsageError(
                 f"cannot create {exc.filename or state_dir} ({exc.strerror})") from None
-        self._lock.acquire()
+        if not self._lock.held:
+            self._lock.acquire()
         host_id = load_host_id(state_dir)
         config_text, config = await self._load_config()
         # pyroute2's sync API runs its own event loop, so netlink work happens off this one.
@@ -210,7 +213,7 @@ class Agent:
         # The first pass runs here, so what goes wrong on start-up reaches the caller; it
         # also removes what an earlier run left that no lease wants.
         await reconciler.pass_once()
-        if self.opts.metrics_addr:
+        if self.opts.metrics_addr and not self.metrics.serving:
             self.metrics.serve(self.opts.metrics_addr)
         return Running(config_text, config, host, backend, ingress, facts,
                        store_view, keeper, conntrack, reconciler)
@@ -218,21 +221,36 @@ class Agent:
     # --- run ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        try:
-            running = await self.start()
-        except BaseException:
-            self._lock.release()
-            raise
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+        while True:
+            try:
+                running = await self.start()
+            except BaseException:
+                self._lock.release()
+                raise
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+            if not await self._serve(running):
+                return
+            # The host's address moved (no --public-ip): start again on the new one, as a
+            # restart would (the data plane stands meanwhile), with the same identity, so
+            # the same subnet is renewed under the new address and peers follow.
+            self._readdress.clear()
+            self.ready.clear()
+
+    async def _serve(self, running: Running) -> bool:
+        """Run the services until SIGTERM (False) or the underlay address moved (True)."""
+        moved = False
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(service) for service in self._services(running)]
                 self.ready.set()
                 log.info("agent running", extra={"subnet": str(running.keeper.lease.subnet)})
-                await self._stop.wait()
-                for task in tasks:
+                stop = tg.create_task(self._stop.wait())
+                readdress = tg.create_task(self._readdress.wait())
+                await asyncio.wait([stop, readdress], return_when=asyncio.FIRST_COMPLETED)
+                moved = not self._stop.is_set()
+                for task in [*tasks, stop, readdress]:
                     task.cancel()
         except BaseExceptionGroup as group:
             # One line for the user (the CLI prints WeftError), not a traceback of a group.
@@ -241,7 +259,40 @@ class Agent:
                 raise leaf from None
             raise
         finally:
-            await self._shutdown(running)
+            await self._shutdown(running, final=not moved)
+        return moved
+
+    async def _follow_underlay(self, r: Running) -> None:
+        """An address came or went on the underlay: is this host's still there? Without
+        --public-ip the agent follows the interface (a DHCP renewal, a re-IP'd VM); a
+        pinned address that left is an error (peers cannot reach this host), cleared when
+        it is back."""
+        pinned = self.opts.public_ip is not None
+        iface, current = r.host.underlay_ifname, r.host.public_ip
+        while True:
+            await self._underlay_changed.wait()
+            self._underlay_changed.clear()
+            present, now = await asyncio.to_thread(underlay_address, iface, current)
+            if present:
+                if self.health.data_plane.pop(Part.PUBLIC_IP, None) is not None:
+                    log.info("public address back", extra={"public_ip": str(current)})
+                    self.requests("public address back")
+                continue
+            if not pinned and now is not None:
+                log.warning("underlay address changed; following it",
+                            extra={"old": str(current), "new": str(now), "iface": iface})
+                self._readdress.set()
+                return
+            message = (f"--public-ip {current} is no longer an address of {iface}: peers "
+                       "cannot reach this host; add it back, or restart the agent with the "
+                       "new address" if pinned else
+                       f"{iface} has no address left (was {current}): peers cannot reach "
+                       "this host until it gets one")
+            if self.health.data_plane.get(Part.PUBLIC_IP) != message:
+                log.error("public address gone", extra={"public_ip": str(current),
+                                                        "iface": iface, "error": message})
+                self.health.data_plane[Part.PUBLIC_IP] = message
+                self.requests("public address gone")
 
     def _services(self, r: Running) -> list[Coroutine[Any, Any, None]]:
         """Everything the run's one TaskGroup holds."""
@@ -262,7 +313,10 @@ class Agent:
                               self._status_restart),
             restarting("kernel events", lambda: watch_kernel(
                 r.reconciler.kernel_changed, DEVICE_PREFIX,
-                tc_hooks=self.fastpath.fastpath is not None, tables=r.facts.tables)),
+                tc_hooks=self.fastpath.fastpath is not None, tables=r.facts.tables,
+                underlay=r.host.underlay_ifname,
+                underlay_changed=self._underlay_changed.set)),
+            self._follow_underlay(r),
             restarting("netfilter events", lambda: watch_netfilter(
                 host_changed, r.ingress.own_echo)),
             restarting("file events", lambda: watch_files(host_changed, directories)),
@@ -313,7 +367,12 @@ class Agent:
         except (WeftError, OSError, subprocess.SubprocessError) as exc:
             log.warning("could not remove weft's firewall rules", extra={"error": str(exc)})
 
-    async def _shutdown(self, r: Running) -> None:
+    async def _shutdown(self, r: Running, *, final: bool = True) -> None:
+        if not final:  # starting again on a new address: the data plane, store and lock stay
+            await asyncio.to_thread(self.fastpath.close)
+            await asyncio.to_thread(r.backend.close)
+            (self.opts.state_dir / STATUS_SOCKET).unlink(missing_ok=True)
+            return
         try:
             await asyncio.to_thread(self.fastpath.close)
             await asyncio.to_thread(r.backend.close)
