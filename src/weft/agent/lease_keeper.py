@@ -115,8 +115,8 @@ class LeaseKeeper:
             return  # none, or not ours to read: nothing is known about a previous subnet
         if previous == self.lease.subnet:
             return
-        await _release_lost_subnet(previous)
-        self._note_moved(previous, self.lease.subnet)
+        stranded = await _release_lost_subnet(previous)
+        self._note_moved(previous, self.lease.subnet, stranded)
 
     async def take(self, lease: Lease) -> None:
         """Make `lease` this host's: the backend's own address and MTU, the masquerade
@@ -262,7 +262,7 @@ class LeaseKeeper:
             refusals=Notice.STORE, cap=self._retry_cap())
         if created is not None:
             return created
-        await _release_lost_subnet(old.subnet)  # at once, before a new one is leased
+        stranded = await _release_lost_subnet(old.subnet)  # at once, before a new lease
         config = self.config
         lease, _ = await self.retry.call(
             "acquire lease",
@@ -271,7 +271,7 @@ class LeaseKeeper:
                                   known_taken=self.known_taken, refuse_shared=False),
             refusals=Notice.STORE, cap=self._retry_cap())
         await self.take(lease)
-        self._note_moved(old.subnet, lease.subnet)
+        self._note_moved(old.subnet, lease.subnet, stranded)
         log.info("lease acquired", extra={"subnet": str(lease.subnet)})
         self.request("new lease", host=True)
         return lease
@@ -280,30 +280,42 @@ class LeaseKeeper:
         """Retries to take a lease back stay as close as a renewal's after its end."""
         return max(0.5, self.ttl / 4)
 
-    def _note_moved(self, old: IPNetwork, new: IPNetwork) -> None:
-        self.health.notice(Notice.LEASE, f"subnet {old} was taken by another host while "
-                                         f"this one was away; now {new}")
+    def _note_moved(self, old: IPNetwork, new: IPNetwork, stranded: str) -> None:
+        # Not "taken while away": the lease may also have ended, or its record gone, with
+        # this host running; what is known is that it no longer holds the subnet.
+        self.health.notice(Notice.LEASE, f"this host no longer holds subnet {old} (its "
+                                         "lease ended or another host holds it); it holds "
+                                         f"{new} now; containers left in {old}: {stranded} "
+                                         "(restart them to renumber)")
 
 
-async def _release_lost_subnet(subnet: IPNetwork) -> None:
+async def _release_lost_subnet(subnet: IPNetwork) -> str:
     """Stop answering for a subnet another host holds now (its gateway address leaves
-    the container bridge) and say which local containers that strands."""
-    stranded = await asyncio.to_thread(_release_subnet, subnet)
+    the container bridge) and say which local containers that strands (returned too)."""
+    addresses, ports = await asyncio.to_thread(_release_subnet, subnet)
+    stranded = ", ".join(addresses) if addresses else "none"
+    if ports > len(addresses):
+        # Containers that never talked to the host have no neighbour entry to name them.
+        stranded += (f" ({ports} containers on {CNI_BRIDGE} in all; the others' addresses "
+                     "are not known to the host)")
     log.error("this host's previous subnet is held by another host now; released it",
               extra={"subnet": str(subnet),
-                     "stranded_containers": ", ".join(stranded) or "none",
+                     "stranded_containers": stranded,
                      "action": "restart the stranded containers to give them addresses "
                                "in the new subnet"})
+    return stranded
 
 
-def _release_subnet(subnet: IPNetwork) -> list[str]:
+def _release_subnet(subnet: IPNetwork) -> tuple[list[str], int]:
     """Stop answering for a subnet this host no longer holds: its gateway address leaves
-    the container bridge. Returns the containers (neighbours on the bridge) left in it."""
+    the container bridge. Returns the containers (neighbours on the bridge, in any state)
+    left in it, and how many ports the bridge has (one per container)."""
     with Netlink() as nl:
         bridge = nl.link(CNI_BRIDGE)
         if bridge is None:
-            return []
+            return [], 0
         stranded = sorted(str(n.ip) for n in nl.neighbours(bridge.index, permanent=False)
                           if n.ip in subnet)
+        ports = nl.bridge_ports(bridge.index)
         nl.remove_addresses_in(bridge.index, subnet)
-    return stranded
+    return stranded, ports
