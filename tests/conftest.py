@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+
+from helpers import FIGURE
 
 
 def _netns_unavailable() -> str | None:
@@ -46,3 +51,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "netns" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The figures tests recorded (helpers.record_figure): a table at the end of the run,
+    and JSON in the file WEFT_FIGURES names, for the docs."""
+    figures = [dict(value, test=report.nodeid)
+               for reports in terminalreporter.stats.values() for report in reports
+               if getattr(report, "when", None) == "call"
+               for name, value in getattr(report, "user_properties", ()) if name == FIGURE]
+    if not figures:
+        return
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    terminalreporter.write_sep("-", f"measured figures (load {load})")
+    for f in figures:
+        extra = ", ".join(f"{k} {v}" for k, v in f.items() if k not in ("case", "seconds", "test"))
+        terminalreporter.write_line(f"{f['case']}: {f['seconds']:.2f} s" + (f"; {extra}" if extra else ""))
+    if path := os.environ.get("WEFT_FIGURES"):
+        Path(path).write_text(json.dumps({"load": load, "figures": figures}, indent=1) + "\n")

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
+import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -109,3 +111,27 @@ def leader_index(cluster: LocalEtcd) -> int:
         if status is not None and status["header"]["member_id"] == status["leader"]:
             return i
     raise AssertionError(f"no member leads the cluster: {statuses}")
+
+
+_HANDLED = re.compile(r'^grpc_server_handled_total\{grpc_code="(\w+)",grpc_method="(\w+)",'
+                      r'.*\} (\d+)', re.MULTILINE)
+
+
+def grpc_calls(cluster: LocalEtcd) -> dict[tuple[str, str], int]:
+    """How many calls etcd's members answered so far, by (method, code), from their own
+    /metrics: what a client asked, seen from the server (plain loopback members only)."""
+    calls: dict[tuple[str, str], int] = {}
+    for member in cluster.members:
+        if not member.running:
+            continue
+        with urllib.request.urlopen(f"{member.client_url}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        for code, method, count in _HANDLED.findall(text):
+            calls[method, code] = calls.get((method, code), 0) + int(count)
+    return calls
+
+
+def calls_since(before: dict[tuple[str, str], int],
+                after: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+    """The calls answered between two `grpc_calls` readings (only those that happened)."""
+    return {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}

@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -33,6 +34,7 @@ from etcd_server import (
     leader_index,
     unique_prefix,
 )
+from helpers import await_for, record_figure, wait_for
 from weft.core.constants import DEFAULT_ETCD_PREFIX
 from weft.core.errors import StoreUnavailable, WatchCompacted
 from weft.core.events import LeaseEvent
@@ -111,13 +113,15 @@ async def _collect(store: EtcdLeaseStore, since: int, count: int,
 
 @pytest.mark.parametrize("victim", ["first endpoint", "leader"])
 def test_one_member_killed_requests_and_watch_move_to_another(
-    three_members: LocalEtcd, victim: str
+    three_members: LocalEtcd, victim: str, record_property: Callable[[str, object], None]
 ) -> None:
     # The first endpoint: where both clients are connected. The leader: an election.
     doomed = 0 if victim == "first endpoint" else leader_index(three_members)
     prefix = unique_prefix()
+    slowest = 0.0
 
     async def main() -> None:
+        nonlocal slowest
         async with _writer_and_watcher(three_members.url, prefix) as (writer, watcher):
             _, start = await writer.list_leases()
             seen: list[LeaseEvent] = []
@@ -125,18 +129,26 @@ def test_one_member_killed_requests_and_watch_move_to_another(
                 group.create_task(_collect(watcher, start, 6, seen))
                 for i in (1, 2, 3):
                     assert await writer.create_lease(lease(i), 60) is not None
-                await asyncio.sleep(0.5)
+
+                async def seen_three() -> bool:
+                    return len(seen) >= 3
+
+                # The watch delivered the first three: it is live when the member dies.
+                await await_for("the first three events", seen_three, 30, interval=0.05)
                 await asyncio.to_thread(three_members.kill, doomed)
                 for i in (4, 5, 6):  # no error reaches the caller
                     started = time.monotonic()
                     assert await writer.create_lease(lease(i), 60) is not None
-                    assert time.monotonic() - started < 7  # at worst one timed-out attempt
+                    slowest = max(slowest, time.monotonic() - started)
             subnets = [str(e.subnet) for e in seen]
             assert subnets == [NET.format(i) for i in range(1, 7)]  # none lost, none twice
             leases, _ = await writer.list_leases()
             assert len(leases) == 6
 
     run(main())
+    # At worst one timed-out attempt: a figure for the docs, not a bound.
+    record_figure(record_property, f"etcd: slowest write after the {victim} member died",
+                  slowest)
 
 
 def test_a_member_without_a_leader_is_unavailable_not_a_refusal(
@@ -183,8 +195,23 @@ def test_a_member_without_a_leader_is_unavailable_not_a_refusal(
     run(main())
 
 
+class _Count(logging.Handler):
+    """Counts the log records whose message starts with `text`."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.count = text, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += record.getMessage().startswith(self.text)
+
+
 def test_watch_resumes_across_a_restart_of_the_whole_cluster(three_members: LocalEtcd) -> None:
     prefix = unique_prefix()
+    interruptions = _Count("etcd watch interrupted")
+    store_log = logging.getLogger("weft.store.etcd")
+    store_log.addHandler(interruptions)
+    store_log.setLevel(logging.WARNING)
 
     async def main() -> None:
         async with _writer_and_watcher(three_members.url, prefix) as (writer, watcher):
@@ -193,12 +220,21 @@ def test_watch_resumes_across_a_restart_of_the_whole_cluster(three_members: Loca
             async with asyncio.TaskGroup() as group:
                 group.create_task(_collect(watcher, start, 2, seen))
                 assert await writer.create_lease(lease(1), 60) is not None
-                await asyncio.sleep(0.5)
+
+                async def seen_one() -> bool:
+                    return len(seen) >= 1
+
+                await await_for("the first event", seen_one, 30, interval=0.05)
                 for i in range(3):
                     await asyncio.to_thread(three_members.kill, i)
                 with pytest.raises(StoreUnavailable):
                     await writer.create_lease(lease(2), 60)
-                await asyncio.sleep(2)  # the watch keeps retrying meanwhile
+
+                async def retried() -> bool:
+                    return interruptions.count >= 2
+
+                # The watch keeps retrying meanwhile: twice against the dead cluster.
+                await await_for("the watch to retry twice", retried, 60, interval=0.05)
                 for i in range(3):
                     await asyncio.to_thread(three_members.restart, i, wait=False)
                 await asyncio.to_thread(three_members.wait_healthy)
@@ -210,7 +246,10 @@ def test_watch_resumes_across_a_restart_of_the_whole_cluster(three_members: Loca
                         await asyncio.sleep(0.2)
             assert [str(e.subnet) for e in seen] == [NET.format(1), NET.format(2)]
 
-    run(main())
+    try:
+        run(main())
+    finally:
+        store_log.removeHandler(interruptions)
 
 
 async def _first_batch(store: EtcdLeaseStore, since: int) -> list[LeaseEvent]:
@@ -314,17 +353,21 @@ def test_etcd_gone_traffic_flows_a_new_host_waits_and_joins_when_it_returns() ->
     with Testbed(hosts=3, containers_per_host=1, store="etcd", etcd_members=3, lease_ttl=30) as tb:
         _start_hosts(tb, 2)
         c1, c2, c3 = tb.containers
+        wait_for("traffic before etcd goes", lambda: tb.ping(c1.netns, c2.ip), 30)
         ping = _ping(tb, c1.netns, c2.ip, seconds=12)
         try:
-            time.sleep(1)
             for i in range(3):
                 tb.etcd.kill(i)
-            tb.start_agent(tb.hosts[2])  # a host that boots while etcd is down
-            time.sleep(6)
-            assert tb.hosts[2].agent is not None
-            assert tb.hosts[2].agent.poll() is None, tb.agent_log(tb.hosts[2])[-2000:]
-            assert "store unavailable; retrying" in tb.agent_log(tb.hosts[2])
-            assert not tb.hosts[2].subnet_env_path.exists()
+            late = tb.hosts[2]
+            tb.start_agent(late)  # a host that boots while etcd is down
+
+            def retried_twice() -> bool:
+                tb._check_alive(late)  # it waits, it does not give up
+                return tb.agent_log(late).count("store unavailable; retrying") >= 2
+
+            wait_for("the late host to retry the store twice", retried_twice, 60,
+                     seen=lambda: tb.agent_log(late)[-2000:])
+            assert not late.subnet_env_path.exists()
             for i in range(3):
                 tb.etcd.restart(i, wait=False)
             tb.etcd.wait_healthy()
