@@ -10,8 +10,13 @@ run and, when WEFT_FIGURES names a file, written there as JSON (see conftest.py)
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
+import signal
+import subprocess
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -60,3 +65,66 @@ def record_figure(record_property: Callable[[str, object], None], case: str,
     """Keep a measured figure (say, how long a recovery took) for the report, not as a
     pass/fail bound: the test asserts the state and the traffic."""
     record_property(FIGURE, {"case": case, "seconds": round(seconds, 3), **more})
+
+
+_REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)")
+
+
+class PingProbe:
+    """A running `ping -D -n ...` (`argv`, the whole command: in a namespace, through
+    nsenter), its replies read as they come, so a test waits for replies instead of
+    sleeping while they come."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        assert "-D" in argv, argv  # timestamps
+        assert "-n" in argv, argv  # no name lookups
+        self.replies: dict[int, float] = {}  # icmp_seq -> when the reply came
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if m := _REPLY.match(line):
+                self.replies[int(m[2])] = float(m[1])
+
+    def replies_after(self, when: float) -> int:
+        """Replies that came after `when` (time.time())."""
+        return sum(t > when for t in list(self.replies.values()))
+
+    def wait_replies_after(self, what: str, when: float, count: int = 1,
+                           timeout: float = 60.0) -> None:
+        wait_for(f"{count} ping replies {what}", lambda: self.replies_after(when) >= count,
+                 timeout, interval=0.02, seen=lambda: self.lines[-5:])
+
+    def wait_done(self, timeout: float = 60.0) -> str:
+        """Until ping ends by itself (`-c`); its whole output."""
+        self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return "".join(self.lines)
+
+    def stop(self) -> str:
+        """SIGINT (ping prints its summary), then its whole output."""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+        return "".join(self.lines)
+
+    def outage(self, fault: float) -> tuple[int, float]:
+        """(pings lost, seconds from `fault` until the first reply after the last loss)."""
+        replies = dict(self.replies)
+        last = max(replies)
+        lost = [seq for seq in range(min(replies), last) if seq not in replies]
+        if not lost:
+            return 0, 0.0
+        after = min(t for seq, t in replies.items() if seq > max(lost))
+        return len(lost), max(0.0, after - fault)

@@ -6,7 +6,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -119,10 +118,14 @@ def test_cpu_meter_counts_a_busy_process_in_the_namespace(scratch_netns: str) ->
     meter = CpuMeter([scratch_netns])
     busy = subprocess.Popen(["ip", "netns", "exec", scratch_netns, sys.executable, "-c",
                              "import time\nend = time.process_time() + 0.6\n"
-                             "while time.process_time() < end: pass\ntime.sleep(30)"])
+                             "while time.process_time() < end: pass\n"
+                             "print('done', flush=True)\ntime.sleep(30)"],
+                            stdout=subprocess.PIPE, text=True)
+    assert busy.stdout is not None
     try:
         before = meter.snapshot()  # may already hold part of the 0.6 s
-        time.sleep(1.2)  # the loop is done and the process sleeps, still alive
+        # The loop is done (it says so) and the process sleeps, still alive.
+        assert busy.stdout.readline() == "done\n"
         after = meter.snapshot()
         used = CpuMeter.seconds(before, after)
         total = sum(after.processes.values()) / CLK_TCK

@@ -13,12 +13,12 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from helpers import PingProbe
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft.integrations.subnet_env import read_subnet_env
 from weft.lab.runtimes.cleanup import NETNS_LEDGER
@@ -65,17 +65,16 @@ def ping_during(tb: Testbed, src: Container, dst: Container,
     went through, while the container itself lives on (--live-restore)."""
     pid = runtime(tb).docker(src.host, "inspect", "-f", "{{.State.Pid}}",
                              runtime(tb).container_name(src)).stdout.strip()
-    argv = ["nsenter", "-t", pid, "-n", "-m", "ping", "-q", "-i", "0.05", "-c", str(count),
-            str(dst.ip)]
-    ping = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    # The machine's ping (iputils: -D timestamps each reply) in the container's network.
+    ping = PingProbe(["nsenter", "-t", pid, "-n", "ping", "-D", "-n", "-i", "0.05",
+                      "-c", str(count), str(dst.ip)])
     try:
-        threading.Event().wait(1.0)  # some replies before the restart
+        ping.wait_replies_after("before the action", 0.0, count=5)
         action()
-        out, _ = ping.communicate(timeout=60)
+        out = ping.wait_done(60)
     finally:
-        ping.kill()
-        ping.wait()
-    m = re.search(r"(\d+) packets transmitted, (\d+) packets received", out)
+        ping.stop()
+    m = re.search(r"(\d+) packets transmitted, (\d+) (?:packets )?received", out)
     assert m is not None, out
     return int(m.group(1)), int(m.group(2))
 

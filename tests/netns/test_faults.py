@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import signal
 import sqlite3
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from helpers import record_figure, wait_for
+from helpers import PingProbe, record_figure, wait_for
 from weft.core.constants import CNI_BRIDGE, NFT_TABLE, UDP_DEVICE, WIREGUARD_DEVICE
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft.lab.testbed import Container, Host, Testbed, netns_exec
@@ -45,58 +42,10 @@ def config(backend: str, **options: object) -> str:
 
 # --- measuring ------------------------------------------------------------------------
 
-_REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)")
-
-
-class PingProbe:
-    """`ping -D -i 0.05` from one container to another, its replies read as they come."""
-
-    INTERVAL = 0.05
-
-    def __init__(self, tb: Testbed, src: Container, dst: Container) -> None:
-        self.replies: dict[int, float] = {}  # icmp_seq -> when the reply came
-        self.proc = subprocess.Popen(
-            netns_exec(src.netns, ["ping", "-D", "-n", "-i", str(self.INTERVAL), "-W", "1",
-                                   str(dst.ip)]),
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if m := _REPLY.match(line):
-                self.replies[int(m[2])] = float(m[1])
-
-    def replied_after(self, when: float) -> bool:
-        return any(t > when for t in list(self.replies.values()))
-
-    def replies_after(self, when: float) -> int:
-        return sum(t > when for t in list(self.replies.values()))
-
-    def wait_replies_after(self, what: str, when: float, count: int = 1) -> None:
-        wait_for(f"{count} ping replies {what}", lambda: self.replies_after(when) >= count,
-                 DEADLINE, interval=0.02, seen=lambda: sorted(self.replies.items())[-5:])
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(5)
-
-    def outage(self, fault: float) -> tuple[int, float]:
-        """(pings lost, seconds from `fault` until the first reply after the last loss)."""
-        replies = dict(self.replies)
-        last = max(replies)
-        lost = [seq for seq in range(min(replies), last) if seq not in replies]
-        if not lost:
-            return 0, 0.0
-        after = min(t for seq, t in replies.items() if seq > max(lost))
-        return len(lost), max(0.0, after - fault)
+def ping_probe(src: Container, dst: Container) -> PingProbe:
+    """`ping -i 0.05` from one container to another."""
+    return PingProbe(netns_exec(src.netns, ["ping", "-D", "-n", "-i", "0.05", "-W", "1",
+                                            str(dst.ip)]))
 
 
 @dataclass
@@ -117,10 +66,10 @@ def measure(tb: Testbed, record: Record, case: str,
     src = src or tb.containers[0]
     dst = dst or tb.containers[-1]
     assert src.host is not dst.host
-    probe = PingProbe(tb, src, dst)
+    probe = ping_probe(src, dst)
     try:
         # A few replies before the fault, so the first loss is counted.
-        probe.wait_replies_after(f"{case}: before the fault", 0.0, count=5)
+        probe.wait_replies_after(f"{case}: before the fault", 0.0, count=5, timeout=DEADLINE)
         started = time.time()
         fault()
 
@@ -132,7 +81,8 @@ def measure(tb: Testbed, record: Record, case: str,
         wait_for(f"{case}: the state back", state_back, DEADLINE, interval=0.05)
         healed_at = time.time()
         # Traffic flows again, and a few replies more, so a loss at the end is counted.
-        probe.wait_replies_after(f"{case}: after the state was back", healed_at, count=10)
+        probe.wait_replies_after(f"{case}: after the state was back", healed_at, count=10,
+                                 timeout=DEADLINE)
     finally:
         probe.stop()
     lost, traffic_back = probe.outage(started)
@@ -305,7 +255,9 @@ def test_subnet_env_removed(vxlan: Testbed, record_property: Record) -> None:
 def test_state_dir_removed(vxlan: Testbed, record_property: Record) -> None:
     tb, h1 = vxlan, vxlan.hosts[0]
     measure(tb, record_property, "state dir removed (`rm -r`)",
-            lambda: shutil.rmtree(h1.state_dir),
+            # The agent may put a file back before rmdir (its repair races the rm):
+            # the fault happened all the same.
+            lambda: shutil.rmtree(h1.state_dir, ignore_errors=True),
             lambda: h1.state_dir.is_dir() and status_answers(tb, h1))
     assert tb.host_status(h1)["subnet"]
 

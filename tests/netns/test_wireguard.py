@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_for
 from weft.backends.wireguard.keyfile import key_file_path
 from weft.backends.wireguard.keys import PrivateKey
 from weft.backends.wireguard.plan import DeviceChange, PeerConfig
@@ -66,6 +67,19 @@ def key_of(host: Host) -> PrivateKey:
 def backend_status(tb: Testbed, host: Host) -> dict[str, object]:
     status: dict[str, object] = tb.host_status(host)["backend_status"]
     return status
+
+
+SENTINEL = b"weft-capture-sentinel"
+# One broadcast Ethernet frame of an experimental EtherType (0x88b5): not IPv4, so not
+# among the packets the capture is checked for.
+SENTINEL_SENDER = f"""
+import socket, sys
+dev = sys.argv[1]
+mac = bytes.fromhex(open(f"/sys/class/net/{{dev}}/address").read().strip().replace(":", ""))
+with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+    s.bind((dev, 0))
+    s.send(b"\\xff" * 6 + mac + b"\\x88\\xb5" + {SENTINEL!r}.ljust(46, b"\\0"))
+"""
 
 
 def wait_listening(tcpdump: subprocess.Popen[str]) -> None:
@@ -154,7 +168,11 @@ def test_full_mesh_encrypted_on_the_wire_and_keys_kept_private() -> None:
         try:
             wait_listening(dump)
             received = transfer(tb, src, dst, count=20000)
-            time.sleep(0.5)
+            # The bridge carries frames in order: once a frame sent after the transfer is
+            # in the file (tcpdump -U writes each as it comes), the transfer's are too.
+            tb.run(src.host.netns, [sys.executable, "-c", SENTINEL_SENDER, "eth0"])
+            wait_for("the sentinel frame captured", lambda: SENTINEL in pcap.read_bytes(),
+                     30)
         finally:
             dump.send_signal(signal.SIGINT)
             dump.wait(timeout=10)
@@ -372,7 +390,8 @@ def test_a_restarted_agent_replaces_a_wireguard_go_that_died() -> None:
         assert isinstance(pid, int)
         tb.stop_agent(host, signal.SIGTERM)
         os.kill(pid, signal.SIGKILL)  # a crash: its TUN device goes with it
-        time.sleep(0.3)
+        wait_for("wireguard-go's device gone with it", lambda: tb.run(
+            host.netns, ["ip", "link", "show", WIREGUARD_DEVICE], check=False).returncode != 0)
         assert not tb.ping(src.netns, dst.ip)
         tb.start_agent(host)
         tb.wait_converged(30)
