@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -12,10 +13,13 @@ from typing import Any
 
 import pytest
 
-from helpers import FIGURE
+from helpers import FIGURE, missing
 
 
+@functools.cache
 def _netns_unavailable() -> str | None:
+    """Why this machine cannot run namespace tests, or None; probed once, and only when
+    a namespace test is about to run (a unit run creates no namespace)."""
     if os.geteuid() != 0:
         return "needs root to create network namespaces"
     if shutil.which("ip") is None:
@@ -27,9 +31,6 @@ def _netns_unavailable() -> str | None:
         return f"cannot create network namespaces: {probe.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", name], check=False)
     return None
-
-
-_NETNS_REASON = _netns_unavailable()
 
 
 @pytest.fixture
@@ -44,13 +45,20 @@ def scratch_netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if _NETNS_REASON is None:
-        return
-    skip = pytest.mark.skip(reason=_NETNS_REASON)
-    for item in items:
-        if "netns" in item.keywords:
-            item.add_marker(skip)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "requires(available, reason): needs a capability the CI installs "
+                   "(helpers.requires: a failure with CI=true when missing, else a skip)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures are set up
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if "netns" in item.keywords and (reason := _netns_unavailable()) is not None:
+        missing(reason)
+    for mark in item.iter_markers("requires"):
+        available, reason = mark.args
+        if not available:
+            missing(reason)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

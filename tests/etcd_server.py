@@ -6,8 +6,8 @@
         cluster.etcdctl("put", key, value)       # the real etcdctl
 
 There is one etcd launcher in weft (`weft.lab.etcd_local`, also behind `weft demo --store
-etcd`); this module adds what tests need around it: the skip when the server binary is
-missing, and a prefix per test so tests can share one server without seeing each other.
+etcd`); this module adds what tests need around it: `requires_etcd` (a skip, or in CI a
+failure, when the server binary is missing), and a prefix per test so tests can share one server without seeing each other.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import pytest
-
+from helpers import missing, requires
 from weft.lab.etcd_local import ETCD_BINARY, ETCDCTL_BINARY, EtcdTls, LocalEtcd
 
 ETCD_MISSING_REASON = (
@@ -32,7 +31,7 @@ ETCD_MISSING_REASON = (
 )
 ETCD_AVAILABLE = os.access(ETCD_BINARY, os.X_OK) and os.access(ETCDCTL_BINARY, os.X_OK)
 
-requires_etcd = pytest.mark.skipif(not ETCD_AVAILABLE, reason=ETCD_MISSING_REASON)
+requires_etcd = requires(ETCD_AVAILABLE, ETCD_MISSING_REASON)
 
 
 @contextlib.contextmanager
@@ -45,7 +44,7 @@ def etcd_cluster(
 ) -> Iterator[LocalEtcd]:
     """Start an N-member etcd cluster on loopback; stop it and remove its data after."""
     if not ETCD_AVAILABLE:
-        pytest.skip(ETCD_MISSING_REASON)
+        missing(ETCD_MISSING_REASON)
     with LocalEtcd(members, base_dir=base_dir, tls=tls, extra_args=extra_args) as cluster:
         yield cluster
 

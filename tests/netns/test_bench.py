@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import requires
 from weft.lab.bench.cpu import CLK_TCK, CpuMeter
 from weft.lab.bench.qperf import qperf_server, run_qperf
 from weft.lab.bench.stats import (
@@ -157,9 +158,9 @@ def test_pinned_testbed_agents_and_their_threads_stay_on_their_host_cpu() -> Non
 
 
 @pytest.mark.netns
-@pytest.mark.skipif(not Path("/usr/sbin/dockerd").exists() or not Path("/bin/busybox").exists(),
-                    reason="needs Debian's docker.io and busybox-static "
-                           "(scripts/setup.sh --runtimes installs them)")
+@requires(Path("/usr/sbin/dockerd").exists() and Path("/bin/busybox").exists(),
+          "needs Debian's docker.io and busybox-static "
+          "(scripts/setup.sh --runtimes installs them)")
 def test_short_bench_with_docker_containers_beside_namespaces(tmp_path: Path) -> None:
     """`weft bench --runtime docker`: qperf between docker containers on two hosts, in the
     same rounds as native and the bare-namespace testbed (figures: README, not here)."""

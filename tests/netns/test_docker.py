@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import PingProbe
+from helpers import PingProbe, missing, requires
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft.integrations.subnet_env import read_subnet_env
 from weft.lab.runtimes.cleanup import NETNS_LEDGER
@@ -27,9 +27,9 @@ from weft.lab.testbed import RUNS_DIR, Container, Host, Testbed, list_netns
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(shutil.which("dockerd") is None or not Path("/bin/busybox").exists(),
-                       reason="needs Debian's docker.io and busybox-static "
-                              "(scripts/setup.sh --runtimes installs them)"),
+    requires(shutil.which("dockerd") is not None and Path("/bin/busybox").exists(),
+             "needs Debian's docker.io and busybox-static "
+             "(scripts/setup.sh --runtimes installs them)"),
 ]
 
 
@@ -183,7 +183,7 @@ time.sleep(600)
 @pytest.mark.parametrize("kind", ["docker", "podman"])
 def test_testbed_down_removes_what_a_killed_run_started(kind: str) -> None:
     if shutil.which(kind) is None:
-        pytest.skip(f"needs {kind}")
+        missing(f"needs {kind}")
     proc = subprocess.Popen([sys.executable, "-c", CRASHING_RUN, kind],
                             stdout=subprocess.PIPE, text=True)
     try:

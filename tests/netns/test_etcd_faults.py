@@ -26,12 +26,11 @@ import pytest
 
 from bounded import run
 from etcd_server import (
-    ETCD_AVAILABLE,
-    ETCD_MISSING_REASON,
     ROOT_USER,
     enable_auth,
     etcd_cluster,
     leader_index,
+    requires_etcd,
     unique_prefix,
 )
 from helpers import await_for, record_figure, wait_for
@@ -43,10 +42,7 @@ from weft.lab.etcd_local import LocalEtcd, free_loopback_port
 from weft.lab.testbed import Testbed, netns_exec, sh
 from weft.store.etcd import EtcdLeaseStore
 
-pytestmark = [
-    pytest.mark.etcd,
-    pytest.mark.skipif(not ETCD_AVAILABLE, reason=ETCD_MISSING_REASON),
-]
+pytestmark = pytest.mark.etcd
 
 NET = "198.19.{}.0/24"
 
@@ -111,6 +107,7 @@ async def _collect(store: EtcdLeaseStore, since: int, count: int,
         await watch.aclose()
 
 
+@requires_etcd
 @pytest.mark.parametrize("victim", ["first endpoint", "leader"])
 def test_one_member_killed_requests_and_watch_move_to_another(
     three_members: LocalEtcd, victim: str, record_property: Callable[[str, object], None]
@@ -151,6 +148,7 @@ def test_one_member_killed_requests_and_watch_move_to_another(
                   slowest)
 
 
+@requires_etcd
 def test_a_member_without_a_leader_is_unavailable_not_a_refusal(
     three_members: LocalEtcd,
 ) -> None:
@@ -206,6 +204,7 @@ class _Count(logging.Handler):
         self.count += record.getMessage().startswith(self.text)
 
 
+@requires_etcd
 def test_watch_resumes_across_a_restart_of_the_whole_cluster(three_members: LocalEtcd) -> None:
     prefix = unique_prefix()
     interruptions = _Count("etcd watch interrupted")
@@ -261,6 +260,7 @@ async def _first_batch(store: EtcdLeaseStore, since: int) -> list[LeaseEvent]:
         await watch.aclose()
 
 
+@requires_etcd
 def test_compaction_right_at_a_deletion_is_reported_not_swallowed() -> None:
     # etcd drops a deletion's tombstone when compacting at exactly its revision, and only
     # calls a watch compacted when it starts below the compaction revision: a watcher
@@ -325,6 +325,7 @@ def _ping(tb: Testbed, src: str, dst: object, seconds: float) -> subprocess.Pope
     )
 
 
+@requires_etcd
 @pytest.mark.netns
 def test_member_killed_agents_keep_renewing_and_a_new_host_joins() -> None:
     with Testbed(hosts=3, containers_per_host=1, store="etcd", etcd_members=3, lease_ttl=4) as tb:
@@ -348,6 +349,7 @@ def test_member_killed_agents_keep_renewing_and_a_new_host_joins() -> None:
         assert tb.ping(c3.netns, c1.ip, count=3)
 
 
+@requires_etcd
 @pytest.mark.netns
 def test_etcd_gone_traffic_flows_a_new_host_waits_and_joins_when_it_returns() -> None:
     with Testbed(hosts=3, containers_per_host=1, store="etcd", etcd_members=3, lease_ttl=30) as tb:
@@ -380,6 +382,7 @@ def test_etcd_gone_traffic_flows_a_new_host_waits_and_joins_when_it_returns() ->
         assert tb.ping(c3.netns, c2.ip, count=3)
 
 
+@requires_etcd
 @pytest.mark.netns
 def test_agents_cut_off_while_a_lease_goes_and_history_is_compacted_resync() -> None:
     with Testbed(hosts=3, containers_per_host=0, store="etcd", etcd_members=3, lease_ttl=60) as tb:
@@ -420,6 +423,7 @@ def test_agents_cut_off_while_a_lease_goes_and_history_is_compacted_resync() -> 
             assert "watch history compacted; resyncing" in tb.agent_log(tb.hosts[i])
 
 
+@requires_etcd
 @pytest.mark.netns
 def test_a_store_that_refuses_the_agent_keeps_it_running_and_it_renews_once_allowed() -> None:
     """Permissions taken away from running agents (an operator's mistake, or a store

@@ -31,6 +31,7 @@ from etcd_server import (
     make_tls,
     requires_etcd,
 )
+from helpers import missing
 from weft.core.errors import StoreError, StoreUnavailable, UsageError
 from weft.core.lease import Lease
 from weft.lab.etcd_local import EtcdTls, LocalEtcd
@@ -151,7 +152,7 @@ def test_keys_follow_flannels_layout_under_the_prefix() -> None:
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> EtcdTls:
     if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command (Debian package openssl) to make certificates")
+        missing("needs the openssl command (Debian package openssl) to make certificates")
     return make_tls(tmp_path_factory.mktemp("tls"))
 
 

@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 from test_mesh import source_seen
 
+from helpers import requires
 from weft.lab.testbed import Host, Testbed
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(shutil.which("clang") is None or shutil.which("bpftool") is None,
-                       reason="the fast path needs clang and bpftool (scripts/setup.sh)"),
+    requires(shutil.which("clang") is not None and shutil.which("bpftool") is not None,
+             "the fast path needs clang and bpftool (scripts/setup.sh)"),
 ]
 
 

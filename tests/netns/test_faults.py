@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from helpers import PingProbe, record_figure, wait_for
+from helpers import PingProbe, record_figure, requires, wait_for
 from weft.core.constants import CNI_BRIDGE, NFT_TABLE, UDP_DEVICE, WIREGUARD_DEVICE
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft.lab.testbed import Container, Host, Testbed, netns_exec
@@ -228,7 +228,7 @@ def test_nft_ruleset_flushed(vxlan: Testbed, record_property: Record) -> None:
             lambda: nft_table(tb, h1) and forward_rules(tb, h1) == 0)
 
 
-@pytest.mark.skipif(shutil.which("iptables") is None, reason="needs iptables")
+@requires(shutil.which("iptables") is not None, "needs iptables")
 def test_forward_chain_flushed_under_a_drop_policy(vxlan: Testbed, record_property: Record) -> None:
     tb = vxlan
     for host in tb.hosts:  # Docker's policy
@@ -298,7 +298,7 @@ def test_udp_tun_device_deleted(record_property: Record) -> None:
                 and "198.19.0.0/16" in tb.weft_routes(h1))
 
 
-@pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="needs wireguard-go")
+@requires(shutil.which("wireguard-go") is not None, "needs wireguard-go")
 def test_wireguard_device_deleted(record_property: Record) -> None:
     cfg = config("wireguard", PersistentKeepaliveInterval=0)
     with Testbed(hosts=2, containers_per_host=1, config=cfg, agent_args=NO_RESYNC) as tb:

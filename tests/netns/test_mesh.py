@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from helpers import requires
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft.lab.testbed import RUNS_DIR, Testbed, list_netns
 
@@ -234,7 +235,7 @@ def forward_chain(tb: Testbed, netns: str) -> str:
     return tb.run(netns, ["iptables", "-w", "5", "-S", "FORWARD"]).stdout
 
 
-@pytest.mark.skipif(shutil.which("iptables") is None, reason="needs iptables")
+@requires(shutil.which("iptables") is not None, "needs iptables")
 def test_overlay_crosses_a_forward_chain_that_drops_like_dockers() -> None:
     with Testbed(hosts=2, containers_per_host=1, config=config("vxlan")) as tb:
         for host in tb.hosts:  # what Docker >= 1.13 does to every host it runs on

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from etcd_server import ETCD_AVAILABLE, ETCD_MISSING_REASON
+from helpers import missing
 from weft.core.constants import DEFAULT_ETCD_PREFIX, ROUTE_PROTOCOL
 from weft.lab.etcd_local import ETCDCTL_BINARY
 from weft.lab.testbed import Testbed, netns_exec
@@ -182,7 +183,7 @@ class EtcdWriter:
 @pytest.fixture(scope="module", params=["sqlite", "etcd"])
 def bed(request: pytest.FixtureRequest) -> Iterator[tuple[Testbed, SqliteWriter | EtcdWriter]]:
     if request.param == "etcd" and not ETCD_AVAILABLE:
-        pytest.skip(ETCD_MISSING_REASON)
+        missing(ETCD_MISSING_REASON)
     with Testbed(hosts=3, containers_per_host=1, config=CONFIG, store=request.param) as tb:
         tb.start()
         yield tb, (SqliteWriter(tb) if request.param == "sqlite" else EtcdWriter(tb))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import wait_for
+from helpers import requires, wait_for
 from weft.backends.wireguard.keyfile import key_file_path
 from weft.backends.wireguard.keys import PrivateKey
 from weft.backends.wireguard.plan import DeviceChange, PeerConfig
@@ -30,8 +30,8 @@ from weft.lab.testbed import Container, Host, Testbed
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="needs wireguard-go"),
-    pytest.mark.skipif(shutil.which("tcpdump") is None, reason="needs tcpdump"),
+    requires(shutil.which("wireguard-go") is not None, "needs wireguard-go"),
+    requires(shutil.which("tcpdump") is not None, "needs tcpdump"),
 ]
 
 PORT = 51820
