@@ -151,3 +151,24 @@ class PingProbe:
             return 0, 0.0
         after = min(t for seq, t in replies.items() if seq > max(lost))
         return len(lost), max(0.0, after - fault)
+
+
+BW_BLUE, LAT_ORANGE = (0x3B, 0x7D, 0xD8), (0xE0, 0x8A, 0x2C)  # weft bench's bar colours
+
+
+def chart_bars(path: str) -> dict[str, object]:
+    """What a `weft bench --chart` PNG shows, read back with matplotlib's image reader:
+    its size in pixels, and how many bars of each colour stand on the bottom quarter of
+    the image (the legend's patches sit at the top)."""
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(path)  # rows x columns x RGBA, floats 0..1
+    height, width = pixels.shape[0], pixels.shape[1]
+    band = pixels[int(height * 0.70):int(height * 0.80), :, :3]
+
+    def bars(colour: tuple[int, int, int]) -> int:
+        near: Any = abs(band - [c / 255 for c in colour]) < 0.02  # an array (numpy)
+        hit = list(near.all(axis=2).any(axis=0))  # per column
+        return sum(1 for x in range(width) if hit[x] and (x == 0 or not hit[x - 1]))
+
+    return {"size": (width, height), "bw_bars": bars(BW_BLUE), "lat_bars": bars(LAT_ORANGE)}

@@ -285,20 +285,29 @@ def test_del_works_after_subnet_env_is_gone(host: CniHost) -> None:
 def test_check_passes_on_a_healthy_container(host: CniHost) -> None:
     c = host.container()
     result = host.add(c)
-    host.check(c, result)
+    before = addresses(c)
+    # As a runtime execs it: the spec's success is exit 0 with nothing on stdout.
+    rc, out = host.raw("CHECK", json.dumps(host.conf(prevResult=result)).encode(), c)
+    assert (rc, out) == (0, {})
+    host.check(c, result)  # through the runtime library: no CniError either
+    assert addresses(c) == before == [result["ips"][0]["address"]]  # CHECK changed nothing
 
 
-@pytest.mark.parametrize("breakage", [
-    ["link", "del", "eth0"],
-    ["addr", "flush", "dev", "eth0"],
+@pytest.mark.parametrize(("breakage", "words"), [
+    (["link", "del", "eth0"], ["eth0", "not found"]),
+    (["addr", "flush", "dev", "eth0"], ["{address}", "eth0"]),
 ])
-def test_check_fails_on_a_broken_container(host: CniHost, breakage: list[str]) -> None:
+def test_check_fails_on_a_broken_container(host: CniHost, breakage: list[str],
+                                           words: list[str]) -> None:
     c = host.container()
     result = host.add(c)
     ip("-n", c, *breakage)
     with pytest.raises(CniError) as exc:
         host.check(c, result)
-    assert exc.value.msg  # the bridge plugin's own spec error, passed through
+    # The bridge plugin's own spec error, passed through: it names what it found broken.
+    address = result["ips"][0]["address"]
+    for word in words:
+        assert word.format(address=address) in exc.value.msg, exc.value
 
 
 def test_check_fails_when_the_host_subnet_changed(host: CniHost) -> None:
