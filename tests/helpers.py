@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -39,6 +40,24 @@ def missing(reason: str) -> NoReturn:
         pytest.fail(f"CI=true, and a capability the CI installs is missing: {reason}",
                     pytrace=False)
     pytest.skip(reason)
+
+
+@functools.cache
+def kernel_wireguard_missing() -> str | None:
+    """Why this kernel cannot make a WireGuard device, or None: `ip link add type
+    wireguard`, tried once in a namespace of its own. A kernel feature, not something the
+    CI installs: a test that needs it skips (`pytest.skip`), in CI too."""
+    probe = f"weft-wgprobe-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", probe], check=True)
+    try:
+        made = subprocess.run(["ip", "-n", probe, "link", "add", "wgprobe", "type", "wireguard"],
+                              capture_output=True, text=True, check=False)
+        if made.returncode == 0:
+            return None
+        return (f"this kernel has no WireGuard module (`ip link add type wireguard`: "
+                f"{made.stderr.strip()})")
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], check=False)
 
 
 def requires(available: bool, reason: str) -> pytest.MarkDecorator:

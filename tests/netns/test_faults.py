@@ -22,7 +22,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from helpers import PingProbe, record_figure, requires, wait_for
+from helpers import (
+    PingProbe,
+    kernel_wireguard_missing,
+    missing,
+    record_figure,
+    requires,
+    wait_for,
+)
 from weft.core.constants import CNI_BRIDGE, NFT_TABLE, UDP_DEVICE, WIREGUARD_DEVICE
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft.lab.testbed import Container, Host, Testbed, netns_exec
@@ -298,13 +305,17 @@ def test_udp_tun_device_deleted(record_property: Record) -> None:
                 and "198.19.0.0/16" in tb.weft_routes(h1))
 
 
-@requires(shutil.which("wireguard-go") is not None, "needs wireguard-go")
-def test_wireguard_device_deleted(record_property: Record) -> None:
-    cfg = config("wireguard", PersistentKeepaliveInterval=0)
+@pytest.mark.parametrize("implementation", ["wireguard-go", "kernel"])
+def test_wireguard_device_deleted(record_property: Record, implementation: str) -> None:
+    if implementation == "kernel" and (reason := kernel_wireguard_missing()) is not None:
+        pytest.skip(reason)  # a kernel feature: not something the CI installs
+    if implementation == "wireguard-go" and shutil.which("wireguard-go") is None:
+        missing("needs wireguard-go")
+    cfg = config("wireguard", PersistentKeepaliveInterval=0, Implementation=implementation)
     with Testbed(hosts=2, containers_per_host=1, config=cfg, agent_args=NO_RESYNC) as tb:
         tb.start()
         h1 = tb.hosts[0]
-        measure(tb, record_property, "wireguard device deleted (wireguard-go)",
+        measure(tb, record_property, f"wireguard device deleted ({implementation})",
                 lambda: tb.run(h1.netns, ["ip", "link", "del", WIREGUARD_DEVICE]),
                 lambda: link_up(tb, h1, WIREGUARD_DEVICE)
                 and "198.19.0.0/16" in tb.weft_routes(h1))
