@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -191,3 +192,25 @@ def chart_bars(path: str) -> dict[str, object]:
         return sum(1 for x in range(width) if hit[x] and (x == 0 or not hit[x - 1]))
 
     return {"size": (width, height), "bw_bars": bars(BW_BLUE), "lat_bars": bars(LAT_ORANGE)}
+
+
+Metrics = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(netns: str, addr: str = "127.0.0.1:9464") -> Metrics:
+    """An agent's /metrics (its --metrics-addr, inside its host's namespace), parsed with
+    prometheus_client's own parser: (sample name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-c",
+         "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+         f"'http://{addr}/metrics', timeout=10).read().decode())"],
+        capture_output=True, text=True, check=True, timeout=30).stdout
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(metrics: Metrics, name: str, **labels: str) -> float | None:
+    """One sample's value, or None when the agent does not export it."""
+    return metrics.get((name, frozenset(labels.items())))

@@ -16,7 +16,7 @@ import pytest
 from test_ingress import heard_during
 
 from forged import PACKETS
-from helpers import PingProbe, record_figure, wait_for
+from helpers import PingProbe, metric, record_figure, scrape, wait_for
 from weft.core.constants import AUTO_RULE_PRIORITY, AUTO_TABLES
 from weft.lab.testbed import Host, Testbed, netns_exec, sh
 
@@ -106,7 +106,8 @@ def wait_plane(tb: Testbed, host: Host, peer: Host, plane: str, timeout: float) 
 def test_blocked_vxlan_port_moves_one_pair_to_udp_and_back(
     record_property: Callable[[str, object], None],
 ) -> None:
-    with Testbed(hosts=3, containers_per_host=1, config=CONFIG, routed_hosts=1) as tb:
+    with Testbed(hosts=3, containers_per_host=1, config=CONFIG, routed_hosts=1,
+                 agent_args=["--metrics-addr", "127.0.0.1:9464"]) as tb:
         tb.start()
         h1, h2, h3 = tb.hosts
         c1, _, c3 = tb.containers
@@ -149,6 +150,23 @@ def test_blocked_vxlan_port_moves_one_pair_to_udp_and_back(
         received = int(summary.split(",")[1].split()[0])
         assert received >= 100, summary
         assert paths(tb, h1)[str(h3.underlay_ip)]["switches"] == 2
+        # The metrics say the same: two switches towards h3, none towards h2; every plane's
+        # probes sent at least as often as answered, and each plane usable again.
+        far, near = (next(s for s, p in tb.host_status(h1)["backend_status"]["paths"].items()
+                          if p["peer"] == str(h.underlay_ip)) for h in (h3, h2))
+        metrics = scrape(h1.netns)
+        assert metric(metrics, "weft_peer_data_plane_switches_total", peer=far) == 2
+        assert metric(metrics, "weft_peer_data_plane_switches_total", peer=near) == 0
+        assert metric(metrics, "weft_peer_data_plane", peer=far, plane="vxlan") == 1
+        for plane in ("vxlan", "udp"):
+            sent = metric(metrics, "weft_peer_probes_sent_total", peer=far, plane=plane)
+            answered = metric(metrics, "weft_peer_probes_answered_total", peer=far, plane=plane)
+            assert sent is not None
+            assert answered is not None
+            assert sent >= answered > 0, (plane, sent, answered)
+        wait_for("both planes usable towards h3", lambda: all(metric(
+            scrape(h1.netns), "weft_peer_plane_usable", peer=far, plane=plane) == 1
+            for plane in ("vxlan", "udp")))
 
 
 RECEIVER = """
