@@ -214,3 +214,33 @@ def scrape(netns: str, addr: str = "127.0.0.1:9464") -> Metrics:
 def metric(metrics: Metrics, name: str, **labels: str) -> float | None:
     """One sample's value, or None when the agent does not export it."""
     return metrics.get((name, frozenset(labels.items())))
+
+
+SEEN_FROM = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 5555))
+s.settimeout(20)
+print(s.recvfrom(64)[1][0], flush=True)
+"""
+
+
+def source_seen(tb: Any, src: str, dst_netns: str, dst: object) -> str:
+    """The source address a UDP datagram from namespace `src` carries when it reaches
+    `dst` (listening in `dst_netns`): what masquerading did or did not do on the way."""
+    listener = subprocess.Popen(["ip", "netns", "exec", dst_netns, sys.executable, "-c",
+                                 SEEN_FROM, str(dst)], stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(40):  # resend until the listener is bound and prints
+            tb.run(src, [sys.executable, "-c", "import socket,sys; socket.socket(socket."
+                         "AF_INET, socket.SOCK_DGRAM).sendto(b'x', (sys.argv[1], 5555))",
+                         str(dst)])
+            try:
+                out, _ = listener.communicate(timeout=0.25)
+                return out.strip()
+            except subprocess.TimeoutExpired:
+                continue
+        raise AssertionError(f"nothing from {src} reached {dst}")
+    finally:
+        listener.kill()
+        listener.wait()

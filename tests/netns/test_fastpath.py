@@ -12,9 +12,8 @@ import sys
 from typing import Any
 
 import pytest
-from test_mesh import source_seen
 
-from helpers import requires, wait_for
+from helpers import requires, source_seen, wait_for
 from weft.lab.testbed import Host, Testbed
 
 pytestmark = [

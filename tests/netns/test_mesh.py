@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import requires
+from helpers import requires, source_seen
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft.lab.testbed import RUNS_DIR, Testbed, list_netns
 
@@ -187,36 +187,6 @@ def test_periodic_resync_repairs_a_route_someone_deleted() -> None:
         while time.monotonic() < deadline and route not in tb.weft_routes(tb.hosts[0]):
             time.sleep(0.2)
         assert route in tb.weft_routes(tb.hosts[0])
-
-
-SEEN_FROM = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], 5555))
-s.settimeout(20)
-print(s.recvfrom(64)[1][0], flush=True)
-"""
-
-
-def source_seen(tb: Testbed, src: str, dst_netns: str, dst: object) -> str:
-    """The source address a UDP datagram from namespace `src` carries when it reaches
-    `dst` (listening in `dst_netns`): what masquerading did or did not do on the way."""
-    listener = subprocess.Popen(["ip", "netns", "exec", dst_netns, sys.executable, "-c",
-                                 SEEN_FROM, str(dst)], stdout=subprocess.PIPE, text=True)
-    try:
-        for _ in range(40):  # resend until the listener is bound and prints
-            tb.run(src, [sys.executable, "-c", "import socket,sys; socket.socket(socket."
-                         "AF_INET, socket.SOCK_DGRAM).sendto(b'x', (sys.argv[1], 5555))",
-                         str(dst)])
-            try:
-                out, _ = listener.communicate(timeout=0.25)
-                return out.strip()
-            except subprocess.TimeoutExpired:
-                continue
-        raise AssertionError(f"nothing from {src} reached {dst}")
-    finally:
-        listener.kill()
-        listener.wait()
 
 
 def test_traffic_leaving_the_overlay_is_masqueraded_and_overlay_traffic_is_not() -> None:
