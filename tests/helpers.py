@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -244,3 +246,67 @@ def source_seen(tb: Any, src: str, dst_netns: str, dst: object) -> str:
     finally:
         listener.kill()
         listener.wait()
+
+
+# --- the CLI, configs and raw store rows ---------------------------------------------------
+
+
+def weft(*args: str, input: str | None = None, prefix: Sequence[str] = (),
+         timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`weft ARGS` as a user runs it (after `prefix`, e.g. setpriv), output captured."""
+    return subprocess.run([*prefix, sys.executable, "-m", "weft", *args], input=input,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def network_config(backend: str, **options: object) -> str:
+    """A network config on the tests' overlay range (198.19.0.0/16), as JSON."""
+    return json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend, **options}})
+
+
+def sqlite_put(path: str | os.PathLike[str], key: str, value: str | bytes,
+               expiration: float, public_ip: str | None = None) -> None:
+    """A row written into weft's SQLite store as another writer of the file would: the
+    row and its watch event, in one transaction; a value that is not UTF-8 goes in as TEXT
+    all the same."""
+    _sqlite_tx(path,
+               ("INSERT OR REPLACE INTO leases (key, value, public_ip, expiration) "
+                "VALUES (?, CAST(? AS TEXT), ?, ?)", (key, value, public_ip, expiration)),
+               ("INSERT INTO events (kind, key, value, expiration) "
+                "VALUES ('put', ?, CAST(? AS TEXT), ?)", (key, value, expiration)))
+
+
+def sqlite_delete(path: str | os.PathLike[str], key: str) -> None:
+    """A row deleted as another writer would: the row, and its watch event."""
+    _sqlite_tx(path, ("DELETE FROM leases WHERE key = ?", (key,)),
+               ("INSERT INTO events (kind, key, value, expiration) "
+                "VALUES ('delete', ?, NULL, NULL)", (key,)))
+
+
+def _sqlite_tx(path: str | os.PathLike[str], *statements: tuple[str, tuple[Any, ...]]) -> None:
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        for sql, args in statements:
+            db.execute(sql, args)
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+def namespaces_left_by(before: set[str], pid: int) -> list[str]:
+    """Namespaces created since `before` whose run belonged to process `pid` (a bench, a
+    demo): what it failed to remove."""
+    from weft.lab.testbed import RUNS_DIR, list_netns
+
+    left = []
+    for name in set(list_netns()) - before:
+        if not name.startswith("weft-"):
+            continue  # a runtime's own (podman's netns-<uuid>) of another run meanwhile
+        run_id = name.removeprefix("weft-").split("-", 1)[0]
+        try:
+            owner = int((RUNS_DIR / run_id / "owner.pid").read_text())
+        except (OSError, ValueError):
+            owner = pid  # no run dir: nobody is using it
+        if owner == pid:
+            left.append(name)
+    return left

@@ -13,9 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from test_ingress import heard_during
 
-from forged import PACKETS
+from forged import PACKETS, heard_during
 from helpers import PingProbe, metric, record_figure, scrape, wait_for
 from weft.core.constants import AUTO_RULE_PRIORITY, AUTO_TABLES
 from weft.lab.testbed import Host, Testbed, netns_exec, sh

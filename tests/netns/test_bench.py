@@ -10,37 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import chart_bars, requires
+from helpers import chart_bars, namespaces_left_by, requires
 from weft.lab.bench.cpu import CLK_TCK, CpuMeter
 from weft.lab.bench.qperf import qperf_server, run_qperf
 from weft.lab.bench.stats import (
     BenchError,
 )
 from weft.lab.testbed import RUNS_DIR, list_netns
-
-
-def weft(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "weft", *args], capture_output=True,
-                          text=True, timeout=timeout, check=False)
-
-
-# --- schedule ---------------------------------------------------------------------------
-
-
-def _ours_left(before: set[str], pid: int) -> list[str]:
-    """Namespaces created during the bench whose run belonged to the bench's process."""
-    left = []
-    for name in set(list_netns()) - before:
-        if not name.startswith("weft-"):
-            continue  # a runtime's own (podman's netns-<uuid>) of another run meanwhile
-        run_id = name.removeprefix("weft-").split("-", 1)[0]
-        try:
-            owner = int((RUNS_DIR / run_id / "owner.pid").read_text())
-        except (OSError, ValueError):
-            owner = pid  # no run dir: nobody is using it
-        if owner == pid:
-            left.append(name)
-    return left
 
 
 @pytest.mark.netns
@@ -74,7 +50,7 @@ def test_short_real_bench_measures_every_figure_and_leaves_nothing(tmp_path: Pat
     assert "TCP BW (MB/s)" in stdout
     assert "skipped nosuch" in stdout
     assert chart_bars(str(chart))["bw_bars"] == chart_bars(str(chart))["lat_bars"] == 3
-    assert _ours_left(before, proc.pid) == []
+    assert namespaces_left_by(before, proc.pid) == []
 
 
 # --- the edges, on real processes ---------------------------------------------------------

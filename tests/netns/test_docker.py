@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from helpers import PingProbe, missing, requires
+from helpers import network_config as config
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft.integrations.subnet_env import read_subnet_env
 from weft.lab.runtimes.cleanup import NETNS_LEDGER
@@ -31,10 +32,6 @@ pytestmark = [
              "needs Debian's docker.io and busybox-static "
              "(scripts/setup.sh --runtimes installs them)"),
 ]
-
-
-def config(backend: str) -> str:
-    return json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend}})
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from helpers import network_config as config
 from helpers import requires, source_seen, wait_for
 from weft.lab.testbed import Host, Testbed
 
@@ -21,10 +22,6 @@ pytestmark = [
     requires(shutil.which("clang") is not None and shutil.which("bpftool") is not None,
              "the fast path needs clang and bpftool (scripts/setup.sh)"),
 ]
-
-
-def config(backend: str) -> str:
-    return json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend}})
 
 
 def fastpath(tb: Testbed, host: Host) -> dict[str, Any]:

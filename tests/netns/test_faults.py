@@ -14,7 +14,6 @@ import contextlib
 import json
 import shutil
 import signal
-import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,8 +27,10 @@ from helpers import (
     missing,
     record_figure,
     requires,
+    sqlite_put,
     wait_for,
 )
+from helpers import network_config as config
 from weft.core.constants import CNI_BRIDGE, NFT_TABLE, UDP_DEVICE, WIREGUARD_DEVICE
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft.lab.testbed import Container, Host, Testbed, netns_exec
@@ -41,10 +42,6 @@ pytestmark = pytest.mark.netns
 DEADLINE = 60.0
 NO_RESYNC = ["--resync-interval", "86400"]  # the longest allowed: a day
 VXLAN_DEVICE = "weft.vx1"
-
-
-def config(backend: str, **options: object) -> str:
-    return json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend, **options}})
 
 
 # --- measuring ------------------------------------------------------------------------
@@ -342,7 +339,7 @@ def test_host_returning_after_its_lease_was_taken_moves_to_a_new_subnet(
         taker = json.dumps({"PublicIP": "198.18.0.99", "BackendType": "vxlan",
                             "BackendData": {"VNI": 1, "VtepMAC": "02:00:00:00:00:99"}})
         store = str(tb.run_dir / "store.db")
-        _put_sqlite(store, key, taker, time.time() + 3600)
+        sqlite_put(store, key, taker, time.time() + 3600, public_ip="198.18.0.99")
         gateway = _bridge_addresses(tb, h1)
         assert any(a.startswith(old.rsplit(".", 1)[0]) for a in gateway), gateway
         started = time.time()
@@ -389,17 +386,3 @@ def _bridge_addresses(tb: Testbed, host: Host) -> list[str]:
     out = tb.run(host.netns, ["ip", "-j", "addr", "show", "dev", CNI_BRIDGE]).stdout
     return [a["local"] for link in json.loads(out or "[]") for a in link.get("addr_info", [])
             if a.get("family") == "inet"]
-
-
-def _put_sqlite(path: str, key: str, value: str, expiration: float) -> None:
-    """Write a lease as another host's agent would: the row and its watch event."""
-    db = sqlite3.connect(path, timeout=30, isolation_level=None)
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("INSERT OR REPLACE INTO leases (key, value, public_ip, expiration) "
-                   "VALUES (?, ?, ?, ?)", (key, value, "198.18.0.99", expiration))
-        db.execute("INSERT INTO events (kind, key, value, expiration) VALUES "
-                   "('PUT', ?, ?, ?)", (key, value, expiration))
-        db.execute("COMMIT")
-    finally:
-        db.close()

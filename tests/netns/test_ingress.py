@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from forged import LISTENER, PACKETS
+from forged import PACKETS, heard_during
 from weft.core.config import parse_config
 from weft.core.lease import Lease
 from weft.host.ingress_rules import INGRESS_TABLE, ingress_plan, ingress_ruleset
-from weft.lab.testbed import Container, Host, Testbed
+from weft.lab.testbed import Host, Testbed
 
 pytestmark = pytest.mark.netns
 
@@ -63,21 +63,6 @@ def forge(tb: Testbed, netns: str, *args: object, unprivileged: bool = False) ->
     if unprivileged:
         argv = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *argv]
     assert "sent" in tb.run(netns, argv).stdout
-
-
-def heard_during(dst: Container, send: Any) -> list[str]:
-    """What the container `dst` hears on port 7777 while `send()` runs."""
-    listener = subprocess.Popen(["ip", "netns", "exec", dst.netns, "/usr/bin/python3", "-c",
-                                 LISTENER, "2"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert listener.stdout is not None
-        assert listener.stdout.readline().strip() == "ready"
-        send()
-        out, _ = listener.communicate(timeout=30)
-    finally:
-        listener.kill()
-        listener.wait()
-    return out.split()
 
 
 def test_forged_vxlan_frames_never_reach_a_container_and_are_counted() -> None:

@@ -12,15 +12,12 @@ import time
 
 import pytest
 
+from helpers import network_config as config
 from helpers import requires, source_seen
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft.lab.testbed import RUNS_DIR, Testbed, list_netns
 
 pytestmark = pytest.mark.netns
-
-
-def config(backend: str, **options: object) -> str:
-    return json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend, **options}})
 
 
 @pytest.mark.parametrize(("backend", "attach"), [

@@ -12,7 +12,6 @@ One testbed per store for the whole table; records are applied and removed one b
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ from typing import Any
 import pytest
 
 from etcd_server import ETCD_AVAILABLE, ETCD_MISSING_REASON
-from helpers import missing
+from helpers import missing, sqlite_delete, sqlite_put
+from helpers import wait_for as wait_until
 from weft.core.constants import DEFAULT_ETCD_PREFIX, ROUTE_PROTOCOL
 from weft.lab.etcd_local import ETCDCTL_BINARY
 from weft.lab.testbed import Testbed, netns_exec
@@ -134,28 +134,11 @@ class SqliteWriter:
     def __init__(self, tb: Testbed) -> None:
         self.path = tb.run_dir / "store.db"
 
-    def _tx(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            for sql, args in statements:
-                db.execute(sql, args)
-            db.execute("COMMIT")
-        finally:
-            db.close()
-
     def put(self, rec: Record) -> None:
-        expiration = time.time() + 3600
-        self._tx(
-            ("INSERT OR REPLACE INTO leases (key, value, public_ip, expiration) "
-             "VALUES (?, CAST(? AS TEXT), NULL, ?)", (rec.key, rec.value, expiration)),
-            ("INSERT INTO events (kind, key, value, expiration) "
-             "VALUES ('put', ?, CAST(? AS TEXT), ?)", (rec.key, rec.value, expiration)))
+        sqlite_put(self.path, rec.key, rec.value, time.time() + 3600)
 
     def delete(self, rec: Record) -> None:
-        self._tx(("DELETE FROM leases WHERE key = ?", (rec.key,)),
-                 ("INSERT INTO events (kind, key, value, expiration) "
-                  "VALUES ('delete', ?, NULL, NULL)", (rec.key,)))
+        sqlite_delete(self.path, rec.key)
 
 
 class EtcdWriter:
@@ -218,12 +201,13 @@ def full_mesh(tb: Testbed) -> bool:
 
 def wait_for(what: str, check: Callable[[], bool], tb: Testbed, timeout: float = 10,
              detail: Callable[[], object] = lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
+    """helpers.wait_for, with every agent checked alive on each look."""
+    def alive_and() -> bool:
         for h in tb.hosts:
             tb._check_alive(h)  # no agent exits
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s {detail()}"
-        time.sleep(0.1)
+        return check()
+
+    wait_until(what, alive_and, timeout, seen=detail)
 
 
 def errors(tb: Testbed) -> list[dict[str, str]]:

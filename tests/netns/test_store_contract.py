@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import pytest
 import weft.store.sqlite
 from bounded import run
 from etcd_server import etcd_cluster, requires_etcd, unique_prefix
-from helpers import await_for
+from helpers import await_for, sqlite_put
 from weft.agent.leasing import acquire_lease
 from weft.core.config import IPNetwork, parse_config
 from weft.core.errors import LeaseNotFound, NetworkFull, WatchCompacted
@@ -77,17 +76,7 @@ def _sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StoreUnderTest:
 
     def write_raw(key: str, value: str) -> None:
         # Straight into the tables, as a buggy or foreign writer would, event included.
-        db = sqlite3.connect(path)
-        with db:
-            db.execute(
-                "INSERT OR REPLACE INTO leases (key, value, public_ip, expiration) "
-                "VALUES (?, ?, NULL, ?)", (key, value, time.time() + 3600),
-            )
-            db.execute(
-                "INSERT INTO events (kind, key, value, expiration) VALUES ('put', ?, ?, ?)",
-                (key, value, time.time() + 3600),
-            )
-        db.close()
+        sqlite_put(path, key, value, time.time() + 3600)
 
     async def compact(store: LeaseStore, lease: Lease) -> None:
         # The store compacts every 1000th event down to HISTORY_EVENTS; make that small

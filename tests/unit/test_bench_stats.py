@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from helpers import chart_bars
+from helpers import chart_bars, weft
 from weft.core.errors import UsageError
 from weft.lab.bench.qperf import parse_qperf
 from weft.lab.bench.report import render_table, write_chart, write_json
@@ -32,12 +30,6 @@ from weft.lab.bench.stats import (
     tbf_args,
     ticks_delta,
 )
-
-
-def weft(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "weft", *args], capture_output=True,
-                          text=True, timeout=timeout, check=False)
-
 
 # --- schedule ---------------------------------------------------------------------------
 

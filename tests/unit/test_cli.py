@@ -10,10 +10,7 @@ from pathlib import Path
 
 import pytest
 
-
-def weft(*args: str, input: str | None = None, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*prefix, sys.executable, "-m", "weft", *args], input=input,
-                          capture_output=True, text=True, timeout=60, check=False)
+from helpers import weft
 
 
 def test_config_set_and_show_round_trip(tmp_path: Path) -> None:

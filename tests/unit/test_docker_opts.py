@@ -5,11 +5,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import weft
 from weft.integrations.subnet_env import SubnetEnv, write_subnet_env
 
 CASES = [
@@ -21,8 +21,7 @@ CASES = [
 
 
 def docker_opts(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "weft", "docker-opts", *args],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return weft("docker-opts", *args)
 
 
 def subnet_env(tmp_path: Path, network: str, subnet: str, mtu: int, ipmasq: bool) -> Path:
