@@ -168,14 +168,14 @@ def test_a_member_without_a_leader_is_unavailable_not_a_refusal(
             assert held is not None
             for i in (0, 1):
                 await asyncio.to_thread(three_members.kill, i)
-            deadline = time.monotonic() + 10
-            while True:  # until the member knows it has no leader (it may have been it)
+            async def leaderless() -> bool:  # the member knows (it may have been the leader)
                 try:
-                    held = await store.renew_lease(held, 60)
+                    await store.renew_lease(held, 60)
                 except StoreUnavailable:
-                    break
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.1)
+                    return True
+                return False
+
+            await await_for("the lone member to know it has no leader", leaderless, 30)
             for _ in range(40):  # a keep-alive stream each
                 with pytest.raises(StoreUnavailable):
                     await store.renew_lease(held, 60)
@@ -237,12 +237,14 @@ def test_watch_resumes_across_a_restart_of_the_whole_cluster(three_members: Loca
                 for i in range(3):
                     await asyncio.to_thread(three_members.restart, i, wait=False)
                 await asyncio.to_thread(three_members.wait_healthy)
-                for _ in range(50):  # the cluster may still be electing a leader
+                async def written() -> bool:  # the cluster may still be electing a leader
                     try:
                         assert await writer.create_lease(lease(2), 60) is not None
-                        break
                     except StoreUnavailable:
-                        await asyncio.sleep(0.2)
+                        return False
+                    return True
+
+                await await_for("a write once a leader is elected", written, 30, interval=0.2)
             assert [str(e.subnet) for e in seen] == [NET.format(1), NET.format(2)]
 
     try:
@@ -333,12 +335,10 @@ def test_member_killed_agents_keep_renewing_and_a_new_host_joins() -> None:
         subnets = {h.name: tb.host_status(h)["subnet"] for h in tb.hosts[:2]}
         tb.etcd.kill(0)  # the first endpoint: where every agent is connected
         before = [_renewals(tb, i) for i in (0, 1)]
-        deadline = time.monotonic() + 20  # 4 s leases renew every 2 s
-        while time.monotonic() < deadline and any(
-                _renewals(tb, i) < before[i] + 3 for i in (0, 1)):
-            time.sleep(0.2)
-        after = [_renewals(tb, i) for i in (0, 1)]
-        assert all(a >= b + 3 for a, b in zip(after, before, strict=True)), (before, after)
+        # 4 s leases renew every 2 s.
+        wait_for("three renewals on each host", lambda: all(
+            _renewals(tb, i) >= before[i] + 3 for i in (0, 1)), 60, interval=0.2,
+            seen=lambda: (before, [_renewals(tb, i) for i in (0, 1)]))
         for i in (0, 1):
             assert "lease lost" not in tb.agent_log(tb.hosts[i])
         tb.start_agent(tb.hosts[2])
@@ -400,11 +400,9 @@ def test_agents_cut_off_while_a_lease_goes_and_history_is_compacted_resync() -> 
                f'  iifname "br0" tcp dport {{ {ports} }} reject with tcp reset\n }}\n}}\n')
         sh(netns_exec(tb.underlay, ["nft", "-f", "-"]), input=cut)
         # grpc's keepalive (every 10 s) finds the agents' watch streams dead.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not all(
-                _interruptions(tb, i) > interrupted[i] for i in (0, 1)):
-            time.sleep(0.2)
-        assert all(_interruptions(tb, i) > interrupted[i] for i in (0, 1))
+        wait_for("each agent's watch found dead", lambda: all(
+            _interruptions(tb, i) > interrupted[i] for i in (0, 1)), 60, interval=0.2,
+            seen=lambda: (interrupted, [_interruptions(tb, i) for i in (0, 1)]))
         prefix = "/weft/network"
         key = f"{prefix}/subnets/{subnet.replace('/', '-')}"
         assert tb.etcd.etcdctl("del", key).stdout.strip() == "1"
@@ -412,12 +410,9 @@ def test_agents_cut_off_while_a_lease_goes_and_history_is_compacted_resync() -> 
         revision = max(s["Status"]["header"]["revision"] for s in status)
         tb.etcd.etcdctl("compact", str(revision))
         tb.run(tb.underlay, ["nft", "delete", "table", "inet", "weft_cut"])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(
-                subnet in tb.weft_routes(tb.hosts[i]) for i in (0, 1)):
-            time.sleep(0.2)
-        assert all(subnet not in tb.weft_routes(tb.hosts[i]) for i in (0, 1)), (
-            tb.agent_log(tb.hosts[0])[-3000:])
+        wait_for("the deleted lease's routes gone", lambda: all(
+            subnet not in tb.weft_routes(tb.hosts[i]) for i in (0, 1)), 60, interval=0.2,
+            seen=lambda: tb.agent_log(tb.hosts[0])[-3000:])
         tb.wait_converged(30, hosts=tb.hosts[:2])
         for i in (0, 1):
             assert "watch history compacted; resyncing" in tb.agent_log(tb.hosts[i])
@@ -448,24 +443,27 @@ def test_a_store_that_refuses_the_agent_keeps_it_running_and_it_renews_once_allo
                 assert host.agent is not None
                 assert host.agent.poll() is None, tb.agent_log(host)[-3000:]
 
-        # Leases renew at half their TTL: within one TTL every agent has been refused
-        # while its lease still runs.
-        deadline = time.monotonic() + ttl
-        while time.monotonic() < deadline and not all(
-                "store" in tb.host_status(h)["notices"] for h in tb.hosts):
+        def notices() -> list[dict[str, str]]:
             alive()
-            time.sleep(0.2)
+            return [tb.host_status(h)["notices"] for h in tb.hosts]
+
+        # Leases renew at half their TTL: every agent is refused while its lease still
+        # runs (its peer is still there: peers drop each other when leases expire).
+        wait_for("every agent refused", lambda: all("store" in n for n in notices()),
+                 3 * ttl, interval=0.2, seen=notices)
         for i, host in enumerate(tb.hosts):
             status = tb.host_status(host)
             assert status["subnet"] == subnets[i]
+            assert status["peers"], status  # refused while the leases still run
             assert "permission denied" in status["notices"]["store"], status["notices"]
         assert tb.ping(c1.netns, c2.ip, count=3)  # the data plane carries on meanwhile
         # Refused past the leases' end: etcd expires them and the peers drop each other.
-        deadline = time.monotonic() + 3 * ttl
-        while time.monotonic() < deadline and any(tb.host_status(h)["peers"] for h in tb.hosts):
+        def peers() -> list[list[str]]:
             alive()
-            time.sleep(0.5)
-        assert not any(tb.host_status(h)["peers"] for h in tb.hosts)
+            return [tb.host_status(h)["peers"] for h in tb.hosts]
+
+        wait_for("the expired leases dropped", lambda: not any(peers()), 6 * ttl,
+                 interval=0.5, seen=peers)
         for host in tb.hosts:
             log = tb.agent_log(host)
             assert "agent stopped" not in log
@@ -473,14 +471,9 @@ def test_a_store_that_refuses_the_agent_keeps_it_running_and_it_renews_once_allo
             assert log.count("store refused; retrying") <= 3, log[-3000:]
         # Read again, not write: each agent finds its record gone and cannot recreate it.
         tb.etcd.etcdctl(ROOT_USER, "role", "grant-permission", grant[0], "read", *grant[1:])
-        deadline = time.monotonic() + 3 * ttl
-        while time.monotonic() < deadline and not all(
-                "recreate lease" in tb.host_status(h)["notices"].get("store", "")
-                for h in tb.hosts):
-            alive()
-            time.sleep(0.2)
-        assert all("recreate lease" in tb.host_status(h)["notices"].get("store", "")
-                   for h in tb.hosts), [tb.host_status(h)["notices"] for h in tb.hosts]
+        wait_for("each agent unable to recreate its lease", lambda: all(
+            "recreate lease" in n.get("store", "") for n in notices()), 6 * ttl,
+            interval=0.2, seen=notices)
         alive()
         tb.etcd.etcdctl(ROOT_USER, "role", "grant-permission", grant[0], "readwrite", *grant[1:])
         tb.wait_converged(60)

@@ -10,12 +10,12 @@ import json
 import signal
 import subprocess
 import textwrap
-import time
 from typing import Any
 
 import pytest
 
 from forged import PACKETS, heard_during
+from helpers import wait_for
 from weft.core.config import parse_config
 from weft.core.lease import Lease
 from weft.host.ingress_rules import INGRESS_TABLE, ingress_plan, ingress_ruleset
@@ -115,10 +115,9 @@ def test_forged_vxlan_frames_never_reach_a_container_and_are_counted() -> None:
         assert heard.count("forged-container") > 0, heard
 
         # Owned state: the next reconcile (resync every 2 s here) puts the filter back.
-        deadline = time.monotonic() + 20
-        while "non_member" not in dropped(tb, h1) or "non_member" not in dropped(tb, h2):
-            assert time.monotonic() < deadline, "the ingress filter was not re-applied"
-            time.sleep(0.2)
+        wait_for("the ingress filter re-applied on both hosts", lambda: (
+            "non_member" in dropped(tb, h1) and "non_member" in dropped(tb, h2)), 30,
+            interval=0.2, seen=lambda: (dropped(tb, h1), dropped(tb, h2)))
         assert heard_during(c2, forge_both) == []
 
 

@@ -8,12 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from helpers import network_config as config
-from helpers import requires, source_seen
+from helpers import requires, source_seen, wait_for
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft.lab.testbed import RUNS_DIR, Testbed, list_netns
 
@@ -84,11 +83,9 @@ def test_expired_lease_disappears_from_every_peer() -> None:
         subnet = next(str(lease.subnet) for lease in tb.leases()
                       if lease.public_ip == gone.underlay_ip)
         tb.stop_agent(gone, signal.SIGKILL)  # dies without releasing: only expiry removes it
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(
-                subnet in tb.weft_routes(tb.hosts[i]) for i in (0, 1)):
-            time.sleep(0.2)
-        assert all(subnet not in tb.weft_routes(tb.hosts[i]) for i in (0, 1))
+        wait_for("the expired lease's routes gone", lambda: all(
+            subnet not in tb.weft_routes(tb.hosts[i]) for i in (0, 1)), 30, interval=0.2,
+            seen=lambda: [tb.weft_routes(tb.hosts[i]) for i in (0, 1)])
         # Meanwhile the living hosts kept renewing their 3 s leases.
         assert {str(lease.public_ip) for lease in tb.leases()} == {
             str(h.underlay_ip) for h in tb.hosts[:2]}
@@ -125,14 +122,10 @@ def test_host_gw_peer_off_segment_is_an_error_for_that_peer_only() -> None:
             "    await s.close()\n"
             "asyncio.run(m())")]
         tb.run(tb.underlay, sys_argv)
-        deadline = time.monotonic() + 10
-        status: dict[str, object] = {}
-        while time.monotonic() < deadline:
-            status = tb.host_status(tb.hosts[0])
-            if status["errors"]:
-                break
-            time.sleep(0.1)
-        assert "198.19.200.0/24" in status["errors"]  # type: ignore[operator]
+        wait_for("the off-segment peer reported", lambda: tb.host_status(tb.hosts[0])["errors"],
+                 30)
+        status = tb.host_status(tb.hosts[0])
+        assert "198.19.200.0/24" in status["errors"]
         assert "not on this host's L2 subnet" in str(status["errors"])
         assert tb.hosts[0].agent is not None
         assert tb.hosts[0].agent.poll() is None
@@ -180,10 +173,8 @@ def test_periodic_resync_repairs_a_route_someone_deleted() -> None:
         tb.start()
         (route,) = tb.weft_routes(tb.hosts[0])
         tb.run(tb.hosts[0].netns, ["ip", "route", "del", route])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and route not in tb.weft_routes(tb.hosts[0]):
-            time.sleep(0.2)
-        assert route in tb.weft_routes(tb.hosts[0])
+        wait_for("the route put back", lambda: route in tb.weft_routes(tb.hosts[0]), 30,
+                 interval=0.2)
 
 
 def test_traffic_leaving_the_overlay_is_masqueraded_and_overlay_traffic_is_not() -> None:
