@@ -7,12 +7,13 @@ error (log, `errors`, `weft status`) until it is back; and --public-ip must belo
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from test_faults import config, measure
 
+from helpers import Record, measure
+from helpers import network_config as config
+from helpers import wait_for as wait
 from weft_lab.testbed import Host, Testbed
 
 pytestmark = pytest.mark.netns
@@ -21,12 +22,13 @@ NEW_IP = "198.18.0.42"
 
 
 def wait_for(what: str, check: Callable[[], bool], tb: Testbed, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
+    """helpers.wait_for, checking every agent is alive meanwhile."""
+    def alive_and() -> bool:
         for h in tb.hosts:
             tb._check_alive(h)
-        assert time.monotonic() < deadline, f"not {what} in {timeout} s"
-        time.sleep(0.05)
+        return check()
+
+    wait(what, alive_and, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,8 @@ def lease_ip(tb: Testbed, subnet: str) -> str | None:
                  if str(lease.subnet) == subnet), None)
 
 
-def test_an_unpinned_agent_follows_its_interfaces_new_address(tb: Testbed) -> None:
+def test_an_unpinned_agent_follows_its_interfaces_new_address(
+        tb: Testbed, record_property: Record) -> None:
     h1, h2 = tb.hosts
     tb.stop_agent(h2)
     tb.start_agent(h2, pin_public_ip=False)  # it takes eth0's address itself
@@ -68,7 +71,8 @@ def test_an_unpinned_agent_follows_its_interfaces_new_address(tb: Testbed) -> No
 
     try:
         try:
-            measure(tb, "underlay address changed (no --public-ip: followed)", readdress,
+            measure(tb, record_property, "underlay address changed (no --public-ip: followed)",
+                    readdress,
                     followed, src=tb.containers[0], dst=tb.containers[1])
         except AssertionError:
             lines = [x for x in tb.agent_log(h2).splitlines() if '"debug"' not in x]

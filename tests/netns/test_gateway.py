@@ -10,37 +10,46 @@ import time
 from collections.abc import Callable
 
 import pytest
-from test_faults import _bridge_addresses, _put_sqlite, config, measure
 
+from helpers import Record, measure, sqlite_put
+from helpers import network_config as config
+from helpers import wait_for as wait
 from weft.core.constants import CNI_BRIDGE
-from weft_lab.testbed import Testbed
+from weft_lab.testbed import Host, Testbed
 
 pytestmark = pytest.mark.netns
 
 
 def wait_for(what: str, check: Callable[[], bool], tb: Testbed, timeout: float = 20,
-             detail: Callable[[], object] = lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
+             detail: Callable[[], object] | None = None) -> None:
+    """helpers.wait_for, checking every agent is alive meanwhile."""
+    def alive_and() -> bool:
         for h in tb.hosts:
             tb._check_alive(h)
-        assert time.monotonic() < deadline, f"not {what} in {timeout} s: {detail()}"
-        time.sleep(0.05)
+        return check()
+
+    wait(what, alive_and, timeout, seen=detail)
+
+
+def bridge_addresses(tb: Testbed, host: Host) -> list[str]:
+    out = tb.run(host.netns, ["ip", "-j", "addr", "show", "dev", CNI_BRIDGE]).stdout
+    return [a["local"] for link in json.loads(out or "[]") for a in link.get("addr_info", [])
+            if a.get("family") == "inet"]
 
 
 def gateway(subnet: str) -> str:
     return subnet.rsplit(".", 1)[0] + ".1"
 
 
-def test_the_gateway_deleted_from_the_bridge_is_put_back() -> None:
+def test_the_gateway_deleted_from_the_bridge_is_put_back(record_property: Record) -> None:
     with Testbed(hosts=2, containers_per_host=1, config=config("vxlan")) as tb:
         tb.start()
         h1 = tb.hosts[0]
         gw = gateway(tb.host_status(h1)["subnet"])
-        assert gw in _bridge_addresses(tb, h1)
-        measure(tb, f"gateway address deleted from {CNI_BRIDGE}",
+        assert gw in bridge_addresses(tb, h1)
+        measure(tb, record_property, f"gateway address deleted from {CNI_BRIDGE}",
                 lambda: tb.run(h1.netns, ["ip", "addr", "del", f"{gw}/24", "dev", CNI_BRIDGE]),
-                lambda: gw in _bridge_addresses(tb, h1),
+                lambda: gw in bridge_addresses(tb, h1),
                 src=tb.containers[1], dst=tb.containers[0])
         assert "host state repaired" in tb.agent_log(h1)
 
@@ -59,8 +68,8 @@ def test_after_a_move_the_new_gateway_is_on_the_bridge_and_the_notice_names_the_
                  tb, timeout=ttl + 10)
         taker = json.dumps({"PublicIP": "198.18.0.99", "BackendType": "vxlan",
                             "BackendData": {"VNI": 1, "VtepMAC": "02:00:00:00:00:99"}})
-        _put_sqlite(str(tb.run_dir / "store.db"), f"subnets/{old.replace('/', '-')}", taker,
-                    time.time() + 3600)
+        sqlite_put(tb.run_dir / "store.db", f"subnets/{old.replace('/', '-')}", taker,
+                   time.time() + 3600, "198.18.0.99")
         tb.start_agent(h1)
 
         def moved() -> bool:
@@ -74,8 +83,8 @@ def test_after_a_move_the_new_gateway_is_on_the_bridge_and_the_notice_names_the_
         # The new subnet's gateway on the bridge (a container attached now gets it as its
         # router), the old one gone.
         wait_for("the new gateway on the bridge",
-                 lambda: _bridge_addresses(tb, h1) == [gateway(new)], tb,
-                 detail=lambda: _bridge_addresses(tb, h1))
+                 lambda: bridge_addresses(tb, h1) == [gateway(new)], tb,
+                 detail=lambda: bridge_addresses(tb, h1))
         notice = tb.host_status(h1)["notices"]["lease"]
         assert f"no longer holds subnet {old}" in notice, notice
         assert f"containers left in {old}: {c1.ip}" in notice, notice

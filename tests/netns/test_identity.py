@@ -7,23 +7,15 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
-from test_faults import PingProbe, _put_sqlite, config, measure
 
+from helpers import Record, measure, ping_probe, sqlite_put
+from helpers import network_config as config
 from weft_lab.testbed import Testbed
 
 pytestmark = pytest.mark.netns
-
-
-def wait_for(what: str, check: Callable[[], bool], tb: Testbed, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        for h in tb.hosts:
-            tb._check_alive(h)
-        assert time.monotonic() < deadline, f"not {what} in {timeout} s"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +51,16 @@ def test_a_second_host_at_a_live_hosts_address_refuses_and_the_owner_keeps_its_t
                  ["ip", "link", "set", "dup0", "up"]):
         tb.run(clone, argv)
     own = tb.run_dir / "clone"
-    probe = PingProbe(tb, tb.containers[1], tb.containers[0])
+    probe = ping_probe(tb.containers[1], tb.containers[0])
     try:
-        assert probe.wait_reply_after(time.time(), 5)
+        probe.wait_replies_after("before", 0.0, count=5)
         proc = tb.run(clone, [sys.executable, "-m", "weft", "agent", "--store", tb.store_url,
                               "--iface", "dup0", "--public-ip", str(h1.underlay_ip),
                               "--subnet-file", str(own / "subnet.env"),
                               "--state-dir", str(own / "state"), "--log-level", "warning"],
                       check=False, timeout=30)
         refused = time.time()
-        assert probe.wait_reply_after(refused + 0.5, 5)
+        probe.wait_replies_after("after the refusal", refused, count=10)
     finally:
         probe.stop()
     assert proc.returncode != 0
@@ -89,7 +81,8 @@ def test_a_second_host_at_a_live_hosts_address_refuses_and_the_owner_keeps_its_t
     tb.wait_converged(10)
 
 
-def test_the_owner_puts_back_its_record_written_over_by_something_else(tb: Testbed) -> None:
+def test_the_owner_puts_back_its_record_written_over_by_something_else(
+        tb: Testbed, record_property: Record) -> None:
     h1 = tb.hosts[0]
     owner = tb.host_status(h1)
     subnet = owner["subnet"]
@@ -102,9 +95,9 @@ def test_the_owner_puts_back_its_record_written_over_by_something_else(tb: Testb
         return (record.get("HostID") == owner.get("host_id")
                 and record.get("PublicIP") == str(h1.underlay_ip))
 
-    measure(tb, "own lease record written over (put back)",
-            lambda: _put_sqlite(str(tb.run_dir / "store.db"), key, forged,
-                                time.time() + 3600),
+    measure(tb, record_property, "own lease record written over (put back)",
+            lambda: sqlite_put(tb.run_dir / "store.db", key, forged, time.time() + 3600,
+                               "198.18.0.99"),
             put_back, src=tb.containers[1], dst=tb.containers[0])
     assert "own lease record was written over by something else" in tb.agent_log(h1)
     tb.wait_converged(10)

@@ -15,10 +15,11 @@ import time
 from collections.abc import Callable
 
 import pytest
-from test_etcd_faults import _start_hosts
-from test_faults import RESULTS, PingProbe, Recovery, config
 
 from etcd_server import ETCD_AVAILABLE, ETCD_MISSING_REASON
+from helpers import Record, ping_probe, record_figure
+from helpers import network_config as config
+from helpers import wait_for as wait
 from weft_lab.etcd_local import ETCDCTL_BINARY
 from weft_lab.testbed import Host, Testbed
 
@@ -31,12 +32,26 @@ pytestmark = [
 
 def wait_for(what: str, check: Callable[[], bool], tb: Testbed, timeout: float = 60,
              detail: Callable[[], object] = lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
+    """helpers.wait_for, checking every agent is alive meanwhile."""
+    def alive_and() -> bool:
         for h in tb.hosts:
             tb._check_alive(h)
-        assert time.monotonic() < deadline, f"not {what} in {timeout} s: {detail()}"
-        time.sleep(0.1)
+        return check()
+
+    wait(what, alive_and, timeout, seen=detail)
+
+
+def start_hosts(tb: Testbed, count: int) -> None:
+    """The first `count` hosts' agents and containers, converged among themselves."""
+    hosts = tb.hosts[:count]
+    for host in hosts:
+        tb.start_agent(host)
+    for host in hosts:
+        tb.wait_subnet_env(host)
+    for c in tb.containers:
+        if c.host in hosts:
+            tb.attach(c)
+    tb.wait_converged(60, hosts=hosts)
 
 
 def log_since(tb: Testbed, host: Host, offset: int) -> str:
@@ -48,7 +63,8 @@ def said(log: str) -> str:
     return "\n".join(line for line in log.splitlines() if '"debug"' not in line)
 
 
-def test_a_short_lease_outlives_a_long_store_outage_and_no_peer_drops_after() -> None:
+def test_a_short_lease_outlives_a_long_store_outage_and_no_peer_drops_after(
+        record_property: Record) -> None:
     """TTL 6 s, etcd gone for 30 s: the data plane holds meanwhile, and once etcd is back
     every agent renews before etcd's restored leases run out (etcd gives them a full TTL
     again on its start), so no host drops a peer after the store returns."""
@@ -57,9 +73,9 @@ def test_a_short_lease_outlives_a_long_store_outage_and_no_peer_drops_after() ->
                  lease_ttl=ttl) as tb:
         tb.start()
         c1, c2 = tb.containers
-        probe = PingProbe(tb, c1, c2)
+        probe = ping_probe(c1, c2)
         try:
-            assert probe.wait_reply_after(time.time(), 5)
+            probe.wait_replies_after("before", 0.0, count=5)
             tb.etcd.kill(0)
             down = time.time()
             # The outage: until every agent's lease has been over for most of it.
@@ -74,7 +90,7 @@ def test_a_short_lease_outlives_a_long_store_outage_and_no_peer_drops_after() ->
             wait_for("renewed three times since the store came back", lambda: all(
                 log_since(tb, h, o).count("lease renewed") >= 3
                 for h, o in zip(tb.hosts, offsets, strict=True)), tb, timeout=60)
-            assert probe.wait_reply_after(time.time(), 5)
+            probe.wait_replies_after("after", time.time(), count=10)
         finally:
             probe.stop()
         for h, o in zip(tb.hosts, offsets, strict=True):
@@ -84,8 +100,8 @@ def test_a_short_lease_outlives_a_long_store_outage_and_no_peer_drops_after() ->
             assert "lease lost" not in after, said[-3000:]
         lost, _ = probe.outage(down)
         print(f"\netcd down {back - down:.0f} s with a {ttl:.0f} s TTL: {lost} pings lost")
-        RESULTS.append(Recovery(f"etcd down {back - down:.0f} s, lease TTL {ttl:.0f} s",
-                                0.0, lost))
+        record_figure(record_property, f"etcd down {back - down:.0f} s, lease TTL {ttl:.0f} s",
+                      0.0, pings_lost=lost)
         assert lost == 0
         tb.wait_converged(10)
 
@@ -107,17 +123,21 @@ def restore(tb: Testbed, snapshot: str) -> None:
     etcd.restart(0)
 
 
-def test_a_store_restored_from_an_older_snapshot_is_reasserted_and_no_subnet_doubles() -> None:
+def test_a_store_restored_from_an_older_snapshot_is_reasserted_and_no_subnet_doubles(
+        record_property: Record) -> None:
     """A lease created after the snapshot vanishes (no DELETE) and the revision goes back:
-    every agent notices, lists again and re-asserts its own lease at once, and a host that
-    joins right after the restore never gets a live host's subnet (four subnets in all, so
-    it may well pick the vanished one)."""
+    every agent notices, lists again and re-asserts its own lease at once. A host that
+    joins right after the restore may take the vanished subnet first (four subnets in all:
+    it may well pick it); then one of the two moves at once, never two hosts on one."""
     cfg = json.dumps({"Network": "198.19.0.0/16", "SubnetMin": "198.19.1.0",
                       "SubnetMax": "198.19.4.0", "Backend": {"Type": "vxlan"}})
-    bound = 10.0  # seconds from etcd back until the vanished lease is back in the store
+    # The bound stated for re-asserting (docs/stores.md): from etcd answering again until the
+    # vanished lease is back in the store. A deadline, generous for a loaded machine; the
+    # time it took is the figure recorded.
+    bound = 15.0
     with Testbed(hosts=4, containers_per_host=1, config=cfg, store="etcd") as tb:
         h1, h2, h3, h4 = tb.hosts
-        _start_hosts(tb, 2)
+        start_hosts(tb, 2)
         snapshot = str(tb.run_dir / "snapshot.db")
         tb.etcd.etcdctl("snapshot", "save", snapshot)
         tb.start_agent(h3)  # its lease comes after the snapshot
@@ -125,9 +145,9 @@ def test_a_store_restored_from_an_older_snapshot_is_reasserted_and_no_subnet_dou
         tb.attach(tb.containers[2])
         tb.wait_converged(30, hosts=[h1, h2, h3])
         vanishing = tb.host_status(h3)["subnet"]
-        probe = PingProbe(tb, tb.containers[0], tb.containers[2])
+        probe = ping_probe(tb.containers[0], tb.containers[2])
         try:
-            assert probe.wait_reply_after(time.time(), 5)
+            probe.wait_replies_after("before", 0.0, count=5)
             offsets = [len(tb.agent_log(h)) for h in tb.hosts]
             fault = time.time()
             restore(tb, snapshot)
@@ -138,18 +158,22 @@ def test_a_store_restored_from_an_older_snapshot_is_reasserted_and_no_subnet_dou
                 return any(str(lease.subnet) == vanishing and lease.public_ip == h3.underlay_ip
                            for lease in tb.leases())
 
-            wait_for("h3's lease back in the store", reasserted, tb, timeout=30,
+            wait_for("h3's lease back in the store", reasserted, tb, timeout=bound,
                      detail=lambda: said(log_since(tb, h3, offsets[2]))[-3000:])
             took = time.time() - back
             tb.wait_subnet_env(h4)
             tb.attach(tb.containers[3])
             tb.wait_converged(30)
-            assert probe.wait_reply_after(time.time(), 5)
+            probe.wait_replies_after("after", time.time(), count=10)
         finally:
             probe.stop()
         subnets = {h.name: tb.host_status(h)["subnet"] for h in tb.hosts}
         assert len(set(subnets.values())) == 4, subnets
-        assert subnets[h3.name] == vanishing
+        if subnets[h3.name] != vanishing:
+            # h4 took it first and has the lower identity: h3 moved, and says so.
+            assert subnets[h4.name] == vanishing
+            assert f"no longer holds subnet {vanishing}" in tb.host_status(h3)["notices"][
+                "lease"]
         for h, o in zip((h1, h2, h3), offsets[:3], strict=True):
             assert "the store went back in time" in log_since(tb, h, o), h.name
         c1, _, c3, c4 = tb.containers
@@ -158,6 +182,5 @@ def test_a_store_restored_from_an_older_snapshot_is_reasserted_and_no_subnet_dou
         lost, recovered = probe.outage(fault)
         print(f"\netcd restored from an older snapshot: h3's lease back {took:.2f} s after "
               f"etcd, {lost} pings lost to h3, traffic back {recovered:.2f} s after the fault")
-        RESULTS.append(Recovery("etcd restored from an older snapshot (lease re-asserted)",
-                                recovered, lost))
-        assert took < bound
+        record_figure(record_property, "etcd restored from an older snapshot (lease "
+                      "re-asserted)", recovered, pings_lost=lost, reasserted_after=took)

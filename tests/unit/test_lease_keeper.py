@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,9 @@ def test_a_record_of_another_host_after_a_deletion_is_refused_until_it_goes(
         created = await store.create_lease(OURS, 60)
         assert created is not None
         await store.delete_lease(SUBNET)
-        assert await store.create_lease(THEIRS, 60) is not None  # written by something else
-        records = {SUBNET: THEIRS}
+        legacy = replace(THEIRS, host_id="")  # something without an identity wrote it
+        assert await store.create_lease(legacy, 60) is not None
+        records = {SUBNET: legacy}
         health = Health()
         deletions = OwnDeletions()
         keeper = keeper_on(store, created, records, health, [], deletions)
@@ -206,3 +208,33 @@ def test_a_relist_after_the_store_went_back_keeps_the_lost_live_leases_aside() -
     assert other.subnet not in view.leases  # the data plane follows the store...
     assert view.live_subnets(100.0) == {SUBNET, other.subnet}  # ...but it is never taken
     assert view.live_subnets(300.0) == set()
+
+
+def test_two_weft_hosts_on_one_subnet_the_lower_identity_keeps_it(tmp_path: Path) -> None:
+    """Both leases run (the other created the subnet while ours was gone from the store):
+    each side sees the same two identities, so exactly one moves, at once."""
+    async def scenario(ours: Lease, theirs: Lease) -> tuple[Lease, Lease]:
+        store = SqliteLeaseStore(str(tmp_path / f"{ours.host_id[:4]}.db"))
+        created = await store.create_lease(ours, 60)
+        assert created is not None
+        await store.delete_lease(SUBNET)
+        assert await store.create_lease(theirs, 60) is not None
+        keeper = keeper_on(store, created, {SUBNET: theirs}, Health(), [])
+        keeper.host_id = ours.host_id
+        async with asyncio.TaskGroup() as tg:
+            renewing = tg.create_task(keeper.run())
+            keeper.check_record()
+            await _until(lambda: keeper.lease.expiration != created.expiration)
+            renewing.cancel()
+        held = next(lease for lease in (await store.list_leases())[0]
+                    if lease.subnet == SUBNET)
+        await store.close()
+        return keeper.lease, held
+
+    low, high = OURS, replace(OURS, host_id="f" * 32)
+    other_low = replace(THEIRS, host_id="0" * 32)
+    kept, held = run(scenario(low, replace(THEIRS, host_id="f" * 32)))
+    assert (kept.subnet, held.host_id) == (SUBNET, HOST_ID)  # ours put back
+    moved, held = run(scenario(high, other_low))
+    assert moved.subnet != SUBNET  # the higher identity moved
+    assert held.host_id == "0" * 32  # and left the other's record alone

@@ -225,18 +225,31 @@ class LeaseKeeper:
         return restored
 
     def _overwritten(self) -> _Conflict | None:
-        """Our subnet's record names another holder while our lease still runs. No host
-        takes a subnet before its lease expires (create-if-absent), so something else
-        wrote it: put ours back. If the record was deleted first, another host may have
-        taken the subnet as free: keep it (moving would strand every container here) and
-        say so; if that record is still there when our lease ends, it is a takeover after
-        all. None: our lease ended, or the record is gone (recover)."""
+        """Our subnet's record names another holder while our lease still runs. Another weft
+        host's (with an identity): the lower identity keeps the subnet, the other moves.
+        Otherwise no host takes a subnet before its lease expires (create-if-absent), so
+        something else wrote it: put ours back. If the record was deleted first, something
+        may have taken the subnet as free: keep it (moving would strand every container
+        here) and say so; if that record is still there when our lease ends, it is a
+        takeover after all. None: recover (take it back if free, else move)."""
         lease = self.lease
         held = self.record(lease.subnet)
         if (held is None or held_by(held, lease)
                 or lease.expires_in(time.time()) <= 0):
             if self.health.clear(Notice.LEASE_CONFLICT):
                 log.info("lease conflict cleared", extra={"subnet": str(lease.subnet)})
+            return None
+        if held.host_id:
+            # Another weft host's lease (it created the subnet while ours was gone from the
+            # store: deleted, or lost in a restore): both leases run, and both agents see
+            # the same two identities, so the same one yields on both sides, at once
+            # (neither waits out a TTL with two hosts on one subnet, nor do they fight).
+            if lease.host_id and lease.host_id < held.host_id:
+                return _Conflict.PUT_BACK
+            log.error("another host holds this host's subnet too; the lower identity keeps "
+                      "it: moving", extra={"subnet": str(lease.subnet),
+                                           "claimed_by": str(held.public_ip),
+                                           "other_host": held.host_id})
             return None
         if not self.deletions(lease.subnet):
             return _Conflict.PUT_BACK
