@@ -46,6 +46,7 @@ from weft.agent.lease_keeper import LeaseKeeper, OwnLease, acquire
 from weft.agent.leasing import check_address_free
 from weft.agent.lock import StateDirLock
 from weft.agent.metrics import AgentMetrics
+from weft.agent.metrics_server import MetricsServer
 from weft.agent.reconciler import Reconciler, ReconcileRequests
 from weft.agent.retry import StoreRetry, restarting
 from weft.agent.status import STATUS_SOCKET, serve_status_anew
@@ -130,6 +131,8 @@ class Agent:
         self._status_restart = asyncio.Event()
         self._underlay_changed = asyncio.Event()  # an address came or went on the underlay
         self._readdress = asyncio.Event()  # this host's address moved: start again on it
+        self._metrics_server: MetricsServer | None = None
+        self._metrics_serving = False
         self._lock = StateDirLock(options.state_dir)
 
     # --- start-up -----------------------------------------------------------------------
@@ -159,6 +162,10 @@ class Agent:
                 f"cannot create {exc.filename or state_dir} ({exc.strerror})") from None
         if not self._lock.held:
             self._lock.acquire()
+        if self.opts.metrics_addr and self._metrics_server is None:
+            # Bound now, served after the first pass: an address that can't be bound is a
+            # one-line error before the lease is taken or the kernel touched.
+            self._metrics_server = MetricsServer(self.opts.metrics_addr, self.metrics.registry)
         host_id = load_host_id(state_dir)
         config_text, config = await self._load_config()
         # pyroute2's sync API runs its own event loop, so netlink work happens off this one.
@@ -213,8 +220,9 @@ class Agent:
         # The first pass runs here, so what goes wrong on start-up reaches the caller; it
         # also removes what an earlier run left that no lease wants.
         await reconciler.pass_once()
-        if self.opts.metrics_addr and not self.metrics.serving:
-            self.metrics.serve(self.opts.metrics_addr)
+        if self._metrics_server is not None and not self._metrics_serving:
+            self._metrics_server.start()
+            self._metrics_serving = True
         return Running(config_text, config, host, backend, ingress, facts,
                        store_view, keeper, conntrack, reconciler)
 
@@ -392,6 +400,8 @@ class Agent:
             (self.opts.state_dir / STATUS_SOCKET).unlink(missing_ok=True)
             await self.store.close()
         finally:
+            if self._metrics_server is not None:
+                await asyncio.to_thread(self._metrics_server.close)
             self._lock.release()
 
 

@@ -111,11 +111,6 @@ class AgentMetrics:
     def export_ingress(self, backend: str, counters: Callable[[], Mapping[str, int]]) -> None:
         self.registry.register(_IngressCounters(backend, counters))
 
-    @property
-    def serving(self) -> bool:
-        return getattr(self, "_serving", False)
-
     def serve(self, addr: str) -> None:
-        self._serving = True
         host, _, port = addr.rpartition(":")
         start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
