@@ -189,6 +189,7 @@ class EtcdLeaseStore:
         self._config_key = f"{self.prefix}/{CONFIG_KEY}".encode()
         self._rejected = RejectedRecords()
         self._cluster: int | None = None  # the etcd cluster id last seen (a restore: new)
+        self._listed: tuple[int, bytes, bytes] | None = None  # (revision, key, value)
 
     @classmethod
     def from_url(
@@ -357,6 +358,12 @@ class EtcdLeaseStore:
             ]
             self._rejected.replace(rejected)
             revision: int = result.header.revision
+            # The listing's newest record, when it is the revision itself (a watch from
+            # there must replay it: see `watch`).
+            newest = max(result.kvs, key=lambda kv: int(kv.mod_revision), default=None)
+            self._listed = ((revision, bytes(newest.key), bytes(newest.value or b""))
+                            if newest is not None and int(newest.mod_revision) == revision
+                            else None)
             return leases, revision
 
         return await self._call("list leases", op)
@@ -385,25 +392,35 @@ class EtcdLeaseStore:
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
         key = self._key(lease.subnet)
 
-        async def fast(client: Client, lease_id: int) -> Lease | None:
-            """Keep-alive + one guarded put; None when the slow path must decide."""
+        async def fast(client: Client, lease_id: int, granted: int) -> Lease | None:
+            """One guarded put, then the keep-alive; None when the slow path must decide.
+            The put first: a store that refuses our writes must not have its lease kept
+            alive by the keep-alive alone (etcd does not check it against the key's
+            permissions), or a refused host would hold its subnet with no renewal."""
             now = self._clock()
+            expiration = now + granted
+            try:
+                renewed, _ = await client.transaction(
+                    compare=[_LeaseCompare(key) == lease_id],
+                    success=[client.transactions.put(key, _record(lease, expiration),
+                                                     lease=lease_id)],
+                    failure=[],
+                )
+            except LIBRARY_ERRORS as exc:
+                if is_retryable(exc) or is_expired_token(exc):
+                    raise
+                return None  # refused: the slow path reads first (a record gone is said so)
+            if not renewed:
+                return None  # the etcd lease ran out: its key is gone (or someone else's)
             reply = await client.refresh_lease(lease_id)
             if reply is None or int(reply.TTL) <= 0:
-                return None  # the etcd lease ran out: its key is gone (or someone else's)
-            expiration = now + int(reply.TTL)
-            renewed, _ = await client.transaction(
-                compare=[_LeaseCompare(key) == lease_id],
-                success=[client.transactions.put(key, _record(lease, expiration),
-                                                 lease=lease_id)],
-                failure=[],
-            )
-            return lease.with_expiration(expiration) if renewed else None
+                return None
+            return lease.with_expiration(now + int(reply.TTL))
 
         async def op(client: Client) -> Lease:
             known = self._grants.get((lease.subnet, lease.public_ip))
             if known is not None and known[1] == _ttl_seconds(ttl):
-                renewed = await fast(client, known[0])
+                renewed = await fast(client, known[0], known[1])
                 if renewed is not None:
                     return renewed
                 self._grants.pop((lease.subnet, lease.public_ip), None)
@@ -418,12 +435,16 @@ class EtcdLeaseStore:
                 now = self._clock()
                 grant = await client.lease(_ttl_seconds(ttl))
                 expiration = now + int(grant.ttl)
-                renewed, _ = await client.transaction(
-                    compare=[client.transactions.mod(key) == current.mod_revision],
-                    success=[client.transactions.put(key, _record(lease, expiration),
-                                                     lease=grant.id)],
-                    failure=[],
-                )
+                try:
+                    renewed, _ = await client.transaction(
+                        compare=[client.transactions.mod(key) == current.mod_revision],
+                        success=[client.transactions.put(key, _record(lease, expiration),
+                                                         lease=grant.id)],
+                        failure=[],
+                    )
+                except LIBRARY_ERRORS:
+                    await revoke_quietly(client, grant.id)  # a refusal: no grant left behind
+                    raise
                 if renewed:
                     if current.lease:
                         await revoke_quietly(client, current.lease)
@@ -493,6 +514,8 @@ class EtcdLeaseStore:
         # deliver it again first; another event there is a history that was rewritten (a
         # restore, and a new host's write at the same revision, maybe on the same key).
         last_event: tuple[bytes, bytes] | None = None
+        if self._listed is not None and self._listed[0] == since:
+            last_event = self._listed[1:]  # from a listing whose newest write is `since`
         backoff = _WATCH_BACKOFF_FIRST
         while True:
             conn = self._acquire()
