@@ -208,7 +208,7 @@ def test_restart_keeps_the_device_and_route_and_traffic_resumes() -> None:
 # Opens a forwarder on a fresh TUN device, brings it up (or not), and times close().
 CLOSE_PROMPTLY = textwrap.dedent("""
     import ipaddress, subprocess, sys, time
-    from weft.backends.udp.apply import open_forwarder
+    from weft.backends.udp.daemon import open_forwarder
     from weft.backends.udp.tun import delete_tun
     dev = sys.argv[1]
     fwd = open_forwarder(dev, ipaddress.ip_address(sys.argv[2]), 8399, 1500, 4, 24)
