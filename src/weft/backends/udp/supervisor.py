@@ -236,3 +236,22 @@ class ForwarderProcess:
     def flat_counters(self) -> dict[str, int]:
         counters = self.status().get("counters", {})
         return dict(counters) if isinstance(counters, dict) else {}
+
+
+def stop_forwarder(state_dir: Path, timeout: float = 5.0) -> int | None:
+    """Ask the forwarder answering on `state_dir`'s control socket to stop, and wait for it
+    (SIGKILL after `timeout`); works from any network namespace. Its pid, or None when
+    none answered."""
+    try:
+        _, pid = request(state_dir / CONTROL_SOCKET, {"op": "stop"})
+    except ControlError:
+        return None
+    deadline = time.monotonic() + timeout
+    while _is_running(pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + timeout
+        time.sleep(0.02)
+    return pid
+
