@@ -98,7 +98,7 @@ def decode_table(data: Mapping[str, Any]) -> PeerTable:
         raise ValueError("a peer table needs version (4 or 6), subnet_len and routes")
     bits = 32 if version == 4 else 128
     if not 0 < subnet_len <= bits:
-        raise ValueError(f"subnet_len {subnet_len} is not a prefix length of IPv{version}")
+        raise ValueError(f"a peer table of IPv{version} cannot have subnet_len {subnet_len}")
     routes: dict[int, Endpoint] = {}
     for row in rows:
         if (not isinstance(row, list) or len(row) != 3 or not isinstance(row[0], int)
