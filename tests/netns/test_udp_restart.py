@@ -49,6 +49,13 @@ def forwarders(tb: Testbed, host: Host) -> list[int]:
     return found
 
 
+def scrape_metrics(tb: Testbed, host: Host) -> str:
+    return tb.run(host.netns, [
+        sys.executable, "-c",
+        "import urllib.request; print(urllib.request.urlopen("
+        "'http://127.0.0.1:9464/metrics', timeout=5).read().decode())"]).stdout
+
+
 def wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -124,7 +131,8 @@ RESULTS: dict[str, tuple[int, list[int]]] = {}
 
 @pytest.mark.parametrize("backend", ["vxlan", "udp"])
 def test_kill_9_restarts_lose_no_more_pings_than_vxlan(backend: str) -> None:
-    with Testbed(hosts=2, containers_per_host=1, config=config(backend)) as tb:
+    with Testbed(hosts=2, containers_per_host=1, config=config(backend),
+                 agent_args=["--metrics-addr", "127.0.0.1:9464"]) as tb:
         tb.start()
         h1, h2 = tb.hosts
         src, dst = tb.containers
@@ -146,6 +154,12 @@ def test_kill_9_restarts_lose_no_more_pings_than_vxlan(backend: str) -> None:
             assert backend_status(tb, h1)["forwarder_pid"] == before[h1.name][0]
             assert "udp forwarder adopted" in tb.agent_log(h1)
             assert backend_status(tb, h1)["running"] is True
+            # The counters reach the metrics through each new agent and never went back
+            # to zero: every ping this run sent was counted by the one forwarder.
+            m = re.search(r'weft_backend_events_total\{counter="tx_packets"\} (\S+)',
+                          scrape_metrics(tb, h1))
+            assert m is not None
+            assert float(m.group(1)) >= sent
         else:
             assert before == {h1.name: [], h2.name: []}
     if backend == "udp":
