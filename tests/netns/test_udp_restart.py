@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -194,7 +195,8 @@ def test_a_forwarder_killed_under_a_running_agent_is_started_again() -> None:
         assert status["forwarder_pid"] == new
         assert status["peers"] == {str(lease.subnet): f"{lease.public_ip}:8285"
                                    for lease in tb.leases() if lease.public_ip != h1.underlay_ip}
-        assert "udp forwarder is not answering; restarting it" in tb.agent_log(h1)
+        assert "udp forwarder is not answering" in tb.agent_log(h1)
+        assert "udp forwarder started" in tb.agent_log(h1)
         assert tb.host_status(h1)["host_errors"] == {}
         # Leaving (--release-on-exit) stops it, with its device and control socket.
         assert tb.stop_agent(h1) == 0
@@ -239,3 +241,31 @@ def test_a_forwarder_of_another_spec_is_replaced(tmp_path: Path) -> None:
         assert "offloads disabled by the Offloads option" not in status["offloads"]["fallbacks"]
         assert "replacing the udp forwarder" in tb.agent_log(h1)
         wait_for(lambda: tb.ping(src.netns, dst.ip, wait=0.5), "pings through the new one")
+
+
+def test_a_removed_state_directory_costs_no_ping_and_no_new_forwarder() -> None:
+    """The control socket goes with the directory; the agent finds its forwarder in /proc
+    and asks it (SIGHUP) to make the socket again: adopted, not replaced."""
+    with Testbed(hosts=2, containers_per_host=1, config=config("udp")) as tb:
+        tb.start()
+        h1, _ = tb.hosts
+        src, dst = tb.containers
+        (old,) = forwarders(tb, h1)
+
+        def adopted_again() -> bool:
+            try:
+                return bool(backend_status(tb, h1).get("forwarder_pid") == old)
+            except Exception:  # the status socket is made again too
+                return False
+
+        with pinging(src, dst) as pinger:
+            pinger.wait_answers(20)
+            shutil.rmtree(h1.state_dir)
+            wait_for(lambda: (h1.state_dir / CONTROL_SOCKET).exists(), "the control socket")
+            wait_for(adopted_again, "the status naming the same forwarder")
+            pinger.wait_answers(20)
+            sent, lost = pinger.stop()
+        assert lost == [], (sent, lost)
+        assert forwarders(tb, h1) == [old]
+        assert "udp forwarder answers again" in tb.agent_log(h1)
+

@@ -112,8 +112,7 @@ class UdpBackend:
                 self.forwarder.stop()
                 self.forwarder.start()
         elif not self.forwarder.alive():
-            log.warning("udp forwarder is not answering; restarting it",
-                        extra={"device": UDP_DEVICE})
+            log.warning("udp forwarder is not answering", extra={"device": UDP_DEVICE})
             self.forwarder.ensure()
         else:
             return False

@@ -12,7 +12,8 @@ The process opens the TUN device (weft.backends.udp.tun) and the socket
 (weft.backends.udp.bind), hands both to the forwarder's two threads (unchanged: the hot
 loops are the same code as before), and serves the control socket in its main thread,
 which sleeps in accept() between requests. SIGTERM or a "stop" request ends it; the
-persistent device stays.
+persistent device stays. SIGHUP makes the control socket again (after someone removed
+the state directory), so the agent need not replace a forwarder that is working.
 """
 
 from __future__ import annotations
@@ -89,8 +90,17 @@ class _Stop(Exception):
     """SIGTERM/SIGINT: leave the accept loop."""
 
 
+class _Relisten(Exception):
+    """SIGHUP: the control socket is gone (someone removed the state directory): the agent
+    found this process in /proc and asks it to make the socket again."""
+
+
 def _stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop
+
+
+def _relisten(signum: int, frame: FrameType | None) -> None:
+    raise _Relisten
 
 
 def listen(path: Path) -> tuple[socket.socket, int]:
@@ -217,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the agent's terminal going away
+    signal.signal(signal.SIGHUP, _relisten)
     try:
         private_dir(state_dir, "state directory")
         forwarder = open_spec(spec)
@@ -233,10 +243,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     inode = -1
     try:
         forwarder.start()
-        server, inode = listen(path)
         log.info("udp forwarder running", extra={"pid": os.getpid(), "version": service.version,
                                                  "device": spec.device, "port": spec.port})
-        service.serve(server)
+        while not service.stopping:
+            try:
+                if server is None:
+                    private_dir(state_dir, "state directory")
+                    server, inode = listen(path)
+                service.serve(server)
+            except _Relisten:
+                log.info("making the control socket again", extra={"path": str(path)})
+                if server is not None:
+                    server.close()
+                    server = None
+            except WeftError as exc:  # the state directory refused: forward on, wait
+                log.error("no control socket", extra={"error": str(exc)})
+                with contextlib.suppress(_Relisten):
+                    signal.pause()  # until the agent asks again (SIGHUP) or SIGTERM
     except _Stop:
         pass
     finally:

@@ -91,7 +91,7 @@ class ForwarderProcess:
     def ensure(self) -> str:
         """A forwarder of this version and spec running: the one there ("adopted") or a new
         one ("started")."""
-        hello = self.hello()
+        hello = self.hello() or self._recall()
         if hello is not None:
             if hello.get("version") == self.version and hello.get("spec") == self.spec.as_dict():
                 log.info("udp forwarder adopted", extra={"pid": self.pid})
@@ -101,6 +101,26 @@ class ForwarderProcess:
         self.stop()
         self.start()
         return "started"
+
+    def _recall(self, timeout: float = 2.0) -> dict[str, Any] | None:
+        """A forwarder running here without its control socket (someone removed the state
+        directory): asked to make it again (SIGHUP), it answers and is adopted, not
+        replaced. Its hello, or None."""
+        pids = self.running_pids()
+        if len(pids) != 1:
+            return None
+        (pid,) = pids
+        private_dir(self.state_dir, "state directory")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hello = self.hello()
+            if hello is not None and self.pid == pid:
+                log.info("udp forwarder answers again", extra={"pid": pid})
+                return hello
+            time.sleep(0.02)
+        return None
 
     def start(self, timeout: float = 15.0) -> int:
         private_dir(self.state_dir, "state directory")
