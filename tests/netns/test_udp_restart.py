@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from weft.backends.udp.control import CONTROL_SOCKET
+from weft.backends.udp.control import CONTROL_SOCKET, ForwarderSpec, request
 from weft.backends.udp.daemon import MODULE
 from weft_lab.testbed import Container, Host, Testbed, netns_exec
 
@@ -269,3 +269,54 @@ def test_a_removed_state_directory_costs_no_ping_and_no_new_forwarder() -> None:
         assert forwarders(tb, h1) == [old]
         assert "udp forwarder answers again" in tb.agent_log(h1)
 
+
+
+def test_an_upgrade_hands_the_device_and_socket_over_without_a_pause(tmp_path: Path) -> None:
+    """A forwarder of another version (a copy of weft with one module changed) is running
+    when the agent starts: the agent's own takes its device, socket and table over (fds
+    passed on the control socket) and it exits, under a ping."""
+    import weft
+
+    older = tmp_path / "older"
+    shutil.copytree(Path(weft.__file__).parent, older / "weft",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    with (older / "weft" / "backends" / "udp" / "daemon.py").open("a") as f:
+        f.write("# another release\n")
+    with Testbed(hosts=2, containers_per_host=1, config=config("udp")) as tb:
+        tb.start()
+        h1, _ = tb.hosts
+        src, dst = tb.containers
+        hello, first = request(h1.state_dir / CONTROL_SOCKET, {"op": "hello"})
+        argv = [sys.executable, "-m", MODULE, "--state-dir", str(h1.state_dir),
+                *ForwarderSpec(**hello["spec"]).argv(), "--take-over"]
+        with pinging(src, dst) as pinger:
+            pinger.wait_answers(20)
+            assert tb.stop_agent(h1, signal.SIGKILL) != 0
+            # The older release takes over from this one (the same hand-over, backwards)...
+            older_proc = subprocess.Popen(
+                ["env", f"PYTHONPATH={older}", *netns_exec(h1.netns, argv)],
+                stdout=(tmp_path / "older.log").open("wb"), stderr=subprocess.STDOUT,
+                start_new_session=True)
+            try:
+                wait_for(lambda: forwarders(tb, h1) == [older_proc.pid], "the older forwarder")
+                wait_for(lambda: request(h1.state_dir / CONTROL_SOCKET, {"op": "hello"})[0][
+                    "version"] != hello["version"], "the older forwarder answering")
+                pinger.wait_answers(10)
+                # ...and the agent, finding it, hands over to its own.
+                tb.start_agent(h1)
+                tb.wait_converged(60)
+                assert older_proc.wait(timeout=30) == 0
+            finally:
+                if older_proc.poll() is None:
+                    older_proc.kill()
+                    older_proc.wait()
+            pinger.wait_answers(20)
+            sent, lost = pinger.stop()
+        print(f"\nudp forwarder handed over twice (an upgrade and back): {len(lost)} of {sent} "
+              "pings lost")
+        (mine,) = forwarders(tb, h1)
+        assert mine not in (first, older_proc.pid)
+        status = backend_status(tb, h1)
+        assert (status["forwarder_pid"], status["version"]) == (mine, hello["version"])
+        assert "handing the udp forwarder over to this version" in tb.agent_log(h1)
+        assert lost == [], (sent, lost)

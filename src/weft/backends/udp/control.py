@@ -9,6 +9,8 @@ state directory. One request per connection, one JSON object per line each way:
     {"op": "status"}                 -> the forwarder's status (counters, offloads, peers)
     {"op": "reopen"}                 -> {"ok": true}  a new device and socket, same process
     {"op": "stop"}                   -> {"ok": true}, then the process exits
+    {"op": "handover"}               -> {"table", "offloads"} with the TUN fd and the socket
+                                        (SCM_RIGHTS), then the process exits at once
 
 Only root (or the forwarder's own user) may connect: the socket is 0600 in the 0700 state
 directory, each side checks the other's credentials (SO_PEERCRED), and the client never
@@ -124,11 +126,12 @@ def trusted_peer(sock: socket.socket) -> int:
     return pid
 
 
-def read_message(sock: socket.socket) -> dict[str, Any]:
-    """One JSON object ending in a newline (or at the end of the stream)."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
+def read_message(sock: socket.socket, first: bytes = b"") -> dict[str, Any]:
+    """One JSON object ending in a newline (or at the end of the stream); `first`: its
+    beginning, already received."""
+    chunks: list[bytes] = [first] if first else []
+    size = len(first)
+    while not first.endswith(b"\n"):
         chunk = sock.recv(65536)
         if not chunk:
             break
@@ -155,6 +158,23 @@ def request(path: Path, message: Mapping[str, Any], timeout: float = 5.0
             ) -> tuple[dict[str, Any], int]:
     """Send one request to the forwarder listening on `path`: its reply and its pid.
     ControlError if nothing (or something else than root's socket) answers."""
+    reply, pid, _ = _exchange(path, message, timeout, fds=0)
+    return reply, pid
+
+
+def take_over(path: Path, timeout: float = 5.0) -> tuple[dict[str, Any], list[int]]:
+    """Ask the forwarder on `path` to hand over: its table and offloads, and its TUN fd
+    and socket fd, now this process's (the other exits)."""
+    reply, _, fds = _exchange(path, {"op": "handover"}, timeout, fds=2)
+    if len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        raise ControlError(f"the forwarder handed over {len(fds)} descriptors, not 2")
+    return reply, fds
+
+
+def _exchange(path: Path, message: Mapping[str, Any], timeout: float, fds: int
+              ) -> tuple[dict[str, Any], int, list[int]]:
     try:
         info = os.lstat(path)
     except OSError as exc:
@@ -165,13 +185,21 @@ def request(path: Path, message: Mapping[str, Any], timeout: float = 5.0
         raise ControlError(f"{path} is not root's forwarder control socket")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
+        received: list[int] = []
         try:
             sock.connect(str(path))
             pid = trusted_peer(sock)
             send_message(sock, message)
-            reply = read_message(sock)
-        except OSError as exc:
+            first = b""
+            if fds:
+                first, received, _, _ = socket.recv_fds(sock, 65536, fds)
+            reply = read_message(sock, first)
+        except (OSError, ControlError) as exc:
+            for fd in received:
+                os.close(fd)
             raise ControlError(f"forwarder control socket {path}: {exc}") from None
     if "error" in reply:
+        for fd in received:
+            os.close(fd)
         raise ControlError(f"the forwarder refused {message.get('op')!r}: {reply['error']}")
-    return reply, pid
+    return reply, pid, received

@@ -34,21 +34,23 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from weft.backends.udp.bind import open_bind
+from weft.backends.udp.bind import UdpBind, open_bind
 from weft.backends.udp.control import (
     CONTROL_SOCKET,
     ControlError,
     ForwarderSpec,
     decode_table,
+    encode_table,
     forwarder_version,
     read_message,
     send_message,
+    take_over,
     trusted_peer,
 )
 from weft.backends.udp.forwarder import Forwarder
-from weft.backends.udp.tun import open_device
+from weft.backends.udp.tun import TunDevice, open_device
 from weft.core.config import IPAddress
-from weft.core.errors import KernelFeatureMissing, PermissionProblem, WeftError
+from weft.core.errors import KernelError, KernelFeatureMissing, PermissionProblem, WeftError
 from weft.host.files import private_dir, private_umask
 
 log = logging.getLogger("weft.backends.udp")
@@ -84,6 +86,30 @@ def open_spec(spec: ForwarderSpec) -> Forwarder:
     return open_forwarder(spec.device, ipaddress.ip_address(spec.bind_ip), spec.port,
                           spec.underlay_mtu, spec.network_version, spec.subnet_len,
                           spec.offloads)
+
+
+def taken_over(spec: ForwarderSpec, path: Path) -> Forwarder:
+    """The device, the socket and the peer table of the forwarder answering on `path` (of
+    another version, same spec), which exits: an upgrade without a pause."""
+    try:
+        reply, (tun_fd, sock_fd) = take_over(path)
+    except ControlError as exc:
+        raise KernelError(f"no hand-over from the running forwarder: {exc}") from None
+    offloads = reply.get("offloads") or {}
+    notes = [str(n) for n in offloads.get("fallbacks", [])]
+    device = TunDevice(spec.device, tun_fd, bool(offloads.get("tun_csum")),
+                       bool(offloads.get("tun_tso")), notes)
+    sock = socket.socket(fileno=sock_fd)
+    bind = UdpBind(sock, ipaddress.ip_address(spec.bind_ip), sock.getsockname()[1],
+                   bool(offloads.get("udp_gso")), bool(offloads.get("udp_gro")))
+    forwarder = Forwarder(device, bind, spec.underlay_mtu, spec.network_version,
+                          spec.subnet_len)
+    try:
+        forwarder.set_peers(decode_table(reply.get("table") or {}))
+    except ValueError as exc:
+        log.warning("handed-over peer table refused; waiting for the agent's",
+                    extra={"error": str(exc)})
+    return forwarder
 
 
 class _Stop(Exception):
@@ -181,11 +207,28 @@ class Service:
             with conn:
                 conn.settimeout(5.0)  # a stuck client must not stop the next one
                 try:
-                    trusted_peer(conn)
-                    reply = self.handle(read_message(conn))
-                    send_message(conn, reply)
+                    peer = trusted_peer(conn)
+                    message = read_message(conn)
+                    if message.get("op") == "handover":
+                        self.hand_over(conn, peer)
+                    send_message(conn, self.handle(message))
                 except (ControlError, OSError) as exc:
                     log.warning("control request failed", extra={"error": str(exc)})
+
+    def hand_over(self, conn: socket.socket, peer: int) -> None:
+        """Give the device and the socket to the forwarder of a new version (`peer`) and
+        exit at once. Both forward for that moment, each packet read by one of them; the
+        threads here are never woken or closed: closing would shut the socket the new
+        forwarder now shares (shutdown acts on the socket, not on this process's fd)."""
+        forwarder = self.forwarder
+        reply = {"table": encode_table(forwarder.peers),
+                 "offloads": forwarder.in_force.as_dict()}
+        line = json.dumps(reply, separators=(",", ":")).encode() + b"\n"
+        sock = forwarder.bind.sock
+        socket.send_fds(conn, [line], [forwarder.device.fd, sock.fileno()])
+        log.info("udp forwarder handed over", extra={"to": peer})
+        logging.shutdown()
+        os._exit(0)
 
 
 class _JsonLines(logging.Formatter):
@@ -204,7 +247,7 @@ class _JsonLines(logging.Formatter):
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
 
 
-def _parse(argv: Sequence[str]) -> tuple[Path, ForwarderSpec]:
+def _parse(argv: Sequence[str]) -> tuple[Path, ForwarderSpec, bool]:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}")
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--device", required=True)
@@ -214,14 +257,16 @@ def _parse(argv: Sequence[str]) -> tuple[Path, ForwarderSpec]:
     parser.add_argument("--network-version", type=int, choices=(4, 6), required=True)
     parser.add_argument("--subnet-len", type=int, required=True)
     parser.add_argument("--no-offloads", action="store_true")
+    parser.add_argument("--take-over", action="store_true",
+                        help="take the device and socket of the forwarder running now")
     args = parser.parse_args(argv)
     return args.state_dir, ForwarderSpec(args.device, args.bind_ip, args.port,
                                          args.underlay_mtu, args.network_version,
-                                         args.subnet_len, not args.no_offloads)
+                                         args.subnet_len, not args.no_offloads), args.take_over
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    state_dir, spec = _parse(sys.argv[1:] if argv is None else argv)
+    state_dir, spec, take = _parse(sys.argv[1:] if argv is None else argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonLines())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
@@ -230,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _relisten)
     try:
         private_dir(state_dir, "state directory")
-        forwarder = open_spec(spec)
+        forwarder = taken_over(spec, state_dir / CONTROL_SOCKET) if take else open_spec(spec)
     except WeftError as exc:
         log.error("udp forwarder could not start", extra={"error": str(exc)})
         return (EXIT_PERMISSION if isinstance(exc, PermissionProblem)

@@ -33,7 +33,7 @@ from weft.backends.udp.control import (
 )
 from weft.backends.udp.daemon import ERROR_BY_STATUS, MODULE
 from weft.backends.udp.plan import PeerTable
-from weft.core.errors import KernelError
+from weft.core.errors import KernelError, WeftError
 from weft.host.files import open_private, private_dir
 
 log = logging.getLogger("weft.backends.udp")
@@ -93,14 +93,41 @@ class ForwarderProcess:
         one ("started")."""
         hello = self.hello() or self._recall()
         if hello is not None:
-            if hello.get("version") == self.version and hello.get("spec") == self.spec.as_dict():
-                log.info("udp forwarder adopted", extra={"pid": self.pid})
+            old = self.pid
+            same_spec = hello.get("spec") == self.spec.as_dict()
+            if hello.get("version") == self.version and same_spec:
+                log.info("udp forwarder adopted", extra={"pid": old})
                 return "adopted"
-            log.info("replacing the udp forwarder (another version or spec)", extra={
-                "pid": self.pid, "running": hello.get("version"), "ours": self.version})
+            if same_spec and old is not None:
+                # An upgrade: the new forwarder takes the device and the socket over, so
+                # no packet waits for a process to start.
+                log.info("handing the udp forwarder over to this version", extra={
+                    "pid": old, "running": hello.get("version"), "ours": self.version})
+                try:
+                    self.start(take_over=True)
+                except WeftError as exc:
+                    log.warning("udp forwarder hand-over failed; replacing it",
+                                extra={"error": str(exc)})
+                else:
+                    self._wait_gone(old)
+                    return "handed over"
+            else:
+                log.info("replacing the udp forwarder (another spec)", extra={
+                    "pid": old, "running": hello.get("spec"), "ours": self.spec.as_dict()})
         self.stop()
         self.start()
         return "started"
+
+    def _wait_gone(self, pid: int, timeout: float = 5.0) -> None:
+        """The forwarder that handed over exits by itself; if it does not, SIGKILL (never
+        SIGTERM: its clean-up would shut the socket it handed over)."""
+        deadline = time.monotonic() + timeout
+        while _is_running(pid):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.02)
 
     def _recall(self, timeout: float = 2.0) -> dict[str, Any] | None:
         """A forwarder running here without its control socket (someone removed the state
@@ -122,10 +149,12 @@ class ForwarderProcess:
             time.sleep(0.02)
         return None
 
-    def start(self, timeout: float = 15.0) -> int:
+    def start(self, timeout: float = 15.0, take_over: bool = False) -> int:
+        """A new forwarder process, answering when this returns; `take_over`: it takes the
+        running one's device, socket and table (which then exits)."""
         private_dir(self.state_dir, "state directory")
         argv = [sys.executable, "-m", MODULE, "--state-dir", str(self.state_dir),
-                *self.spec.argv()]
+                *self.spec.argv(), *(["--take-over"] if take_over else [])]
         # Never through a symlink, never a file of another user (weft.host.files).
         log_fd = open_private(self.state_dir / LOG_FILE,
                               os.O_WRONLY | os.O_CREAT | os.O_APPEND, "udp forwarder log")
