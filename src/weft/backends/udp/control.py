@@ -95,6 +95,8 @@ def encode_table(table: PeerTable) -> dict[str, Any]:
 
 def decode_table(data: Mapping[str, Any]) -> PeerTable:
     """The table `encode_table` wrote; ValueError on anything else."""
+    if not isinstance(data, Mapping):
+        raise ValueError("a peer table is a JSON object")
     version, subnet_len, rows = data.get("version"), data.get("subnet_len"), data.get("routes")
     if version not in (4, 6) or not isinstance(subnet_len, int) or not isinstance(rows, list):
         raise ValueError("a peer table needs version (4 or 6), subnet_len and routes")

@@ -211,7 +211,12 @@ class Service:
                     message = read_message(conn)
                     if message.get("op") == "handover":
                         self.hand_over(conn, peer)
-                    send_message(conn, self.handle(message))
+                    try:
+                        reply = self.handle(message)
+                    except Exception as exc:  # a bug must not end the forwarding
+                        log.exception("control request failed", extra={"op": message.get("op")})
+                        reply = {"error": repr(exc)}
+                    send_message(conn, reply)
                 except (ControlError, OSError) as exc:
                     log.warning("control request failed", extra={"error": str(exc)})
 
@@ -225,7 +230,14 @@ class Service:
                  "offloads": forwarder.in_force.as_dict()}
         line = json.dumps(reply, separators=(",", ":")).encode() + b"\n"
         sock = forwarder.bind.sock
-        socket.send_fds(conn, [line], [forwarder.device.fd, sock.fileno()])
+        # Once the fds are out, no signal may run the clean-up (see above).
+        signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        try:
+            socket.send_fds(conn, [line], [forwarder.device.fd, sock.fileno()])
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+            raise
         log.info("udp forwarder handed over", extra={"to": peer})
         logging.shutdown()
         os._exit(0)
@@ -301,14 +313,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if server is not None:
                     server.close()
                     server = None
-            except WeftError as exc:  # the state directory refused: forward on, wait
+            except (WeftError, OSError) as exc:  # no socket there: forward on, wait
                 log.error("no control socket", extra={"error": str(exc)})
                 with contextlib.suppress(_Relisten):
                     signal.pause()  # until the agent asks again (SIGHUP) or SIGTERM
     except _Stop:
         pass
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up runs to its end
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # the clean-up runs to its end
         if server is not None:
             with contextlib.suppress(OSError):
                 # Ours only: a newer forwarder may already have put its own there.

@@ -89,8 +89,9 @@ class ForwarderProcess:
     # --- start, adopt, replace ------------------------------------------------------------
 
     def ensure(self) -> str:
-        """A forwarder of this version and spec running: the one there ("adopted") or a new
-        one ("started")."""
+        """A forwarder of this version and spec running: the one there ("adopted"), a new
+        one that took over the device and socket of one of another version ("handed
+        over"), or a new one ("started")."""
         hello = self.hello() or self._recall()
         if hello is not None:
             old = self.pid
@@ -183,7 +184,9 @@ class ForwarderProcess:
     def _log_tail(self) -> str:
         """The last error the forwarder logged (its start-up error), else its last lines."""
         try:
-            lines = (self.state_dir / LOG_FILE).read_text(errors="replace").strip().splitlines()
+            with (self.state_dir / LOG_FILE).open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))  # the end is enough
+                lines = f.read().decode(errors="replace").strip().splitlines()
         except OSError:
             return "(no log)"
         for line in reversed(lines[-20:]):
