@@ -230,6 +230,7 @@ class Service:
                  "offloads": forwarder.in_force.as_dict()}
         line = json.dumps(reply, separators=(",", ":")).encode() + b"\n"
         sock = forwarder.bind.sock
+        log.info("udp forwarder handing over", extra={"to": peer})  # the handler flushes
         # Once the fds are out, no signal may run the clean-up (see above).
         signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
         signal.pthread_sigmask(signal.SIG_BLOCK, signals)
@@ -238,8 +239,9 @@ class Service:
         except BaseException:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
             raise
-        log.info("udp forwarder handed over", extra={"to": peer})
-        logging.shutdown()
+        # At once: a packet one of our threads took from the device or the socket waits
+        # for the GIL this thread holds, and is lost if we linger (measured: 1 ping in 8
+        # hand-overs with a log line here, none in 30 without).
         os._exit(0)
 
 
