@@ -260,7 +260,11 @@ def test_a_removed_state_directory_costs_no_ping_and_no_new_forwarder() -> None:
 
         with pinging(src, dst) as pinger:
             pinger.wait_answers(20)
-            shutil.rmtree(h1.state_dir)
+            # Gone at once (renamed away, then removed): `rm -r` itself races the agent,
+            # which puts back what it misses while rm still walks the directory.
+            gone = h1.state_dir.with_name("state.removed")
+            h1.state_dir.rename(gone)
+            shutil.rmtree(gone)
             wait_for(lambda: (h1.state_dir / CONTROL_SOCKET).exists(), "the control socket")
             wait_for(adopted_again, "the status naming the same forwarder")
             pinger.wait_answers(20)
