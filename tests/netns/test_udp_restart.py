@@ -217,14 +217,14 @@ def test_a_forwarder_of_another_spec_is_replaced(tmp_path: Path) -> None:
         (adopted,) = forwarders(tb, h1)
         tb.run(h1.netns, ["kill", "-9", str(adopted)])
         wait_for(lambda: forwarders(tb, h1) == [], "the old forwarder gone")
-        stranger = subprocess.Popen(
-            netns_exec(h1.netns, [
-                sys.executable, "-m", MODULE, "--state-dir", str(h1.state_dir),
-                "--device", "weft.udp0", "--bind-ip", str(h1.underlay_ip), "--port", "8285",
-                "--underlay-mtu", "1500", "--network-version", "4", "--subnet-len", "24",
-                "--no-offloads"]),
-            stdout=(tmp_path / "stranger.log").open("wb"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+        with (tmp_path / "stranger.log").open("wb") as log:
+            stranger = subprocess.Popen(
+                netns_exec(h1.netns, [
+                    sys.executable, "-m", MODULE, "--state-dir", str(h1.state_dir),
+                    "--device", "weft.udp0", "--bind-ip", str(h1.underlay_ip), "--port",
+                    "8285", "--underlay-mtu", "1500", "--network-version", "4",
+                    "--subnet-len", "24", "--no-offloads"]),
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for(lambda: (h1.state_dir / CONTROL_SOCKET).exists(), "the stranger's socket")
             tb.start_agent(h1)
@@ -297,10 +297,10 @@ def test_an_upgrade_hands_the_device_and_socket_over_without_a_pause(tmp_path: P
             pinger.wait_answers(20)
             assert tb.stop_agent(h1, signal.SIGKILL) != 0
             # The older release takes over from this one (the same hand-over, backwards)...
-            older_proc = subprocess.Popen(
-                ["env", f"PYTHONPATH={older}", *netns_exec(h1.netns, argv)],
-                stdout=(tmp_path / "older.log").open("wb"), stderr=subprocess.STDOUT,
-                start_new_session=True)
+            with (tmp_path / "older.log").open("wb") as log:
+                older_proc = subprocess.Popen(
+                    ["env", f"PYTHONPATH={older}", *netns_exec(h1.netns, argv)],
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 wait_for(lambda: forwarders(tb, h1) == [older_proc.pid], "the older forwarder")
                 wait_for(lambda: request(h1.state_dir / CONTROL_SOCKET, {"op": "hello"})[0][
