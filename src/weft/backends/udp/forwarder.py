@@ -236,7 +236,7 @@ class Forwarder:
         for thread in self._threads:
             thread.join(timeout=2)
             if thread.is_alive():  # only if the device is down: it ends with the process
-                log.warning("udp forwarder thread did not stop", extra={"thread": thread.name})
+                log.warning("udp forwarder thread did not stop", extra={"worker": thread.name})
         self._threads = []
         if self._sock is not None:
             self.device.close()
@@ -294,7 +294,7 @@ class Forwarder:
                 loop()
             except Exception:
                 log.exception("udp forwarder thread failed; restarting it",
-                              extra={"thread": threading.current_thread().name})
+                              extra={"worker": threading.current_thread().name})
                 time.sleep(0.1)  # a persistent bug must not turn into a busy loop
 
     def _tun_to_udp(self) -> None:
@@ -312,7 +312,7 @@ class Forwarder:
         view = memoryview(buf)
         into = chunker.slots(view)
         # Everything a 1-byte packet touches is a local or one C call: this loop is the
-        # forwarder's whole per-packet cost on the latency path (see README, udp).
+        # forwarder's whole per-packet cost on the latency path (docs/backends/udp.md).
         readv, sendto, send_chunks = os.readv, sock.sendto, self._send_chunks
         stamp, prefix = SINGLE_HEADER.pack_into, SINGLE_PREFIX
         v4_destination = _V4_DESTINATION.unpack_from
