@@ -7,9 +7,10 @@ by the forwarder's peer table (weft.backends.udp.plan), swapped atomically on ev
 Speed comes from batching (TUN TSO + UDP GSO/GRO), see weft.backends.udp.forwarder.
 
 The forwarder is a process of its own (weft.backends.udp.daemon) that this backend starts,
-adopts after an agent restart and replaces when its version or spec differs
-(weft.backends.udp.supervisor): `close()` leaves it forwarding with its last peer table, so
-an agent restart (an upgrade, a crash, kill -9) drops no packet; `teardown()` stops it.
+adopts after an agent restart, has hand its device and socket over to a new one when its
+version differs and replaces when its spec differs (weft.backends.udp.supervisor):
+`close()` leaves it forwarding with its last peer table, so an agent restart (an upgrade,
+a crash, kill -9) drops no packet; `teardown()` stops it.
 """
 
 from __future__ import annotations

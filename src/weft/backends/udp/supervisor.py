@@ -1,12 +1,13 @@
-"""The agent's side of the udp forwarder process: start it, adopt it, replace it, stop it.
+"""The agent's side of the udp forwarder process: start, adopt, hand over, replace, stop.
 
 As the wireguard backend does with wireguard-go (weft.backends.wireguard.userspace): the
 forwarder (`weft.backends.udp.daemon`) is started in a session of its own, so the agent's
-death leaves it forwarding; a restarted agent adopts the running one when its version and
-spec are the agent's own, and replaces it otherwise (an upgrade, another port). The agent
-finds it by its control socket; one that does not answer is found in /proc (its command
-line names the module and the device, its network namespace is ours) and killed, never a
-process that is not it.
+death leaves it forwarding. A restarted agent adopts the running one when its version and
+spec are the agent's own; one of another version (an upgrade) hands its device, socket and
+peer table to the agent's own and exits; one of another spec (another port) is replaced.
+The agent finds it by its control socket; one that does not answer is found in /proc (its
+command line names the module and the device, its network namespace is ours), asked to
+make its socket again, and killed if it does not, never a process that is not it.
 """
 
 from __future__ import annotations
