@@ -11,30 +11,52 @@ from collections.abc import Iterator
 
 import pytest
 
-from helpers import Record, measure, ping_probe, sqlite_put
+from etcd_server import ETCD_AVAILABLE, ETCD_MISSING_REASON
+from helpers import Record, measure, missing, ping_probe, sqlite_put
 from helpers import network_config as config
+from weft.core.constants import DEFAULT_ETCD_PREFIX
 from weft_lab.testbed import Testbed
 
 pytestmark = pytest.mark.netns
 
 
-@pytest.fixture(scope="module")
-def tb() -> Iterator[Testbed]:
-    with Testbed(hosts=2, containers_per_host=1, config=config("vxlan")) as bed:
+@pytest.fixture(scope="module", params=["sqlite", "etcd"])
+def tb(request: pytest.FixtureRequest) -> Iterator[Testbed]:
+    if request.param == "etcd" and not ETCD_AVAILABLE:
+        missing(ETCD_MISSING_REASON)
+    with Testbed(hosts=2, containers_per_host=1, config=config("vxlan"),
+                 store=request.param) as bed:
         bed.start()
         yield bed
 
 
+def key(subnet: str) -> str:
+    return f"subnets/{subnet.replace('/', '-')}"
+
+
 def store_record(tb: Testbed, subnet: str) -> dict[str, str]:
+    """The record of `subnet` as the store holds it (read as an operator would)."""
+    if tb.store_kind == "etcd":
+        value = tb.etcd.etcdctl("get", f"{DEFAULT_ETCD_PREFIX}/{key(subnet)}",
+                                "--print-value-only").stdout.strip()
+        return json.loads(value) if value else {}
     import sqlite3
 
     db = sqlite3.connect(str(tb.run_dir / "store.db"), timeout=30)
     try:
-        row = db.execute("SELECT value FROM leases WHERE key = ?",
-                         (f"subnets/{subnet.replace('/', '-')}",)).fetchone()
+        row = db.execute("SELECT value FROM leases WHERE key = ?", (key(subnet),)).fetchone()
     finally:
         db.close()
     return json.loads(row[0]) if row else {}
+
+
+def write_over(tb: Testbed, subnet: str, value: str) -> None:
+    """Something else writes the record (no deletion first)."""
+    if tb.store_kind == "etcd":
+        tb.etcd.etcdctl("put", f"{DEFAULT_ETCD_PREFIX}/{key(subnet)}", value)
+    else:
+        sqlite_put(tb.run_dir / "store.db", key(subnet), value, time.time() + 3600,
+                   "198.18.0.99")
 
 
 def test_a_second_host_at_a_live_hosts_address_refuses_and_the_owner_keeps_its_traffic(
@@ -88,16 +110,14 @@ def test_the_owner_puts_back_its_record_written_over_by_something_else(
     subnet = owner["subnet"]
     forged = json.dumps({"PublicIP": "198.18.0.99", "BackendType": "vxlan",
                          "BackendData": {"VNI": 1, "VtepMAC": "02:00:00:00:00:99"}})
-    key = f"subnets/{subnet.replace('/', '-')}"
 
     def put_back() -> bool:
         record = store_record(tb, subnet)
         return (record.get("HostID") == owner.get("host_id")
                 and record.get("PublicIP") == str(h1.underlay_ip))
 
-    measure(tb, record_property, "own lease record written over (put back)",
-            lambda: sqlite_put(tb.run_dir / "store.db", key, forged, time.time() + 3600,
-                               "198.18.0.99"),
+    measure(tb, record_property, f"own lease record written over (put back, {tb.store_kind})",
+            lambda: write_over(tb, subnet, forged),
             put_back, src=tb.containers[1], dst=tb.containers[0])
     assert "own lease record was written over by something else" in tb.agent_log(h1)
     tb.wait_converged(10)
