@@ -238,3 +238,39 @@ def test_two_weft_hosts_on_one_subnet_the_lower_identity_keeps_it(tmp_path: Path
     moved, held = run(scenario(high, other_low))
     assert moved.subnet != SUBNET  # the higher identity moved
     assert held.host_id == "0" * 32  # and left the other's record alone
+
+
+def test_two_hosts_at_one_address_that_start_at_once_do_not_both_run(tmp_path: Path) -> None:
+    """Each misses the other in its first listing: after creating, it looks again, and
+    one that sees the other's live lease at its address gives its own back and refuses."""
+    import pytest
+
+    from weft.agent.leasing import acquire_lease
+    from weft.core.errors import AddressInUse
+
+    other = Lease(ipaddress.ip_network("198.19.9.0/24"), OURS.public_ip, "vxlan",
+                  host_id="f" * 32)
+
+    class Racing(SqliteLeaseStore):
+        """The other host creates its lease between our first listing and our create."""
+
+        raced = False
+
+        async def create_lease(self, lease: Lease, ttl: float) -> Lease | None:
+            if not self.raced:
+                self.raced = True
+                await super().create_lease(other, ttl)
+            return await super().create_lease(lease, ttl)
+
+    async def scenario() -> list[Lease]:
+        store = Racing(str(tmp_path / "store.db"))
+        try:
+            with pytest.raises(AddressInUse, match=f"held by host {'f' * 32}"):
+                await acquire_lease(store, CONFIG, OURS.public_ip, "vxlan", {}, 60,
+                                    host_id=HOST_ID)
+            return (await store.list_leases())[0]
+        finally:
+            await store.close()
+
+    left = run(scenario())
+    assert [lease.host_id for lease in left] == ["f" * 32]  # ours given back
