@@ -28,7 +28,7 @@ from weft.agent.store_watch import OwnDeletions
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.constants import CNI_BRIDGE
 from weft.core.errors import LeaseNotFound, StoreError, StoreUnavailable, UsageError
-from weft.core.lease import Lease, held_by, same_peer
+from weft.core.lease import Lease, held_by, parse_lease, same_peer
 from weft.host.netlink import Netlink
 from weft.integrations.subnet_env import read_subnet_env
 from weft.store import LeaseStore
@@ -66,6 +66,12 @@ async def acquire(store: LeaseStore, config: NetworkConfig, public_ip: IPAddress
                     "expires_in": round(lease.expires_in(time.time()))})
     leases, revision = listings[-1]
     return lease, leases, revision
+
+
+def _as_stored(lease: Lease) -> Lease:
+    """`lease` as the store's record of it reads back (JSON types: a tuple in BackendData
+    is a list there), so our own renewal never looks like someone else's write."""
+    return parse_lease(lease.key, lease.to_json(), lease.expiration)
 
 
 class _Conflict(Enum):
@@ -132,7 +138,7 @@ class LeaseKeeper:
         else, or our record written by something else, means renew (put back, or move)
         now, not at the next renewal."""
         held = self.record(self.lease.subnet)
-        if held is None or not same_peer(held, self.lease):
+        if held is None or not same_peer(held, _as_stored(self.lease)):
             self._renew_now.set()
 
     def reassert(self) -> None:
