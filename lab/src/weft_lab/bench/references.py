@@ -1,10 +1,15 @@
-"""Reference rows for `weft bench`: a kernel path built by hand, with no agent and no rules.
+"""Reference rows for `weft bench`: a kernel path built by hand, with no agent and no rules,
+and flannel's data plane (weft_lab.bench.flannel) as the peer rows.
 
 A reference is measured like a backend (same testbed, same container attachment through
 `weft-cni`, same pinning, interleaved with native), but its hosts are programmed here
 with `ip` and `bridge` only: the devices, routes, neighbours and FDB entries weft would
 program, and nothing else (no masquerade table, no FORWARD rules, no agent). A report then
 shows what weft adds on top of the kernel path, not only on top of native.
+
+The peer rows `flannel-vxlan` and `flannel-host-gw` are built the same way, with the
+devices, routes, neighbours, FDB entries and iptables rules flannel v0.28 programs (what
+they follow, file by file, is in weft_lab.bench.flannel).
 
 To add a row, write a `program(tb, subnets)` and add a `Reference` to `REFERENCES`; the
 runner and `--backends` pick it up by name.
@@ -16,9 +21,11 @@ import ipaddress
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from weft.backends.registry import overhead
 from weft.core.constants import VXLAN_DEVICE_PREFIX
+from weft_lab.bench.flannel import program_flannel_host_gw, program_flannel_vxlan
 from weft_lab.testbed import Host, Testbed, sh
 
 IPv4Net = ipaddress.IPv4Network
@@ -114,7 +121,11 @@ def attach_fastpath(tb: Testbed) -> None:
 REFERENCES: dict[str, Reference] = {
     r.name: r for r in (
         Reference("kernel-vxlan", "vxlan", program_kernel_vxlan),
+        Reference("flannel-vxlan", "vxlan", partial(program_flannel_vxlan,
+                                                    network=BENCH_NETWORK)),
         Reference("kernel-routes", "host-gw", program_kernel_routes),
+        Reference("flannel-host-gw", "host-gw", partial(program_flannel_host_gw,
+                                                        network=BENCH_NETWORK)),
         # Experimental: the fast path without an agent (the agent runs it: host-gw-bpf).
         Reference("kernel-routes-bpf", "host-gw", program_kernel_routes, attach_fastpath,
                   default=False),
