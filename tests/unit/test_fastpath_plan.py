@@ -9,6 +9,7 @@ from typing import Any
 from weft.agent.triggers import tc_hook_change
 from weft.backends.registry import backend_facts, parse_config
 from weft.core.constants import ROUTE_PROTOCOL
+from weft.core.kernel_events import LinkAdded, RouteAdded, TcRemoved
 from weft.host.fastpath import FROM_CONTAINER, FROM_UNDERLAY
 from weft.host.fastpath_hooks import Hook, plan_hooks, subnet_key
 
@@ -51,10 +52,10 @@ class Msg(dict[str, Any]):
 def test_new_links_foreign_routes_and_removed_filters_wake_the_fast_path() -> None:
     known = {1: "lo", 2: "eth0"}
     new = Msg({"IFLA_IFNAME": "veth9"}, event="RTM_NEWLINK", index=9, flags=1)
-    assert tc_hook_change(new, known) == "link veth9 added"
+    assert tc_hook_change(new, known) == LinkAdded("veth9")
     assert tc_hook_change(Msg(event="RTM_NEWLINK", index=2, flags=1), known) is None
     assert tc_hook_change(Msg(event="RTM_NEWROUTE", proto=3, table=254, type=1),
-                          known) == "route added"
+                          known) == RouteAdded()
     # weft's own routes do not feed back into a loop
     assert tc_hook_change(Msg(event="RTM_NEWROUTE", proto=ROUTE_PROTOCOL, table=254, type=1),
                           known) is None
@@ -62,5 +63,5 @@ def test_new_links_foreign_routes_and_removed_filters_wake_the_fast_path() -> No
     assert tc_hook_change(Msg(event="RTM_NEWROUTE", proto=2, table=255, type=2), known) is None
     assert tc_hook_change(Msg(event="RTM_NEWROUTE", proto=186, table=100, type=1),
                           known) is None
-    assert tc_hook_change(Msg(event="RTM_DELTFILTER"), known) == "tc filter removed"
+    assert tc_hook_change(Msg(event="RTM_DELTFILTER"), known) == TcRemoved()
     assert tc_hook_change(Msg(event="RTM_NEWTFILTER"), known) is None

@@ -7,15 +7,19 @@ import asyncio
 import ipaddress
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from bounded import run
-from weft.agent.daemon import Agent, AgentOptions
+from weft.agent.fastpath_state import FastPathState
+from weft.agent.health import Health
+from weft.agent.metrics import AgentMetrics
+from weft.agent.reconciler import Reconciler, ReconcileRequests
+from weft.agent.retry import StoreRetry
+from weft.agent.store_watch import StoreView, watch_store
 from weft.backends.base import ReconcileResult
 from weft.backends.registry import parse_config
-from weft.core.host import HostContext
 from weft.core.lease import Lease
 from weft.store.sqlite import SqliteLeaseStore
 
@@ -58,15 +62,31 @@ class SlowBackend:
         return {}
 
 
-def agent_on(store: SqliteLeaseStore, backend: SlowBackend, tmp_path: Path) -> Agent:
-    agent = Agent(AgentOptions(store=store, state_dir=tmp_path / "state",
-                               subnet_file=tmp_path / "subnet.env"))
-    agent.config = CONFIG
-    agent.host = HostContext(OWN.public_ip, "eth0", 1500, tmp_path / "state")
-    agent.lease = OWN
-    agent.backend = backend  # type: ignore[assignment]
-    agent._host_dirty = False  # host state (nft, files) is the netns suites' business
-    return agent
+class Parts:
+    """The worker and the store watch, handed a fake backend and a real store: nothing
+    of the host (files, nftables, the kernel) is touched."""
+
+    def __init__(self, store: SqliteLeaseStore, backend: SlowBackend) -> None:
+        self.store = store
+        self.health = Health(lambda: store.rejected.by_key)
+        self.metrics = AgentMetrics()
+        self.retry = StoreRetry(self.health, self.metrics.store_errors.inc)
+        self.requests = ReconcileRequests()
+        self.view = StoreView([], 0)
+
+        async def host_state_in_place() -> bool:  # the netns suites' business
+            return True
+
+        self.worker = Reconciler(
+            backend, self.view, self.requests,  # type: ignore[arg-type]
+            config=CONFIG, public_ip=OWN.public_ip, underlay=(), lease=lambda: OWN,
+            converge_host=host_state_in_place, ingress=None, fastpath=FastPathState(False),
+            stand_down=lambda: None, health=self.health, metrics=self.metrics)
+
+    def watch(self) -> Coroutine[Any, Any, None]:
+        return watch_store(self.store, self.view, request=self.requests,
+                           check_lease=lambda: None, retry=self.retry, health=self.health,
+                           metrics=self.metrics)
 
 
 async def _until(predicate: Any) -> None:
@@ -81,16 +101,16 @@ def test_a_burst_coalesces_and_the_newest_view_is_applied_last(tmp_path: Path) -
         writer = SqliteLeaseStore(str(tmp_path / "store.db"))
         reader = SqliteLeaseStore(str(tmp_path / "store.db"))
         backend = SlowBackend(delay=0.3)
-        agent = agent_on(reader, backend, tmp_path)
+        parts = Parts(reader, backend)
         async with asyncio.TaskGroup() as tg:
-            worker = tg.create_task(agent._reconciler())
-            watch = tg.create_task(agent._watch())
+            worker = tg.create_task(parts.worker.run())
+            watch = tg.create_task(parts.watch())
             for n in range(2, 22):  # 20 changes while the first pass is still running
                 await writer.create_lease(peer(n), 60)
             await writer.delete_lease(peer(5).subnet)
             want = frozenset(f"198.19.{n}.0/24" for n in range(2, 22) if n != 5)
             await _until(lambda: backend.calls and backend.calls[-1] == want and
-                         not agent._dirty.is_set() and backend.active == 0)
+                         not parts.requests.wanted.is_set() and backend.active == 0)
             worker.cancel()
             watch.cancel()
         await writer.close()
@@ -107,15 +127,15 @@ def test_a_pass_that_raises_is_retried_and_the_worker_lives_on(tmp_path: Path) -
     async def scenario() -> tuple[SlowBackend, dict[str, str]]:
         store = SqliteLeaseStore(str(tmp_path / "store.db"))
         backend = SlowBackend(delay=0.0, fail_first=1)
-        agent = agent_on(store, backend, tmp_path)
-        agent.leases = {peer(2).subnet: peer(2)}
-        agent.request("test")
+        parts = Parts(store, backend)
+        parts.view.relist([peer(2)], 0)
+        parts.requests("test")
         async with asyncio.TaskGroup() as tg:
-            worker = tg.create_task(agent._reconciler())
+            worker = tg.create_task(parts.worker.run())
             # The second call starts in a thread; its pass clears the error on the loop
             # after it returns: wait for that end, not the call's start (the race CI hit).
-            await _until(lambda: len(backend.calls) >= 2 and not agent.peer_errors.current)
-            errors = dict(agent.peer_errors.current)
+            await _until(lambda: len(backend.calls) >= 2 and not parts.health.reported)
+            errors = dict(parts.health.reported)
             worker.cancel()
         await store.close()
         return backend, errors
@@ -129,13 +149,13 @@ def test_a_poisoned_lease_never_reaches_the_backend(tmp_path: Path) -> None:
     async def scenario() -> tuple[SlowBackend, dict[str, str]]:
         store = SqliteLeaseStore(str(tmp_path / "store.db"))
         backend = SlowBackend(delay=0.0)
-        agent = agent_on(store, backend, tmp_path)
+        parts = Parts(store, backend)
         bad = Lease(ipaddress.ip_network("198.19.9.0/24"), ipaddress.ip_address("198.18.0.9"),
                     "vxlan", {"VtepMAC": "zz"})
-        agent.leases = {peer(2).subnet: peer(2), bad.subnet: bad, OWN.subnet: OWN}
-        await agent._reconcile_once()
+        parts.view.relist([peer(2), bad, OWN], 0)
+        await parts.worker.pass_once()
         await store.close()
-        return backend, dict(agent.peer_errors.current)
+        return backend, dict(parts.health.reported)
 
     backend, errors = run(scenario())
     assert backend.calls == [frozenset({"198.19.2.0/24"})]

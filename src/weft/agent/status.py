@@ -33,6 +33,23 @@ async def serve_status(path: Path,
         await server.serve_forever()
 
 
+async def serve_status_anew(path: Path, status: Callable[[], Awaitable[dict[str, Any]]],
+                            restart: asyncio.Event) -> None:
+    """Serve the status socket; serve it anew whenever `restart` is set (the socket was
+    removed under us). A server that fails (its directory gone) waits for that too."""
+
+    async def serve() -> None:
+        with contextlib.suppress(OSError):
+            await serve_status(path, status)
+
+    while True:
+        restart.clear()
+        async with asyncio.TaskGroup() as tg:
+            server = tg.create_task(serve())
+            await restart.wait()
+            server.cancel()
+
+
 async def query_status(state_dir: Path) -> dict[str, Any]:
     """Ask a running agent for its status over its unix socket."""
     path = state_dir / STATUS_SOCKET

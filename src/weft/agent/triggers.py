@@ -1,6 +1,7 @@
 """What wakes the reconcile worker besides the store: the kernel, netfilter and the files.
 
-Each watcher calls `changed(reason)` when something weft owns may have been removed; the
+Each watcher calls `changed(reason)` (the kernel's: `changed(event)`, a typed
+`weft.core.kernel_events` value) when something weft owns may have been removed; the
 worker then converges level-based (and a pass that finds everything in place changes
 nothing, so weft's own changes do not feed back into a loop). A watcher that cannot run
 here (no nft binary) says so once and leaves the periodic resync to catch the rest.
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import shutil
+import socket
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
@@ -30,69 +33,101 @@ from pyroute2.netlink.rtnl import (
     RTMGRP_TC,
 )
 
-from weft.backends.bulk import ROUTE_REMOVED, neighbour_removed
 from weft.core.constants import ROUTE_PROTOCOL
+from weft.core.kernel_events import (
+    AddressRemoved,
+    FdbRemoved,
+    KernelEvent,
+    LinkAdded,
+    LinkAddressChanged,
+    LinkDown,
+    LinkRemoved,
+    NeighbourRemoved,
+    RouteAdded,
+    RouteRemoved,
+    RuleRemoved,
+    TcRemoved,
+)
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 
 log = logging.getLogger("weft.agent")
 
 Changed = Callable[[str], None]
+KernelChanged = Callable[[KernelEvent], None]
 _GROUPS = (RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
            | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE)
 _NUD_PERMANENT = 0x80
+_AF_BRIDGE = 7
 
 
 def kernel_removal(msg: Any, devices: dict[int, str], prefix: str,
-                   tables: Collection[int] = ()) -> str | None:
-    """Why this rtnetlink message may concern weft's state, or None (pure). `tables`: the
-    routing tables the backend owns (its facts), whose rules are weft's."""
+                   tables: Collection[int] = ()) -> KernelEvent | None:
+    """The event this rtnetlink message is when it may concern weft's state, or None
+    (pure). `tables`: the routing tables the backend owns (its facts), whose rules are
+    weft's."""
     event = msg.get("event")
     if event == "RTM_DELLINK":
         name = msg.get_attr("IFLA_IFNAME") or ""
-        return f"link {name} deleted" if name.startswith(prefix) else None
+        return LinkRemoved(name) if name.startswith(prefix) else None
     if event == "RTM_NEWLINK":
         name = msg.get_attr("IFLA_IFNAME") or ""
         down = not msg["flags"] & 1
-        return f"link {name} is down" if down and name.startswith(prefix) else None
+        return LinkDown(name) if down and name.startswith(prefix) else None
     if event == "RTM_DELADDR":
         name = devices.get(msg["index"], "")
-        return f"address removed from {name}" if name.startswith(prefix) else None
+        return AddressRemoved(name) if name.startswith(prefix) else None
     if event == "RTM_DELROUTE":
-        return ROUTE_REMOVED if msg["proto"] == ROUTE_PROTOCOL else None
+        return _route_removed(msg) if msg["proto"] == ROUTE_PROTOCOL else None
     if event == "RTM_DELNEIGH":
         name = devices.get(msg["ifindex"], "")
         permanent = msg["state"] & _NUD_PERMANENT
-        return neighbour_removed(name) if permanent and name.startswith(prefix) else None
+        return _neighbour_removed(msg, name) if permanent and name.startswith(prefix) else None
     if event == "RTM_DELRULE":
         # The backend's fwmark rules (auto's); the table is in FRA_TABLE (the header's byte
         # holds only < 256).
         table = msg.get_attr("FRA_TABLE") or msg["table"]
-        return f"routing rule for table {table:#x} removed" if table in tables else None
+        return RuleRemoved(table) if table in tables else None
     return None
+
+
+def _neighbour_removed(msg: Any, device: str) -> NeighbourRemoved | FdbRemoved:
+    """A neighbour keyed by its address; a bridge FDB entry (a VTEP's) by its MAC."""
+    if msg["family"] == _AF_BRIDGE:
+        return FdbRemoved(device, (msg.get_attr("NDA_LLADDR") or "").lower())
+    ip = msg.get_attr("NDA_DST")
+    return NeighbourRemoved(device, ipaddress.ip_address(ip) if ip else None)
+
+
+def _route_removed(msg: Any) -> RouteRemoved:
+    """The removed route's key as weft's own `Route` names it: destination and table (the
+    table in RTA_TABLE: the header's byte holds only < 256)."""
+    dst = msg.get_attr("RTA_DST") or ("::" if msg["family"] == socket.AF_INET6 else "0.0.0.0")
+    return RouteRemoved(ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False),
+                        msg.get_attr("RTA_TABLE") or msg["table"])
 
 
 _RT_TABLE_MAIN = 254
 _RTN_UNICAST = 1
 
 
-def tc_hook_change(msg: Any, known: dict[int, str]) -> str | None:
+def tc_hook_change(msg: Any, known: dict[int, str]) -> KernelEvent | None:
     """With the fast path on, what may need its tc hooks converged (pure): a new device
     or a route not weft's (a container's veth and its route, added by the CNI plugin),
     or a tc filter or qdisc removed (weft's may be among them)."""
     event = msg.get("event")
     if event == "RTM_NEWLINK" and msg["index"] not in known:
-        return f"link {msg.get_attr('IFLA_IFNAME') or ''} added"
+        return LinkAdded(msg.get_attr("IFLA_IFNAME") or "")
     # Only unicast routes of the main table: the kernel's local and broadcast routes (every
     # address change) and a routing daemon's other tables would mean a full pass each.
     if (event == "RTM_NEWROUTE" and msg["proto"] != ROUTE_PROTOCOL
             and msg["table"] == _RT_TABLE_MAIN and msg["type"] == _RTN_UNICAST):
-        return "route added"
+        return RouteAdded()
     if event in ("RTM_DELTFILTER", "RTM_DELQDISC"):
-        return "tc filter removed"
+        return TcRemoved()
     return None
 
 
-async def watch_kernel(changed: Changed, prefix: str, *, tc_hooks: bool = False,
+async def watch_kernel(changed: KernelChanged, prefix: str, *, tc_hooks: bool = False,
                        tables: Collection[int] = ()) -> None:
     """rtnetlink multicast: a device, address, route, neighbour or routing rule of weft's
     (a rule of one of the backend's `tables`) removed (and with `tc_hooks`, what the fast
@@ -108,16 +143,16 @@ async def watch_kernel(changed: Changed, prefix: str, *, tc_hooks: bool = False,
             macs[link["index"]] = link.get_attr("IFLA_ADDRESS") or ""
         while True:
             async for msg in ipr.get():
-                reason = tc_hook_change(msg, devices) if tc_hooks else None
+                event = tc_hook_change(msg, devices) if tc_hooks else None
                 if msg.get("event") == "RTM_NEWLINK":
                     index, name = msg["index"], msg.get_attr("IFLA_IFNAME") or ""
                     mac = msg.get_attr("IFLA_ADDRESS") or ""
-                    if name.startswith(prefix) and macs.get(index, mac) != mac and not reason:
-                        reason = f"link {name} address changed"
+                    if name.startswith(prefix) and macs.get(index, mac) != mac and not event:
+                        event = LinkAddressChanged(name)
                     devices[index], macs[index] = name, mac
-                reason = reason or kernel_removal(msg, devices, prefix, tables)
-                if reason is not None:
-                    changed(reason)
+                event = event or kernel_removal(msg, devices, prefix, tables)
+                if event is not None:
+                    changed(event)
 
 
 def netfilter_change(line: str) -> str | None:

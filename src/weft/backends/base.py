@@ -22,6 +22,7 @@ from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from weft.core.config import BackendOptions, NetworkConfig
 from weft.core.host import HostContext
+from weft.core.kernel_events import KernelEvent
 from weft.core.lease import Lease
 
 T = TypeVar("T")
@@ -83,9 +84,9 @@ class ReconcileResult:
     added: int = 0
     removed: int = 0
     errors: dict[str, str] = field(default_factory=dict)  # peer subnet -> message
-    # The removal notices this pass's own deletions raise in the agent's kernel watcher
-    # (`weft.backends.bulk.removal_notice`): expected, so they ask for no repair pass.
-    echoes: tuple[str, ...] = ()
+    # The kernel events this pass's own deletions raise in the agent's kernel watcher
+    # (`weft.backends.bulk.apply_tables`): expected, so they ask for no repair pass.
+    echoes: tuple[KernelEvent, ...] = ()
 
     def __iadd__(self, other: ReconcileResult) -> ReconcileResult:
         self.added += other.added

@@ -6,16 +6,9 @@ from __future__ import annotations
 from weft.backends.base import Delta, ReconcileResult
 from weft.core.dataplane import FdbEntry, Neighbour, Route
 from weft.core.errors import KernelError
+from weft.core.kernel_events import FdbRemoved, KernelEvent, NeighbourRemoved, RouteRemoved
 from weft.host import rtnl_batch
 from weft.host.rtnl_batch import Op
-
-ROUTE_REMOVED = "route removed"
-
-
-def neighbour_removed(device: str) -> str:
-    """The kernel watcher's notice for a permanent neighbour or FDB entry deleted on
-    `device` (`weft.agent.triggers.kernel_removal`)."""
-    return f"neighbour removed on {device}"
 
 
 def apply_tables(routes: Delta[Route], neighbours: Delta[Neighbour] | None = None,
@@ -42,8 +35,11 @@ def apply_tables(routes: Delta[Route], neighbours: Delta[Neighbour] | None = Non
     except OSError as exc:
         raise KernelError(f"program {len(ops)} kernel entries: {exc}") from None
     removed = len(ops) - len(fdb.add) - len(neighbours.add) - len(routes.add)
-    routes_removed = sum(1 for r in routes.remove if r.dst not in rerouted)
-    echoes = ((ROUTE_REMOVED,) * routes_removed
-              + (neighbour_removed(device),) * (removed - routes_removed))
+    # The kernel events these removals cause (the agent's watcher sees them too).
+    echoes: list[KernelEvent] = [RouteRemoved(r.dst, r.table) for r in routes.remove
+                                 if r.dst not in rerouted]
+    echoes += [NeighbourRemoved(device, n.ip) for n in neighbours.remove
+               if (n.ip, n.ifindex) not in readdressed]
+    echoes += [FdbRemoved(device, e.mac.lower()) for e in fdb.remove]
     return ReconcileResult(added=len(ops) - removed - len(errors), removed=removed,
-                           errors=errors, echoes=echoes)
+                           errors=errors, echoes=tuple(echoes))
