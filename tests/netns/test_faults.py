@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from data_planes import DATA_PLANES, check_data_plane
 
 from weft.core.constants import CNI_BRIDGE, NFT_TABLE, UDP_DEVICE, WIREGUARD_DEVICE
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
@@ -193,10 +194,13 @@ def status_answers(tb: Testbed, host: Host) -> bool:
 # --- vxlan: one testbed for the cases that leave it standing ---------------------------
 
 
-@pytest.fixture(scope="module")
-def vxlan() -> Iterator[Testbed]:
-    with Testbed(hosts=2, containers_per_host=1, config=config("vxlan")) as tb:
+@pytest.fixture(scope="module", params=list(DATA_PLANES))
+def vxlan(request: pytest.FixtureRequest) -> Iterator[Testbed]:
+    """Each case on the fast path (the default) and on the nftables path alone."""
+    with Testbed(hosts=2, containers_per_host=1, config=config("vxlan"),
+                 agent_args=DATA_PLANES[request.param]) as tb:
         tb.start()
+        check_data_plane(tb, request.param)
         yield tb
 
 
@@ -358,10 +362,13 @@ def test_wireguard_device_deleted() -> None:
 # --- a host that comes back after its lease was taken ---------------------------------
 
 
-def test_host_returning_after_its_lease_was_taken_moves_to_a_new_subnet() -> None:
+@pytest.mark.parametrize("plane", list(DATA_PLANES))
+def test_host_returning_after_its_lease_was_taken_moves_to_a_new_subnet(plane: str) -> None:
     ttl = 3.0
-    with Testbed(hosts=3, containers_per_host=1, config=config("vxlan"), lease_ttl=ttl) as tb:
+    with Testbed(hosts=3, containers_per_host=1, config=config("vxlan"), lease_ttl=ttl,
+                 agent_args=DATA_PLANES[plane]) as tb:
         tb.start()
+        check_data_plane(tb, plane)
         h1, h2, h3 = tb.hosts
         old = tb.host_status(h1)["subnet"]
         assert tb.stop_agent(h1, signal.SIGKILL) != 0

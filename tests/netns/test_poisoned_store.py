@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from data_planes import DATA_PLANES, check_data_plane
 
 from etcd_server import ETCD_AVAILABLE, ETCD_MISSING_REASON
 from weft.core.constants import DEFAULT_ETCD_PREFIX, ROUTE_PROTOCOL
@@ -179,13 +180,21 @@ class EtcdWriter:
         self._etcdctl("del", f"{DEFAULT_ETCD_PREFIX}/{rec.key}")
 
 
-@pytest.fixture(scope="module", params=["sqlite", "etcd"])
+# Each store with the fast path (the default), and SQLite with the nftables path alone too:
+# the records reach the kernel the same way whichever store carried them.
+BEDS = [("sqlite", "fastpath"), ("sqlite", "nftables"), ("etcd", "fastpath")]
+
+
+@pytest.fixture(scope="module", params=BEDS, ids=["-".join(b) for b in BEDS])
 def bed(request: pytest.FixtureRequest) -> Iterator[tuple[Testbed, SqliteWriter | EtcdWriter]]:
-    if request.param == "etcd" and not ETCD_AVAILABLE:
+    store, plane = request.param
+    if store == "etcd" and not ETCD_AVAILABLE:
         pytest.skip(ETCD_MISSING_REASON)
-    with Testbed(hosts=3, containers_per_host=1, config=CONFIG, store=request.param) as tb:
+    with Testbed(hosts=3, containers_per_host=1, config=CONFIG, store=store,
+                 agent_args=DATA_PLANES[plane]) as tb:
         tb.start()
-        yield tb, (SqliteWriter(tb) if request.param == "sqlite" else EtcdWriter(tb))
+        check_data_plane(tb, plane)
+        yield tb, (SqliteWriter(tb) if store == "sqlite" else EtcdWriter(tb))
 
 
 # --- what must not change ---------------------------------------------------------------

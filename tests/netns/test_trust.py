@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from data_planes import DATA_PLANES, check_data_plane
 
 from weft_lab.testbed import Testbed
 
@@ -37,9 +38,13 @@ def renewals(tb: Testbed) -> int:
     return sum(tb.agent_log(h).count("lease renewed") for h in tb.hosts)
 
 
-def test_an_unprivileged_user_cannot_read_or_lock_the_store_while_agents_renew() -> None:
-    with Testbed(hosts=2, containers_per_host=0, lease_ttl=4) as tb:
+@pytest.mark.parametrize("plane", list(DATA_PLANES))
+def test_an_unprivileged_user_cannot_read_or_lock_the_store_while_agents_renew(
+        plane: str) -> None:
+    with Testbed(hosts=2, containers_per_host=0, lease_ttl=4,
+                 agent_args=DATA_PLANES[plane]) as tb:
         tb.start()
+        check_data_plane(tb, plane)
         db = Path(tb.store_url.removeprefix("sqlite://"))
         files = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
         for f in files:  # private from creation, whatever the directory allows

@@ -93,8 +93,9 @@ class AgentOptions:
     # Converge everything again now and then even when no event said so: the safety net
     # under the kernel, netfilter and file watchers.
     resync_interval: float = 60.0
-    # The tc BPF fast path for overlay <-> overlay packets (weft.agent.fastpath_state).
-    fastpath: bool = False
+    # The tc BPF fast path for overlay <-> overlay packets (weft.agent.fastpath_state): on
+    # wherever it can run, the nftables path (with the reason in status) where it cannot.
+    fastpath: bool = True
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""The agent's `--fastpath` switch: whether the tc BPF fast path can run here, and its
-convergence at every full pass (weft.host.fastpath_hooks does the kernel work).
+"""The agent's fast path (on by default; `--no-fastpath` turns it off): whether the tc BPF
+fast path can run here, and its convergence at every full pass (weft.host.fastpath_hooks
+does the kernel work).
 
 Unavailable (not host-gw or vxlan, an IPv6 overlay, no clang, bpftool or tc, a compile
 error) is a reason shown in `weft status`, never an agent failure: the normal path carries
@@ -28,7 +29,7 @@ class FastPathState:
         self.enabled = enabled
         self.fastpath: FastPath | None = None
         self.arrival: str | None = None
-        self.reason: str | None = None if enabled else "off (--fastpath turns it on)"
+        self.reason: str | None = None if enabled else "off (--no-fastpath)"
         self.standing_down: str | None = None
 
     def start(self, config: NetworkConfig, own: IPNetwork, arrival: str | None,

@@ -61,9 +61,10 @@ UDP_MINIMAL = "udp-minimal"
 # Rows measured on a backend's own testbed with its agents swapped out: row -> backend.
 SWAPPED = {UDP_MINIMAL: "udp"}
 # Rows of a backend run by agents with extra flags: row -> (backend, agent flags). Measured
-# only when named (`--backends host-gw-bpf`).
-VARIANTS = {"host-gw-bpf": ("host-gw", ("--fastpath",)),
-            "vxlan-bpf": ("vxlan", ("--fastpath",))}
+# only when named (`--backends host-gw-nft`): the backends without the fast path, on the
+# nftables path alone.
+VARIANTS = {"host-gw-nft": ("host-gw", ("--no-fastpath",)),
+            "vxlan-nft": ("vxlan", ("--no-fastpath",))}
 
 
 def bench_config(backend: str) -> str:
