@@ -6,6 +6,7 @@ where it cannot run or is turned off."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -249,3 +250,27 @@ def test_another_tools_filter_in_its_place_is_left_alone_and_reported(tmp_path: 
         assert tb.stop_agent(h1, signal.SIGTERM) == 0
         assert "someone_else" in tb.run(h1.netns, ["tc", "filter", "show", "dev", "eth0",
                                                    "ingress"]).stdout
+
+
+def test_a_host_without_a_compiler_runs_the_object_built_with_the_package(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from weft.host.fastpath import packaged_object
+
+    if packaged_object() is None:
+        pytest.skip("this install holds no fast path object (built where clang was not)")
+    # Every program on PATH but clang.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for d in os.environ["PATH"].split(os.pathsep):
+        if Path(d).is_dir():
+            for entry in Path(d).iterdir():
+                if not entry.name.startswith("clang") and not (bindir / entry.name).exists():
+                    (bindir / entry.name).symlink_to(entry)
+    monkeypatch.setenv("PATH", str(bindir))
+    with Testbed(hosts=2, containers_per_host=1, config=config("host-gw"), attach="ptp") as tb:
+        tb.start()
+        for host in tb.hosts:
+            status = fastpath(tb, host)
+            assert status["active"], status
+            assert status["object"] == "from the package", status
+        assert all(tb.connectivity().values())
