@@ -364,6 +364,9 @@ def _fastpath_line(fp: dict[str, object]) -> str:
     line = f"on, attached to {names or 'nothing yet'}"
     if isinstance(counts, dict):
         line += "; packets redirected " + ", ".join(f"{k} {v}" for k, v in counts.items())
+    skipped = fp.get("skipped")
+    if isinstance(skipped, dict) and skipped:
+        line += "; left alone: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
     return line + (f"; error: {fp['error']}" if fp.get("error") else "")
 
 
