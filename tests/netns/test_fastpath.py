@@ -11,24 +11,20 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_mesh import source_seen
 
+from helpers import missing, requires, source_seen, wait_for
+from helpers import network_config as config
 from weft_lab.testbed import Host, Testbed
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(shutil.which("clang") is None or shutil.which("bpftool") is None,
-                       reason="the fast path needs clang and bpftool (scripts/setup.sh)"),
+    requires(shutil.which("clang") is not None and shutil.which("bpftool") is not None,
+             "the fast path needs clang and bpftool (scripts/setup.sh)"),
 ]
-
-
-def config(backend: str) -> str:
-    return json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend}})
 
 
 def fastpath(tb: Testbed, host: Host) -> dict[str, Any]:
@@ -122,21 +118,21 @@ def test_filter_removed_by_hand_is_healed_and_shutdown_takes_it_off() -> None:
         veth = fastpath(tb, h1)["attached"][1]
         for dev, how in (("eth0", ["tc", "filter", "del", "dev", "eth0", "ingress"]),
                          (veth, ["tc", "qdisc", "del", "dev", veth, "clsact"])):
-            tb.run(h1.netns, how)
-            assert not owned_filter(tb, h1, dev)
-            deadline = time.monotonic() + 10  # the kernel trigger, not the 60 s resync
-            while time.monotonic() < deadline and not owned_filter(tb, h1, dev):
-                time.sleep(0.2)
-            assert owned_filter(tb, h1, dev), tb.agent_log(h1)[-2000:]
+            since = len(tb.agent_log(h1))
+            tb.run(h1.netns, how)  # it succeeded: the filter was there, and is gone
+            # Put back by the kernel trigger (it says why), not the 60 s resync. Not
+            # asserted absent first: the agent may have healed it already.
+            wait_for(f"the filter on {dev} back", lambda: owned_filter(tb, h1, dev)  # noqa: B023
+                     and "tc filter removed" in tb.agent_log(h1)[since:], 10,  # noqa: B023
+                     seen=lambda: tb.agent_log(h1)[-2000:])
         assert all(tb.connectivity().values())
         # A container attached after the agent started gets its hook too.
         c1 = tb.containers[0]
         tb.detach(c1)
         tb.attach(c1)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (
-                veth in (now := fastpath(tb, h1)["attached"]) or len(now) < 2):
-            time.sleep(0.2)
+        wait_for("the new veth hooked", lambda: (
+            veth not in (now := fastpath(tb, h1)["attached"]) and len(now) >= 2), 10,
+            seen=lambda: fastpath(tb, h1)["attached"])
         attached = fastpath(tb, h1)["attached"]
         assert len(attached) == 2, attached
         assert veth not in attached, attached
@@ -203,10 +199,8 @@ def test_a_map_emptied_by_hand_is_written_again_at_the_next_full_pass() -> None:
                               *key])
         assert _keys(tb, h1, subnets) == []
         assert all(tb.connectivity().values())  # the normal path carries it meanwhile
-        deadline = time.monotonic() + 15
-        while sorted(_keys(tb, h1, subnets)) != sorted(keys):
-            assert time.monotonic() < deadline, tb.agent_log(h1)[-2000:]
-            time.sleep(0.2)
+        wait_for("the map written again", lambda: sorted(_keys(tb, h1, subnets)) == sorted(keys),
+                 seen=lambda: (_keys(tb, h1, subnets), tb.agent_log(h1)[-2000:]))
 
 
 # Another tool's tc program (one that passes everything on).
@@ -234,10 +228,10 @@ def test_another_tools_filter_in_its_place_is_left_alone_and_reported(tmp_path: 
                           "handle", "1", "bpf", "da", "obj", str(obj), "sec", "tc"])
         tb.start_agent(h1)
         tb.wait_converged(30)
-        deadline = time.monotonic() + 10
-        while "eth0" not in (status := fastpath(tb, h1)).get("skipped", {}):
-            assert time.monotonic() < deadline, status
-            time.sleep(0.2)
+        wait_for("eth0 reported as left alone",
+                 lambda: "eth0" in fastpath(tb, h1).get("skipped", {}),
+                 seen=lambda: fastpath(tb, h1))
+        status = fastpath(tb, h1)
         assert "someone_else" in status["skipped"]["eth0"], status
         assert "eth0" not in status["attached"], status
         assert len(status["attached"]) == 1  # the container's veth still has its hook
@@ -257,7 +251,7 @@ def test_a_host_without_a_compiler_runs_the_object_built_with_the_package(
     from weft.host.fastpath import packaged_object
 
     if packaged_object() is None:
-        pytest.skip("this install holds no fast path object (built where clang was not)")
+        missing("this install holds no fast path object (built where clang was not)")
     # Every program on PATH but clang.
     bindir = tmp_path / "bin"
     bindir.mkdir()

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from data_planes import DATA_PLANES, check_data_plane
 
 from forged import LISTENER, PACKETS
+from helpers import DATA_PLANES, check_data_plane
 from weft.host.fastpath import object_path
 from weft_lab.testbed import Container, Host, Testbed
 
