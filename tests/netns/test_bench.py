@@ -52,7 +52,8 @@ def test_short_real_bench_measures_every_figure_and_leaves_nothing(tmp_path: Pat
     assert data["results"][0]["bw_pct"] == data["results"][0]["lat_pct"] == 100
     assert "TCP BW (MB/s)" in stdout
     assert "skipped nosuch" in stdout
-    assert chart_bars(str(chart))["bw_bars"] == chart_bars(str(chart))["lat_bars"] == 3
+    # a bar pair per row but native
+    assert chart_bars(str(chart))["bw_bars"] == chart_bars(str(chart))["lat_bars"] == 5
     assert namespaces_left_by(before, proc.pid) == []
 
 
