@@ -142,6 +142,13 @@ def test_a_service_dnat_on_the_clients_host_keeps_its_replies_tracked() -> None:
             status = wait_overlay(tb, h1, "tracked")
             assert status == {"mode": "auto", "overlay": "tracked", "reason": (
                 "destination NAT in ip svc: its replies over the overlay need conntrack")}
+            # The fast path (on by default) stands down with it: a reply it carried would
+            # pass conntrack by and never be un-DNATed.
+            wait_for("the fast path standing down",
+                     lambda: not tb.host_status(h1)["fastpath"]["active"],
+                     seen=lambda: tb.host_status(h1)["fastpath"])
+            fastpath = tb.host_status(h1)["fastpath"]
+            assert "destination NAT in ip svc" in fastpath["reason"], fastpath
             done = _through_service(tb, c1.netns)
             assert done.stdout.strip() == "served", done.stderr
             # Forced to untrack, the reply from c2 is never un-DNATed: c1 sees it come
