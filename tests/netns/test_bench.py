@@ -143,7 +143,7 @@ def test_pinned_testbed_agents_and_their_threads_stay_on_their_host_cpu() -> Non
           "(scripts/setup.sh --runtimes installs them)")
 def test_short_bench_with_docker_containers_beside_namespaces(tmp_path: Path) -> None:
     """`weft bench --runtime docker`: qperf between docker containers on two hosts, in the
-    same rounds as native and the bare-namespace testbed (figures: README, not here)."""
+    same rounds as native and the bare-namespace testbed (figures: docs/benchmarks.md, not here)."""
     before = set(list_netns())
     out = tmp_path / "bench.json"
     proc = subprocess.run(
