@@ -226,8 +226,10 @@ def agent(
                                                          "reconciles of the kernel")] = 60.0,
     release_on_exit: Annotated[bool, typer.Option(help="on exit, release the lease and "
                                                        "remove the data plane")] = False,
-    fastpath: Annotated[bool, typer.Option(help="tc BPF fast path for overlay <-> overlay "
-                                                "packets (host-gw, vxlan; needs clang)")] = False,
+    fastpath: Annotated[bool, typer.Option(
+        help="tc BPF fast path for overlay <-> overlay packets where it can run (host-gw, "
+             "vxlan; IPv4 overlays); --no-fastpath keeps every packet on the nftables "
+             "path")] = True,
     log_level: LogOpt = "info",
 ) -> None:
     """Run the agent on this host: lease a subnet, program the data plane, follow peers."""
@@ -368,6 +370,9 @@ def _fastpath_line(fp: dict[str, object]) -> str:
     line = f"on, attached to {names or 'nothing yet'}"
     if isinstance(counts, dict):
         line += "; packets redirected " + ", ".join(f"{k} {v}" for k, v in counts.items())
+    skipped = fp.get("skipped")
+    if isinstance(skipped, dict) and skipped:
+        line += "; left alone: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
     return line + (f"; error: {fp['error']}" if fp.get("error") else "")
 
 

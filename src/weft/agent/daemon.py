@@ -48,7 +48,12 @@ from weft.agent.reconciler import Reconciler, ReconcileRequests
 from weft.agent.retry import StoreRetry, restarting
 from weft.agent.status import STATUS_SOCKET, serve_status_anew
 from weft.agent.store_watch import StoreView, check_config, watch_store
-from weft.agent.triggers import watch_files, watch_kernel, watch_netfilter
+from weft.agent.triggers import (
+    DESTINATION_NAT_ADDED,
+    watch_files,
+    watch_kernel,
+    watch_netfilter,
+)
 from weft.backends.base import Backend, BackendFacts
 from weft.backends.registry import backend_facts, create_backend, parse_config
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
@@ -94,8 +99,9 @@ class AgentOptions:
     # Converge everything again now and then even when no event said so: the safety net
     # under the kernel, netfilter and file watchers.
     resync_interval: float = 60.0
-    # The tc BPF fast path for overlay <-> overlay packets (weft.agent.fastpath_state).
-    fastpath: bool = False
+    # The tc BPF fast path for overlay <-> overlay packets (weft.agent.fastpath_state): on
+    # wherever it can run, the nftables path (with the reason in status) where it cannot.
+    fastpath: bool = True
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,8 @@ class Agent:
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._status_restart = asyncio.Event()
+        # A destination NAT rule appeared: decide the overlay's conntrack again now.
+        self._nat_added = asyncio.Event()
         self._lock = StateDirLock(options.state_dir)
 
     # --- start-up -----------------------------------------------------------------------
@@ -239,6 +247,8 @@ class Agent:
         directories = [self.opts.subnet_file.parent, self.opts.state_dir]
 
         def host_changed(reason: str) -> None:
+            if reason == DESTINATION_NAT_ADDED:
+                self._nat_added.set()
             self.requests(reason, host=True)
 
         return [
@@ -260,7 +270,16 @@ class Agent:
 
     async def _resync(self, r: Running) -> None:
         while True:
-            await asyncio.sleep(self.opts.resync_interval)
+            try:
+                await asyncio.wait_for(self._nat_added.wait(), self.opts.resync_interval)
+            except TimeoutError:
+                pass
+            else:
+                # A DNAT rule appeared: its replies over the overlay must meet conntrack
+                # (the untrack rules and the fast path stand down) before the next resync.
+                self._nat_added.clear()
+                await r.conntrack.ensure(r.keeper.lease)
+                continue
             await check_config(self.store, r.config_text, r.config, retry=self.retry,
                                health=self.health)
             await r.conntrack.ensure(r.keeper.lease)  # destination NAT may have come or gone

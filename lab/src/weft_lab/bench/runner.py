@@ -11,6 +11,8 @@
              the reference that shows what weft's udp guarantees cost
     kernel-vxlan, kernel-routes   references: the same testbed, the kernel path programmed
              by hand with no agent and no rules (weft_lab.bench.references)
+    flannel-vxlan, flannel-host-gw   peers: the same testbed with the kernel state and
+             iptables rules flannel v0.28 programs (weft_lab.bench.flannel)
 
 All testbeds stay up for the whole bench so the schedule can interleave (native, A,
 native, B, ... per round). A backend whose agents do not come up, or whose containers
@@ -51,16 +53,18 @@ from weft_lab.bench.stats import (
 from weft_lab.runtimes import RUNTIMES
 from weft_lab.testbed import ATTACHMENTS, Testbed, netns_exec
 
-# Each reference row sits just before (kernel paths) or after (udp-minimal) its backend.
-DEFAULT_ORDER = ("kernel-vxlan", "vxlan", "kernel-routes", "host-gw", "udp", "udp-minimal",
-                 "wireguard")
+# Each reference row sits just before (kernel paths, then flannel's) or after (udp-minimal)
+# its backend.
+DEFAULT_ORDER = ("kernel-vxlan", "flannel-vxlan", "vxlan", "kernel-routes", "flannel-host-gw",
+                 "host-gw", "udp", "udp-minimal", "wireguard")
 UDP_MINIMAL = "udp-minimal"
 # Rows measured on a backend's own testbed with its agents swapped out: row -> backend.
 SWAPPED = {UDP_MINIMAL: "udp"}
 # Rows of a backend run by agents with extra flags: row -> (backend, agent flags). Measured
-# only when named (`--backends host-gw-bpf`).
-VARIANTS = {"host-gw-bpf": ("host-gw", ("--fastpath",)),
-            "vxlan-bpf": ("vxlan", ("--fastpath",))}
+# only when named (`--backends host-gw-nft`): the backends without the fast path, on the
+# nftables path alone.
+VARIANTS = {"host-gw-nft": ("host-gw", ("--no-fastpath",)),
+            "vxlan-nft": ("vxlan", ("--no-fastpath",))}
 
 
 def bench_config(backend: str) -> str:
@@ -201,10 +205,11 @@ def _reference(stack: contextlib.ExitStack, ref: Reference, rate_bits: int | Non
                attach: str) -> Target:
     """The testbed of a backend, without agents: `ref.program` builds the kernel path, and
     the containers are attached by `weft-cni` from a subnet.env written here, as the agent
-    would write it. FLANNEL_IPMASQ=true there although nothing masquerades: with false,
-    weft-cni (like flannel's plugin) asks the delegate for its own ipMasq, which NATs every
-    packet to another host's subnet through conntrack: not the kernel path this row is
-    for, and a fast path skipping netfilter then sees half a connection NATed."""
+    would write it. FLANNEL_IPMASQ=true there (as flanneld --ip-masq writes it for the
+    flannel rows, whose masquerade the host's rules do): with false, weft-cni (like
+    flannel's plugin) asks the delegate for its own ipMasq, which NATs every packet to
+    another host's subnet through conntrack: not the kernel path a kernel-* row is for,
+    and a fast path skipping netfilter then sees half a connection NATed."""
     tb = stack.enter_context(Testbed(hosts=2, containers_per_host=1, attach=attach,
                                      config=bench_config(ref.beside), log_level="info"))
     _shape(tb, rate_bits)
