@@ -22,6 +22,7 @@ The parts, each with one job, get what they need handed to them (values, callbac
     host_keeper    the host pass of the worker: subnet.env, nftables, FORWARD, the lock
     conntrack      the masquerade table and the overlay conntrack decision
     retry, health  one retry policy; one record of every error and notice
+    prober         every peer probed through the data plane (weft.agent.peer_health)
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import logging
 import signal
 import subprocess
 import time
-from collections.abc import Coroutine
-from dataclasses import dataclass
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ from weft.agent.host_keeper import HostKeeper
 from weft.agent.lease_keeper import LeaseKeeper, OwnLease, acquire
 from weft.agent.lock import StateDirLock
 from weft.agent.metrics import AgentMetrics
+from weft.agent.peer_health import ProbePolicy
+from weft.agent.prober import HealthProber, Targets
 from weft.agent.reconciler import Reconciler, ReconcileRequests
 from weft.agent.retry import StoreRetry, restarting
 from weft.agent.status import STATUS_SOCKET, serve_status_anew
@@ -59,6 +62,7 @@ from weft.core.constants import (
 )
 from weft.core.errors import StoreError, UsageError, WeftError
 from weft.core.host import HostContext
+from weft.core.lease import Lease
 from weft.host.forward_accept import remove_forward_accept
 from weft.host.ingress import IngressFilter
 from weft.host.masquerade import ConntrackMode, remove_masquerade
@@ -95,6 +99,8 @@ class AgentOptions:
     resync_interval: float = 60.0
     # The tc BPF fast path for overlay <-> overlay packets (weft.agent.fastpath_state).
     fastpath: bool = False
+    # How every peer is probed (weft.agent.peer_health); None: not at all.
+    probes: ProbePolicy | None = field(default_factory=ProbePolicy)
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._status_restart = asyncio.Event()
         self._lock = StateDirLock(options.state_dir)
+        self.prober: HealthProber | None = None
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -183,6 +190,7 @@ class Agent:
         await asyncio.to_thread(self.fastpath.start, config, lease.subnet, facts.arrival,
                                 state_dir)
         self.metrics.export_backend(backend.status)
+        self.metrics.export_peer_health(lambda: self.prober)
         host_keeper = HostKeeper(
             own, network=config.network, subnet_file=self.opts.subnet_file,
             state_dir=state_dir, ip_masq=self.opts.ip_masq,
@@ -253,7 +261,48 @@ class Agent:
             restarting("netfilter events", lambda: watch_netfilter(
                 host_changed, r.ingress.own_echo)),
             restarting("file events", lambda: watch_files(host_changed, directories)),
+            self._probe_peers(r),
         ]
+
+    async def _probe_peers(self, r: Running) -> None:
+        """Keep the prober's peers (and its own address, which moves with the lease) in
+        step with the validated view. A second is soon enough: a new peer is not a
+        failing one."""
+        policy = self.opts.probes
+        if policy is None:
+            return
+        view, own, planes = None, None, None
+        try:
+            while True:
+                lease, current = r.keeper.lease, r.reconciler.view
+                if self.prober is None or own != lease.own_address.ip:
+                    await asyncio.to_thread(self._close_prober)
+                    own = lease.own_address.ip
+                    self.prober = await asyncio.to_thread(
+                        HealthProber, own, r.keeper.own.mtu, policy,
+                        summary=self._summary, on_rtt=self.metrics.probe_rtt.observe)
+                    self.prober.start()
+                    view = None
+                now_planes, handshakes = await asyncio.to_thread(_planes, r)
+                self.prober.handshakes = handshakes
+                if current is not view or now_planes != planes:
+                    view, planes = current, now_planes
+                    self.prober.set_targets(_targets(r, current.peers, planes))
+                await asyncio.sleep(1.0)
+        finally:
+            await asyncio.to_thread(self._close_prober)
+
+    def _close_prober(self) -> None:
+        prober, self.prober = self.prober, None
+        if prober is not None:
+            prober.close()
+
+    def _summary(self) -> dict[str, Any]:
+        """What a member's `weft doctor --cluster` gets from this host: read-only counts."""
+        summary: dict[str, Any] = self.prober.summary() if self.prober is not None else {}
+        summary["errors"] = len(self.health.reported)
+        summary["host_errors"] = sorted(self.health.host)
+        return summary
 
     async def _resync(self, r: Running) -> None:
         while True:
@@ -285,7 +334,10 @@ class Agent:
                     "ingress": ingress.status(),
                     "fastpath": fastpath.status()}
 
-        return report | await asyncio.to_thread(from_the_kernel)
+        report |= await asyncio.to_thread(from_the_kernel)
+        if self.prober is not None:
+            report["peer_health"] = self.prober.status()
+        return report
 
     # --- shutdown -----------------------------------------------------------------------
 
@@ -320,6 +372,23 @@ class Agent:
             await self.store.close()
         finally:
             self._lock.release()
+
+
+def _planes(r: Running) -> tuple[dict[IPNetwork, str], dict[str, int]]:
+    """From the backend's status: the plane each peer's traffic is on where the backend
+    chooses it per peer (`paths`; else the backend's own type), and wireguard's last
+    handshake by peer public IP (`handshakes`)."""
+    status = r.backend.status()
+    paths = status.get("paths", {})
+    return ({ipaddress.ip_network(s): p.get("plane", "auto") for s, p in paths.items()},
+            dict(status.get("handshakes", {})))
+
+
+def _targets(r: Running, peers: Mapping[IPNetwork, Lease],
+             planes: Mapping[IPNetwork, str]) -> Targets:
+    kind = r.config.backend.type
+    return {s: (lease.own_address.ip, planes.get(s, kind), str(lease.public_ip))
+            for s, lease in peers.items()}
 
 
 def _underlay_networks(ifname: str) -> tuple[IPNetwork, ...]:

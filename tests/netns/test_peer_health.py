@@ -1,0 +1,97 @@
+"""Per-peer health on every backend: each agent probes its peers through the data plane
+that carries its containers' traffic, and `weft status` shows what it found (RTT, loss,
+PMTU, the plane); a peer whose agent stops turns unreachable and comes back."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from weft_lab.testbed import Host, Testbed
+
+pytestmark = pytest.mark.netns
+
+
+def config(backend: str, **options: object) -> str:
+    return json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend, **options}})
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """Poll `check` until it returns something true; fail naming `what` after `timeout`
+    (a bound on a hang, not a timed assert)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.2)
+
+
+def peer_row(tb: Testbed, host: Host, peer: Host) -> dict[str, Any] | None:
+    health = tb.host_status(host).get("peer_health", {}).get("peers", {})
+    return next((row for row in health.values() if row["public_ip"] == str(peer.underlay_ip)),
+                None)
+
+
+def answered(tb: Testbed, host: Host, peer: Host, probes: int = 3) -> dict[str, Any] | None:
+    row = peer_row(tb, host, peer)
+    if row and row["state"] == "reachable" and row["probes"]["answered"] >= probes:
+        return row
+    return None
+
+
+BACKENDS = ["vxlan", "host-gw", "udp", pytest.param("wireguard", marks=pytest.mark.skipif(
+    shutil.which("wireguard-go") is None, reason="needs wireguard-go"))]
+
+
+def subnet_env_mtu(host: Host) -> int:
+    match = re.search(r"^FLANNEL_MTU=(\d+)$", host.subnet_env_path.read_text(), re.M)
+    assert match is not None
+    return int(match[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_probes_report_rtt_loss_and_pmtu_on_every_backend(backend: str) -> None:
+    options: dict[str, object] = {"PersistentKeepaliveInterval": 0} if backend == "wireguard" \
+        else {}
+    with Testbed(hosts=2, containers_per_host=0, config=config(backend, **options)) as tb:
+        tb.start()
+        a, b = tb.hosts
+        for host, peer in ((a, b), (b, a)):
+            row = wait_for(f"{host.name} probes {peer.name} on {backend}",
+                           lambda h=host, p=peer: answered(tb, h, p))
+            assert row["plane"] == backend
+            assert row["loss"] == 0.0
+            assert 0 < row["rtt_ms"]["median"] <= row["rtt_ms"]["p99"]
+            # The full-size probe passed with DF: the MTU containers are given.
+            assert row["pmtu"] == subnet_env_mtu(host)
+            if backend == "wireguard":
+                assert row["handshake_age_s"] is not None
+        status = tb.host_status(a)["peer_health"]
+        assert status["counts"]["reachable"] == 1
+        assert status["counters"]["dropped_non_member"] == 0
+
+
+def test_a_stopped_agent_turns_its_peer_unreachable_and_back() -> None:
+    """The bound: `detection_bound_s` in status, (misses + 1) x interval + timeout = 9 s
+    with the defaults (2 s, 3 misses, 1 s) up to 200 peers (docs/operations.md)."""
+    with Testbed(hosts=2, containers_per_host=0, config=config("vxlan")) as tb:
+        tb.start()
+        a, b = tb.hosts
+        wait_for("b reachable from a", lambda: answered(tb, a, b))
+        tb.stop_agent(b)
+        row = wait_for("b unreachable from a", lambda: (
+            (r := peer_row(tb, a, b)) is not None and r["state"] == "unreachable" and r))
+        assert row["plane"] == "vxlan"
+        assert "peer unreachable" in tb.agent_log(a)
+        tb.start_agent(b)
+        wait_for("b reachable again from a", lambda: answered(tb, a, b, probes=1))
+        assert "peer reachable again" in tb.agent_log(a)

@@ -1,0 +1,155 @@
+"""Per-peer health, pure: the probe schedule's rate bound and spread, and what a probe's
+outcome does to a peer's record (time passed in)."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+
+from weft.agent.peer_health import (
+    PACKETS_PER_PROBE,
+    HealthBook,
+    ProbePolicy,
+    ProbeSchedule,
+    where_to_look,
+)
+from weft.agent.prober import SUMMARY_MAX, summary_answer
+from weft.backends.auto import wire
+
+
+def run(schedule: ProbeSchedule[int], start: float, end: float, tick: float
+        ) -> list[tuple[float, int]]:
+    sent: list[tuple[float, int]] = []
+    t = start
+    while t < end:
+        sent.extend((t, peer) for peer in schedule.due(t))
+        t += tick
+    return sent
+
+
+def test_interval_is_the_period_until_the_cap_binds() -> None:
+    policy = ProbePolicy(period=2.0, max_packets_per_second=200.0)
+    assert policy.interval(10) == 2.0
+    assert policy.interval(200) == 2.0
+    assert policy.interval(1_000) == 10.0
+    assert policy.interval(5_000) == 50.0
+
+
+@pytest.mark.parametrize("peers", [3, 100, 1_000, 5_000])
+def test_the_packet_rate_never_exceeds_the_cap(peers: int) -> None:
+    policy = ProbePolicy(period=2.0, max_packets_per_second=200.0)
+    schedule: ProbeSchedule[int] = ProbeSchedule(policy)
+    schedule.set_peers(range(peers), 0.0)
+    sent = run(schedule, 0.0, 120.0, 0.01)
+    per_second = Counter(int(t) for t, _ in sent)
+    # The bucket holds a tenth of a second's tokens: one second never carries more.
+    assert max(per_second.values()) * PACKETS_PER_PROBE <= 200 + 20
+    interval = policy.interval(peers)
+    if interval * 2 <= 120:  # every peer got its turn, about every interval
+        probed = Counter(peer for _, peer in sent)
+        assert len(probed) == peers
+        assert min(probed.values()) >= int(120 / interval) - 1
+
+
+def test_new_peers_are_spread_over_the_interval_not_bunched() -> None:
+    schedule: ProbeSchedule[str] = ProbeSchedule(ProbePolicy(period=10.0,
+                                                             max_packets_per_second=1e6))
+    schedule.set_peers([f"198.19.{i}.0/24" for i in range(100)], 0.0)
+    sent = run(schedule, 0.0, 10.0, 0.1)
+    per_second = Counter(int(t) for t, _ in sent)
+    assert len(sent) == 100
+    assert max(per_second.values()) <= 25  # no second gets most of them
+
+
+def test_each_peer_keeps_its_period() -> None:
+    schedule: ProbeSchedule[str] = ProbeSchedule(ProbePolicy(period=1.0))
+    schedule.set_peers(["a", "b"], 0.0)
+    sent = run(schedule, 0.0, 10.0, 0.05)
+    times = [t for t, p in sent if p == "a"]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps
+    assert all(0.95 <= g <= 1.1 for g in gaps)
+
+
+def test_a_removed_peer_is_never_probed_again() -> None:
+    schedule: ProbeSchedule[str] = ProbeSchedule(ProbePolicy(period=1.0))
+    schedule.set_peers(["a", "b"], 0.0)
+    run(schedule, 0.0, 2.0, 0.05)
+    schedule.set_peers(["b"], 2.0)
+    assert {p for _, p in run(schedule, 2.0, 6.0, 0.05)} == {"b"}
+    assert len(schedule) == 1
+
+
+def book() -> HealthBook[str]:
+    b: HealthBook[str] = HealthBook(ProbePolicy(misses=3, window=10))
+    b.set_peers({"p": ("vxlan", "198.18.0.12")}, 0.0)
+    return b
+
+
+def test_misses_make_a_peer_unreachable_and_one_answer_brings_it_back() -> None:
+    b = book()
+    kw = {"full_size": 1450, "small_size": 576}
+    assert b.result("p", 1.0, rtt=0.001, small=True, **kw) is None  # unknown -> reachable
+    assert b.peers["p"].state == "reachable"
+    assert b.result("p", 2.0, rtt=None, small=False, **kw) is None
+    assert b.result("p", 3.0, rtt=None, small=False, **kw) is None
+    assert b.result("p", 4.0, rtt=None, small=False, **kw) == "down"
+    assert (b.peers["p"].state, b.peers["p"].since) == ("unreachable", 4.0)
+    assert b.result("p", 5.0, rtt=None, small=False, **kw) is None  # said once
+    assert b.result("p", 6.0, rtt=0.002, small=True, **kw) == "back"
+    row = b.rows(16.0)["p"]
+    assert (row["state"], row["since_s"], row["plane"]) == ("reachable", 10.0, "vxlan")
+    assert row["loss"] == pytest.approx(4 / 6, abs=0.001)
+    assert row["rtt_ms"] == {"median": 1.0, "p99": 2.0}
+    assert row["pmtu"] == 1450
+
+
+def test_misses_before_the_first_answer_are_not_loss() -> None:
+    b = book()
+    kw = {"full_size": 1450, "small_size": 576}
+    b.result("p", 1.0, rtt=None, small=False, **kw)
+    b.result("p", 2.0, rtt=0.001, small=True, **kw)
+    assert b.rows(3.0)["p"]["loss"] == 0.0
+
+
+def test_only_the_small_probe_answered_says_the_mtu_is_the_problem() -> None:
+    b = book()
+    for t in range(3):
+        b.result("p", float(t), rtt=None, small=True, full_size=1450, small_size=576)
+    row = b.rows(3.0)["p"]
+    assert (row["state"], row["pmtu"], row["loss"]) == ("unreachable", 576, 1.0)
+
+
+def test_the_window_bounds_the_samples() -> None:
+    b = book()
+    for t in range(50):
+        b.result("p", float(t), rtt=0.001 * (t + 1), small=True, full_size=1450,
+                 small_size=576)
+    assert len(b.peers["p"].samples) == 10
+    assert b.rows(50.0)["p"]["rtt_ms"]["median"] == 45.0
+
+
+def test_where_to_look_names_the_longest_unreachable_peer_first() -> None:
+    report = {"peer_health": {"peers": {
+        "198.19.1.0/24": {"state": "unreachable", "since_s": 5, "plane": "vxlan",
+                          "public_ip": "198.18.0.11"},
+        "198.19.2.0/24": {"state": "unreachable", "since_s": 50, "plane": "vxlan",
+                          "public_ip": "198.18.0.12"},
+        "198.19.3.0/24": {"state": "reachable", "since_s": 50, "plane": "vxlan"}}}}
+    line = where_to_look(report)
+    assert line.startswith("look first at peer 198.19.2.0/24 (198.18.0.12): unreachable on "
+                           "vxlan for 50s (and 1 more)")
+    assert where_to_look({"host_errors": {"files": "no space"}, **report}).startswith(
+        "look first at this host: files: no space")
+    well = {"peer_health": {"peers": {"a": {"state": "reachable"}}}}
+    assert where_to_look(well) == "all well: 1 of 1 peers reachable, no errors"
+
+
+def test_a_summary_answer_fits_one_small_datagram_whatever_the_peers() -> None:
+    down = [f"198.19.{i // 256}.{i % 256}/32" for i in range(5_000)]
+    data = summary_answer(9, {"counts": {"unreachable": 5_000}, "unreachable": down})
+    assert len(data) <= SUMMARY_MAX
+    assert wire.decode(data) == wire.Probe(wire.SUMMARY_ANSWER, "host-gw", 9)
+    assert b'"truncated":true' in wire.body(data)
