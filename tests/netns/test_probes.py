@@ -4,6 +4,7 @@ PMTU, the plane); a peer whose agent stops turns unreachable and comes back."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -67,7 +68,7 @@ def test_probes_report_rtt_loss_and_pmtu_on_every_backend(backend: str) -> None:
         a, b = tb.hosts
         for host, peer in ((a, b), (b, a)):
             row = wait_for(f"{host.name} probes {peer.name} on {backend}",
-                           lambda h=host, p=peer: answered(tb, h, p))
+                           functools.partial(answered, tb, host, peer))
             assert row["plane"] == backend
             assert row["loss"] == 0.0
             assert 0 < row["rtt_ms"]["median"] <= row["rtt_ms"]["p99"]

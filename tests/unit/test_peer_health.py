@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from typing import TypeVar
 
 import pytest
 
@@ -18,10 +19,12 @@ from weft.agent.peer_health import (
 from weft.agent.prober import SUMMARY_MAX, summary_answer
 from weft.backends.auto import wire
 
+K = TypeVar("K", int, str)
 
-def run(schedule: ProbeSchedule[int], start: float, end: float, tick: float
-        ) -> list[tuple[float, int]]:
-    sent: list[tuple[float, int]] = []
+
+def run(schedule: ProbeSchedule[K], start: float, end: float, tick: float
+        ) -> list[tuple[float, K]]:
+    sent: list[tuple[float, K]] = []
     t = start
     while t < end:
         sent.extend((t, peer) for peer in schedule.due(t))
