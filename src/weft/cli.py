@@ -301,6 +301,7 @@ def status(
     leases are still shown, and one line on stderr says so."""
     import json
 
+    from weft.agent.peer_health import where_to_look
     from weft.agent.status import query_status
 
     try:
@@ -316,8 +317,11 @@ def status(
             no_agent = f"cannot ask the agent in {state_dir}: {exc.strerror}"
             health = {"error": no_agent}
         now = time.time()
+        first = (f"look first at the agent: {no_agent}" if no_agent is not None
+                 else where_to_look(health))
         if json_output:
             print(json.dumps({
+                "look_first": first,
                 "revision": revision,
                 "leases": [{"subnet": str(lease.subnet), "public_ip": str(lease.public_ip),
                             "backend": lease.backend_type,
@@ -325,6 +329,7 @@ def status(
                 "host": health,
             }, indent=2))
         else:
+            out.print(first, highlight=False, style="bold", soft_wrap=True)
             table = Table(title=f"leases (store revision {revision})")
             for col in ("subnet", "public IP", "backend", "expires in"):
                 table.add_column(col)
@@ -375,11 +380,51 @@ def _print_health(health: dict[str, object]) -> None:
         for key, value in backend_status.items():
             if key == "paths" and isinstance(value, dict):
                 _print_paths(value)
+            elif key == "handshakes":  # per peer: in the peers table
+                continue
             else:
                 out.print(f"  {key}: {value}", highlight=False)
     if isinstance(errors, dict):
         for peer, message in errors.items():
             out.print(f"  [red]{peer}[/]: {message}", highlight=False)
+    probes = health.get("peer_health")
+    if isinstance(probes, dict):
+        _print_peer_health(probes)
+
+
+# A host with thousands of peers: the table shows the unreachable first, then this many in
+# all; `--json` has every peer.
+PEER_ROWS = 100
+
+
+def _print_peer_health(probes: dict[str, Any]) -> None:
+    rows: dict[str, Any] = probes.get("peers") or {}
+    counts = probes.get("counts") or {}
+    table = Table(title=(
+        f"peers: {counts.get('reachable', 0)} reachable, {counts.get('unreachable', 0)} "
+        f"unreachable, {counts.get('unknown', 0)} not yet probed (each every "
+        f"{probes.get('interval_s')} s)"))
+    for col in ("subnet", "public IP", "plane", "state", "RTT median/p99 ms", "loss", "PMTU",
+                "since", "handshake"):
+        table.add_column(col)
+    order = {"unreachable": 0, "unknown": 1, "reachable": 2}
+    ranked = sorted(rows.items(), key=lambda kv: (order.get(kv[1].get("state"), 3), kv[0]))
+    for subnet, row in ranked[:PEER_ROWS]:
+        rtt = row.get("rtt_ms")
+        loss = row.get("loss")
+        state = row.get("state")
+        colour = {"unreachable": "red", "reachable": "green"}.get(str(state), "yellow")
+        age = row.get("handshake_age_s")
+        table.add_row(subnet, str(row.get("public_ip")), str(row.get("plane")),
+                      f"[{colour}]{state}[/]",
+                      "-" if not rtt else f"{rtt['median']:.2f} / {rtt['p99']:.2f}",
+                      "-" if loss is None else f"{loss:.0%}",
+                      str(row.get("pmtu") or "-"), _duration(row.get("since_s") or 0),
+                      "-" if age is None else f"{_duration(age)} ago")
+    out.print(table)
+    if len(ranked) > PEER_ROWS:
+        out.print(f"  ... {len(ranked) - PEER_ROWS} more peers (weft status --json)",
+                  highlight=False)
 
 
 def _print_paths(paths: dict[str, Any]) -> None:

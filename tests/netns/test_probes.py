@@ -93,6 +93,17 @@ def test_a_stopped_agent_turns_its_peer_unreachable_and_back() -> None:
             (r := peer_row(tb, a, b)) is not None and r["state"] == "unreachable" and r))
         assert row["plane"] == "vxlan"
         assert "peer unreachable" in tb.agent_log(a)
+        shown = tb.weft("status", "--store", tb.store_url, "--state-dir", str(a.state_dir),
+                        netns=a.netns).stdout
+        first, rest = shown.split("\n", 1)
+        b_subnet = next(str(x.subnet) for x in tb.leases() if x.public_ip == b.underlay_ip)
+        assert first.startswith(
+            f"look first at peer {b_subnet} ({b.underlay_ip}): unreachable on vxlan"), first
+        assert "1 unreachable" in rest
+        shown_json = json.loads(tb.weft("status", "--json", "--store", tb.store_url,
+                                        "--state-dir", str(a.state_dir), netns=a.netns).stdout)
+        assert shown_json["look_first"].split(" for ")[0] == first.split(" for ")[0]
+        assert shown_json["look_first"].endswith("run `weft doctor`")
         tb.start_agent(b)
         wait_for("b reachable again from a", lambda: answered(tb, a, b, probes=1))
         assert "peer reachable again" in tb.agent_log(a)

@@ -3,6 +3,7 @@ outcome does to a peer's record (time passed in)."""
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 from collections import Counter
 from typing import TypeVar
@@ -156,3 +157,33 @@ def test_a_summary_answer_fits_one_small_datagram_whatever_the_peers() -> None:
     assert len(data) <= SUMMARY_MAX
     assert wire.decode(data) == wire.Probe(wire.SUMMARY_ANSWER, "host-gw", 9)
     assert b'"truncated":true' in wire.body(data)
+
+
+def test_metrics_count_peers_by_state_with_no_label_per_peer() -> None:
+    """5,000 peers, a few series: counts by state, the mean loss, an RTT histogram."""
+    from prometheus_client import generate_latest
+
+    from weft.agent.metrics import AgentMetrics
+    from weft.agent.prober import HealthProber
+
+    metrics = AgentMetrics()
+    prober = HealthProber(ipaddress.ip_address("127.0.0.1"), 1500, port=0,
+                          on_rtt=metrics.probe_rtt.observe)
+    try:
+        peers = {ipaddress.ip_network(f"198.19.{i // 256}.{i % 256}/32"): ("vxlan", "198.18.0.1")
+                 for i in range(5_000)}
+        prober.book.set_peers(peers, 0.0)
+        for i, peer in enumerate(peers):
+            for t in range(3):
+                prober.book.result(peer, float(t), rtt=None if i < 10 else 0.001,
+                                   small=False, full_size=1500, small_size=576)
+        metrics.probe_rtt.observe(0.001)
+        metrics.export_peer_health(lambda: prober)
+        text = generate_latest(metrics.registry).decode()
+    finally:
+        prober.close()
+    assert 'weft_peer_health{state="reachable"} 4990.0' in text
+    assert 'weft_peer_health{state="unreachable"} 10.0' in text
+    assert "weft_peer_probe_loss_ratio 0.002" in text
+    assert 'weft_peer_probe_rtt_seconds_bucket{le="0.001"} 1.0' in text
+    assert len([line for line in text.splitlines() if line.startswith("weft_peer")]) < 40

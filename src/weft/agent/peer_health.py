@@ -237,7 +237,7 @@ def where_to_look(report: Mapping[str, Any]) -> str:
         first = health[down[0]]
         more = f" (and {len(down) - 1} more)" if len(down) > 1 else ""
         return (f"look first at peer {down[0]} ({first.get('public_ip')}): unreachable on "
-                f"{first.get('plane')} for {first.get('since_s')}s{more}; "
+                f"{first.get('plane')} for {round(first.get('since_s') or 0)}s{more}; "
                 "run `weft doctor`")
     if report.get("errors"):
         key, message = sorted(report["errors"].items())[0]
