@@ -12,7 +12,7 @@ import importlib
 import inspect
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast, get_type_hints
@@ -346,6 +346,73 @@ def status(
         raise typer.Exit(3)
 
 
+@app.command()
+@with_store
+def doctor(
+    store: StoreOptions,
+    state_dir: Annotated[Path, typer.Option()] = Path(DEFAULT_STATE_DIR),
+    subnet_file: Annotated[Path, typer.Option()] = Path(DEFAULT_SUBNET_FILE),
+    json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    cluster: Annotated[bool, typer.Option(
+        "--cluster", help="ask every peer's agent over the overlay for its own health")] = False,
+) -> None:
+    """Check this host's set-up: each check passes, warns or fails with what to do.
+
+    Exits 0 only when nothing fails."""
+    import json
+
+    from weft.agent import doctor as checks
+    from weft.agent.doctor_facts import gather
+
+    try:
+        facts = asyncio.run(gather(store.open(), state_dir, subnet_file))
+        results = checks.diagnose(facts)
+        report: dict[str, Any] = {"ok": checks.exit_status(results) == 0,
+                                  "checks": [c.as_json() for c in results]}
+        if cluster:
+            report["cluster"] = _cluster(facts.agent)
+            report["ok"] = report["ok"] and not report["cluster"]["failing"]
+    except WeftError as exc:
+        raise _fail(exc) from None
+    if json_output:
+        print(json.dumps(report, indent=2))
+    else:
+        colour = {"pass": "green", "warn": "yellow", "fail": "red"}
+        for c in results:
+            out.print(f"[{colour[c.result]}]{c.result:4}[/] {c.name}: {c.message}",
+                      highlight=False, soft_wrap=True)
+        if cluster:
+            mesh = report["cluster"]
+            out.print(f"cluster: {mesh['answered']} of {mesh['asked']} peers answered",
+                      highlight=False)
+            for line in mesh["failing"]:
+                out.print(f"[red]fail[/] {line}", highlight=False, soft_wrap=True)
+            if not mesh["failing"]:
+                out.print("[green]pass[/] every pair reaches each other", highlight=False)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+def _cluster(agent: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Every peer's own summary, asked over the overlay from this host's overlay address;
+    the pairs that fail and on which side."""
+    import ipaddress
+
+    from weft.agent import doctor as checks
+    from weft.agent.prober import ask_summaries
+
+    if agent is None or "peer_health" not in agent:
+        return {"asked": 0, "answered": 0, "failing": ["no agent (or no probes) here to ask from"]}
+    own = ipaddress.ip_network(agent["subnet"])
+    rows = agent["peer_health"]["peers"]
+    peers = {p: ipaddress.ip_network(p).network_address for p in rows}
+    summaries = ask_summaries(own.network_address, peers)
+    own_down = [p for p, r in rows.items() if r.get("state") == "unreachable"]
+    return {"asked": len(peers), "answered": sum(1 for v in summaries.values() if v),
+            "summaries": summaries,
+            "failing": checks.mesh(str(own), own_down, summaries)}
+
+
 def _fastpath_line(fp: dict[str, object]) -> str:
     if not fp.get("active"):
         return str(fp.get("reason"))
@@ -398,32 +465,33 @@ PEER_ROWS = 100
 
 
 def _print_peer_health(probes: dict[str, Any]) -> None:
+    """Plain aligned lines, not a boxed table: it stays readable at 80 columns and in a
+    pipe, and one peer is one line to grep."""
     rows: dict[str, Any] = probes.get("peers") or {}
     counts = probes.get("counts") or {}
-    table = Table(title=(
-        f"peers: {counts.get('reachable', 0)} reachable, {counts.get('unreachable', 0)} "
-        f"unreachable, {counts.get('unknown', 0)} not yet probed (each every "
-        f"{probes.get('interval_s')} s)"))
-    for col in ("subnet", "public IP", "plane", "state", "RTT median/p99 ms", "loss", "PMTU",
-                "since", "handshake"):
-        table.add_column(col)
+    out.print(f"  peers: {counts.get('reachable', 0)} reachable, "
+              f"{counts.get('unreachable', 0)} unreachable, {counts.get('unknown', 0)} not "
+              f"yet probed (each probed every {probes.get('interval_s')} s)", highlight=False)
+    handshakes = any(r.get("handshake_age_s") is not None for r in rows.values())
+    head = (f"    {'subnet':<18} {'public IP':<15} {'plane':<9} {'state':<11} "
+            f"{'RTT ms p50/p99':<15} {'loss':>4} {'PMTU':>5} {'since':>6}")
+    out.print(head + ("  handshake" if handshakes else ""), highlight=False)
     order = {"unreachable": 0, "unknown": 1, "reachable": 2}
     ranked = sorted(rows.items(), key=lambda kv: (order.get(kv[1].get("state"), 3), kv[0]))
     for subnet, row in ranked[:PEER_ROWS]:
-        rtt = row.get("rtt_ms")
-        loss = row.get("loss")
-        state = row.get("state")
-        colour = {"unreachable": "red", "reachable": "green"}.get(str(state), "yellow")
-        age = row.get("handshake_age_s")
-        table.add_row(subnet, str(row.get("public_ip")), str(row.get("plane")),
-                      f"[{colour}]{state}[/]",
-                      "-" if not rtt else f"{rtt['median']:.2f} / {rtt['p99']:.2f}",
-                      "-" if loss is None else f"{loss:.0%}",
-                      str(row.get("pmtu") or "-"), _duration(row.get("since_s") or 0),
-                      "-" if age is None else f"{_duration(age)} ago")
-    out.print(table)
+        rtt, loss, state = row.get("rtt_ms"), row.get("loss"), str(row.get("state"))
+        colour = {"unreachable": "red", "reachable": "green"}.get(state, "yellow")
+        rtt_text = "-" if not rtt else f"{rtt['median']:.2f}/{rtt['p99']:.2f}"
+        loss_text = "-" if loss is None else f"{loss:.0%}"
+        line = (f"    {subnet:<18} {row.get('public_ip')!s:<15} {row.get('plane')!s:<9} "
+                f"[{colour}]{state:<11}[/] {rtt_text:<15} {loss_text:>4} "
+                f"{row.get('pmtu') or '-'!s:>5} {_duration(row.get('since_s') or 0):>6}")
+        if handshakes:
+            age = row.get("handshake_age_s")
+            line += "  " + ("-" if age is None else f"{_duration(age)} ago")
+        out.print(line, highlight=False, soft_wrap=True)
     if len(ranked) > PEER_ROWS:
-        out.print(f"  ... {len(ranked) - PEER_ROWS} more peers (weft status --json)",
+        out.print(f"    ... {len(ranked) - PEER_ROWS} more peers (weft status --json)",
                   highlight=False)
 
 

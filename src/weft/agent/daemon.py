@@ -323,6 +323,13 @@ class Agent:
             "subnet": str(lease.subnet),
             "lease_expires_in": round(lease.expires_in(time.time())),
             "backend": r.config.backend.type,
+            # What `weft doctor` holds the host's own state against.
+            "network": str(r.config.network),
+            "mtu": r.keeper.own.mtu,
+            "underlay_iface": r.host.underlay_ifname,
+            "encap_port": r.facts.encap_port,
+            "devices": [*r.facts.tunnels, *([r.facts.bare_underlay]
+                                            if r.facts.bare_underlay else [])],
             "peers": sorted(str(s) for s in r.reconciler.view.peers),
             "revision": r.store_view.revision,
             **self.health.status(),
