@@ -117,6 +117,9 @@ BROKEN = [
                                      1500)}, "fail",
      "docker0 has 172.17.0.1/16, not in this host's subnet 198.19.5.0/24: containers get "
      "addresses no peer routes to; start dockerd with `$(weft docker-opts)`"),
+    # A bridge with no container on it says nothing of dockerd's --mtu: no failure.
+    ("Docker", {"docker": BridgeFact("docker0", (ipaddress.ip_interface("198.19.5.1/24"),),
+                                     1500, ports=0)}, "pass", "no container yet"),
     ("Docker", {"docker": BridgeFact("docker0", (ipaddress.ip_interface("198.19.5.1/24"),),
                                      1500)}, "fail", "docker0 has MTU 1500, the overlay's"),
 ]

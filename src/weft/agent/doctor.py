@@ -51,6 +51,9 @@ class BridgeFact:
     name: str
     addresses: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]
     mtu: int
+    # Containers' interfaces on it: a bridge with none keeps 1500 whatever dockerd's --mtu
+    # (the kernel gives a bridge its smallest port's MTU), so only then does its MTU tell.
+    ports: int = 1
 
 
 @dataclass(frozen=True)
@@ -372,11 +375,12 @@ def check_docker(f: Facts) -> Check:
             f"{d.name} has {have}, not in this host's subnet {subnet}: containers get "
             "addresses no peer routes to; start dockerd with `$(weft docker-opts)` "
             "(--bip and --mtu from subnet.env)"))
-    if isinstance(mtu, int) and d.mtu > mtu:
+    if isinstance(mtu, int) and d.mtu > mtu and d.ports:
         return Check("Docker", "fail", (
             f"{d.name} has MTU {d.mtu}, the overlay's is {mtu}: full-size packets between "
             "hosts are lost; start dockerd with `$(weft docker-opts)`"))
-    return _ok("Docker", f"{d.name} on {inside[0]}, MTU {d.mtu}")
+    return _ok("Docker", f"{d.name} on {inside[0]}, " + (
+        f"MTU {d.mtu}" if d.ports else "no container yet to show its MTU"))
 
 
 # --- the store ------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def _addresses() -> tuple[dict[str, tuple[IPAddress, ...]], list[dict[str, Any]]
     links: list[dict[str, Any]] = json.loads(_run(["ip", "-j", "addr", "show"]) or "[]")
     by_device = {
         str(link["ifname"]): tuple(ipaddress.ip_address(a["local"])
-                                   for a in link.get("addr_info", []) if "local" in a)
+                                   for a in link.get("addr_info", [])
+                                   if "local" in a and a.get("scope") != "link")
         for link in links}
     return by_device, links
 
@@ -63,7 +64,8 @@ def _bridge(links: list[dict[str, Any]]) -> BridgeFact | None:
             addrs = tuple(ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}")
                           for a in link.get("addr_info", []) if "local" in a
                           and not str(a["local"]).startswith("fe80"))
-            return BridgeFact(DOCKER_BRIDGE, addrs, int(link.get("mtu", 0)))
+            ports = sum(1 for other in links if other.get("master") == DOCKER_BRIDGE)
+            return BridgeFact(DOCKER_BRIDGE, addrs, int(link.get("mtu", 0)), ports)
     return None
 
 
