@@ -222,11 +222,17 @@ def agent(
                                                        "remove the data plane")] = False,
     fastpath: Annotated[bool, typer.Option(help="tc BPF fast path for overlay <-> overlay "
                                                 "packets (host-gw, vxlan; needs clang)")] = False,
+    probe_period: Annotated[float, typer.Option(
+        min=0.0, help="probe each peer every this many seconds (0: no peer probes)")] = 2.0,
+    probe_rate: Annotated[float, typer.Option(
+        min=1.0, help="at most this many probe packets a second, whatever the number of "
+                      "peers (beyond it, each peer is probed less often)")] = 200.0,
     log_level: LogOpt = "info",
 ) -> None:
     """Run the agent on this host: lease a subnet, program the data plane, follow peers."""
     from weft.agent import args, logs
     from weft.agent.daemon import Agent, AgentOptions, parse_ip
+    from weft.agent.peer_health import ProbePolicy
     from weft.host.masquerade import parse_conntrack_mode
     from weft.host.system import require_root
 
@@ -247,6 +253,8 @@ def agent(
             resync_interval=resync_interval,
             overlay_conntrack=parse_conntrack_mode(overlay_conntrack),
             fastpath=fastpath,
+            probes=ProbePolicy(period=probe_period, max_packets_per_second=probe_rate)
+            if probe_period > 0 else None,
         )
         asyncio.run(Agent(opts).run())
     except WeftError as exc:
