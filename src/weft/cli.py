@@ -495,7 +495,7 @@ def _print_peer_health(probes: dict[str, Any]) -> None:
     handshakes = any(r.get("handshake_age_s") is not None for r in rows.values())
     head = (f"    {'subnet':<18} {'public IP':<15} {'plane':<9} {'state':<11} "
             f"{'RTT ms p50/p99':<15} {'loss':>4} {'PMTU':>5} {'since':>6}")
-    out.print(head + ("  handshake" if handshakes else ""), highlight=False)
+    out.print(head + ("  handshake" if handshakes else ""), highlight=False, soft_wrap=True)
     order = {"unreachable": 0, "unknown": 1, "reachable": 2}
     ranked = sorted(rows.items(), key=lambda kv: (order.get(kv[1].get("state"), 3), kv[0]))
     for subnet, row in ranked[:PEER_ROWS]:

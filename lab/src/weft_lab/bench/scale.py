@@ -269,10 +269,10 @@ def measure_store(store: str, opts: ScaleOptions, progress: Progress) -> dict[st
             sent0 = [_probes_sent(tb, h) for h in tb.hosts]
             c0, t0 = _agents_cpu(pids), time.monotonic()
             time.sleep(PROBE_WINDOW)
-            c1, window = _agents_cpu(pids), time.monotonic() - t0
-            idle = [(b - a) / window for a, b in zip(c0, c1, strict=True)]
+            c1, probe_window = _agents_cpu(pids), time.monotonic() - t0
+            idle = [(b - a) / probe_window for a, b in zip(c0, c1, strict=True)]
             probes = [_probe_state(tb, h) for h in tb.hosts]  # read after: its CPU is not in
-            pps = [(p["counters"]["sent"] - s0) / window
+            pps = [(p["counters"]["sent"] - s0) / probe_window
                    for p, s0 in zip(probes, sent0, strict=True)]
             progress(f"{store}: probes {statistics.median(pps):.0f} packets/s per agent, "
                      f"{statistics.median(idle) * 100:.1f}% of a CPU")
@@ -342,7 +342,7 @@ def measure_store(store: str, opts: ScaleOptions, progress: Progress) -> dict[st
                 "cpu_s_per_event_per_agent": _spread(event_cpu),
                 "idle_cpu_s_per_s_per_agent": _spread(idle),
                 "probes": {
-                    "window_s": round(window, 1),
+                    "window_s": round(probe_window, 1),
                     "packets_per_s_per_agent": _spread(pps),
                     "cpu_s_per_s_per_agent": _spread(idle),
                     "interval_s": probes[0]["interval_s"],
