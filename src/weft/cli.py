@@ -455,7 +455,10 @@ def _duration(seconds: float) -> str:
 def _print_health(health: dict[str, object]) -> None:
     peers = health.get("peers") or []
     errors = health.get("errors") or {}
-    state = "[green]healthy[/]" if not errors else "[red]errors[/]"
+    probes = health.get("peer_health")
+    down = (probes.get("counts") or {}).get("unreachable", 0) if isinstance(probes, dict) else 0
+    state = ("[red]errors[/]" if errors else
+             f"[yellow]{down} peer(s) unreachable[/]" if down else "[green]healthy[/]")
     out.print(f"this host: {state}  subnet {health.get('subnet')}  public IP "
               f"{health.get('public_ip')}  backend {health.get('backend')}  peers "
               f"{len(peers) if isinstance(peers, list) else peers}", highlight=False)
@@ -474,7 +477,6 @@ def _print_health(health: dict[str, object]) -> None:
     if isinstance(errors, dict):
         for peer, message in errors.items():
             out.print(f"  [red]{peer}[/]: {message}", highlight=False)
-    probes = health.get("peer_health")
     if isinstance(probes, dict):
         _print_peer_health(probes)
 

@@ -100,6 +100,7 @@ def test_a_stopped_agent_turns_its_peer_unreachable_and_back() -> None:
         assert first.startswith(
             f"look first at peer {b_subnet} ({b.underlay_ip}): unreachable on vxlan"), first
         assert "1 unreachable" in rest
+        assert "this host: 1 peer(s) unreachable" in rest
         shown_json = json.loads(tb.weft("status", "--json", "--store", tb.store_url,
                                         "--state-dir", str(a.state_dir), netns=a.netns).stdout)
         assert shown_json["look_first"].split(" for ")[0] == first.split(" for ")[0]

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import socket
+import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
@@ -187,3 +190,61 @@ def test_metrics_count_peers_by_state_with_no_label_per_peer() -> None:
     assert "weft_peer_probe_loss_ratio 0.002" in text
     assert 'weft_peer_probe_rtt_seconds_bucket{le="0.001"} 1.0' in text
     assert len([line for line in text.splitlines() if line.startswith("weft_peer")]) < 40
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.05)
+
+
+def test_two_probers_probe_each_other_and_drop_a_non_member() -> None:
+    """The edge on real sockets (loopback addresses stand in for two overlay addresses):
+    each answers the other, a stranger's probe is dropped and counted, a member gets the
+    summary, and a peer that stops answering turns unreachable."""
+    from weft.agent.prober import HealthProber, ask_summaries
+
+    port = _free_port()
+    policy = ProbePolicy(period=0.1, timeout=0.3, misses=2)
+    a_ip, b_ip = ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("127.0.0.2")
+    a_net, b_net = ipaddress.ip_network("198.19.1.0/24"), ipaddress.ip_network("198.19.2.0/24")
+    a = HealthProber(a_ip, 1500, policy, port=port)
+    b = HealthProber(b_ip, 1500, policy, port=port)
+    try:
+        a.set_targets({b_net: (b_ip, "vxlan", "198.18.0.12")})
+        b.set_targets({a_net: (a_ip, "vxlan", "198.18.0.11")})
+        a.start()
+        b.start()
+        _until("a reaches b", lambda: a.status()["counts"]["reachable"] == 1)
+        row = a.status()["peers"][str(b_net)]
+        assert (row["plane"], row["pmtu"], row["loss"]) == ("vxlan", 1500, 0.0)
+        assert row["rtt_ms"]["median"] > 0
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+            stranger.bind(("127.0.0.3", 0))
+            stranger.sendto(wire.encode(wire.Probe(wire.HEALTH_REQUEST, "host-gw", 1), 100),
+                            ("127.0.0.1", port))
+            stranger.sendto(b"not a probe", ("127.0.0.1", port))
+        _until("the stranger's probe counted", lambda: a.counters.dropped_non_member == 1)
+        _until("the garbage counted", lambda: a.counters.dropped_malformed == 1)
+
+        # b asks a for its summary from an address a knows (its own: a member).
+        answers = ask_summaries(b_ip, {str(a_net): a_ip}, port=port, timeout=3.0)
+        assert answers[str(a_net)] == {"counts": {"reachable": 1, "unreachable": 0,
+                                                  "unknown": 0}, "unreachable": []}
+
+        b.close()
+        _until("b unreachable from a", lambda: a.status()["counts"]["unreachable"] == 1)
+        assert a.summary()["unreachable"] == [str(b_net)]
+    finally:
+        a.close()
+        b.close()

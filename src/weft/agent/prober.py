@@ -72,7 +72,8 @@ class _Pending:
 
 class HealthProber:
     def __init__(self, own: IPAddress, mtu: int, policy: ProbePolicy | None = None, *,
-                 port: int = HEALTH_PORT, summary: Callable[[], Mapping[str, Any]] = dict,
+                 port: int = HEALTH_PORT,
+                 summary: Callable[[], Mapping[str, Any]] | None = None,
                  on_rtt: Callable[[float], None] = lambda _: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.policy = policy or ProbePolicy()
@@ -81,7 +82,8 @@ class HealthProber:
         self.payload = mtu - IP_UDP[own.version]
         self.small_payload = min(self.payload, SMALL_PACKET - IP_UDP[own.version])
         self.counters = ProberCounters()
-        self._summary = summary
+        # What a member asking gets: the agent adds its own counts to the probes' summary.
+        self._summary = summary or self.summary
         self._on_rtt = on_rtt
         self._clock = clock
         self._schedule: ProbeSchedule[IPNetwork] = ProbeSchedule(self.policy)
