@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from helpers import wait_for
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft_lab.runtimes.docker import DockerRuntime
 from weft_lab.testbed import Host, Testbed
@@ -40,30 +40,27 @@ def check(report: dict[str, Any], name: str) -> dict[str, Any]:
 
 def wait_check(tb: Testbed, host: Host, name: str, result: str,
                timeout: float = 60.0) -> dict[str, Any]:
-    """Run `weft doctor` until the check `name` has `result`; fail with the last report
-    after `timeout` (a bound on a hang, not a timed assert)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    """Run `weft doctor` until the check `name` has `result` (exit status 1 exactly when a
+    check fails); the last report when the wait runs out."""
+    last: list[dict[str, Any]] = [{}]
+
+    def found() -> dict[str, Any]:
         rc, report = doctor(tb, host)
-        found = check(report, name)
-        if found["result"] == result:
-            assert (rc == 0) == all(c["result"] != "fail" for c in report["checks"])
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{name} not {result} within {timeout}s: {report}")
-        time.sleep(0.5)
+        last[0] = report
+        assert (rc == 0) == all(c["result"] != "fail" for c in report["checks"])
+        c = check(report, name)
+        return c if c["result"] == result else {}
+
+    return wait_for(f"{name} to {result}", found, timeout, interval=0.5, seen=lambda: last[0])
 
 
 def wait_all_pass(tb: Testbed, host: Host, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        rc, report = doctor(tb, host)
-        failing = [c for c in report["checks"] if c["result"] == "fail"]
-        if rc == 0 and not failing:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"doctor still fails after {timeout}s: {failing}")
-        time.sleep(0.5)
+    def failing() -> list[dict[str, Any]]:
+        _, report = doctor(tb, host)
+        return [c for c in report["checks"] if c["result"] == "fail"]
+
+    wait_for("every check to pass", lambda: not failing(), timeout, interval=0.5,
+             seen=failing)
 
 
 def ip(tb: Testbed, host: Host, *args: str) -> None:

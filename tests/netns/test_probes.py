@@ -8,12 +8,11 @@ import functools
 import json
 import re
 import shutil
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from helpers import wait_for
 from weft_lab.testbed import Host, Testbed
 
 pytestmark = pytest.mark.netns
@@ -23,30 +22,24 @@ def config(backend: str, **options: object) -> str:
     return json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend, **options}})
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    """Poll `check` until it returns something true; fail naming `what` after `timeout`
-    (a bound on a hang, not a timed assert)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.2)
-
-
-def peer_row(tb: Testbed, host: Host, peer: Host) -> dict[str, Any] | None:
+def peer_row(tb: Testbed, host: Host, peer: Host) -> dict[str, Any]:
+    """`peer`'s row in `host`'s status ({} while there is none: falsy, to wait on)."""
     health = tb.host_status(host).get("peer_health", {}).get("peers", {})
-    return next((row for row in health.values() if row["public_ip"] == str(peer.underlay_ip)),
-                None)
+    row: dict[str, Any] = next(
+        (row for row in health.values() if row["public_ip"] == str(peer.underlay_ip)), {})
+    return row
 
 
-def answered(tb: Testbed, host: Host, peer: Host, probes: int = 3) -> dict[str, Any] | None:
+def answered(tb: Testbed, host: Host, peer: Host, probes: int = 3) -> dict[str, Any]:
     row = peer_row(tb, host, peer)
     if row and row["state"] == "reachable" and row["probes"]["answered"] >= probes:
         return row
-    return None
+    return {}
+
+
+def in_state(tb: Testbed, host: Host, peer: Host, state: str) -> dict[str, Any]:
+    row = peer_row(tb, host, peer)
+    return row if row.get("state") == state else {}
 
 
 BACKENDS = ["vxlan", "host-gw", "udp", pytest.param("wireguard", marks=pytest.mark.skipif(
@@ -89,8 +82,7 @@ def test_a_stopped_agent_turns_its_peer_unreachable_and_back() -> None:
         a, b = tb.hosts
         wait_for("b reachable from a", lambda: answered(tb, a, b))
         tb.stop_agent(b)
-        row = wait_for("b unreachable from a", lambda: (
-            (r := peer_row(tb, a, b)) is not None and r["state"] == "unreachable" and r))
+        row = wait_for("b unreachable from a", lambda: in_state(tb, a, b, "unreachable"))
         assert row["plane"] == "vxlan"
         assert "peer unreachable" in tb.agent_log(a)
         shown = tb.weft("status", "--store", tb.store_url, "--state-dir", str(a.state_dir),
