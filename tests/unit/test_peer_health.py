@@ -6,13 +6,12 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import socket
-import time
 from collections import Counter
-from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
 
+from helpers import wait_for
 from weft.agent.peer_health import (
     PACKETS_PER_PROBE,
     HealthBook,
@@ -199,14 +198,6 @@ def _free_port() -> int:
         return port
 
 
-def _until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.05)
-
-
 def test_two_probers_probe_each_other_and_drop_a_non_member() -> None:
     """The edge on real sockets (loopback addresses stand in for two overlay addresses):
     each answers the other, a stranger's probe is dropped and counted, a member gets the
@@ -224,7 +215,7 @@ def test_two_probers_probe_each_other_and_drop_a_non_member() -> None:
         b.set_targets({a_net: (a_ip, "vxlan", "198.18.0.11")})
         a.start()
         b.start()
-        _until("a reaches b", lambda: a.status()["counts"]["reachable"] == 1)
+        wait_for("a reaches b", lambda: a.status()["counts"]["reachable"] == 1)
         row = a.status()["peers"][str(b_net)]
         assert (row["plane"], row["pmtu"], row["loss"]) == ("vxlan", 1500, 0.0)
         assert row["rtt_ms"]["median"] > 0
@@ -234,8 +225,8 @@ def test_two_probers_probe_each_other_and_drop_a_non_member() -> None:
             stranger.sendto(wire.encode(wire.Probe(wire.HEALTH_REQUEST, "host-gw", 1), 100),
                             ("127.0.0.1", port))
             stranger.sendto(b"not a probe", ("127.0.0.1", port))
-        _until("the stranger's probe counted", lambda: a.counters.dropped_non_member == 1)
-        _until("the garbage counted", lambda: a.counters.dropped_malformed == 1)
+        wait_for("the stranger's probe counted", lambda: a.counters.dropped_non_member == 1)
+        wait_for("the garbage counted", lambda: a.counters.dropped_malformed == 1)
 
         # b asks a for its summary from an address a knows (its own: a member).
         answers = ask_summaries(b_ip, {str(a_net): a_ip}, port=port, timeout=3.0)
@@ -243,7 +234,7 @@ def test_two_probers_probe_each_other_and_drop_a_non_member() -> None:
                                                   "unknown": 0}, "unreachable": []}
 
         b.close()
-        _until("b unreachable from a", lambda: a.status()["counts"]["unreachable"] == 1)
+        wait_for("b unreachable from a", lambda: a.status()["counts"]["unreachable"] == 1)
         assert a.summary()["unreachable"] == [str(b_net)]
     finally:
         a.close()
