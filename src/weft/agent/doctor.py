@@ -355,7 +355,11 @@ def check_vxlan_offload(f: Facts) -> Check:
             f"kernel {k} with checksum offload on {risky[0]}: kernels before 5.14 can send "
             "VXLAN packets that are NATed after encapsulation with bad checksums (SYNs "
             f"lost for 63 s); `ethtool -K {risky[0]} tx-checksum-ip-generic off`"))
-    return _ok("VXLAN offload", "no known checksum offload problem")
+    if not f.tx_checksum:
+        return _ok("VXLAN offload", "no VXLAN device of weft's to check")
+    k = ".".join(map(str, f.kernel))
+    states = ", ".join(f"{d} {'on' if on else 'off'}" for d, on in sorted(f.tx_checksum.items()))
+    return _ok("VXLAN offload", f"checksum offload {states}; kernel {k} handles it")
 
 
 # --- Docker ---------------------------------------------------------------------------------

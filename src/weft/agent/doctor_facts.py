@@ -2,8 +2,8 @@
 
 Everything is read-only: the agent's status socket, the store's config and leases, the
 kernel's addresses and links (`ip -j`), `iptables -S`, `nft -j list ruleset`, sysctls under
-/proc/sys, `ethtool -k` on weft's VXLAN devices. A tool that is missing or fails leaves its
-fact empty (a check then says what it could not see), never an exception.
+/proc/sys, the ethtool features of weft's VXLAN devices. A tool that is missing or fails
+leaves its fact empty (a check then says what it could not see), never an exception.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from weft.agent.status import query_status
 from weft.backends.registry import parse_config
 from weft.core.config import IPAddress
 from weft.core.errors import UsageError, WeftError
+from weft.host.system import tx_checksum_offload
 from weft.store import LeaseStore
 
 DOCKER_BRIDGE = "docker0"
@@ -67,14 +68,6 @@ def _bridge(links: list[dict[str, Any]]) -> BridgeFact | None:
             ports = sum(1 for other in links if other.get("master") == DOCKER_BRIDGE)
             return BridgeFact(DOCKER_BRIDGE, addrs, int(link.get("mtu", 0)), ports)
     return None
-
-
-def _tx_checksum(device: str) -> bool | None:
-    out = _run(["ethtool", "-k", device])
-    if out is None:
-        return None
-    m = re.search(r"^tx-checksum-ip-generic: (on|off)", out, re.M)
-    return None if m is None else m[1] == "on"
 
 
 def _kernel() -> tuple[int, int]:
@@ -124,7 +117,7 @@ async def gather(store: LeaseStore, state_dir: Path, subnet_file: Path) -> Facts
                                                    for d in devices))
                   if (v := _sysctl(name)) is not None}
         offload = {d: on for d in devices if d.startswith("weft.vx")
-                   if (on := _tx_checksum(d)) is not None}
+                   if (on := tx_checksum_offload(d)) is not None}
         nft = _run(["nft", "-j", "list", "ruleset"])
         try:
             subnet_env: str | None = subnet_file.read_text()
