@@ -3,8 +3,10 @@ outcome does to a peer's record (time passed in)."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import itertools
+import logging
 import socket
 from collections import Counter
 from typing import TypeVar
@@ -19,8 +21,10 @@ from weft.agent.peer_health import (
     ProbeSchedule,
     where_to_look,
 )
-from weft.agent.prober import SUMMARY_MAX, summary_answer
+from weft.agent.probe_keeper import ProbeKeeper, targets
+from weft.agent.prober import HEALTH_PORT, SUMMARY_MAX, summary_answer
 from weft.backends.auto import wire
+from weft.core.lease import Lease
 
 K = TypeVar("K", int, str)
 
@@ -239,3 +243,46 @@ def test_two_probers_probe_each_other_and_drop_a_non_member() -> None:
     finally:
         a.close()
         b.close()
+
+
+def _lease(subnet: str, ip: str) -> Lease:
+    return Lease(ipaddress.ip_network(subnet), ipaddress.ip_address(ip), "vxlan")
+
+
+def test_targets_name_each_peer_by_its_overlay_address_and_plane() -> None:
+    peers = {x.subnet: x for x in (_lease("198.19.2.0/24", "198.18.0.12"),
+                                   _lease("198.19.3.0/24", "198.18.0.13"))}
+    chosen = {ipaddress.ip_network("198.19.3.0/24"): "udp"}
+    assert targets(peers, chosen, "auto") == {
+        ipaddress.ip_network("198.19.2.0/24"): (ipaddress.ip_address("198.19.2.0"), "auto",
+                                                "198.18.0.12"),
+        ipaddress.ip_network("198.19.3.0/24"): (ipaddress.ip_address("198.19.3.0"), "udp",
+                                                "198.18.0.13")}
+
+
+def test_a_prober_that_cannot_start_is_retried_not_fatal(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Its port taken on the overlay address: a warning, and the keeper keeps running."""
+    import asyncio
+
+    own = _lease("198.19.9.0/24", "198.18.0.19")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        squatter.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND: no such address here
+        squatter.bind(("198.19.9.0", HEALTH_PORT))
+        keeper = ProbeKeeper(ProbePolicy(), backend_type="vxlan", lease=lambda: own,
+                             mtu=lambda: 1450, peers=dict, backend_status=dict)
+
+        async def run_a_while() -> bool:
+            task = asyncio.create_task(keeper.run())
+            await asyncio.to_thread(wait_for, "the warning", lambda: any(
+                r.getMessage() == "peer probes cannot start; retrying"
+                for r in caplog.records))
+            alive = not task.done()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return alive
+
+        with caplog.at_level(logging.WARNING, logger="weft.agent"):
+            assert asyncio.run(run_a_while())
+    assert keeper.prober is None

@@ -22,7 +22,7 @@ The parts, each with one job, get what they need handed to them (values, callbac
     host_keeper    the host pass of the worker: subnet.env, nftables, FORWARD, the lock
     conntrack      the masquerade table and the overlay conntrack decision
     retry, health  one retry policy; one record of every error and notice
-    prober         every peer probed through the data plane (weft.agent.peer_health)
+    probe_keeper   every peer probed through the data plane (prober, peer_health)
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import logging
 import signal
 import subprocess
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from weft.agent.lease_keeper import LeaseKeeper, OwnLease, acquire
 from weft.agent.lock import StateDirLock
 from weft.agent.metrics import AgentMetrics
 from weft.agent.peer_health import ProbePolicy
-from weft.agent.prober import HealthProber, Targets
+from weft.agent.probe_keeper import ProbeKeeper
 from weft.agent.reconciler import Reconciler, ReconcileRequests
 from weft.agent.retry import StoreRetry, restarting
 from weft.agent.status import STATUS_SOCKET, serve_status_anew
@@ -62,7 +62,6 @@ from weft.core.constants import (
 )
 from weft.core.errors import StoreError, UsageError, WeftError
 from weft.core.host import HostContext
-from weft.core.lease import Lease
 from weft.host.files import private_dir
 from weft.host.forward_accept import remove_forward_accept
 from weft.host.ingress import IngressFilter
@@ -118,6 +117,7 @@ class Running:
     keeper: LeaseKeeper
     conntrack: OverlayConntrack
     reconciler: Reconciler
+    probes: ProbeKeeper | None  # None: --probe-period 0
 
 
 class Agent:
@@ -133,7 +133,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._status_restart = asyncio.Event()
         self._lock = StateDirLock(options.state_dir)
-        self.prober: HealthProber | None = None
+        self.probes: ProbeKeeper | None = None  # set once started (the metrics read it)
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -193,7 +193,8 @@ class Agent:
         await asyncio.to_thread(self.fastpath.start, config, lease.subnet, facts.arrival,
                                 state_dir)
         self.metrics.export_backend(backend.status)
-        self.metrics.export_peer_health(lambda: self.prober)
+        self.metrics.export_peer_health(
+            lambda: self.probes.prober if self.probes is not None else None)
         host_keeper = HostKeeper(
             own, network=config.network, subnet_file=self.opts.subnet_file,
             state_dir=state_dir, ip_masq=self.opts.ip_masq,
@@ -209,10 +210,16 @@ class Agent:
         # The first pass runs here, so what goes wrong on start-up reaches the caller; it
         # also removes what an earlier run left that no lease wants.
         await reconciler.pass_once()
+        if self.opts.probes is not None:
+            self.probes = ProbeKeeper(
+                self.opts.probes, backend_type=config.backend.type, lease=lambda: own.lease,
+                mtu=lambda: own.mtu, peers=lambda: reconciler.view.peers,
+                backend_status=backend.status, extra_summary=self._summary,
+                on_rtt=self.metrics.probe_rtt.observe)
         if self.opts.metrics_addr:
             self.metrics.serve(self.opts.metrics_addr)
         return Running(config_text, config, host, backend, ingress, facts,
-                       store_view, keeper, conntrack, reconciler)
+                       store_view, keeper, conntrack, reconciler, self.probes)
 
     # --- run ----------------------------------------------------------------------------
 
@@ -264,48 +271,12 @@ class Agent:
             restarting("netfilter events", lambda: watch_netfilter(
                 host_changed, r.ingress.own_echo)),
             restarting("file events", lambda: watch_files(host_changed, directories)),
-            self._probe_peers(r),
+            *([r.probes.run()] if r.probes is not None else []),
         ]
 
-    async def _probe_peers(self, r: Running) -> None:
-        """Keep the prober's peers (and its own address, which moves with the lease) in
-        step with the validated view. A second is soon enough: a new peer is not a
-        failing one."""
-        policy = self.opts.probes
-        if policy is None:
-            return
-        view, own, planes = None, None, None
-        try:
-            while True:
-                lease, current = r.keeper.lease, r.reconciler.view
-                if self.prober is None or own != lease.own_address.ip:
-                    await asyncio.to_thread(self._close_prober)
-                    own = lease.own_address.ip
-                    self.prober = await asyncio.to_thread(
-                        HealthProber, own, r.keeper.own.mtu, policy,
-                        summary=self._summary, on_rtt=self.metrics.probe_rtt.observe)
-                    self.prober.start()
-                    view = None
-                now_planes, handshakes = await asyncio.to_thread(_planes, r)
-                self.prober.handshakes = handshakes
-                if current is not view or now_planes != planes:
-                    view, planes = current, now_planes
-                    self.prober.set_targets(_targets(r, current.peers, planes))
-                await asyncio.sleep(1.0)
-        finally:
-            await asyncio.to_thread(self._close_prober)
-
-    def _close_prober(self) -> None:
-        prober, self.prober = self.prober, None
-        if prober is not None:
-            prober.close()
-
     def _summary(self) -> dict[str, Any]:
-        """What a member's `weft doctor --cluster` gets from this host: read-only counts."""
-        summary: dict[str, Any] = self.prober.summary() if self.prober is not None else {}
-        summary["errors"] = len(self.health.reported)
-        summary["host_errors"] = sorted(self.health.host)
-        return summary
+        """Added to the probes' summary a member's `weft doctor --cluster` gets."""
+        return {"errors": len(self.health.reported), "host_errors": sorted(self.health.host)}
 
     async def _resync(self, r: Running) -> None:
         while True:
@@ -345,8 +316,9 @@ class Agent:
                     "fastpath": fastpath.status()}
 
         report |= await asyncio.to_thread(from_the_kernel)
-        if self.prober is not None:
-            report["peer_health"] = self.prober.status()
+        prober = r.probes.prober if r.probes is not None else None
+        if prober is not None:
+            report["peer_health"] = prober.status()
         return report
 
     # --- shutdown -----------------------------------------------------------------------
@@ -382,23 +354,6 @@ class Agent:
             await self.store.close()
         finally:
             self._lock.release()
-
-
-def _planes(r: Running) -> tuple[dict[IPNetwork, str], dict[str, int]]:
-    """From the backend's status: the plane each peer's traffic is on where the backend
-    chooses it per peer (`paths`; else the backend's own type), and wireguard's last
-    handshake by peer public IP (`handshakes`)."""
-    status = r.backend.status()
-    paths = status.get("paths", {})
-    return ({ipaddress.ip_network(s): p.get("plane", "auto") for s, p in paths.items()},
-            dict(status.get("handshakes", {})))
-
-
-def _targets(r: Running, peers: Mapping[IPNetwork, Lease],
-             planes: Mapping[IPNetwork, str]) -> Targets:
-    kind = r.config.backend.type
-    return {s: (lease.own_address.ip, planes.get(s, kind), str(lease.public_ip))
-            for s, lease in peers.items()}
 
 
 def _underlay_networks(ifname: str) -> tuple[IPNetwork, ...]:
