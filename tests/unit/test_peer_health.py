@@ -83,6 +83,25 @@ def test_each_peer_keeps_its_period() -> None:
     assert all(0.95 <= g <= 1.1 for g in gaps)
 
 
+def test_a_missed_peer_is_probed_again_at_once_within_the_cap() -> None:
+    schedule: ProbeSchedule[str] = ProbeSchedule(ProbePolicy(period=50.0,
+                                                             max_packets_per_second=20.0))
+    schedule.set_peers(["a", "b"], 0.0)
+    first = run(schedule, 0.0, 50.0, 0.05)
+    assert sorted(p for _, p in first) == ["a", "b"]
+    schedule.soon("a", 51.0)
+    assert schedule.due(51.0) == ["a"]
+    schedule.soon("b", 51.01)
+    assert schedule.due(51.01) == []  # the cap: 10 probes/s, the token spent
+    assert schedule.due(51.11) == ["b"]
+
+
+def test_the_detection_bound_follows_the_interval() -> None:
+    policy = ProbePolicy()
+    assert policy.detection_bound(10) == 2.0 + 3 * 1.0 + 1.0
+    assert policy.detection_bound(5_000) == 50.0 + 3 * 1.0 + 1.0
+
+
 def test_a_removed_peer_is_never_probed_again() -> None:
     schedule: ProbeSchedule[str] = ProbeSchedule(ProbePolicy(period=1.0))
     schedule.set_peers(["a", "b"], 0.0)

@@ -14,6 +14,8 @@ decided there, with time passed in, so it is tested without a clock or a socket:
 The rate is bounded whatever the number of peers: a probe is two datagrams (one full-size
 with DF, one small), each peer is probed every `period` seconds while that stays under
 `max_packets_per_second`, and less often beyond (5,000 peers at 200 packets/s: every 50 s).
+A probe that missed is sent again at once (within the same cap) until the peer answers or
+is unreachable, so a stopped peer shows within one interval and a few timeouts.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ class ProbePolicy:
 
     def detection_bound(self, peers: int) -> float:
         """At most this long from a peer's agent stopping to the peer shown unreachable:
-        `misses` probes, the last one's timeout, and one interval of phase."""
-        return (self.misses + 1) * self.interval(peers) + self.timeout
+        one interval until its next probe, then `misses` probes, each sent again as soon as
+        the last one timed out (a second of slack for the prober's turns and the cap)."""
+        return self.interval(peers) + self.misses * self.timeout + 1.0
 
 
 class ProbeSchedule(Generic[K]):
@@ -107,6 +110,11 @@ class ProbeSchedule(Generic[K]):
             # Keep the peer's phase; a peer held back by the cap starts again from now.
             self._push(peer, due + interval if due + interval > now else now + interval)
         return out
+
+    def soon(self, peer: K, now: float) -> None:
+        """Probe `peer` again now (its last probe missed: confirm before the interval)."""
+        if peer in self._due:
+            self._push(peer, now)
 
     def next_due(self) -> float | None:
         while self._heap and self._due.get(self._heap[0][2]) != self._heap[0][0]:

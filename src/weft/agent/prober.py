@@ -216,7 +216,11 @@ class HealthProber:
                                       full_size=self.payload + IP_UDP[self.own.version],
                                       small_size=self.small_payload + IP_UDP[self.own.version])
             record = self.book.peers.get(p.peer)
-        if change is None or record is None:
+        if record is None:
+            return
+        if p.rtt is None and record.state != "unreachable":
+            self._schedule.soon(p.peer, now)  # confirm a miss now, not an interval later
+        if change is None:
             return
         fields = {"peer": str(p.peer), "public_ip": record.public_ip, "plane": record.plane}
         if change == "down":
