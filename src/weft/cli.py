@@ -385,7 +385,11 @@ def doctor(
     from weft.agent.doctor_facts import gather
 
     try:
-        facts = asyncio.run(gather(store.open(), state_dir, subnet_file))
+        try:
+            opened: LeaseStore | WeftError = store.open()
+        except WeftError as exc:  # the store check says so; the others still run
+            opened = exc
+        facts = asyncio.run(gather(opened, state_dir, subnet_file))
         results = checks.diagnose(facts)
         report: dict[str, Any] = {"ok": checks.exit_status(results) == 0,
                                   "checks": [c.as_json() for c in results]}

@@ -85,7 +85,7 @@ def _ok(name: str, message: str) -> Check:
 
 def check_agent(f: Facts) -> Check:
     if f.agent is None:
-        return Check("agent", "fail", f"{f.agent_error or 'no agent answers'}: start it "
+        return Check("agent", "fail", f"{f.agent_error or 'no agent answers'}; start it "
                      "(`systemctl start weft`) and read its log (`journalctl -u weft`)")
     return _ok("agent", f"running; subnet {f.agent.get('subnet')}, backend "
                f"{f.agent.get('backend')}")
@@ -391,7 +391,7 @@ def check_docker(f: Facts) -> Check:
 
 def check_store(f: Facts) -> Check:
     if f.store_error is not None:
-        return Check("store", "fail", f"{f.store_error}: check --store and the credentials, "
+        return Check("store", "fail", f"{f.store_error}; check --store and the credentials, "
                      "and that the store runs and is reachable from this host")
     if f.config_error is not None:
         return Check("store", "fail", f"the network config in the store is invalid: "

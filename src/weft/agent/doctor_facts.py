@@ -75,7 +75,10 @@ def _kernel() -> tuple[int, int]:
     return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
-async def _store_facts(store: LeaseStore) -> tuple[str | None, str | None, list[LeaseFact]]:
+async def _store_facts(store: LeaseStore | WeftError
+                       ) -> tuple[str | None, str | None, list[LeaseFact]]:
+    if isinstance(store, WeftError):  # it could not even be opened
+        return str(store), None, []
     try:
         text = await store.get_config()
         leases, _ = await store.list_leases()
@@ -99,7 +102,8 @@ async def _store_facts(store: LeaseStore) -> tuple[str | None, str | None, list[
                                 for x in leases]
 
 
-async def gather(store: LeaseStore, state_dir: Path, subnet_file: Path) -> Facts:
+async def gather(store: LeaseStore | WeftError, state_dir: Path, subnet_file: Path) -> Facts:
+    """`store`: the store opened, or why it could not be (a check reports it)."""
     agent: dict[str, Any] | None = None
     agent_error = ""
     try:
