@@ -20,6 +20,8 @@ from weft_lab.testbed import Host, Testbed
 
 pytestmark = pytest.mark.netns
 
+BR_NETFILTER = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+
 
 def config(backend: str) -> str:
     return json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend}})
@@ -76,7 +78,7 @@ def subnet_of(tb: Testbed, host: Host) -> str:
 
 
 def test_doctor_on_vxlan_finds_each_fault_and_passes_once_mended(tmp_path: Path) -> None:
-    with Testbed(hosts=2, containers_per_host=0, config=config("vxlan")) as tb:
+    with Testbed(hosts=2, containers_per_host=2, config=config("vxlan")) as tb:
         tb.start()
         a, b = tb.hosts
         wait_all_pass(tb, a)
@@ -96,6 +98,20 @@ def test_doctor_on_vxlan_finds_each_fault_and_passes_once_mended(tmp_path: Path)
         ip(tb, a, "addr", "del", "198.18.0.99/24", "dev", "eth0")
         ip(tb, a, "addr", "add", f"{a.underlay_ip}/24", "dev", "eth0")
         wait_check(tb, a, "lease", "pass")
+
+        # br_netfilter under Docker's DROP policy: two containers on one host's bridge lose
+        # each other (weft's accepts are for its tunnel devices, not bridge to bridge).
+        if BR_NETFILTER.exists():
+            c1, c2 = (c for c in tb.containers if c.host is a)
+            assert tb.ping(c1.netns, c2.ip)
+            iptables(tb, a, "-P", "FORWARD", "DROP")
+            br = wait_check(tb, a, "br_netfilter", "fail")
+            assert "containers on this host cannot reach each other; " \
+                   "`iptables -I FORWARD -i weft0 -o weft0 -j ACCEPT`" in br["message"]
+            assert not tb.ping(c1.netns, c2.ip)
+            iptables(tb, a, "-I", "FORWARD", "-i", "weft0", "-o", "weft0", "-j", "ACCEPT")
+            wait_check(tb, a, "br_netfilter", "pass")
+            assert tb.ping(c1.netns, c2.ip)
 
         # subnet.env held stale (a file mounted over it: the agent cannot rewrite it).
         stale = tmp_path / "stale.env"

@@ -26,7 +26,8 @@ AGENT: dict[str, Any] = {
 ENV = ("FLANNEL_NETWORK=198.19.0.0/16\nFLANNEL_SUBNET=198.19.5.1/24\nFLANNEL_MTU=1450\n"
        "FLANNEL_IPMASQ=true\n")
 FORWARD = ("-P FORWARD DROP\n-A FORWARD -i weft.vx1 -d 198.19.0.0/16 -m comment --comment "
-           '"weft: overlay traffic" -j ACCEPT\n-A FORWARD -j DOCKER-USER\n')
+           '"weft: overlay traffic" -j ACCEPT\n-A FORWARD -j DOCKER-USER\n'
+           "-A FORWARD -i weft0 -o weft0 -j ACCEPT\n")
 HEALTHY = Facts(
     agent=AGENT,
     leases=[LeaseFact(NET("198.19.5.0/24"), IP("198.18.0.11"), 3000.0),
@@ -34,6 +35,7 @@ HEALTHY = Facts(
     addresses={"eth0": (IP("198.18.0.11"),), "lo": (IP("127.0.0.1"),)},
     subnet_env_path="/run/weft/subnet.env", subnet_env=ENV,
     docker=BridgeFact("docker0", (ipaddress.ip_interface("198.19.5.1/24"),), 1450),
+    bridges=[BridgeFact("weft0", (ipaddress.ip_interface("198.19.5.1/24"),), 1450, ports=2)],
     iptables_forward=FORWARD, iptables_input="-P INPUT ACCEPT\n",
     nft={"nftables": []},
     sysctl={"net/bridge/bridge-nf-call-iptables": "1", "net/ipv4/conf/all/rp_filter": "0",
@@ -103,8 +105,11 @@ BROKEN = [
             {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}},
                        "right": 8472}}, {"drop": None}]}}]}}, "fail",
      "nftables inet fw in drops UDP port 8472"),
-    ("br_netfilter", {"iptables_forward": "-P FORWARD DROP\n"}, "fail",
-     "bridge-nf-call-iptables=1 sends bridged packets through FORWARD"),
+    ("br_netfilter", {"iptables_forward": FORWARD.replace(
+        "-A FORWARD -i weft0 -o weft0 -j ACCEPT\n", "")}, "fail",
+     "bridge-nf-call-iptables=1 sends packets between containers on weft0 through FORWARD "
+     "(policy DROP) and no rule accepts them: containers on this host cannot reach each "
+     "other; `iptables -I FORWARD -i weft0 -o weft0 -j ACCEPT`"),
     ("rp_filter", {"sysctl": {"net/ipv4/conf/all/rp_filter": "1",
                               "net/ipv4/conf/weft.vx1/rp_filter": "0"}}, "warn",
      "net.ipv4.conf.weft.vx1.rp_filter=2"),

@@ -69,6 +69,7 @@ class Facts:
     subnet_env_path: str = ""
     subnet_env: str | None = None  # its text; None: missing
     docker: BridgeFact | None = None  # Docker's default bridge, when there is one
+    bridges: Sequence[BridgeFact] = ()  # the container bridges: weft's CNI one, Docker's
     iptables_forward: str | None = None  # `iptables -S FORWARD`; None: no iptables
     iptables_input: str | None = None  # `iptables -S INPUT`
     nft: Mapping[str, Any] | None = None  # `nft -j list ruleset`
@@ -310,19 +311,42 @@ def check_other_rules(f: Facts) -> Check:
     return _ok("other rules", "no other rule drops the overlay or its port")
 
 
+def _bridge_accepted(listing: str, bridge: str) -> bool:
+    """Whether FORWARD accepts packets from `bridge` back out of it (Docker adds such a rule
+    for docker0), or accepts everything unconditionally."""
+    for line in listing.splitlines():
+        words = line.split()
+        if words[:2] != ["-A", "FORWARD"] or words[-2:] != ["-j", "ACCEPT"]:
+            continue
+        rest = words[2:-2]
+        if not rest or sorted(rest) == sorted(["-i", bridge, "-o", bridge]):
+            return True
+    return False
+
+
 def check_br_netfilter(f: Facts) -> Check:
+    """With br_netfilter, packets between two containers on one bridge cross iptables
+    FORWARD (as `-i B -o B`): under Docker's DROP policy nothing of weft's accepts them
+    (its accepts are for the tunnel devices), so containers on one host lose each other."""
     value = f.sysctl.get("net/bridge/bridge-nf-call-iptables")
     if value is None:
         return _ok("br_netfilter", "not loaded: packets between containers on one bridge "
                    "skip iptables (Kubernetes Services need it: `modprobe br_netfilter`)")
-    policy = _forward_policy(f.iptables_forward or "")
-    if value == "1" and policy != "ACCEPT" and COMMENT not in (f.iptables_forward or ""):
-        return Check("br_netfilter", "fail", (
-            f"bridge-nf-call-iptables=1 sends bridged packets through FORWARD (policy "
-            f"{policy}) with no accept for the overlay: containers on this host's bridge "
-            "cannot reach each other; the agent's FORWARD accepts cover it once in place"))
-    return _ok("br_netfilter", f"bridge-nf-call-iptables={value}; FORWARD lets the "
-               "overlay through")
+    listing = f.iptables_forward or ""
+    policy = _forward_policy(listing)
+    if value == "1" and policy != "ACCEPT":
+        blocked = [b.name for b in f.bridges if b.ports and not _bridge_accepted(listing,
+                                                                                   b.name)]
+        if blocked:
+            b = blocked[0]
+            return Check("br_netfilter", "fail", (
+                f"bridge-nf-call-iptables=1 sends packets between containers on {b} through "
+                f"FORWARD (policy {policy}) and no rule accepts them: containers on this "
+                f"host cannot reach each other; `iptables -I FORWARD -i {b} -o {b} -j ACCEPT`"
+                " (or `sysctl -w net.bridge.bridge-nf-call-iptables=0` if nothing needs it)"))
+    return _ok("br_netfilter", f"bridge-nf-call-iptables={value}; "
+               + ("FORWARD accepts bridged packets" if policy == "ACCEPT" else
+                  "every container bridge's own traffic is accepted"))
 
 
 def check_rp_filter(f: Facts) -> Check:

@@ -24,6 +24,7 @@ from weft.agent.doctor import BridgeFact, Facts, LeaseFact
 from weft.agent.status import query_status
 from weft.backends.registry import parse_config
 from weft.core.config import IPAddress
+from weft.core.constants import CNI_BRIDGE
 from weft.core.errors import UsageError, WeftError
 from weft.host.system import tx_checksum_offload
 from weft.store import LeaseStore
@@ -59,14 +60,14 @@ def _addresses() -> tuple[dict[str, tuple[IPAddress, ...]], list[dict[str, Any]]
     return by_device, links
 
 
-def _bridge(links: list[dict[str, Any]]) -> BridgeFact | None:
+def _bridge(links: list[dict[str, Any]], name: str) -> BridgeFact | None:
     for link in links:
-        if link.get("ifname") == DOCKER_BRIDGE:
+        if link.get("ifname") == name:
             addrs = tuple(ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}")
                           for a in link.get("addr_info", []) if "local" in a
                           and not str(a["local"]).startswith("fe80"))
-            ports = sum(1 for other in links if other.get("master") == DOCKER_BRIDGE)
-            return BridgeFact(DOCKER_BRIDGE, addrs, int(link.get("mtu", 0)), ports)
+            ports = sum(1 for other in links if other.get("master") == name)
+            return BridgeFact(name, addrs, int(link.get("mtu", 0)), ports)
     return None
 
 
@@ -127,7 +128,10 @@ async def gather(store: LeaseStore | WeftError, state_dir: Path, subnet_file: Pa
             subnet_env: str | None = subnet_file.read_text()
         except OSError:
             subnet_env = None
-        return {"addresses": by_device, "docker": _bridge(links),
+        bridges = [b for name in (CNI_BRIDGE, DOCKER_BRIDGE)
+                   if (b := _bridge(links, name)) is not None]
+        return {"addresses": by_device, "docker": _bridge(links, DOCKER_BRIDGE),
+                "bridges": bridges,
                 "iptables_forward": _run(["iptables", "-S", "FORWARD"]),
                 "iptables_input": _run(["iptables", "-S", "INPUT"]),
                 "nft": json.loads(nft) if nft else None, "sysctl": sysctl,
