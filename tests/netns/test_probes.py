@@ -78,7 +78,7 @@ def test_probes_report_rtt_loss_and_pmtu_on_every_backend(backend: str) -> None:
                 assert row["handshake_age_s"] is not None
         status = tb.host_status(a)["peer_health"]
         assert status["counts"]["reachable"] == 1
-        assert status["counters"]["dropped_non_member"] == 0
+        assert status["counters"]["requests_answered"] > 0  # it answers b's probes too
 
 
 def test_a_stopped_agent_turns_its_peer_unreachable_and_back(
