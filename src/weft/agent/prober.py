@@ -295,7 +295,7 @@ def summary_answer(seq: int, summary: Mapping[str, Any]) -> bytes:
 
 
 def ask_summaries(own: IPAddress, peers: Mapping[str, IPAddress], *, port: int = HEALTH_PORT,
-                  timeout: float = 2.0, tries: int = 3) -> dict[str, dict[str, Any] | None]:
+                  timeout: float = 3.0, tries: int = 3) -> dict[str, dict[str, Any] | None]:
     """`weft doctor --cluster`: ask every peer's agent (by overlay address) for its summary
     from this host's overlay address; None for a peer that never answered."""
     family = socket.AF_INET if own.version == 4 else socket.AF_INET6
