@@ -12,7 +12,7 @@ import importlib
 import inspect
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast, get_type_hints
@@ -230,11 +230,17 @@ def agent(
         help="tc BPF fast path for overlay <-> overlay packets where it can run (host-gw, "
              "vxlan; IPv4 overlays); --no-fastpath keeps every packet on the nftables "
              "path")] = True,
+    probe_period: Annotated[float, typer.Option(
+        min=0.0, help="probe each peer every this many seconds (0: no peer probes)")] = 2.0,
+    probe_rate: Annotated[float, typer.Option(
+        min=1.0, help="at most this many probe packets a second, whatever the number of "
+                      "peers (beyond it, each peer is probed less often)")] = 200.0,
     log_level: LogOpt = "info",
 ) -> None:
     """Run the agent on this host: lease a subnet, program the data plane, follow peers."""
     from weft.agent import args, logs
     from weft.agent.daemon import Agent, AgentOptions, parse_ip
+    from weft.agent.peer_health import ProbePolicy
     from weft.host.masquerade import parse_conntrack_mode
     from weft.host.system import require_root
 
@@ -255,6 +261,8 @@ def agent(
             resync_interval=resync_interval,
             overlay_conntrack=parse_conntrack_mode(overlay_conntrack),
             fastpath=fastpath,
+            probes=ProbePolicy(period=probe_period, max_packets_per_second=probe_rate)
+            if probe_period > 0 else None,
         )
         asyncio.run(Agent(opts).run())
     except WeftError as exc:
@@ -321,6 +329,7 @@ def status(
     leases are still shown, and one line on stderr says so."""
     import json
 
+    from weft.agent.peer_health import where_to_look
     from weft.agent.status import query_status
 
     try:
@@ -336,8 +345,11 @@ def status(
             no_agent = f"cannot ask the agent in {state_dir}: {exc.strerror}"
             health = {"error": no_agent}
         now = time.time()
+        first = (f"look first at the agent: {no_agent}" if no_agent is not None
+                 else where_to_look(health))
         if json_output:
             print(json.dumps({
+                "look_first": first,
                 "revision": revision,
                 "leases": [{"subnet": str(lease.subnet), "public_ip": str(lease.public_ip),
                             "backend": lease.backend_type,
@@ -345,6 +357,7 @@ def status(
                 "host": health,
             }, indent=2))
         else:
+            out.print(first, highlight=False, style="bold", soft_wrap=True)
             table = Table(title=f"leases (store revision {revision})")
             for col in ("subnet", "public IP", "backend", "expires in"):
                 table.add_column(col)
@@ -359,6 +372,77 @@ def status(
     if no_agent is not None:
         err.print(f"[bold red]error:[/] this host: {no_agent}", highlight=False)
         raise typer.Exit(3)
+
+
+@app.command()
+@with_store
+def doctor(
+    store: StoreOptions,
+    state_dir: Annotated[Path, typer.Option()] = Path(DEFAULT_STATE_DIR),
+    subnet_file: Annotated[Path, typer.Option()] = Path(DEFAULT_SUBNET_FILE),
+    json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    cluster: Annotated[bool, typer.Option(
+        "--cluster", help="ask every peer's agent over the overlay for its own health")] = False,
+) -> None:
+    """Check this host's set-up: each check passes, warns or fails with what to do.
+
+    Exits 0 only when nothing fails."""
+    import json
+
+    from weft.agent import doctor as checks
+    from weft.agent.doctor_facts import gather
+
+    try:
+        try:
+            opened: LeaseStore | WeftError = store.open(create=False)  # only reads
+        except WeftError as exc:  # the store check says so; the others still run
+            opened = exc
+        facts = asyncio.run(gather(opened, state_dir, subnet_file))
+        results = checks.diagnose(facts)
+        report: dict[str, Any] = {"ok": checks.exit_status(results) == 0,
+                                  "checks": [c.as_json() for c in results]}
+        if cluster:
+            report["cluster"] = _cluster(facts.agent)
+            report["ok"] = report["ok"] and not report["cluster"]["failing"]
+    except WeftError as exc:
+        raise _fail(exc) from None
+    if json_output:
+        print(json.dumps(report, indent=2))
+    else:
+        colour = {"pass": "green", "warn": "yellow", "fail": "red"}
+        for c in results:
+            out.print(f"[{colour[c.result]}]{c.result:4}[/] {c.name}: {c.message}",
+                      highlight=False, soft_wrap=True)
+        if cluster:
+            mesh = report["cluster"]
+            out.print(f"cluster: {mesh['answered']} of {mesh['asked']} peers answered",
+                      highlight=False)
+            for line in mesh["failing"]:
+                out.print(f"[red]fail[/] {line}", highlight=False, soft_wrap=True)
+            if not mesh["failing"]:
+                out.print("[green]pass[/] every pair reaches each other", highlight=False)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+def _cluster(agent: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Every peer's own summary, asked over the overlay from this host's overlay address;
+    the pairs that fail and on which side."""
+    import ipaddress
+
+    from weft.agent import doctor as checks
+    from weft.agent.prober import ask_summaries
+
+    if agent is None or "peer_health" not in agent:
+        return {"asked": 0, "answered": 0, "failing": ["no agent (or no probes) here to ask from"]}
+    own = ipaddress.ip_network(agent["subnet"])
+    rows = agent["peer_health"]["peers"]
+    peers = {p: ipaddress.ip_network(p).network_address for p in rows}
+    summaries = ask_summaries(own.network_address, peers)
+    own_down = [p for p, r in rows.items() if r.get("state") == "unreachable"]
+    return {"asked": len(peers), "answered": sum(1 for v in summaries.values() if v),
+            "summaries": summaries,
+            "failing": checks.mesh(str(own), own_down, summaries)}
 
 
 def _fastpath_line(fp: dict[str, object]) -> str:
@@ -386,7 +470,10 @@ def _duration(seconds: float) -> str:
 def _print_health(health: dict[str, object]) -> None:
     peers = health.get("peers") or []
     errors = health.get("errors") or {}
-    state = "[green]healthy[/]" if not errors else "[red]errors[/]"
+    probes = health.get("peer_health")
+    down = (probes.get("counts") or {}).get("unreachable", 0) if isinstance(probes, dict) else 0
+    state = ("[red]errors[/]" if errors else
+             f"[yellow]{down} peer(s) unreachable[/]" if down else "[green]healthy[/]")
     out.print(f"this host: {state}  subnet {health.get('subnet')}  public IP "
               f"{health.get('public_ip')}  backend {health.get('backend')}  peers "
               f"{len(peers) if isinstance(peers, list) else peers}", highlight=False)
@@ -398,11 +485,51 @@ def _print_health(health: dict[str, object]) -> None:
         for key, value in backend_status.items():
             if key == "paths" and isinstance(value, dict):
                 _print_paths(value)
+            elif key == "handshakes":  # per peer: in the peers table
+                continue
             else:
                 out.print(f"  {key}: {value}", highlight=False)
     if isinstance(errors, dict):
         for peer, message in errors.items():
             out.print(f"  [red]{peer}[/]: {message}", highlight=False)
+    if isinstance(probes, dict):
+        _print_peer_health(probes)
+
+
+# A host with thousands of peers: the table shows the unreachable first, then this many in
+# all; `--json` has every peer.
+PEER_ROWS = 100
+
+
+def _print_peer_health(probes: dict[str, Any]) -> None:
+    """Plain aligned lines, not a boxed table: it stays readable at 80 columns and in a
+    pipe, and one peer is one line to grep."""
+    rows: dict[str, Any] = probes.get("peers") or {}
+    counts = probes.get("counts") or {}
+    out.print(f"  peers: {counts.get('reachable', 0)} reachable, "
+              f"{counts.get('unreachable', 0)} unreachable, {counts.get('unknown', 0)} not "
+              f"yet probed (each probed every {probes.get('interval_s')} s)", highlight=False)
+    handshakes = any(r.get("handshake_age_s") is not None for r in rows.values())
+    head = (f"    {'subnet':<18} {'public IP':<15} {'plane':<9} {'state':<11} "
+            f"{'RTT ms p50/p99':<15} {'loss':>4} {'PMTU':>5} {'since':>6}")
+    out.print(head + ("  handshake" if handshakes else ""), highlight=False, soft_wrap=True)
+    order = {"unreachable": 0, "unknown": 1, "reachable": 2}
+    ranked = sorted(rows.items(), key=lambda kv: (order.get(kv[1].get("state"), 3), kv[0]))
+    for subnet, row in ranked[:PEER_ROWS]:
+        rtt, loss, state = row.get("rtt_ms"), row.get("loss"), str(row.get("state"))
+        colour = {"unreachable": "red", "reachable": "green"}.get(state, "yellow")
+        rtt_text = "-" if not rtt else f"{rtt['median']:.2f}/{rtt['p99']:.2f}"
+        loss_text = "-" if loss is None else f"{loss:.0%}"
+        line = (f"    {subnet:<18} {row.get('public_ip')!s:<15} {row.get('plane')!s:<9} "
+                f"[{colour}]{state:<11}[/] {rtt_text:<15} {loss_text:>4} "
+                f"{row.get('pmtu') or '-'!s:>5} {_duration(row.get('since_s') or 0):>6}")
+        if handshakes:
+            age = row.get("handshake_age_s")
+            line += "  " + ("-" if age is None else f"{_duration(age)} ago")
+        out.print(line, highlight=False, soft_wrap=True)
+    if len(ranked) > PEER_ROWS:
+        out.print(f"    ... {len(ranked) - PEER_ROWS} more peers (weft status --json)",
+                  highlight=False)
 
 
 def _print_paths(paths: dict[str, Any]) -> None:

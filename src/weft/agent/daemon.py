@@ -22,6 +22,7 @@ The parts, each with one job, get what they need handed to them (values, callbac
     host_keeper    the host pass of the worker: subnet.env, nftables, FORWARD, the lock
     conntrack      the masquerade table and the overlay conntrack decision
     retry, health  one retry policy; one record of every error and notice
+    probe_keeper   every peer probed through the data plane (prober, peer_health)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ from weft.agent.host_keeper import HostKeeper
 from weft.agent.lease_keeper import LeaseKeeper, OwnLease, acquire
 from weft.agent.lock import StateDirLock
 from weft.agent.metrics import AgentMetrics
+from weft.agent.peer_health import ProbePolicy
+from weft.agent.probe_keeper import ProbeKeeper
 from weft.agent.reconciler import Reconciler, ReconcileRequests
 from weft.agent.retry import StoreRetry, restarting
 from weft.agent.status import STATUS_SOCKET, serve_status_anew
@@ -102,6 +105,8 @@ class AgentOptions:
     # The tc BPF fast path for overlay <-> overlay packets (weft.agent.fastpath_state): on
     # wherever it can run, the nftables path (with the reason in status) where it cannot.
     fastpath: bool = True
+    # How every peer is probed (weft.agent.peer_health); None: not at all.
+    probes: ProbePolicy | None = field(default_factory=ProbePolicy)
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,7 @@ class Running:
     keeper: LeaseKeeper
     conntrack: OverlayConntrack
     reconciler: Reconciler
+    probes: ProbeKeeper | None  # None: --probe-period 0
 
 
 class Agent:
@@ -135,6 +141,7 @@ class Agent:
         # A destination NAT rule appeared: decide the overlay's conntrack again now.
         self._nat_added = asyncio.Event()
         self._lock = StateDirLock(options.state_dir)
+        self.probes: ProbeKeeper | None = None  # set once started (the metrics read it)
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -194,6 +201,8 @@ class Agent:
         await asyncio.to_thread(self.fastpath.start, config, lease.subnet, facts.arrival,
                                 state_dir)
         self.metrics.export_backend(backend.status)
+        self.metrics.export_peer_health(
+            lambda: self.probes.prober if self.probes is not None else None)
         host_keeper = HostKeeper(
             own, network=config.network, subnet_file=self.opts.subnet_file,
             state_dir=state_dir, ip_masq=self.opts.ip_masq,
@@ -209,10 +218,16 @@ class Agent:
         # The first pass runs here, so what goes wrong on start-up reaches the caller; it
         # also removes what an earlier run left that no lease wants.
         await reconciler.pass_once()
+        if self.opts.probes is not None:
+            self.probes = ProbeKeeper(
+                self.opts.probes, backend_type=config.backend.type, lease=lambda: own.lease,
+                mtu=lambda: own.mtu, peers=lambda: reconciler.view.peers,
+                backend_status=backend.status, extra_summary=self._summary,
+                on_rtt=self.metrics.probe_rtt.observe)
         if self.opts.metrics_addr:
             self.metrics.serve(self.opts.metrics_addr)
         return Running(config_text, config, host, backend, ingress, facts,
-                       store_view, keeper, conntrack, reconciler)
+                       store_view, keeper, conntrack, reconciler, self.probes)
 
     # --- run ----------------------------------------------------------------------------
 
@@ -266,7 +281,12 @@ class Agent:
             restarting("netfilter events", lambda: watch_netfilter(
                 host_changed, r.ingress.own_echo)),
             restarting("file events", lambda: watch_files(host_changed, directories)),
+            *([r.probes.run()] if r.probes is not None else []),
         ]
+
+    def _summary(self) -> dict[str, Any]:
+        """Added to the probes' summary a member's `weft doctor --cluster` gets."""
+        return {"errors": len(self.health.reported), "host_errors": sorted(self.health.host)}
 
     async def _resync(self, r: Running) -> None:
         while True:
@@ -296,6 +316,13 @@ class Agent:
             "subnet": str(lease.subnet),
             "lease_expires_in": round(lease.expires_in(time.time())),
             "backend": r.config.backend.type,
+            # What `weft doctor` holds the host's own state against.
+            "network": str(r.config.network),
+            "mtu": r.keeper.own.mtu,
+            "underlay_iface": r.host.underlay_ifname,
+            "encap_port": r.facts.encap_port,
+            "devices": [*r.facts.tunnels, *([r.facts.bare_underlay]
+                                            if r.facts.bare_underlay else [])],
             "peers": sorted(str(s) for s in r.reconciler.view.peers),
             "revision": r.store_view.revision,
             **self.health.status(),
@@ -307,7 +334,11 @@ class Agent:
                     "ingress": ingress.status(),
                     "fastpath": fastpath.status()}
 
-        return report | await asyncio.to_thread(from_the_kernel)
+        report |= await asyncio.to_thread(from_the_kernel)
+        prober = r.probes.prober if r.probes is not None else None
+        if prober is not None:
+            report["peer_health"] = prober.status()
+        return report
 
     # --- shutdown -----------------------------------------------------------------------
 

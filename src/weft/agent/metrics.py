@@ -75,6 +75,39 @@ class _IngressCounters(Collector):
         yield family
 
 
+class _PeerHealth(Collector):
+    """Every backend: peers by probe state and the mean probe loss. No per-peer label, so
+    the series stay few at 5,000 peers (per-peer detail is in `weft status`)."""
+
+    def __init__(self, source: Callable[[], Any]) -> None:
+        self._source = source  # the running prober, or None
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        prober = self._source()
+        if prober is None:
+            return
+        counts, loss = prober.gauges()
+        peers = GaugeMetricFamily("weft_peer_health", "Peers by probe state",
+                                  labels=["state"])
+        for state, value in sorted(counts.items()):
+            peers.add_metric([state], value)
+        yield peers
+        yield GaugeMetricFamily("weft_peer_probe_loss_ratio",
+                                "Mean over peers of the probes lost in each one's window",
+                                value=loss)
+        c = prober.counters
+        yield CounterMetricFamily("weft_peer_health_probes_sent", "Health probe datagrams sent",
+                                  value=c.sent)
+        yield CounterMetricFamily("weft_peer_health_probes_answered",
+                                  "Health probe datagrams answered", value=c.answered)
+        dropped = CounterMetricFamily("weft_peer_health_probes_dropped",
+                                      "Datagrams on the health probe port dropped",
+                                      labels=["reason"])
+        for reason in ("non_member", "malformed", "unexpected"):
+            dropped.add_metric([reason], getattr(c, f"dropped_{reason}"))
+        yield dropped
+
+
 class AgentMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -103,6 +136,13 @@ class AgentMetrics:
             "weft_peer_errors", "Peers (or leases) that cannot be used right now", registry=r
         )
         self.store_errors = Counter("weft_store_errors", "Failed store operations", registry=r)
+        self.probe_rtt = Histogram(
+            "weft_peer_probe_rtt_seconds", "Round trip of full-size health probes, all peers",
+            registry=r, buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
+                                 0.25, 0.5, 1.0))
+
+    def export_peer_health(self, prober: Callable[[], Any]) -> None:
+        self.registry.register(_PeerHealth(prober))
 
     def export_backend(self, status: Callable[[], Mapping[str, Any]]) -> None:
         self.registry.register(_BackendCounters(status))

@@ -152,6 +152,15 @@ class Netlink:
                     self._ipr.addr("del", index=index, address=str(other.ip),
                                    prefixlen=other.network.prefixlen)
 
+    def ensure_address(
+        self, index: int, want: ipaddress.IPv4Interface | ipaddress.IPv6Interface
+    ) -> None:
+        """A device (not weft's own: lo) carries this address too; nothing else changes."""
+        if want not in self.addresses(index):
+            with self._op(f"add address {want}"):
+                self._ipr.addr("add", index=index, address=str(want.ip),
+                               prefixlen=want.network.prefixlen)
+
     def remove_addresses_in(self, index: int, subnet: IPNetwork) -> None:
         """Remove every address of `subnet` from a device (a subnet this host lost)."""
         for have in self.addresses(index):

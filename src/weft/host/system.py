@@ -45,3 +45,20 @@ def enable_forwarding(version: int) -> None:
     path = ("/proc/sys/net/ipv4/ip_forward" if version == 4
             else "/proc/sys/net/ipv6/conf/all/forwarding")
     Path(path).write_text("1\n")
+
+
+def tx_checksum_offload(ifname: str) -> bool | None:
+    """Whether `ifname` has generic transmit checksum offload on (ethtool's
+    `tx-checksum-ip-generic`), or None when it cannot be read (no such device, no ethtool
+    support). Read-only; for `weft doctor`."""
+    from pyroute2.ethtool import Ethtool
+
+    try:
+        ethtool = Ethtool()
+        try:
+            feature = ethtool.get_features(ifname).features.get("tx-checksum-ip-generic")
+        finally:
+            ethtool.close()
+    except Exception:  # pyroute2 raises plain and netlink errors alike: not readable
+        return None
+    return None if feature is None else bool(feature.enable)

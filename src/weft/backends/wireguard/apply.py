@@ -187,7 +187,13 @@ class WireguardBackend:
             facts["wireguard_go_pid"] = self.process.pid()
         if self._device is not None:
             try:
-                facts["counters"] = dict(self._device.read().counters)
+                state = self._device.read()
+                facts["counters"] = dict(state.counters)
+                # By the peer's public IP (never its key): Unix time of the last handshake.
+                facts["handshakes"] = {
+                    str(peer.endpoint[0]): state.handshakes[key]
+                    for key, peer in state.peers.items()
+                    if key in state.handshakes and peer.endpoint is not None}
             except KernelError as exc:  # status must answer even when the device does not
                 facts["device_error"] = str(exc)
         return facts

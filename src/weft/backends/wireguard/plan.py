@@ -39,6 +39,9 @@ class DeviceState:
     peers: Mapping[PublicKey, PeerConfig]
     # Summed over peers: rx_bytes, tx_bytes, peers_with_handshake (for metrics/status).
     counters: Mapping[str, int] = field(default_factory=dict, compare=False)
+    # Per peer, its last handshake (Unix seconds; a peer with none is absent): its age is
+    # shown beside the peer's probe health.
+    handshakes: Mapping[PublicKey, int] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
