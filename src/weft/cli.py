@@ -198,6 +198,9 @@ def _need_lab() -> None:
 def agent(
     store: StoreOptions,
     public_ip: Annotated[str | None, typer.Option(help="this host's underlay address")] = None,
+    public_ipv6: Annotated[str | None, typer.Option(
+        help="dual stack: this host's IPv6 underlay address beside an IPv4 --public-ip "
+             "(default: the interface's first non-link-local IPv6 address, if any)")] = None,
     iface: Annotated[str | None, typer.Option(help="underlay interface (default: the "
                                                    "default route's)")] = None,
     subnet_file: Annotated[Path, typer.Option()] = Path(DEFAULT_SUBNET_FILE),
@@ -221,7 +224,7 @@ def agent(
 ) -> None:
     """Run the agent on this host: lease a subnet, program the data plane, follow peers."""
     from weft.agent import args, logs
-    from weft.agent.daemon import Agent, AgentOptions, parse_ip
+    from weft.agent.daemon import Agent, AgentOptions, parse_ip, parse_ipv6
     from weft.host.masquerade import parse_conntrack_mode
     from weft.host.system import require_root
 
@@ -231,12 +234,13 @@ def agent(
         # Every value checked before the store is opened or the kernel touched.
         args.check_store_url(store.url)
         address = parse_ip(public_ip)
+        address6 = parse_ipv6(public_ipv6)
         args.check_metrics_addr(metrics_addr)
         args.check_numbers(lease_ttl, resync_interval)
         args.check_paths(state_dir, subnet_file)
         opts = AgentOptions(
             store=store.open(),
-            public_ip=address, iface=iface, subnet_file=subnet_file,
+            public_ip=address, public_ipv6=address6, iface=iface, subnet_file=subnet_file,
             state_dir=state_dir, lease_ttl=lease_ttl, ip_masq=ip_masq,
             metrics_addr=metrics_addr, release_on_exit=release_on_exit,
             resync_interval=resync_interval,

@@ -81,6 +81,7 @@ START_DEADLINE = 15.0
 class AgentOptions:
     store: LeaseStore
     public_ip: IPAddress | None = None
+    public_ipv6: ipaddress.IPv6Address | None = None  # dual stack (else found on the iface)
     iface: str | None = None
     subnet_file: Path = Path(DEFAULT_SUBNET_FILE)
     state_dir: Path = Path(DEFAULT_STATE_DIR)
@@ -154,7 +155,8 @@ class Agent:
         config_text, config = await self._load_config()
         # pyroute2's sync API runs its own event loop, so netlink work happens off this one.
         host = await asyncio.to_thread(
-            detect_host, self.opts.public_ip, self.opts.iface, state_dir
+            detect_host, self.opts.public_ip, self.opts.iface, state_dir,
+            self.opts.public_ipv6, config.dual_stack
         )
         underlay = await asyncio.to_thread(_underlay_networks, host.underlay_ifname)
         backend = create_backend(config, host)
@@ -164,7 +166,8 @@ class Agent:
         self.metrics.export_ingress(config.backend.type, ingress.counters)
         data = await asyncio.to_thread(backend.prepare)
         lease, leases, revision = await acquire(self.store, config, host.public_ip, data,
-                                                self.opts.lease_ttl, self.retry)
+                                                self.opts.lease_ttl, self.retry,
+                                                public_ipv6=host.public_ipv6)
         # The view starts from the listing the lease was chosen by; the watch from its
         # revision brings what came after, our own lease's write included.
         store_view = StoreView([*leases, lease], revision)
@@ -174,6 +177,7 @@ class Agent:
                                      encap_port=facts.encap_port,
                                      request=self.requests)
         keeper = LeaseKeeper(own, self.store, config, host.public_ip, ttl=self.opts.lease_ttl,
+                             public_ipv6=host.public_ipv6,
                              activate=backend.activate, on_taken=conntrack.replace,
                              record=store_view.record, request=self.requests,
                              retry=self.retry, health=self.health, metrics=self.metrics)
@@ -184,7 +188,8 @@ class Agent:
                                 state_dir)
         self.metrics.export_backend(backend.status)
         host_keeper = HostKeeper(
-            own, network=config.network, subnet_file=self.opts.subnet_file,
+            own, network=config.network, ipv6_network=config.ipv6.network if config.ipv6 else None,
+            subnet_file=self.opts.subnet_file,
             state_dir=state_dir, ip_masq=self.opts.ip_masq,
             devices=(facts.tunnels, facts.bare_underlay),
             untrack=lambda: conntrack.untrack, lock=self._lock,
@@ -192,6 +197,7 @@ class Agent:
             health=self.health)
         reconciler = Reconciler(
             backend, store_view, self.requests, config=config, public_ip=host.public_ip,
+            public_ipv6=host.public_ipv6,
             underlay=underlay, lease=lambda: own.lease, converge_host=host_keeper.converge,
             ingress=ingress, fastpath=self.fastpath, stand_down=conntrack.stand_down,
             health=self.health, metrics=self.metrics)
@@ -304,11 +310,11 @@ class Agent:
             await asyncio.to_thread(self.fastpath.close)
             await asyncio.to_thread(r.backend.close)
             if self.opts.release_on_exit:
-                subnet = r.keeper.lease.subnet
+                held = r.keeper.lease
                 log.info("releasing lease and removing the data plane",
-                         extra={"subnet": str(subnet)})
+                         extra={"subnet": str(held.subnet)})
                 try:
-                    await self.store.delete_lease(subnet)
+                    await self.store.delete_lease(held.subnet, held.ipv6_subnet)
                 except StoreError as exc:  # the data plane goes all the same; the lease expires
                     log.warning("could not release the lease", extra={"error": str(exc)})
                 await asyncio.to_thread(self._remove_host_rules, r)
@@ -333,10 +339,17 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-def parse_ip(value: str | None) -> IPAddress | None:
+def parse_ip(value: str | None, flag: str = "--public-ip") -> IPAddress | None:
     if value is None:
         return None
     try:
         return ipaddress.ip_address(value)
     except ValueError:
-        raise UsageError(f"--public-ip {value!r} is not an IP address") from None
+        raise UsageError(f"{flag} {value!r} is not an IP address") from None
+
+
+def parse_ipv6(value: str | None) -> ipaddress.IPv6Address | None:
+    address = parse_ip(value, "--public-ipv6")
+    if address is not None and not isinstance(address, ipaddress.IPv6Address):
+        raise UsageError(f"--public-ipv6 {value!r} is not an IPv6 address")
+    return address

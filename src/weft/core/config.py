@@ -269,7 +269,7 @@ class NetworkConfig(BaseModel):
     @property
     def capacity(self) -> int:
         """How many hosts the network holds: in dual stack, the pairs of an IPv4 and an
-        IPv6 subnet (the n-th of each, `weft.core.lease.choose_subnet`)."""
+        IPv6 subnet (the n-th of each, `weft.core.lease.choose_pair`)."""
         six = self.ipv6
         return self.range.capacity if six is None else min(self.range.capacity, six.capacity)
 
