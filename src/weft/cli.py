@@ -325,7 +325,11 @@ def status(
                 "revision": revision,
                 "leases": [{"subnet": str(lease.subnet), "public_ip": str(lease.public_ip),
                             "backend": lease.backend_type,
-                            "expires_in": round(lease.expires_in(now))} for lease in leases],
+                            "expires_in": round(lease.expires_in(now)),
+                            **({"ipv6_subnet": str(lease.ipv6_subnet),
+                                "public_ipv6": lease.public_ipv6 and str(lease.public_ipv6)}
+                               if lease.ipv6_subnet is not None else {})}
+                           for lease in leases],
                 "host": health,
             }, indent=2))
         else:
@@ -333,7 +337,12 @@ def status(
             for col in ("subnet", "public IP", "backend", "expires in"):
                 table.add_column(col)
             for lease in leases:
-                table.add_row(str(lease.subnet), str(lease.public_ip), lease.backend_type,
+                # Dual stack: the IPv6 half under the IPv4 one, in the same row.
+                subnet, public = str(lease.subnet), str(lease.public_ip)
+                if lease.ipv6_subnet is not None:
+                    subnet += f"\n{lease.ipv6_subnet}"
+                    public += f"\n{lease.public_ipv6 or '-'}"
+                table.add_row(subnet, public, lease.backend_type,
                               _duration(lease.expires_in(now)))
             out.print(table)
             if no_agent is None:

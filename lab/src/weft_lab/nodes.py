@@ -52,6 +52,7 @@ class Container:
     index: int
     netns: str
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    ip6: ipaddress.IPv6Address | None = None  # dual stack: its IPv6 address beside `ip`
 
     @property
     def name(self) -> str:

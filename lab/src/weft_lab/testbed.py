@@ -265,7 +265,11 @@ class Testbed:
             raise TestbedError(f"weft status failed ({proc.returncode}): {proc.stderr.strip()}")
         return [
             Lease(ipaddress.ip_network(item["subnet"]), ipaddress.ip_address(item["public_ip"]),
-                  item["backend"])
+                  item["backend"],
+                  ipv6_subnet=ipaddress.IPv6Network(item["ipv6_subnet"])
+                  if "ipv6_subnet" in item else None,
+                  public_ipv6=ipaddress.IPv6Address(item["public_ipv6"])
+                  if item.get("public_ipv6") else None)
             for item in json.loads(proc.stdout)["leases"]
         ]
 
@@ -384,6 +388,8 @@ class Testbed:
         if not ips:
             raise TestbedError(f"CNI gave {c.name} no address: {result}")
         c.ip = ipaddress.ip_interface(ips[0]["address"]).ip
+        six = [ipaddress.ip_interface(ip["address"]).ip for ip in ips[1:]]
+        c.ip6 = next((ip for ip in six if isinstance(ip, ipaddress.IPv6Address)), None)
 
     def detach(self, c: Container) -> None:
         from weft.integrations.cni.runtime import cni_del
@@ -435,14 +441,18 @@ class Testbed:
             ping.wait()
         return out
 
-    def connectivity(self, retries: int = 3) -> dict[tuple[str, str], bool]:
-        """Every container to every other container: (src, dst) -> reached."""
+    def connectivity(self, retries: int = 3, ipv6: bool = False
+                     ) -> dict[tuple[str, str], bool]:
+        """Every container to every other container: (src, dst) -> reached. `ipv6`: to
+        each one's IPv6 address of a dual-stack network (`Container.ip6`)."""
         matrix: dict[tuple[str, str], bool] = {}
         for src in self.containers:
             for dst in self.containers:
                 if src is dst:
                     continue
-                ok = any(self.ping(src.netns, dst.ip) for _ in range(retries))
+                target = dst.ip6 if ipv6 else dst.ip
+                ok = target is not None and any(self.ping(src.netns, target)
+                                                for _ in range(retries))
                 matrix[(src.name, dst.name)] = ok
         return matrix
 

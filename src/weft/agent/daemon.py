@@ -183,7 +183,8 @@ class Agent:
                              retry=self.retry, health=self.health, metrics=self.metrics)
         await keeper.leave_previous_subnet(self.opts.subnet_file)
         await keeper.take(lease)
-        enable_forwarding(config.network.version)
+        for network in config.networks:
+            enable_forwarding(network.version)
         await asyncio.to_thread(self.fastpath.start, config, lease.subnet, facts.arrival,
                                 state_dir)
         self.metrics.export_backend(backend.status)
@@ -298,9 +299,10 @@ class Agent:
     def _remove_host_rules(self, r: Running) -> None:
         """The masquerade table and the FORWARD accept rules, when the host leaves."""
         try:
-            if self.opts.ip_masq:
-                remove_masquerade(r.config.network)
-            remove_forward_accept(r.config.network, r.facts.tunnels, r.facts.bare_underlay)
+            for network in r.config.networks:
+                if self.opts.ip_masq:
+                    remove_masquerade(network)
+                remove_forward_accept(network, r.facts.tunnels, r.facts.bare_underlay)
             r.ingress.remove()
         except (WeftError, OSError, subprocess.SubprocessError) as exc:
             log.warning("could not remove weft's firewall rules", extra={"error": str(exc)})

@@ -75,6 +75,9 @@ class BackendSpec(Generic[OptionsT]):
     facts: Callable[[OptionsT, str], BackendFacts]  # (its options, the underlay's name)
     overhead: Callable[[int], int]  # bytes added to every packet, by outer IP version
     data_problem: Callable[[Mapping[str, Any]], str | None]  # a peer's BackendData, checked
+    # Why this backend cannot carry a dual-stack network (said at `weft config set`), or
+    # None when it can.
+    no_dual_stack: str | None = "it carries one address family only, so far"
 
 
 @dataclass

@@ -23,6 +23,7 @@ from weft.backends.vxlan.options import VXLAN_BACKEND
 from weft.backends.wireguard.options import WIREGUARD_BACKEND
 from weft.core import config as core_config
 from weft.core.config import BackendOptions, BackendTypes, NetworkConfig
+from weft.core.errors import ConfigError
 from weft.core.host import HostContext
 
 if TYPE_CHECKING:
@@ -43,8 +44,15 @@ TYPES = BackendTypes({name: spec.options for name, spec in BACKENDS.items()}, DE
 
 def parse_config(text: str | bytes) -> NetworkConfig:
     """Parse and validate the JSON network config, `Backend` by its `Type`'s own options
-    model, or raise ConfigError naming the field and the value."""
-    return core_config.parse_config(text, TYPES)
+    model, or raise ConfigError naming the field and the value. A dual-stack network on a
+    backend that cannot carry one is refused here, at `weft config set`, not peer by peer
+    at run time."""
+    config = core_config.parse_config(text, TYPES)
+    why = BACKENDS[config.backend.type].no_dual_stack
+    if config.dual_stack and why is not None:
+        raise ConfigError(f"EnableIPv6: the {config.backend.type} backend cannot carry a "
+                          f"dual-stack network: {why}")
+    return config
 
 
 def create_backend(config: NetworkConfig, host: HostContext) -> Backend:

@@ -127,7 +127,8 @@ class IngressFilter:
         skeleton, elements = split_listing(listed)
         return skeleton == self._skeleton and elements.get("members", frozenset()) == \
             member_elements(plan) and elements.get("subnets", frozenset()) == \
-            subnet_elements(plan)
+            subnet_elements(plan) and (plan.network6 is None or elements.get(
+                "subnets6", frozenset()) == subnet_elements(plan, "subnets6"))
 
     def _write_whole(self, plan: IngressPlan) -> None:
         self.plan = self._skeleton = None  # unknown until the write is confirmed

@@ -15,6 +15,9 @@ reconcile (level-based: a hand-deleted table or a stale member is repaired by th
   a peer's subnet only through the tunnel device, this host's only from its containers'
   side. Not one interface name: a second underlay link is covered too (`spoofed_source`).
 
+In dual stack the overlay-source guard holds for the IPv6 network too (its own set of
+leased subnets, `subnets6`, and the same rules in `ip6`).
+
 Counters are named objects, so replacing the rules and set elements keeps their values.
 Pure: no I/O; the edge (`weft.host.ingress`) runs the script and reads the counters.
 """
@@ -54,6 +57,10 @@ class IngressPlan:
     # masquerade decision). Done here, in the one base chain every packet walks anyway,
     # instead of in a second table's chain on the same hook.
     untrack: Untrack | None = None
+    # Dual stack: the IPv6 network and this host's IPv6 subnet (`subnets` holds the
+    # leased subnets of both families).
+    network6: IPNetwork | None = None
+    own6: IPNetwork | None = None
 
 
 def _peer_port(lease: Lease, default: int) -> int | None:
@@ -71,9 +78,13 @@ def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
     port), the devices a peer's source may arrive on). Peers are validated leases; one of
     another IP version or with an unusable port is left out (it cannot send to us)."""
     members, subnets = _elements(config, public_ip, peers, port, by_port)
+    six = config.ipv6
+    own6 = own.ipv6_subnet if six is not None else None
     return IngressPlan(config.backend.type, config.network, public_ip.version,
-                       port, by_port, frozenset(members), frozenset(subnets | {own.subnet}),
-                       peer_iifs=frozenset(peer_iifs), own=own.subnet, untrack=untrack)
+                       port, by_port, frozenset(members),
+                       frozenset(subnets | {own.subnet} | ({own6} if own6 else set())),
+                       peer_iifs=frozenset(peer_iifs), own=own.subnet, untrack=untrack,
+                       network6=six.network if six is not None else None, own6=own6)
 
 
 def ingress_update(config: NetworkConfig, public_ip: IPAddress, plan: IngressPlan,
@@ -95,9 +106,13 @@ def _elements(config: NetworkConfig, public_ip: IPAddress, peers: Iterable[Lease
     members: set[tuple[IPAddress, int]] = set()
     subnets: set[IPNetwork] = set()
     in_range = subnet_range(config)
+    six = config.ipv6
     for peer in peers:
         if in_range(peer.subnet):
             subnets.add(peer.subnet)
+        if six is not None and peer.ipv6_subnet is not None \
+                and six.index(peer.ipv6_subnet) is not None:
+            subnets.add(peer.ipv6_subnet)
         if port is None or peer.public_ip == public_ip:
             continue
         if peer.public_ip.version != public_ip.version:
@@ -141,6 +156,8 @@ def ingress_ruleset(plan: IngressPlan) -> str:
         f"flush set {t} members",
         f"add set {t} subnets {{ type {ov_type}; flags interval; }}",
         f"flush set {t} subnets",
+        *([f"add set {t} subnets6 {{ type ipv6_addr; flags interval; }}",
+           f"flush set {t} subnets6"] if plan.network6 is not None else []),
         f"add chain {t} {_CHAIN} {{ type filter hook prerouting priority raw; policy accept; }}",
         f"flush chain {t} {_CHAIN}",
     ]
@@ -153,6 +170,9 @@ def ingress_ruleset(plan: IngressPlan) -> str:
     if plan.members:
         lines.append(f"add element {t} members {{ {', '.join(sorted(members))} }}")
     lines.append(f"add element {t} subnets {{ {', '.join(sorted(subnet_elements(plan)))} }}")
+    if plan.network6 is not None:
+        lines.append(f"add element {t} subnets6 "
+                     f"{{ {', '.join(sorted(subnet_elements(plan, 'subnets6')))} }}")
     rule = f"add rule {t} {_CHAIN}"
     if plan.port is not None:
         p = plan.port
@@ -188,7 +208,30 @@ def ingress_ruleset(plan: IngressPlan) -> str:
     if untrack is not None:
         lines.append(f"{rule} {ov} saddr {plan.network} {ov} daddr {plan.network} "
                      + notrack.rstrip())
+    if plan.network6 is not None:
+        lines += _ipv6_guard(rule, plan.network6, plan.own6, plan.own, plan.peer_iifs)
     return "\n".join(lines) + "\n"
+
+
+def _ipv6_guard(rule: str, network: IPNetwork, own: IPNetwork | None,
+                own_v4: IPNetwork | None, peer_iifs: frozenset[str]) -> list[str]:
+    """The overlay-source guard for a dual-stack network's IPv6 half: the IPv4 rules'
+    twins in `ip6`, against `subnets6` (its overlay traffic stays tracked)."""
+    lines: list[str] = []
+    if own is not None:
+        lines += [f"{rule} ip6 saddr {own} fib saddr . iif oif missing "
+                  "counter name spoofed_source drop",
+                  f"{rule} ip6 saddr {own} accept"]
+    lines.append(f"{rule} ip6 saddr {network} ip6 saddr != @subnets6 "
+                 "counter name spoofed_source drop")
+    if peer_iifs and own is not None:
+        iifs = ", ".join(f'"{name}"' for name in sorted(peer_iifs))
+        lines.append(f"{rule} ip6 saddr {network} ip6 saddr != {own} "
+                     f"iifname != {{ {iifs} }} counter name spoofed_source drop")
+    else:
+        lines.append(f"{rule} ip6 saddr {network} fib saddr . iif oif missing "
+                     "counter name spoofed_source drop")
+    return lines
 
 
 def reset_script() -> str:
@@ -203,9 +246,11 @@ def member_elements(plan: IngressPlan) -> frozenset[str]:
     return frozenset(str(ip) for ip, _ in plan.members)
 
 
-def subnet_elements(plan: IngressPlan) -> frozenset[str]:
-    """The subnets set's elements as nft prints them (a one-address prefix without `/N`)."""
-    return frozenset(_nft_prefix(s) for s in plan.subnets)
+def subnet_elements(plan: IngressPlan, name: str = "subnets") -> frozenset[str]:
+    """A subnets set's elements as nft prints them (a one-address prefix without `/N`):
+    `subnets` holds `network`'s family, `subnets6` a dual-stack network's IPv6 half."""
+    version = plan.network.version if name == "subnets" else 6
+    return frozenset(_nft_prefix(s) for s in plan.subnets if s.version == version)
 
 
 def _nft_prefix(subnet: IPNetwork) -> str:
@@ -241,8 +286,12 @@ def ingress_delta(old: IngressPlan, new: IngressPlan) -> IngressDelta:
                                subnets=old.subnets - new.subnets)
     came = dataclasses.replace(new, members=new.members - old.members,
                                subnets=new.subnets - old.subnets)
-    for name, before, after in (("members", member_elements(gone), member_elements(came)),
-                                ("subnets", subnet_elements(gone), subnet_elements(came))):
+    sets = [("members", member_elements(gone), member_elements(came)),
+            ("subnets", subnet_elements(gone), subnet_elements(came))]
+    if new.network6 is not None:
+        sets.append(("subnets6", subnet_elements(gone, "subnets6"),
+                     subnet_elements(came, "subnets6")))
+    for name, before, after in sets:
         for element in sorted(before - after):
             line = f"delete element {t} {name} {{ {element} }}"
             lines.append(line)

@@ -86,6 +86,8 @@ class VxlanBackend:
                             extra={"device": self.device, "mac": link.mac})
                 nl.set_link(link.index, address=self._mac)
             nl.ensure_only_address(link.index, lease.own_address)
+            if lease.own_ipv6_address is not None:  # dual stack: the IPv6 VTEP address
+                nl.ensure_only_address(link.index, lease.own_ipv6_address)
             nl.ensure_up(link, mtu)
         return mtu
 
@@ -109,7 +111,8 @@ class VxlanBackend:
         actual = plan.VxlanPlan(
             frozenset(tables.fdb_entries(self.device, link.index)),
             frozenset(tables.permanent_neighbours(self.device, link.index)),
-            frozenset(tables.weft_routes(self.config.network.version)))
+            frozenset(route for version in self._versions
+                      for route in tables.weft_routes(version)))
         change = plan.difference(wanted, actual)
         result = apply_tables(change.routes, change.neighbours, change.fdb)
         result.errors.update(wanted.errors)
@@ -132,5 +135,11 @@ class VxlanBackend:
 
     def teardown(self) -> None:
         with Netlink() as nl:
-            nl.delete_routes(self.config.network.version)
+            for version in self._versions:
+                nl.delete_routes(version)
             nl.delete_link(self.device)
+
+    @property
+    def _versions(self) -> tuple[int, ...]:
+        """The overlay's IP versions: the routes of each are weft's to keep."""
+        return tuple(network.version for network in self.config.networks)

@@ -49,4 +49,4 @@ def vxlan_data_problem(data: Mapping[str, Any]) -> str | None:
 
 
 VXLAN_BACKEND = BackendSpec(VxlanOptions, "weft.backends.vxlan.apply:VxlanBackend", vxlan_facts,
-                            vxlan_overhead, vxlan_data_problem)
+                            vxlan_overhead, vxlan_data_problem, no_dual_stack=None)

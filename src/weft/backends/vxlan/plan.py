@@ -4,6 +4,12 @@ Per peer: a route to its subnet via the peer's VTEP address (its subnet's networ
 onlink through the VXLAN device, a permanent neighbour entry mapping that address to the
 peer's VTEP MAC, and an FDB entry sending that MAC to the peer's public IP. With
 DirectRouting, a peer on the same L2 subnet gets a plain route instead.
+
+In dual stack the same device carries the peer's IPv6 subnet beside its IPv4 one: a route
+via its IPv6 VTEP address (its IPv6 subnet's network address) and a neighbour entry with
+its BackendV6Data VtepMAC, sent to the same public IP (the underlay's family is the
+device's; inner packets of either family ride it). With DirectRouting the IPv6 subnet is
+routed straight only via a PublicIPv6 on this host's IPv6 segment.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from weft.backends.base import Delta, backend_mismatch, delta
-from weft.backends.routes import direct_route
+from weft.backends.routes import direct_ipv6_route, direct_route
 from weft.backends.vxlan.options import VxlanOptions
 from weft.core.dataplane import FdbEntry, Neighbour, Route
 from weft.core.host import UnderlayFacts
@@ -85,13 +91,19 @@ def plan(options: VxlanOptions, peers: Sequence[Lease], facts: VxlanFacts) -> Vx
             errors[str(peer.subnet)] = problem
             continue
         assert isinstance(mac, str)
-        if options.direct_routing:
-            direct = direct_route(peer, facts.underlay)
-            if isinstance(direct, Route):
-                routes.add(direct)
-                continue
-        vtep = peer.subnet.network_address
-        routes.add(Route(peer.subnet, vtep, facts.device_index, onlink=True))
-        neighbours.add(Neighbour(vtep, mac, facts.device_index))
-        fdb.add(FdbEntry(mac, peer.public_ip, facts.device_index))
+        halves = [(peer.subnet, mac, direct_route)]
+        if peer.ipv6_subnet is not None:
+            # Validated: BackendV6Data, when there, holds a VtepMAC of its own.
+            mac6 = (peer.backend_v6_data or {}).get("VtepMAC", mac)
+            halves.append((peer.ipv6_subnet, str(mac6), direct_ipv6_route))
+        for subnet, vtep_mac, direct_to in halves:
+            if options.direct_routing:
+                direct = direct_to(peer, facts.underlay)
+                if isinstance(direct, Route):
+                    routes.add(direct)
+                    continue
+            vtep = subnet.network_address
+            routes.add(Route(subnet, vtep, facts.device_index, onlink=True))
+            neighbours.add(Neighbour(vtep, vtep_mac, facts.device_index))
+            fdb.add(FdbEntry(vtep_mac, peer.public_ip, facts.device_index))
     return VxlanPlan(frozenset(fdb), frozenset(neighbours), frozenset(routes), errors)
