@@ -116,6 +116,11 @@ class StoreOptions:
             return open_store(self.url, prefix=self.prefix, cafile=self.cafile,
                               certfile=self.certfile, keyfile=self.keyfile,
                               username=self.username, password=password)
+        from weft.host.files import private_dir
+
+        # The store checks its own directory; whether another user could swap it (or a
+        # directory above it) is the host layer's to say.
+        private_dir(Path(self.url.removeprefix("sqlite://")).parent, "store directory")
         return open_store(self.url)
 
 
@@ -259,7 +264,7 @@ def config_set(
     store: StoreOptions,
 ) -> None:
     """Validate a network config and write it to the store."""
-    from weft.backends.registry import parse_config
+    from weft.backends.registry import backend_facts, parse_config
 
     try:
         try:
@@ -272,6 +277,13 @@ def config_set(
         # one line however long (a pipe or log gets JSON it can cut out and parse)
         out.print(f"config written: {redact_config(config.to_json())}", highlight=False,
                   soft_wrap=True)
+        # The underlay's name plays no part in whether a backend authenticates.
+        if not backend_facts(config.backend, "").encrypted:
+            err.print(f"[yellow]warning:[/] backend {config.backend.type} does not "
+                      "authenticate traffic between hosts: any machine on the underlay "
+                      "segments between them can send packets into containers as a member; "
+                      "use wireguard on a network you do not control (docs/security.md)",
+                      highlight=False)
     except WeftError as exc:
         raise _fail(exc) from None
 

@@ -35,11 +35,12 @@ MAC = "02:00:00:00:02:01"
 @dataclass(frozen=True)
 class Record:
     key: str          # relative to the store's prefix
-    value: bytes
+    value: bytes | int  # an int: a SQLite row of another column type (SQLite only)
     # Where every host's `weft status` "errors" reports it: a lease by its subnet, a
     # record that is not a lease at all by its key.
     reported_as: str = ""
     on: tuple[int, ...] = (0, 1, 2)  # the hosts that report it
+    expiry: str | None = None  # SQLite only: the expiration column as this text
 
     @property
     def error_key(self) -> str:
@@ -120,6 +121,43 @@ RECORDS: dict[str, Callable[[Testbed], Record]] = {
     "not JSON": lambda tb: Record(key("198.19.220.0/24"), b'{"PublicIP": '),
     "no PublicIP": lambda tb: Record(
         key("198.19.221.0/24"), b'{"BackendType": "vxlan", "BackendData": {}}'),
+    # Valid JSON the decoder used to raise on (RecursionError ended the watch and every
+    # agent, and failed `weft status`), or that two readers could read two ways.
+    "BackendData an array nested 990 deep": lambda tb: Record(
+        key("198.19.225.0/24"),
+        lease("198.19.225.0/24", "198.18.0.225").replace(b"{\"VNI", b"[" * 990 + b"]" * 990
+                                                         + b", {\"VNI")),
+    "BackendData an array nested 5,000 deep": lambda tb: Record(
+        key("198.19.226.0/24"),
+        lease("198.19.226.0/24", "198.18.0.226", data=None).replace(
+            b'"BackendData": {', b'"BackendData": {"Deep": ' + b"[" * 5000 + b"]" * 5000
+            + b", ")),
+    "BackendData objects nested 990 deep": lambda tb: Record(
+        key("198.19.227.0/24"),
+        lease("198.19.227.0/24", "198.18.0.227").replace(
+            b'"BackendData": {', b'"BackendData": {"Deep": ' + b'{"a":' * 990 + b"1"
+            + b"}" * 990 + b", ")),
+    "a number of 5,000 digits": lambda tb: Record(
+        key("198.19.228.0/24"),
+        lease("198.19.228.0/24", "198.18.0.228").replace(b'"VNI": 1', b'"VNI": '
+                                                         + b"9" * 5000)),
+    "a number out of range": lambda tb: Record(
+        key("198.19.229.0/24"),
+        lease("198.19.229.0/24", "198.18.0.229").replace(b'"VNI": 1', b'"VNI": 1e999')),
+    "NaN": lambda tb: Record(
+        key("198.19.230.0/24"),
+        lease("198.19.230.0/24", "198.18.0.230").replace(b'"VNI": 1', b'"VNI": NaN')),
+    "PublicIP twice": lambda tb: Record(
+        key("198.19.231.0/24"),
+        lease("198.19.231.0/24", "198.18.0.231").replace(
+            b'"PublicIP"', b'"PublicIP": "198.18.0.232", "PublicIP"')),
+    "PublicIP a number": lambda tb: Record(
+        key("198.19.232.0/24"),
+        lease("198.19.232.0/24", "198.18.0.233").replace(b'"198.18.0.233"', b"3322019817")),
+    # SQLite keeps any type in any column: rows no weft writes.
+    "value an integer column (SQLite)": lambda tb: Record(key("198.19.233.0/24"), 7),
+    "expiry a text column (SQLite)": lambda tb: Record(
+        key("198.19.234.0/24"), lease("198.19.234.0/24", "198.18.0.234"), expiry="soon"),
 }
 
 
@@ -144,12 +182,13 @@ class SqliteWriter:
             db.close()
 
     def put(self, rec: Record) -> None:
-        expiration = time.time() + 3600
+        expiration: float | str = time.time() + 3600 if rec.expiry is None else rec.expiry
+        value = "?" if isinstance(rec.value, int) else "CAST(? AS TEXT)"
         self._tx(
             ("INSERT OR REPLACE INTO leases (key, value, public_ip, expiration) "
-             "VALUES (?, CAST(? AS TEXT), NULL, ?)", (rec.key, rec.value, expiration)),
+             f"VALUES (?, {value}, NULL, ?)", (rec.key, rec.value, expiration)),
             ("INSERT INTO events (kind, key, value, expiration) "
-             "VALUES ('put', ?, CAST(? AS TEXT), ?)", (rec.key, rec.value, expiration)))
+             f"VALUES ('put', ?, {value}, ?)", (rec.key, rec.value, expiration)))
 
     def delete(self, rec: Record) -> None:
         self._tx(("DELETE FROM leases WHERE key = ?", (rec.key,)),
@@ -173,6 +212,8 @@ class EtcdWriter:
         assert proc.returncode == 0, proc.stderr
 
     def put(self, rec: Record) -> None:
+        if isinstance(rec.value, int) or rec.expiry is not None:
+            pytest.skip("etcd holds bytes: no column of another type")
         self._etcdctl("put", f"{DEFAULT_ETCD_PREFIX}/{rec.key}", value=rec.value)
 
     def delete(self, rec: Record) -> None:
@@ -244,6 +285,10 @@ def test_bad_record_is_reported_and_takes_nothing_down(
                  lambda: all(names & errors(tb)[i].keys() for i in rec.on), tb)
         first = errors(tb)[rec.on[0]]
         print(f"\n{name}: {[first[n] for n in names if n in first]}")
+        # The one-shot commands that read the store answer too (`weft status --json`).
+        listed = {str(x.subnet) for x in tb.leases()}
+        assert {tb.host_status(h)["subnet"] for h in tb.hosts} <= listed, name
+        assert tb.operator("config", "show").stdout.startswith("{"), name
         time.sleep(0.3)  # a reconcile pass after the record, had it changed anything
         for h in tb.hosts:
             tb._check_alive(h)

@@ -48,10 +48,9 @@ MAY_IMPORT = {
     "agent": {*BELOW_AGENT, "agent"},
     "lab": ANYTHING, "cli": ANYTHING, "top": ANYTHING,
 }
-KNOWN_EXCEPTIONS = {
-    # removed by the trust branch (writing files on the host is not the store's job)
-    ("weft.store.sqlite", "weft.host.files"),
-}
+# (module, what it imports) across a layer, while one is being removed; none now (the
+# trust branch took store.sqlite -> host.files away).
+KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

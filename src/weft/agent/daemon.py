@@ -59,6 +59,7 @@ from weft.core.constants import (
 )
 from weft.core.errors import StoreError, UsageError, WeftError
 from weft.core.host import HostContext
+from weft.host.files import private_dir
 from weft.host.forward_accept import remove_forward_accept
 from weft.host.ingress import IngressFilter
 from weft.host.masquerade import ConntrackMode, remove_masquerade
@@ -147,10 +148,12 @@ class Agent:
         require_root()
         state_dir = self.opts.state_dir
         try:
-            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Root's alone, or refused: one line naming the path and why (weft.host.files).
+            private_dir(state_dir, "state directory (--state-dir)")
+            private_dir(self.opts.subnet_file.parent, "subnet file directory", mode=0o755)
         except OSError as exc:
             raise UsageError(
-                f"--state-dir {state_dir}: cannot create it ({exc.strerror})") from None
+                f"cannot create {exc.filename or state_dir} ({exc.strerror})") from None
         self._lock.acquire()
         config_text, config = await self._load_config()
         # pyroute2's sync API runs its own event loop, so netlink work happens off this one.

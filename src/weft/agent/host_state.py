@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from weft.core.config import IPNetwork
-from weft.core.errors import WeftError
-from weft.host.files import write_atomic
+from weft.core.errors import PermissionProblem, WeftError
+from weft.host.files import private_dir, write_atomic
 from weft.host.forward_accept import ensure_forward_accept
 from weft.host.masquerade import ensure_masquerade
 from weft.host.untrack import Untrack
@@ -73,11 +73,14 @@ def converge_host_state(want: HostState, written: Written | None = None) -> dict
         log.warning("host state repaired", extra={"part": part, "action": action})
 
     try:
-        if not want.state_dir.is_dir():
-            want.state_dir.mkdir(parents=True, mode=0o700)
+        if want.state_dir.is_symlink() or not want.state_dir.is_dir():
+            # Made root's again, or refused (a symlink put in its place): weft.host.files.
+            private_dir(want.state_dir, "state directory (--state-dir)")
             step("state_dir", f"recreated {want.state_dir}")
         converge_subnet_env(want.subnet_file, want.env.render().encode(),
                             Written() if written is None else written)
+    except PermissionProblem as exc:
+        errors["files"] = str(exc)
     except OSError as exc:
         errors["files"] = f"{exc.filename}: {exc.strerror}"
     try:

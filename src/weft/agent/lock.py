@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from weft.core.errors import UsageError
+from weft.host.files import open_private
 
 LOCK_FILE = "agent.lock"
 
@@ -20,7 +21,8 @@ class StateDirLock:
     def acquire(self) -> None:
         """Take the lock or say who holds it. flock, not a pid file: a crashed agent
         leaves nothing to clean up and a reused pid can't lock anyone out."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # Not a symlink, root's, 0600 (weft.host.files): the state dir's files are root's.
+        fd = open_private(self.path, os.O_RDWR | os.O_CREAT, "agent lock file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

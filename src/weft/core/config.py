@@ -33,7 +33,9 @@ from pydantic import (
     model_validator,
 )
 
+from weft.core import untrusted_json
 from weft.core.errors import ConfigError
+from weft.core.untrusted_json import UntrustedJson
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -367,8 +369,8 @@ def _redact(value: Any) -> Any:
 def redact_config(text: str) -> str:
     """The config JSON as weft prints it: secrets (the WireGuard PSK) replaced."""
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = untrusted_json.loads(text)  # the store's copy is anyone's: bounded
+    except UntrustedJson:
         return text if not any(f in text for f in SECRET_FIELDS) else REDACTED
     return json.dumps(_redact(data), separators=(",", ":"))
 
@@ -393,8 +395,8 @@ def parse_config(text: str | bytes, types: BackendTypes) -> NetworkConfig:
     `types`: the backends `Backend` may name (`weft.backends.registry.parse_config` gives
     the registry's)."""
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = untrusted_json.loads(text)  # also read back from the store: bounded
+    except UntrustedJson as exc:
         raise ConfigError(f"config is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")

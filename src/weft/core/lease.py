@@ -20,9 +20,11 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from weft.core import untrusted_json
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.constants import RENEW_FRACTION, SUBNETS_DIR
 from weft.core.errors import NetworkFull
+from weft.core.untrusted_json import UntrustedJson
 
 
 class LeaseFormatError(ValueError):
@@ -160,11 +162,14 @@ def parse_lease(key: str, value: str | bytes, expiration: float = 0.0) -> Lease:
     """Build a Lease from a stored key and JSON value, or raise LeaseFormatError."""
     subnet, ipv6_subnet = parse_lease_key(key)
     try:
-        data = json.loads(value)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = untrusted_json.loads(value)
+    except UntrustedJson as exc:
         raise LeaseFormatError(f"lease {key!r} is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise LeaseFormatError(f"lease {key!r} is not a JSON object")
+    if not isinstance(data.get("PublicIP"), str):
+        # ip_address() would take a number (5 -> 0.0.0.5) or true (0.0.0.1) for one
+        raise LeaseFormatError(f"lease {key!r}: PublicIP is not a string")
     try:
         public_ip = ipaddress.ip_address(data["PublicIP"])
         backend_type = data["BackendType"]

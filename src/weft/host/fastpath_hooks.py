@@ -28,7 +28,7 @@ from typing import Any
 from pyroute2.iproute.linux import IPRoute
 
 from weft.core.errors import KernelError, KernelFeatureMissing
-from weft.host.fastpath import FROM_CONTAINER, FROM_UNDERLAY, attach_argv
+from weft.host.fastpath import FROM_CONTAINER, FROM_UNDERLAY, attach_argv, check_built
 
 PREF = 49
 # The program names tc reports (the function names in fastpath.c), by section.
@@ -161,6 +161,7 @@ class FastPath:
             if current is None or current["options"]["prog"]["name"] != \
                     PROGRAM_NAMES[hook.section] or \
                     int(current["options"]["prog"]["id"]) not in self._programs:
+                check_built(self.obj)  # tc loads it by path: still the one weft built
                 for argv in attach_argv(hook.device, self.obj, hook.section):
                     _tc(argv)
                 attached.append(hook.device)

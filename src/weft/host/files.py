@@ -62,16 +62,63 @@ def check_private(path: Path, what: str, info: os.stat_result | None = None) -> 
             "path": str(path), "mode": f"{mode:04o}", "fix": f"chmod 600 {path}"})
 
 
-def private_dir(path: Path, what: str = "directory") -> Path:
-    """Create `path` (and missing parents) 0700, or check the one that is there."""
-    with private_umask():
-        path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+def _check_above(path: Path, what: str) -> None:
+    """Every directory above `path` that exists must be root's (or this user's) and not
+    writable by others unless sticky (/tmp): else another user could swap what weft
+    checks for something else after the check. A symlink on the way is followed only if
+    root made it (/var/run -> /run); its target is then checked the same way."""
+    current = Path(path.anchor or "/")
+    for part in path.parts[1:-1]:
+        current = current / part
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            return  # from here on weft creates them
+        if stat.S_ISLNK(info.st_mode):
+            if info.st_uid != 0:
+                raise PermissionProblem(
+                    f"{what} {path}: {current} is a symlink made by uid {info.st_uid}; weft "
+                    "will not follow it: give a path without it")
+            target = Path(os.path.realpath(current))
+            _check_above(target / "x", what)
+            info = os.stat(target)
+        if not stat.S_ISDIR(info.st_mode):
+            raise PermissionProblem(f"{what} {path}: {current} is not a directory")
+        if not _owner_ok(info):
+            raise PermissionProblem(
+                f"{what} {path}: {current} belongs to uid {info.st_uid}, who could replace "
+                "what is in it: use a directory of root's")
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & 0o022 and not mode & stat.S_ISVTX:
+            raise PermissionProblem(
+                f"{what} {path}: {current} has mode {mode:04o}: others could replace what "
+                f"is in it; fix it with `chmod go-w {current}` or use another directory")
+
+
+def private_dir(path: Path, what: str = "directory", mode: int = PRIVATE_DIR) -> Path:
+    """Create `path` (`mode`, 0700 unless asked; missing parents 0755) or check the one
+    that is there: root's (or this user's), not writable by others, not a symlink, and
+    no other user able to swap it or anything above it (`_check_above`). Refused with
+    one line naming the path and why; an existing one of ours is narrowed to `mode`."""
+    path = Path(os.path.abspath(path))
+    _check_above(path, what)
+    old = os.umask(0o022)
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.mkdir(path, mode & ~0o022)
+    except FileExistsError:
+        pass
+    finally:
+        os.umask(old)
     info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise PermissionProblem(f"{what} {path} is a symlink; weft will not follow it: "
+                                "give the directory itself")
     if not stat.S_ISDIR(info.st_mode):
-        raise PermissionProblem(f"{what} {path} is not a directory (a symlink?): remove it")
+        raise PermissionProblem(f"{what} {path} is not a directory: remove it")
     check_private(path, what, info)
-    if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o077:
-        os.chmod(path, PRIVATE_DIR)  # ours, but made by an older release: close it
+    if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & ~mode:
+        os.chmod(path, mode)  # ours, but made by an older release: close it
     return path
 
 

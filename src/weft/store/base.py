@@ -14,7 +14,9 @@ write files on the host. Both implementations share the flannel key layout in
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from ipaddress import IPv6Network
 from typing import Protocol
@@ -76,6 +78,44 @@ class LeaseStore(Protocol):
         ...
 
 
+def record_key(key: object) -> str:
+    """A stored key as text, whatever type its row holds."""
+    if isinstance(key, bytes | bytearray | memoryview):
+        return bytes(key).decode("utf-8", errors="replace")
+    return key if isinstance(key, str) else repr(key)
+
+
+def parse_record(key: str, value: object, expiration: object = 0.0) -> Lease:
+    """A stored record as a Lease, or LeaseFormatError: the value must be text or bytes of
+    at most MAX_RECORD_BYTES, the expiry a finite number of seconds."""
+    if not isinstance(value, str | bytes):
+        raise LeaseFormatError(f"lease record {key[:200]!r} holds a {type(value).__name__}, "
+                               "not JSON text")
+    if len(value) > MAX_RECORD_BYTES:
+        raise LeaseFormatError(f"lease record {key[:200]!r} is {len(value)} bytes; "
+                               f"at most {MAX_RECORD_BYTES} are read")
+    if (not isinstance(expiration, int | float) or isinstance(expiration, bool)
+            or not math.isfinite(expiration)):
+        raise LeaseFormatError(f"lease record {key[:200]!r} has expiry {str(expiration)[:40]!r}"
+                               ", not a number of seconds")
+    if len(key) > MAX_KEY_CHARS:
+        raise LeaseFormatError(f"lease key {key[:200]!r}... is {len(key)} characters long")
+    return parse_lease(key, value, float(expiration))
+
+
+# A canonical subnet key is at most ~55 characters (an IPv6 one); longer ones are refused
+# before their text reaches an error message.
+MAX_KEY_CHARS = 256
+
+
+def _shown(key: str) -> str:
+    """How a rejected record's key is kept and reported: a key longer than MAX_KEY_CHARS
+    (etcd allows 1.5 MB) by its start and a digest, so status and memory stay small."""
+    if len(key) <= MAX_KEY_CHARS:
+        return key
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{key[:200]}…sha256:{digest}"
+
 # Kept (and logged) at most this many: a flood of bad keys must not grow memory or status.
 MAX_REJECTED = 1000
 
@@ -89,25 +129,29 @@ class RejectedRecords:
     def __init__(self) -> None:
         self.by_key: dict[str, str] = {}
 
-    def parse(self, key: str, value: str | bytes, expiration: float = 0.0) -> Lease | None:
+    def parse(self, key: object, value: object, expiration: object = 0.0) -> Lease | None:
         """The lease, or None (and the reason kept, logged once per key and reason). One
-        over MAX_RECORD_BYTES is dropped unparsed."""
+        over MAX_RECORD_BYTES is dropped unparsed. Whatever a record holds, nothing but
+        that record's error comes out: the row types too are what something else wrote
+        (SQLite keeps any type in any column)."""
+        text = record_key(key)
+        key = _shown(text)
         try:
-            if len(value) > MAX_RECORD_BYTES:
-                raise LeaseFormatError(f"lease record {key[:200]!r} is {len(value)} bytes; "
-                                       f"at most {MAX_RECORD_BYTES} are read")
-            lease = parse_lease(key, value, expiration)
-        except LeaseFormatError as exc:
-            if self.by_key.get(key) != str(exc) and len(self.by_key) < MAX_REJECTED:
+            lease = parse_record(text, value, expiration)
+        except Exception as exc:  # anything a record makes the parsing raise is its own
+            reason = str(exc) if isinstance(exc, LeaseFormatError) else (
+                f"lease record {key[:200]!r} does not parse: {type(exc).__name__}: "
+                f"{str(exc)[:200]}")
+            if self.by_key.get(key) != reason and len(self.by_key) < MAX_REJECTED:
                 log.warning("skipping lease record that does not parse",
-                            extra={"error": str(exc)})
-                self.by_key[key] = str(exc)
+                            extra={"error": reason})
+                self.by_key[key] = reason
             return None
         self.by_key.pop(key, None)
         return lease
 
-    def deleted(self, key: str) -> None:
-        self.by_key.pop(key, None)
+    def deleted(self, key: object) -> None:
+        self.by_key.pop(_shown(record_key(key)), None)
 
     def replace(self, other: RejectedRecords) -> None:
         """A full listing replaces what the watch collected."""

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,11 +36,10 @@ from asyncinotify import Inotify, Mask
 
 from weft.core.config import IPNetwork
 from weft.core.constants import MAX_WATCH_BATCH
-from weft.core.errors import LeaseNotFound, StoreUnavailable, WatchCompacted
+from weft.core.errors import LeaseNotFound, PermissionProblem, StoreUnavailable, WatchCompacted
 from weft.core.events import EventKind, LeaseEvent
 from weft.core.lease import Lease, parse_subnet_key, subnet_key
-from weft.host.files import check_private, private_dir, private_umask
-from weft.store.base import RejectedRecords
+from weft.store.base import RejectedRecords, record_key
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,6 +51,7 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 T = TypeVar("T")
+log = logging.getLogger("weft.store.sqlite")
 
 # History kept for watchers that reconnect; older events are compacted away.
 HISTORY_EVENTS = 10_000
@@ -61,11 +64,9 @@ class SqliteLeaseStore:
         self._lock = threading.Lock()
         self._rejected = RejectedRecords()
         try:
-            private_dir(self.path.parent, "store directory")
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                side = self.path.with_name(self.path.name + suffix)
-                check_private(side, "store file", None)
-            with private_umask():
+            _private_place(self.path)
+            old_umask = os.umask(0o077)  # SQLite's files and side files 0600 from creation
+            try:
                 self._db = sqlite3.connect(
                     self.path, timeout=30.0, isolation_level=None, check_same_thread=False
                 )
@@ -76,6 +77,8 @@ class SqliteLeaseStore:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(_SCHEMA)
+            finally:
+                os.umask(old_umask)
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"cannot open the store file {self.path}: {exc}") from None
 
@@ -114,8 +117,9 @@ class SqliteLeaseStore:
         now = self._clock()
         rows = db.execute("SELECT key FROM leases WHERE expiration <= ?", (now,)).fetchall()
         for (key,) in rows:
-            db.execute("DELETE FROM leases WHERE key = ?", (key,))
-            self._event(db, EventKind.DELETE, key, None, None)
+            db.execute("DELETE FROM leases WHERE key IS ?", (key,))
+            if key is not None:  # SQLite lets a TEXT PRIMARY KEY be NULL; events' is not
+                self._event(db, EventKind.DELETE, key, None, None)
 
     def _event(
         self, db: sqlite3.Connection, kind: EventKind, key: str, value: str | None,
@@ -274,17 +278,56 @@ class SqliteLeaseStore:
 
 
 
+def _private_place(path: Path) -> None:
+    """The store's directory 0700 (made if missing) and its files: none a symlink, of
+    another user, or writable by others (refused with the fix); readable by others is
+    warned about. The store's own minimal check: a store does not import the host layer,
+    whose `files.private_dir` the CLI runs first to check the directories above."""
+    old = os.umask(0o077)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    finally:
+        os.umask(old)
+    for place, what in [(path.parent, "store directory")] + [
+            (path.with_name(path.name + suffix), "store file")
+            for suffix in ("", "-wal", "-shm", "-journal")]:
+        try:
+            info = os.lstat(place)
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(info.st_mode)
+        fix = "chmod 700" if stat.S_ISDIR(info.st_mode) else "chmod 600"
+        if stat.S_ISLNK(info.st_mode):
+            raise PermissionProblem(f"{what} {place} is a symlink; weft will not follow it: "
+                                    f"remove it (rm {place})")
+        if info.st_uid not in (os.geteuid(), 0):
+            raise PermissionProblem(f"{what} {place} belongs to uid {info.st_uid}, not to "
+                                    f"this user: check who made it, then chown root {place}")
+        if mode & 0o022:
+            raise PermissionProblem(f"{what} {place} has mode {mode:04o}: others can write "
+                                    f"it; fix it with `{fix} {place}`")
+        if stat.S_ISDIR(info.st_mode):
+            if info.st_uid == os.geteuid() and mode & 0o077:
+                os.chmod(place, 0o700)  # ours, but made by an older release: close it
+        elif mode & 0o044:
+            log.warning("file readable by other users", extra={
+                "path": str(place), "mode": f"{mode:04o}", "fix": f"chmod 600 {place}"})
+
+
 def _to_event(
-    rejected: RejectedRecords, rev: int, kind: str, key: str, value: str | None,
-    expiration: float | None
+    rejected: RejectedRecords, rev: int, kind: object, key: object, value: object,
+    expiration: object
 ) -> LeaseEvent | None:
+    """One events row as a LeaseEvent (None: not a lease). Its columns hold whatever
+    something else wrote there (SQLite keeps any type in any column)."""
     if kind == EventKind.DELETE.value:
         rejected.deleted(key)
         try:
-            return LeaseEvent(EventKind.DELETE, parse_subnet_key(key), rev)
+            return LeaseEvent(EventKind.DELETE, parse_subnet_key(record_key(key)), rev)
         except ValueError:
             return None
-    lease = rejected.parse(key, value or "", expiration or 0.0)
+    lease = rejected.parse(key, "" if value is None else value,
+                           0.0 if expiration is None else expiration)
     if lease is None:
         return None
     return LeaseEvent(EventKind.PUT, lease.subnet, rev, lease)

@@ -68,8 +68,15 @@ import aetcd.utils
 import grpc
 import grpc.aio
 
+from weft.core import untrusted_json
 from weft.core.config import IPAddress, IPNetwork
-from weft.core.constants import CONFIG_KEY, DEFAULT_ETCD_PREFIX, MAX_WATCH_BATCH, SUBNETS_DIR
+from weft.core.constants import (
+    CONFIG_KEY,
+    DEFAULT_ETCD_PREFIX,
+    MAX_RECORD_BYTES,
+    MAX_WATCH_BATCH,
+    SUBNETS_DIR,
+)
 from weft.core.errors import LeaseNotFound, StoreError, StoreUnavailable, UsageError, WatchCompacted
 from weft.core.events import EventKind, LeaseEvent
 from weft.core.lease import Lease, parse_subnet_key, subnet_key
@@ -114,11 +121,13 @@ def _record(lease: Lease, expiration: float) -> bytes:
 
 def _expiration(value: bytes) -> float:
     """The expiry a record carries (0.0 when it has none or it is not a number)."""
+    if len(value) > MAX_RECORD_BYTES:
+        return 0.0  # not read at all: the record is refused unparsed
     try:
-        data = json.loads(value)
+        data = untrusted_json.loads(value)  # bounded: the record is anyone's
         found = data.get("Expiration", 0.0) if isinstance(data, dict) else 0.0
         return float(found) if isinstance(found, int | float) and math.isfinite(found) else 0.0
-    except (ValueError, TypeError, UnicodeDecodeError):
+    except (ValueError, TypeError):
         return 0.0
 
 
@@ -126,9 +135,9 @@ def _expiration(value: bytes) -> float:
 def _held_by(value: bytes, public_ip: IPAddress) -> bool:
     """Whether a stored lease record names `public_ip` (a record that doesn't parse: no)."""
     try:
-        data = json.loads(value)
+        data = untrusted_json.loads(value)
         return isinstance(data, dict) and ipaddress.ip_address(data["PublicIP"]) == public_ip
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError):
         return False
 
 
