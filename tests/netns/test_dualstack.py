@@ -52,3 +52,10 @@ def test_vxlan_dual_stack_mesh_over_an_ipv4_underlay() -> None:
         assert "table ip6 weft" in tables
         assert "table ip weft" in tables
         ipaddress.ip_network(NETWORK6)  # the test's own range is in 2001:db8::/32
+
+
+@pytest.mark.parametrize("backend", ["udp", "wireguard"])
+def test_dual_stack_mesh_over_an_ipv4_underlay(backend: str) -> None:
+    with Testbed(hosts=3, containers_per_host=2, config=dual_config(backend)) as tb:
+        tb.start()
+        check_mesh(tb)
