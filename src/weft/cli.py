@@ -264,7 +264,7 @@ def config_set(
     store: StoreOptions,
 ) -> None:
     """Validate a network config and write it to the store."""
-    from weft.backends.registry import backend_facts, parse_config
+    from weft.backends.registry import backend_facts, ipv6_next_hops, parse_config
 
     try:
         try:
@@ -284,6 +284,8 @@ def config_set(
                       "segments between them can send packets into containers as a member; "
                       "use wireguard on a network you do not control (docs/security.md)",
                       highlight=False)
+        if (needs := ipv6_next_hops(config)) is not None:
+            err.print(f"[yellow]note:[/] {needs}", highlight=False, soft_wrap=True)
     except WeftError as exc:
         raise _fail(exc) from None
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import time
+from typing import Any
 
 import pytest
 
+from weft.core.errors import WeftError
+from weft_lab.nodes import Host
 from weft_lab.testbed import Testbed
 
 pytestmark = pytest.mark.netns
@@ -59,3 +63,56 @@ def test_dual_stack_mesh_over_an_ipv4_underlay(backend: str) -> None:
     with Testbed(hosts=3, containers_per_host=2, config=dual_config(backend)) as tb:
         tb.start()
         check_mesh(tb)
+
+
+def test_host_gw_dual_stack_routes_ipv6_via_ipv6_next_hops_on_a_dual_underlay() -> None:
+    with Testbed(hosts=3, containers_per_host=2, config=dual_config("host-gw"),
+                 underlay="dual") as tb:
+        tb.start()
+        check_mesh(tb)
+        leases = {lease.public_ip: lease for lease in tb.leases()}
+        routes = routes6(tb, tb.hosts[0])
+        for peer in tb.hosts[1:]:
+            six = leases[peer.underlay_ip].ipv6_subnet
+            assert routes[str(six)]["gateway"] == str(peer.underlay_ip6)
+            assert routes[str(six)]["dev"] == "eth0"
+
+
+def test_host_gw_ipv6_over_an_ipv4_only_underlay_is_said_at_config_time_and_per_peer() -> None:
+    with Testbed(hosts=2, containers_per_host=0, config=dual_config("host-gw")) as tb:
+        said = tb.operator("config", "set", "-", input=dual_config("host-gw"))
+        assert ("host-gw routes 2001:db8:1::/48 via IPv6 next hops (the kernel takes no "
+                "IPv4 next hop for an IPv6 route)") in " ".join(said.stderr.split())
+        for host in tb.hosts:
+            tb.start_agent(host)
+        for host in tb.hosts:
+            tb.wait_subnet_env(host)
+        status = wait_for_errors(tb, tb.hosts[0], 1)
+        assert "eth0 has no IPv6 address, and host-gw routes 2001:db8:1::/48" in \
+            status["notices"]["underlay"]
+        (error,) = status["errors"].values()
+        assert "publishes no PublicIPv6" in error
+        # The IPv4 half still routes.
+        peer = next(lease for lease in tb.leases() if lease.public_ip == tb.hosts[1].underlay_ip)
+        assert str(peer.subnet) in tb.weft_routes(tb.hosts[0])
+
+
+def routes6(tb: Testbed, host: Host) -> dict[str, dict[str, object]]:
+    """weft's IPv6 routes on `host`, by destination."""
+    out = tb.run(host.netns, ["ip", "-6", "-j", "route", "show", "proto", "87"]).stdout
+    return {r["dst"]: r for r in json.loads(out or "[]")}
+
+
+def wait_for_errors(tb: Testbed, host: Host, count: int, timeout: float = 30.0
+                    ) -> dict[str, Any]:
+    """The host's status once it reports `count` peer errors (or fail after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status = tb.host_status(host)
+        except (OSError, WeftError):  # the agent not answering yet
+            status = {"errors": {}}
+        if len(status["errors"]) >= count:
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)

@@ -39,7 +39,7 @@ from typing import Any
 
 from weft.agent.conntrack import OverlayConntrack
 from weft.agent.fastpath_state import FastPathState
-from weft.agent.health import Health
+from weft.agent.health import Health, Notice
 from weft.agent.host_keeper import HostKeeper
 from weft.agent.lease_keeper import LeaseKeeper, OwnLease, acquire
 from weft.agent.lock import StateDirLock
@@ -50,7 +50,7 @@ from weft.agent.status import STATUS_SOCKET, serve_status_anew
 from weft.agent.store_watch import StoreView, check_config, watch_store
 from weft.agent.triggers import watch_files, watch_kernel, watch_netfilter
 from weft.backends.base import Backend, BackendFacts
-from weft.backends.registry import backend_facts, create_backend, parse_config
+from weft.backends.registry import backend_facts, create_backend, ipv6_next_hops, parse_config
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.constants import (
     DEFAULT_LEASE_TTL,
@@ -157,10 +157,16 @@ class Agent:
         self._lock.acquire()
         config_text, config = await self._load_config()
         # pyroute2's sync API runs its own event loop, so netlink work happens off this one.
+        needed = ipv6_next_hops(config)
         host = await asyncio.to_thread(
             detect_host, self.opts.public_ip, self.opts.iface, state_dir,
-            self.opts.public_ipv6, config.dual_stack
+            self.opts.public_ipv6, config.dual_stack or needed is not None
         )
+        if needed is not None and host.public_ip.version == 4 and host.public_ipv6 is None:
+            # It still serves what it can (IPv4); each peer's IPv6 half is its error.
+            message = f"{host.underlay_ifname} has no IPv6 address, and {needed}"
+            self.health.notice(Notice.UNDERLAY, message)
+            log.error("this host cannot route the IPv6 overlay", extra={"error": message})
         underlay = await asyncio.to_thread(_underlay_networks, host.underlay_ifname)
         backend = create_backend(config, host)
         facts = backend_facts(config.backend, host.underlay_ifname)

@@ -60,7 +60,7 @@ async def acquire(store: LeaseStore, config: NetworkConfig, public_ip: IPAddress
         lambda: acquire_lease(store, config, public_ip, config.backend.type,
                               backend_data, ttl,
                               on_list=lambda *listing: listings.append(listing),
-                              public_ipv6=public_ipv6 if config.dual_stack else None,
+                              public_ipv6=public_ipv6,
                               backend_v6_data=backend_data if config.dual_stack else None),
     )
     log.info("lease reclaimed" if reclaimed else "lease acquired",

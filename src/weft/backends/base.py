@@ -78,6 +78,9 @@ class BackendSpec(Generic[OptionsT]):
     # Why this backend cannot carry a dual-stack network (said at `weft config set`), or
     # None when it can.
     no_dual_stack: str | None = "it carries one address family only, so far"
+    # An IPv6 overlay is routed via IPv6 next hops on the underlay (host-gw): the kernel
+    # takes no IPv4 next hop for an IPv6 route, so each host needs an IPv6 underlay address.
+    ipv6_next_hops: bool = False
 
 
 @dataclass

@@ -55,6 +55,21 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     return config
 
 
+def ipv6_next_hops(config: NetworkConfig) -> str | None:
+    """What a host of this network needs from its underlay beyond its PublicIP, or None:
+    a backend that routes an IPv6 overlay via underlay next hops (host-gw) needs an IPv6
+    address on one segment shared by every host. Said at `weft config set` and checked
+    by the agent at start."""
+    six = config.ipv6.network if config.ipv6 is not None else (
+        config.network if config.network.version == 6 else None)
+    if six is None or not BACKENDS[config.backend.type].ipv6_next_hops:
+        return None
+    return (f"{config.backend.type} routes {six} via IPv6 next hops (the kernel takes no "
+            "IPv4 next hop for an IPv6 route): every host needs an IPv6 address on one "
+            "segment shared by all (--public-ipv6, or found on --iface); over an IPv4-only "
+            "underlay use vxlan, udp or wireguard")
+
+
 def create_backend(config: NetworkConfig, host: HostContext) -> Backend:
     module, _, name = BACKENDS[config.backend.type].factory.partition(":")
     factory = getattr(importlib.import_module(module), name)

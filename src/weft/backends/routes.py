@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from weft.core.config import IPNetwork
 from weft.core.dataplane import Route
 from weft.core.host import UnderlayFacts
 from weft.core.lease import Lease
 
 
 def direct_route(peer: Lease, underlay: UnderlayFacts) -> Route | str:
-    """The route to `peer`'s subnet straight through the underlay, or why there is none."""
+    """The route to `peer`'s subnet straight through the underlay, or why there is none.
+    An IPv6 subnet needs an IPv6 next hop (the kernel takes no IPv4 one for an IPv6
+    route): over an IPv4 underlay, the peer's PublicIPv6."""
+    if peer.subnet.version != peer.public_ip.version:
+        return _via_ipv6(peer, peer.subnet, underlay)
     if not underlay.on_link(peer.public_ip):
         subnets = ", ".join(str(a.network) for a in underlay.addresses) or "no address"
         return (
@@ -20,15 +25,19 @@ def direct_route(peer: Lease, underlay: UnderlayFacts) -> Route | str:
 
 def direct_ipv6_route(peer: Lease, underlay: UnderlayFacts) -> Route | str:
     """The route to a dual-stack `peer`'s IPv6 subnet straight through the underlay: via
-    its PublicIPv6 on this host's IPv6 segment (the kernel takes no IPv4 next hop for an
-    IPv6 route), or why there is none."""
+    its PublicIPv6 on this host's IPv6 segment, or why there is none."""
     assert peer.ipv6_subnet is not None
-    via = peer.public_ipv6 if peer.public_ip.version == 4 else peer.public_ip
-    if via is None:
-        return (f"peer {peer.public_ip} publishes no PublicIPv6: an IPv6 route needs an "
-                "IPv6 next hop")
+    return _via_ipv6(peer, peer.ipv6_subnet, underlay)
+
+
+def _via_ipv6(peer: Lease, subnet: IPNetwork, underlay: UnderlayFacts) -> Route | str:
+    via = peer.public_ip if peer.public_ip.version == 6 else peer.public_ipv6
+    if subnet.version != 6 or via is None:
+        return (f"peer {peer.public_ip} publishes no PublicIPv6, and the kernel routes "
+                f"IPv{subnet.version} subnet {subnet} only via an IPv{subnet.version} next hop")
     if not underlay.on_link(via):
         six = ", ".join(str(a.network) for a in underlay.addresses if a.version == 6)
-        return (f"peer {peer.public_ip}'s PublicIPv6 {via} is not on this host's IPv6 "
-                f"segment ({six or 'no IPv6 address'})")
-    return Route(peer.ipv6_subnet, via, underlay.index)
+        return (f"peer {peer.public_ip}'s IPv6 address {via} is not on this host's IPv6 "
+                f"segment ({six or 'no IPv6 address'}); host-gw needs every host on one "
+                "segment: use vxlan for this network")
+    return Route(subnet, via, underlay.index)

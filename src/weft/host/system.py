@@ -13,12 +13,13 @@ from weft.host.netlink import Netlink
 
 
 def detect_host(public_ip: IPAddress | None, iface: str | None, state_dir: Path,
-                public_ipv6: IPv6Address | None = None, dual_stack: bool = False
+                public_ipv6: IPv6Address | None = None, want_ipv6: bool = False
                 ) -> HostContext:
     """The underlay interface and public IP: from flags, else the default route's interface.
-    In dual stack also the IPv6 underlay address (`--public-ipv6`, else the interface's
-    first global IPv6 address; none when the public IP is IPv6 itself or there is none)."""
-    if public_ipv6 is not None and not dual_stack:
+    `want_ipv6` (dual stack, or an IPv6 overlay routed via underlay next hops): also the
+    IPv6 underlay address (`--public-ipv6`, else the interface's first non-link-local IPv6
+    address; none when the public IP is IPv6 itself or there is none)."""
+    if public_ipv6 is not None and not want_ipv6:
         raise UsageError(f"--public-ipv6 {public_ipv6}: the network is not dual stack "
                          '(set "EnableIPv6": true and IPv6Network in the config)')
     if public_ipv6 is not None and public_ip is not None and public_ip.version == 6:
@@ -45,7 +46,7 @@ def detect_host(public_ip: IPAddress | None, iface: str | None, state_dir: Path,
             public_ip = addrs[0].ip
         if public_ipv6 is not None and nl.ifname_with_address(public_ipv6) is None:
             raise UsageError(f"--public-ipv6 {public_ipv6}: no interface on this host has it")
-        if dual_stack and public_ipv6 is None and public_ip.version == 4:
+        if want_ipv6 and public_ipv6 is None and public_ip.version == 4:
             # fe80:: is on every interface and reaches only the link: never an underlay.
             public_ipv6 = next((a.ip for a in nl.addresses(link.index)
                                 if isinstance(a.ip, IPv6Address) and not a.ip.is_link_local

@@ -38,7 +38,9 @@ class HostGwBackend:
         with Netlink() as nl:
             self._underlay = underlay = nl.underlay_facts(self.host.underlay_ifname)
         wanted = plan.plan(peers, underlay)
-        change = plan.difference(wanted, tables.weft_routes(self.config.network.version))
+        actual = {route for network in self.config.networks
+                  for route in tables.weft_routes(network.version)}
+        change = plan.difference(wanted, actual)
         result = apply_tables(change.routes)
         result.errors.update(wanted.errors)
         return result
@@ -59,4 +61,5 @@ class HostGwBackend:
 
     def teardown(self) -> None:
         with Netlink() as nl:
-            nl.delete_routes(self.config.network.version)
+            for network in self.config.networks:
+                nl.delete_routes(network.version)

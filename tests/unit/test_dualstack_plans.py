@@ -1,0 +1,97 @@
+"""Backend plans of dual-stack peers: both halves of each lease become kernel objects, and
+an IPv6 subnet is routed straight only via an IPv6 next hop on this host's segment."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from weft.backends.hostgw import plan as hostgw
+from weft.backends.routes import direct_route
+from weft.backends.vxlan import plan as vxlan
+from weft.backends.vxlan.options import VxlanOptions
+from weft.backends.wireguard.plan import desired_peers
+from weft.core.dataplane import FdbEntry, Neighbour, Route
+from weft.core.host import UnderlayFacts
+from weft.core.lease import Lease
+
+net = ipaddress.ip_network
+addr = ipaddress.ip_address
+V4_ONLY = UnderlayFacts(2, (ipaddress.ip_interface("198.18.0.1/24"),))
+DUAL = UnderlayFacts(2, (ipaddress.ip_interface("198.18.0.1/24"),
+                         ipaddress.ip_interface("2001:db8:ff::1/64")))
+MAC, MAC6 = "02:00:00:00:00:0a", "02:00:00:00:00:1a"
+
+
+def peer(n: int, backend: str = "vxlan", public_ipv6: str | None = None,
+         data: dict[str, object] | None = None) -> Lease:
+    return Lease(net(f"198.19.{n}.0/24"), addr(f"198.18.0.{n}"), backend,
+                 data if data is not None else {"VtepMAC": MAC},
+                 ipv6_subnet=ipaddress.IPv6Network(f"2001:db8:1:{n}::/64"),
+                 public_ipv6=ipaddress.IPv6Address(public_ipv6) if public_ipv6 else None,
+                 backend_v6_data={"VtepMAC": MAC6} if backend == "vxlan" else None)
+
+
+def test_vxlan_routes_both_halves_through_the_device_to_one_public_ip() -> None:
+    got = vxlan.plan(VxlanOptions(), [peer(2)], vxlan.VxlanFacts(7, V4_ONLY))
+    assert got.routes == {Route(net("198.19.2.0/24"), addr("198.19.2.0"), 7, onlink=True),
+                          Route(net("2001:db8:1:2::/64"), addr("2001:db8:1:2::"), 7,
+                                onlink=True)}
+    assert got.neighbours == {Neighbour(addr("198.19.2.0"), MAC, 7),
+                              Neighbour(addr("2001:db8:1:2::"), MAC6, 7)}
+    assert got.fdb == {FdbEntry(MAC, addr("198.18.0.2"), 7),
+                       FdbEntry(MAC6, addr("198.18.0.2"), 7)}
+    assert got.errors == {}
+
+
+def test_vxlan_direct_routing_takes_ipv6_straight_only_via_an_ipv6_next_hop() -> None:
+    options = VxlanOptions(DirectRouting=True)
+    on_segment = vxlan.plan(options, [peer(2, public_ipv6="2001:db8:ff::2")],
+                            vxlan.VxlanFacts(7, DUAL))
+    assert on_segment.routes == {Route(net("198.19.2.0/24"), addr("198.18.0.2"), 2),
+                                 Route(net("2001:db8:1:2::/64"), addr("2001:db8:ff::2"), 2)}
+    # No PublicIPv6: the IPv6 half falls back to the VXLAN device, the IPv4 half is direct.
+    without = vxlan.plan(options, [peer(2)], vxlan.VxlanFacts(7, DUAL))
+    assert without.routes == {Route(net("198.19.2.0/24"), addr("198.18.0.2"), 2),
+                              Route(net("2001:db8:1:2::/64"), addr("2001:db8:1:2::"), 7,
+                                    onlink=True)}
+
+
+def test_hostgw_routes_ipv6_via_the_peers_ipv6_address_and_reports_a_half_it_cannot() -> None:
+    peers = [peer(2, "host-gw", "2001:db8:ff::2", {}), peer(3, "host-gw", None, {}),
+             peer(4, "host-gw", "2001:db8:77::4", {})]
+    got = hostgw.plan(peers, DUAL)
+    assert got.routes == {
+        Route(net("198.19.2.0/24"), addr("198.18.0.2"), 2),
+        Route(net("2001:db8:1:2::/64"), addr("2001:db8:ff::2"), 2),
+        Route(net("198.19.3.0/24"), addr("198.18.0.3"), 2),  # the IPv4 half still works
+        Route(net("198.19.4.0/24"), addr("198.18.0.4"), 2)}
+    assert "publishes no PublicIPv6" in got.errors["198.19.3.0/24"]
+    assert "2001:db8:77::4 is not on this host's IPv6 segment (2001:db8:ff::/64)" in \
+        got.errors["198.19.4.0/24"]
+    # A host without IPv6 on its underlay says so for every peer's IPv6 half.
+    alone = hostgw.plan(peers[:1], V4_ONLY)
+    assert "(no IPv6 address)" in alone.errors["198.19.2.0/24"]
+
+
+def test_an_ipv6_network_over_an_ipv4_underlay_is_no_direct_route_but_why() -> None:
+    """The bug of issue 28: a route to an IPv6 subnet via an IPv4 gateway, which the kernel
+    refuses ("Numerical result out of range") for every peer."""
+    six_only = Lease(net("2001:db8:1:1e::/64"), addr("198.18.0.11"), "host-gw", {})
+    route = direct_route(six_only, V4_ONLY)
+    assert isinstance(route, str)
+    assert "the kernel routes IPv6 subnet 2001:db8:1:1e::/64 only via an IPv6 next hop" in route
+    with_v6 = Lease(net("2001:db8:1:1e::/64"), addr("198.18.0.11"), "host-gw", {},
+                    public_ipv6=ipaddress.IPv6Address("2001:db8:ff::11"))
+    assert direct_route(with_v6, DUAL) == Route(net("2001:db8:1:1e::/64"),
+                                                addr("2001:db8:ff::11"), 2)
+
+
+def test_wireguard_allows_both_subnets_of_a_peer() -> None:
+    from weft.backends.wireguard.keys import PrivateKey
+
+    key = PrivateKey.generate().public_key()
+    own = PrivateKey.generate().public_key()
+    wanted, errors = desired_peers([peer(2, "wireguard", data={"PublicKey": key.to_base64()})],
+                                   own, 51820, 0, None)
+    assert errors == {}
+    assert wanted[key].allowed_ips == {net("198.19.2.0/24"), net("2001:db8:1:2::/64")}
