@@ -97,6 +97,16 @@ def test_host_gw_ipv6_over_an_ipv4_only_underlay_is_said_at_config_time_and_per_
         assert str(peer.subnet) in tb.weft_routes(tb.hosts[0])
 
 
+def reaches(tb: Testbed, netns: str, dst: object, timeout: float = 30.0) -> bool:
+    """Whether a ping from `netns` reaches `dst` before `timeout` (the agents converge
+    meanwhile: the condition waited on, not a time)."""
+    deadline = time.monotonic() + timeout
+    while not tb.ping(netns, dst):
+        if time.monotonic() > deadline:
+            return False
+    return True
+
+
 def routes6(tb: Testbed, host: Host) -> dict[str, dict[str, object]]:
     """weft's IPv6 routes on `host`, by destination."""
     out = tb.run(host.netns, ["ip", "-6", "-j", "route", "show", "proto", "87"]).stdout
@@ -116,3 +126,43 @@ def wait_for_errors(tb: Testbed, host: Host, count: int, timeout: float = 30.0
             return status
         assert time.monotonic() < deadline, status
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize("backend", ["vxlan", "udp", "wireguard"])
+def test_an_ipv6_only_underlay_carries_both_families(backend: str) -> None:
+    with Testbed(hosts=2, containers_per_host=1, config=dual_config(backend),
+                 underlay="ipv6") as tb:
+        tb.start()
+        check_mesh(tb)
+        assert all(lease.public_ip.version == 6 for lease in tb.leases())
+        # No IPv4 on the underlay at all: every packet between hosts is IPv6.
+        assert "inet " not in tb.run(tb.hosts[0].netns, ["ip", "-4", "addr", "show", "eth0"]
+                                     ).stdout
+
+
+def test_a_mixed_underlay_routes_ipv6_where_it_can_and_says_where_not() -> None:
+    """host-gw on three hosts, the third without IPv6 on its underlay: the first two route
+    each other's IPv6 subnets, and every pair with the third reaches it over IPv4 and says
+    in status why its IPv6 half cannot be routed."""
+    with Testbed(hosts=3, containers_per_host=1, config=dual_config("host-gw"),
+                 underlay="dual", ipv4_only_hosts=1) as tb:
+        for host in tb.hosts:
+            tb.start_agent(host)
+        for host in tb.hosts:
+            tb.wait_subnet_env(host)
+        for c in tb.containers:
+            tb.attach(c)
+        a, b, lone = tb.containers
+        first, _, third = tb.hosts
+        assert reaches(tb, a.netns, b.ip6)
+        assert reaches(tb, b.netns, a.ip6)
+        for src, dst in ((a, lone), (lone, a), (b, lone)):
+            assert reaches(tb, src.netns, dst.ip)  # IPv4 between every pair
+        leases = {lease.public_ip: lease for lease in tb.leases()}
+        status = wait_for_errors(tb, first, 1)
+        assert status["errors"] == {str(leases[third.underlay_ip].subnet): (
+            f"peer {third.underlay_ip} publishes no PublicIPv6, and the kernel routes IPv6 "
+            f"subnet {leases[third.underlay_ip].ipv6_subnet} only via an IPv6 next hop")}
+        lonely = wait_for_errors(tb, third, 2)
+        assert "eth0 has no IPv6 address" in lonely["notices"]["underlay"]
+        assert all("(no IPv6 address)" in error for error in lonely["errors"].values())

@@ -42,9 +42,15 @@ class VxlanBackend:
             link.kind == "vxlan"
             and d.get("IFLA_VXLAN_ID") == self.options.vni
             and d.get("IFLA_VXLAN_PORT") == self.options.port
-            and str(d.get("IFLA_VXLAN_LOCAL")) == str(self.host.public_ip)
+            and str(d.get(f"IFLA_VXLAN_{self._local_key.upper()}")) == str(self.host.public_ip)
             and d.get("IFLA_VXLAN_LINK") == underlay_index
         )
+
+    @property
+    def _local_key(self) -> str:
+        """The netlink attribute of the device's local address: an IPv6 underlay (an
+        IPv6-only one carrying both families) has its own."""
+        return "local" if self.host.public_ip.version == 4 else "local6"
 
     def prepare(self) -> Mapping[str, Any]:
         with Netlink() as nl:
@@ -65,7 +71,7 @@ class VxlanBackend:
                     self.device, "vxlan",
                     vxlan_id=self.options.vni,
                     vxlan_port=self.options.port,
-                    vxlan_local=str(self.host.public_ip),
+                    **{f"vxlan_{self._local_key}": str(self.host.public_ip)},
                     vxlan_link=underlay.index,
                     vxlan_learning=0,
                     **mac,
