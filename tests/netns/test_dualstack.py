@@ -166,3 +166,15 @@ def test_a_mixed_underlay_routes_ipv6_where_it_can_and_says_where_not() -> None:
         lonely = wait_for_errors(tb, third, 2)
         assert "eth0 has no IPv6 address" in lonely["notices"]["underlay"]
         assert all("(no IPv6 address)" in error for error in lonely["errors"].values())
+
+
+def test_auto_dual_stack_mesh_chooses_per_family() -> None:
+    """auto on a dual underlay: host-gw carries both families between the hosts (IPv6 via
+    each peer's IPv6 address), and status names each peer's plane per family."""
+    with Testbed(hosts=3, containers_per_host=2, config=dual_config("auto"),
+                 underlay="dual") as tb:
+        tb.start()
+        check_mesh(tb)
+        paths = tb.host_status(tb.hosts[0])["backend_status"]["paths"]
+        assert {(p["plane"], p["ipv6_plane"]) for p in paths.values()} == {
+            ("host-gw", "host-gw")}

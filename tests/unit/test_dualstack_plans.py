@@ -33,11 +33,11 @@ def peer(n: int, backend: str = "vxlan", public_ipv6: str | None = None,
 
 def test_vxlan_routes_both_halves_through_the_device_to_one_public_ip() -> None:
     got = vxlan.plan(VxlanOptions(), [peer(2)], vxlan.VxlanFacts(7, V4_ONLY))
+    ll6 = addr("fe80::ff:fe00:1a")  # MAC6's EUI-64 link-local address
     assert got.routes == {Route(net("198.19.2.0/24"), addr("198.19.2.0"), 7, onlink=True),
-                          Route(net("2001:db8:1:2::/64"), addr("2001:db8:1:2::"), 7,
-                                onlink=True)}
+                          Route(net("2001:db8:1:2::/64"), ll6, 7)}
     assert got.neighbours == {Neighbour(addr("198.19.2.0"), MAC, 7),
-                              Neighbour(addr("2001:db8:1:2::"), MAC6, 7)}
+                              Neighbour(ll6, MAC6, 7)}
     assert got.fdb == {FdbEntry(MAC, addr("198.18.0.2"), 7),
                        FdbEntry(MAC6, addr("198.18.0.2"), 7)}
     assert got.errors == {}
@@ -52,8 +52,7 @@ def test_vxlan_direct_routing_takes_ipv6_straight_only_via_an_ipv6_next_hop() ->
     # No PublicIPv6: the IPv6 half falls back to the VXLAN device, the IPv4 half is direct.
     without = vxlan.plan(options, [peer(2)], vxlan.VxlanFacts(7, DUAL))
     assert without.routes == {Route(net("198.19.2.0/24"), addr("198.18.0.2"), 2),
-                              Route(net("2001:db8:1:2::/64"), addr("2001:db8:1:2::"), 7,
-                                    onlink=True)}
+                              Route(net("2001:db8:1:2::/64"), addr("fe80::ff:fe00:1a"), 7)}
 
 
 def test_hostgw_routes_ipv6_via_the_peers_ipv6_address_and_reports_a_half_it_cannot() -> None:
@@ -95,3 +94,30 @@ def test_wireguard_allows_both_subnets_of_a_peer() -> None:
                                    own, 51820, 0, None)
     assert errors == {}
     assert wanted[key].allowed_ips == {net("198.19.2.0/24"), net("2001:db8:1:2::/64")}
+
+
+def test_auto_chooses_per_peer_and_per_family() -> None:
+    """A peer on this host's segment with a PublicIPv6 there: both families on host-gw.
+    One on the segment without: IPv4 on host-gw, IPv6 on vxlan (the next candidate that
+    carries it). One off the segment: both on vxlan."""
+    from weft.backends.auto import plan as auto
+    from weft.backends.auto.options import AutoOptions
+
+    data = {"hostgw": {}, "vxlan": {"VtepMAC": MAC, "Port": 8472}, "udp": {"Port": 8285}}
+    near6 = peer(2, "auto", "2001:db8:ff::2", data)
+    near = peer(3, "auto", None, data)
+    far = Lease(net("198.19.4.0/24"), addr("198.18.9.4"), "auto", data,
+                ipv6_subnet=ipaddress.IPv6Network("2001:db8:1:4::/64"), backend_v6_data=data)
+    peers = [near6, near, far]
+    paths = {p.subnet: auto.initial(auto.candidates(p, DUAL)) for p in peers}
+    got = auto.plan(AutoOptions(), peers, paths, auto.AutoFacts(7, 8, DUAL),
+                    own_ip=addr("198.18.0.1"), version=4, subnet_len=24, ipv6_subnet_len=64)
+    assert got.ipv6_planes == {near6.subnet: "host-gw", near.subnet: "vxlan",
+                               far.subnet: "vxlan"}
+    assert Route(net("2001:db8:1:2::/64"), addr("2001:db8:ff::2"), 2) in got.main
+    assert Route(net("2001:db8:1:3::/64"), addr("fe80::ff:fe00:a"), 7) in got.main
+    assert Route(net("198.19.3.0/24"), addr("198.18.0.3"), 2) in got.main
+    # Every plane's own table carries each family it can, for the probes and fallbacks.
+    assert {r.dst for r in got.tables["udp"]} == {s for p in peers for s in p.subnets}
+    assert got.udp_peers.six is not None
+    assert len(got.udp_peers.six.routes) == 3

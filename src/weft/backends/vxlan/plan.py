@@ -6,14 +6,18 @@ peer's VTEP MAC, and an FDB entry sending that MAC to the peer's public IP. With
 DirectRouting, a peer on the same L2 subnet gets a plain route instead.
 
 In dual stack the same device carries the peer's IPv6 subnet beside its IPv4 one: a route
-via its IPv6 VTEP address (its IPv6 subnet's network address) and a neighbour entry with
-its BackendV6Data VtepMAC, sent to the same public IP (the underlay's family is the
-device's; inner packets of either family ride it). With DirectRouting the IPv6 subnet is
-routed straight only via a PublicIPv6 on this host's IPv6 segment.
+via the link-local address of its BackendV6Data VtepMAC (EUI-64, what its device calls
+itself) and a neighbour entry for it, sent to the same public IP (the underlay's family is
+the device's; inner packets of either family ride it). Link-local, not the IPv6 subnet's
+network address: the kernel checks an IPv6 `onlink` gateway against the main table and
+refuses it while another plane's route covers it there (auto's tables, a plane switch),
+and checks a link-local one against nothing. With DirectRouting the IPv6 subnet is routed
+straight only via a PublicIPv6 on this host's IPv6 segment.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -77,6 +81,13 @@ def incremental(options: VxlanOptions, removed: Sequence[Lease], added: Sequence
     return difference(plan(options, added, facts), plan(options, removed, facts))
 
 
+def link_local(mac: str) -> ipaddress.IPv6Address:
+    """fe80::/64 with the EUI-64 interface id of `mac` (universal/local bit flipped)."""
+    octets = bytes.fromhex(mac.replace(":", ""))
+    eui = bytes((octets[0] ^ 0x02,)) + octets[1:3] + b"\xff\xfe" + octets[3:6]
+    return ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + eui)
+
+
 def plan(options: VxlanOptions, peers: Sequence[Lease], facts: VxlanFacts) -> VxlanPlan:
     fdb: set[FdbEntry] = set()
     neighbours: set[Neighbour] = set()
@@ -102,8 +113,9 @@ def plan(options: VxlanOptions, peers: Sequence[Lease], facts: VxlanFacts) -> Vx
                 if isinstance(direct, Route):
                     routes.add(direct)
                     continue
-            vtep = subnet.network_address
-            routes.add(Route(subnet, vtep, facts.device_index, onlink=True))
+            vtep = subnet.network_address if subnet is peer.subnet else link_local(vtep_mac)
+            # A link-local gateway is on the link by definition (no `onlink` to ask for).
+            routes.add(Route(subnet, vtep, facts.device_index, onlink=not vtep.is_link_local))
             neighbours.add(Neighbour(vtep, vtep_mac, facts.device_index))
             fdb.add(FdbEntry(vtep_mac, peer.public_ip, facts.device_index))
     return VxlanPlan(frozenset(fdb), frozenset(neighbours), frozenset(routes), errors)
