@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -178,3 +180,46 @@ def test_auto_dual_stack_mesh_chooses_per_family() -> None:
         paths = tb.host_status(tb.hosts[0])["backend_status"]["paths"]
         assert {(p["plane"], p["ipv6_plane"]) for p in paths.values()} == {
             ("host-gw", "host-gw")}
+
+
+DOCKER = shutil.which("dockerd") is not None and Path("/bin/busybox").exists()
+PODMAN = shutil.which("podman") is not None and Path("/bin/busybox").exists()
+
+
+@pytest.mark.skipif(not DOCKER, reason="needs Debian's docker.io and busybox-static")
+def test_docker_containers_get_both_addresses_through_weft_docker_opts() -> None:
+    with Testbed(hosts=2, containers_per_host=1, config=dual_config("vxlan"),
+                 runtime="docker", log_level="info") as tb:
+        tb.start()
+        flags = tb.weft("docker-opts", "--subnet-file", str(tb.hosts[0].subnet_env_path),
+                        "--format", "flags").stdout
+        lease = next(x for x in tb.leases() if x.public_ip == tb.hosts[0].underlay_ip)
+        assert f"--ipv6 --fixed-cidr-v6={lease.ipv6_subnet}" in flags
+        check_container_pings(tb)
+
+
+@pytest.mark.skipif(not PODMAN, reason="needs Debian's podman and busybox-static")
+def test_podman_containers_get_both_addresses_through_weft_cni() -> None:
+    with Testbed(hosts=2, containers_per_host=1, config=dual_config("vxlan"),
+                 runtime="podman", log_level="info") as tb:
+        tb.start()
+        check_container_pings(tb)
+
+
+def check_container_pings(tb: Testbed) -> None:
+    """Each container (the runtime's own) holds an address of each of its host's subnets
+    and pings the other by both, from inside (its own busybox)."""
+    leases = {lease.public_ip: lease for lease in tb.leases()}
+    for c in tb.containers:
+        lease = leases[c.host.underlay_ip]
+        assert c.ip in lease.subnet
+        assert c.ip6 is not None
+        assert lease.ipv6_subnet is not None
+        assert c.ip6 in lease.ipv6_subnet
+    a, b = tb.containers
+    for src, dst in ((a, b), (b, a)):
+        for target in (dst.ip, dst.ip6):
+            deadline = time.monotonic() + 30
+            while tb.container_exec(src, ["ping", "-c", "1", "-W", "2", str(target)],
+                                    check=False, timeout=20).returncode != 0:
+                assert time.monotonic() < deadline, (src.name, str(target))
