@@ -20,6 +20,7 @@ from typing import Annotated, Any, TypeVar, cast, get_type_hints
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from weft.backends.registry import DEFAULT_TYPE
 from weft.core.config import redact_config
@@ -49,8 +50,9 @@ app.add_typer(testbed_app, name="testbed")
 bench_app = typer.Typer(invoke_without_command=True)
 app.add_typer(bench_app, name="bench")
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # an error stays one line, greppable
+# emoji=False: rich reads ":a:" in an IPv6 address (2001:db8:1:a::/64) as an emoji.
+out = Console(emoji=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False)  # an error stays one line, greppable
 
 StoreOpt = Annotated[
     str,
@@ -356,7 +358,7 @@ def status(
                 if lease.ipv6_subnet is not None:
                     subnet += f"\n{lease.ipv6_subnet}"
                     public += f"\n{lease.public_ipv6 or '-'}"
-                table.add_row(subnet, public, lease.backend_type,
+                table.add_row(Text(subnet), Text(public), lease.backend_type,
                               _duration(lease.expires_in(now)))
             out.print(table)
             if no_agent is None:
@@ -391,8 +393,10 @@ def _print_health(health: dict[str, object]) -> None:
     peers = health.get("peers") or []
     errors = health.get("errors") or {}
     state = "[green]healthy[/]" if not errors else "[red]errors[/]"
-    out.print(f"this host: {state}  subnet {health.get('subnet')}  public IP "
-              f"{health.get('public_ip')}  backend {health.get('backend')}  peers "
+    six = (f" + {health.get('ipv6_subnet')}" if health.get("ipv6_subnet") else "")
+    six_ip = (f" + {health.get('public_ipv6')}" if health.get("public_ipv6") else "")
+    out.print(f"this host: {state}  subnet {health.get('subnet')}{six}  public IP "
+              f"{health.get('public_ip')}{six_ip}  backend {health.get('backend')}  peers "
               f"{len(peers) if isinstance(peers, list) else peers}", highlight=False)
     fastpath = health.get("fastpath")
     if isinstance(fastpath, dict):
@@ -419,7 +423,9 @@ def _print_paths(paths: dict[str, Any]) -> None:
         probes = "  ".join(
             f"{name} {p.get('answered')}/{p.get('sent')}{'' if p.get('usable') else ' (out)'}"
             for name, p in (path.get("probes") or {}).items() if isinstance(p, dict))
-        out.print(f"    {subnet} {path.get('peer')}: [bold]{path.get('plane')}[/] — "
+        six = (f" (IPv6 on {path.get('ipv6_plane') or 'none'})" if "ipv6_plane" in path
+               else "")
+        out.print(f"    {subnet} {path.get('peer')}: [bold]{path.get('plane')}[/]{six} — "
                   f"{path.get('reason')}; {probes}; switches {path.get('switches')}",
                   highlight=False)
 
@@ -433,14 +439,20 @@ def demo(
     containers: Annotated[int, typer.Option(min=1, max=10)] = 2,
     runtime: Annotated[str, typer.Option(help="containers as bare namespaces (netns), "
                                               "docker containers or podman ones")] = "netns",
+    ipv6: Annotated[bool, typer.Option("--ipv6", help="an IPv6 overlay")] = False,
+    dual_stack: Annotated[bool, typer.Option("--dual-stack", help="an IPv4 and an IPv6 "
+                                                                  "overlay at once")] = False,
 ) -> None:
     """Build hosts and containers in namespaces, show leases and full connectivity."""
     _need_lab()
     from weft_lab.demo import run_demo
 
     try:
+        if ipv6 and dual_stack:
+            raise UsageError("--ipv6 and --dual-stack: choose one (--dual-stack has both)")
+        family = "dual-stack" if dual_stack else "ipv6" if ipv6 else "ipv4"
         ok = run_demo(backend=backend, store=store, hosts=hosts, containers=containers,
-                      console=out, runtime=runtime)
+                      console=out, runtime=runtime, family=family)
     except WeftError as exc:
         raise _fail(exc) from None
     raise typer.Exit(0 if ok else 1)

@@ -288,6 +288,12 @@ class Agent:
         report: dict[str, Any] = {
             "public_ip": str(r.host.public_ip),
             "subnet": str(lease.subnet),
+            **({"ipv6_subnet": str(lease.ipv6_subnet),
+                "public_ipv6": r.host.public_ipv6 and str(r.host.public_ipv6),
+                "ipv6_peers": sorted(str(p.ipv6_subnet)
+                                     for p in r.reconciler.view.peers.values()
+                                     if p.ipv6_subnet is not None)}
+               if lease.ipv6_subnet is not None else {}),
             "lease_expires_in": round(lease.expires_in(time.time())),
             "backend": r.config.backend.type,
             "peers": sorted(str(s) for s in r.reconciler.view.peers),

@@ -197,6 +197,10 @@ class Reconciler:
             requests.full = True
         new_errors = self.health.publish(view.errors)
         self.metrics.peers.set(len(view.peers))
+        six = sum(1 for lease in view.peers.values() if lease.ipv6_subnet is not None)
+        four = sum(1 for subnet in view.peers if subnet.version == 4)
+        self.metrics.peer_subnets.labels("ipv4").set(four)
+        self.metrics.peer_subnets.labels("ipv6").set(len(view.peers) - four + six)
         self.metrics.peer_errors.set(len(self.health.reported))
         self.metrics.reconcile_errors.inc(new_errors)
         return ok
