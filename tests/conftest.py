@@ -8,13 +8,17 @@ kernel's data plane belongs in tests/netns."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from helpers import FIGURE, missing
 
 UNIT_TESTS = Path(__file__).parent / "unit"
 
@@ -49,9 +53,38 @@ def scratch_netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "requires(available, reason): needs a capability the CI installs "
+                   "(helpers.requires: a failure with CI=true when missing, else a skip)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures are set up
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if "netns" in item.keywords and (reason := _netns_unavailable()) is not None:
-        pytest.skip(reason)
+        missing(reason)
+    for mark in item.iter_markers("requires"):
+        available, reason = mark.args
+        if not available:
+            missing(reason)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The figures tests recorded (helpers.record_figure): a table at the end of the run,
+    and JSON in the file WEFT_FIGURES names, for the docs."""
+    figures = [dict(value, test=report.nodeid)
+               for reports in terminalreporter.stats.values() for report in reports
+               if getattr(report, "when", None) == "call"
+               for name, value in getattr(report, "user_properties", ()) if name == FIGURE]
+    if not figures:
+        return
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    terminalreporter.write_sep("-", f"measured figures (load {load})")
+    for f in figures:
+        extra = ", ".join(f"{k} {v}" for k, v in f.items() if k not in ("case", "seconds", "test"))
+        terminalreporter.write_line(f"{f['case']}: {f['seconds']:.2f} s" + (f"; {extra}" if extra else ""))
+    if path := os.environ.get("WEFT_FIGURES"):
+        Path(path).write_text(json.dumps({"load": load, "figures": figures}, indent=1) + "\n")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

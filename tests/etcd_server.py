@@ -6,8 +6,9 @@
         cluster.etcdctl("put", key, value)       # the real etcdctl
 
 There is one etcd launcher in weft (`weft_lab.etcd_local`, also behind `weft demo --store
-etcd`); this module adds what tests need around it: the skip when the server binary is
-missing, and a prefix per test so tests can share one server without seeing each other.
+etcd`); this module adds what tests need around it: `requires_etcd` (a skip, or in CI a
+failure, when the server binary is missing), and a prefix per test so tests can share one
+server without seeing each other.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
+import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import pytest
-
+from helpers import missing, requires
 from weft_lab.etcd_local import ETCD_BINARY, ETCDCTL_BINARY, EtcdTls, LocalEtcd
 
 ETCD_MISSING_REASON = (
@@ -30,7 +32,7 @@ ETCD_MISSING_REASON = (
 )
 ETCD_AVAILABLE = os.access(ETCD_BINARY, os.X_OK) and os.access(ETCDCTL_BINARY, os.X_OK)
 
-requires_etcd = pytest.mark.skipif(not ETCD_AVAILABLE, reason=ETCD_MISSING_REASON)
+requires_etcd = requires(ETCD_AVAILABLE, ETCD_MISSING_REASON)
 
 
 @contextlib.contextmanager
@@ -43,7 +45,7 @@ def etcd_cluster(
 ) -> Iterator[LocalEtcd]:
     """Start an N-member etcd cluster on loopback; stop it and remove its data after."""
     if not ETCD_AVAILABLE:
-        pytest.skip(ETCD_MISSING_REASON)
+        missing(ETCD_MISSING_REASON)
     with LocalEtcd(members, base_dir=base_dir, tls=tls, extra_args=extra_args) as cluster:
         yield cluster
 
@@ -109,3 +111,27 @@ def leader_index(cluster: LocalEtcd) -> int:
         if status is not None and status["header"]["member_id"] == status["leader"]:
             return i
     raise AssertionError(f"no member leads the cluster: {statuses}")
+
+
+_HANDLED = re.compile(r'^grpc_server_handled_total\{grpc_code="(\w+)",grpc_method="(\w+)",'
+                      r'.*\} (\d+)', re.MULTILINE)
+
+
+def grpc_calls(cluster: LocalEtcd) -> dict[tuple[str, str], int]:
+    """How many calls etcd's members answered so far, by (method, code), from their own
+    /metrics: what a client asked, seen from the server (plain loopback members only)."""
+    calls: dict[tuple[str, str], int] = {}
+    for member in cluster.members:
+        if not member.running:
+            continue
+        with urllib.request.urlopen(f"{member.client_url}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        for code, method, count in _HANDLED.findall(text):
+            calls[method, code] = calls.get((method, code), 0) + int(count)
+    return calls
+
+
+def calls_since(before: dict[tuple[str, str], int],
+                after: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+    """The calls answered between two `grpc_calls` readings (only those that happened)."""
+    return {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}

@@ -7,7 +7,10 @@ UDP payload that reaches port 7777 until SECONDS (argv[1]) pass without one.
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
+from collections.abc import Callable
+from typing import Any
 
 PACKETS = textwrap.dedent("""
     import ipaddress, os, socket, struct, sys
@@ -37,3 +40,18 @@ LISTENER = textwrap.dedent("""
     except TimeoutError:
         pass
 """)
+
+
+def heard_during(dst: Any, send: Callable[[], object]) -> list[str]:
+    """What the container `dst` hears on port 7777 while `send()` runs."""
+    listener = subprocess.Popen(["ip", "netns", "exec", dst.netns, "/usr/bin/python3", "-c",
+                                 LISTENER, "2"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None
+        assert listener.stdout.readline().strip() == "ready"
+        send()
+        out, _ = listener.communicate(timeout=30)
+    finally:
+        listener.kill()
+        listener.wait()
+    return out.split()

@@ -6,41 +6,17 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from helpers import chart_bars, namespaces_left_by, requires
 from weft_lab.bench.cpu import CLK_TCK, CpuMeter
 from weft_lab.bench.qperf import qperf_server, run_qperf
 from weft_lab.bench.stats import (
     BenchError,
 )
 from weft_lab.testbed import RUNS_DIR, list_netns
-
-
-def weft(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "weft", *args], capture_output=True,
-                          text=True, timeout=timeout, check=False)
-
-
-# --- schedule ---------------------------------------------------------------------------
-
-
-def _ours_left(before: set[str], pid: int) -> list[str]:
-    """Namespaces created during the bench whose run belonged to the bench's process."""
-    left = []
-    for name in set(list_netns()) - before:
-        if not name.startswith("weft-"):
-            continue  # a runtime's own (podman's netns-<uuid>) of another run meanwhile
-        run_id = name.removeprefix("weft-").split("-", 1)[0]
-        try:
-            owner = int((RUNS_DIR / run_id / "owner.pid").read_text())
-        except (OSError, ValueError):
-            owner = pid  # no run dir: nobody is using it
-        if owner == pid:
-            left.append(name)
-    return left
 
 
 @pytest.mark.netns
@@ -73,8 +49,8 @@ def test_short_real_bench_measures_every_figure_and_leaves_nothing(tmp_path: Pat
     assert data["results"][0]["bw_pct"] == data["results"][0]["lat_pct"] == 100
     assert "TCP BW (MB/s)" in stdout
     assert "skipped nosuch" in stdout
-    assert chart.read_bytes()[:4] == b"\x89PNG"
-    assert _ours_left(before, proc.pid) == []
+    assert chart_bars(str(chart))["bw_bars"] == chart_bars(str(chart))["lat_bars"] == 3
+    assert namespaces_left_by(before, proc.pid) == []
 
 
 # --- the edges, on real processes ---------------------------------------------------------
@@ -119,10 +95,14 @@ def test_cpu_meter_counts_a_busy_process_in_the_namespace(scratch_netns: str) ->
     meter = CpuMeter([scratch_netns])
     busy = subprocess.Popen(["ip", "netns", "exec", scratch_netns, sys.executable, "-c",
                              "import time\nend = time.process_time() + 0.6\n"
-                             "while time.process_time() < end: pass\ntime.sleep(30)"])
+                             "while time.process_time() < end: pass\n"
+                             "print('done', flush=True)\ntime.sleep(30)"],
+                            stdout=subprocess.PIPE, text=True)
+    assert busy.stdout is not None
     try:
         before = meter.snapshot()  # may already hold part of the 0.6 s
-        time.sleep(1.2)  # the loop is done and the process sleeps, still alive
+        # The loop is done (it says so) and the process sleeps, still alive.
+        assert busy.stdout.readline() == "done\n"
         after = meter.snapshot()
         used = CpuMeter.seconds(before, after)
         total = sum(after.processes.values()) / CLK_TCK
@@ -154,9 +134,9 @@ def test_pinned_testbed_agents_and_their_threads_stay_on_their_host_cpu() -> Non
 
 
 @pytest.mark.netns
-@pytest.mark.skipif(not Path("/usr/sbin/dockerd").exists() or not Path("/bin/busybox").exists(),
-                    reason="needs Debian's docker.io and busybox-static "
-                           "(scripts/setup.sh --runtimes installs them)")
+@requires(Path("/usr/sbin/dockerd").exists() and Path("/bin/busybox").exists(),
+          "needs Debian's docker.io and busybox-static "
+          "(scripts/setup.sh --runtimes installs them)")
 def test_short_bench_with_docker_containers_beside_namespaces(tmp_path: Path) -> None:
     """`weft bench --runtime docker`: qperf between docker containers on two hosts, in the
     same rounds as native and the bare-namespace testbed (figures: README, not here)."""

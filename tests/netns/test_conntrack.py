@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from typing import Any
 
 import pytest
 
+from helpers import wait_for
 from weft_lab.testbed import Host, Testbed
 
 pytestmark = pytest.mark.netns
@@ -56,13 +56,17 @@ def conntrack_status(tb: Testbed, host: Host) -> dict[str, Any]:
     return status
 
 
-def wait_for(tb: Testbed, host: Host, overlay: str, timeout: float = 20.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
+def wait_overlay(tb: Testbed, host: Host, overlay: str) -> dict[str, Any]:
+    """The host's conntrack status once its overlay traffic is `overlay` (fails after
+    20 s with the status it last had)."""
+    def reached() -> dict[str, Any] | None:
         status = conntrack_status(tb, host)
-        if status["overlay"] == overlay or time.monotonic() > deadline:
-            return status
-        time.sleep(0.2)
+        return status if status["overlay"] == overlay else None
+
+    status = wait_for(f"{host.name}'s overlay traffic {overlay}", reached, 20,
+                      interval=0.2, seen=lambda: conntrack_status(tb, host))
+    assert status is not None
+    return status
 
 
 def test_overlay_traffic_skips_conntrack_unless_told_to_track() -> None:
@@ -126,7 +130,7 @@ def test_a_service_dnat_on_the_clients_host_keeps_its_replies_tracked() -> None:
                                "table ip svc {\n chain pre {\n  type nat hook prerouting "
                                f"priority dstnat;\n  ip daddr {SERVICE_IP} tcp dport 80 "
                                f"dnat to {c2.ip}:8080\n }}\n}}\n"))
-            status = wait_for(tb, h1, "tracked")
+            status = wait_overlay(tb, h1, "tracked")
             assert status == {"mode": "auto", "overlay": "tracked", "reason": (
                 "destination NAT in ip svc: its replies over the overlay need conntrack")}
             done = _through_service(tb, c1.netns)

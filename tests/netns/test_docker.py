@@ -13,12 +13,13 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from helpers import PingProbe, missing, requires
+from helpers import network_config as config
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft.integrations.subnet_env import read_subnet_env
 from weft_lab.runtimes.cleanup import NETNS_LEDGER
@@ -27,14 +28,10 @@ from weft_lab.testbed import RUNS_DIR, Container, Host, Testbed, list_netns
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(shutil.which("dockerd") is None or not Path("/bin/busybox").exists(),
-                       reason="needs Debian's docker.io and busybox-static "
-                              "(scripts/setup.sh --runtimes installs them)"),
+    requires(shutil.which("dockerd") is not None and Path("/bin/busybox").exists(),
+             "needs Debian's docker.io and busybox-static "
+             "(scripts/setup.sh --runtimes installs them)"),
 ]
-
-
-def config(backend: str) -> str:
-    return json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend}})
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +62,16 @@ def ping_during(tb: Testbed, src: Container, dst: Container,
     went through, while the container itself lives on (--live-restore)."""
     pid = runtime(tb).docker(src.host, "inspect", "-f", "{{.State.Pid}}",
                              runtime(tb).container_name(src)).stdout.strip()
-    argv = ["nsenter", "-t", pid, "-n", "-m", "ping", "-q", "-i", "0.05", "-c", str(count),
-            str(dst.ip)]
-    ping = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    # The machine's ping (iputils: -D timestamps each reply) in the container's network.
+    ping = PingProbe(["nsenter", "-t", pid, "-n", "ping", "-D", "-n", "-i", "0.05",
+                      "-c", str(count), str(dst.ip)])
     try:
-        threading.Event().wait(1.0)  # some replies before the restart
+        ping.wait_replies_after("before the action", 0.0, count=5)
         action()
-        out, _ = ping.communicate(timeout=60)
+        out = ping.wait_done(60)
     finally:
-        ping.kill()
-        ping.wait()
-    m = re.search(r"(\d+) packets transmitted, (\d+) packets received", out)
+        ping.stop()
+    m = re.search(r"(\d+) packets transmitted, (\d+) (?:packets )?received", out)
     assert m is not None, out
     return int(m.group(1)), int(m.group(2))
 
@@ -184,7 +180,7 @@ time.sleep(600)
 @pytest.mark.parametrize("kind", ["docker", "podman"])
 def test_testbed_down_removes_what_a_killed_run_started(kind: str) -> None:
     if shutil.which(kind) is None:
-        pytest.skip(f"needs {kind}")
+        missing(f"needs {kind}")
     proc = subprocess.Popen([sys.executable, "-c", CRASHING_RUN, kind],
                             stdout=subprocess.PIPE, text=True)
     try:

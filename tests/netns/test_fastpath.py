@@ -9,23 +9,19 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import pytest
-from test_mesh import source_seen
 
+from helpers import network_config as config
+from helpers import requires, source_seen, wait_for
 from weft_lab.testbed import Host, Testbed
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(shutil.which("clang") is None or shutil.which("bpftool") is None,
-                       reason="the fast path needs clang and bpftool (scripts/setup.sh)"),
+    requires(shutil.which("clang") is not None and shutil.which("bpftool") is not None,
+             "the fast path needs clang and bpftool (scripts/setup.sh)"),
 ]
-
-
-def config(backend: str) -> str:
-    return json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend}})
 
 
 def fastpath(tb: Testbed, host: Host) -> dict[str, Any]:
@@ -120,21 +116,21 @@ def test_filter_removed_by_hand_is_healed_and_shutdown_takes_it_off() -> None:
         veth = fastpath(tb, h1)["attached"][1]
         for dev, how in (("eth0", ["tc", "filter", "del", "dev", "eth0", "ingress"]),
                          (veth, ["tc", "qdisc", "del", "dev", veth, "clsact"])):
-            tb.run(h1.netns, how)
-            assert not owned_filter(tb, h1, dev)
-            deadline = time.monotonic() + 10  # the kernel trigger, not the 60 s resync
-            while time.monotonic() < deadline and not owned_filter(tb, h1, dev):
-                time.sleep(0.2)
-            assert owned_filter(tb, h1, dev), tb.agent_log(h1)[-2000:]
+            since = len(tb.agent_log(h1))
+            tb.run(h1.netns, how)  # it succeeded: the filter was there, and is gone
+            # Put back by the kernel trigger (it says why), not the 60 s resync. Not
+            # asserted absent first: the agent may have healed it already.
+            wait_for(f"the filter on {dev} back", lambda: owned_filter(tb, h1, dev)  # noqa: B023
+                     and "tc filter removed" in tb.agent_log(h1)[since:], 10,  # noqa: B023
+                     seen=lambda: tb.agent_log(h1)[-2000:])
         assert all(tb.connectivity().values())
         # A container attached after the agent started gets its hook too.
         c1 = tb.containers[0]
         tb.detach(c1)
         tb.attach(c1)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (
-                veth in (now := fastpath(tb, h1)["attached"]) or len(now) < 2):
-            time.sleep(0.2)
+        wait_for("the new veth hooked", lambda: (
+            veth not in (now := fastpath(tb, h1)["attached"]) and len(now) >= 2), 10,
+            seen=lambda: fastpath(tb, h1)["attached"])
         attached = fastpath(tb, h1)["attached"]
         assert len(attached) == 2, attached
         assert veth not in attached, attached

@@ -10,17 +10,17 @@ import json
 import signal
 import subprocess
 import textwrap
-import time
 from typing import Any
 
 import pytest
 
-from forged import LISTENER, PACKETS
+from forged import PACKETS, heard_during
+from helpers import wait_for
 from ingress_plans import ingress_plan_for
 from weft.backends.registry import parse_config
 from weft.core.lease import Lease
 from weft.host.ingress_rules import INGRESS_TABLE, ingress_ruleset
-from weft_lab.testbed import Container, Host, Testbed
+from weft_lab.testbed import Host, Testbed
 
 pytestmark = pytest.mark.netns
 
@@ -64,21 +64,6 @@ def forge(tb: Testbed, netns: str, *args: object, unprivileged: bool = False) ->
     if unprivileged:
         argv = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *argv]
     assert "sent" in tb.run(netns, argv).stdout
-
-
-def heard_during(dst: Container, send: Any) -> list[str]:
-    """What the container `dst` hears on port 7777 while `send()` runs."""
-    listener = subprocess.Popen(["ip", "netns", "exec", dst.netns, "/usr/bin/python3", "-c",
-                                 LISTENER, "2"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert listener.stdout is not None
-        assert listener.stdout.readline().strip() == "ready"
-        send()
-        out, _ = listener.communicate(timeout=30)
-    finally:
-        listener.kill()
-        listener.wait()
-    return out.split()
 
 
 def test_forged_vxlan_frames_never_reach_a_container_and_are_counted() -> None:
@@ -131,10 +116,9 @@ def test_forged_vxlan_frames_never_reach_a_container_and_are_counted() -> None:
         assert heard.count("forged-container") > 0, heard
 
         # Owned state: the next reconcile (resync every 2 s here) puts the filter back.
-        deadline = time.monotonic() + 20
-        while "non_member" not in dropped(tb, h1) or "non_member" not in dropped(tb, h2):
-            assert time.monotonic() < deadline, "the ingress filter was not re-applied"
-            time.sleep(0.2)
+        wait_for("the ingress filter re-applied on both hosts", lambda: (
+            "non_member" in dropped(tb, h1) and "non_member" in dropped(tb, h2)), 30,
+            interval=0.2, seen=lambda: (dropped(tb, h1), dropped(tb, h2)))
         assert heard_during(c2, forge_both) == []
 
 

@@ -8,18 +8,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
+from helpers import network_config as config
+from helpers import requires, source_seen, wait_for
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft_lab.testbed import RUNS_DIR, Testbed, list_netns
 
 pytestmark = pytest.mark.netns
-
-
-def config(backend: str, **options: object) -> str:
-    return json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend, **options}})
 
 
 @pytest.mark.parametrize(("backend", "attach"), [
@@ -86,11 +83,9 @@ def test_expired_lease_disappears_from_every_peer() -> None:
         subnet = next(str(lease.subnet) for lease in tb.leases()
                       if lease.public_ip == gone.underlay_ip)
         tb.stop_agent(gone, signal.SIGKILL)  # dies without releasing: only expiry removes it
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(
-                subnet in tb.weft_routes(tb.hosts[i]) for i in (0, 1)):
-            time.sleep(0.2)
-        assert all(subnet not in tb.weft_routes(tb.hosts[i]) for i in (0, 1))
+        wait_for("the expired lease's routes gone", lambda: all(
+            subnet not in tb.weft_routes(tb.hosts[i]) for i in (0, 1)), 30, interval=0.2,
+            seen=lambda: [tb.weft_routes(tb.hosts[i]) for i in (0, 1)])
         # Meanwhile the living hosts kept renewing their 3 s leases.
         assert {str(lease.public_ip) for lease in tb.leases()} == {
             str(h.underlay_ip) for h in tb.hosts[:2]}
@@ -129,14 +124,10 @@ def test_host_gw_peer_off_segment_is_an_error_for_that_peer_only() -> None:
             "    await s.close()\n"
             "asyncio.run(m())")]
         tb.run(tb.underlay, sys_argv)
-        deadline = time.monotonic() + 10
-        status: dict[str, object] = {}
-        while time.monotonic() < deadline:
-            status = tb.host_status(tb.hosts[0])
-            if status["errors"]:
-                break
-            time.sleep(0.1)
-        assert "198.19.200.0/24" in status["errors"]  # type: ignore[operator]
+        wait_for("the off-segment peer reported", lambda: tb.host_status(tb.hosts[0])["errors"],
+                 30)
+        status = tb.host_status(tb.hosts[0])
+        assert "198.19.200.0/24" in status["errors"]
         assert "not on this host's L2 subnet" in str(status["errors"])
         assert tb.hosts[0].agent is not None
         assert tb.hosts[0].agent.poll() is None
@@ -184,40 +175,8 @@ def test_periodic_resync_repairs_a_route_someone_deleted() -> None:
         tb.start()
         (route,) = tb.weft_routes(tb.hosts[0])
         tb.run(tb.hosts[0].netns, ["ip", "route", "del", route])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and route not in tb.weft_routes(tb.hosts[0]):
-            time.sleep(0.2)
-        assert route in tb.weft_routes(tb.hosts[0])
-
-
-SEEN_FROM = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], 5555))
-s.settimeout(20)
-print(s.recvfrom(64)[1][0], flush=True)
-"""
-
-
-def source_seen(tb: Testbed, src: str, dst_netns: str, dst: object) -> str:
-    """The source address a UDP datagram from namespace `src` carries when it reaches
-    `dst` (listening in `dst_netns`): what masquerading did or did not do on the way."""
-    listener = subprocess.Popen(["ip", "netns", "exec", dst_netns, sys.executable, "-c",
-                                 SEEN_FROM, str(dst)], stdout=subprocess.PIPE, text=True)
-    try:
-        for _ in range(40):  # resend until the listener is bound and prints
-            tb.run(src, [sys.executable, "-c", "import socket,sys; socket.socket(socket."
-                         "AF_INET, socket.SOCK_DGRAM).sendto(b'x', (sys.argv[1], 5555))",
-                         str(dst)])
-            try:
-                out, _ = listener.communicate(timeout=0.25)
-                return out.strip()
-            except subprocess.TimeoutExpired:
-                continue
-        raise AssertionError(f"nothing from {src} reached {dst}")
-    finally:
-        listener.kill()
-        listener.wait()
+        wait_for("the route put back", lambda: route in tb.weft_routes(tb.hosts[0]), 30,
+                 interval=0.2)
 
 
 def test_traffic_leaving_the_overlay_is_masqueraded_and_overlay_traffic_is_not() -> None:
@@ -236,7 +195,7 @@ def forward_chain(tb: Testbed, netns: str) -> str:
     return tb.run(netns, ["iptables", "-w", "5", "-S", "FORWARD"]).stdout
 
 
-@pytest.mark.skipif(shutil.which("iptables") is None, reason="needs iptables")
+@requires(shutil.which("iptables") is not None, "needs iptables")
 def test_overlay_crosses_a_forward_chain_that_drops_like_dockers() -> None:
     with Testbed(hosts=2, containers_per_host=1, config=config("vxlan")) as tb:
         for host in tb.hosts:  # what Docker >= 1.13 does to every host it runs on

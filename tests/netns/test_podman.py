@@ -15,14 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from helpers import requires
 from weft_lab.runtimes.podman import PodmanRuntime
 from weft_lab.testbed import Container, Testbed
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(shutil.which("podman") is None or not Path("/bin/busybox").exists(),
-                       reason="needs Debian's podman and busybox-static "
-                              "(scripts/setup.sh --runtimes installs them)"),
+    requires(shutil.which("podman") is not None and Path("/bin/busybox").exists(),
+             "needs Debian's podman and busybox-static "
+             "(scripts/setup.sh --runtimes installs them)"),
 ]
 
 CONFIG = json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": "vxlan"}})

@@ -12,7 +12,6 @@ One testbed per store for the whole table; records are applied and removed one b
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from typing import Any
 import pytest
 
 from etcd_server import ETCD_AVAILABLE, ETCD_MISSING_REASON
+from helpers import missing, sqlite_delete, sqlite_put
+from helpers import wait_for as wait_until
 from weft.core.constants import DEFAULT_ETCD_PREFIX, ROUTE_PROTOCOL
 from weft_lab.etcd_local import ETCDCTL_BINARY
 from weft_lab.testbed import Testbed, netns_exec
@@ -171,29 +172,12 @@ class SqliteWriter:
     def __init__(self, tb: Testbed) -> None:
         self.path = tb.run_dir / "store.db"
 
-    def _tx(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            for sql, args in statements:
-                db.execute(sql, args)
-            db.execute("COMMIT")
-        finally:
-            db.close()
-
     def put(self, rec: Record) -> None:
-        expiration: float | str = time.time() + 3600 if rec.expiry is None else rec.expiry
-        value = "?" if isinstance(rec.value, int) else "CAST(? AS TEXT)"
-        self._tx(
-            ("INSERT OR REPLACE INTO leases (key, value, public_ip, expiration) "
-             f"VALUES (?, {value}, NULL, ?)", (rec.key, rec.value, expiration)),
-            ("INSERT INTO events (kind, key, value, expiration) "
-             f"VALUES ('put', ?, {value}, ?)", (rec.key, rec.value, expiration)))
+        sqlite_put(self.path, rec.key, rec.value,
+                   time.time() + 3600 if rec.expiry is None else rec.expiry)
 
     def delete(self, rec: Record) -> None:
-        self._tx(("DELETE FROM leases WHERE key = ?", (rec.key,)),
-                 ("INSERT INTO events (kind, key, value, expiration) "
-                  "VALUES ('delete', ?, NULL, NULL)", (rec.key,)))
+        sqlite_delete(self.path, rec.key)
 
 
 class EtcdWriter:
@@ -223,7 +207,7 @@ class EtcdWriter:
 @pytest.fixture(scope="module", params=["sqlite", "etcd"])
 def bed(request: pytest.FixtureRequest) -> Iterator[tuple[Testbed, SqliteWriter | EtcdWriter]]:
     if request.param == "etcd" and not ETCD_AVAILABLE:
-        pytest.skip(ETCD_MISSING_REASON)
+        missing(ETCD_MISSING_REASON)
     with Testbed(hosts=3, containers_per_host=1, config=CONFIG, store=request.param) as tb:
         tb.start()
         yield tb, (SqliteWriter(tb) if request.param == "sqlite" else EtcdWriter(tb))
@@ -258,12 +242,13 @@ def full_mesh(tb: Testbed) -> bool:
 
 def wait_for(what: str, check: Callable[[], bool], tb: Testbed, timeout: float = 10,
              detail: Callable[[], object] = lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
+    """helpers.wait_for, with every agent checked alive on each look."""
+    def alive_and() -> bool:
         for h in tb.hosts:
             tb._check_alive(h)  # no agent exits
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s {detail()}"
-        time.sleep(0.1)
+        return check()
+
+    wait_until(what, alive_and, timeout, seen=detail)
 
 
 def errors(tb: Testbed) -> list[dict[str, str]]:
@@ -289,7 +274,9 @@ def test_bad_record_is_reported_and_takes_nothing_down(
         listed = {str(x.subnet) for x in tb.leases()}
         assert {tb.host_status(h)["subnet"] for h in tb.hosts} <= listed, name
         assert tb.operator("config", "show").stdout.startswith("{"), name
-        time.sleep(0.3)  # a reconcile pass after the record, had it changed anything
+        # No wait here: an agent's status shows a peer's error from the end of the
+        # reconcile pass that took the record in (after that pass applied the kernel), so
+        # the pass that would have changed something has run.
         for h in tb.hosts:
             tb._check_alive(h)
         assert full_mesh(tb), f"{name}: the good peers lost connectivity"
@@ -304,7 +291,7 @@ def test_bad_record_is_reported_and_takes_nothing_down(
     # (its peers drop the routes until it recreates its lease): wait for the settled state.
     wait_for("the kernel as before", lambda: kernel_state(tb) == before, tb, timeout=20,
              detail=lambda: (before, kernel_state(tb)))
-    time.sleep(0.3)
+    tb.wait_converged(20)  # settled: each agent's last pass had all its peers, no error
     assert kernel_state(tb) == before
     for h in tb.hosts:
         tb._check_alive(h)

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import time
-from collections.abc import Callable
 
 import pytest
 
+from helpers import wait_for
 from weft.core.lease import Lease
 from weft.store.sqlite import SqliteLeaseStore
 from weft_lab.testbed import Testbed
@@ -30,13 +29,6 @@ def fake(i: int, mac_suffix: int = 1) -> Lease:
                  "vxlan", {"VtepMAC": f"02:5c:{i // 256:02x}:{i % 256:02x}:00:{mac_suffix:02x}"})
 
 
-def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_an_agent_among_300_fake_leases() -> None:
     with Testbed(hosts=1, containers_per_host=0, config=CONFIG) as tb:
         store_path = tb.store_url.removeprefix("sqlite://")
@@ -50,6 +42,18 @@ def test_an_agent_among_300_fake_leases() -> None:
             finally:
                 await store.close()
 
+        async def store_revision() -> int:
+            store = SqliteLeaseStore(store_path)
+            try:
+                return (await store.list_leases())[1]
+            finally:
+                await store.close()
+
+        def seen_up_to(revision: int) -> bool:
+            """The agent's watch handled the store up to `revision` (its status says so):
+            whatever those events ask of it, it has asked by now."""
+            return int(tb.host_status(host)["revision"]) >= revision
+
         asyncio.run(write([fake(i) for i in range(FAKES)]))
         tb.start_agent(host)
         wait_for("all fake peers programmed", lambda: len(tb.weft_routes(host)) == FAKES)
@@ -60,10 +64,17 @@ def test_an_agent_among_300_fake_leases() -> None:
 
         # A renewal round of every lease: the store sends 300 events, the agent applies none.
         wait_for("the start-up passes to settle", lambda: "agent running" in tb.agent_log(host))
-        time.sleep(0.5)
+        start_revision = asyncio.run(store_revision())
+        wait_for("the agent to see the whole store", lambda: seen_up_to(start_revision)
+                 and len(tb.host_status(host)["peers"]) == FAKES, seen=lambda: tb.host_status(host))
         requested = tb.agent_log(host).count("reconcile requested")
         asyncio.run(write([fake(i) for i in range(FAKES)], renew=True))
-        time.sleep(1.0)
+        renewed_revision = asyncio.run(store_revision())
+        assert renewed_revision >= start_revision + FAKES
+        # Every renewal handled (the thing the count below waits for), and none asked for
+        # a pass.
+        wait_for("the agent to handle the 300 renewals", lambda: seen_up_to(renewed_revision),
+                 seen=lambda: tb.host_status(host)["revision"])
         assert tb.agent_log(host).count("reconcile requested") == requested
 
         # One peer restarts with a new VTEP MAC: that change, and only it, reaches the kernel;
@@ -73,7 +84,12 @@ def test_an_agent_among_300_fake_leases() -> None:
         asyncio.run(write([changed], renew=True))
         wait_for("the new MAC in the neighbour table", lambda: "00:42" in tb.run(
             host.netns, ["ip", "neigh", "show", str(changed.subnet.network_address)]).stdout)
-        time.sleep(1.0)
+        # A barrier: a route deleted by hand comes after the kernel's echo of that deletion
+        # on the same rtnetlink stream, so once the agent has put it back, it has read the
+        # echo too.
+        barrier = str(fake(9).subnet)
+        tb.run(host.netns, ["ip", "route", "del", barrier])
+        wait_for("the hand-deleted route back", lambda: barrier in tb.weft_routes(host))
         assert "neighbour removed on" not in tb.agent_log(host)[before_change:]
 
         # A peer leaves and another joins: the ingress filter follows by set elements (no
@@ -85,8 +101,7 @@ def test_an_agent_among_300_fake_leases() -> None:
         def nft_wakeups() -> int:
             return tb.agent_log(host).count("netfilter rules removed")
 
-        time.sleep(0.5)
-        woken = nft_wakeups()
+        woken = nft_wakeups()  # the barrier's pass above is done: nothing of it is pending
         gone, joined = fake(3), fake(FAKES)
 
         async def swap() -> None:
@@ -107,10 +122,21 @@ def test_an_agent_among_300_fake_leases() -> None:
         wait_for("the ingress members to follow", swapped)
         wait_for("the joined peer's route", lambda: str(joined.subnet) in tb.run(
             host.netns, ["ip", "route", "show", "proto", "87"]).stdout)
-        time.sleep(1.0)
+
+        # A barrier: a FORWARD rule added by hand (a wake-up of another kind) comes after
+        # weft's own deletions on the `nft monitor` stream, so once the agent has asked for
+        # a pass for it, it has read those too.
+        rule = ["FORWARD", "-s", "198.18.250.1/32", "-j", "ACCEPT"]
+        since = len(tb.agent_log(host))
+        tb.run(host.netns, ["iptables", "-w", "5", "-A", *rule])
+        wait_for("the hand-added FORWARD rule seen",
+                 lambda: "FORWARD rule added" in tb.agent_log(host)[since:])
         assert nft_wakeups() == woken
+        tb.run(host.netns, ["iptables", "-w", "5", "-D", *rule])
+        wait_for("the hand-deleted FORWARD rule seen", lambda: nft_wakeups() > woken)
 
         # An element deleted by hand is still noticed and put back.
+        woken = nft_wakeups()
         kept = fake(5)
         tb.run(host.netns, ["nft", "delete", "element", "inet", "weft-ingress", "members",
                             f"{{ {kept.public_ip} }}"])

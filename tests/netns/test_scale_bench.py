@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_bench import _ours_left
 
+from helpers import namespaces_left_by
 from weft_lab.testbed import list_netns
 
 pytestmark = pytest.mark.netns
@@ -43,4 +43,4 @@ def test_tiny_scale_bench_reports_every_figure(tmp_path: Path) -> None:
     assert rr["reconciles"] == 0, rr["reconcile_reasons"]
     assert 1 <= rr["store_requests_per_renewal"] < 20
     assert "storm" not in report
-    assert not _ours_left(before, proc.pid)  # other engineers' runs may come and go
+    assert not namespaces_left_by(before, proc.pid)  # other engineers' runs may come and go

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import pytest
 import weft.store.sqlite
 from bounded import run
 from etcd_server import etcd_cluster, requires_etcd, unique_prefix
+from helpers import await_for, sqlite_put
 from weft.agent.leasing import acquire_lease
 from weft.backends.registry import parse_config
 from weft.core.config import IPNetwork
@@ -77,17 +77,7 @@ def _sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StoreUnderTest:
 
     def write_raw(key: str, value: str) -> None:
         # Straight into the tables, as a buggy or foreign writer would, event included.
-        db = sqlite3.connect(path)
-        with db:
-            db.execute(
-                "INSERT OR REPLACE INTO leases (key, value, public_ip, expiration) "
-                "VALUES (?, ?, NULL, ?)", (key, value, time.time() + 3600),
-            )
-            db.execute(
-                "INSERT INTO events (kind, key, value, expiration) VALUES ('put', ?, ?, ?)",
-                (key, value, time.time() + 3600),
-            )
-        db.close()
+        sqlite_put(path, key, value, time.time() + 3600)
 
     async def compact(store: LeaseStore, lease: Lease) -> None:
         # The store compacts every 1000th event down to HISTORY_EVENTS; make that small
@@ -149,10 +139,12 @@ def lease(subnet: str, public_ip: str, **data: Any) -> Lease:
 
 
 async def collect(
-    watch: AsyncIterator[list[LeaseEvent]], until: Callable[[list[LeaseEvent]], bool]
+    watch: AsyncIterator[list[LeaseEvent]], until: Callable[[list[LeaseEvent]], bool],
+    seen: list[LeaseEvent] | None = None,
 ) -> list[LeaseEvent]:
-    """Events from a watch until `until(events so far)` holds (or WAIT runs out)."""
-    seen: list[LeaseEvent] = []
+    """Events from a watch until `until(events so far)` holds (or WAIT runs out); into
+    `seen` as they come, when given."""
+    seen = [] if seen is None else seen
     try:
         async with asyncio.timeout(WAIT):
             async for batch in watch:
@@ -317,16 +309,23 @@ def test_watch_sees_every_change_in_order_and_replays_history(kind: StoreUnderTe
             _, start = await host.list_leases()
 
             async def changes() -> None:
-                await host.create_lease(lease(str(a), "198.18.0.4"), 600)
                 await host.create_lease(lease(str(b), "198.18.0.5"), 600)
                 await host.renew_lease(lease(str(a), "198.18.0.4", VtepMAC="02:44"), 600)
                 await host.delete_lease(b)
 
+            delivered: list[LeaseEvent] = []
+
+            async def first_delivered() -> bool:
+                return bool(delivered)
+
             async with asyncio.TaskGroup() as group:
-                live = group.create_task(
-                    collect(watcher.watch(start), until=lambda seen: len(seen) >= 4)
-                )
-                await asyncio.sleep(0.3)  # let the watch start first: this one is live
+                live = group.create_task(collect(
+                    watcher.watch(start), until=lambda seen: len(seen) >= 4, seen=delivered))
+                await host.create_lease(lease(str(a), "198.18.0.4"), 600)
+                # Once the watch has delivered the first change it is running: the next
+                # three reach it live, not replayed.
+                await await_for("the watch to deliver the first change", first_delivered,
+                                WAIT, interval=0.02)
                 group.create_task(changes())
             events = live.result()
             assert summary(events) == expected
@@ -394,7 +393,7 @@ def test_watch_from_compacted_history_raises_watch_compacted(kind: StoreUnderTes
                 live = group.create_task(
                     collect(watcher.watch(now), until=lambda seen: len(seen) >= 1)
                 )
-                await asyncio.sleep(0.3)
+                # Live or replayed from `now` (whichever comes first), the deletion comes.
                 await store.delete_lease(held.subnet)
             assert summary(live.result()) == [("delete", held.subnet)]
 

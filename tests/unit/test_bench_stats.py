@@ -1,11 +1,10 @@
-"""weft bench: the arithmetic, qperf's output, the outputs, and one real short bench."""
+"""weft bench: the arithmetic, qperf's output, and the outputs (one real short bench is in
+tests/netns/test_bench.py: it needs namespaces)."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
+from helpers import chart_bars, weft
 from weft.core.errors import UsageError
 from weft_lab.bench.qperf import parse_qperf
 from weft_lab.bench.report import render_table, write_chart, write_json
@@ -30,12 +30,6 @@ from weft_lab.bench.stats import (
     tbf_args,
     ticks_delta,
 )
-
-
-def weft(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "weft", *args], capture_output=True,
-                          text=True, timeout=timeout, check=False)
-
 
 # --- schedule ---------------------------------------------------------------------------
 
@@ -229,10 +223,18 @@ def test_table_has_the_seed_columns_and_lists_skipped() -> None:
     assert "skipped wireguard: no kernel module" in text
 
 
-def test_chart_is_a_png(tmp_path: Path) -> None:
+def test_chart_has_a_pair_of_bars_per_backend(tmp_path: Path) -> None:
     path = tmp_path / "bench.png"
-    write_chart(sample_report(), str(path))
+    report = summarise("1gbit", 2, 1, {
+        "native": [run(0, 116, 91.8)], "vxlan": [run(0, 112, 129)],
+        "host-gw": [run(0, 114, 100)], "udp": [run(0, 60, 200)],
+    }, [])
+    write_chart(report, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # 120 dpi; 1.6 in per backend + 2 in wide (4 in at least), 4.2 in high.
+    assert chart_bars(str(path)) == {"size": (816, 504), "bw_bars": 3, "lat_bars": 3}
+    write_chart(sample_report(), str(path))  # one backend
+    assert chart_bars(str(path)) == {"size": (480, 504), "bw_bars": 1, "lat_bars": 1}
 
 
 def test_bad_cli_arguments_fail_before_building_anything() -> None:
@@ -245,6 +247,3 @@ def test_bad_cli_arguments_fail_before_building_anything() -> None:
     proc = weft("bench", "--backends", "vxlan", "--attach", "macvlan")
     assert proc.returncode == 1
     assert "--attach 'macvlan'" in proc.stderr
-
-
-# --- one real bench -----------------------------------------------------------------------

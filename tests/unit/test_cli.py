@@ -8,10 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-def weft(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "weft", *args], input=input,
-                          capture_output=True, text=True, timeout=60, check=False)
+from helpers import weft
 
 
 def test_config_set_and_show_round_trip(tmp_path: Path) -> None:

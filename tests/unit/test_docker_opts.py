@@ -5,11 +5,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import weft
 from weft.integrations.subnet_env import SubnetEnv, write_subnet_env
 
 CASES = [
@@ -21,8 +21,7 @@ CASES = [
 
 
 def docker_opts(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "weft", "docker-opts", *args],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return weft("docker-opts", *args)
 
 
 def subnet_env(tmp_path: Path, network: str, subnet: str, mtu: int, ipmasq: bool) -> Path:
@@ -107,3 +106,44 @@ def test_output_file_is_not_left_half_written_on_error(tmp_path: Path) -> None:
     proc = docker_opts("-f", str(tmp_path / "missing.env"), "--output", str(out))
     assert proc.returncode == 1
     assert out.read_text() == "DOCKER_OPTS=old\n"
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("FLANNEL_NETWORK=198.19.0.0/16\nFLANNEL_SUBNET=banana\nFLANNEL_MTU=1450\n"
+     "FLANNEL_IPMASQ=true\n", "'banana' does not appear to be an IPv4 or IPv6 interface"),
+    ("FLANNEL_NETWORK=198.19.0.0/16\nFLANNEL_SUBNET=198.19.3.1/24\nFLANNEL_IPMASQ=true\n",
+     "FLANNEL_MTU is missing"),
+    ("garbage line\n", "FLANNEL_NETWORK is missing"),
+])
+def test_a_malformed_subnet_env_is_one_line_naming_the_file_and_the_output_is_untouched(
+        tmp_path: Path, content: str, message: str) -> None:
+    env = tmp_path / "subnet.env"
+    env.write_text(content)
+    out = tmp_path / "docker.env"
+    out.write_text("DOCKER_OPTS=old\n")
+    proc = docker_opts("-f", str(env), "--output", str(out))
+    assert proc.returncode == 1
+    assert proc.stderr == f"error: {env}: {message}\n"
+    assert out.read_text() == "DOCKER_OPTS=old\n"
+
+
+@pytest.mark.parametrize("where", ["a directory", "under a file"])
+def test_an_unwritable_output_is_one_line_and_leaves_nothing(tmp_path: Path, where: str) -> None:
+    (tmp_path / "env").mkdir()
+    env = subnet_env(tmp_path / "env", *CASES[0])
+    target = tmp_path / "out"
+    if where == "a directory":
+        target.mkdir()
+        output = target
+    else:
+        target.write_text("a file\n")
+        output = target / "docker.env"
+    proc = docker_opts("-f", str(env), "--output", str(output))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"error: cannot write {output}: "), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
+    assert "Traceback" not in proc.stderr
+    # Nothing half-written beside it: no temporary file left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["env", "out"]
+    assert (list(target.iterdir()) == []) if target.is_dir() else (
+        target.read_text() == "a file\n")

@@ -8,12 +8,11 @@ import ipaddress
 import json
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import weft
 from ingress_plans import ingress_plan_for
 from weft.backends.registry import parse_config
 from weft.core.constants import MAX_RECORD_BYTES
@@ -107,11 +106,6 @@ def test_psk_is_never_echoed_by_a_validation_error() -> None:
         with pytest.raises(ConfigError) as info:
             parse_config(json.dumps({"Network": "198.19.0.0/16", "Backend": backend}))
         assert bad not in str(info.value)
-
-
-def weft(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "weft", *args], input=input,
-                          capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_psk_is_absent_from_every_command_output(tmp_path: Path) -> None:

@@ -236,7 +236,7 @@ class Forwarder:
         for thread in self._threads:
             thread.join(timeout=2)
             if thread.is_alive():  # only if the device is down: it ends with the process
-                log.warning("udp forwarder thread did not stop", extra={"thread": thread.name})
+                log.warning("udp forwarder thread did not stop", extra={"worker": thread.name})
         self._threads = []
         if self._sock is not None:
             self.device.close()
@@ -294,7 +294,7 @@ class Forwarder:
                 loop()
             except Exception:
                 log.exception("udp forwarder thread failed; restarting it",
-                              extra={"thread": threading.current_thread().name})
+                              extra={"worker": threading.current_thread().name})
                 time.sleep(0.1)  # a persistent bug must not turn into a busy loop
 
     def _tun_to_udp(self) -> None:
