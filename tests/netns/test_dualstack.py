@@ -6,14 +6,15 @@ from __future__ import annotations
 import ipaddress
 import json
 import shutil
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from helpers import wait_for
 from weft.core.errors import WeftError
-from weft_lab.nodes import Host
+from weft_lab.nodes import Container, Host
 from weft_lab.testbed import Testbed
 
 pytestmark = pytest.mark.netns
@@ -100,13 +101,10 @@ def test_host_gw_ipv6_over_an_ipv4_only_underlay_is_said_at_config_time_and_per_
 
 
 def reaches(tb: Testbed, netns: str, dst: object, timeout: float = 30.0) -> bool:
-    """Whether a ping from `netns` reaches `dst` before `timeout` (the agents converge
-    meanwhile: the condition waited on, not a time)."""
-    deadline = time.monotonic() + timeout
-    while not tb.ping(netns, dst):
-        if time.monotonic() > deadline:
-            return False
-    return True
+    """Whether a ping from `netns` reaches `dst` (the agents converge meanwhile: the
+    condition waited on, not a time); fails after `timeout`."""
+    return bool(wait_for(f"{netns} to reach {dst}", lambda: tb.ping(netns, dst), timeout,
+                         interval=0))
 
 
 def routes6(tb: Testbed, host: Host) -> dict[str, dict[str, object]]:
@@ -118,16 +116,13 @@ def routes6(tb: Testbed, host: Host) -> dict[str, dict[str, object]]:
 def wait_for_errors(tb: Testbed, host: Host, count: int, timeout: float = 30.0
                     ) -> dict[str, Any]:
     """The host's status once it reports `count` peer errors (or fail after `timeout`)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            status = tb.host_status(host)
-        except (OSError, WeftError):  # the agent not answering yet
-            status = {"errors": {}}
-        if len(status["errors"]) >= count:
-            return status
-        assert time.monotonic() < deadline, status
-        time.sleep(0.1)
+    def enough() -> dict[str, Any]:
+        status = tb.host_status(host)
+        return status if len(status["errors"]) >= count else {}
+
+    found: dict[str, Any] = wait_for(f"{host.name} to report {count} peer errors", enough,
+                                     timeout, ignore=(OSError, WeftError))
+    return found
 
 
 @pytest.mark.parametrize("backend", ["vxlan", "udp", "wireguard"])
@@ -219,7 +214,13 @@ def check_container_pings(tb: Testbed) -> None:
     a, b = tb.containers
     for src, dst in ((a, b), (b, a)):
         for target in (dst.ip, dst.ip6):
-            deadline = time.monotonic() + 30
-            while tb.container_exec(src, ["ping", "-c", "1", "-W", "2", str(target)],
-                                    check=False, timeout=20).returncode != 0:
-                assert time.monotonic() < deadline, (src.name, str(target))
+            wait_for(f"{src.name} to ping {target} from inside",
+                     pinger(tb, src, str(target)), 30, interval=0)
+
+
+def pinger(tb: Testbed, src: Container, target: str) -> Callable[[], bool]:
+    """Whether one busybox ping from inside `src` reaches `target`."""
+    def once() -> bool:
+        return tb.container_exec(src, ["ping", "-c", "1", "-W", "2", target], check=False,
+                                 timeout=20).returncode == 0
+    return once

@@ -7,7 +7,6 @@ inside the test's namespaces."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import textwrap
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from forged import PACKETS
+from helpers import sqlite_delete, sqlite_put, wait_for
 from weft_lab.testbed import Container, Host, Testbed
 
 pytestmark = pytest.mark.netns
@@ -38,10 +38,7 @@ def bed() -> Iterator[Testbed]:
 
 
 def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {WAIT} s for {what}"
-        time.sleep(0.1)
+    wait_for(what, condition, WAIT)
 
 
 def routes6(tb: Testbed, host: Host) -> dict[str, dict[str, Any]]:
@@ -57,11 +54,9 @@ def neighbours6(tb: Testbed, host: Host) -> dict[str, str]:
 
 def pings6(tb: Testbed, src: Container, dst: Container) -> bool:
     assert dst.ip6 is not None
-    deadline = time.monotonic() + WAIT
-    while not tb.ping(src.netns, dst.ip6):
-        if time.monotonic() > deadline:
-            return False
-    return True
+    target = dst.ip6
+    return bool(wait_for(f"{src.name} to ping {target}", lambda: tb.ping(src.netns, target),
+                         WAIT, interval=0))
 
 
 def test_an_ipv6_route_and_neighbour_deleted_under_the_agent_come_back(bed: Testbed) -> None:
@@ -169,31 +164,6 @@ def test_a_forged_ipv6_in_vxlan_frame_from_a_non_member_is_dropped_and_counted(
     assert pings6(tb, c1, c2)
 
 
-def sqlite_put(tb: Testbed, key: str, value: str) -> None:
-    db = sqlite3.connect(tb.run_dir / "store.db", timeout=30, isolation_level=None)
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("INSERT OR REPLACE INTO leases (key, value, public_ip, expiration) "
-                   "VALUES (?, ?, NULL, ?)", (key, value, time.time() + 3600))
-        db.execute("INSERT INTO events (kind, key, value, expiration) VALUES "
-                   "('put', ?, ?, ?)", (key, value, time.time() + 3600))
-        db.execute("COMMIT")
-    finally:
-        db.close()
-
-
-def sqlite_delete(tb: Testbed, key: str) -> None:
-    db = sqlite3.connect(tb.run_dir / "store.db", timeout=30, isolation_level=None)
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("DELETE FROM leases WHERE key = ?", (key,))
-        db.execute("INSERT INTO events (kind, key, value, expiration) VALUES "
-                   "('delete', ?, NULL, NULL)", (key,))
-        db.execute("COMMIT")
-    finally:
-        db.close()
-
-
 def record(public_ip: str, **extra: object) -> str:
     value: dict[str, object] = {"PublicIP": public_ip, "BackendType": "vxlan",
                                 "BackendData": {"VNI": 1, "VtepMAC": "02:00:00:00:02:01"},
@@ -222,7 +192,7 @@ def test_a_poisoned_ipv6_half_is_that_peers_error(bed: Testbed, key: str, value:
     c1, c2 = tb.containers
     before = {h.name: routes6(tb, h) for h in tb.hosts}
     subnet = key.removeprefix("subnets/").split("&")[0].replace("-", "/")
-    sqlite_put(tb, key, value)
+    sqlite_put(tb.run_dir / "store.db", key, value, time.time() + 3600)
     try:
         for host in tb.hosts:
             until(reports(tb, host, subnet), f"{host.name} to report {subnet}")
@@ -231,7 +201,7 @@ def test_a_poisoned_ipv6_half_is_that_peers_error(bed: Testbed, key: str, value:
         assert pings6(tb, c2, c1)
         assert {h.name: routes6(tb, h) for h in tb.hosts} == before
     finally:
-        sqlite_delete(tb, key)
+        sqlite_delete(tb.run_dir / "store.db", key)
     for host in tb.hosts:
         until(reports(tb, host, None), f"{host.name} to clear the error")
 
