@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from helpers import wait_for
+from helpers import metric, scrape, wait_for
 from weft.core.errors import WeftError
 from weft_lab.nodes import Container, Host
 from weft_lab.testbed import Testbed
@@ -169,12 +169,21 @@ def test_auto_dual_stack_mesh_chooses_per_family() -> None:
     """auto on a dual underlay: host-gw carries both families between the hosts (IPv6 via
     each peer's IPv6 address), and status names each peer's plane per family."""
     with Testbed(hosts=3, containers_per_host=2, config=dual_config("auto"),
-                 underlay="dual") as tb:
+                 underlay="dual", agent_args=["--metrics-addr", "127.0.0.1:9464"]) as tb:
         tb.start()
         check_mesh(tb)
         paths = tb.host_status(tb.hosts[0])["backend_status"]["paths"]
         assert {(p["plane"], p["ipv6_plane"]) for p in paths.values()} == {
             ("host-gw", "host-gw")}
+        # Both families in the metrics: the peers' subnets per family, auto's IPv6 plane.
+        scraped = scrape(tb.hosts[0].netns)
+        assert metric(scraped, "weft_peer_subnets", family="ipv4") == 2
+        assert metric(scraped, "weft_peer_subnets", family="ipv6") == 2
+        for subnet in paths:
+            assert metric(scraped, "weft_peer_ipv6_data_plane", peer=subnet,
+                          plane="host-gw") == 1
+            assert metric(scraped, "weft_peer_ipv6_data_plane", peer=subnet,
+                          plane="vxlan") == 0
 
 
 DOCKER = shutil.which("dockerd") is not None and Path("/bin/busybox").exists()
