@@ -268,3 +268,23 @@ def test_subnet_env_names_both_families_as_flannel_does() -> None:
     single = SubnetEnv(net("198.19.0.0/16"), net("198.19.3.0/24"), 1450, True)
     assert "IPV6" not in single.render()
     assert parse_subnet_env(single.render()) == single
+
+
+def test_a_hosts_lease_of_the_other_shape_is_released_when_it_leases_anew(
+        tmp_path: Path) -> None:
+    """The network went dual stack: a host's single-family lease goes when it leases its
+    pair (flannel deletes it too), so peers do not report it for its whole TTL; another
+    host's stays."""
+    async def scenario() -> bool:
+        store = SqliteLeaseStore(str(tmp_path / "store.db"))
+        await acquire_lease(store, V4, ip("198.18.0.1"), "vxlan", MAC, 60)
+        theirs, _ = await acquire_lease(store, V4, ip("198.18.0.2"), "vxlan", MAC, 60)
+        mine, reclaimed = await acquire_lease(store, DUAL, ip("198.18.0.1"), "vxlan", MAC, 60,
+                                              backend_v6_data=MAC)
+        assert not reclaimed
+        leases, _ = await store.list_leases()
+        await store.close()
+        assert mine.ipv6_subnet is not None
+        return sorted(lease.key for lease in leases) == sorted([mine.key, theirs.key])
+
+    assert run(scenario())

@@ -47,6 +47,14 @@ async def acquire_lease(
         if on_list is not None:
             on_list(leases, revision)
         previous = find_reclaimable(config, leases, public_ip)
+        for stale in leases:
+            # This host's lease of the other shape (the network went dual stack, or back):
+            # released, as flannel does, or peers would report it for its whole TTL.
+            if stale.public_ip == public_ip and \
+                    (stale.ipv6_subnet is not None) != config.dual_stack:
+                log.info("releasing this host's lease of another shape",
+                         extra={"subnet": str(stale.subnet)})
+                await store.delete_lease(stale.subnet, stale.ipv6_subnet)
         v6 = None if backend_v6_data is None else dict(backend_v6_data)
         if previous is not None:
             wanted = Lease(previous.subnet, public_ip, backend_type, dict(backend_data),
