@@ -233,3 +233,37 @@ def pinger(tb: Testbed, src: Container, target: str) -> Callable[[], bool]:
         return tb.container_exec(src, ["ping", "-c", "1", "-W", "2", target], check=False,
                                  timeout=20).returncode == 0
     return once
+
+
+def test_vxlan_carries_ipv6_over_the_ipv6_underlay_where_both_ends_have_one() -> None:
+    """A mixed underlay on vxlan (the third host IPv4-only): the first two hosts send each
+    other's IPv6 subnets through the IPv6 underlay device (to the peer's PublicIPv6), every
+    pair with the third through the IPv4 one; both families reach every container."""
+    with Testbed(hosts=3, containers_per_host=1, config=dual_config("vxlan"),
+                 underlay="dual", ipv4_only_hosts=1) as tb:
+        tb.start()
+        check_mesh(tb)
+        leases = {lease.public_ip: lease for lease in tb.leases()}
+        first, second, third = tb.hosts
+        assert leases[second.underlay_ip].public_ipv6 == second.underlay_ip6
+        assert leases[third.underlay_ip].public_ipv6 is None
+        routes = routes6(tb, first)
+        assert routes[str(leases[second.underlay_ip].ipv6_subnet)]["dev"] == "weft.vx1v6"
+        assert routes[str(leases[third.underlay_ip].ipv6_subnet)]["dev"] == "weft.vx1"
+        fdb = tb.run(first.netns, ["bridge", "fdb", "show", "dev", "weft.vx1v6"]).stdout
+        assert f"dst {second.underlay_ip6}" in fdb
+        # The lone host has no IPv6 device: its IPv6 overlay rides IPv4 to everyone.
+        assert "weft.vx1v6" not in tb.run(third.netns, ["ip", "-br", "link"]).stdout
+        # MTU: one for the containers, leaving room for the IPv6 underlay's header.
+        assert "FLANNEL_MTU=1430\n" in first.subnet_env_path.read_text()
+        assert "FLANNEL_MTU=1450\n" in third.subnet_env_path.read_text()
+        assert tb.host_status(first)["ingress"]["dropped"].get("non_member", 0) == 0
+        # The IPv6 underlay device is weft's too: deleted, it comes back with its MAC.
+        mac6 = json.loads(tb.run(first.netns, ["ip", "-j", "link", "show", "weft.vx1v6"]
+                                 ).stdout)[0]["address"]
+        tb.run(first.netns, ["ip", "link", "del", "weft.vx1v6"])
+        wait_for("weft.vx1v6 to come back with its MAC", lambda: mac6 in tb.run(
+            first.netns, ["ip", "link", "show"]).stdout and "weft.vx1v6" in tb.run(
+            first.netns, ["ip", "-br", "link"]).stdout, 30)
+        a, b, _ = tb.containers
+        assert reaches(tb, a.netns, b.ip6)

@@ -32,15 +32,29 @@ def peer(n: int, backend: str = "vxlan", public_ipv6: str | None = None,
 
 
 def test_vxlan_routes_both_halves_through_the_device_to_one_public_ip() -> None:
+    """No IPv6 underlay device: the IPv6 half rides the IPv4 device, to the peer's IPv4
+    device's MAC (BackendV6Data's is its IPv6 device's, which this path never reaches)."""
     got = vxlan.plan(VxlanOptions(), [peer(2)], vxlan.VxlanFacts(7, V4_ONLY))
-    ll6 = addr("fe80::ff:fe00:1a")  # MAC6's EUI-64 link-local address
+    ll = addr("fe80::ff:fe00:a")  # MAC's EUI-64 link-local address
     assert got.routes == {Route(net("198.19.2.0/24"), addr("198.19.2.0"), 7, onlink=True),
-                          Route(net("2001:db8:1:2::/64"), ll6, 7)}
-    assert got.neighbours == {Neighbour(addr("198.19.2.0"), MAC, 7),
-                              Neighbour(ll6, MAC6, 7)}
-    assert got.fdb == {FdbEntry(MAC, addr("198.18.0.2"), 7),
-                       FdbEntry(MAC6, addr("198.18.0.2"), 7)}
+                          Route(net("2001:db8:1:2::/64"), ll, 7)}
+    assert got.neighbours == {Neighbour(addr("198.19.2.0"), MAC, 7), Neighbour(ll, MAC, 7)}
+    assert got.fdb == {FdbEntry(MAC, addr("198.18.0.2"), 7)}
     assert got.errors == {}
+
+
+def test_vxlan_carries_ipv6_over_the_ipv6_underlay_where_both_ends_have_one() -> None:
+    facts = vxlan.VxlanFacts(7, DUAL, device6_index=9)
+    both = vxlan.plan(VxlanOptions(), [peer(2, public_ipv6="2001:db8:ff::2")], facts)
+    ll6 = addr("fe80::ff:fe00:1a")  # MAC6's: the peer's IPv6 underlay device
+    assert Route(net("2001:db8:1:2::/64"), ll6, 9) in both.routes
+    assert Neighbour(ll6, MAC6, 9) in both.neighbours
+    assert both.fdb == {FdbEntry(MAC, addr("198.18.0.2"), 7),
+                        FdbEntry(MAC6, addr("2001:db8:ff::2"), 9)}
+    # A peer without an IPv6 underlay address: its IPv6 half over the IPv4 device.
+    lone = vxlan.plan(VxlanOptions(), [peer(3)], facts)
+    assert Route(net("2001:db8:1:3::/64"), addr("fe80::ff:fe00:a"), 7) in lone.routes
+    assert lone.fdb == {FdbEntry(MAC, addr("198.18.0.3"), 7)}
 
 
 def test_vxlan_direct_routing_takes_ipv6_straight_only_via_an_ipv6_next_hop() -> None:
@@ -52,7 +66,7 @@ def test_vxlan_direct_routing_takes_ipv6_straight_only_via_an_ipv6_next_hop() ->
     # No PublicIPv6: the IPv6 half falls back to the VXLAN device, the IPv4 half is direct.
     without = vxlan.plan(options, [peer(2)], vxlan.VxlanFacts(7, DUAL))
     assert without.routes == {Route(net("198.19.2.0/24"), addr("198.18.0.2"), 2),
-                              Route(net("2001:db8:1:2::/64"), addr("fe80::ff:fe00:1a"), 7)}
+                              Route(net("2001:db8:1:2::/64"), addr("fe80::ff:fe00:a"), 7)}
 
 
 def test_hostgw_routes_ipv6_via_the_peers_ipv6_address_and_reports_a_half_it_cannot() -> None:
@@ -121,3 +135,41 @@ def test_auto_chooses_per_peer_and_per_family() -> None:
     assert {r.dst for r in got.tables["udp"]} == {s for p in peers for s in p.subnets}
     assert got.udp_peers.six is not None
     assert len(got.udp_peers.six.routes) == 3
+
+
+def test_ingress_accepts_the_members_ipv6_underlay_addresses_and_guards_ipv6_sources() -> None:
+    from weft.backends.registry import parse_config
+    from weft.host.ingress_rules import (
+        ingress_delta,
+        ingress_plan,
+        ingress_ruleset,
+        ingress_update,
+        same_shape,
+    )
+
+    config = parse_config('{"Network": "198.19.0.0/16", "EnableIPv6": true, '
+                          '"IPv6Network": "2001:db8:1::/48"}')
+    own = peer(1)
+    a, b = peer(2, public_ipv6="2001:db8:ff::2"), peer(3)
+    plan = ingress_plan(config, addr("198.18.0.1"), own, [a], port=8472,
+                        public_ipv6=addr("2001:db8:ff::1"))
+    assert plan.members6 == frozenset({addr("2001:db8:ff::2")})
+    script = ingress_ruleset(plan)
+    for line in ("add element inet weft-ingress members6 { 2001:db8:ff::2 }",
+                 "add rule inet weft-ingress encap ip6 saddr @members6 accept",
+                 "add element inet weft-ingress subnets6 { 2001:db8:1:1::/64, "
+                 "2001:db8:1:2::/64 }",
+                 "add rule inet weft-ingress prerouting ip6 saddr 2001:db8:1::/48 ip6 saddr "
+                 "!= @subnets6 counter name spoofed_source drop"):
+        assert line in script, line
+    after = ingress_update(config, addr("198.18.0.1"), plan, [], [b])
+    assert same_shape(plan, after)
+    assert "add element inet weft-ingress subnets6 { 2001:db8:1:3::/64 }" in \
+        ingress_delta(plan, after).script
+    # A single-family network's table is what it was: no IPv6 sets or rules.
+    v4 = parse_config('{"Network": "198.19.0.0/16"}')
+    single = ingress_ruleset(ingress_plan(v4, addr("198.18.0.1"),
+                                          Lease(net("198.19.1.0/24"), addr("198.18.0.1"),
+                                                "vxlan", {}), [], port=8472))
+    assert "ip6" not in single
+    assert "subnets6" not in single

@@ -169,14 +169,20 @@ class Agent:
             log.error("this host cannot route the IPv6 overlay", extra={"error": message})
         underlay = await asyncio.to_thread(_underlay_networks, host.underlay_ifname)
         backend = create_backend(config, host)
-        facts = backend_facts(config.backend, host.underlay_ifname)
-        ingress = IngressFilter(config, host.public_ip, port=facts.encap_port,
+        facts = backend_facts(config.backend, host.underlay_ifname, config.dual_stack)
+        ingress = IngressFilter(config, host.public_ip, public_ipv6=host.public_ipv6,
+                                port=facts.encap_port,
                                 by_port=facts.members_by_port, peer_iifs=facts.peer_iifs)
         self.metrics.export_ingress(config.backend.type, ingress.counters)
         data = await asyncio.to_thread(backend.prepare)
+        # A backend with devices of its own for the IPv6 overlay says so (vxlan over an
+        # IPv6 underlay address); otherwise its BackendData serves both halves.
+        ipv6_data = getattr(backend, "ipv6_data", None)
+        data6 = ipv6_data() if callable(ipv6_data) else None
         lease, leases, revision = await acquire(self.store, config, host.public_ip, data,
                                                 self.opts.lease_ttl, self.retry,
-                                                public_ipv6=host.public_ipv6)
+                                                public_ipv6=host.public_ipv6,
+                                                backend_v6_data=data6)
         # The view starts from the listing the lease was chosen by; the watch from its
         # revision brings what came after, our own lease's write included.
         store_view = StoreView([*leases, lease], revision)

@@ -48,7 +48,8 @@ class OwnLease:
 
 async def acquire(store: LeaseStore, config: NetworkConfig, public_ip: IPAddress,
                   backend_data: Mapping[str, Any], ttl: float, retry: StoreRetry,
-                  public_ipv6: IPv6Address | None = None
+                  public_ipv6: IPv6Address | None = None,
+                  backend_v6_data: Mapping[str, Any] | None = None
                   ) -> tuple[Lease, list[Lease], int]:
     """Reclaim or acquire a lease at start; also the listing it was chosen by and its
     revision (the view starts from it: at 5,000 leases a second listing was a tenth of
@@ -61,7 +62,8 @@ async def acquire(store: LeaseStore, config: NetworkConfig, public_ip: IPAddress
                               backend_data, ttl,
                               on_list=lambda *listing: listings.append(listing),
                               public_ipv6=public_ipv6,
-                              backend_v6_data=backend_data if config.dual_stack else None),
+                              backend_v6_data=(backend_v6_data or backend_data)
+                              if config.dual_stack else None),
     )
     log.info("lease reclaimed" if reclaimed else "lease acquired",
              extra={"subnet": str(lease.subnet), "public_ip": str(public_ip),

@@ -81,6 +81,9 @@ class BackendSpec(Generic[OptionsT]):
     # An IPv6 overlay is routed via IPv6 next hops on the underlay (host-gw): the kernel
     # takes no IPv4 next hop for an IPv6 route, so each host needs an IPv6 underlay address.
     ipv6_next_hops: bool = False
+    # Tunnel devices a dual-stack network adds (vxlan's on the IPv6 underlay): FORWARD's
+    # scope and the kernel watcher's, beside `BackendFacts.tunnels`.
+    ipv6_tunnels: Callable[[OptionsT], tuple[str, ...]] | None = None
 
 
 @dataclass

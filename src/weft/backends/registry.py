@@ -11,6 +11,7 @@ runs. Pure: importing this module imports only the options models.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
@@ -76,10 +77,15 @@ def create_backend(config: NetworkConfig, host: HostContext) -> Backend:
     return cast("Backend", factory(config, host))
 
 
-def backend_facts(options: BackendOptions, underlay: str) -> BackendFacts:
+def backend_facts(options: BackendOptions, underlay: str,
+                  dual_stack: bool = False) -> BackendFacts:
     """What the rest of the host needs to know about the backend `options` configure, on a
-    host whose underlay device is `underlay`."""
-    return BACKENDS[options.type].facts(options, underlay)
+    host whose underlay device is `underlay` (`dual_stack`: of a dual-stack network)."""
+    spec = BACKENDS[options.type]
+    facts = spec.facts(options, underlay)
+    if dual_stack and spec.ipv6_tunnels is not None:
+        facts = dataclasses.replace(facts, tunnels=facts.tunnels + spec.ipv6_tunnels(options))
+    return facts
 
 
 def overhead(backend_type: str, ip_version: int = 4) -> int:

@@ -61,6 +61,10 @@ class IngressPlan:
     # leased subnets of both families).
     network6: IPNetwork | None = None
     own6: IPNetwork | None = None
+    # Dual stack over an IPv4 underlay on a host with an IPv6 underlay address too: the
+    # members' IPv6 underlay addresses (encapsulated IPv6 overlay arrives from them, vxlan's
+    # second device); None: no such set.
+    members6: frozenset[IPAddress] | None = None
 
 
 def _peer_port(lease: Lease, default: int) -> int | None:
@@ -72,7 +76,8 @@ def _peer_port(lease: Lease, default: int) -> int | None:
 
 def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
                  peers: Iterable[Lease], *, port: int | None, by_port: bool = False,
-                 peer_iifs: Iterable[str] = (), untrack: Untrack | None = None) -> IngressPlan:
+                 peer_iifs: Iterable[str] = (), untrack: Untrack | None = None,
+                 public_ipv6: IPAddress | None = None) -> IngressPlan:
     """The plan for this host. `port`, `by_port` and `peer_iifs` are the backend's facts
     (`weft.backends.base.BackendFacts`: its encapsulation port, members as (address,
     port), the devices a peer's source may arrive on). Peers are validated leases; one of
@@ -80,11 +85,20 @@ def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
     members, subnets = _elements(config, public_ip, peers, port, by_port)
     six = config.ipv6
     own6 = own.ipv6_subnet if six is not None else None
+    members6 = None
+    if public_ipv6 is not None and port is not None and not by_port and six is not None:
+        members6 = frozenset(_members6(peers, public_ipv6))
     return IngressPlan(config.backend.type, config.network, public_ip.version,
                        port, by_port, frozenset(members),
                        frozenset(subnets | {own.subnet} | ({own6} if own6 else set())),
                        peer_iifs=frozenset(peer_iifs), own=own.subnet, untrack=untrack,
-                       network6=six.network if six is not None else None, own6=own6)
+                       network6=six.network if six is not None else None, own6=own6,
+                       members6=members6)
+
+
+def _members6(peers: Iterable[Lease], public_ipv6: IPAddress | None) -> set[IPAddress]:
+    return {p.public_ipv6 for p in peers
+            if p.public_ipv6 is not None and p.public_ipv6 != public_ipv6}
 
 
 def ingress_update(config: NetworkConfig, public_ip: IPAddress, plan: IngressPlan,
@@ -93,10 +107,15 @@ def ingress_update(config: NetworkConfig, public_ip: IPAddress, plan: IngressPla
     their new ones (a changed peer is in both). O(changed) Python work: the elements of a
     validated view are one per peer (no two peers share a PublicIP or a subnet, and this
     host's own are no peer's), so taking a removed peer's out takes no one else's."""
+    removed, added = list(removed), list(added)
     gone_members, gone_subnets = _elements(config, public_ip, removed, plan.port, plan.by_port)
     came_members, came_subnets = _elements(config, public_ip, added, plan.port, plan.by_port)
+    members6 = plan.members6
+    if members6 is not None:  # changed peers are never this host
+        members6 = (members6 - _members6(removed, None)) | _members6(added, None)
     return dataclasses.replace(plan, members=(plan.members - gone_members) | came_members,
-                               subnets=(plan.subnets - gone_subnets) | came_subnets)
+                               subnets=(plan.subnets - gone_subnets) | came_subnets,
+                               members6=members6)
 
 
 def _elements(config: NetworkConfig, public_ip: IPAddress, peers: Iterable[Lease],
@@ -156,6 +175,8 @@ def ingress_ruleset(plan: IngressPlan) -> str:
         f"flush set {t} members",
         f"add set {t} subnets {{ type {ov_type}; flags interval; }}",
         f"flush set {t} subnets",
+        *([f"add set {t} members6 {{ type ipv6_addr; }}", f"flush set {t} members6"]
+          if plan.members6 is not None else []),
         *([f"add set {t} subnets6 {{ type ipv6_addr; flags interval; }}",
            f"flush set {t} subnets6"] if plan.network6 is not None else []),
         f"add chain {t} {_CHAIN} {{ type filter hook prerouting priority raw; policy accept; }}",
@@ -169,6 +190,9 @@ def ingress_ruleset(plan: IngressPlan) -> str:
         lines += [f"add chain {t} {_ENCAP}", f"delete chain {t} {_ENCAP}"]
     if plan.members:
         lines.append(f"add element {t} members {{ {', '.join(sorted(members))} }}")
+    if plan.members6:
+        lines.append(f"add element {t} members6 "
+                     f"{{ {', '.join(sorted(str(ip) for ip in plan.members6))} }}")
     lines.append(f"add element {t} subnets {{ {', '.join(sorted(subnet_elements(plan)))} }}")
     if plan.network6 is not None:
         lines.append(f"add element {t} subnets6 "
@@ -181,11 +205,15 @@ def ingress_ruleset(plan: IngressPlan) -> str:
         if untrack is not None and untrack.public_ip.version == plan.underlay_version \
                 and plan.underlay_version == plan.network.version:
             lines.append(f"{encap} {ul} daddr {untrack.public_ip} {match} notrack accept")
+        lines.append(f"{encap} {match} accept")
+        if plan.members6 is not None:
+            lines.append(f"{encap} ip6 saddr @members6 accept")
         lines += [
-            f"{encap} {match} accept",
             f"{encap} fib daddr type local counter name non_member drop",
             f"{encap} {to_member} counter name to_peer_port drop",
         ]
+        if plan.members6 is not None:
+            lines.append(f"{encap} ip6 daddr @members6 counter name to_peer_port drop")
     lines.append(f"{rule} iif lo accept")  # the host talking to itself
     if plan.own is not None:
         # This host's own subnet (its containers' side: most of what it forwards): the
@@ -259,8 +287,11 @@ def _nft_prefix(subnet: IPNetwork) -> str:
 
 def same_shape(old: IngressPlan, new: IngressPlan) -> bool:
     """Only members or subnets differ: the table can follow by set elements alone."""
-    return dataclasses.replace(old, members=frozenset(), subnets=frozenset()) == \
-        dataclasses.replace(new, members=frozenset(), subnets=frozenset())
+    def blank(plan: IngressPlan) -> IngressPlan:
+        six = None if plan.members6 is None else frozenset[IPAddress]()
+        return dataclasses.replace(plan, members=frozenset(), subnets=frozenset(),
+                                   members6=six)
+    return blank(old) == blank(new)
 
 
 @dataclass(frozen=True)
@@ -288,6 +319,9 @@ def ingress_delta(old: IngressPlan, new: IngressPlan) -> IngressDelta:
                                subnets=new.subnets - old.subnets)
     sets = [("members", member_elements(gone), member_elements(came)),
             ("subnets", subnet_elements(gone), subnet_elements(came))]
+    if old.members6 is not None and new.members6 is not None:
+        sets.append(("members6", frozenset(map(str, old.members6 - new.members6)),
+                     frozenset(map(str, new.members6 - old.members6))))
     if new.network6 is not None:
         sets.append(("subnets6", subnet_elements(gone, "subnets6"),
                      subnet_elements(came, "subnets6")))

@@ -55,6 +55,7 @@ class AutoBackend:
         # The planes' own backends, for their devices only (their routes are ours).
         self._vxlan = VxlanBackend(config.model_copy(update={"backend": VxlanOptions(
             VNI=self.options.vni, Port=self.options.vxlan_port, MTU=self.mtu)}), host)
+        self._vxlan.ipv6_underlay = False  # auto chooses per peer; one VXLAN device
         self._udp = UdpBackend(config.model_copy(update={"backend": UdpOptions(
             Port=self.options.udp_port, Offloads=self.options.offloads, MTU=self.mtu)}), host)
         self._lock = threading.Lock()
