@@ -99,7 +99,9 @@ class StoreOptions:
     password_file: Path | None = None
     allow_plaintext_auth: bool = False
 
-    def open(self) -> LeaseStore:
+    def open(self, *, create: bool = True) -> LeaseStore:
+        """The store; `create=False` (a command that only reads) refuses to make an empty
+        SQLite store where none is, instead of answering from it."""
         from weft.agent.args import check_store_url
         from weft.store import open_store
 
@@ -120,9 +122,13 @@ class StoreOptions:
                               username=self.username, password=password)
         from weft.host.files import private_dir
 
+        path = Path(self.url.removeprefix("sqlite://"))
+        if not create and not path.exists():
+            raise UsageError(f"--store {self.url}: no store there (nothing to read); give the "
+                             "store the agents use, or run `weft config set` first")
         # The store checks its own directory; whether another user could swap it (or a
         # directory above it) is the host layer's to say.
-        private_dir(Path(self.url.removeprefix("sqlite://")).parent, "store directory")
+        private_dir(path.parent, "store directory")
         return open_store(self.url)
 
 
@@ -299,7 +305,7 @@ def config_show(
 ) -> None:
     """Print the network config held in the store."""
     try:
-        s = store.open()
+        s = store.open(create=False)
         text = _using_store(s, lambda st: st.get_config())
         if text is None:
             raise UsageError("the store holds no network config: run `weft config set FILE`")
@@ -324,7 +330,7 @@ def status(
     from weft.agent.status import query_status
 
     try:
-        s = store.open()
+        s = store.open(create=False)
         leases, revision = _using_store(s, lambda st: st.list_leases())
         no_agent: str | None = None
         try:

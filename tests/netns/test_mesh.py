@@ -206,8 +206,19 @@ def test_overlay_crosses_a_forward_chain_that_drops_like_dockers() -> None:
         rules = forward_chain(tb, c2.host.netns)
         assert rules.count(FORWARD_COMMENT) == 2, rules
         # Without weft's two rules the same chain drops the overlay: they are what works.
+        # The agent puts its rules back as soon as it sees them go, so it is stopped first
+        # (SIGTERM leaves the data plane standing) and the chain is left as weft left it.
+        tb.stop_agent(c2.host)
         for rule in reversed(rules.splitlines()):
             if FORWARD_COMMENT in rule:
                 tb.run(c2.host.netns, ["sh", "-c", "iptables -w 5 " +
                                        rule.replace("-A FORWARD", "-D FORWARD", 1)])
+        assert FORWARD_COMMENT not in forward_chain(tb, c2.host.netns)
         assert not tb.ping(c1.netns, c2.ip, wait=1)
+        # The agent back: its rules are back, and the overlay crosses the chain again.
+        tb.start_agent(c2.host)
+        wait_for("the restarted agent's FORWARD accepts",
+                 lambda: forward_chain(tb, c2.host.netns).count(FORWARD_COMMENT) == 2,
+                 timeout=60, seen=lambda: forward_chain(tb, c2.host.netns))
+        wait_for("a ping across the chain again", lambda: tb.ping(c1.netns, c2.ip, wait=1),
+                 timeout=60, seen=lambda: tb.agent_log(c2.host)[-2000:])

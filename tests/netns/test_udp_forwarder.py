@@ -209,7 +209,7 @@ def test_restart_keeps_the_device_and_route_and_traffic_resumes() -> None:
 # (close() joins each for 2 s and gives up) they would still be blocked, alive.
 CLOSE_WAKES = textwrap.dedent("""
     import ipaddress, subprocess, sys, time
-    from weft.backends.udp.apply import open_forwarder
+    from weft.backends.udp.daemon import open_forwarder
     from weft.backends.udp.tun import delete_tun
     dev = sys.argv[1]
     fwd = open_forwarder(dev, ipaddress.ip_address(sys.argv[2]), 8399, 1500, 4, 24)

@@ -42,7 +42,9 @@ def test_bad_config_is_one_clear_line_and_nothing_is_written(tmp_path: Path) -> 
     assert proc.returncode == 1
     assert "SubnetLen 4 must be longer than the Network prefix /8" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "no network config" in weft("config", "show", "--store", store).stderr
+    # Nothing written: not even the store (config show, which only reads, finds none).
+    assert not (tmp_path / "store.db").exists()
+    assert "no store there" in weft("config", "show", "--store", store).stderr
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -84,3 +86,16 @@ def test_bad_log_level_is_a_usage_error(tmp_path: Path) -> None:
     proc = weft("agent", "--store", f"sqlite://{tmp_path}/s.db", "--log-level", "loud")
     assert proc.returncode == 1
     assert "--log-level 'loud' is not a level" in proc.stderr
+
+
+def test_reading_commands_do_not_create_a_store_where_none_is(tmp_path: Path) -> None:
+    """`weft status` and `weft config show` only read: a mistyped store path is an error,
+    not a new empty store (and directories) made where none was."""
+    missing = tmp_path / "no" / "such" / "store.db"
+    for argv in (["status", "--state-dir", str(tmp_path)], ["config", "show"]):
+        proc = weft(*argv, "--store", f"sqlite://{missing}")
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.splitlines() == [
+            f"error: --store sqlite://{missing}: no store there (nothing to read); give the "
+            "store the agents use, or run `weft config set` first"]
+    assert not (tmp_path / "no").exists()

@@ -36,9 +36,11 @@ def peer(n: int) -> Lease:
 class SlowBackend:
     """A backend seam that takes its time and records what it was asked, and when."""
 
-    def __init__(self, delay: float, fail_first: int = 0) -> None:
+    def __init__(self, delay: float, fail_first: int = 0,
+                 gate: threading.Event | None = None) -> None:
         self.delay = delay
         self.fail_first = fail_first
+        self.gate = gate  # the first pass waits for it: the test says when it may end
         self.calls: list[frozenset[str]] = []
         self.active = 0
         self.overlapped = False
@@ -49,6 +51,8 @@ class SlowBackend:
             self.active += 1
             self.overlapped |= self.active > 1
         try:
+            if self.gate is not None and not self.calls:
+                self.gate.wait(30)
             time.sleep(self.delay)
             self.calls.append(frozenset(str(p.subnet) for p in peers))
             if len(self.calls) <= self.fail_first:
@@ -97,17 +101,27 @@ async def _until(predicate: Any) -> None:
 
 
 def test_a_burst_coalesces_and_the_newest_view_is_applied_last(tmp_path: Path) -> None:
+    """21 store events while one pass runs: the worker runs ONE more pass, with the newest
+    view. The first pass is held until the watch has taken every event in (the store's
+    last revision), so the count does not depend on how fast this machine is."""
+    gate = threading.Event()
+
     async def scenario() -> SlowBackend:
         writer = SqliteLeaseStore(str(tmp_path / "store.db"))
         reader = SqliteLeaseStore(str(tmp_path / "store.db"))
-        backend = SlowBackend(delay=0.3)
+        backend = SlowBackend(delay=0.0, gate=gate)
         parts = Parts(reader, backend)
         async with asyncio.TaskGroup() as tg:
             worker = tg.create_task(parts.worker.run())
             watch = tg.create_task(parts.watch())
-            for n in range(2, 22):  # 20 changes while the first pass is still running
+            await writer.create_lease(peer(2), 60)
+            await _until(lambda: backend.active == 1)  # the first pass, held
+            for n in range(3, 22):  # 20 changes while the first pass is still running
                 await writer.create_lease(peer(n), 60)
             await writer.delete_lease(peer(5).subnet)
+            _, last = await writer.list_leases()
+            await _until(lambda: parts.view.revision >= last)
+            gate.set()
             want = frozenset(f"198.19.{n}.0/24" for n in range(2, 22) if n != 5)
             await _until(lambda: backend.calls and backend.calls[-1] == want and
                          not parts.requests.wanted.is_set() and backend.active == 0)
@@ -117,9 +131,12 @@ def test_a_burst_coalesces_and_the_newest_view_is_applied_last(tmp_path: Path) -
         await reader.close()
         return backend
 
-    backend = run(scenario())
+    try:
+        backend = run(scenario())
+    finally:
+        gate.set()
     assert not backend.overlapped
-    assert len(backend.calls) < 10  # 21 store events, a handful of passes
+    assert len(backend.calls) == 2  # the held pass, then one for all 21 events
     assert backend.calls[-1] == frozenset(f"198.19.{n}.0/24" for n in range(2, 22) if n != 5)
 
 

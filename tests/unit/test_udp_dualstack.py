@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import select
 import socket
 import struct
@@ -122,3 +123,18 @@ def test_both_families_cross_and_an_ipv6_source_is_held_to_its_holder(pair: tupl
                                   "198.19.3.0/24": f"127.0.0.1:{member.getsockname()[1]}",
                                   "2001:db8:1:1::/64": f"127.0.0.1:{a.bind.port}",
                                   "2001:db8:1:3::/64": f"127.0.0.1:{member.getsockname()[1]}"}
+
+
+def test_a_dual_stack_table_crosses_the_control_channel_whole() -> None:
+    """The forwarder is a process of its own: the IPv6 half travels with the table."""
+    from weft.backends.udp.control import decode_table, encode_table
+
+    table = plan([lease(2, 9000), lease(3, 9001)], own_ip=ipaddress.ip_address("198.18.0.1"),
+                 default_port=8285, version=4, subnet_len=24, ipv6_subnet_len=64).table
+    back = decode_table(json.loads(json.dumps(encode_table(table))))
+    assert back == table
+    assert back.six is not None
+    assert back.six.members == table.members
+    assert back.describe() == table.describe()
+    with pytest.raises(ValueError, match="dual-stack peer table"):
+        decode_table({**encode_table(table), "six": encode_table(table)})  # IPv4 in six

@@ -1,6 +1,6 @@
 """CPU-seconds the two simulated hosts spend moving data, from the kernel's accounting.
 
-What is counted, over the tcp_bw test (see README, section Benchmark):
+What is counted, over the tcp_bw test (docs/benchmarks.md):
 - every process in the testbed's namespaces (hosts and containers): the agents, their
   threads (the udp forwarder), wireguard-go, the qperf server and what it forked:
   utime + stime + the children's times from /proc/PID/stat;

@@ -165,14 +165,17 @@ def _overlay(stack: contextlib.ExitStack, backend: str, rate_bits: int | None,
 
 
 def _swap_in_minimal_forwarder(stack: contextlib.ExitStack, tb: Testbed) -> None:
-    """Stop weft's agents (the persistent TUN device and its route stay, see the udp
-    backend) and run the minimal forwarder on each host, pinned like the agent was."""
+    """Stop weft's agents and their forwarder processes (the persistent TUN device and its
+    route stay, see the udp backend) and run the minimal forwarder on each host, pinned
+    like the agent was."""
     from weft.backends.udp.plan import peer_port
+    from weft.backends.udp.supervisor import stop_forwarder
 
     ports = {str(lease.public_ip): peer_port(lease.backend_data, 8285) for lease in tb.leases()}
     h1, h2 = tb.hosts
     for host in tb.hosts:
         tb.stop_agent(host)
+        stop_forwarder(host.state_dir)  # it holds the TUN device the minimal one attaches
     for host, peer in ((h1, h2), (h2, h1)):
         argv = [sys.executable, "-m", "weft_lab.bench.udp_minimal", UDP_DEVICE,
                 str(host.underlay_ip), str(ports[str(host.underlay_ip)]),

@@ -1,5 +1,4 @@
-"""`weft bench scale`: real vxlan agents in a network of many fake leases (README, section
-"Control plane at scale").
+"""`weft bench scale`: real vxlan agents in a network of many fake leases (docs/scale.md).
 
 For each store (SQLite, etcd) one testbed of a few real agents, plus N fake leases written
 by `scale_writer` on the operator's machine. Measured:

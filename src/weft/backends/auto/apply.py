@@ -125,6 +125,10 @@ class AutoBackend:
 
     def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
         self._ensure_rules()
+        # The udp plane's forwarder is a process: started again if it died, its device
+        # made anew if deleted; then our address goes back on the device.
+        if self._udp.ensure_forwarder() and self._lease is not None:
+            self.activate(self._lease)
         if self._lease is not None:
             with Netlink() as nl:
                 missing = nl.link(self._vxlan.device) is None

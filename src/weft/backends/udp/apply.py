@@ -5,8 +5,12 @@ persistent TUN device `weft.udp0` carrying this host's subnet network address (/
 one route for the whole cluster Network through it.  Which peer gets a packet is decided
 by the forwarder's peer table (weft.backends.udp.plan), swapped atomically on every reconcile.
 Speed comes from batching (TUN TSO + UDP GSO/GRO), see weft.backends.udp.forwarder.
-`open_forwarder` is the wiring: it opens the device (tun) and the socket (bind) and hands
-them to the forwarder, which opens nothing itself.
+
+The forwarder is a process of its own (weft.backends.udp.daemon) that this backend starts,
+adopts after an agent restart, has hand its device and socket over to a new one when its
+version differs and replaces when its spec differs (weft.backends.udp.supervisor):
+`close()` leaves it forwarding with its last peer table, so an agent restart (an upgrade,
+a crash, kill -9) drops no packet; `teardown()` stops it.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ from typing import Any
 from weft.backends.base import ReconcileResult, converge
 from weft.backends.registry import overlay_mtu
 from weft.backends.udp import plan
-from weft.backends.udp.bind import open_bind
-from weft.backends.udp.forwarder import Forwarder
+from weft.backends.udp.control import ForwarderSpec
 from weft.backends.udp.options import UdpOptions
-from weft.backends.udp.tun import delete_tun, open_device
-from weft.core.config import IPAddress, NetworkConfig
+from weft.backends.udp.supervisor import ForwarderProcess
+from weft.backends.udp.tun import delete_tun
+from weft.core.config import NetworkConfig
 from weft.core.constants import UDP_DEVICE
 from weft.core.dataplane import Route
 from weft.core.errors import KernelError
@@ -42,26 +46,24 @@ class UdpBackend:
         self.config = config
         self.options: UdpOptions = config.backend
         self.host = host
-        self.forwarder: Forwarder | None = None
+        self.forwarder: ForwarderProcess | None = None
         self._lease: Lease | None = None
 
     @property
     def mtu(self) -> int:
         return overlay_mtu(self.options, self.host.underlay_mtu, self.host.public_ip.version)
 
+    def _process(self) -> ForwarderProcess:
+        spec = ForwarderSpec(UDP_DEVICE, str(self.host.public_ip), self.options.port,
+                             self.host.underlay_mtu, self.config.network.version,
+                             self.config.length, self.options.offloads)
+        return ForwarderProcess(spec, self.host.state_dir)
+
     def prepare(self) -> Mapping[str, Any]:
         if self.forwarder is None:
-            forwarder = open_forwarder(
-                UDP_DEVICE,
-                self.host.public_ip,
-                self.options.port,
-                self.host.underlay_mtu,
-                self.config.network.version,
-                self.config.length,
-                offloads=self.options.offloads,
-            )
-            forwarder.start()
-            self.forwarder = forwarder
+            self.forwarder = self._process()
+        # The one a previous agent left forwarding is adopted: not a packet dropped.
+        self.forwarder.ensure()
         return {"Port": self.options.port}
 
     def activate(self, lease: Lease) -> int:
@@ -98,24 +100,40 @@ class UdpBackend:
                   for route in nl.routes(network.version)}
         return converge(desired, actual, nl.replace_route, nl.delete_route, lambda r: str(r.dst))
 
-    def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
-        if self.forwarder is None and self._lease is None:
+    def ensure_forwarder(self) -> bool:
+        """Level-based repair of the data plane: a forwarder that died (a crash, an OOM
+        kill) is started again, a device someone deleted is made anew, then our address
+        and route go back on it (once activated). True if something was repaired."""
+        if self.forwarder is None:
             raise KernelError("udp backend: reconcile() before prepare()")
+        with Netlink() as nl:
+            device_gone = nl.link(UDP_DEVICE) is None
+        if device_gone:
+            # The forwarder's fd points at nothing: it opens a new device (and socket).
+            log.warning("udp data plane missing; recreating it", extra={"device": UDP_DEVICE})
+            try:
+                self.forwarder.reopen()
+            except KernelError:
+                self.forwarder.stop()
+                self.forwarder.start()
+        elif not self.forwarder.alive():
+            log.warning("udp forwarder is not answering", extra={"device": UDP_DEVICE})
+            self.forwarder.ensure()
+        else:
+            return False
+        if self._lease is not None:
+            self.activate(self._lease)
+        return True
+
+    def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
+        self.ensure_forwarder()
+        assert self.forwarder is not None
         six = self.config.ipv6
         wanted = plan.plan(peers, own_ip=self.host.public_ip, default_port=self.options.port,
                            version=self.config.network.version, subnet_len=self.config.length,
                            ipv6_subnet_len=six.length if six is not None else None)
         errors = dict(wanted.errors)
         with Netlink() as nl:
-            if self._lease is not None and (self.forwarder is None or nl.link(UDP_DEVICE) is None):
-                # Someone deleted our device (the forwarder's fd points at nothing), or an
-                # earlier repair failed half-way. Level-based repair: a new device, a new
-                # forwarder, our address and route again.
-                log.warning("udp data plane missing; recreating it", extra={"device": UDP_DEVICE})
-                self.close()
-                self.prepare()
-                self.activate(self._lease)
-            assert self.forwarder is not None
             # level-based: put back our route if someone removed it
             result = self._converge_route(nl, self._link(nl).index)
         errors.update(result.errors)
@@ -129,21 +147,24 @@ class UdpBackend:
 
     def status(self) -> Mapping[str, Any]:
         facts: dict[str, Any] = {
-            "implementation": "userspace python (TUN + UDP, batched with offloads)",
+            "implementation": "userspace python (TUN + UDP, batched with offloads), "
+                              "its own process",
             "mtu": self.mtu,
         }
         if self.forwarder is not None:
             facts.update(self.forwarder.status())
+            facts["forwarder_pid"] = facts.pop("pid", None)
         return facts
 
     def close(self) -> None:
-        """Stop the forwarder; the persistent device and its route stay for the next run."""
+        """Leave the forwarder forwarding (with its last peer table) and the persistent
+        device and route in place: the next agent adopts them."""
         if self.forwarder is not None:
-            self.forwarder.close()
-            self.forwarder = None
+            self.forwarder.detach()
 
     def teardown(self) -> None:
-        self.close()
+        (self.forwarder or self._process()).stop()
+        self.forwarder = None
         with Netlink() as nl:
             link = nl.link(UDP_DEVICE)
             if link is not None:
@@ -152,27 +173,6 @@ class UdpBackend:
                         if route.ifindex == link.index:
                             nl.delete_route(route)
         delete_tun(UDP_DEVICE)
-
-
-def open_forwarder(device: str, bind_ip: IPAddress, port: int, underlay_mtu: int,
-                   network_version: int, subnet_len: int, offloads: bool = True) -> Forwarder:
-    """Create/attach TUN device `device`, bind the socket, and hand both to a forwarder
-    (not started yet); `offloads=False` asks for none on either."""
-    tun = open_device(device, offloads)
-    try:
-        bind = open_bind(bind_ip, port, offloads)
-    except BaseException:
-        tun.close()
-        raise
-    try:
-        forwarder = Forwarder(tun, bind, underlay_mtu, network_version, subnet_len)
-    except BaseException:
-        tun.close()
-        bind.close()
-        raise
-    for note in forwarder.in_force.notes:
-        log.warning("udp offload fallback", extra={"detail": note})
-    return forwarder
 
 
 def _disable_ipv6(device: str) -> None:

@@ -312,7 +312,7 @@ class Forwarder:
         view = memoryview(buf)
         into = chunker.slots(view)
         # Everything a 1-byte packet touches is a local or one C call: this loop is the
-        # forwarder's whole per-packet cost on the latency path (see README, udp).
+        # forwarder's whole per-packet cost on the latency path (docs/backends/udp.md).
         readv, sendto, send_chunks = os.readv, sock.sendto, self._send_chunks
         stamp, prefix = SINGLE_HEADER.pack_into, SINGLE_PREFIX
         v4_destination = _V4_DESTINATION.unpack_from
