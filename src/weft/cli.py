@@ -480,6 +480,8 @@ def bench(
                                              "layout) or ptp (routed veth)")] = "bridge",
     runtime: Annotated[str, typer.Option(help="also measure each backend with docker "
                                               "(or podman) containers")] = "netns",
+    ipv6: Annotated[bool, typer.Option("--ipv6", help="dual stack: also measure native and "
+                                                      "each backend over IPv6")] = False,
 ) -> None:
     """qperf tcp_bw/tcp_lat: native vs each backend, container to container, on 2 hosts."""
     _need_lab()
@@ -489,7 +491,8 @@ def bench(
     from weft_lab.bench.runner import BenchOptions, parse_backends, run_bench
 
     try:
-        opts = BenchOptions(parse_backends(backends), rate, secs, reps, attach, runtime)
+        opts = BenchOptions(parse_backends(backends), rate, secs, reps, attach, runtime,
+                            ipv6)
         report = run_bench(opts, progress=lambda line: err.print(line, highlight=False))
         render_table(report, err if json_file == "-" else out)
         if json_file is not None:

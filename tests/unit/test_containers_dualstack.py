@@ -47,3 +47,16 @@ def test_docker_opts_give_dockerd_ipv6_on_the_hosts_ipv6_subnet() -> None:
         "ip-masq": False, "mtu": 1450}
     single = SubnetEnv(net("198.19.0.0/16"), net("198.19.3.0/24"), 1450, True)
     assert "IPV6" not in docker_options(single)
+
+
+def test_bench_ipv6_testbeds_are_dual_stack() -> None:
+    """`weft bench --ipv6` measures over IPv6 beside IPv4 in dual-stack testbeds."""
+    from weft.backends.registry import parse_config
+    from weft_lab.bench.runner import IPV6_SUFFIX, bench_config
+
+    config = parse_config(bench_config("vxlan", dual_stack=True))
+    assert config.dual_stack
+    assert config.ipv6 is not None
+    assert str(config.ipv6.network) == "2001:db8:1::/48"
+    assert not parse_config(bench_config("vxlan")).dual_stack
+    assert IPV6_SUFFIX == "/ipv6"
