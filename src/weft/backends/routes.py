@@ -31,10 +31,15 @@ def direct_ipv6_route(peer: Lease, underlay: UnderlayFacts) -> Route | str:
 
 
 def _via_ipv6(peer: Lease, subnet: IPNetwork, underlay: UnderlayFacts) -> Route | str:
+    if subnet.version != 6:
+        # An IPv4 subnet of a peer on an IPv6 underlay (an IPv4 route via an IPv6 gateway,
+        # RTA_VIA, is not used).
+        return (f"peer {peer.public_ip} has no IPv4 underlay address: IPv4 subnet {subnet} is "
+                "routed straight only via an IPv4 next hop")
     via = peer.public_ip if peer.public_ip.version == 6 else peer.public_ipv6
-    if subnet.version != 6 or via is None:
+    if via is None:
         return (f"peer {peer.public_ip} publishes no PublicIPv6, and the kernel routes "
-                f"IPv{subnet.version} subnet {subnet} only via an IPv{subnet.version} next hop")
+                f"IPv6 subnet {subnet} only via an IPv6 next hop")
     if not underlay.on_link(via):
         six = ", ".join(str(a.network) for a in underlay.addresses if a.version == 6)
         return (f"peer {peer.public_ip}'s IPv6 address {via} is not on this host's IPv6 "
