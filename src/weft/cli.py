@@ -20,6 +20,7 @@ from typing import Annotated, Any, TypeVar, cast, get_type_hints
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from weft.backends.registry import DEFAULT_TYPE
 from weft.core.config import redact_config
@@ -49,8 +50,9 @@ app.add_typer(testbed_app, name="testbed")
 bench_app = typer.Typer(invoke_without_command=True)
 app.add_typer(bench_app, name="bench")
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # an error stays one line, greppable
+# emoji=False: rich reads ":a:" in an IPv6 address (2001:db8:1:a::/64) as an emoji.
+out = Console(emoji=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False)  # an error stays one line, greppable
 
 StoreOpt = Annotated[
     str,
@@ -209,6 +211,9 @@ def _need_lab() -> None:
 def agent(
     store: StoreOptions,
     public_ip: Annotated[str | None, typer.Option(help="this host's underlay address")] = None,
+    public_ipv6: Annotated[str | None, typer.Option(
+        help="dual stack: this host's IPv6 underlay address beside an IPv4 --public-ip "
+             "(default: the interface's first non-link-local IPv6 address, if any)")] = None,
     iface: Annotated[str | None, typer.Option(help="underlay interface (default: the "
                                                    "default route's)")] = None,
     subnet_file: Annotated[Path, typer.Option()] = Path(DEFAULT_SUBNET_FILE),
@@ -239,7 +244,7 @@ def agent(
 ) -> None:
     """Run the agent on this host: lease a subnet, program the data plane, follow peers."""
     from weft.agent import args, logs
-    from weft.agent.daemon import Agent, AgentOptions, parse_ip
+    from weft.agent.daemon import Agent, AgentOptions, parse_ip, parse_ipv6
     from weft.agent.peer_health import ProbePolicy
     from weft.host.masquerade import parse_conntrack_mode
     from weft.host.system import require_root
@@ -250,12 +255,13 @@ def agent(
         # Every value checked before the store is opened or the kernel touched.
         args.check_store_url(store.url)
         address = parse_ip(public_ip)
+        address6 = parse_ipv6(public_ipv6)
         args.check_metrics_addr(metrics_addr)
         args.check_numbers(lease_ttl, resync_interval)
         args.check_paths(state_dir, subnet_file)
         opts = AgentOptions(
             store=store.open(),
-            public_ip=address, iface=iface, subnet_file=subnet_file,
+            public_ip=address, public_ipv6=address6, iface=iface, subnet_file=subnet_file,
             state_dir=state_dir, lease_ttl=lease_ttl, ip_masq=ip_masq,
             metrics_addr=metrics_addr, release_on_exit=release_on_exit,
             resync_interval=resync_interval,
@@ -276,7 +282,7 @@ def config_set(
     store: StoreOptions,
 ) -> None:
     """Validate a network config and write it to the store."""
-    from weft.backends.registry import backend_facts, parse_config
+    from weft.backends.registry import backend_facts, ipv6_next_hops, parse_config
 
     try:
         try:
@@ -296,6 +302,8 @@ def config_set(
                       "segments between them can send packets into containers as a member; "
                       "use wireguard on a network you do not control (docs/security.md)",
                       highlight=False)
+        if (needs := ipv6_next_hops(config)) is not None:
+            err.print(f"[yellow]note:[/] {needs}", highlight=False, soft_wrap=True)
     except WeftError as exc:
         raise _fail(exc) from None
 
@@ -353,7 +361,11 @@ def status(
                 "revision": revision,
                 "leases": [{"subnet": str(lease.subnet), "public_ip": str(lease.public_ip),
                             "backend": lease.backend_type,
-                            "expires_in": round(lease.expires_in(now))} for lease in leases],
+                            "expires_in": round(lease.expires_in(now)),
+                            **({"ipv6_subnet": str(lease.ipv6_subnet),
+                                "public_ipv6": lease.public_ipv6 and str(lease.public_ipv6)}
+                               if lease.ipv6_subnet is not None else {})}
+                           for lease in leases],
                 "host": health,
             }, indent=2))
         else:
@@ -362,7 +374,12 @@ def status(
             for col in ("subnet", "public IP", "backend", "expires in"):
                 table.add_column(col)
             for lease in leases:
-                table.add_row(str(lease.subnet), str(lease.public_ip), lease.backend_type,
+                # Dual stack: the IPv6 half under the IPv4 one, in the same row.
+                subnet, public = str(lease.subnet), str(lease.public_ip)
+                if lease.ipv6_subnet is not None:
+                    subnet += f"\n{lease.ipv6_subnet}"
+                    public += f"\n{lease.public_ipv6 or '-'}"
+                table.add_row(Text(subnet), Text(public), lease.backend_type,
                               _duration(lease.expires_in(now)))
             out.print(table)
             if no_agent is None:
@@ -474,8 +491,10 @@ def _print_health(health: dict[str, object]) -> None:
     down = (probes.get("counts") or {}).get("unreachable", 0) if isinstance(probes, dict) else 0
     state = ("[red]errors[/]" if errors else
              f"[yellow]{down} peer(s) unreachable[/]" if down else "[green]healthy[/]")
-    out.print(f"this host: {state}  subnet {health.get('subnet')}  public IP "
-              f"{health.get('public_ip')}  backend {health.get('backend')}  peers "
+    six = (f" + {health.get('ipv6_subnet')}" if health.get("ipv6_subnet") else "")
+    six_ip = (f" + {health.get('public_ipv6')}" if health.get("public_ipv6") else "")
+    out.print(f"this host: {state}  subnet {health.get('subnet')}{six}  public IP "
+              f"{health.get('public_ip')}{six_ip}  backend {health.get('backend')}  peers "
               f"{len(peers) if isinstance(peers, list) else peers}", highlight=False)
     fastpath = health.get("fastpath")
     if isinstance(fastpath, dict):
@@ -542,7 +561,9 @@ def _print_paths(paths: dict[str, Any]) -> None:
         probes = "  ".join(
             f"{name} {p.get('answered')}/{p.get('sent')}{'' if p.get('usable') else ' (out)'}"
             for name, p in (path.get("probes") or {}).items() if isinstance(p, dict))
-        out.print(f"    {subnet} {path.get('peer')}: [bold]{path.get('plane')}[/] — "
+        six = (f" (IPv6 on {path.get('ipv6_plane') or 'none'})" if "ipv6_plane" in path
+               else "")
+        out.print(f"    {subnet} {path.get('peer')}: [bold]{path.get('plane')}[/]{six} — "
                   f"{path.get('reason')}; {probes}; switches {path.get('switches')}",
                   highlight=False)
 
@@ -556,14 +577,20 @@ def demo(
     containers: Annotated[int, typer.Option(min=1, max=10)] = 2,
     runtime: Annotated[str, typer.Option(help="containers as bare namespaces (netns), "
                                               "docker containers or podman ones")] = "netns",
+    ipv6: Annotated[bool, typer.Option("--ipv6", help="an IPv6 overlay")] = False,
+    dual_stack: Annotated[bool, typer.Option("--dual-stack", help="an IPv4 and an IPv6 "
+                                                                  "overlay at once")] = False,
 ) -> None:
     """Build hosts and containers in namespaces, show leases and full connectivity."""
     _need_lab()
     from weft_lab.demo import run_demo
 
     try:
+        if ipv6 and dual_stack:
+            raise UsageError("--ipv6 and --dual-stack: choose one (--dual-stack has both)")
+        family = "dual-stack" if dual_stack else "ipv6" if ipv6 else "ipv4"
         ok = run_demo(backend=backend, store=store, hosts=hosts, containers=containers,
-                      console=out, runtime=runtime)
+                      console=out, runtime=runtime, family=family)
     except WeftError as exc:
         raise _fail(exc) from None
     raise typer.Exit(0 if ok else 1)
@@ -585,6 +612,8 @@ def bench(
                                              "layout) or ptp (routed veth)")] = "bridge",
     runtime: Annotated[str, typer.Option(help="also measure each backend with docker "
                                               "(or podman) containers")] = "netns",
+    ipv6: Annotated[bool, typer.Option("--ipv6", help="dual stack: also measure native and "
+                                                      "each backend over IPv6")] = False,
 ) -> None:
     """qperf tcp_bw/tcp_lat: native vs each backend, container to container, on 2 hosts."""
     _need_lab()
@@ -594,7 +623,8 @@ def bench(
     from weft_lab.bench.runner import BenchOptions, parse_backends, run_bench
 
     try:
-        opts = BenchOptions(parse_backends(backends), rate, secs, reps, attach, runtime)
+        opts = BenchOptions(parse_backends(backends), rate, secs, reps, attach, runtime,
+                            ipv6)
         report = run_bench(opts, progress=lambda line: err.print(line, highlight=False))
         render_table(report, err if json_file == "-" else out)
         if json_file is not None:

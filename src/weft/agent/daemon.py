@@ -40,7 +40,7 @@ from typing import Any
 
 from weft.agent.conntrack import OverlayConntrack
 from weft.agent.fastpath_state import FastPathState
-from weft.agent.health import Health
+from weft.agent.health import Health, Notice
 from weft.agent.host_keeper import HostKeeper
 from weft.agent.lease_keeper import LeaseKeeper, OwnLease, acquire
 from weft.agent.lock import StateDirLock
@@ -58,7 +58,7 @@ from weft.agent.triggers import (
     watch_netfilter,
 )
 from weft.backends.base import Backend, BackendFacts
-from weft.backends.registry import backend_facts, create_backend, parse_config
+from weft.backends.registry import backend_facts, create_backend, ipv6_next_hops, parse_config
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.constants import (
     DEFAULT_LEASE_TTL,
@@ -90,6 +90,7 @@ START_DEADLINE = 15.0
 class AgentOptions:
     store: LeaseStore
     public_ip: IPAddress | None = None
+    public_ipv6: ipaddress.IPv6Address | None = None  # dual stack (else found on the iface)
     iface: str | None = None
     subnet_file: Path = Path(DEFAULT_SUBNET_FILE)
     state_dir: Path = Path(DEFAULT_STATE_DIR)
@@ -171,18 +172,32 @@ class Agent:
         self._lock.acquire()
         config_text, config = await self._load_config()
         # pyroute2's sync API runs its own event loop, so netlink work happens off this one.
+        needed = ipv6_next_hops(config)
         host = await asyncio.to_thread(
-            detect_host, self.opts.public_ip, self.opts.iface, state_dir
+            detect_host, self.opts.public_ip, self.opts.iface, state_dir,
+            self.opts.public_ipv6, config.dual_stack or needed is not None
         )
+        if needed is not None and host.public_ip.version == 4 and host.public_ipv6 is None:
+            # It still serves what it can (IPv4); each peer's IPv6 half is its error.
+            message = f"{host.underlay_ifname} has no IPv6 address, and {needed}"
+            self.health.notice(Notice.UNDERLAY, message)
+            log.error("this host cannot route the IPv6 overlay", extra={"error": message})
         underlay = await asyncio.to_thread(_underlay_networks, host.underlay_ifname)
         backend = create_backend(config, host)
-        facts = backend_facts(config.backend, host.underlay_ifname)
-        ingress = IngressFilter(config, host.public_ip, port=facts.encap_port,
+        facts = backend_facts(config.backend, host.underlay_ifname, config.dual_stack)
+        ingress = IngressFilter(config, host.public_ip, public_ipv6=host.public_ipv6,
+                                port=facts.encap_port,
                                 by_port=facts.members_by_port, peer_iifs=facts.peer_iifs)
         self.metrics.export_ingress(config.backend.type, ingress.counters)
         data = await asyncio.to_thread(backend.prepare)
+        # A backend with devices of its own for the IPv6 overlay says so (vxlan over an
+        # IPv6 underlay address); otherwise its BackendData serves both halves.
+        ipv6_data = getattr(backend, "ipv6_data", None)
+        data6 = ipv6_data() if callable(ipv6_data) else None
         lease, leases, revision = await acquire(self.store, config, host.public_ip, data,
-                                                self.opts.lease_ttl, self.retry)
+                                                self.opts.lease_ttl, self.retry,
+                                                public_ipv6=host.public_ipv6,
+                                                backend_v6_data=data6)
         # The view starts from the listing the lease was chosen by; the watch from its
         # revision brings what came after, our own lease's write included.
         store_view = StoreView([*leases, lease], revision)
@@ -192,19 +207,22 @@ class Agent:
                                      encap_port=facts.encap_port,
                                      request=self.requests)
         keeper = LeaseKeeper(own, self.store, config, host.public_ip, ttl=self.opts.lease_ttl,
+                             public_ipv6=host.public_ipv6,
                              activate=backend.activate, on_taken=conntrack.replace,
                              record=store_view.record, request=self.requests,
                              retry=self.retry, health=self.health, metrics=self.metrics)
         await keeper.leave_previous_subnet(self.opts.subnet_file)
         await keeper.take(lease)
-        enable_forwarding(config.network.version)
+        for network in config.networks:
+            enable_forwarding(network.version)
         await asyncio.to_thread(self.fastpath.start, config, lease.subnet, facts.arrival,
                                 state_dir)
         self.metrics.export_backend(backend.status)
         self.metrics.export_peer_health(
             lambda: self.probes.prober if self.probes is not None else None)
         host_keeper = HostKeeper(
-            own, network=config.network, subnet_file=self.opts.subnet_file,
+            own, network=config.network, ipv6_network=config.ipv6.network if config.ipv6 else None,
+            subnet_file=self.opts.subnet_file,
             state_dir=state_dir, ip_masq=self.opts.ip_masq,
             devices=(facts.tunnels, facts.bare_underlay),
             untrack=lambda: conntrack.untrack, lock=self._lock,
@@ -212,6 +230,7 @@ class Agent:
             health=self.health)
         reconciler = Reconciler(
             backend, store_view, self.requests, config=config, public_ip=host.public_ip,
+            public_ipv6=host.public_ipv6,
             underlay=underlay, lease=lambda: own.lease, converge_host=host_keeper.converge,
             ingress=ingress, fastpath=self.fastpath, stand_down=conntrack.stand_down,
             health=self.health, metrics=self.metrics)
@@ -314,6 +333,12 @@ class Agent:
         report: dict[str, Any] = {
             "public_ip": str(r.host.public_ip),
             "subnet": str(lease.subnet),
+            **({"ipv6_subnet": str(lease.ipv6_subnet),
+                "public_ipv6": r.host.public_ipv6 and str(r.host.public_ipv6),
+                "ipv6_peers": sorted(str(p.ipv6_subnet)
+                                     for p in r.reconciler.view.peers.values()
+                                     if p.ipv6_subnet is not None)}
+               if lease.ipv6_subnet is not None else {}),
             "lease_expires_in": round(lease.expires_in(time.time())),
             "backend": r.config.backend.type,
             # What `weft doctor` holds the host's own state against.
@@ -345,9 +370,10 @@ class Agent:
     def _remove_host_rules(self, r: Running) -> None:
         """The masquerade table and the FORWARD accept rules, when the host leaves."""
         try:
-            if self.opts.ip_masq:
-                remove_masquerade(r.config.network)
-            remove_forward_accept(r.config.network, r.facts.tunnels, r.facts.bare_underlay)
+            for network in r.config.networks:
+                if self.opts.ip_masq:
+                    remove_masquerade(network)
+                remove_forward_accept(network, r.facts.tunnels, r.facts.bare_underlay)
             r.ingress.remove()
         except (WeftError, OSError, subprocess.SubprocessError) as exc:
             log.warning("could not remove weft's firewall rules", extra={"error": str(exc)})
@@ -357,11 +383,11 @@ class Agent:
             await asyncio.to_thread(self.fastpath.close)
             await asyncio.to_thread(r.backend.close)
             if self.opts.release_on_exit:
-                subnet = r.keeper.lease.subnet
+                held = r.keeper.lease
                 log.info("releasing lease and removing the data plane",
-                         extra={"subnet": str(subnet)})
+                         extra={"subnet": str(held.subnet)})
                 try:
-                    await self.store.delete_lease(subnet)
+                    await self.store.delete_lease(held.subnet, held.ipv6_subnet)
                 except StoreError as exc:  # the data plane goes all the same; the lease expires
                     log.warning("could not release the lease", extra={"error": str(exc)})
                 await asyncio.to_thread(self._remove_host_rules, r)
@@ -386,10 +412,17 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-def parse_ip(value: str | None) -> IPAddress | None:
+def parse_ip(value: str | None, flag: str = "--public-ip") -> IPAddress | None:
     if value is None:
         return None
     try:
         return ipaddress.ip_address(value)
     except ValueError:
-        raise UsageError(f"--public-ip {value!r} is not an IP address") from None
+        raise UsageError(f"{flag} {value!r} is not an IP address") from None
+
+
+def parse_ipv6(value: str | None) -> ipaddress.IPv6Address | None:
+    address = parse_ip(value, "--public-ipv6")
+    if address is not None and not isinstance(address, ipaddress.IPv6Address):
+        raise UsageError(f"--public-ipv6 {value!r} is not an IPv6 address")
+    return address

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv6Address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,20 +47,27 @@ class OwnLease:
 
 
 async def acquire(store: LeaseStore, config: NetworkConfig, public_ip: IPAddress,
-                  backend_data: Mapping[str, Any], ttl: float, retry: StoreRetry
+                  backend_data: Mapping[str, Any], ttl: float, retry: StoreRetry,
+                  public_ipv6: IPv6Address | None = None,
+                  backend_v6_data: Mapping[str, Any] | None = None
                   ) -> tuple[Lease, list[Lease], int]:
     """Reclaim or acquire a lease at start; also the listing it was chosen by and its
     revision (the view starts from it: at 5,000 leases a second listing was a tenth of
-    the join)."""
+    the join). In dual stack the lease holds both subnets, PublicIPv6 and BackendV6Data
+    (the backend's data: its devices carry both families)."""
     listings: list[tuple[list[Lease], int]] = []
     lease, reclaimed = await retry.call(
         "acquire lease",
         lambda: acquire_lease(store, config, public_ip, config.backend.type,
                               backend_data, ttl,
-                              on_list=lambda *listing: listings.append(listing)),
+                              on_list=lambda *listing: listings.append(listing),
+                              public_ipv6=public_ipv6,
+                              backend_v6_data=(backend_v6_data or backend_data)
+                              if config.dual_stack else None),
     )
     log.info("lease reclaimed" if reclaimed else "lease acquired",
              extra={"subnet": str(lease.subnet), "public_ip": str(public_ip),
+                    **({"ipv6_subnet": str(lease.ipv6_subnet)} if lease.ipv6_subnet else {}),
                     "expires_in": round(lease.expires_in(time.time()))})
     leases, revision = listings[-1]
     return lease, leases, revision
@@ -70,8 +78,10 @@ class LeaseKeeper:
                  public_ip: IPAddress, *, ttl: float, activate: Callable[[Lease], int],
                  on_taken: Callable[[Lease], Awaitable[None]],
                  record: Callable[[IPNetwork], Lease | None], request: Request,
-                 retry: StoreRetry, health: Health, metrics: AgentMetrics) -> None:
+                 retry: StoreRetry, health: Health, metrics: AgentMetrics,
+                 public_ipv6: IPv6Address | None = None) -> None:
         self.own = own
+        self.public_ipv6 = public_ipv6
         self.store = store
         self.config = config
         self.public_ip = public_ip
@@ -94,9 +104,13 @@ class LeaseKeeper:
         new one; the old one (named by the subnet.env it wrote) must leave its data plane,
         or two hosts answer for the same container addresses."""
         try:
-            previous = read_subnet_env(subnet_file).subnet
+            env = read_subnet_env(subnet_file)
         except UsageError:
             return  # none, or not ours to read: nothing is known about a previous subnet
+        previous = env.subnet
+        if env.ipv6_subnet not in (None, self.lease.ipv6_subnet):
+            assert env.ipv6_subnet is not None
+            await _release_lost_subnet(env.ipv6_subnet)
         if previous == self.lease.subnet:
             return
         await _release_lost_subnet(previous)
@@ -198,12 +212,14 @@ class LeaseKeeper:
             refusals=Notice.STORE)
         if created is not None:
             return created
-        await _release_lost_subnet(old.subnet)  # at once, before a new one is leased
+        for subnet in old.subnets:  # at once, before a new one is leased
+            await _release_lost_subnet(subnet)
         config = self.config
         lease, _ = await self.retry.call(
             "acquire lease",
             lambda: acquire_lease(self.store, config, self.public_ip, config.backend.type,
-                                  old.backend_data, self.ttl),
+                                  old.backend_data, self.ttl, public_ipv6=old.public_ipv6,
+                                  backend_v6_data=old.backend_v6_data),
             refusals=Notice.STORE)
         await self.take(lease)
         self._note_moved(old.subnet, lease.subnet)

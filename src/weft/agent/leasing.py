@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Mapping
+from ipaddress import IPv6Address
 from typing import Any
 
 from weft.core.config import IPAddress, NetworkConfig
 from weft.core.errors import LeaseNotFound, NetworkFull
-from weft.core.lease import Lease, choose_subnet, find_reclaimable
+from weft.core.lease import Lease, choose_pair, find_reclaimable
 from weft.store.base import LeaseStore
 
 log = logging.getLogger("weft.core.lease")
@@ -33,6 +34,9 @@ async def acquire_lease(
     ttl: float,
     rng: random.Random | None = None,
     on_list: Callable[[list[Lease], int], None] | None = None,
+    *,
+    public_ipv6: IPv6Address | None = None,
+    backend_v6_data: Mapping[str, Any] | None = None,
 ) -> tuple[Lease, bool]:
     """Return (lease, reclaimed). Raises NetworkFull when no subnet is free. `on_list` is
     given each listing read (with its revision): the agent starts its view from the last
@@ -43,16 +47,27 @@ async def acquire_lease(
         if on_list is not None:
             on_list(leases, revision)
         previous = find_reclaimable(config, leases, public_ip)
+        for stale in leases:
+            # This host's lease of the other shape (the network went dual stack, or back):
+            # released, as flannel does, or peers would report it for its whole TTL.
+            if stale.public_ip == public_ip and \
+                    (stale.ipv6_subnet is not None) != config.dual_stack:
+                log.info("releasing this host's lease of another shape",
+                         extra={"subnet": str(stale.subnet)})
+                await store.delete_lease(stale.subnet, stale.ipv6_subnet)
+        v6 = None if backend_v6_data is None else dict(backend_v6_data)
         if previous is not None:
-            wanted = Lease(previous.subnet, public_ip, backend_type, dict(backend_data))
+            wanted = Lease(previous.subnet, public_ip, backend_type, dict(backend_data),
+                           ipv6_subnet=previous.ipv6_subnet, public_ipv6=public_ipv6,
+                           backend_v6_data=v6)
             try:
                 return await store.renew_lease(wanted, ttl), True
             except LeaseNotFound:
                 continue  # it expired between list and renew: look again
-        taken = {lease.subnet for lease in leases}
-        subnet = choose_subnet(config, taken, rng)
+        subnet, ipv6_subnet = choose_pair(config, leases, rng)
         created = await store.create_lease(
-            Lease(subnet, public_ip, backend_type, dict(backend_data)), ttl
+            Lease(subnet, public_ip, backend_type, dict(backend_data), ipv6_subnet=ipv6_subnet,
+                  public_ipv6=public_ipv6, backend_v6_data=v6), ttl
         )
         if created is not None:
             return created, False

@@ -39,6 +39,9 @@ class _PeerPaths(Collector):
         plane = GaugeMetricFamily("weft_peer_data_plane",
                                   "1 for the data plane each peer's traffic is sent on",
                                   labels=["peer", "plane"])
+        plane6 = GaugeMetricFamily("weft_peer_ipv6_data_plane",
+                                   "Dual stack: 1 for the data plane each peer's IPv6 "
+                                   "subnet is sent on", labels=["peer", "plane"])
         sent = CounterMetricFamily("weft_peer_probes_sent", "Full-size probes sent",
                                    labels=["peer", "plane"])
         answered = CounterMetricFamily("weft_peer_probes_answered",
@@ -55,7 +58,9 @@ class _PeerPaths(Collector):
                 sent.add_metric([subnet, name], probes.get("sent", 0))
                 answered.add_metric([subnet, name], probes.get("answered", 0))
                 usable.add_metric([subnet, name], 1 if probes.get("usable") else 0)
-        yield from (plane, sent, answered, usable, switches)
+                if "ipv6_plane" in path:
+                    plane6.add_metric([subnet, name], 1 if path["ipv6_plane"] == name else 0)
+        yield from (plane, plane6, sent, answered, usable, switches)
 
 
 class _IngressCounters(Collector):
@@ -113,6 +118,9 @@ class AgentMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.peers = Gauge("weft_peers", "Peers in this host's data plane", registry=r)
+        self.peer_subnets = Gauge("weft_peer_subnets",
+                                  "Peers' subnets in this host's data plane, by family "
+                                  "(both in dual stack)", ["family"], registry=r)
         self.lease_expiry = Gauge(
             "weft_lease_expiry_timestamp_seconds", "When this host's lease expires", registry=r
         )

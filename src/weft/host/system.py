@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from ipaddress import IPv6Address
 from pathlib import Path
 
 from weft.core.config import IPAddress
@@ -11,8 +12,19 @@ from weft.core.host import HostContext
 from weft.host.netlink import Netlink
 
 
-def detect_host(public_ip: IPAddress | None, iface: str | None, state_dir: Path) -> HostContext:
-    """The underlay interface and public IP: from flags, else the default route's interface."""
+def detect_host(public_ip: IPAddress | None, iface: str | None, state_dir: Path,
+                public_ipv6: IPv6Address | None = None, want_ipv6: bool = False
+                ) -> HostContext:
+    """The underlay interface and public IP: from flags, else the default route's interface.
+    `want_ipv6` (dual stack, or an IPv6 overlay routed via underlay next hops): also the
+    IPv6 underlay address (`--public-ipv6`, else the interface's first non-link-local IPv6
+    address; none when the public IP is IPv6 itself or there is none)."""
+    if public_ipv6 is not None and not want_ipv6:
+        raise UsageError(f"--public-ipv6 {public_ipv6}: the network is not dual stack "
+                         '(set "EnableIPv6": true and IPv6Network in the config)')
+    if public_ipv6 is not None and public_ip is not None and public_ip.version == 6:
+        raise UsageError(f"--public-ipv6 {public_ipv6}: --public-ip {public_ip} is IPv6 "
+                         "already; give --public-ip the IPv4 address")
     with Netlink() as nl:
         if iface is None and public_ip is not None:
             iface = nl.ifname_with_address(public_ip)
@@ -32,8 +44,15 @@ def detect_host(public_ip: IPAddress | None, iface: str | None, state_dir: Path)
             if not addrs:
                 raise UsageError(f"--iface {iface} has no address: give --public-ip")
             public_ip = addrs[0].ip
+        if public_ipv6 is not None and nl.ifname_with_address(public_ipv6) is None:
+            raise UsageError(f"--public-ipv6 {public_ipv6}: no interface on this host has it")
+        if want_ipv6 and public_ipv6 is None and public_ip.version == 4:
+            # fe80:: is on every interface and reaches only the link: never an underlay.
+            public_ipv6 = next((a.ip for a in nl.addresses(link.index)
+                                if isinstance(a.ip, IPv6Address) and not a.ip.is_link_local
+                                and not a.ip.is_loopback and not a.ip.is_multicast), None)
     return HostContext(public_ip=public_ip, underlay_ifname=iface, underlay_mtu=link.mtu,
-                       state_dir=state_dir)
+                       state_dir=state_dir, public_ipv6=public_ipv6)
 
 
 def require_root() -> None:

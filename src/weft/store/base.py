@@ -18,6 +18,7 @@ import hashlib
 import logging
 import math
 from collections.abc import AsyncIterator
+from ipaddress import IPv6Network
 from typing import Protocol
 
 from weft.core.config import IPNetwork
@@ -52,8 +53,10 @@ class LeaseStore(Protocol):
         subnet is no longer held by this lease's public IP (it expired or was taken)."""
         ...
 
-    async def delete_lease(self, subnet: IPNetwork) -> None:
-        """Release a subnet; releasing one that is already gone is not an error."""
+    async def delete_lease(self, subnet: IPNetwork,
+                           ipv6_subnet: IPv6Network | None = None) -> None:
+        """Release a subnet (a dual-stack lease: both, named by the two halves of its key);
+        releasing one that is already gone is not an error."""
         ...
 
     def watch(self, since: int) -> AsyncIterator[list[LeaseEvent]]:

@@ -28,6 +28,7 @@ import stat
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from ipaddress import IPv6Network
 from pathlib import Path
 from typing import TypeVar
 
@@ -176,7 +177,7 @@ class SqliteLeaseStore:
 
     async def create_lease(self, lease: Lease, ttl: float) -> Lease | None:
         def q(db: sqlite3.Connection) -> Lease | None:
-            key = subnet_key(lease.subnet)
+            key = lease.key
             if db.execute("SELECT 1 FROM leases WHERE key = ?", (key,)).fetchone():
                 return None
             expiration = self._clock() + ttl
@@ -192,7 +193,7 @@ class SqliteLeaseStore:
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
         def q(db: sqlite3.Connection) -> Lease:
-            key = subnet_key(lease.subnet)
+            key = lease.key
             row = db.execute("SELECT public_ip FROM leases WHERE key = ?", (key,)).fetchone()
             if row is None or row[0] != str(lease.public_ip):
                 raise LeaseNotFound(
@@ -210,9 +211,10 @@ class SqliteLeaseStore:
 
         return await self._run(q, write=True)
 
-    async def delete_lease(self, subnet: IPNetwork) -> None:
+    async def delete_lease(self, subnet: IPNetwork,
+                           ipv6_subnet: IPv6Network | None = None) -> None:
         def q(db: sqlite3.Connection) -> None:
-            key = subnet_key(subnet)
+            key = subnet_key(subnet, ipv6_subnet)
             if db.execute("DELETE FROM leases WHERE key = ?", (key,)).rowcount:
                 self._event(db, EventKind.DELETE, key, None, None)
 

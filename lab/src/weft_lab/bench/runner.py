@@ -67,9 +67,13 @@ VARIANTS = {"host-gw-nft": ("host-gw", ("--no-fastpath",)),
             "vxlan-nft": ("vxlan", ("--no-fastpath",))}
 
 
-def bench_config(backend: str) -> str:
-    return json.dumps({"Network": "198.19.0.0/16", "SubnetLen": 24,
+def bench_config(backend: str, dual_stack: bool = False) -> str:
+    six = {"EnableIPv6": True, "IPv6Network": "2001:db8:1::/48"} if dual_stack else {}
+    return json.dumps({"Network": "198.19.0.0/16", "SubnetLen": 24, **six,
                        "Backend": {"Type": backend}})
+
+
+IPV6_SUFFIX = "/ipv6"  # a row measured over IPv6 beside its IPv4 row (--ipv6)
 
 
 def available_backends() -> list[str]:
@@ -92,6 +96,9 @@ class BenchOptions:
     # "docker" or "podman": every backend is measured twice, with bare namespaces
     # ("vxlan") and with that runtime's containers ("vxlan/docker"), in the same rounds.
     runtime: str = "netns"
+    # Dual stack on a dual-stack underlay: native and every backend also measured over
+    # IPv6 ("native/ipv6", "vxlan/ipv6"), between the same namespaces, in the same rounds.
+    ipv6: bool = False
 
 
 def parse_backends(text: str | None) -> tuple[str, ...]:
@@ -134,25 +141,36 @@ def _shape(tb: Testbed, rate_bits: int | None) -> None:
                             *tbf_args(rate_bits)])
 
 
-def _native(stack: contextlib.ExitStack, rate_bits: int | None) -> Target:
-    tb = stack.enter_context(Testbed(hosts=2, containers_per_host=0, log_level="info"))
+def _native(stack: contextlib.ExitStack, rate_bits: int | None,
+            ipv6: bool = False) -> dict[str, Target]:
+    tb = stack.enter_context(Testbed(hosts=2, containers_per_host=0, log_level="info",
+                                     underlay="dual" if ipv6 else "ipv4"))
     _shape(tb, rate_bits)
     h1, h2 = tb.hosts
     if not tb.ping(h1.netns, h2.underlay_ip):
         raise BenchError("the native testbed's hosts cannot reach each other")
-    return Target(NATIVE, tb, h1.netns, h2.netns, str(h2.underlay_ip),
-                  CpuMeter(tb.all_netns()), *_cpus())
+    targets = {NATIVE: Target(NATIVE, tb, h1.netns, h2.netns, str(h2.underlay_ip),
+                              CpuMeter(tb.all_netns()), *_cpus())}
+    if ipv6:
+        if h2.underlay_ip6 is None or not tb.ping(h1.netns, h2.underlay_ip6):
+            raise BenchError("the native testbed's hosts cannot reach each other over IPv6")
+        name = NATIVE + IPV6_SUFFIX
+        targets[name] = Target(name, tb, h1.netns, h2.netns, str(h2.underlay_ip6),
+                               CpuMeter(tb.all_netns()), *_cpus())
+    return targets
 
 
 def _overlay(stack: contextlib.ExitStack, backend: str, rate_bits: int | None,
-             attach: str, runtime: str = "netns") -> Target:
+             attach: str, runtime: str = "netns", ipv6: bool = False) -> dict[str, Target]:
     cpus = _cpus()
     backend_type, agent_args = VARIANTS.get(backend, (SWAPPED.get(backend, backend), ()))
     # Each host's agent (and so a userspace data plane: the udp forwarder, wireguard-go)
     # runs on that host's CPU, beside its qperf, as on two machines.
     tb = stack.enter_context(Testbed(hosts=2, containers_per_host=1, attach=attach,
-                                     config=bench_config(backend_type), agent_args=agent_args,
-                                     log_level="info", agent_cpus=cpus, runtime=runtime))
+                                     config=bench_config(backend_type, ipv6),
+                                     agent_args=agent_args, log_level="info",
+                                     agent_cpus=cpus, runtime=runtime,
+                                     underlay="dual" if ipv6 else "ipv4"))
     _shape(tb, rate_bits)
     tb.start(timeout=60)
     if backend == UDP_MINIMAL:
@@ -164,8 +182,14 @@ def _overlay(stack: contextlib.ExitStack, backend: str, rate_bits: int | None,
     # A docker container's namespace carries the testbed's name for it (ip netns attach),
     # so qperf runs in the container's own network stack: its veth, docker0, iptables.
     name = backend if runtime == "netns" else f"{backend}/{runtime}"
-    return Target(name, tb, c1.netns, c2.netns, str(c2.ip), CpuMeter(tb.all_netns()),
-                  *cpus)
+    targets = {name: Target(name, tb, c1.netns, c2.netns, str(c2.ip),
+                            CpuMeter(tb.all_netns()), *cpus)}
+    if ipv6:
+        if c2.ip6 is None or not any(tb.ping(c1.netns, c2.ip6) for _ in range(3)):
+            raise BenchError(f"{c1.name} cannot reach {c2.name} over IPv6 through {backend}")
+        targets[name + IPV6_SUFFIX] = Target(name + IPV6_SUFFIX, tb, c1.netns, c2.netns,
+                                             str(c2.ip6), CpuMeter(tb.all_netns()), *cpus)
+    return targets
 
 
 def _swap_in_minimal_forwarder(stack: contextlib.ExitStack, tb: Testbed) -> None:
@@ -288,8 +312,10 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
     names: list[str] = []
     with contextlib.ExitStack() as stack:
         progress("building the native testbed (2 hosts, no overlay)")
-        targets = {NATIVE: _native(stack, rate_bits)}
-        progress(_describe(targets[NATIVE]))
+        targets = _native(stack, rate_bits, opts.ipv6)
+        for target in targets.values():
+            progress(_describe(target))
+        names.extend(name for name in targets if name != NATIVE)
         for backend in opts.backends:
             if backend not in {*BACKENDS, *REFERENCES, *SWAPPED, *VARIANTS}:
                 skipped.append(Skipped(backend, "not in this build's backend registry "
@@ -306,12 +332,16 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
                          f"attached by {opts.attach}, "
                          f"{'by hand, no agents' if ref else 'agents'})")
                 names.append(name)
+                if opts.ipv6 and not ref:
+                    names.append(name + IPV6_SUFFIX)
                 sub = stack.enter_context(contextlib.ExitStack())
                 try:
-                    targets[name] = (_reference(sub, ref, rate_bits, opts.attach) if ref
-                                     else _overlay(sub, backend, rate_bits, opts.attach,
-                                                   runtime))
-                    progress(_describe(targets[name]))
+                    made = ({name: _reference(sub, ref, rate_bits, opts.attach)} if ref
+                            else _overlay(sub, backend, rate_bits, opts.attach, runtime,
+                                          opts.ipv6))
+                    targets.update(made)
+                    for target in made.values():
+                        progress(_describe(target))
                 except WeftError as exc:
                     sub.close()  # tear this one down now; the others carry on
                     skipped.append(Skipped(name, _reason(exc)))

@@ -135,8 +135,11 @@ class DockerRuntime:
         pid = self.docker(c.host, "inspect", "-f", "{{.State.Pid}}", name).stdout.strip()
         ip = self.docker(c.host, "inspect", "-f", "{{.NetworkSettings.IPAddress}}",
                          name).stdout.strip()
+        ip6 = self.docker(c.host, "inspect", "-f", "{{.NetworkSettings.GlobalIPv6Address}}",
+                          name).stdout.strip()
         sh(["ip", "netns", "attach", c.netns, pid])
         c.ip = ipaddress.ip_address(ip)
+        c.ip6 = ipaddress.IPv6Address(ip6) if ip6 else None  # dual stack: dockerd --ipv6
 
     def exec_argv(self, c: Container, argv: list[str]) -> list[str]:
         """Run argv inside the container itself (its image, its processes)."""

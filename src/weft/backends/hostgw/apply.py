@@ -55,7 +55,9 @@ class HostGwBackend:
             if self._lease is not None and lo is not None:  # level-based: put it back
                 nl.ensure_address(lo.index, self._lease.own_address)
         wanted = plan.plan(peers, underlay)
-        change = plan.difference(wanted, tables.weft_routes(self.config.network.version))
+        actual = {route for network in self.config.networks
+                  for route in tables.weft_routes(network.version)}
+        change = plan.difference(wanted, actual)
         result = apply_tables(change.routes)
         result.errors.update(wanted.errors)
         return result
@@ -76,7 +78,8 @@ class HostGwBackend:
 
     def teardown(self) -> None:
         with Netlink() as nl:
-            nl.delete_routes(self.config.network.version)
+            for network in self.config.networks:
+                nl.delete_routes(network.version)
             lo = nl.link(LOOPBACK)
             if self._lease is not None and lo is not None:
                 nl.remove_addresses_in(lo.index, self._lease.subnet)

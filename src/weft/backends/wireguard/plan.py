@@ -107,7 +107,8 @@ def desired_peers(
         wanted[key] = PeerConfig(
             public_key=key,
             endpoint=(lease.public_ip, listen_port),
-            allowed_ips=frozenset({lease.subnet}),
+            # Dual stack: both subnets ride one peer (one key, one endpoint).
+            allowed_ips=frozenset(lease.subnets),
             keepalive=keepalive,
             psk=psk,
         )

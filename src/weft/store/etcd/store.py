@@ -328,8 +328,8 @@ class EtcdLeaseStore:
         """A key below the prefix as the store seam speaks of it (`subnets/...`)."""
         return _text(key).removeprefix(f"{self.prefix}/")
 
-    def _key(self, subnet: IPNetwork) -> bytes:
-        return f"{self.prefix}/{subnet_key(subnet)}".encode()
+    def _key(self, subnet: IPNetwork, ipv6_subnet: ipaddress.IPv6Network | None = None) -> bytes:
+        return f"{self.prefix}/{subnet_key(subnet, ipv6_subnet)}".encode()
 
     async def list_leases(self) -> tuple[list[Lease], int]:
         async def op(client: Client) -> tuple[list[Lease], int]:
@@ -348,7 +348,7 @@ class EtcdLeaseStore:
         return await self._call("list leases", op)
 
     async def create_lease(self, lease: Lease, ttl: float) -> Lease | None:
-        key = self._key(lease.subnet)
+        key = self._key(lease.subnet, lease.ipv6_subnet)
 
         async def op(client: Client) -> Lease | None:
             now = self._clock()
@@ -369,7 +369,7 @@ class EtcdLeaseStore:
         return await self._call(f"create the lease for {lease.subnet}", op)
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
-        key = self._key(lease.subnet)
+        key = self._key(lease.subnet, lease.ipv6_subnet)
 
         async def fast(client: Client, lease_id: int) -> Lease | None:
             """Keep-alive + one guarded put; None when the slow path must decide."""
@@ -422,8 +422,9 @@ class EtcdLeaseStore:
 
         return await self._call(f"renew the lease for {lease.subnet}", op)
 
-    async def delete_lease(self, subnet: IPNetwork) -> None:
-        key = self._key(subnet)
+    async def delete_lease(self, subnet: IPNetwork,
+                           ipv6_subnet: ipaddress.IPv6Network | None = None) -> None:
+        key = self._key(subnet, ipv6_subnet)
         for held in [g for g in self._grants if g[0] == subnet]:
             del self._grants[held]
 
