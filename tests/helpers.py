@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -371,3 +372,22 @@ def measure(tb: Any, record: Record, case: str,
     result = Recovery(case, max(healed_at - started, traffic_back), lost)
     record_figure(record, case, result.seconds, pings_lost=lost)
     return result
+# --- the two data planes of host-gw and vxlan -------------------------------------------
+
+# Each data plane's agent arguments, by the name a test id carries: the tc BPF fast path
+# (the default, where clang or a packaged object, bpftool and tc are there) and the
+# nftables path alone. Tests of faults, poisoned stores and trust run on both.
+DATA_PLANES: dict[str, list[str]] = {"fastpath": [], "nftables": ["--no-fastpath"]}
+FASTPATH_TOOLS = all(shutil.which(t) for t in ("clang", "bpftool", "tc"))
+
+
+def check_data_plane(tb: Any, plane: str) -> None:
+    """The agents of testbed `tb` run the plane the test asked for: the fast path active
+    on every host where it can be, or off."""
+    for host in tb.hosts:
+        status = tb.host_status(host)["fastpath"]
+        if plane == "nftables":
+            assert not status["active"], status
+            assert status["reason"] == "off (--no-fastpath)", status
+        elif FASTPATH_TOOLS:
+            assert status["active"], status

@@ -12,7 +12,7 @@ import importlib
 import inspect
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast, get_type_hints
@@ -20,6 +20,7 @@ from typing import Annotated, Any, TypeVar, cast, get_type_hints
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from weft.backends.registry import DEFAULT_TYPE
 from weft.core.config import redact_config
@@ -49,8 +50,9 @@ app.add_typer(testbed_app, name="testbed")
 bench_app = typer.Typer(invoke_without_command=True)
 app.add_typer(bench_app, name="bench")
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # an error stays one line, greppable
+# emoji=False: rich reads ":a:" in an IPv6 address (2001:db8:1:a::/64) as an emoji.
+out = Console(emoji=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False)  # an error stays one line, greppable
 
 StoreOpt = Annotated[
     str,
@@ -209,6 +211,9 @@ def _need_lab() -> None:
 def agent(
     store: StoreOptions,
     public_ip: Annotated[str | None, typer.Option(help="this host's underlay address")] = None,
+    public_ipv6: Annotated[str | None, typer.Option(
+        help="dual stack: this host's IPv6 underlay address beside an IPv4 --public-ip "
+             "(default: the interface's first non-link-local IPv6 address, if any)")] = None,
     iface: Annotated[str | None, typer.Option(help="underlay interface (default: the "
                                                    "default route's)")] = None,
     subnet_file: Annotated[Path, typer.Option()] = Path(DEFAULT_SUBNET_FILE),
@@ -226,13 +231,21 @@ def agent(
                                                          "reconciles of the kernel")] = 60.0,
     release_on_exit: Annotated[bool, typer.Option(help="on exit, release the lease and "
                                                        "remove the data plane")] = False,
-    fastpath: Annotated[bool, typer.Option(help="tc BPF fast path for overlay <-> overlay "
-                                                "packets (host-gw, vxlan; needs clang)")] = False,
+    fastpath: Annotated[bool, typer.Option(
+        help="tc BPF fast path for overlay <-> overlay packets where it can run (host-gw, "
+             "vxlan; IPv4 overlays); --no-fastpath keeps every packet on the nftables "
+             "path")] = True,
+    probe_period: Annotated[float, typer.Option(
+        min=0.0, help="probe each peer every this many seconds (0: no peer probes)")] = 2.0,
+    probe_rate: Annotated[float, typer.Option(
+        min=1.0, help="at most this many probe packets a second, whatever the number of "
+                      "peers (beyond it, each peer is probed less often)")] = 200.0,
     log_level: LogOpt = "info",
 ) -> None:
     """Run the agent on this host: lease a subnet, program the data plane, follow peers."""
     from weft.agent import args, logs
-    from weft.agent.daemon import Agent, AgentOptions, parse_ip
+    from weft.agent.daemon import Agent, AgentOptions, parse_ip, parse_ipv6
+    from weft.agent.peer_health import ProbePolicy
     from weft.host.masquerade import parse_conntrack_mode
     from weft.host.system import require_root
 
@@ -242,17 +255,20 @@ def agent(
         # Every value checked before the store is opened or the kernel touched.
         args.check_store_url(store.url)
         address = parse_ip(public_ip)
+        address6 = parse_ipv6(public_ipv6)
         args.check_metrics_addr(metrics_addr)
         args.check_numbers(lease_ttl, resync_interval)
         args.check_paths(state_dir, subnet_file)
         opts = AgentOptions(
             store=store.open(),
-            public_ip=address, iface=iface, subnet_file=subnet_file,
+            public_ip=address, public_ipv6=address6, iface=iface, subnet_file=subnet_file,
             state_dir=state_dir, lease_ttl=lease_ttl, ip_masq=ip_masq,
             metrics_addr=metrics_addr, release_on_exit=release_on_exit,
             resync_interval=resync_interval,
             overlay_conntrack=parse_conntrack_mode(overlay_conntrack),
             fastpath=fastpath,
+            probes=ProbePolicy(period=probe_period, max_packets_per_second=probe_rate)
+            if probe_period > 0 else None,
         )
         asyncio.run(Agent(opts).run())
     except WeftError as exc:
@@ -266,7 +282,7 @@ def config_set(
     store: StoreOptions,
 ) -> None:
     """Validate a network config and write it to the store."""
-    from weft.backends.registry import backend_facts, parse_config
+    from weft.backends.registry import backend_facts, ipv6_next_hops, parse_config
 
     try:
         try:
@@ -286,6 +302,8 @@ def config_set(
                       "segments between them can send packets into containers as a member; "
                       "use wireguard on a network you do not control (docs/security.md)",
                       highlight=False)
+        if (needs := ipv6_next_hops(config)) is not None:
+            err.print(f"[yellow]note:[/] {needs}", highlight=False, soft_wrap=True)
     except WeftError as exc:
         raise _fail(exc) from None
 
@@ -319,6 +337,7 @@ def status(
     leases are still shown, and one line on stderr says so."""
     import json
 
+    from weft.agent.peer_health import where_to_look
     from weft.agent.status import query_status
 
     try:
@@ -334,20 +353,33 @@ def status(
             no_agent = f"cannot ask the agent in {state_dir}: {exc.strerror}"
             health = {"error": no_agent}
         now = time.time()
+        first = (f"look first at the agent: {no_agent}" if no_agent is not None
+                 else where_to_look(health))
         if json_output:
             print(json.dumps({
+                "look_first": first,
                 "revision": revision,
                 "leases": [{"subnet": str(lease.subnet), "public_ip": str(lease.public_ip),
                             "backend": lease.backend_type,
-                            "expires_in": round(lease.expires_in(now))} for lease in leases],
+                            "expires_in": round(lease.expires_in(now)),
+                            **({"ipv6_subnet": str(lease.ipv6_subnet),
+                                "public_ipv6": lease.public_ipv6 and str(lease.public_ipv6)}
+                               if lease.ipv6_subnet is not None else {})}
+                           for lease in leases],
                 "host": health,
             }, indent=2))
         else:
+            out.print(first, highlight=False, style="bold", soft_wrap=True)
             table = Table(title=f"leases (store revision {revision})")
             for col in ("subnet", "public IP", "backend", "expires in"):
                 table.add_column(col)
             for lease in leases:
-                table.add_row(str(lease.subnet), str(lease.public_ip), lease.backend_type,
+                # Dual stack: the IPv6 half under the IPv4 one, in the same row.
+                subnet, public = str(lease.subnet), str(lease.public_ip)
+                if lease.ipv6_subnet is not None:
+                    subnet += f"\n{lease.ipv6_subnet}"
+                    public += f"\n{lease.public_ipv6 or '-'}"
+                table.add_row(Text(subnet), Text(public), lease.backend_type,
                               _duration(lease.expires_in(now)))
             out.print(table)
             if no_agent is None:
@@ -359,6 +391,77 @@ def status(
         raise typer.Exit(3)
 
 
+@app.command()
+@with_store
+def doctor(
+    store: StoreOptions,
+    state_dir: Annotated[Path, typer.Option()] = Path(DEFAULT_STATE_DIR),
+    subnet_file: Annotated[Path, typer.Option()] = Path(DEFAULT_SUBNET_FILE),
+    json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    cluster: Annotated[bool, typer.Option(
+        "--cluster", help="ask every peer's agent over the overlay for its own health")] = False,
+) -> None:
+    """Check this host's set-up: each check passes, warns or fails with what to do.
+
+    Exits 0 only when nothing fails."""
+    import json
+
+    from weft.agent import doctor as checks
+    from weft.agent.doctor_facts import gather
+
+    try:
+        try:
+            opened: LeaseStore | WeftError = store.open(create=False)  # only reads
+        except WeftError as exc:  # the store check says so; the others still run
+            opened = exc
+        facts = asyncio.run(gather(opened, state_dir, subnet_file))
+        results = checks.diagnose(facts)
+        report: dict[str, Any] = {"ok": checks.exit_status(results) == 0,
+                                  "checks": [c.as_json() for c in results]}
+        if cluster:
+            report["cluster"] = _cluster(facts.agent)
+            report["ok"] = report["ok"] and not report["cluster"]["failing"]
+    except WeftError as exc:
+        raise _fail(exc) from None
+    if json_output:
+        print(json.dumps(report, indent=2))
+    else:
+        colour = {"pass": "green", "warn": "yellow", "fail": "red"}
+        for c in results:
+            out.print(f"[{colour[c.result]}]{c.result:4}[/] {c.name}: {c.message}",
+                      highlight=False, soft_wrap=True)
+        if cluster:
+            mesh = report["cluster"]
+            out.print(f"cluster: {mesh['answered']} of {mesh['asked']} peers answered",
+                      highlight=False)
+            for line in mesh["failing"]:
+                out.print(f"[red]fail[/] {line}", highlight=False, soft_wrap=True)
+            if not mesh["failing"]:
+                out.print("[green]pass[/] every pair reaches each other", highlight=False)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+def _cluster(agent: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Every peer's own summary, asked over the overlay from this host's overlay address;
+    the pairs that fail and on which side."""
+    import ipaddress
+
+    from weft.agent import doctor as checks
+    from weft.agent.prober import ask_summaries
+
+    if agent is None or "peer_health" not in agent:
+        return {"asked": 0, "answered": 0, "failing": ["no agent (or no probes) here to ask from"]}
+    own = ipaddress.ip_network(agent["subnet"])
+    rows = agent["peer_health"]["peers"]
+    peers = {p: ipaddress.ip_network(p).network_address for p in rows}
+    summaries = ask_summaries(own.network_address, peers)
+    own_down = [p for p, r in rows.items() if r.get("state") == "unreachable"]
+    return {"asked": len(peers), "answered": sum(1 for v in summaries.values() if v),
+            "summaries": summaries,
+            "failing": checks.mesh(str(own), own_down, summaries)}
+
+
 def _fastpath_line(fp: dict[str, object]) -> str:
     if not fp.get("active"):
         return str(fp.get("reason"))
@@ -368,6 +471,9 @@ def _fastpath_line(fp: dict[str, object]) -> str:
     line = f"on, attached to {names or 'nothing yet'}"
     if isinstance(counts, dict):
         line += "; packets redirected " + ", ".join(f"{k} {v}" for k, v in counts.items())
+    skipped = fp.get("skipped")
+    if isinstance(skipped, dict) and skipped:
+        line += "; left alone: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
     return line + (f"; error: {fp['error']}" if fp.get("error") else "")
 
 
@@ -381,9 +487,14 @@ def _duration(seconds: float) -> str:
 def _print_health(health: dict[str, object]) -> None:
     peers = health.get("peers") or []
     errors = health.get("errors") or {}
-    state = "[green]healthy[/]" if not errors else "[red]errors[/]"
-    out.print(f"this host: {state}  subnet {health.get('subnet')}  public IP "
-              f"{health.get('public_ip')}  backend {health.get('backend')}  peers "
+    probes = health.get("peer_health")
+    down = (probes.get("counts") or {}).get("unreachable", 0) if isinstance(probes, dict) else 0
+    state = ("[red]errors[/]" if errors else
+             f"[yellow]{down} peer(s) unreachable[/]" if down else "[green]healthy[/]")
+    six = (f" + {health.get('ipv6_subnet')}" if health.get("ipv6_subnet") else "")
+    six_ip = (f" + {health.get('public_ipv6')}" if health.get("public_ipv6") else "")
+    out.print(f"this host: {state}  subnet {health.get('subnet')}{six}  public IP "
+              f"{health.get('public_ip')}{six_ip}  backend {health.get('backend')}  peers "
               f"{len(peers) if isinstance(peers, list) else peers}", highlight=False)
     fastpath = health.get("fastpath")
     if isinstance(fastpath, dict):
@@ -393,11 +504,51 @@ def _print_health(health: dict[str, object]) -> None:
         for key, value in backend_status.items():
             if key == "paths" and isinstance(value, dict):
                 _print_paths(value)
+            elif key == "handshakes":  # per peer: in the peers table
+                continue
             else:
                 out.print(f"  {key}: {value}", highlight=False)
     if isinstance(errors, dict):
         for peer, message in errors.items():
             out.print(f"  [red]{peer}[/]: {message}", highlight=False)
+    if isinstance(probes, dict):
+        _print_peer_health(probes)
+
+
+# A host with thousands of peers: the table shows the unreachable first, then this many in
+# all; `--json` has every peer.
+PEER_ROWS = 100
+
+
+def _print_peer_health(probes: dict[str, Any]) -> None:
+    """Plain aligned lines, not a boxed table: it stays readable at 80 columns and in a
+    pipe, and one peer is one line to grep."""
+    rows: dict[str, Any] = probes.get("peers") or {}
+    counts = probes.get("counts") or {}
+    out.print(f"  peers: {counts.get('reachable', 0)} reachable, "
+              f"{counts.get('unreachable', 0)} unreachable, {counts.get('unknown', 0)} not "
+              f"yet probed (each probed every {probes.get('interval_s')} s)", highlight=False)
+    handshakes = any(r.get("handshake_age_s") is not None for r in rows.values())
+    head = (f"    {'subnet':<18} {'public IP':<15} {'plane':<9} {'state':<11} "
+            f"{'RTT ms p50/p99':<15} {'loss':>4} {'PMTU':>5} {'since':>6}")
+    out.print(head + ("  handshake" if handshakes else ""), highlight=False, soft_wrap=True)
+    order = {"unreachable": 0, "unknown": 1, "reachable": 2}
+    ranked = sorted(rows.items(), key=lambda kv: (order.get(kv[1].get("state"), 3), kv[0]))
+    for subnet, row in ranked[:PEER_ROWS]:
+        rtt, loss, state = row.get("rtt_ms"), row.get("loss"), str(row.get("state"))
+        colour = {"unreachable": "red", "reachable": "green"}.get(state, "yellow")
+        rtt_text = "-" if not rtt else f"{rtt['median']:.2f}/{rtt['p99']:.2f}"
+        loss_text = "-" if loss is None else f"{loss:.0%}"
+        line = (f"    {subnet:<18} {row.get('public_ip')!s:<15} {row.get('plane')!s:<9} "
+                f"[{colour}]{state:<11}[/] {rtt_text:<15} {loss_text:>4} "
+                f"{row.get('pmtu') or '-'!s:>5} {_duration(row.get('since_s') or 0):>6}")
+        if handshakes:
+            age = row.get("handshake_age_s")
+            line += "  " + ("-" if age is None else f"{_duration(age)} ago")
+        out.print(line, highlight=False, soft_wrap=True)
+    if len(ranked) > PEER_ROWS:
+        out.print(f"    ... {len(ranked) - PEER_ROWS} more peers (weft status --json)",
+                  highlight=False)
 
 
 def _print_paths(paths: dict[str, Any]) -> None:
@@ -410,7 +561,9 @@ def _print_paths(paths: dict[str, Any]) -> None:
         probes = "  ".join(
             f"{name} {p.get('answered')}/{p.get('sent')}{'' if p.get('usable') else ' (out)'}"
             for name, p in (path.get("probes") or {}).items() if isinstance(p, dict))
-        out.print(f"    {subnet} {path.get('peer')}: [bold]{path.get('plane')}[/] — "
+        six = (f" (IPv6 on {path.get('ipv6_plane') or 'none'})" if "ipv6_plane" in path
+               else "")
+        out.print(f"    {subnet} {path.get('peer')}: [bold]{path.get('plane')}[/]{six} — "
                   f"{path.get('reason')}; {probes}; switches {path.get('switches')}",
                   highlight=False)
 
@@ -424,14 +577,20 @@ def demo(
     containers: Annotated[int, typer.Option(min=1, max=10)] = 2,
     runtime: Annotated[str, typer.Option(help="containers as bare namespaces (netns), "
                                               "docker containers or podman ones")] = "netns",
+    ipv6: Annotated[bool, typer.Option("--ipv6", help="an IPv6 overlay")] = False,
+    dual_stack: Annotated[bool, typer.Option("--dual-stack", help="an IPv4 and an IPv6 "
+                                                                  "overlay at once")] = False,
 ) -> None:
     """Build hosts and containers in namespaces, show leases and full connectivity."""
     _need_lab()
     from weft_lab.demo import run_demo
 
     try:
+        if ipv6 and dual_stack:
+            raise UsageError("--ipv6 and --dual-stack: choose one (--dual-stack has both)")
+        family = "dual-stack" if dual_stack else "ipv6" if ipv6 else "ipv4"
         ok = run_demo(backend=backend, store=store, hosts=hosts, containers=containers,
-                      console=out, runtime=runtime)
+                      console=out, runtime=runtime, family=family)
     except WeftError as exc:
         raise _fail(exc) from None
     raise typer.Exit(0 if ok else 1)
@@ -453,6 +612,8 @@ def bench(
                                              "layout) or ptp (routed veth)")] = "bridge",
     runtime: Annotated[str, typer.Option(help="also measure each backend with docker "
                                               "(or podman) containers")] = "netns",
+    ipv6: Annotated[bool, typer.Option("--ipv6", help="dual stack: also measure native and "
+                                                      "each backend over IPv6")] = False,
 ) -> None:
     """qperf tcp_bw/tcp_lat: native vs each backend, container to container, on 2 hosts."""
     _need_lab()
@@ -462,7 +623,8 @@ def bench(
     from weft_lab.bench.runner import BenchOptions, parse_backends, run_bench
 
     try:
-        opts = BenchOptions(parse_backends(backends), rate, secs, reps, attach, runtime)
+        opts = BenchOptions(parse_backends(backends), rate, secs, reps, attach, runtime,
+                            ipv6)
         report = run_bench(opts, progress=lambda line: err.print(line, highlight=False))
         render_table(report, err if json_file == "-" else out)
         if json_file is not None:

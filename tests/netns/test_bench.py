@@ -24,7 +24,8 @@ def test_short_real_bench_measures_every_figure_and_leaves_nothing(tmp_path: Pat
     before = set(list_netns())
     out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "weft", "bench", "--backends", "vxlan,host-gw,udp-minimal,nosuch",
+        [sys.executable, "-m", "weft", "bench", "--backends",
+         "flannel-vxlan,vxlan,flannel-host-gw,host-gw,udp-minimal,nosuch",
          "--rate", "1gbit", "--secs", "1", "--reps", "1", "--json", str(out),
          "--chart", str(chart), "--attach", "ptp"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -32,12 +33,14 @@ def test_short_real_bench_measures_every_figure_and_leaves_nothing(tmp_path: Pat
     assert proc.returncode == 0, stderr
     data = json.loads(out.read_text())
     assert (data["rate"], data["secs"], data["reps"], data["attach"]) == ("1gbit", 1, 1, "ptp")
-    assert [r["name"] for r in data["results"]] == ["native", "vxlan", "host-gw", "udp-minimal"]
+    assert [r["name"] for r in data["results"]] == [
+        "native", "flannel-vxlan", "vxlan", "flannel-host-gw", "host-gw", "udp-minimal"]
     assert [s["name"] for s in data["skipped"]] == ["nosuch"]
     assert "registry" in data["skipped"][0]["reason"]
     for result in data["results"]:
         runs = result["runs"]
-        assert len(runs) == (3 if result["name"] == "native" else 1)  # native before each
+        # native before each other row
+        assert len(runs) == (len(data["results"]) - 1 if result["name"] == "native" else 1)
         for figure in ("bw_MBps", "lat_us", "cpu_s", "cpu_s_per_GB"):
             assert all(isinstance(r[figure], float) and r[figure] > 0 for r in runs), result
         assert result["bw_MBps"]["median"] == pytest.approx(
@@ -49,7 +52,8 @@ def test_short_real_bench_measures_every_figure_and_leaves_nothing(tmp_path: Pat
     assert data["results"][0]["bw_pct"] == data["results"][0]["lat_pct"] == 100
     assert "TCP BW (MB/s)" in stdout
     assert "skipped nosuch" in stdout
-    assert chart_bars(str(chart))["bw_bars"] == chart_bars(str(chart))["lat_bars"] == 3
+    # a bar pair per row but native
+    assert chart_bars(str(chart))["bw_bars"] == chart_bars(str(chart))["lat_bars"] == 5
     assert namespaces_left_by(before, proc.pid) == []
 
 
@@ -155,3 +159,36 @@ def test_short_bench_with_docker_containers_beside_namespaces(tmp_path: Path) ->
     left = [n for n in set(list_netns()) - before
             if not (RUNS_DIR / n.removeprefix("weft-").split("-", 1)[0]).exists()]
     assert not left  # every namespace the bench made is gone (others' runs keep a run dir)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("row", ["flannel-vxlan", "flannel-host-gw"])
+def test_flannel_rows_carry_flannels_rules_and_track_overlay_traffic(row: str) -> None:
+    """The peer rows are built as flannel leaves a host: its iptables rules (read back from
+    the kernel as `iptables -S` prints them), its device for vxlan, containers that reach
+    each other, and the overlay's packets in conntrack (flannel's masquerade tracks all)."""
+    import contextlib
+
+    from weft_lab.bench.flannel import flannel_rules, restore_payload
+    from weft_lab.bench.references import BENCH_NETWORK, REFERENCES, host_subnet
+    from weft_lab.bench.runner import _reference
+
+    with contextlib.ExitStack() as stack:
+        target = _reference(stack, REFERENCES[row], None, "ptp")
+        tb = target.testbed
+        h1 = tb.hosts[0]
+        want = [ln for ln in restore_payload(flannel_rules(BENCH_NETWORK, host_subnet(h1)))
+                .splitlines() if ln.startswith("-A")]
+        got = [ln for table in ("nat", "filter") for ln in tb.run(
+            h1.netns, ["iptables", "-t", table, "-S"]).stdout.splitlines()
+            if "flanneld" in ln]
+        assert got == want
+        if row == "flannel-vxlan":
+            link = tb.run(h1.netns, ["ip", "-d", "link", "show", "flannel.1"]).stdout
+            for word in ("mtu 1450", "vxlan id 1 ", "dstport 8472", "nolearning",
+                         " udpcsum"):
+                assert word in link, link
+        c1, c2 = tb.containers
+        assert tb.ping(c1.netns, c2.ip)
+        tracked = tb.run(h1.netns, ["cat", "/proc/net/nf_conntrack"]).stdout
+        assert f"src={c1.ip} dst={c2.ip}" in tracked, tracked

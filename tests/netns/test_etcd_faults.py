@@ -33,7 +33,7 @@ from etcd_server import (
     requires_etcd,
     unique_prefix,
 )
-from helpers import await_for, record_figure, wait_for
+from helpers import DATA_PLANES, FASTPATH_TOOLS, await_for, record_figure, wait_for
 from weft.core.constants import DEFAULT_ETCD_PREFIX
 from weft.core.errors import StoreUnavailable, WatchCompacted
 from weft.core.events import LeaseEvent
@@ -351,9 +351,14 @@ def test_member_killed_agents_keep_renewing_and_a_new_host_joins() -> None:
 
 @requires_etcd
 @pytest.mark.netns
-def test_etcd_gone_traffic_flows_a_new_host_waits_and_joins_when_it_returns() -> None:
-    with Testbed(hosts=3, containers_per_host=1, store="etcd", etcd_members=3, lease_ttl=30) as tb:
+@pytest.mark.parametrize("plane", list(DATA_PLANES))
+def test_etcd_gone_traffic_flows_a_new_host_waits_and_joins_when_it_returns(plane: str) -> None:
+    with Testbed(hosts=3, containers_per_host=1, store="etcd", etcd_members=3, lease_ttl=30,
+                 agent_args=DATA_PLANES[plane]) as tb:
         _start_hosts(tb, 2)
+        for host in tb.hosts[:2]:
+            status = tb.host_status(host)["fastpath"]
+            assert status["active"] == (plane == "fastpath" and FASTPATH_TOOLS), status
         c1, c2, c3 = tb.containers
         wait_for("traffic before etcd goes", lambda: tb.ping(c1.netns, c2.ip), 30)
         ping = _ping(tb, c1.netns, c2.ip, seconds=12)

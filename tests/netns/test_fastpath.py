@@ -1,20 +1,23 @@
-"""The agent's tc BPF fast path (`--fastpath`) on the real kernel: TCP intact through it,
-non-overlay traffic on the normal path, a filter removed by hand healed, off on shutdown,
-and a clear reason where it cannot run."""
+"""The agent's tc BPF fast path (on by default) on the real kernel: TCP intact through it,
+non-overlay traffic on the normal path, a filter removed by hand and a map emptied by hand
+healed, another tool's filter in its place left alone, off on shutdown, and a clear reason
+where it cannot run or is turned off."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from helpers import missing, requires, source_seen, wait_for
 from helpers import network_config as config
-from helpers import requires, source_seen, wait_for
 from weft_lab.testbed import Host, Testbed
 
 pytestmark = [
@@ -83,8 +86,8 @@ def tcp_transfer(tb: Testbed, client: str, server: str, ip: object, nbytes: int)
 @pytest.mark.parametrize(("backend", "attach"), [("host-gw", "ptp"), ("vxlan", "bridge")])
 def test_tcp_crosses_the_fast_path_intact_and_other_traffic_takes_the_normal_one(
         backend: str, attach: str) -> None:
-    with Testbed(hosts=2, containers_per_host=1, config=config(backend), attach=attach,
-                 agent_args=["--fastpath"]) as tb:
+    # No flag: the fast path is the default where it can run.
+    with Testbed(hosts=2, containers_per_host=1, config=config(backend), attach=attach) as tb:
         tb.start()
         c1, c2 = tb.containers
         h1 = tb.hosts[0]
@@ -109,8 +112,7 @@ def test_tcp_crosses_the_fast_path_intact_and_other_traffic_takes_the_normal_one
 
 
 def test_filter_removed_by_hand_is_healed_and_shutdown_takes_it_off() -> None:
-    with Testbed(hosts=2, containers_per_host=1, config=config("host-gw"), attach="ptp",
-                 agent_args=["--fastpath"]) as tb:
+    with Testbed(hosts=2, containers_per_host=1, config=config("host-gw"), attach="ptp") as tb:
         tb.start()
         h1 = tb.hosts[0]
         veth = fastpath(tb, h1)["attached"][1]
@@ -142,10 +144,127 @@ def test_filter_removed_by_hand_is_healed_and_shutdown_takes_it_off() -> None:
 
 
 def test_backend_without_a_fast_path_says_why_and_carries_traffic() -> None:
-    with Testbed(hosts=2, containers_per_host=1, config=config("udp"),
-                 agent_args=["--fastpath"]) as tb:
+    with Testbed(hosts=2, containers_per_host=1, config=config("udp")) as tb:
         tb.start()
         status = fastpath(tb, tb.hosts[0])
         assert not status["active"]
         assert "host-gw and vxlan" in status["reason"]
+        assert all(tb.connectivity().values())
+
+
+def test_turned_off_it_says_so_and_leaves_no_filter() -> None:
+    with Testbed(hosts=2, containers_per_host=1, config=config("host-gw"), attach="ptp",
+                 agent_args=["--no-fastpath"]) as tb:
+        tb.start()
+        h1 = tb.hosts[0]
+        status = fastpath(tb, h1)
+        assert status == {"enabled": False, "active": False, "reason": "off (--no-fastpath)"}
+        assert "clsact" not in tb.run(h1.netns, ["tc", "qdisc", "show"]).stdout
+        assert all(tb.connectivity().values())
+
+
+def _map_id(tb: Testbed, host: Host, dev: str, name: str) -> int:
+    filters = json.loads(tb.run(host.netns, ["tc", "-j", "filter", "show", "dev", dev,
+                                             "ingress"]).stdout)
+    prog_id = next(f["options"]["prog"]["id"] for f in filters
+                   if (f.get("options") or {}).get("prog"))
+    prog = json.loads(tb.run(host.netns, ["bpftool", "-j", "prog", "show", "id",
+                                          str(prog_id)]).stdout)
+    for map_id in prog["map_ids"]:
+        info = json.loads(tb.run(host.netns, ["bpftool", "-j", "map", "show", "id",
+                                              str(map_id)]).stdout)
+        if info["name"] == name:
+            return int(map_id)
+    raise AssertionError(f"no map {name} on {dev}")
+
+
+def _keys(tb: Testbed, host: Host, map_id: int) -> list[list[str]]:
+    dump = json.loads(tb.run(host.netns, ["bpftool", "-j", "map", "dump", "id",
+                                          str(map_id)]).stdout or "[]")
+    return [e["key"] for e in dump]
+
+
+def test_a_map_emptied_by_hand_is_written_again_at_the_next_full_pass() -> None:
+    """Nothing tells the agent a map changed: its full pass (here every 2 s) writes the
+    maps again. Until then the emptied map only sends packets to the normal path."""
+    with Testbed(hosts=2, containers_per_host=1, config=config("host-gw"), attach="ptp",
+                 agent_args=["--resync-interval", "2"]) as tb:
+        tb.start()
+        h1 = tb.hosts[0]
+        subnets = _map_id(tb, h1, "eth0", "subnets")
+        keys = _keys(tb, h1, subnets)
+        assert len(keys) == 2  # both hosts' subnets
+        for key in keys:
+            tb.run(h1.netns, ["bpftool", "map", "delete", "id", str(subnets), "key", "hex",
+                              *key])
+        assert _keys(tb, h1, subnets) == []
+        assert all(tb.connectivity().values())  # the normal path carries it meanwhile
+        wait_for("the map written again", lambda: sorted(_keys(tb, h1, subnets)) == sorted(keys),
+                 seen=lambda: (_keys(tb, h1, subnets), tb.agent_log(h1)[-2000:]))
+
+
+# Another tool's tc program (one that passes everything on).
+OTHER_PROGRAM = """
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+SEC("tc") int someone_else(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }
+char _license[] SEC("license") = "GPL";
+"""
+
+
+def test_another_tools_filter_in_its_place_is_left_alone_and_reported(tmp_path: Path) -> None:
+    source, obj = tmp_path / "other.c", tmp_path / "other.o"
+    source.write_text(OTHER_PROGRAM)
+    subprocess.run(["clang", "-O2", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu",
+                    "-c", str(source), "-o", str(obj)], check=True)
+    with Testbed(hosts=2, containers_per_host=1, config=config("host-gw"), attach="ptp") as tb:
+        tb.start()
+        h1 = tb.hosts[0]
+        assert fastpath(tb, h1)["attached"][0] == "eth0"
+        tb.stop_agent(h1)  # takes weft's filters off
+        tb.run(h1.netns, ["tc", "qdisc", "add", "dev", "eth0", "clsact"])
+        tb.run(h1.netns, ["tc", "filter", "add", "dev", "eth0", "ingress", "pref", "49",
+                          "handle", "1", "bpf", "da", "obj", str(obj), "sec", "tc"])
+        tb.start_agent(h1)
+        tb.wait_converged(30)
+        wait_for("eth0 reported as left alone",
+                 lambda: "eth0" in fastpath(tb, h1).get("skipped", {}),
+                 seen=lambda: fastpath(tb, h1))
+        status = fastpath(tb, h1)
+        assert "someone_else" in status["skipped"]["eth0"], status
+        assert "eth0" not in status["attached"], status
+        assert len(status["attached"]) == 1  # the container's veth still has its hook
+        names = [(f.get("options") or {}).get("prog", {}).get("name") for f in json.loads(
+            tb.run(h1.netns, ["tc", "-j", "filter", "show", "dev", "eth0", "ingress"]).stdout)]
+        assert "someone_else" in names
+        assert not any(n and n.startswith("from_") for n in names)
+        assert all(tb.connectivity().values())
+        # Shutdown leaves it, and its qdisc, too.
+        assert tb.stop_agent(h1, signal.SIGTERM) == 0
+        assert "someone_else" in tb.run(h1.netns, ["tc", "filter", "show", "dev", "eth0",
+                                                   "ingress"]).stdout
+
+
+def test_a_host_without_a_compiler_runs_the_object_built_with_the_package(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from weft.host.fastpath import packaged_object
+
+    if packaged_object() is None:
+        missing("this install holds no fast path object (built where clang was not)")
+    # Every program on PATH but clang.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for d in os.environ["PATH"].split(os.pathsep):
+        if Path(d).is_dir():
+            for entry in Path(d).iterdir():
+                if not entry.name.startswith("clang") and not (bindir / entry.name).exists():
+                    (bindir / entry.name).symlink_to(entry)
+    monkeypatch.setenv("PATH", str(bindir))
+    with Testbed(hosts=2, containers_per_host=1, config=config("host-gw"), attach="ptp") as tb:
+        tb.start()
+        for host in tb.hosts:
+            status = fastpath(tb, host)
+            assert status["active"], status
+            assert status["object"] == "from the package", status
         assert all(tb.connectivity().values())

@@ -21,8 +21,10 @@ from collections.abc import Iterator
 import pytest
 
 from helpers import (
+    DATA_PLANES,
     DEADLINE,
     Record,
+    check_data_plane,
     kernel_wireguard_missing,
     measure,
     missing,
@@ -85,11 +87,13 @@ def status_answers(tb: Testbed, host: Host) -> bool:
 # --- vxlan: one testbed for the cases that leave it standing ---------------------------
 
 
-@pytest.fixture(scope="module")
-def vxlan_testbed() -> Iterator[Testbed]:
+@pytest.fixture(scope="module", params=list(DATA_PLANES))
+def vxlan_testbed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
+    """Each case on the fast path (the default) and on the nftables path alone."""
     with Testbed(hosts=2, containers_per_host=1, config=config("vxlan"),
-                 agent_args=NO_RESYNC) as tb:
+                 agent_args=[*NO_RESYNC, *DATA_PLANES[request.param]]) as tb:
         tb.start()
+        check_data_plane(tb, request.param)
         yield tb
 
 
@@ -270,12 +274,15 @@ def test_wireguard_device_deleted(record_property: Record, implementation: str) 
 # --- a host that comes back after its lease was taken ---------------------------------
 
 
+@pytest.mark.parametrize("plane", list(DATA_PLANES))
 def test_host_returning_after_its_lease_was_taken_moves_to_a_new_subnet(
-    record_property: Record,
+    record_property: Record, plane: str,
 ) -> None:
     ttl = 3.0
-    with Testbed(hosts=3, containers_per_host=1, config=config("vxlan"), lease_ttl=ttl) as tb:
+    with Testbed(hosts=3, containers_per_host=1, config=config("vxlan"), lease_ttl=ttl,
+                 agent_args=DATA_PLANES[plane]) as tb:
         tb.start()
+        check_data_plane(tb, plane)
         h1, h2, h3 = tb.hosts
         old = tb.host_status(h1)["subnet"]
         assert tb.stop_agent(h1, signal.SIGKILL) != 0

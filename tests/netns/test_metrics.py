@@ -1,9 +1,9 @@
 """Every metric family of the agent's --metrics-addr, scraped from a running agent, with a
 value this test caused: renewals counted as the log counts them, a store event applied
 incrementally, one that changed nothing, a bad record (a peer error, one reconcile error),
-packets from a non-member dropped by the ingress filter, the store gone (store errors).
-(weft_peer_* of backend "auto" are in test_auto.py; the backend's counters and reconcile
-passes in test_mesh.py.)"""
+the peers' probes (h2 reachable, a store-only peer not), packets from a non-member dropped
+by the ingress filter, the store gone (store errors). (weft_peer_* of backend "auto" are in
+test_auto.py; the backend's counters and reconcile passes in test_mesh.py.)"""
 
 from __future__ import annotations
 
@@ -72,6 +72,20 @@ def test_every_agent_metric_family_moves_with_what_happened() -> None:
         wait_for("the update counted", lambda: now("weft_incremental_update_total") > updates)
         assert now("weft_incremental_update_total") == updates + 1
         assert now("weft_peers") == peers + 1
+
+        # Peer health, with no label per peer: h2 answers its probes, the store-only peer
+        # never does (unreachable after its misses); the RTTs and the loss move with them.
+        wait_for("h2 reachable by the probes",
+                 lambda: now("weft_peer_health", state="reachable") == 1)
+        wait_for("the store-only peer unreachable",
+                 lambda: now("weft_peer_health", state="unreachable") == 1)
+        assert now("weft_peer_probe_rtt_seconds_count") > 0
+        answered = now("weft_peer_health_probes_answered_total")
+        assert 0 < answered < now("weft_peer_health_probes_sent_total")
+        assert 0 < now("weft_peer_probe_loss_ratio") <= 0.5
+        # Exported by reason (a peer's probes that arrive before this host knows the peer
+        # count here at start-up; the non-member case itself: test_peer_health.py).
+        assert now("weft_peer_health_probes_dropped_total", reason="non_member") >= 0
 
         # The same record written again: an event that changes nothing, counted as such.
         unchanged = now("weft_store_events_unchanged_total")

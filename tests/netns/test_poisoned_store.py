@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from etcd_server import ETCD_AVAILABLE, ETCD_MISSING_REASON
-from helpers import missing, sqlite_delete, sqlite_put
+from helpers import DATA_PLANES, check_data_plane, missing, sqlite_delete, sqlite_put
 from helpers import wait_for as wait_until
 from weft.core.constants import DEFAULT_ETCD_PREFIX, ROUTE_PROTOCOL
 from weft_lab.etcd_local import ETCDCTL_BINARY
@@ -207,13 +207,21 @@ class EtcdWriter:
         self._etcdctl("del", f"{DEFAULT_ETCD_PREFIX}/{rec.key}")
 
 
-@pytest.fixture(scope="module", params=["sqlite", "etcd"])
+# Each store with the fast path (the default), and SQLite with the nftables path alone too:
+# the records reach the kernel the same way whichever store carried them.
+BEDS = [("sqlite", "fastpath"), ("sqlite", "nftables"), ("etcd", "fastpath")]
+
+
+@pytest.fixture(scope="module", params=BEDS, ids=["-".join(b) for b in BEDS])
 def bed(request: pytest.FixtureRequest) -> Iterator[tuple[Testbed, SqliteWriter | EtcdWriter]]:
-    if request.param == "etcd" and not ETCD_AVAILABLE:
+    store, plane = request.param
+    if store == "etcd" and not ETCD_AVAILABLE:
         missing(ETCD_MISSING_REASON)
-    with Testbed(hosts=3, containers_per_host=1, config=CONFIG, store=request.param) as tb:
+    with Testbed(hosts=3, containers_per_host=1, config=CONFIG, store=store,
+                 agent_args=DATA_PLANES[plane]) as tb:
         tb.start()
-        yield tb, (SqliteWriter(tb) if request.param == "sqlite" else EtcdWriter(tb))
+        check_data_plane(tb, plane)
+        yield tb, (SqliteWriter(tb) if store == "sqlite" else EtcdWriter(tb))
 
 
 # --- what must not change ---------------------------------------------------------------

@@ -42,5 +42,9 @@ def test_tiny_scale_bench_reports_every_figure(tmp_path: Path) -> None:
     # writer runs a handful of statements per renewal).
     assert rr["reconciles"] == 0, rr["reconcile_reasons"]
     assert 1 <= rr["store_requests_per_renewal"] < 20
+    probes = r["probes"]  # 51 peers that never answer, each probed every 2 s: ~51 packets/s
+    assert probes["peers"] == 51
+    assert 0 < probes["packets_per_s_per_agent"]["max"] <= probes["max_packets_per_second"]
+    assert set(probes["cpu_s_per_s_per_agent"]) == {"min", "median", "max"}
     assert "storm" not in report
     assert not namespaces_left_by(before, proc.pid)  # other engineers' runs may come and go

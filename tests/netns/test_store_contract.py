@@ -398,3 +398,82 @@ def test_watch_from_compacted_history_raises_watch_compacted(kind: StoreUnderTes
             assert summary(live.result()) == [("delete", held.subnet)]
 
     run(main())
+
+
+# --- dual stack: one lease, both families ----------------------------------------------
+
+# Eight pairs: 198.19.1.0/24 .. 198.19.8.0/24 beside 2001:db8:1:1::/64 .. 2001:db8:1:8::/64.
+EIGHT_PAIRS = (
+    '{"Network": "198.19.0.0/16", "SubnetMin": "198.19.1.0", "SubnetMax": "198.19.8.0", '
+    '"EnableIPv6": true, "IPv6Network": "2001:db8:1::/48", "IPv6SubnetMin": "2001:db8:1:1::", '
+    '"IPv6SubnetMax": "2001:db8:1:ff::"}'
+)
+
+
+def test_dual_stack_hosts_lease_both_families_in_one_record(kind: StoreUnderTest) -> None:
+    config = parse_config(EIGHT_PAIRS)
+    assert config.capacity == 8
+
+    async def main() -> None:
+        stores = [kind.open() for _ in range(9)]
+        try:
+            _, revision = await stores[0].list_leases()
+            results = await asyncio.gather(*(
+                acquire_lease(stores[i], config, ip(f"198.18.0.{i + 1}"), "vxlan", {}, 600,
+                              public_ipv6=ip(f"2001:db8:ff::{i + 1}"), backend_v6_data={})
+                for i in range(8)))
+            got = [lease for lease, _ in results]
+            # Racing hosts settle on distinct pairs, each the n-th of both ranges.
+            assert {(x.subnet, x.ipv6_subnet) for x in got} == {
+                (NET(f"198.19.{n}.0/24"), NET(f"2001:db8:1:{n}::/64")) for n in range(1, 9)}
+            with pytest.raises(NetworkFull, match="no free pair of subnets"):
+                await acquire_lease(stores[8], config, ip("198.18.0.9"), "vxlan", {}, 600)
+            # The record is flannel's: one key naming both subnets, PublicIPv6 in the value.
+            leases, _ = await stores[0].list_leases()
+            by_ip = {x.public_ip: x for x in leases}
+            first = by_ip[ip("198.18.0.1")]
+            assert first.key == (f"subnets/{first.subnet.network_address}-24"
+                                 f"&{first.ipv6_subnet.network_address}-64")  # type: ignore[union-attr]
+            assert first.public_ipv6 == ip("2001:db8:ff::1")
+            # Renewed and reclaimed whole, by the same host after a restart.
+            renewed = await stores[0].renew_lease(first, 1200)
+            assert renewed.expiration > time.time() + 1100
+            again, reclaimed = await acquire_lease(stores[8], config, ip("198.18.0.1"),
+                                                   "vxlan", {}, 600, backend_v6_data={})
+            assert reclaimed
+            assert (again.subnet, again.ipv6_subnet) == (first.subnet, first.ipv6_subnet)
+            # Released whole, and a watcher sees that lease's subnet go.
+            await stores[0].delete_lease(first.subnet, first.ipv6_subnet)
+            leases, _ = await stores[0].list_leases()
+            assert first.subnet not in {x.subnet for x in leases}
+            assert len(leases) == 7
+            seen = await collect(stores[1].watch(revision), lambda events: any(
+                e.kind is EventKind.DELETE for e in events))
+            assert ("delete", first.subnet) in summary(seen)
+            puts = [e.lease for e in seen if e.kind is EventKind.PUT and e.lease is not None]
+            assert {x.ipv6_subnet for x in puts} == {x.ipv6_subnet for x in got}
+        finally:
+            for store in stores:
+                await store.close()
+
+    run(main())
+
+
+def test_a_dual_stack_record_flannel_wrote_is_read(kind: StoreUnderTest) -> None:
+    async def main() -> None:
+        async with opened(kind) as store:
+            await store.list_leases()  # the store made (SQLite's tables)
+            await asyncio.to_thread(kind.write_raw, *RECORD)
+            leases, _ = await store.list_leases()
+            assert [(x.subnet, x.ipv6_subnet, x.public_ipv6, dict(x.backend_v6_data or {}))
+                    for x in leases] == [(NET("198.19.4.0/24"), NET("2001:db8:1:4::/64"),
+                                          ip("2001:db8:ff::4"),
+                                          {"VNI": 1, "VtepMAC": "02:00:00:00:00:14"})]
+
+    run(main())
+
+
+RECORD = ("subnets/198.19.4.0-24&2001:db8:1:4::-64",
+          '{"PublicIP":"198.18.0.4","PublicIPv6":"2001:db8:ff::4",'
+          '"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:04"},'
+          '"BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:14"}}')

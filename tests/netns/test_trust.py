@@ -3,7 +3,6 @@ agents keep renewing, and an etcd password never shows in any process's command 
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from forged import LISTENER, PACKETS
-from weft.backends.registry import parse_config
+from helpers import DATA_PLANES, check_data_plane
 from weft.host.fastpath import object_path
 from weft_lab.testbed import Container, Host, Testbed
 
@@ -46,9 +45,13 @@ def renewals(tb: Testbed) -> int:
     return sum(tb.agent_log(h).count("lease renewed") for h in tb.hosts)
 
 
-def test_an_unprivileged_user_cannot_read_or_lock_the_store_while_agents_renew() -> None:
-    with Testbed(hosts=2, containers_per_host=0, lease_ttl=4) as tb:
+@pytest.mark.parametrize("plane", list(DATA_PLANES))
+def test_an_unprivileged_user_cannot_read_or_lock_the_store_while_agents_renew(
+        plane: str) -> None:
+    with Testbed(hosts=2, containers_per_host=0, lease_ttl=4,
+                 agent_args=DATA_PLANES[plane]) as tb:
         tb.start()
+        check_data_plane(tb, plane)
         db = Path(tb.store_url.removeprefix("sqlite://"))
         files = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
         for f in files:  # private from creation, whatever the directory allows
@@ -154,24 +157,22 @@ def test_a_planted_fast_path_object_is_never_attached() -> None:
     config = json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": "vxlan"}})
     with Testbed(hosts=3, containers_per_host=1, config=config,
                  agent_args=["--fastpath"]) as tb:
-        network = parse_config(config).network
-        assert isinstance(network, ipaddress.IPv4Network)
         h1, h2, h3 = tb.hosts
         for host in tb.hosts:
             host.state_dir.mkdir(0o700)
         planted = b"\x7fELF not weft's program"
         # h1: `nobody` made the bpf directory and put an object where weft would look.
         (h1.state_dir / "bpf").mkdir()
-        object_path(network, h1.state_dir / "bpf").write_bytes(planted)
-        for path in (h1.state_dir / "bpf", object_path(network, h1.state_dir / "bpf")):
+        object_path(h1.state_dir / "bpf").write_bytes(planted)
+        for path in (h1.state_dir / "bpf", object_path(h1.state_dir / "bpf")):
             os.chown(path, 65534, 65534)
         # h2: root's directory, but the object is `nobody`'s.
         (h2.state_dir / "bpf").mkdir(0o700)
-        object_path(network, h2.state_dir / "bpf").write_bytes(planted)
-        os.chown(object_path(network, h2.state_dir / "bpf"), 65534, 65534)
+        object_path(h2.state_dir / "bpf").write_bytes(planted)
+        os.chown(object_path(h2.state_dir / "bpf"), 65534, 65534)
         # h3: root's directory and root's file, but not what weft built (no record of it).
         (h3.state_dir / "bpf").mkdir(0o700)
-        object_path(network, h3.state_dir / "bpf").write_bytes(planted)
+        object_path(h3.state_dir / "bpf").write_bytes(planted)
         tb.start()
         assert all(tb.connectivity().values())
         status = {h.name: tb.host_status(h)["fastpath"] for h in tb.hosts}
@@ -179,7 +180,7 @@ def test_a_planted_fast_path_object_is_never_attached() -> None:
         assert f"fast path object directory {h1.state_dir / 'bpf'} belongs to uid 65534" \
             in status["h1"]["reason"], status
         assert not status["h2"]["active"]
-        assert f"fast path object {object_path(network, h2.state_dir / 'bpf')} belongs to " \
+        assert f"fast path object {object_path(h2.state_dir / 'bpf')} belongs to " \
                "uid 65534" in status["h2"]["reason"], status
         for host in (h1, h2):  # nothing of weft's (or the planted object's) attached
             for dev in ("weft.vx1", "weft0", "eth0"):
@@ -189,7 +190,7 @@ def test_a_planted_fast_path_object_is_never_attached() -> None:
         # h3 built its own in place of the unrecorded one, and runs it.
         assert status["h3"]["active"], status
         assert status["h3"]["attached"], status
-        assert object_path(network, h3.state_dir / "bpf").read_bytes() != planted
+        assert object_path(h3.state_dir / "bpf").read_bytes() != planted
         assert "not using a fast path object weft did not build" in tb.agent_log(h3)
 
 
@@ -244,16 +245,21 @@ def heard_during(dst: Container, send: Callable[[], None]) -> list[str]:
     return out.split()
 
 
-@pytest.mark.parametrize("backend", ["vxlan", "udp", "wireguard"])
+@pytest.mark.parametrize(("backend", "plane"), [
+    ("vxlan", "fastpath"), ("vxlan", "nftables"), ("udp", "fastpath"),
+    ("wireguard", "fastpath")])
 def test_a_neighbour_forging_a_members_address_is_kept_out_only_by_wireguard(
-        backend: str) -> None:
+        backend: str, plane: str) -> None:
     """The documented limit: on vxlan and udp (as on host-gw) every sender on the
     underlay segment is trusted, because nothing in a frame says who sent it; only
     wireguard authenticates. This passes on vxlan and udp because the forgery works;
     if that ever changes, change docs/security.md with it."""
     config = json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend}})
-    with Testbed(hosts=2, containers_per_host=1, config=config) as tb:
+    with Testbed(hosts=2, containers_per_host=1, config=config,
+                 agent_args=DATA_PLANES[plane]) as tb:
         tb.start()
+        if backend == "vxlan":  # the only one of these the fast path serves
+            check_data_plane(tb, plane)
         c1, c2 = tb.containers
         h1, h2 = tb.hosts
         intruder = tb.add_underlay_node("intr", "198.18.0.99")

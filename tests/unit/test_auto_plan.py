@@ -147,7 +147,7 @@ def test_probe_round_trip_at_every_size(plane: str) -> None:
 
 
 @pytest.mark.parametrize("data", [b"", b"WFTP", b"XXXX\x01\x00\x00\x00\x00\x01",
-                                  b"WFTP\x03\x00\x00\x00\x00\x01", b"WFTP\x01\x09\x00\x00\x00\x01"])
+                                  b"WFTP\x07\x00\x00\x00\x00\x01", b"WFTP\x01\x09\x00\x00\x00\x01"])
 def test_probe_garbage_is_a_format_error(data: bytes) -> None:
     with pytest.raises(wire.ProbeFormatError):
         wire.decode(data)

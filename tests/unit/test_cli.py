@@ -88,6 +88,34 @@ def test_bad_log_level_is_a_usage_error(tmp_path: Path) -> None:
     assert "--log-level 'loud' is not a level" in proc.stderr
 
 
+def test_doctor_without_an_agent_fails_its_checks_and_says_what_to_do(tmp_path: Path) -> None:
+    """No agent and no subnet.env: those checks fail with their advice, the store (valid,
+    empty) passes, what needs root to see is left out, and the exit status is 1."""
+    store = f"sqlite://{tmp_path / 'store.db'}"
+    cfg = '{"Network": "198.19.0.0/16", "Backend": {"Type": "vxlan"}}'
+    assert weft("config", "set", "-", "--store", store, input=cfg).returncode == 0
+    proc = weft("doctor", "--json", "--store", store, "--state-dir", str(tmp_path / "state"),
+                "--subnet-file", str(tmp_path / "subnet.env"))
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(proc.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert report["ok"] is False
+    assert checks["agent"]["result"] == "fail"
+    assert "start it (`systemctl start weft`)" in checks["agent"]["message"]
+    assert checks["subnet.env"]["result"] == "fail"
+    assert checks["store"] == {"name": "store", "result": "pass",
+                               "message": "reachable, config valid, 0 leases"}
+    assert {c["result"] for c in report["checks"]} <= {"pass", "warn", "fail"}
+    # A store path with nothing there: the store check fails, and no store is made.
+    missing = tmp_path / "no" / "store.db"
+    proc = weft("doctor", "--json", "--store", f"sqlite://{missing}", "--state-dir",
+                str(tmp_path / "state"), "--subnet-file", str(tmp_path / "subnet.env"))
+    store_check = next(c for c in json.loads(proc.stdout)["checks"] if c["name"] == "store")
+    assert store_check["result"] == "fail"
+    assert "no store there" in store_check["message"]
+    assert not (tmp_path / "no").exists()
+
+
 def test_reading_commands_do_not_create_a_store_where_none_is(tmp_path: Path) -> None:
     """`weft status` and `weft config show` only read: a mistyped store path is an error,
     not a new empty store (and directories) made where none was."""

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import shutil
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from weft.agent.triggers import tc_hook_change
 from weft.backends.registry import backend_facts, parse_config
@@ -65,3 +69,35 @@ def test_new_links_foreign_routes_and_removed_filters_wake_the_fast_path() -> No
                           known) is None
     assert tc_hook_change(Msg(event="RTM_DELTFILTER"), known) == TcRemoved()
     assert tc_hook_change(Msg(event="RTM_NEWTFILTER"), known) is None
+
+
+def test_where_the_fast_path_cannot_run_the_status_says_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On by default; an IPv6 overlay, another backend, or a missing tool: the nftables path
+    carries everything and `weft status` says why (no kernel is touched here)."""
+    from weft.agent import fastpath_state
+
+    monkeypatch.setattr(fastpath_state, "remove_fastpath", lambda: [])
+    v6 = parse_config(json.dumps({"Network": "2001:db8:1::/48", "SubnetLen": 64,
+                                  "Backend": {"Type": "host-gw"}}))
+    state = fastpath_state.FastPathState(True)
+    state.start(v6, ipaddress.IPv6Network("2001:db8:1:5::/64"), "eth0", tmp_path)
+    assert state.status() == {"enabled": True, "active": False, "reason":
+                              "unavailable: the fast path handles IPv4 overlays only"}
+    udp = config({"Type": "udp"})
+    state = fastpath_state.FastPathState(True)
+    state.start(udp, ipaddress.IPv4Network("198.19.5.0/24"), None, tmp_path)
+    assert state.status()["reason"] == ("unavailable: the fast path serves host-gw and vxlan "
+                                        "(without DirectRouting), not udp")
+    monkeypatch.setattr(shutil, "which",
+                        lambda tool: None if tool == "bpftool" else f"/usr/bin/{tool}")
+    monkeypatch.setattr(fastpath_state, "fastpath_object",
+                        lambda out_dir: (out_dir / "fastpath.o", "kept"))
+    state = fastpath_state.FastPathState(True)
+    state.start(config({"Type": "host-gw"}), ipaddress.IPv4Network("198.19.5.0/24"), "eth0",
+                tmp_path)
+    status = state.status()
+    assert not status["active"]
+    assert "the fast path needs `bpftool`" in status["reason"], status
+    assert fastpath_state.FastPathState(False).status() == {
+        "enabled": False, "active": False, "reason": "off (--no-fastpath)"}

@@ -135,3 +135,15 @@ def test_netfilter_lines_that_wake_the_agent() -> None:
                             f'198.19.0.0/16 counter comment "{COMMENT}" accept\n') is None
     assert netfilter_change("add rule ip nat POSTROUTING masquerade\n") is None
     assert netfilter_change("# new generation 4 by process 15084 (iptables)\n") is None
+    # A destination NAT, as `nft monitor` prints iptables-nft's and nft's: decide again.
+    from weft.agent.triggers import DESTINATION_NAT_ADDED
+
+    for rule in ("add rule ip nat PREROUTING ip daddr 198.18.200.10 tcp dport 80 counter "
+                 "packets 0 bytes 0 dnat to 198.19.1.2:8080",
+                 "add rule ip nat OUTPUT tcp dport 81 counter packets 0 bytes 0 redirect to "
+                 ":8081",
+                 "add rule ip svc pre ip daddr 198.18.200.11 tcp dport 80 dnat to "
+                 "198.19.1.3:8080"):
+        assert netfilter_change(rule + "\n") == DESTINATION_NAT_ADDED, rule
+    assert netfilter_change("add chain ip svc pre { type nat hook prerouting priority dstnat; "
+                            "policy accept; }\n") is None

@@ -17,7 +17,8 @@ FORBIDDEN = frozenset({
 PURE = sorted(
     [*(WEFT / "core").glob("*.py"), *WEFT.glob("backends/*/plan.py"),
      WEFT / "backends" / "udp" / "codec.py", WEFT / "backends" / "auto" / "wire.py",
-     WEFT / "host" / "ingress_rules.py"]
+     WEFT / "host" / "ingress_rules.py", WEFT / "agent" / "peer_health.py",
+     WEFT / "agent" / "doctor.py"]
 )
 
 

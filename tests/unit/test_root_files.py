@@ -6,7 +6,9 @@ is the one weft built. (Owners other than this user are the netns tests': no cho
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -101,3 +103,38 @@ def test_a_fast_path_object_others_can_write_or_a_symlink_is_refused(tmp_path: P
     (tmp_path / "link.o.sha256").write_text((tmp_path / "fastpath.o.sha256").read_text())
     with pytest.raises(PermissionProblem, match="symlink"):
         check_built(link)
+
+
+def test_without_a_packaged_object_or_clang_the_reason_says_what_to_install(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from weft.core.errors import KernelFeatureMissing
+    from weft.host import fastpath
+
+    monkeypatch.setattr(fastpath, "packaged_object", lambda: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(KernelFeatureMissing, match="no clang here to compile one: install "
+                       "clang and libbpf-dev, or a weft package built with them"):
+        fastpath.fastpath_object(tmp_path / "bpf")
+    assert list((tmp_path / "bpf").iterdir()) == []  # nothing half-made left behind
+
+
+def test_the_packaged_object_is_copied_with_weft_s_record_and_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from weft.host import fastpath
+
+    program = b"\x7fELF the packaged program"
+    monkeypatch.setattr(fastpath, "packaged_object", lambda: program)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no compiler here
+    obj, origin = fastpath.fastpath_object(tmp_path / "bpf")
+    assert (obj.read_bytes(), origin) == (program, "from the package")
+    assert stat.S_IMODE(obj.stat().st_mode) == 0o600
+    check_built(obj)
+    assert fastpath.fastpath_object(tmp_path / "bpf") == (obj, "kept")
+
+
+def test_a_packaged_record_names_its_source_and_its_object() -> None:
+    from weft.host.fastpath import build_record
+
+    record = json.loads(build_record(b"int main;", b"\x7fELF"))
+    assert record == {"source_sha256": hashlib.sha256(b"int main;").hexdigest(),
+                      "object_sha256": hashlib.sha256(b"\x7fELF").hexdigest()}

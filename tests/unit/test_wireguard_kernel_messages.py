@@ -204,3 +204,4 @@ def test_read_merges_a_peer_dumped_over_two_messages_and_sums_the_counters(
     assert state.listen_port == 51820
     assert dict(state.peers) == {a.public_key: a, b.public_key: b}
     assert dict(state.counters) == {"rx_bytes": 105, "tx_bytes": 17, "peers_with_handshake": 1}
+    assert dict(state.handshakes) == {a.public_key: 1700000000}  # per peer, for status

@@ -247,6 +247,7 @@ def test_parse_get_answer_of_wireguard_go() -> None:
     assert state.peers[K2].endpoint == (ipaddress.ip_address("fd00::3"), 51821)
     assert state.peers[K2].psk == bytes([0x11] * 32)
     assert state.counters == {"rx_bytes": 100, "tx_bytes": 200, "peers_with_handshake": 1}
+    assert state.handshakes == {K2: 1700000000}  # per peer; a 0 is no handshake
     assert state.peers[K2].allowed_ips == {ipaddress.ip_network("198.19.3.0/24"),
                                            ipaddress.ip_network("fd00:3::/64")}
 

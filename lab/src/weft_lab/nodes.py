@@ -17,12 +17,15 @@ from typing import Any
 class Host:
     index: int
     netns: str
-    underlay_ip: ipaddress.IPv4Address
+    # The agent's --public-ip: IPv4, or IPv6 on an IPv6-only underlay.
+    underlay_ip: ipaddress.IPv4Address | ipaddress.IPv6Address
     run_dir: Path
     attach: str = "bridge"
     cpu: int | None = None  # the one CPU this host's agent runs on, if pinned
     agent: subprocess.Popen[bytes] | None = None
     agent_args: list[str] = field(default_factory=list)
+    # An IPv6 underlay address beside an IPv4 `underlay_ip` (a dual-stack underlay).
+    underlay_ip6: ipaddress.IPv6Address | None = None
 
     @property
     def name(self) -> str:
@@ -52,6 +55,7 @@ class Container:
     index: int
     netns: str
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    ip6: ipaddress.IPv6Address | None = None  # dual stack: its IPv6 address beside `ip`
 
     @property
     def name(self) -> str:

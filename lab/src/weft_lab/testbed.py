@@ -54,6 +54,9 @@ ROUTED_NET = ipaddress.IPv4Network("198.18.1.0/24")
 ROUTER_LINK = ("198.18.2.1", "198.18.2.2")
 ROUTER_IP = {UNDERLAY_NET: "198.18.0.254", ROUTED_NET: "198.18.1.254"}
 OPERATOR_IP = ipaddress.IPv4Address("198.18.0.1")
+# The IPv6 underlay segment (`underlay="dual"` or `"ipv6"`): host i holds ...::(10 + i).
+UNDERLAY6_NET = ipaddress.IPv6Network("2001:db8:ff::/64")
+UNDERLAYS = ("ipv4", "dual", "ipv6")
 DEFAULT_CONFIG = '{"Network": "198.19.0.0/16", "Backend": {"Type": "vxlan"}}'
 CNI_PATH = default_cni_path()  # this venv's weft-cni, then the reference plugins
 # How weft-cni attaches containers: the reference plugin it delegates to.
@@ -77,11 +80,19 @@ class Testbed:
         agent_cpus: Sequence[int] = (),
         runtime: str = "netns",
         routed_hosts: int = 0,
+        underlay: str = "ipv4",
+        ipv4_only_hosts: int = 0,
     ) -> None:
+        """`underlay`: the hosts' underlay families: IPv4 addresses, both (IPv6 on the
+        same segment beside IPv4), or IPv6 only. `ipv4_only_hosts`: with "dual", the last
+        hosts get no IPv6 address (a mixed underlay)."""
         if os.geteuid() != 0:
             raise UsageError("the testbed needs root to create network namespaces")
         if attach not in ATTACHMENTS:
             raise UsageError(f"container attachment {attach!r}: use {' or '.join(ATTACHMENTS)}")
+        if underlay not in UNDERLAYS or (underlay != "ipv4" and routed_hosts):
+            raise UsageError(f"underlay {underlay!r}: use {', '.join(UNDERLAYS)} (IPv6 only "
+                             "on one segment)")
         if runtime not in RUNTIMES:
             raise UsageError(f"container runtime {runtime!r}: use {', '.join(RUNTIMES)}")
         self.run_id = secrets.token_hex(3)
@@ -103,6 +114,7 @@ class Testbed:
             raise UsageError(f"routed_hosts {routed_hosts}: between 0 and hosts ({hosts})")
         self.routed_hosts = routed_hosts
         self._hosts_total = hosts
+        self.underlay_family = underlay
         self.hosts = [
             Host(i, f"{NETNS_PREFIX}{self.run_id}-h{i}",
                  ipaddress.IPv4Address(int(self._segment(i).network_address) + 10 + i),
@@ -110,6 +122,12 @@ class Testbed:
                  agent_cpus[(i - 1) % len(agent_cpus)] if agent_cpus else None)
             for i in range(1, hosts + 1)
         ]
+        for host in self.hosts:
+            six = UNDERLAY6_NET.network_address + 10 + host.index
+            if underlay == "ipv6":
+                host.underlay_ip = six
+            elif underlay == "dual" and host.index <= hosts - ipv4_only_hosts:
+                host.underlay_ip6 = six
         self.containers = [
             Container(h, j, f"{NETNS_PREFIX}{self.run_id}-h{h.index}c{j}")
             for h in self.hosts for j in range(1, containers_per_host + 1)
@@ -158,6 +176,9 @@ class Testbed:
         sh([*u, "link", "set", "br0", "up"])
         sh([*u, "link", "set", "lo", "up"])
         sh([*u, "addr", "add", f"{OPERATOR_IP}/{UNDERLAY_NET.prefixlen}", "dev", "br0"])
+        if self.underlay_family != "ipv4":
+            sh([*u, "addr", "add", f"{UNDERLAY6_NET.network_address + 1}/64", "dev", "br0",
+                "nodad"])
         if self.store_kind == "etcd":
             self._start_etcd()
         if self.routed_hosts:
@@ -165,21 +186,27 @@ class Testbed:
         for host in self.hosts:
             host.run_dir.mkdir(parents=True, exist_ok=True)
             self._attach_to_underlay(host.netns, f"h{host.index}", host.underlay_ip,
-                                     self._segment(host.index))
+                                     self._segment(host.index), host.underlay_ip6)
         for c in self.containers if self.runtime is None else ():
             sh(["ip", "netns", "add", c.netns])
             sh(["ip", "-n", c.netns, "link", "set", "lo", "up"])
         self.write_config(self.config)
 
-    def _attach_to_underlay(self, netns: str, port: str, ip: ipaddress.IPv4Address,
-                            segment: ipaddress.IPv4Network = UNDERLAY_NET) -> None:
+    def _attach_to_underlay(self, netns: str, port: str,
+                            ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                            segment: ipaddress.IPv4Network = UNDERLAY_NET,
+                            ip6: ipaddress.IPv6Address | None = None) -> None:
         sh(["ip", "netns", "add", netns])
         bridge = "br1" if segment == ROUTED_NET else "br0"
         sh(["ip", "-n", self.underlay, "link", "add", port, "type", "veth", "peer", "name",
             "eth0", "netns", netns])
         sh(["ip", "-n", self.underlay, "link", "set", port, "master", bridge, "up"])
         n = ["ip", "-n", netns]
-        sh([*n, "addr", "add", f"{ip}/{segment.prefixlen}", "dev", "eth0"])
+        for address in (ip, ip6):
+            if isinstance(address, ipaddress.IPv6Address):  # no DAD: usable at once
+                sh([*n, "addr", "add", f"{address}/64", "dev", "eth0", "nodad"])
+            elif address is not None:
+                sh([*n, "addr", "add", f"{address}/{segment.prefixlen}", "dev", "eth0"])
         sh([*n, "link", "set", "eth0", "up"])
         sh([*n, "link", "set", "lo", "up"])
         if self.routed_hosts:  # the other segment is through the router
@@ -265,7 +292,11 @@ class Testbed:
             raise TestbedError(f"weft status failed ({proc.returncode}): {proc.stderr.strip()}")
         return [
             Lease(ipaddress.ip_network(item["subnet"]), ipaddress.ip_address(item["public_ip"]),
-                  item["backend"])
+                  item["backend"],
+                  ipv6_subnet=ipaddress.IPv6Network(item["ipv6_subnet"])
+                  if "ipv6_subnet" in item else None,
+                  public_ipv6=ipaddress.IPv6Address(item["public_ipv6"])
+                  if item.get("public_ipv6") else None)
             for item in json.loads(proc.stdout)["leases"]
         ]
 
@@ -387,6 +418,8 @@ class Testbed:
         if not ips:
             raise TestbedError(f"CNI gave {c.name} no address: {result}")
         c.ip = ipaddress.ip_interface(ips[0]["address"]).ip
+        six = [ipaddress.ip_interface(ip["address"]).ip for ip in ips[1:]]
+        c.ip6 = next((ip for ip in six if isinstance(ip, ipaddress.IPv6Address)), None)
 
     def detach(self, c: Container) -> None:
         from weft.integrations.cni.runtime import cni_del
@@ -438,14 +471,18 @@ class Testbed:
             ping.wait()
         return out
 
-    def connectivity(self, retries: int = 3) -> dict[tuple[str, str], bool]:
-        """Every container to every other container: (src, dst) -> reached."""
+    def connectivity(self, retries: int = 3, ipv6: bool = False
+                     ) -> dict[tuple[str, str], bool]:
+        """Every container to every other container: (src, dst) -> reached. `ipv6`: to
+        each one's IPv6 address of a dual-stack network (`Container.ip6`)."""
         matrix: dict[tuple[str, str], bool] = {}
         for src in self.containers:
             for dst in self.containers:
                 if src is dst:
                     continue
-                ok = any(self.ping(src.netns, dst.ip) for _ in range(retries))
+                target = dst.ip6 if ipv6 else dst.ip
+                ok = target is not None and any(self.ping(src.netns, target)
+                                                for _ in range(retries))
                 matrix[(src.name, dst.name)] = ok
         return matrix
 

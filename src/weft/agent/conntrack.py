@@ -67,6 +67,11 @@ class OverlayConntrack:
                               self.encap_port) if decision.untracked else None
             await asyncio.to_thread(install_masquerade, self.config.network,
                                     lease.subnet, untrack)
+            six = self.config.ipv6
+            if six is not None and lease.ipv6_subnet is not None:
+                # Dual stack: `ip6 weft` masquerades IPv6 leaving the network; its
+                # overlay traffic stays tracked (the notrack rules are IPv4's).
+                await asyncio.to_thread(install_masquerade, six.network, lease.ipv6_subnet)
             self.untrack = untrack
             if self.ingress.untrack != untrack:
                 # Prerouting's notrack rules live in the ingress filter's chain.

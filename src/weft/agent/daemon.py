@@ -22,6 +22,7 @@ The parts, each with one job, get what they need handed to them (values, callbac
     host_keeper    the host pass of the worker: subnet.env, nftables, FORWARD, the lock
     conntrack      the masquerade table and the overlay conntrack decision
     retry, health  one retry policy; one record of every error and notice
+    probe_keeper   every peer probed through the data plane (prober, peer_health)
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ import signal
 import subprocess
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from weft.agent.conntrack import OverlayConntrack
 from weft.agent.fastpath_state import FastPathState
-from weft.agent.health import Health, Part
+from weft.agent.health import Health, Notice, Part
 from weft.agent.host_keeper import HostKeeper
 from weft.agent.identity import load_host_id
 from weft.agent.lease_keeper import LeaseKeeper, OwnLease, acquire
@@ -47,13 +48,20 @@ from weft.agent.leasing import check_address_free
 from weft.agent.lock import StateDirLock
 from weft.agent.metrics import AgentMetrics
 from weft.agent.metrics_server import MetricsServer
+from weft.agent.peer_health import ProbePolicy
+from weft.agent.probe_keeper import ProbeKeeper
 from weft.agent.reconciler import Reconciler, ReconcileRequests
 from weft.agent.retry import StoreRetry, restarting
 from weft.agent.status import STATUS_SOCKET, serve_status_anew
 from weft.agent.store_watch import StoreView, check_config, watch_store
-from weft.agent.triggers import watch_files, watch_kernel, watch_netfilter
+from weft.agent.triggers import (
+    DESTINATION_NAT_ADDED,
+    watch_files,
+    watch_kernel,
+    watch_netfilter,
+)
 from weft.backends.base import Backend, BackendFacts
-from weft.backends.registry import backend_facts, create_backend, parse_config
+from weft.backends.registry import backend_facts, create_backend, ipv6_next_hops, parse_config
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.constants import (
     DEFAULT_LEASE_TTL,
@@ -85,6 +93,7 @@ START_DEADLINE = 15.0
 class AgentOptions:
     store: LeaseStore
     public_ip: IPAddress | None = None
+    public_ipv6: ipaddress.IPv6Address | None = None  # dual stack (else found on the iface)
     iface: str | None = None
     subnet_file: Path = Path(DEFAULT_SUBNET_FILE)
     state_dir: Path = Path(DEFAULT_STATE_DIR)
@@ -97,8 +106,11 @@ class AgentOptions:
     # Converge everything again now and then even when no event said so: the safety net
     # under the kernel, netfilter and file watchers.
     resync_interval: float = 60.0
-    # The tc BPF fast path for overlay <-> overlay packets (weft.agent.fastpath_state).
-    fastpath: bool = False
+    # The tc BPF fast path for overlay <-> overlay packets (weft.agent.fastpath_state): on
+    # wherever it can run, the nftables path (with the reason in status) where it cannot.
+    fastpath: bool = True
+    # How every peer is probed (weft.agent.peer_health); None: not at all.
+    probes: ProbePolicy | None = field(default_factory=ProbePolicy)
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,7 @@ class Running:
     keeper: LeaseKeeper
     conntrack: OverlayConntrack
     reconciler: Reconciler
+    probes: ProbeKeeper | None  # None: --probe-period 0
 
 
 class Agent:
@@ -133,7 +146,10 @@ class Agent:
         self._readdress = asyncio.Event()  # this host's address moved: start again on it
         self._metrics_server: MetricsServer | None = None
         self._metrics_serving = False
+        # A destination NAT rule appeared: decide the overlay's conntrack again now.
+        self._nat_added = asyncio.Event()
         self._lock = StateDirLock(options.state_dir)
+        self.probes: ProbeKeeper | None = None  # set once started (the metrics read it)
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -169,13 +185,21 @@ class Agent:
         host_id = load_host_id(state_dir)
         config_text, config = await self._load_config()
         # pyroute2's sync API runs its own event loop, so netlink work happens off this one.
+        needed = ipv6_next_hops(config)
         host = await asyncio.to_thread(
-            detect_host, self.opts.public_ip, self.opts.iface, state_dir
+            detect_host, self.opts.public_ip, self.opts.iface, state_dir,
+            self.opts.public_ipv6, config.dual_stack or needed is not None
         )
+        if needed is not None and host.public_ip.version == 4 and host.public_ipv6 is None:
+            # It still serves what it can (IPv4); each peer's IPv6 half is its error.
+            message = f"{host.underlay_ifname} has no IPv6 address, and {needed}"
+            self.health.notice(Notice.UNDERLAY, message)
+            log.error("this host cannot route the IPv6 overlay", extra={"error": message})
         underlay = await asyncio.to_thread(_underlay_networks, host.underlay_ifname)
         backend = create_backend(config, host)
-        facts = backend_facts(config.backend, host.underlay_ifname)
-        ingress = IngressFilter(config, host.public_ip, port=facts.encap_port,
+        facts = backend_facts(config.backend, host.underlay_ifname, config.dual_stack)
+        ingress = IngressFilter(config, host.public_ip, public_ipv6=host.public_ipv6,
+                                port=facts.encap_port,
                                 by_port=facts.members_by_port, peer_iifs=facts.peer_iifs)
         self.metrics.export_ingress(config.backend.type, ingress.counters)
         # Another host's live lease at this address: refused before the backend touches
@@ -183,8 +207,14 @@ class Agent:
         await self.retry.call("list leases",
                               lambda: check_address_free(self.store, host.public_ip, host_id))
         data = await asyncio.to_thread(backend.prepare)
+        # A backend with devices of its own for the IPv6 overlay says so (vxlan over an
+        # IPv6 underlay address); otherwise its BackendData serves both halves.
+        ipv6_data = getattr(backend, "ipv6_data", None)
+        data6 = ipv6_data() if callable(ipv6_data) else None
         lease, leases, revision = await acquire(self.store, config, host.public_ip, data,
-                                                self.opts.lease_ttl, self.retry, host_id)
+                                                self.opts.lease_ttl, self.retry, host_id,
+                                                public_ipv6=host.public_ipv6,
+                                                backend_v6_data=data6)
         # The view starts from the listing the lease was chosen by; the watch from its
         # revision brings what came after, our own lease's write included.
         store_view = StoreView([*leases, lease], revision)
@@ -194,6 +224,7 @@ class Agent:
                                      encap_port=facts.encap_port,
                                      request=self.requests)
         keeper = LeaseKeeper(own, self.store, config, host.public_ip, ttl=self.opts.lease_ttl,
+                             public_ipv6=host.public_ipv6,
                              activate=backend.activate, on_taken=conntrack.replace,
                              record=store_view.record, request=self.requests,
                              retry=self.retry, health=self.health, metrics=self.metrics,
@@ -201,12 +232,16 @@ class Agent:
                              known_taken=lambda: store_view.live_subnets(time.time()))
         await keeper.leave_previous_subnet(self.opts.subnet_file)
         await keeper.take(lease)
-        enable_forwarding(config.network.version)
+        for network in config.networks:
+            enable_forwarding(network.version)
         await asyncio.to_thread(self.fastpath.start, config, lease.subnet, facts.arrival,
                                 state_dir)
         self.metrics.export_backend(backend.status)
+        self.metrics.export_peer_health(
+            lambda: self.probes.prober if self.probes is not None else None)
         host_keeper = HostKeeper(
-            own, network=config.network, subnet_file=self.opts.subnet_file,
+            own, network=config.network, ipv6_network=config.ipv6.network if config.ipv6 else None,
+            subnet_file=self.opts.subnet_file,
             state_dir=state_dir, ip_masq=self.opts.ip_masq,
             devices=(facts.tunnels, facts.bare_underlay),
             untrack=lambda: conntrack.untrack, lock=self._lock,
@@ -214,17 +249,24 @@ class Agent:
             health=self.health, host_id=host_id)
         reconciler = Reconciler(
             backend, store_view, self.requests, config=config, public_ip=host.public_ip,
+            public_ipv6=host.public_ipv6,
             underlay=underlay, lease=lambda: own.lease, converge_host=host_keeper.converge,
             ingress=ingress, fastpath=self.fastpath, stand_down=conntrack.stand_down,
             health=self.health, metrics=self.metrics)
         # The first pass runs here, so what goes wrong on start-up reaches the caller; it
         # also removes what an earlier run left that no lease wants.
         await reconciler.pass_once()
+        if self.opts.probes is not None:
+            self.probes = ProbeKeeper(
+                self.opts.probes, backend_type=config.backend.type, lease=lambda: own.lease,
+                mtu=lambda: own.mtu, peers=lambda: reconciler.view.peers,
+                backend_status=backend.status, extra_summary=self._summary,
+                on_rtt=self.metrics.probe_rtt.observe)
         if self._metrics_server is not None and not self._metrics_serving:
             self._metrics_server.start()
             self._metrics_serving = True
         return Running(config_text, config, host, backend, ingress, facts,
-                       store_view, keeper, conntrack, reconciler)
+                       store_view, keeper, conntrack, reconciler, self.probes)
 
     # --- run ----------------------------------------------------------------------------
 
@@ -307,6 +349,8 @@ class Agent:
         directories = [self.opts.subnet_file.parent, self.opts.state_dir]
 
         def host_changed(reason: str) -> None:
+            if reason == DESTINATION_NAT_ADDED:
+                self._nat_added.set()
             self.requests(reason, host=True)
 
         return [
@@ -328,11 +372,25 @@ class Agent:
             restarting("netfilter events", lambda: watch_netfilter(
                 host_changed, r.ingress.own_echo)),
             restarting("file events", lambda: watch_files(host_changed, directories)),
+            *([r.probes.run()] if r.probes is not None else []),
         ]
+
+    def _summary(self) -> dict[str, Any]:
+        """Added to the probes' summary a member's `weft doctor --cluster` gets."""
+        return {"errors": len(self.health.reported), "host_errors": sorted(self.health.host)}
 
     async def _resync(self, r: Running) -> None:
         while True:
-            await asyncio.sleep(self.opts.resync_interval)
+            try:
+                await asyncio.wait_for(self._nat_added.wait(), self.opts.resync_interval)
+            except TimeoutError:
+                pass
+            else:
+                # A DNAT rule appeared: its replies over the overlay must meet conntrack
+                # (the untrack rules and the fast path stand down) before the next resync.
+                self._nat_added.clear()
+                await r.conntrack.ensure(r.keeper.lease)
+                continue
             await check_config(self.store, r.config_text, r.config, retry=self.retry,
                                health=self.health)
             await r.conntrack.ensure(r.keeper.lease)  # destination NAT may have come or gone
@@ -348,8 +406,21 @@ class Agent:
             "public_ip": str(r.host.public_ip),
             "host_id": r.keeper.host_id,
             "subnet": str(lease.subnet),
+            **({"ipv6_subnet": str(lease.ipv6_subnet),
+                "public_ipv6": r.host.public_ipv6 and str(r.host.public_ipv6),
+                "ipv6_peers": sorted(str(p.ipv6_subnet)
+                                     for p in r.reconciler.view.peers.values()
+                                     if p.ipv6_subnet is not None)}
+               if lease.ipv6_subnet is not None else {}),
             "lease_expires_in": round(lease.expires_in(time.time())),
             "backend": r.config.backend.type,
+            # What `weft doctor` holds the host's own state against.
+            "network": str(r.config.network),
+            "mtu": r.keeper.own.mtu,
+            "underlay_iface": r.host.underlay_ifname,
+            "encap_port": r.facts.encap_port,
+            "devices": [*r.facts.tunnels, *([r.facts.bare_underlay]
+                                            if r.facts.bare_underlay else [])],
             "peers": sorted(str(s) for s in r.reconciler.view.peers),
             "revision": r.store_view.revision,
             **self.health.status(),
@@ -361,16 +432,21 @@ class Agent:
                     "ingress": ingress.status(),
                     "fastpath": fastpath.status()}
 
-        return report | await asyncio.to_thread(from_the_kernel)
+        report |= await asyncio.to_thread(from_the_kernel)
+        prober = r.probes.prober if r.probes is not None else None
+        if prober is not None:
+            report["peer_health"] = prober.status()
+        return report
 
     # --- shutdown -----------------------------------------------------------------------
 
     def _remove_host_rules(self, r: Running) -> None:
         """The masquerade table and the FORWARD accept rules, when the host leaves."""
         try:
-            if self.opts.ip_masq:
-                remove_masquerade(r.config.network)
-            remove_forward_accept(r.config.network, r.facts.tunnels, r.facts.bare_underlay)
+            for network in r.config.networks:
+                if self.opts.ip_masq:
+                    remove_masquerade(network)
+                remove_forward_accept(network, r.facts.tunnels, r.facts.bare_underlay)
             r.ingress.remove()
         except (WeftError, OSError, subprocess.SubprocessError) as exc:
             log.warning("could not remove weft's firewall rules", extra={"error": str(exc)})
@@ -385,11 +461,11 @@ class Agent:
             await asyncio.to_thread(self.fastpath.close)
             await asyncio.to_thread(r.backend.close)
             if self.opts.release_on_exit:
-                subnet = r.keeper.lease.subnet
+                held = r.keeper.lease
                 log.info("releasing lease and removing the data plane",
-                         extra={"subnet": str(subnet)})
+                         extra={"subnet": str(held.subnet)})
                 try:
-                    await self.store.delete_lease(subnet)
+                    await self.store.delete_lease(held.subnet, held.ipv6_subnet)
                 except StoreError as exc:  # the data plane goes all the same; the lease expires
                     log.warning("could not release the lease", extra={"error": str(exc)})
                 await asyncio.to_thread(self._remove_host_rules, r)
@@ -416,10 +492,17 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-def parse_ip(value: str | None) -> IPAddress | None:
+def parse_ip(value: str | None, flag: str = "--public-ip") -> IPAddress | None:
     if value is None:
         return None
     try:
         return ipaddress.ip_address(value)
     except ValueError:
-        raise UsageError(f"--public-ip {value!r} is not an IP address") from None
+        raise UsageError(f"{flag} {value!r} is not an IP address") from None
+
+
+def parse_ipv6(value: str | None) -> ipaddress.IPv6Address | None:
+    address = parse_ip(value, "--public-ipv6")
+    if address is not None and not isinstance(address, ipaddress.IPv6Address):
+        raise UsageError(f"--public-ipv6 {value!r} is not an IPv6 address")
+    return address

@@ -1,5 +1,6 @@
-"""The agent's `--fastpath` switch: whether the tc BPF fast path can run here, and its
-convergence at every full pass (weft.host.fastpath_hooks does the kernel work).
+"""The agent's fast path (on by default; `--no-fastpath` turns it off): whether the tc BPF
+fast path can run here, and its convergence at every full pass (weft.host.fastpath_hooks
+does the kernel work).
 
 Unavailable (not host-gw or vxlan, an IPv6 overlay, no clang, bpftool or tc, a compile
 error) is a reason shown in `weft status`, never an agent failure: the normal path carries
@@ -17,7 +18,7 @@ from typing import Any
 
 from weft.core.config import IPNetwork, NetworkConfig
 from weft.core.errors import WeftError
-from weft.host.fastpath import compile_fastpath
+from weft.host.fastpath import fastpath_object
 from weft.host.fastpath_hooks import FastPath, plan_hooks, remove_fastpath
 
 log = logging.getLogger("weft.agent")
@@ -28,8 +29,9 @@ class FastPathState:
         self.enabled = enabled
         self.fastpath: FastPath | None = None
         self.arrival: str | None = None
-        self.reason: str | None = None if enabled else "off (--fastpath turns it on)"
+        self.reason: str | None = None if enabled else "off (--no-fastpath)"
         self.standing_down: str | None = None
+        self.origin: str | None = None  # where its object came from (weft.host.fastpath)
 
     def start(self, config: NetworkConfig, own: IPNetwork, arrival: str | None,
               state_dir: Path) -> None:
@@ -49,7 +51,7 @@ class FastPathState:
             self.reason = "unavailable: the fast path handles IPv4 overlays only"
         else:
             try:
-                obj = compile_fastpath(config.network, state_dir / "bpf")
+                obj, self.origin = fastpath_object(state_dir / "bpf")
                 self.fastpath = FastPath(obj, own)
             except (WeftError, OSError, subprocess.SubprocessError) as exc:
                 self.reason = f"unavailable: {exc}"
@@ -106,6 +108,8 @@ class FastPathState:
         active = self.fastpath is not None and self.standing_down is None
         result: dict[str, Any] = {"enabled": self.enabled, "active": active,
                                   "reason": self.reason or self.standing_down}
+        if self.origin is not None:
+            result["object"] = self.origin
         if active and self.fastpath is not None:
             try:
                 result |= self.fastpath.status()

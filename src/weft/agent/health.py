@@ -35,6 +35,7 @@ class Notice(Enum):
     CONFIG = "config"  # the config in the store changed or is invalid: not applied
     LEASE = "lease"  # this host moved to a new subnet while it was away
     LEASE_CONFLICT = "lease_conflict"  # our subnet's record names another host
+    UNDERLAY = "underlay"  # the underlay lacks a family the backend routes the overlay by
 
 
 class Part(Enum):

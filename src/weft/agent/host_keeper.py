@@ -24,6 +24,7 @@ log = logging.getLogger("weft.agent")
 
 class HostKeeper:
     def __init__(self, own: OwnLease, *, network: IPNetwork, subnet_file: Path,
+                 ipv6_network: IPNetwork | None = None,
                  state_dir: Path, ip_masq: bool, devices: tuple[tuple[str, ...], str | None],
                  untrack: Callable[[], Untrack | None], lock: StateDirLock,
                  status_socket: Path, on_socket_gone: Callable[[], None],
@@ -31,6 +32,7 @@ class HostKeeper:
         self.own = own
         self.host_id = host_id  # written back if the state dir goes (weft.agent.identity)
         self.network = network
+        self.ipv6_network = ipv6_network  # dual stack: subnet.env's FLANNEL_IPV6_NETWORK
         self.subnet_file = subnet_file
         self.state_dir = state_dir
         self.ip_masq = ip_masq
@@ -45,7 +47,9 @@ class HostKeeper:
     def _want(self) -> HostState:
         return HostState(self.network, self.subnet_file, self.state_dir,
                          SubnetEnv(self.network, self.own.lease.subnet, self.own.mtu,
-                                   self.ip_masq), self.ip_masq, self.devices, self.untrack())
+                                   self.ip_masq, self.ipv6_network,
+                                   self.own.lease.ipv6_subnet),
+                         self.ip_masq, self.devices, self.untrack())
 
     async def converge(self) -> bool:
         """Put back what is missing; False (retried) if some part could not be."""

@@ -98,10 +98,16 @@ def converge_host_state(want: HostState, written: Written | None = None) -> dict
     try:
         if want.ip_masq and ensure_masquerade(want.network, want.env.subnet, want.untrack):
             step("masquerade", "reinstalled the nftables table")
+        six, subnet6 = want.env.ipv6_network, want.env.ipv6_subnet
+        if want.ip_masq and six is not None and subnet6 is not None \
+                and ensure_masquerade(six, subnet6):
+            step("masquerade", "reinstalled the ip6 nftables table")
     except (WeftError, OSError, subprocess.SubprocessError) as exc:
         errors["masquerade"] = str(exc)
     try:
         ensure_forward_accept(want.network, *want.devices)
+        if want.env.ipv6_network is not None:
+            ensure_forward_accept(want.env.ipv6_network, *want.devices)
     except (WeftError, OSError, subprocess.SubprocessError) as exc:
         # Hosts without Docker's DROP policy do not need the rules; never fatal.
         errors["forward_accept"] = str(exc)

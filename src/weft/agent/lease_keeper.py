@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from ipaddress import IPv6Address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,20 +50,28 @@ class OwnLease:
 
 async def acquire(store: LeaseStore, config: NetworkConfig, public_ip: IPAddress,
                   backend_data: Mapping[str, Any], ttl: float, retry: StoreRetry,
-                  host_id: str = "") -> tuple[Lease, list[Lease], int]:
+                  host_id: str = "",
+                  public_ipv6: IPv6Address | None = None,
+                  backend_v6_data: Mapping[str, Any] | None = None
+                  ) -> tuple[Lease, list[Lease], int]:
     """Reclaim or acquire a lease at start; also the listing it was chosen by and its
     revision (the view starts from it: at 5,000 leases a second listing was a tenth of
-    the join)."""
+    the join). In dual stack the lease holds both subnets, PublicIPv6 and BackendV6Data
+    (the backend's data: its devices carry both families)."""
     listings: list[tuple[list[Lease], int]] = []
     lease, reclaimed = await retry.call(
         "acquire lease",
         lambda: acquire_lease(store, config, public_ip, config.backend.type,
                               backend_data, ttl,
                               on_list=lambda *listing: listings.append(listing),
-                              host_id=host_id),
+                              host_id=host_id,
+                              public_ipv6=public_ipv6,
+                              backend_v6_data=(backend_v6_data or backend_data)
+                              if config.dual_stack else None),
     )
     log.info("lease reclaimed" if reclaimed else "lease acquired",
              extra={"subnet": str(lease.subnet), "public_ip": str(public_ip),
+                    **({"ipv6_subnet": str(lease.ipv6_subnet)} if lease.ipv6_subnet else {}),
                     "expires_in": round(lease.expires_in(time.time()))})
     leases, revision = listings[-1]
     return lease, leases, revision
@@ -86,8 +95,10 @@ class LeaseKeeper:
                  record: Callable[[IPNetwork], Lease | None], request: Request,
                  retry: StoreRetry, health: Health, metrics: AgentMetrics,
                  host_id: str = "", deletions: OwnDeletions | None = None,
-                 known_taken: Callable[[], Collection[IPNetwork]] = frozenset) -> None:
+                 known_taken: Callable[[], Collection[IPNetwork]] = frozenset,
+                 public_ipv6: IPv6Address | None = None) -> None:
         self.own = own
+        self.public_ipv6 = public_ipv6
         self.host_id = host_id  # this host's identity (weft.agent.identity)
         # Whether the watch saw our subnet's record deleted since we last wrote it.
         self.deletions = deletions if deletions is not None else OwnDeletions()
@@ -116,9 +127,13 @@ class LeaseKeeper:
         new one; the old one (named by the subnet.env it wrote) must leave its data plane,
         or two hosts answer for the same container addresses."""
         try:
-            previous = read_subnet_env(subnet_file).subnet
+            env = read_subnet_env(subnet_file)
         except UsageError:
             return  # none, or not ours to read: nothing is known about a previous subnet
+        previous = env.subnet
+        if env.ipv6_subnet not in (None, self.lease.ipv6_subnet):
+            assert env.ipv6_subnet is not None
+            await _release_lost_subnet(env.ipv6_subnet)
         if previous == self.lease.subnet:
             return
         stranded = await _release_lost_subnet(previous)
@@ -281,13 +296,19 @@ class LeaseKeeper:
             refusals=Notice.STORE, cap=self._retry_cap())
         if created is not None:
             return created
-        stranded = await _release_lost_subnet(old.subnet)  # at once, before a new lease
+        stranded = "none"
+        for subnet in old.subnets:  # at once, before a new one is leased
+            left = await _release_lost_subnet(subnet)
+            if subnet == old.subnet:
+                stranded = left
         config = self.config
         lease, _ = await self.retry.call(
             "acquire lease",
             lambda: acquire_lease(self.store, config, self.public_ip, config.backend.type,
                                   old.backend_data, self.ttl, host_id=self.host_id,
-                                  known_taken=self.known_taken, refuse_shared=False),
+                                  known_taken=self.known_taken, refuse_shared=False,
+                                  public_ipv6=old.public_ipv6,
+                                  backend_v6_data=old.backend_v6_data),
             refusals=Notice.STORE, cap=self._retry_cap())
         await self.take(lease)
         self._note_moved(old.subnet, lease.subnet, stranded)

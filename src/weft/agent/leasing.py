@@ -13,11 +13,12 @@ import logging
 import random
 import time
 from collections.abc import Callable, Collection, Mapping
+from ipaddress import IPv6Address
 from typing import Any
 
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.errors import AddressInUse, LeaseNotFound, NetworkFull
-from weft.core.lease import Lease, address_holder, choose_subnet, find_reclaimable
+from weft.core.lease import Lease, address_holder, choose_pair, find_reclaimable
 from weft.store.base import LeaseStore
 
 log = logging.getLogger("weft.core.lease")
@@ -39,6 +40,9 @@ async def acquire_lease(
     host_id: str = "",
     known_taken: Callable[[], Collection[IPNetwork]] = frozenset,
     refuse_shared: bool = True,
+    *,
+    public_ipv6: IPv6Address | None = None,
+    backend_v6_data: Mapping[str, Any] | None = None,
 ) -> tuple[Lease, bool]:
     """Return (lease, reclaimed). Raises NetworkFull when no subnet is free, and
     AddressInUse when another host (another identity) holds a live lease naming
@@ -56,17 +60,29 @@ async def acquire_lease(
         if refuse_shared:
             _refuse_shared_address(leases, public_ip, host_id)
         previous = find_reclaimable(config, leases, public_ip, host_id)
+        for stale in leases:
+            # This host's lease of the other shape (the network went dual stack, or back):
+            # released, as flannel does, or peers would report it for its whole TTL.
+            if stale.public_ip == public_ip and (not host_id or stale.host_id in ("", host_id)) \
+                    and (stale.ipv6_subnet is not None) != config.dual_stack:
+                log.info("releasing this host's lease of another shape",
+                         extra={"subnet": str(stale.subnet)})
+                await store.delete_lease(stale.subnet, stale.ipv6_subnet)
+        v6 = None if backend_v6_data is None else dict(backend_v6_data)
         if previous is not None:
             wanted = Lease(previous.subnet, public_ip, backend_type, dict(backend_data),
-                           host_id=host_id)
+                           ipv6_subnet=previous.ipv6_subnet, public_ipv6=public_ipv6,
+                           backend_v6_data=v6, host_id=host_id)
             try:
                 return await store.renew_lease(wanted, ttl), True
             except LeaseNotFound:
                 continue  # it expired between list and renew: look again
-        taken = {lease.subnet for lease in leases} | set(known_taken())
-        subnet = choose_subnet(config, taken, rng)
+        # Subnets live peers are known to hold though the listing lacks them count as taken.
+        known = [Lease(s, public_ip, "") for s in known_taken()]
+        subnet, ipv6_subnet = choose_pair(config, [*leases, *known], rng)
         created = await store.create_lease(
-            Lease(subnet, public_ip, backend_type, dict(backend_data), host_id=host_id), ttl
+            Lease(subnet, public_ip, backend_type, dict(backend_data), ipv6_subnet=ipv6_subnet,
+                  public_ipv6=public_ipv6, backend_v6_data=v6, host_id=host_id), ttl
         )
         if created is not None:
             if refuse_shared:
@@ -110,7 +126,7 @@ async def _check_alone(store: LeaseStore, created: Lease,
     try:
         _refuse_shared_address(leases, created.public_ip, created.host_id)
     except AddressInUse:
-        await store.delete_lease(created.subnet)
+        await store.delete_lease(created.subnet, created.ipv6_subnet)
         raise
     if on_list is not None:
         on_list(leases, revision)

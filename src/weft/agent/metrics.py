@@ -39,6 +39,9 @@ class _PeerPaths(Collector):
         plane = GaugeMetricFamily("weft_peer_data_plane",
                                   "1 for the data plane each peer's traffic is sent on",
                                   labels=["peer", "plane"])
+        plane6 = GaugeMetricFamily("weft_peer_ipv6_data_plane",
+                                   "Dual stack: 1 for the data plane each peer's IPv6 "
+                                   "subnet is sent on", labels=["peer", "plane"])
         sent = CounterMetricFamily("weft_peer_probes_sent", "Full-size probes sent",
                                    labels=["peer", "plane"])
         answered = CounterMetricFamily("weft_peer_probes_answered",
@@ -55,7 +58,9 @@ class _PeerPaths(Collector):
                 sent.add_metric([subnet, name], probes.get("sent", 0))
                 answered.add_metric([subnet, name], probes.get("answered", 0))
                 usable.add_metric([subnet, name], 1 if probes.get("usable") else 0)
-        yield from (plane, sent, answered, usable, switches)
+                if "ipv6_plane" in path:
+                    plane6.add_metric([subnet, name], 1 if path["ipv6_plane"] == name else 0)
+        yield from (plane, plane6, sent, answered, usable, switches)
 
 
 class _IngressCounters(Collector):
@@ -75,11 +80,47 @@ class _IngressCounters(Collector):
         yield family
 
 
+class _PeerHealth(Collector):
+    """Every backend: peers by probe state and the mean probe loss. No per-peer label, so
+    the series stay few at 5,000 peers (per-peer detail is in `weft status`)."""
+
+    def __init__(self, source: Callable[[], Any]) -> None:
+        self._source = source  # the running prober, or None
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        prober = self._source()
+        if prober is None:
+            return
+        counts, loss = prober.gauges()
+        peers = GaugeMetricFamily("weft_peer_health", "Peers by probe state",
+                                  labels=["state"])
+        for state, value in sorted(counts.items()):
+            peers.add_metric([state], value)
+        yield peers
+        yield GaugeMetricFamily("weft_peer_probe_loss_ratio",
+                                "Mean over peers of the probes lost in each one's window",
+                                value=loss)
+        c = prober.counters
+        yield CounterMetricFamily("weft_peer_health_probes_sent", "Health probe datagrams sent",
+                                  value=c.sent)
+        yield CounterMetricFamily("weft_peer_health_probes_answered",
+                                  "Health probe datagrams answered", value=c.answered)
+        dropped = CounterMetricFamily("weft_peer_health_probes_dropped",
+                                      "Datagrams on the health probe port dropped",
+                                      labels=["reason"])
+        for reason in ("non_member", "malformed", "unexpected"):
+            dropped.add_metric([reason], getattr(c, f"dropped_{reason}"))
+        yield dropped
+
+
 class AgentMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.peers = Gauge("weft_peers", "Peers in this host's data plane", registry=r)
+        self.peer_subnets = Gauge("weft_peer_subnets",
+                                  "Peers' subnets in this host's data plane, by family "
+                                  "(both in dual stack)", ["family"], registry=r)
         self.lease_expiry = Gauge(
             "weft_lease_expiry_timestamp_seconds", "When this host's lease expires", registry=r
         )
@@ -103,6 +144,13 @@ class AgentMetrics:
             "weft_peer_errors", "Peers (or leases) that cannot be used right now", registry=r
         )
         self.store_errors = Counter("weft_store_errors", "Failed store operations", registry=r)
+        self.probe_rtt = Histogram(
+            "weft_peer_probe_rtt_seconds", "Round trip of full-size health probes, all peers",
+            registry=r, buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
+                                 0.25, 0.5, 1.0))
+
+    def export_peer_health(self, prober: Callable[[], Any]) -> None:
+        self.registry.register(_PeerHealth(prober))
 
     def export_backend(self, status: Callable[[], Mapping[str, Any]]) -> None:
         self.registry.register(_BackendCounters(status))

@@ -72,6 +72,7 @@ class ReconcileRequests:
 class Reconciler:
     def __init__(self, backend: Backend, store: StoreView, requests: ReconcileRequests, *,
                  config: NetworkConfig, public_ip: IPAddress,
+                 public_ipv6: IPAddress | None = None,
                  underlay: tuple[IPNetwork, ...], lease: Callable[[], Lease],
                  converge_host: Callable[[], Awaitable[bool]],
                  ingress: IngressFilter | None, fastpath: FastPathState,
@@ -82,6 +83,7 @@ class Reconciler:
         self.requests = requests
         self.config = config
         self.public_ip = public_ip
+        self.public_ipv6 = public_ipv6
         self.underlay = underlay  # the underlay's networks: a peer's address is checked in them
         self.lease = lease  # this host's lease (the lease keeper's, as it moves)
         self.converge_host = converge_host
@@ -124,8 +126,10 @@ class Reconciler:
         self.requests(str(event), host=bridge)
 
     def _trust(self) -> TrustContext:
-        return TrustContext(self.config, self.public_ip, self.lease().subnet, self.underlay,
-                            backend_data_problem, time.time())
+        own = self.lease()
+        return TrustContext(self.config, self.public_ip, own.subnet, self.underlay,
+                            backend_data_problem, time.time(),
+                            own_ipv6_subnet=own.ipv6_subnet, host_ipv6=self.public_ipv6)
 
     async def pass_once(self) -> bool:
         """One pass over everything the agent owns; False if it must be retried."""
@@ -195,6 +199,10 @@ class Reconciler:
             requests.full = True
         new_errors = self.health.publish(view.errors)
         self.metrics.peers.set(len(view.peers))
+        six = sum(1 for lease in view.peers.values() if lease.ipv6_subnet is not None)
+        four = sum(1 for subnet in view.peers if subnet.version == 4)
+        self.metrics.peer_subnets.labels("ipv4").set(four)
+        self.metrics.peer_subnets.labels("ipv6").set(len(view.peers) - four + six)
         self.metrics.peer_errors.set(len(self.health.reported))
         self.metrics.reconcile_errors.inc(new_errors)
         return ok

@@ -57,7 +57,9 @@ async def query_status(state_dir: Path) -> dict[str, Any]:
         reader, writer = await asyncio.open_unix_connection(str(path))
     except (FileNotFoundError, ConnectionRefusedError):
         raise UsageError(f"no agent answers at {path}: is `weft agent` running?") from None
-    data = await reader.readline()
+    # To the end, not one line under asyncio's 64 KiB line limit: with a row per peer, a
+    # host with 1,000 peers answers with more than that (the agent closes after its line).
+    data = await reader.read()
     writer.close()
     result: dict[str, Any] = json.loads(data)
     return result

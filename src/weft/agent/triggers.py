@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import shutil
 import socket
 from collections.abc import Callable, Collection, Iterable
@@ -161,13 +162,23 @@ async def watch_kernel(changed: KernelChanged, prefix: str, *, tc_hooks: bool = 
                     underlay_changed()
 
 
+# A rule that rewrites destinations (kube-proxy's Service DNAT, Docker publishing a port,
+# a REDIRECT or TPROXY), in nft's words or iptables-nft's targets.
+_DESTINATION_NAT = re.compile(r"\b(dnat|redirect|tproxy)\b", re.IGNORECASE)
+DESTINATION_NAT_ADDED = "destination NAT added"
+
+
 def netfilter_change(line: str) -> str | None:
     """What an `nft monitor` line means for weft (pure): something removed or flushed, or
     a FORWARD chain turned into one that could drop overlay traffic (a DROP policy, a rule
     of another tool such as dockerd's): then weft's FORWARD accepts must be (re)checked.
-    weft's own accepts carry their comment and wake nothing."""
+    weft's own accepts carry their comment and wake nothing. A destination NAT rule added
+    anywhere: overlay traffic may need conntrack now (`DESTINATION_NAT_ADDED`; the
+    agent decides again at once instead of at its next resync)."""
     if line.startswith(("delete", "flush")):
         return "netfilter rules removed"
+    if line.startswith("add rule") and _DESTINATION_NAT.search(line):
+        return DESTINATION_NAT_ADDED
     if " filter FORWARD " not in line:
         return None
     if line.startswith("add chain") and "policy drop" in line:

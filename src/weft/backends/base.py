@@ -75,6 +75,15 @@ class BackendSpec(Generic[OptionsT]):
     facts: Callable[[OptionsT, str], BackendFacts]  # (its options, the underlay's name)
     overhead: Callable[[int], int]  # bytes added to every packet, by outer IP version
     data_problem: Callable[[Mapping[str, Any]], str | None]  # a peer's BackendData, checked
+    # Why this backend cannot carry a dual-stack network (said at `weft config set`), or
+    # None when it can.
+    no_dual_stack: str | None = "it carries one address family only, so far"
+    # An IPv6 overlay is routed via IPv6 next hops on the underlay (host-gw): the kernel
+    # takes no IPv4 next hop for an IPv6 route, so each host needs an IPv6 underlay address.
+    ipv6_next_hops: bool = False
+    # Tunnel devices a dual-stack network adds (vxlan's on the IPv6 underlay): FORWARD's
+    # scope and the kernel watcher's, beside `BackendFacts.tunnels`.
+    ipv6_tunnels: Callable[[OptionsT], tuple[str, ...]] | None = None
 
 
 @dataclass

@@ -11,6 +11,7 @@ runs. Pure: importing this module imports only the options models.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
@@ -23,6 +24,7 @@ from weft.backends.vxlan.options import VXLAN_BACKEND
 from weft.backends.wireguard.options import WIREGUARD_BACKEND
 from weft.core import config as core_config
 from weft.core.config import BackendOptions, BackendTypes, NetworkConfig
+from weft.core.errors import ConfigError
 from weft.core.host import HostContext
 
 if TYPE_CHECKING:
@@ -43,8 +45,30 @@ TYPES = BackendTypes({name: spec.options for name, spec in BACKENDS.items()}, DE
 
 def parse_config(text: str | bytes) -> NetworkConfig:
     """Parse and validate the JSON network config, `Backend` by its `Type`'s own options
-    model, or raise ConfigError naming the field and the value."""
-    return core_config.parse_config(text, TYPES)
+    model, or raise ConfigError naming the field and the value. A dual-stack network on a
+    backend that cannot carry one is refused here, at `weft config set`, not peer by peer
+    at run time."""
+    config = core_config.parse_config(text, TYPES)
+    why = BACKENDS[config.backend.type].no_dual_stack
+    if config.dual_stack and why is not None:
+        raise ConfigError(f"EnableIPv6: the {config.backend.type} backend cannot carry a "
+                          f"dual-stack network: {why}")
+    return config
+
+
+def ipv6_next_hops(config: NetworkConfig) -> str | None:
+    """What a host of this network needs from its underlay beyond its PublicIP, or None:
+    a backend that routes an IPv6 overlay via underlay next hops (host-gw) needs an IPv6
+    address on one segment shared by every host. Said at `weft config set` and checked
+    by the agent at start."""
+    six = config.ipv6.network if config.ipv6 is not None else (
+        config.network if config.network.version == 6 else None)
+    if six is None or not BACKENDS[config.backend.type].ipv6_next_hops:
+        return None
+    return (f"{config.backend.type} routes {six} via IPv6 next hops (the kernel takes no "
+            "IPv4 next hop for an IPv6 route): every host needs an IPv6 address on one "
+            "segment shared by all (--public-ipv6, or found on --iface); over an IPv4-only "
+            "underlay use vxlan, udp or wireguard")
 
 
 def create_backend(config: NetworkConfig, host: HostContext) -> Backend:
@@ -53,10 +77,15 @@ def create_backend(config: NetworkConfig, host: HostContext) -> Backend:
     return cast("Backend", factory(config, host))
 
 
-def backend_facts(options: BackendOptions, underlay: str) -> BackendFacts:
+def backend_facts(options: BackendOptions, underlay: str,
+                  dual_stack: bool = False) -> BackendFacts:
     """What the rest of the host needs to know about the backend `options` configure, on a
-    host whose underlay device is `underlay`."""
-    return BACKENDS[options.type].facts(options, underlay)
+    host whose underlay device is `underlay` (`dual_stack`: of a dual-stack network)."""
+    spec = BACKENDS[options.type]
+    facts = spec.facts(options, underlay)
+    if dual_stack and spec.ipv6_tunnels is not None:
+        facts = dataclasses.replace(facts, tunnels=facts.tunnels + spec.ipv6_tunnels(options))
+    return facts
 
 
 def overhead(backend_type: str, ip_version: int = 4) -> int:

@@ -19,6 +19,9 @@ class HostContext:
     underlay_ifname: str
     underlay_mtu: int
     state_dir: Path
+    # Dual stack: the host's IPv6 underlay address beside an IPv4 `public_ip` (the lease's
+    # PublicIPv6), if it has one; None otherwise.
+    public_ipv6: ipaddress.IPv6Address | None = None
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ class TrustContext:
     underlay_networks: tuple[IPNetwork, ...]
     data_problem: DataCheck  # per backend: MAC, key, port (weft.backends.registry)
     now: float = 0.0  # seconds since the epoch: whether an accepted lease still runs
+    own_ipv6_subnet: IPNetwork | None = None  # dual stack: this host's IPv6 subnet
+    host_ipv6: IPAddress | None = None  # this host's IPv6 underlay address, if it has one
 
 
 @dataclass(frozen=True)
@@ -50,25 +52,84 @@ def lease_problem(lease: Lease, ctx: TrustContext,
         return (f"subnet {subnet} is not a /{config.length} of Network {config.network} "
                 f"between {config.first_subnet.network_address} and "
                 f"{config.last_subnet.network_address}")
+    problem = _overlaps_underlay("subnet", subnet, ctx) or _ipv6_half(lease, ctx)
+    if problem is not None:
+        return problem
+    if (problem := _not_unicast("PublicIP", ip)) is not None:
+        return problem
+    if ip == ctx.host_ip:
+        return f"PublicIP {ip} is this host's own address"
+    if ip.version != ctx.host_ip.version:
+        return f"PublicIP {ip} is IPv{ip.version}, this host's underlay is IPv{ctx.host_ip.version}"
+    if (problem := _in_overlay("PublicIP", ip, config)) is not None:
+        return problem
+    return _data_problem("BackendData", lease.backend_type, lease.backend_data, ctx)
+
+
+def _ipv6_half(lease: Lease, ctx: TrustContext) -> str | None:
+    """The IPv6 half of a dual-stack lease (IPv6Subnet, PublicIPv6, BackendV6Data): a bad
+    one is the whole peer's error, as a bad IPv4 half is."""
+    six, subnet6 = ctx.config.ipv6, lease.ipv6_subnet
+    if six is None:
+        if subnet6 is not None:
+            return (f"IPv6 subnet {subnet6} in a network that is not dual stack "
+                    "(EnableIPv6 is not true)")
+    elif subnet6 is None:
+        return (f"no IPv6 subnet: the network is dual stack, its key must be "
+                f"{lease.subnet.network_address}-{lease.subnet.prefixlen}&<IPv6 subnet>")
+    elif six.index(subnet6) is None:
+        return (f"IPv6 subnet {subnet6} is not a /{six.length} of IPv6Network {six.network} "
+                f"between {six.first.network_address} and {six.last.network_address}")
+    elif subnet6 == ctx.own_ipv6_subnet:
+        return f"IPv6 subnet {subnet6} is this host's own"
+    elif (problem := _overlaps_underlay("IPv6 subnet", subnet6, ctx)) is not None:
+        return problem
+    ip6 = lease.public_ipv6
+    if ip6 is not None:
+        if (problem := _not_unicast("PublicIPv6", ip6)) is not None:
+            return problem
+        if ip6 == ctx.host_ipv6 or ip6 == ctx.host_ip:
+            return f"PublicIPv6 {ip6} is this host's own address"
+        if (problem := _in_overlay("PublicIPv6", ip6, ctx.config)) is not None:
+            return problem
+    if lease.backend_v6_data is not None:
+        return _data_problem("BackendV6Data", lease.backend_type, lease.backend_v6_data, ctx)
+    return None
+
+
+def _in_overlay(name: str, ip: IPAddress, config: NetworkConfig) -> str | None:
+    for network, key in zip(config.networks, ("Network", "IPv6Network"), strict=False):
+        if ip in network:
+            return f"{name} {ip} is inside the overlay {key} {network}"
+    return None
+
+
+def _overlaps_underlay(what: str, subnet: IPNetwork, ctx: TrustContext) -> str | None:
     low, high = _bounds(subnet)  # not `overlaps`: it builds addresses, per lease per pass
     for underlay in ctx.underlay_networks:
         if underlay.version == subnet.version:
             u_low, u_high = _bounds(underlay)
             if low <= u_high and u_low <= high:
-                return f"subnet {subnet} overlaps this host's underlay {underlay}"
+                return f"{what} {subnet} overlaps this host's underlay {underlay}"
+    return None
+
+
+def _not_unicast(name: str, ip: IPAddress) -> str | None:
     if (ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local
             or (ip.is_reserved and ip.version == 4 and int(ip) == 0xFFFFFFFF)):
-        return f"PublicIP {ip} is not a unicast host address"
-    if ip == ctx.host_ip:
-        return f"PublicIP {ip} is this host's own address"
-    if ip.version != ctx.host_ip.version:
-        return f"PublicIP {ip} is IPv{ip.version}, this host's underlay is IPv{ctx.host_ip.version}"
-    if ip in config.network:
-        return f"PublicIP {ip} is inside the overlay Network {config.network}"
-    size = len(json.dumps(dict(lease.backend_data)))
+        return f"{name} {ip} is not a unicast host address"
+    return None
+
+
+def _data_problem(name: str, backend_type: str, data: Mapping[str, Any],
+                  ctx: TrustContext) -> str | None:
+    size = len(json.dumps(dict(data)))
     if size > MAX_BACKEND_DATA:
-        return f"BackendData is {size} bytes of JSON; at most {MAX_BACKEND_DATA} are accepted"
-    return ctx.data_problem(lease.backend_type, lease.backend_data)
+        return f"{name} is {size} bytes of JSON; at most {MAX_BACKEND_DATA} are accepted"
+    problem = ctx.data_problem(backend_type, data)
+    if problem is None or name == "BackendData":
+        return problem
+    return f"{name}: {problem}"
 
 
 def _bounds(network: IPNetwork) -> tuple[int, int]:
@@ -99,6 +160,18 @@ def _some(claims: list[Lease], claim: Lease) -> str:
     return ", ".join(others) + (f" and {more} more" if more else "")
 
 
+Claim = tuple[str, IPAddress | IPNetwork]  # what only one host may hold, by field name
+
+
+def _claims(lease: Lease) -> list[Claim]:
+    claims: list[Claim] = [("PublicIP", lease.public_ip)]
+    if lease.public_ipv6 is not None:
+        claims.append(("PublicIPv6", lease.public_ipv6))
+    if lease.ipv6_subnet is not None:
+        claims.append(("IPv6 subnet", lease.ipv6_subnet))
+    return claims
+
+
 def _order(lease: Lease) -> tuple[int, int, int]:
     return lease.subnet.version, int(lease.subnet.network_address), lease.subnet.prefixlen
 
@@ -118,8 +191,10 @@ class ViewKeeper:
         self._candidates: dict[IPNetwork, Lease] = {}  # passed the per-lease stage
         self._stage_errors: dict[IPNetwork, str] = {}  # per-lease and overwrite errors
         self._overwrites: set[IPNetwork] = set()  # refused while the accepted lease runs
-        self._by_ip: dict[IPAddress, dict[IPNetwork, None]] = {}  # candidates by PublicIP
-        self._duplicates: dict[IPNetwork, str] = {}  # candidates held back by a twin
+        # Candidates by what only one host may hold (PublicIP; in dual stack also
+        # PublicIPv6 and the IPv6 subnet), and those held back by a twin, per claim.
+        self._by_ip: dict[Claim, dict[IPNetwork, None]] = {}
+        self._duplicates: dict[IPNetwork, dict[Claim, str]] = {}
         self.view = ValidatedView({})
 
     def full(self, leases: Iterable[Lease], ctx: TrustContext,
@@ -142,11 +217,11 @@ class ViewKeeper:
         in_range = subnet_range(ctx.config)
         for lease in leases:
             self._stage(lease, ctx, accepted, known, in_range)
-        for ip, claims in self._by_ip.items():
+        for claim, claims in list(self._by_ip.items()):
             if len(claims) > 1:
-                self._group(ip, previous)
+                self._group(claim, previous)
         errors = {str(s): e for s, e in self._stage_errors.items()}
-        errors.update((str(s), e) for s, e in self._duplicates.items())
+        errors.update((str(s), next(iter(e.values()))) for s, e in self._duplicates.items())
         peers = {s: c for s, c in self._candidates.items() if s not in self._duplicates}
         self.view = ValidatedView(peers, errors)
         return self.view
@@ -162,7 +237,7 @@ class ViewKeeper:
         before = self.view
         previous = _without(before.peers, released)
         touched = set(changed) | self._overwrites | set(released)
-        ips: set[IPAddress] = set()
+        ips: set[Claim] = set()
         in_range = subnet_range(ctx.config)
         for subnet in touched:
             lease = leases.get(subnet)
@@ -175,13 +250,13 @@ class ViewKeeper:
                 continue
             self._drop(subnet)
             if held is not None:
-                ips.add(held.public_ip)
+                ips.update(_claims(held))
             if lease is None:
                 self._answers.pop(subnet, None)
                 continue
             self._stage(lease, ctx, previous, self._answers, in_range)
             if (now := self._candidates.get(subnet)) is not None:
-                ips.add(now.public_ip)
+                ips.update(_claims(now))
         for ip in ips:
             touched.update(self._group(ip, previous))
         peers, errors = dict(previous), dict(before.errors)
@@ -190,7 +265,8 @@ class ViewKeeper:
             peers.pop(subnet, None)
             errors.pop(key, None)
             candidate = self._candidates.get(subnet)
-            problem = self._duplicates.get(subnet) or self._stage_errors.get(subnet)
+            twins = self._duplicates.get(subnet)
+            problem = next(iter(twins.values())) if twins else self._stage_errors.get(subnet)
             if candidate is not None and subnet not in self._duplicates:
                 peers[subnet] = candidate
             if problem is not None:
@@ -238,39 +314,46 @@ class ViewKeeper:
 
     def _add(self, candidate: Lease) -> None:
         self._candidates[candidate.subnet] = candidate
-        self._by_ip.setdefault(candidate.public_ip, {})[candidate.subnet] = None
+        for claim in _claims(candidate):
+            self._by_ip.setdefault(claim, {})[candidate.subnet] = None
 
     def _drop(self, subnet: IPNetwork) -> None:
         held = self._candidates.pop(subnet, None)
         if held is not None:
-            claims = self._by_ip.get(held.public_ip, {})
-            claims.pop(subnet, None)
-            if not claims:
-                self._by_ip.pop(held.public_ip, None)
+            for claim in _claims(held):
+                claims = self._by_ip.get(claim, {})
+                claims.pop(subnet, None)
+                if not claims:
+                    self._by_ip.pop(claim, None)
         self._stage_errors.pop(subnet, None)
         self._duplicates.pop(subnet, None)
         self._overwrites.discard(subnet)
 
-    def _group(self, ip: IPAddress,
+    def _group(self, what: Claim,
                previous: Collection[IPNetwork] | Mapping[IPNetwork, Lease]) -> list[IPNetwork]:
-        """The duplicate check of one PublicIP: two candidates naming it cannot both be
-        right. The one accepted before stays (a running cluster is not moved by a forged
-        record); between new ones, none is used until one goes away. Returns its subnets."""
-        subnets = list(self._by_ip.get(ip, ()))
+        """The duplicate check of one PublicIP (or PublicIPv6, or IPv6 subnet): two
+        candidates naming it cannot both be right. The one accepted before stays (a running
+        cluster is not moved by a forged record); between new ones, none is used until one
+        goes away. Returns its subnets."""
+        subnets = list(self._by_ip.get(what, ()))
         for subnet in subnets:
-            self._duplicates.pop(subnet, None)
+            twins = self._duplicates.get(subnet)
+            if twins is not None:
+                twins.pop(what, None)
+                if not twins:
+                    del self._duplicates[subnet]
         if len(subnets) < 2:
             return subnets
         claims = sorted((self._candidates[s] for s in subnets), key=_order)
         held = [c for c in claims if c.subnet in previous]
         if len(held) > 1 and isinstance(previous, Mapping):
             # Two were peers before (one moved to this address): the one that had it stays.
-            held = [c for c in held if previous[c.subnet].public_ip == ip] or held
+            held = [c for c in held if what in _claims(previous[c.subnet])] or held
         kept = held[0] if held else None  # in subnet order: the same whatever came first
         for claim in claims:
             if claim is not kept:
-                self._duplicates[claim.subnet] = f"PublicIP {ip} is also claimed by " + \
-                    _some(claims, claim)
+                self._duplicates.setdefault(claim.subnet, {})[what] = (
+                    f"{what[0]} {what[1]} is also claimed by " + _some(claims, claim))
         return subnets
 
 

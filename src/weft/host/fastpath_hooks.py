@@ -62,20 +62,29 @@ def _tc(argv: Sequence[str]) -> str:
     return proc.stdout
 
 
-def _owned_filter(dev: str) -> dict[str, Any] | None:
-    """weft's filter on `dev`'s ingress, or None."""
+def _filter_at_slot(dev: str) -> dict[str, Any] | None:
+    """The filter at weft's place (ingress, preference 49, handle 1) on `dev`, whoever's."""
     try:
         out = _tc(["tc", "-j", "filter", "show", "dev", dev, "ingress"])
     except KernelError:
         return None  # no clsact qdisc, or the device is gone
     for f in json.loads(out or "[]"):
         options = f.get("options") or {}
-        prog = options.get("prog") or {}
-        if f.get("pref") == PREF and options.get("handle") == "0x1" and \
-                prog.get("name") in PROGRAM_NAMES.values():
+        if f.get("pref") == PREF and options.get("handle") == "0x1":
             result: dict[str, Any] = f
             return result
     return None
+
+
+def _is_ours(f: dict[str, Any] | None) -> bool:
+    prog = (f or {}).get("options", {}).get("prog") or {}
+    return prog.get("name") in PROGRAM_NAMES.values()
+
+
+def _owned_filter(dev: str) -> dict[str, Any] | None:
+    """weft's filter on `dev`'s ingress, or None."""
+    f = _filter_at_slot(dev)
+    return f if _is_ours(f) else None
 
 
 def _map_ids(prog_id: int) -> dict[str, int]:
@@ -122,6 +131,9 @@ class FastPath:
         self.obj = obj
         self.own = own
         self.attached: list[Hook] = []
+        # Devices whose place (preference 49, handle 1) holds another program: never
+        # replaced (weft owns only what it made); their packets take the normal path.
+        self.skipped: dict[str, str] = {}
         # The programs this process loaded: a filter of the same name left by an earlier
         # run (another build, other maps) is replaced, not adopted.
         self._programs: set[int] = set()
@@ -156,8 +168,18 @@ class FastPath:
         attached: list[str] = []
         wanted_subnets = {tuple(subnet_key(s)) for s in subnets}
         wanted_peers = {tuple(str(b) for b in i.to_bytes(4, "little")) for i in veths}
+        self.skipped = {}
+        kept: list[Hook] = []
         for hook in hooks:
-            current = _owned_filter(hook.device)
+            slot = _filter_at_slot(hook.device)
+            if slot is not None and not _is_ours(slot):
+                prog = (slot.get("options") or {}).get("prog") or {}
+                self.skipped[hook.device] = (
+                    f"another filter ({slot.get('kind')} {prog.get('name', '')}".rstrip()
+                    + f") holds ingress preference {PREF} handle 1: left in place")
+                continue
+            kept.append(hook)
+            current = slot
             if current is None or current["options"]["prog"]["name"] != \
                     PROGRAM_NAMES[hook.section] or \
                     int(current["options"]["prog"]["id"]) not in self._programs:
@@ -173,7 +195,7 @@ class FastPath:
             _sync_map(maps["subnets"], wanted_subnets)
             if hook.section == FROM_UNDERLAY:
                 _sync_map(maps["peers"], wanted_peers)
-        self.attached = list(hooks)
+        self.attached = kept
         return attached
 
     def detach_others(self, keep: Iterable[str]) -> None:
@@ -192,7 +214,10 @@ class FastPath:
             maps = _map_ids(int(current["options"]["prog"]["id"]))
             redirected[PROGRAM_NAMES[hook.section]] += _counter(
                 maps["redirected"], _COUNTER_INDEX[hook.section])
-        return {"attached": devices, "redirected_packets": redirected}
+        result: dict[str, Any] = {"attached": devices, "redirected_packets": redirected}
+        if self.skipped:
+            result["skipped"] = dict(self.skipped)
+        return result
 
 
 def remove_fastpath(exclude: set[str] | None = None) -> list[str]:

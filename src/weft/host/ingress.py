@@ -43,9 +43,11 @@ class IngressFilter:
     adds and deletes the set elements that changed, when the table is as last written."""
 
     def __init__(self, config: NetworkConfig, public_ip: IPAddress, *, port: int | None,
-                 by_port: bool = False, peer_iifs: Sequence[str] = ()) -> None:
+                 by_port: bool = False, peer_iifs: Sequence[str] = (),
+                 public_ipv6: IPAddress | None = None) -> None:
         self.config = config
         self.public_ip = public_ip
+        self.public_ipv6 = public_ipv6  # dual stack: members' IPv6 underlay addresses too
         # The backend's facts (weft.backends.base.BackendFacts): the encapsulation port,
         # whether a member is (address, port), every device a peer's source may arrive on.
         self.port = port
@@ -75,7 +77,7 @@ class IngressFilter:
         else:
             plan = ingress_plan(self.config, self.public_ip, own, peers, port=self.port,
                                 by_port=self.by_port, peer_iifs=self.peer_iifs,
-                                untrack=self.untrack)
+                                untrack=self.untrack, public_ipv6=self.public_ipv6)
         if not full and old is not None and self._skeleton is not None and same_shape(old, plan):
             self._apply_delta(old, plan)
             return
@@ -127,7 +129,10 @@ class IngressFilter:
         skeleton, elements = split_listing(listed)
         return skeleton == self._skeleton and elements.get("members", frozenset()) == \
             member_elements(plan) and elements.get("subnets", frozenset()) == \
-            subnet_elements(plan)
+            subnet_elements(plan) and (plan.network6 is None or elements.get(
+                "subnets6", frozenset()) == subnet_elements(plan, "subnets6")) and (
+                plan.members6 is None or elements.get("members6", frozenset())
+                == frozenset(map(str, plan.members6)))
 
     def _write_whole(self, plan: IngressPlan) -> None:
         self.plan = self._skeleton = None  # unknown until the write is confirmed

@@ -15,6 +15,9 @@ reconcile (level-based: a hand-deleted table or a stale member is repaired by th
   a peer's subnet only through the tunnel device, this host's only from its containers'
   side. Not one interface name: a second underlay link is covered too (`spoofed_source`).
 
+In dual stack the overlay-source guard holds for the IPv6 network too (its own set of
+leased subnets, `subnets6`, and the same rules in `ip6`).
+
 Counters are named objects, so replacing the rules and set elements keeps their values.
 Pure: no I/O; the edge (`weft.host.ingress`) runs the script and reads the counters.
 """
@@ -54,6 +57,14 @@ class IngressPlan:
     # masquerade decision). Done here, in the one base chain every packet walks anyway,
     # instead of in a second table's chain on the same hook.
     untrack: Untrack | None = None
+    # Dual stack: the IPv6 network and this host's IPv6 subnet (`subnets` holds the
+    # leased subnets of both families).
+    network6: IPNetwork | None = None
+    own6: IPNetwork | None = None
+    # Dual stack over an IPv4 underlay on a host with an IPv6 underlay address too: the
+    # members' IPv6 underlay addresses (encapsulated IPv6 overlay arrives from them, vxlan's
+    # second device); None: no such set.
+    members6: frozenset[IPAddress] | None = None
 
 
 def _peer_port(lease: Lease, default: int) -> int | None:
@@ -65,15 +76,29 @@ def _peer_port(lease: Lease, default: int) -> int | None:
 
 def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
                  peers: Iterable[Lease], *, port: int | None, by_port: bool = False,
-                 peer_iifs: Iterable[str] = (), untrack: Untrack | None = None) -> IngressPlan:
+                 peer_iifs: Iterable[str] = (), untrack: Untrack | None = None,
+                 public_ipv6: IPAddress | None = None) -> IngressPlan:
     """The plan for this host. `port`, `by_port` and `peer_iifs` are the backend's facts
     (`weft.backends.base.BackendFacts`: its encapsulation port, members as (address,
     port), the devices a peer's source may arrive on). Peers are validated leases; one of
     another IP version or with an unusable port is left out (it cannot send to us)."""
     members, subnets = _elements(config, public_ip, peers, port, by_port)
+    six = config.ipv6
+    own6 = own.ipv6_subnet if six is not None else None
+    members6 = None
+    if public_ipv6 is not None and port is not None and not by_port and six is not None:
+        members6 = frozenset(_members6(peers, public_ipv6))
     return IngressPlan(config.backend.type, config.network, public_ip.version,
-                       port, by_port, frozenset(members), frozenset(subnets | {own.subnet}),
-                       peer_iifs=frozenset(peer_iifs), own=own.subnet, untrack=untrack)
+                       port, by_port, frozenset(members),
+                       frozenset(subnets | {own.subnet} | ({own6} if own6 else set())),
+                       peer_iifs=frozenset(peer_iifs), own=own.subnet, untrack=untrack,
+                       network6=six.network if six is not None else None, own6=own6,
+                       members6=members6)
+
+
+def _members6(peers: Iterable[Lease], public_ipv6: IPAddress | None) -> set[IPAddress]:
+    return {p.public_ipv6 for p in peers
+            if p.public_ipv6 is not None and p.public_ipv6 != public_ipv6}
 
 
 def ingress_update(config: NetworkConfig, public_ip: IPAddress, plan: IngressPlan,
@@ -82,10 +107,15 @@ def ingress_update(config: NetworkConfig, public_ip: IPAddress, plan: IngressPla
     their new ones (a changed peer is in both). O(changed) Python work: the elements of a
     validated view are one per peer (no two peers share a PublicIP or a subnet, and this
     host's own are no peer's), so taking a removed peer's out takes no one else's."""
+    removed, added = list(removed), list(added)
     gone_members, gone_subnets = _elements(config, public_ip, removed, plan.port, plan.by_port)
     came_members, came_subnets = _elements(config, public_ip, added, plan.port, plan.by_port)
+    members6 = plan.members6
+    if members6 is not None:  # changed peers are never this host
+        members6 = (members6 - _members6(removed, None)) | _members6(added, None)
     return dataclasses.replace(plan, members=(plan.members - gone_members) | came_members,
-                               subnets=(plan.subnets - gone_subnets) | came_subnets)
+                               subnets=(plan.subnets - gone_subnets) | came_subnets,
+                               members6=members6)
 
 
 def _elements(config: NetworkConfig, public_ip: IPAddress, peers: Iterable[Lease],
@@ -95,9 +125,13 @@ def _elements(config: NetworkConfig, public_ip: IPAddress, peers: Iterable[Lease
     members: set[tuple[IPAddress, int]] = set()
     subnets: set[IPNetwork] = set()
     in_range = subnet_range(config)
+    six = config.ipv6
     for peer in peers:
         if in_range(peer.subnet):
             subnets.add(peer.subnet)
+        if six is not None and peer.ipv6_subnet is not None \
+                and six.index(peer.ipv6_subnet) is not None:
+            subnets.add(peer.ipv6_subnet)
         if port is None or peer.public_ip == public_ip:
             continue
         if peer.public_ip.version != public_ip.version:
@@ -141,6 +175,10 @@ def ingress_ruleset(plan: IngressPlan) -> str:
         f"flush set {t} members",
         f"add set {t} subnets {{ type {ov_type}; flags interval; }}",
         f"flush set {t} subnets",
+        *([f"add set {t} members6 {{ type ipv6_addr; }}", f"flush set {t} members6"]
+          if plan.members6 is not None else []),
+        *([f"add set {t} subnets6 {{ type ipv6_addr; flags interval; }}",
+           f"flush set {t} subnets6"] if plan.network6 is not None else []),
         f"add chain {t} {_CHAIN} {{ type filter hook prerouting priority raw; policy accept; }}",
         f"flush chain {t} {_CHAIN}",
     ]
@@ -152,7 +190,13 @@ def ingress_ruleset(plan: IngressPlan) -> str:
         lines += [f"add chain {t} {_ENCAP}", f"delete chain {t} {_ENCAP}"]
     if plan.members:
         lines.append(f"add element {t} members {{ {', '.join(sorted(members))} }}")
+    if plan.members6:
+        lines.append(f"add element {t} members6 "
+                     f"{{ {', '.join(sorted(str(ip) for ip in plan.members6))} }}")
     lines.append(f"add element {t} subnets {{ {', '.join(sorted(subnet_elements(plan)))} }}")
+    if plan.network6 is not None:
+        lines.append(f"add element {t} subnets6 "
+                     f"{{ {', '.join(sorted(subnet_elements(plan, 'subnets6')))} }}")
     rule = f"add rule {t} {_CHAIN}"
     if plan.port is not None:
         p = plan.port
@@ -161,11 +205,15 @@ def ingress_ruleset(plan: IngressPlan) -> str:
         if untrack is not None and untrack.public_ip.version == plan.underlay_version \
                 and plan.underlay_version == plan.network.version:
             lines.append(f"{encap} {ul} daddr {untrack.public_ip} {match} notrack accept")
+        lines.append(f"{encap} {match} accept")
+        if plan.members6 is not None:
+            lines.append(f"{encap} ip6 saddr @members6 accept")
         lines += [
-            f"{encap} {match} accept",
             f"{encap} fib daddr type local counter name non_member drop",
             f"{encap} {to_member} counter name to_peer_port drop",
         ]
+        if plan.members6 is not None:
+            lines.append(f"{encap} ip6 daddr @members6 counter name to_peer_port drop")
     lines.append(f"{rule} iif lo accept")  # the host talking to itself
     if plan.own is not None:
         # This host's own subnet (its containers' side: most of what it forwards): the
@@ -188,7 +236,30 @@ def ingress_ruleset(plan: IngressPlan) -> str:
     if untrack is not None:
         lines.append(f"{rule} {ov} saddr {plan.network} {ov} daddr {plan.network} "
                      + notrack.rstrip())
+    if plan.network6 is not None:
+        lines += _ipv6_guard(rule, plan.network6, plan.own6, plan.own, plan.peer_iifs)
     return "\n".join(lines) + "\n"
+
+
+def _ipv6_guard(rule: str, network: IPNetwork, own: IPNetwork | None,
+                own_v4: IPNetwork | None, peer_iifs: frozenset[str]) -> list[str]:
+    """The overlay-source guard for a dual-stack network's IPv6 half: the IPv4 rules'
+    twins in `ip6`, against `subnets6` (its overlay traffic stays tracked)."""
+    lines: list[str] = []
+    if own is not None:
+        lines += [f"{rule} ip6 saddr {own} fib saddr . iif oif missing "
+                  "counter name spoofed_source drop",
+                  f"{rule} ip6 saddr {own} accept"]
+    lines.append(f"{rule} ip6 saddr {network} ip6 saddr != @subnets6 "
+                 "counter name spoofed_source drop")
+    if peer_iifs and own is not None:
+        iifs = ", ".join(f'"{name}"' for name in sorted(peer_iifs))
+        lines.append(f"{rule} ip6 saddr {network} ip6 saddr != {own} "
+                     f"iifname != {{ {iifs} }} counter name spoofed_source drop")
+    else:
+        lines.append(f"{rule} ip6 saddr {network} fib saddr . iif oif missing "
+                     "counter name spoofed_source drop")
+    return lines
 
 
 def reset_script() -> str:
@@ -203,9 +274,11 @@ def member_elements(plan: IngressPlan) -> frozenset[str]:
     return frozenset(str(ip) for ip, _ in plan.members)
 
 
-def subnet_elements(plan: IngressPlan) -> frozenset[str]:
-    """The subnets set's elements as nft prints them (a one-address prefix without `/N`)."""
-    return frozenset(_nft_prefix(s) for s in plan.subnets)
+def subnet_elements(plan: IngressPlan, name: str = "subnets") -> frozenset[str]:
+    """A subnets set's elements as nft prints them (a one-address prefix without `/N`):
+    `subnets` holds `network`'s family, `subnets6` a dual-stack network's IPv6 half."""
+    version = plan.network.version if name == "subnets" else 6
+    return frozenset(_nft_prefix(s) for s in plan.subnets if s.version == version)
 
 
 def _nft_prefix(subnet: IPNetwork) -> str:
@@ -214,8 +287,11 @@ def _nft_prefix(subnet: IPNetwork) -> str:
 
 def same_shape(old: IngressPlan, new: IngressPlan) -> bool:
     """Only members or subnets differ: the table can follow by set elements alone."""
-    return dataclasses.replace(old, members=frozenset(), subnets=frozenset()) == \
-        dataclasses.replace(new, members=frozenset(), subnets=frozenset())
+    def blank(plan: IngressPlan) -> IngressPlan:
+        six = None if plan.members6 is None else frozenset[IPAddress]()
+        return dataclasses.replace(plan, members=frozenset(), subnets=frozenset(),
+                                   members6=six)
+    return blank(old) == blank(new)
 
 
 @dataclass(frozen=True)
@@ -241,8 +317,15 @@ def ingress_delta(old: IngressPlan, new: IngressPlan) -> IngressDelta:
                                subnets=old.subnets - new.subnets)
     came = dataclasses.replace(new, members=new.members - old.members,
                                subnets=new.subnets - old.subnets)
-    for name, before, after in (("members", member_elements(gone), member_elements(came)),
-                                ("subnets", subnet_elements(gone), subnet_elements(came))):
+    sets = [("members", member_elements(gone), member_elements(came)),
+            ("subnets", subnet_elements(gone), subnet_elements(came))]
+    if old.members6 is not None and new.members6 is not None:
+        sets.append(("members6", frozenset(map(str, old.members6 - new.members6)),
+                     frozenset(map(str, new.members6 - old.members6))))
+    if new.network6 is not None:
+        sets.append(("subnets6", subnet_elements(gone, "subnets6"),
+                     subnet_elements(came, "subnets6")))
+    for name, before, after in sets:
         for element in sorted(before - after):
             line = f"delete element {t} {name} {{ {element} }}"
             lines.append(line)

@@ -173,6 +173,14 @@ class Netlink:
                                    prefixlen=other.network.prefixlen)
                 changed = True
         return changed
+    def ensure_address(
+        self, index: int, want: ipaddress.IPv4Interface | ipaddress.IPv6Interface
+    ) -> None:
+        """A device (not weft's own: lo) carries this address too; nothing else changes."""
+        if want not in self.addresses(index):
+            with self._op(f"add address {want}"):
+                self._ipr.addr("add", index=index, address=str(want.ip),
+                               prefixlen=want.network.prefixlen)
 
     def remove_addresses_in(self, index: int, subnet: IPNetwork) -> None:
         """Remove every address of `subnet` from a device (a subnet this host lost)."""

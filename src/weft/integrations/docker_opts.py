@@ -12,6 +12,11 @@ For FLANNEL_SUBNET=10.244.3.1/24, FLANNEL_MTU=1450, FLANNEL_IPMASQ=true:
 
 `--ip-masq` is the opposite of FLANNEL_IPMASQ: when weft masquerades traffic leaving the
 overlay, docker must not masquerade it a second time.
+
+In dual stack (FLANNEL_IPV6_SUBNET=2001:db8:1:3::1/64) two more, after BIP (mk-docker-opts
+has no IPv6 of its own; these are dockerd's flags): DOCKER_OPT_IPV6="--ipv6" and
+DOCKER_OPT_FIXED_CIDR_V6="--fixed-cidr-v6=2001:db8:1:3::/64" (json: "ipv6": true,
+"fixed-cidr-v6"): docker0 takes the subnet's first address, as the IPv4 gateway.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ def docker_options(env: SubnetEnv, *, ip_masq: bool = True) -> dict[str, str]:
     if env.subnet.version != 4:
         raise UsageError(f"dockerd's --bip takes an IPv4 subnet; subnet.env has {env.subnet}")
     opts = {"BIP": f"--bip={env.gateway}/{env.subnet.prefixlen}"}
+    if env.ipv6_subnet is not None:
+        opts["IPV6"] = "--ipv6"
+        opts["FIXED_CIDR_V6"] = f"--fixed-cidr-v6={env.ipv6_subnet}"
     if ip_masq:
         opts["IPMASQ"] = f"--ip-masq={'false' if env.ipmasq else 'true'}"
     opts["MTU"] = f"--mtu={env.mtu}"
@@ -72,6 +80,8 @@ def render_docker_opts(env: SubnetEnv, fmt: DockerOptsFormat | str = DockerOptsF
     if fmt is DockerOptsFormat.ENV:
         return individual + combined
     daemon: dict[str, object] = {"bip": f"{env.gateway}/{env.subnet.prefixlen}"}
+    if env.ipv6_subnet is not None:
+        daemon.update({"ipv6": True, "fixed-cidr-v6": str(env.ipv6_subnet)})
     if ip_masq:
         daemon["ip-masq"] = not env.ipmasq
     daemon["mtu"] = env.mtu

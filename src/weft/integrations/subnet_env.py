@@ -6,6 +6,11 @@ Same variables as flannel's, so anything made for flannel reads it unchanged:
     FLANNEL_SUBNET=10.244.3.1/24
     FLANNEL_MTU=1450
     FLANNEL_IPMASQ=true
+
+and in dual stack, after FLANNEL_SUBNET as flannel writes them,
+
+    FLANNEL_IPV6_NETWORK=2001:db8:1::/48
+    FLANNEL_IPV6_SUBNET=2001:db8:1:3::1/64
 """
 
 from __future__ import annotations
@@ -25,16 +30,28 @@ class SubnetEnv:
     subnet: IPNetwork  # this host's subnet
     mtu: int
     ipmasq: bool
+    ipv6_network: IPNetwork | None = None  # dual stack: IPv6Network
+    ipv6_subnet: IPNetwork | None = None  # dual stack: this host's IPv6 subnet
 
     @property
     def gateway(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         """The bridge address containers route through: the subnet's first host address."""
         return self.subnet.network_address + 1
 
+    @property
+    def ipv6_gateway(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """`gateway` of the IPv6 subnet, in dual stack."""
+        return None if self.ipv6_subnet is None else self.ipv6_subnet.network_address + 1
+
     def render(self) -> str:
+        six = ""
+        if self.ipv6_network is not None and self.ipv6_subnet is not None:
+            six = (f"FLANNEL_IPV6_NETWORK={self.ipv6_network}\n"
+                   f"FLANNEL_IPV6_SUBNET={self.ipv6_gateway}/{self.ipv6_subnet.prefixlen}\n")
         return (
             f"FLANNEL_NETWORK={self.network}\n"
             f"FLANNEL_SUBNET={self.gateway}/{self.subnet.prefixlen}\n"
+            f"{six}"
             f"FLANNEL_MTU={self.mtu}\n"
             f"FLANNEL_IPMASQ={'true' if self.ipmasq else 'false'}\n"
         )
@@ -54,11 +71,15 @@ def parse_subnet_env(text: str, source: str = "subnet.env") -> SubnetEnv:
         subnet = ipaddress.ip_interface(values["FLANNEL_SUBNET"]).network
         mtu = int(values["FLANNEL_MTU"])
         ipmasq = values.get("FLANNEL_IPMASQ", "false").lower() == "true"
+        ipv6_network = ipv6_subnet = None
+        if "FLANNEL_IPV6_NETWORK" in values or "FLANNEL_IPV6_SUBNET" in values:
+            ipv6_network = ipaddress.IPv6Network(values["FLANNEL_IPV6_NETWORK"])
+            ipv6_subnet = ipaddress.IPv6Interface(values["FLANNEL_IPV6_SUBNET"]).network
     except KeyError as exc:
         raise UsageError(f"{source}: {exc.args[0]} is missing") from None
     except ValueError as exc:
         raise UsageError(f"{source}: {exc}") from None
-    return SubnetEnv(network, subnet, mtu, ipmasq)
+    return SubnetEnv(network, subnet, mtu, ipmasq, ipv6_network, ipv6_subnet)
 
 
 def read_subnet_env(path: str | Path) -> SubnetEnv:

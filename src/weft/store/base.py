@@ -19,6 +19,7 @@ import hashlib
 import logging
 import math
 from collections.abc import AsyncIterator
+from ipaddress import IPv6Network
 from typing import Protocol
 
 from weft.core.config import IPNetwork
@@ -60,8 +61,10 @@ class LeaseStore(Protocol):
         for its holder, whose running lease something else wrote over."""
         ...
 
-    async def delete_lease(self, subnet: IPNetwork) -> None:
-        """Release a subnet; releasing one that is already gone is not an error."""
+    async def delete_lease(self, subnet: IPNetwork,
+                           ipv6_subnet: IPv6Network | None = None) -> None:
+        """Release a subnet (a dual-stack lease: both, named by the two halves of its key);
+        releasing one that is already gone is not an error."""
         ...
 
     def watch(self, since: int) -> AsyncIterator[list[LeaseEvent]]:

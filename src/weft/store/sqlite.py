@@ -28,6 +28,7 @@ import stat
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from ipaddress import IPv6Network
 from pathlib import Path
 from typing import TypeVar
 
@@ -189,7 +190,7 @@ class SqliteLeaseStore:
 
     async def create_lease(self, lease: Lease, ttl: float) -> Lease | None:
         def q(db: sqlite3.Connection) -> Lease | None:
-            key = subnet_key(lease.subnet)
+            key = lease.key
             if db.execute("SELECT 1 FROM leases WHERE key = ?", (key,)).fetchone():
                 return None
             expiration = self._clock() + ttl
@@ -205,7 +206,7 @@ class SqliteLeaseStore:
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
         def q(db: sqlite3.Connection) -> Lease:
-            key = subnet_key(lease.subnet)
+            key = lease.key
             row = db.execute("SELECT value FROM leases WHERE key = ?", (key,)).fetchone()
             if row is None or not _held_by(key, row[0], lease):
                 raise LeaseNotFound(
@@ -225,7 +226,7 @@ class SqliteLeaseStore:
 
     async def restore_lease(self, lease: Lease, ttl: float) -> Lease:
         def q(db: sqlite3.Connection) -> Lease:
-            key = subnet_key(lease.subnet)
+            key = lease.key
             expiration = self._clock() + ttl
             value = lease.to_json()
             db.execute(
@@ -238,9 +239,10 @@ class SqliteLeaseStore:
 
         return await self._run(q, write=True)
 
-    async def delete_lease(self, subnet: IPNetwork) -> None:
+    async def delete_lease(self, subnet: IPNetwork,
+                           ipv6_subnet: IPv6Network | None = None) -> None:
         def q(db: sqlite3.Connection) -> None:
-            key = subnet_key(subnet)
+            key = subnet_key(subnet, ipv6_subnet)
             if db.execute("DELETE FROM leases WHERE key = ?", (key,)).rowcount:
                 self._event(db, EventKind.DELETE, key, None, None)
 

@@ -204,7 +204,7 @@ def main() -> None:
     backend = sys.argv[2] if mode == "profile" and len(sys.argv) > 2 else "host-gw"
     reference = {"host-gw": "kernel-routes", "vxlan": "kernel-vxlan"}[backend]
     with contextlib.ExitStack() as stack:
-        weft = _overlay(stack, backend, None, "ptp")
+        (weft,) = _overlay(stack, backend, None, "ptp").values()
         ref = _reference(stack, REFERENCES[reference], None, "ptp")
         if mode == "pairs":
             pairs(weft, ref, int(sys.argv[2]), int(sys.argv[3]))

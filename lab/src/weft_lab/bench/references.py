@@ -1,10 +1,15 @@
-"""Reference rows for `weft bench`: a kernel path built by hand, with no agent and no rules.
+"""Reference rows for `weft bench`: a kernel path built by hand, with no agent and no rules,
+and flannel's data plane (weft_lab.bench.flannel) as the peer rows.
 
 A reference is measured like a backend (same testbed, same container attachment through
 `weft-cni`, same pinning, interleaved with native), but its hosts are programmed here
 with `ip` and `bridge` only: the devices, routes, neighbours and FDB entries weft would
 program, and nothing else (no masquerade table, no FORWARD rules, no agent). A report then
 shows what weft adds on top of the kernel path, not only on top of native.
+
+The peer rows `flannel-vxlan` and `flannel-host-gw` are built the same way, with the
+devices, routes, neighbours, FDB entries and iptables rules flannel v0.28 programs (what
+they follow, file by file, is in weft_lab.bench.flannel).
 
 To add a row, write a `program(tb, subnets)` and add a `Reference` to `REFERENCES`; the
 runner and `--backends` pick it up by name.
@@ -13,13 +18,14 @@ runner and `--backends` pick it up by name.
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from weft.backends.registry import overhead
 from weft.core.constants import VXLAN_DEVICE_PREFIX
-from weft_lab.testbed import Host, Testbed, sh
+from weft_lab.bench.flannel import program_flannel_host_gw, program_flannel_vxlan
+from weft_lab.testbed import Host, Testbed
 
 IPv4Net = ipaddress.IPv4Network
 # The overlay the bench's backends lease from; references use the same addresses.
@@ -83,40 +89,13 @@ def program_kernel_routes(tb: Testbed, subnets: Sequence[IPv4Net]) -> None:
                                     str(peer.underlay_ip), "dev", "eth0"])
 
 
-def attach_fastpath(tb: Testbed) -> None:
-    """The tc BPF fast path (weft.host.fastpath) on every host: on the underlay's ingress
-    and on each container's host-side veth; container veths go in the underlay program's
-    `peers` map, so packets for them take bpf_redirect_peer()."""
-    from weft.host.fastpath import FROM_CONTAINER, FROM_UNDERLAY, attach_argv, compile_fastpath
-
-    obj = compile_fastpath(BENCH_NETWORK, tb.run_dir / "bpf")
-    for host in tb.hosts:
-        for argv in attach_argv("eth0", obj, FROM_UNDERLAY):
-            tb.run(host.netns, argv)
-        filters = json.loads(tb.run(host.netns, ["tc", "-j", "filter", "show", "dev", "eth0",
-                                                 "ingress"]).stdout)
-        prog_id = next(f["options"]["prog"]["id"] for f in filters
-                       if "prog" in f.get("options", {}))
-        prog = json.loads(sh(["bpftool", "-j", "prog", "show", "id", str(prog_id)]).stdout)
-        peers_map = next(m for m in prog["map_ids"] if json.loads(sh(
-            ["bpftool", "-j", "map", "show", "id", str(m)]).stdout)["name"] == "peers")
-        links = json.loads(tb.run(host.netns, ["ip", "-j", "link", "show", "type",
-                                               "veth"]).stdout)
-        for link in links:
-            if link["ifname"] == "eth0":
-                continue
-            for argv in attach_argv(link["ifname"], obj, FROM_CONTAINER):
-                tb.run(host.netns, argv)
-            key = [str(b) for b in int(link["ifindex"]).to_bytes(4, "little")]
-            sh(["bpftool", "map", "update", "id", str(peers_map), "key", *key, "value", "1"])
-
-
 REFERENCES: dict[str, Reference] = {
     r.name: r for r in (
         Reference("kernel-vxlan", "vxlan", program_kernel_vxlan),
+        Reference("flannel-vxlan", "vxlan", partial(program_flannel_vxlan,
+                                                    network=BENCH_NETWORK)),
         Reference("kernel-routes", "host-gw", program_kernel_routes),
-        # Experimental: the fast path without an agent (the agent runs it: host-gw-bpf).
-        Reference("kernel-routes-bpf", "host-gw", program_kernel_routes, attach_fastpath,
-                  default=False),
+        Reference("flannel-host-gw", "host-gw", partial(program_flannel_host_gw,
+                                                        network=BENCH_NETWORK)),
     )
 }

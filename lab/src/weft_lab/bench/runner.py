@@ -11,6 +11,8 @@
              the reference that shows what weft's udp guarantees cost
     kernel-vxlan, kernel-routes   references: the same testbed, the kernel path programmed
              by hand with no agent and no rules (weft_lab.bench.references)
+    flannel-vxlan, flannel-host-gw   peers: the same testbed with the kernel state and
+             iptables rules flannel v0.28 programs (weft_lab.bench.flannel)
 
 All testbeds stay up for the whole bench so the schedule can interleave (native, A,
 native, B, ... per round). A backend whose agents do not come up, or whose containers
@@ -51,21 +53,27 @@ from weft_lab.bench.stats import (
 from weft_lab.runtimes import RUNTIMES
 from weft_lab.testbed import ATTACHMENTS, Testbed, netns_exec
 
-# Each reference row sits just before (kernel paths) or after (udp-minimal) its backend.
-DEFAULT_ORDER = ("kernel-vxlan", "vxlan", "kernel-routes", "host-gw", "udp", "udp-minimal",
-                 "wireguard")
+# Each reference row sits just before (kernel paths, then flannel's) or after (udp-minimal)
+# its backend.
+DEFAULT_ORDER = ("kernel-vxlan", "flannel-vxlan", "vxlan", "kernel-routes", "flannel-host-gw",
+                 "host-gw", "udp", "udp-minimal", "wireguard")
 UDP_MINIMAL = "udp-minimal"
 # Rows measured on a backend's own testbed with its agents swapped out: row -> backend.
 SWAPPED = {UDP_MINIMAL: "udp"}
 # Rows of a backend run by agents with extra flags: row -> (backend, agent flags). Measured
-# only when named (`--backends host-gw-bpf`).
-VARIANTS = {"host-gw-bpf": ("host-gw", ("--fastpath",)),
-            "vxlan-bpf": ("vxlan", ("--fastpath",))}
+# only when named (`--backends host-gw-nft`): the backends without the fast path, on the
+# nftables path alone.
+VARIANTS = {"host-gw-nft": ("host-gw", ("--no-fastpath",)),
+            "vxlan-nft": ("vxlan", ("--no-fastpath",))}
 
 
-def bench_config(backend: str) -> str:
-    return json.dumps({"Network": "198.19.0.0/16", "SubnetLen": 24,
+def bench_config(backend: str, dual_stack: bool = False) -> str:
+    six = {"EnableIPv6": True, "IPv6Network": "2001:db8:1::/48"} if dual_stack else {}
+    return json.dumps({"Network": "198.19.0.0/16", "SubnetLen": 24, **six,
                        "Backend": {"Type": backend}})
+
+
+IPV6_SUFFIX = "/ipv6"  # a row measured over IPv6 beside its IPv4 row (--ipv6)
 
 
 def available_backends() -> list[str]:
@@ -88,6 +96,9 @@ class BenchOptions:
     # "docker" or "podman": every backend is measured twice, with bare namespaces
     # ("vxlan") and with that runtime's containers ("vxlan/docker"), in the same rounds.
     runtime: str = "netns"
+    # Dual stack on a dual-stack underlay: native and every backend also measured over
+    # IPv6 ("native/ipv6", "vxlan/ipv6"), between the same namespaces, in the same rounds.
+    ipv6: bool = False
 
 
 def parse_backends(text: str | None) -> tuple[str, ...]:
@@ -130,25 +141,36 @@ def _shape(tb: Testbed, rate_bits: int | None) -> None:
                             *tbf_args(rate_bits)])
 
 
-def _native(stack: contextlib.ExitStack, rate_bits: int | None) -> Target:
-    tb = stack.enter_context(Testbed(hosts=2, containers_per_host=0, log_level="info"))
+def _native(stack: contextlib.ExitStack, rate_bits: int | None,
+            ipv6: bool = False) -> dict[str, Target]:
+    tb = stack.enter_context(Testbed(hosts=2, containers_per_host=0, log_level="info",
+                                     underlay="dual" if ipv6 else "ipv4"))
     _shape(tb, rate_bits)
     h1, h2 = tb.hosts
     if not tb.ping(h1.netns, h2.underlay_ip):
         raise BenchError("the native testbed's hosts cannot reach each other")
-    return Target(NATIVE, tb, h1.netns, h2.netns, str(h2.underlay_ip),
-                  CpuMeter(tb.all_netns()), *_cpus())
+    targets = {NATIVE: Target(NATIVE, tb, h1.netns, h2.netns, str(h2.underlay_ip),
+                              CpuMeter(tb.all_netns()), *_cpus())}
+    if ipv6:
+        if h2.underlay_ip6 is None or not tb.ping(h1.netns, h2.underlay_ip6):
+            raise BenchError("the native testbed's hosts cannot reach each other over IPv6")
+        name = NATIVE + IPV6_SUFFIX
+        targets[name] = Target(name, tb, h1.netns, h2.netns, str(h2.underlay_ip6),
+                               CpuMeter(tb.all_netns()), *_cpus())
+    return targets
 
 
 def _overlay(stack: contextlib.ExitStack, backend: str, rate_bits: int | None,
-             attach: str, runtime: str = "netns") -> Target:
+             attach: str, runtime: str = "netns", ipv6: bool = False) -> dict[str, Target]:
     cpus = _cpus()
     backend_type, agent_args = VARIANTS.get(backend, (SWAPPED.get(backend, backend), ()))
     # Each host's agent (and so a userspace data plane: the udp forwarder, wireguard-go)
     # runs on that host's CPU, beside its qperf, as on two machines.
     tb = stack.enter_context(Testbed(hosts=2, containers_per_host=1, attach=attach,
-                                     config=bench_config(backend_type), agent_args=agent_args,
-                                     log_level="info", agent_cpus=cpus, runtime=runtime))
+                                     config=bench_config(backend_type, ipv6),
+                                     agent_args=agent_args, log_level="info",
+                                     agent_cpus=cpus, runtime=runtime,
+                                     underlay="dual" if ipv6 else "ipv4"))
     _shape(tb, rate_bits)
     tb.start(timeout=60)
     if backend == UDP_MINIMAL:
@@ -160,8 +182,14 @@ def _overlay(stack: contextlib.ExitStack, backend: str, rate_bits: int | None,
     # A docker container's namespace carries the testbed's name for it (ip netns attach),
     # so qperf runs in the container's own network stack: its veth, docker0, iptables.
     name = backend if runtime == "netns" else f"{backend}/{runtime}"
-    return Target(name, tb, c1.netns, c2.netns, str(c2.ip), CpuMeter(tb.all_netns()),
-                  *cpus)
+    targets = {name: Target(name, tb, c1.netns, c2.netns, str(c2.ip),
+                            CpuMeter(tb.all_netns()), *cpus)}
+    if ipv6:
+        if c2.ip6 is None or not any(tb.ping(c1.netns, c2.ip6) for _ in range(3)):
+            raise BenchError(f"{c1.name} cannot reach {c2.name} over IPv6 through {backend}")
+        targets[name + IPV6_SUFFIX] = Target(name + IPV6_SUFFIX, tb, c1.netns, c2.netns,
+                                             str(c2.ip6), CpuMeter(tb.all_netns()), *cpus)
+    return targets
 
 
 def _swap_in_minimal_forwarder(stack: contextlib.ExitStack, tb: Testbed) -> None:
@@ -201,10 +229,11 @@ def _reference(stack: contextlib.ExitStack, ref: Reference, rate_bits: int | Non
                attach: str) -> Target:
     """The testbed of a backend, without agents: `ref.program` builds the kernel path, and
     the containers are attached by `weft-cni` from a subnet.env written here, as the agent
-    would write it. FLANNEL_IPMASQ=true there although nothing masquerades: with false,
-    weft-cni (like flannel's plugin) asks the delegate for its own ipMasq, which NATs every
-    packet to another host's subnet through conntrack: not the kernel path this row is
-    for, and a fast path skipping netfilter then sees half a connection NATed."""
+    would write it. FLANNEL_IPMASQ=true there (as flanneld --ip-masq writes it for the
+    flannel rows, whose masquerade the host's rules do): with false, weft-cni (like
+    flannel's plugin) asks the delegate for its own ipMasq, which NATs every packet to
+    another host's subnet through conntrack: not the kernel path a kernel-* row is for,
+    and a fast path skipping netfilter then sees half a connection NATed."""
     tb = stack.enter_context(Testbed(hosts=2, containers_per_host=1, attach=attach,
                                      config=bench_config(ref.beside), log_level="info"))
     _shape(tb, rate_bits)
@@ -283,8 +312,10 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
     names: list[str] = []
     with contextlib.ExitStack() as stack:
         progress("building the native testbed (2 hosts, no overlay)")
-        targets = {NATIVE: _native(stack, rate_bits)}
-        progress(_describe(targets[NATIVE]))
+        targets = _native(stack, rate_bits, opts.ipv6)
+        for target in targets.values():
+            progress(_describe(target))
+        names.extend(name for name in targets if name != NATIVE)
         for backend in opts.backends:
             if backend not in {*BACKENDS, *REFERENCES, *SWAPPED, *VARIANTS}:
                 skipped.append(Skipped(backend, "not in this build's backend registry "
@@ -301,12 +332,16 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
                          f"attached by {opts.attach}, "
                          f"{'by hand, no agents' if ref else 'agents'})")
                 names.append(name)
+                if opts.ipv6 and not ref:
+                    names.append(name + IPV6_SUFFIX)
                 sub = stack.enter_context(contextlib.ExitStack())
                 try:
-                    targets[name] = (_reference(sub, ref, rate_bits, opts.attach) if ref
-                                     else _overlay(sub, backend, rate_bits, opts.attach,
-                                                   runtime))
-                    progress(_describe(targets[name]))
+                    made = ({name: _reference(sub, ref, rate_bits, opts.attach)} if ref
+                            else _overlay(sub, backend, rate_bits, opts.attach, runtime,
+                                          opts.ipv6))
+                    targets.update(made)
+                    for target in made.values():
+                        progress(_describe(target))
                 except WeftError as exc:
                     sub.close()  # tear this one down now; the others carry on
                     skipped.append(Skipped(name, _reason(exc)))

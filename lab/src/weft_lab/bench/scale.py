@@ -12,6 +12,8 @@ by `scale_writer` on the operator's machine. Measured:
 - RSS of the agents; store requests per renewal (etcd: every unary gRPC call the server
   started, from etcd's own metrics, so agents' requests count too; SQLite: the writer's
   statements);
+- the peer probes (weft.agent.prober): packets/s and CPU of idle agents probing every
+  fake peer (which never answers: the costliest case);
 - a start storm (etcd): many agents started at once; requests that hit their deadline.
 """
 
@@ -43,6 +45,7 @@ CONFIG = json.dumps({"Network": "198.19.0.0/16", "SubnetLen": SUBNET_LEN,
 DEVICE = f"{VXLAN_DEVICE_PREFIX}1"
 POLL = 0.02
 SETTLE = 1.5  # seconds after the last write in which the agents finish their reaction
+PROBE_WINDOW = 10.0  # seconds the idle agents' probes are measured over
 _DEADLINE = re.compile(r"deadline.?exceeded", re.IGNORECASE)
 
 Progress = Callable[[str], None]
@@ -215,6 +218,16 @@ def _agents_cpu(pids: Sequence[int]) -> list[float]:
     return [_cpu_seconds(p) for p in pids]
 
 
+def _probe_state(tb: Testbed, host: Host) -> dict[str, Any]:
+    """The agent's probe figures (its status, without the per-peer rows' weight here)."""
+    state: dict[str, Any] = tb.host_status(host)["peer_health"]
+    return state
+
+
+def _probes_sent(tb: Testbed, host: Host) -> int:
+    return int(_probe_state(tb, host)["counters"]["sent"])
+
+
 def _etcd_requests(tb: Testbed) -> int:
     """gRPC requests etcd's members started so far (their /metrics): every call but the
     long-lived watch streams; a keep-alive is a stream of its own in aetcd."""
@@ -249,11 +262,19 @@ def measure_store(store: str, opts: ScaleOptions, progress: Progress) -> dict[st
             pids = [_agent_pid(h) for h in tb.hosts]
             time.sleep(SETTLE)
 
-            # The agents' idle CPU rate, taken off every figure below.
+            # The agents' idle CPU rate, taken off every figure below. Idle, an agent only
+            # probes its peers (here: fake hosts that never answer, the costliest case:
+            # every probe waits out its timeout), so this is also the probes' cost.
+            sent0 = [_probes_sent(tb, h) for h in tb.hosts]
             c0, t0 = _agents_cpu(pids), time.monotonic()
-            time.sleep(2 * SETTLE)
-            idle = [(b - a) / (time.monotonic() - t0) for a, b in zip(c0, _agents_cpu(pids),
-                                                                     strict=True)]
+            time.sleep(PROBE_WINDOW)
+            c1, probe_window = _agents_cpu(pids), time.monotonic() - t0
+            idle = [(b - a) / probe_window for a, b in zip(c0, c1, strict=True)]
+            probes = [_probe_state(tb, h) for h in tb.hosts]  # read after: its CPU is not in
+            pps = [(p["counters"]["sent"] - s0) / probe_window
+                   for p, s0 in zip(probes, sent0, strict=True)]
+            progress(f"{store}: probes {statistics.median(pps):.0f} packets/s per agent, "
+                     f"{statistics.median(idle) * 100:.1f}% of a CPU")
 
             # Events: a new lease, then a changed one (a new VTEP MAC), alternately.
             watches = [KernelWatch(h.netns) for h in tb.hosts]
@@ -319,6 +340,14 @@ def measure_store(store: str, opts: ScaleOptions, progress: Progress) -> dict[st
                 "events": opts.events,
                 "cpu_s_per_event_per_agent": _spread(event_cpu),
                 "idle_cpu_s_per_s_per_agent": _spread(idle),
+                "probes": {
+                    "window_s": round(probe_window, 1),
+                    "packets_per_s_per_agent": _spread(pps),
+                    "cpu_s_per_s_per_agent": _spread(idle),
+                    "interval_s": probes[0]["interval_s"],
+                    "max_packets_per_second": probes[0]["max_packets_per_second"],
+                    "peers": sum(probes[0]["counts"].values()),
+                },
                 "renewal_round": {
                     "renewals": renewals,
                     "seconds": renewed["seconds"],

@@ -25,6 +25,12 @@ ROWS: list[tuple[str, Any]] = [
     ("store requests per renewal",
      lambda r: f"{r['renewal_round']['store_requests_per_renewal']:.2f} "
                f"[dim]({r['renewal_round']['counted']})[/]"),
+    ("probes: packets/s per agent (cap)",
+     lambda r: _mm(r["probes"]["packets_per_s_per_agent"], fmt="{:.0f}")
+     + f" [dim](cap {r['probes']['max_packets_per_second']:.0f}, each peer every "
+       f"{r['probes']['interval_s']} s)[/]"),
+    ("probes: CPU of an idle agent (% of a core)",
+     lambda r: _mm(r["probes"]["cpu_s_per_s_per_agent"], 100, "{:.1f}")),
     ("agent RSS (MB)", lambda r: _mm(r["rss_mb"], fmt="{:.0f}")),
     ("load average during", lambda r: r["load"]),
 ]

@@ -64,14 +64,18 @@ class DockerRuntime:
                            "--format", "flags", netns=host.netns).stdout
         return shlex.split(out)
 
-    def start_host(self, host: Host, timeout: float = 60.0) -> None:
+    def start_host(self, host: Host, timeout: float = 60.0,
+                   flags: list[str] | None = None) -> None:
+        """Start dockerd with `weft docker-opts`'s flags, or `flags` instead (an operator
+        who started it by hand, wrongly)."""
         root = self.root(host)
         for d in ("data", "exec"):
             (root / d).mkdir(parents=True, exist_ok=True)
         config = root / "daemon.json"
         # Not /etc/docker: dockerd 20.10 would otherwise create /etc/docker/key.json.
         config.write_text(json.dumps({"deprecated-key-path": str(root / "key.json")}) + "\n")
-        argv = ["nsenter", f"--net=/run/netns/{host.netns}", DOCKERD, *self.docker_opts(host),
+        network = self.docker_opts(host) if flags is None else flags
+        argv = ["nsenter", f"--net=/run/netns/{host.netns}", DOCKERD, *network,
                 "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
                 "--pidfile", str(root / "dockerd.pid"), "-H", f"unix://{self.socket(host)}",
                 "--config-file", str(config),
@@ -131,8 +135,11 @@ class DockerRuntime:
         pid = self.docker(c.host, "inspect", "-f", "{{.State.Pid}}", name).stdout.strip()
         ip = self.docker(c.host, "inspect", "-f", "{{.NetworkSettings.IPAddress}}",
                          name).stdout.strip()
+        ip6 = self.docker(c.host, "inspect", "-f", "{{.NetworkSettings.GlobalIPv6Address}}",
+                          name).stdout.strip()
         sh(["ip", "netns", "attach", c.netns, pid])
         c.ip = ipaddress.ip_address(ip)
+        c.ip6 = ipaddress.IPv6Address(ip6) if ip6 else None  # dual stack: dockerd --ipv6
 
     def exec_argv(self, c: Container, argv: list[str]) -> list[str]:
         """Run argv inside the container itself (its image, its processes)."""

@@ -121,7 +121,10 @@ class PodmanRuntime:
         """Name the container's namespace c.netns and learn its address."""
         info = self._inspect(c.host, self.container_name(c))[0]
         sh(["ip", "netns", "attach", c.netns, str(info["State"]["Pid"])])
-        c.ip = ipaddress.ip_address(info["NetworkSettings"]["Networks"][NETWORK]["IPAddress"])
+        network = info["NetworkSettings"]["Networks"][NETWORK]
+        c.ip = ipaddress.ip_address(network["IPAddress"])
+        ip6 = network.get("GlobalIPv6Address")  # dual stack: weft-cni's second range
+        c.ip6 = ipaddress.IPv6Address(ip6) if ip6 else None
 
     def _inspect(self, host: Host, *names: str) -> list[dict[str, Any]]:
         """podman inspect, recording each container's namespace file for the cleanup."""

@@ -33,6 +33,7 @@ from weft.backends.vxlan.options import VxlanOptions
 from weft.backends.vxlan.plan import neighbour_key, route_key
 from weft.core.config import IPNetwork, NetworkConfig
 from weft.core.constants import UDP_DEVICE
+from weft.core.dataplane import Route
 from weft.core.errors import KernelError
 from weft.core.host import HostContext
 from weft.core.lease import Lease
@@ -54,6 +55,7 @@ class AutoBackend:
         # The planes' own backends, for their devices only (their routes are ours).
         self._vxlan = VxlanBackend(config.model_copy(update={"backend": VxlanOptions(
             VNI=self.options.vni, Port=self.options.vxlan_port, MTU=self.mtu)}), host)
+        self._vxlan.ipv6_underlay = False  # auto chooses per peer; one VXLAN device
         self._udp = UdpBackend(config.model_copy(update={"backend": UdpOptions(
             Port=self.options.udp_port, Offloads=self.options.offloads, MTU=self.mtu)}), host)
         self._lock = threading.Lock()
@@ -65,6 +67,7 @@ class AutoBackend:
         self._prober: Prober | None = None
         self._closed = False  # set under the lock: the prober must not program after close
         self._rp_filter: dict[str, str] = {}  # device -> the value before we loosened it
+        self._ipv6_planes: dict[IPNetwork, str | None] = {}  # dual stack, as last planned
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -83,6 +86,8 @@ class AutoBackend:
             if link is None:
                 raise KernelError(f"TUN device {UDP_DEVICE} vanished; restart the agent")
             nl.ensure_only_address(link.index, lease.own_address)
+            if lease.own_ipv6_address is not None:  # dual stack: the IPv6 half's own
+                nl.ensure_only_address(link.index, lease.own_ipv6_address)
             nl.ensure_up(link, self.mtu)
         # A packet of a pair whose ends chose different planes arrives on a device the
         # reverse route does not use: strict reverse-path filtering would drop it.
@@ -104,9 +109,19 @@ class AutoBackend:
         """The fwmark rules that send each plane's probes through that plane's table: without
         them every plane would 'answer' through the main table's choice."""
         with Netlink() as nl:
-            for plane in PLANES:
-                nl.ensure_rule(self.version, AUTO_TABLES[plane], AUTO_TABLES[plane],
-                               AUTO_RULE_PRIORITY)
+            for version in self._versions:
+                for plane in PLANES:
+                    nl.ensure_rule(version, AUTO_TABLES[plane], AUTO_TABLES[plane],
+                                   AUTO_RULE_PRIORITY)
+
+    @property
+    def _versions(self) -> tuple[int, ...]:
+        """The overlay's IP versions (both in dual stack): each has its tables' routes."""
+        return tuple(network.version for network in self.config.networks)
+
+    def _weft_routes(self, table: int = 254) -> frozenset[Route]:
+        return frozenset(route for version in self._versions
+                         for route in tables.weft_routes(version, table))
 
     def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
         self._ensure_rules()
@@ -148,14 +163,16 @@ class AutoBackend:
         """Converge the kernel to the plan of the newest view; the lock is held."""
         assert self._facts is not None
         facts = self._facts
+        six = self.config.ipv6
         wanted = plan.plan(self.options, list(self._peers.values()), self._paths, facts,
                            own_ip=self.host.public_ip, version=self.version,
-                           subnet_len=self.config.length)
-        routes = delta(wanted.main, frozenset(tables.weft_routes(self.version)), route_key)
+                           subnet_len=self.config.length,
+                           ipv6_subnet_len=six.length if six is not None else None)
+        self._ipv6_planes = dict(wanted.ipv6_planes)
+        routes = delta(wanted.main, self._weft_routes(), route_key)
         for p in PLANES:
             table = AUTO_TABLES[p]
-            change = delta(wanted.tables[p], frozenset(tables.weft_routes(self.version, table)),
-                           route_key)
+            change = delta(wanted.tables[p], self._weft_routes(table), route_key)
             routes = type(routes)(routes.add | change.add, routes.remove | change.remove)
         neighbours = delta(wanted.neighbours, frozenset(
             tables.permanent_neighbours(self._vxlan.device, facts.vxlan_index)), neighbour_key)
@@ -199,6 +216,8 @@ class AutoBackend:
                 str(subnet): {
                     "peer": str(self._peers[subnet].public_ip) if subnet in self._peers else "",
                     "plane": path.plane, "reason": path.reason, "switches": path.switches,
+                    **({"ipv6_plane": self._ipv6_planes.get(subnet)}
+                       if self.config.dual_stack else {}),
                     "probes": {p: {"sent": h.sent, "answered": h.answered, "usable": h.usable,
                                    "small_answered": h.small_answered}
                                for p, h in path.health.items()},
@@ -225,12 +244,12 @@ class AutoBackend:
     def teardown(self) -> None:
         self.close()
         with Netlink() as nl:
-            for p in PLANES:
-                table = AUTO_TABLES[p]
-                nl.delete_rule(self.version, table, table, AUTO_RULE_PRIORITY)
+            for version in self._versions:
+                for p in PLANES:
+                    table = AUTO_TABLES[p]
+                    nl.delete_rule(version, table, table, AUTO_RULE_PRIORITY)
         for p in PLANES:
-            stale = tables.weft_routes(self.version, AUTO_TABLES[p])
-            apply_tables(delta(frozenset(), frozenset(stale)))
+            apply_tables(delta(frozenset(), self._weft_routes(AUTO_TABLES[p])))
         self._vxlan.teardown()
         self._udp.teardown()
         for device, value in self._rp_filter.items():  # the underlay's, as we found it

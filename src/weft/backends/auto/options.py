@@ -80,4 +80,4 @@ def auto_facts(options: AutoOptions, underlay: str) -> BackendFacts:
 
 
 AUTO_BACKEND = BackendSpec(AutoOptions, "weft.backends.auto.apply:AutoBackend", auto_facts,
-                           auto_overhead, auto_data_problem)
+                           auto_overhead, auto_data_problem, no_dual_stack=None)

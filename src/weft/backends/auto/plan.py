@@ -9,6 +9,10 @@ per peer, the route of the plane chosen for it.
 Choice per peer, in order: host-gw if the peer is on this host's L2 subnet, else vxlan,
 else udp, each only while its probes are answered (`step` is the state machine; time is
 the caller's: one call per probe round).
+
+In dual stack, per peer and per family: a peer's IPv6 subnet rides the plane chosen for
+it where that plane can carry it, else the next candidate that can (host-gw needs the
+peer's IPv6 address on this host's segment; vxlan and udp carry both families).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from weft.backends.auto.options import AUTO_TABLES, DATA_KEYS, PLANES, AutoOptions
-from weft.backends.routes import direct_route
+from weft.backends.routes import direct_ipv6_route, direct_route
 from weft.backends.udp import plan as udp_plan
 from weft.backends.vxlan import plan as vxlan_plan
 from weft.backends.vxlan.options import VxlanOptions
@@ -144,7 +148,9 @@ def step(path: PeerPath, answered: Mapping[str, tuple[bool, bool]], misses_to_dr
 def plane_lease(peer: Lease, plane: str) -> Lease:
     """The peer's lease as its `plane` backend alone would publish it."""
     data = peer.backend_data.get(DATA_KEYS[plane], {})
-    return replace(peer, backend_type=plane, backend_data=dict(data))
+    v6 = peer.backend_v6_data
+    v6_data = None if v6 is None else dict(v6.get(DATA_KEYS[plane], data))
+    return replace(peer, backend_type=plane, backend_data=dict(data), backend_v6_data=v6_data)
 
 
 @dataclass(frozen=True)
@@ -162,10 +168,13 @@ class AutoPlan:
     neighbours: frozenset[Neighbour]
     udp_peers: udp_plan.PeerTable
     errors: Mapping[str, str] = field(default_factory=dict)
+    # Dual stack: the plane each peer's IPv6 subnet rides (by its IPv4 subnet).
+    ipv6_planes: Mapping[IPNetwork, str | None] = field(default_factory=dict)
 
 
 def plan(options: AutoOptions, peers: Sequence[Lease], paths: Mapping[IPNetwork, PeerPath],
-         facts: AutoFacts, *, own_ip: IPAddress, version: int, subnet_len: int) -> AutoPlan:
+         facts: AutoFacts, *, own_ip: IPAddress, version: int, subnet_len: int,
+         ipv6_subnet_len: int | None = None) -> AutoPlan:
     errors: dict[str, str] = {}
     by_plane: dict[str, list[Lease]] = {plane: [] for plane in PLANES}
     for peer in peers:
@@ -181,23 +190,46 @@ def plan(options: AutoOptions, peers: Sequence[Lease], paths: Mapping[IPNetwork,
                          vxlan_plan.VxlanFacts(facts.vxlan_index, facts.underlay))
     errors.update(vx.errors)
     udp = udp_plan.plan(by_plane["udp"], own_ip=own_ip, default_port=options.udp_port,
-                        version=version, subnet_len=subnet_len)
+                        version=version, subnet_len=subnet_len, ipv6_subnet_len=ipv6_subnet_len)
     errors.update(udp.errors)
     tables: dict[str, set[Route]] = {"host-gw": set(), "vxlan": set(vx.routes), "udp": set()}
     for lease in by_plane["host-gw"]:
-        route = direct_route(lease, facts.underlay)
-        if isinstance(route, Route):
-            tables["host-gw"].add(route)
+        found = [direct_route(lease, facts.underlay)]
+        if lease.ipv6_subnet is not None:  # only where an IPv6 next hop is on the segment
+            found.append(direct_ipv6_route(lease, facts.underlay))
+        tables["host-gw"].update(route for route in found if isinstance(route, Route))
     for lease in by_plane["udp"]:
         if str(lease.subnet) not in udp.errors:
-            tables["udp"].add(Route(lease.subnet, None, facts.udp_index))
+            tables["udp"].update(Route(subnet, None, facts.udp_index)
+                                 for subnet in lease.subnets)
     main: set[Route] = set()
+    ipv6_planes: dict[IPNetwork, str | None] = {}
     for peer in peers:
         path = paths.get(peer.subnet)
         if path is None or path.plane is None:
             continue
         main |= {r for r in tables[path.plane] if r.dst == peer.subnet}
+        if peer.ipv6_subnet is not None:
+            plane6, route = _ipv6_plane(peer.ipv6_subnet, path, tables)
+            ipv6_planes[peer.subnet] = plane6
+            if route is not None:
+                main.add(route)
     in_tables = {p: frozenset(replace(r, table=AUTO_TABLES[p]) for r in routes)
                  for p, routes in tables.items()}
     return AutoPlan(frozenset(main), in_tables,
-                    vx.fdb, vx.neighbours, udp.table, errors)
+                    vx.fdb, vx.neighbours, udp.table, errors, ipv6_planes)
+
+
+def _ipv6_plane(subnet: IPNetwork, path: PeerPath, tables: Mapping[str, set[Route]]
+                ) -> tuple[str | None, Route | None]:
+    """The plane a peer's IPv6 subnet rides: the one chosen for the peer if it carries the
+    subnet, else the next usable candidate after it that does."""
+    assert path.plane is not None
+    start = path.candidates.index(path.plane)
+    for plane in path.candidates[start:]:
+        if plane != path.plane and not path.health[plane].usable:
+            continue
+        route = next((r for r in tables[plane] if r.dst == subnet), None)
+        if route is not None:
+            return plane, route
+    return None, None

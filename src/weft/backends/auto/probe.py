@@ -56,7 +56,7 @@ class ProbeCounters:
     dropped_unexpected: int = 0
 
 
-def _socket(version: int, own: IPAddress, port: int, mark: int | None) -> socket.socket:
+def probe_socket(version: int, own: IPAddress, port: int, mark: int | None) -> socket.socket:
     family = socket.AF_INET if version == 4 else socket.AF_INET6
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -87,11 +87,11 @@ class Prober:
         self._seq = 0  # the round whose answers count
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._responder = _socket(own.version, own, port, None)
+        self._responder = probe_socket(own.version, own, port, None)
         self._planes: dict[str, socket.socket] = {}
         try:
             for plane in PLANES:
-                self._planes[plane] = _socket(own.version, own, 0, AUTO_TABLES[plane])
+                self._planes[plane] = probe_socket(own.version, own, 0, AUTO_TABLES[plane])
         except BaseException:
             self.close()
             raise

@@ -30,4 +30,5 @@ def hostgw_facts(options: HostGwOptions, underlay: str) -> BackendFacts:
 
 
 HOSTGW_BACKEND = BackendSpec(HostGwOptions, "weft.backends.hostgw.apply:HostGwBackend",
-                             hostgw_facts, hostgw_overhead, hostgw_data_problem)
+                             hostgw_facts, hostgw_overhead, hostgw_data_problem,
+                             no_dual_stack=None, ipv6_next_hops=True)

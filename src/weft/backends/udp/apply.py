@@ -74,7 +74,9 @@ class UdpBackend:
             # The subnet's network address: the host's own overlay address (source of
             # host-originated traffic, so peers' spoofing checks accept it).
             nl.ensure_only_address(link.index, lease.own_address)
-            if self.config.network.version == 4:
+            if lease.own_ipv6_address is not None:  # dual stack: the IPv6 half's own
+                nl.ensure_only_address(link.index, lease.own_ipv6_address)
+            elif self.config.network.version == 4:
                 _disable_ipv6(UDP_DEVICE)
             nl.ensure_up(link, mtu)
             result = self._converge_route(nl, link.index)
@@ -90,10 +92,12 @@ class UdpBackend:
         return link
 
     def _converge_route(self, nl: Netlink, index: int) -> ReconcileResult:
-        """One route, the whole Network through the TUN device; any other route with
-        weft's protocol number is a leftover of an earlier run and goes."""
-        desired = {Route(self.config.network, None, index)}
-        actual = nl.routes(self.config.network.version)
+        """One route, the whole Network through the TUN device (in dual stack one per
+        family); any other route with weft's protocol number is a leftover of an earlier
+        run and goes."""
+        desired = {Route(network, None, index) for network in self.config.networks}
+        actual = {route for network in self.config.networks
+                  for route in nl.routes(network.version)}
         return converge(desired, actual, nl.replace_route, nl.delete_route, lambda r: str(r.dst))
 
     def ensure_forwarder(self) -> bool:
@@ -124,17 +128,19 @@ class UdpBackend:
     def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
         self.ensure_forwarder()
         assert self.forwarder is not None
+        six = self.config.ipv6
         wanted = plan.plan(peers, own_ip=self.host.public_ip, default_port=self.options.port,
-                           version=self.config.network.version, subnet_len=self.config.length)
+                           version=self.config.network.version, subnet_len=self.config.length,
+                           ipv6_subnet_len=six.length if six is not None else None)
         errors = dict(wanted.errors)
         with Netlink() as nl:
             # level-based: put back our route if someone removed it
             result = self._converge_route(nl, self._link(nl).index)
         errors.update(result.errors)
         table = wanted.table
-        before = dict(self.forwarder.peers.routes)
+        before = self.forwarder.peers.describe()
         self.forwarder.set_peers(table)
-        after = table.routes
+        after = table.describe()
         added = sum(1 for k, v in after.items() if before.get(k) != v)
         removed = sum(1 for k, v in before.items() if after.get(k) != v)
         return ReconcileResult(added=added, removed=removed, errors=errors)
@@ -162,9 +168,10 @@ class UdpBackend:
         with Netlink() as nl:
             link = nl.link(UDP_DEVICE)
             if link is not None:
-                for route in nl.routes(self.config.network.version):
-                    if route.ifindex == link.index:
-                        nl.delete_route(route)
+                for network in self.config.networks:
+                    for route in nl.routes(network.version):
+                        if route.ifindex == link.index:
+                            nl.delete_route(route)
         delete_tun(UDP_DEVICE)
 
 

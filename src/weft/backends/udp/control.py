@@ -89,12 +89,30 @@ class ForwarderSpec:
 # --- the peer table on the wire (pure) ------------------------------------------------------
 
 def encode_table(table: PeerTable) -> dict[str, Any]:
-    return {"version": table.version, "subnet_len": table.subnet_len,
-            "routes": [[subnet, ip, port] for subnet, (ip, port) in table.routes.items()]}
+    encoded: dict[str, Any] = {
+        "version": table.version, "subnet_len": table.subnet_len,
+        "routes": [[subnet, ip, port] for subnet, (ip, port) in table.routes.items()]}
+    if table.six is not None:  # dual stack: the IPv6 half's routes (the same members)
+        encoded["six"] = encode_table(table.six)
+    return encoded
 
 
 def decode_table(data: Mapping[str, Any]) -> PeerTable:
     """The table `encode_table` wrote; ValueError on anything else."""
+    if not isinstance(data, Mapping):
+        raise ValueError("a peer table is a JSON object")
+    table = _decode_one(data)
+    if "six" not in data:
+        return table
+    six = _decode_one(data["six"])
+    if six.version != 6 or table.version != 4 or "six" in data["six"]:
+        raise ValueError("a dual-stack peer table is an IPv4 one with an IPv6 one in six")
+    return PeerTable(table.version, table.subnet_len, table.routes,
+                     table.members | six.members,
+                     six=PeerTable(6, six.subnet_len, six.routes, table.members | six.members))
+
+
+def _decode_one(data: Mapping[str, Any]) -> PeerTable:
     if not isinstance(data, Mapping):
         raise ValueError("a peer table is a JSON object")
     version, subnet_len, rows = data.get("version"), data.get("subnet_len"), data.get("routes")

@@ -338,8 +338,12 @@ class Forwarder:
             table = self._peers
             version_ihl, destination = v4_destination(buf, _IP)
             if version_ihl >> 4 != table.version:
-                counters.drop("no_route")
-                continue
+                # Dual stack: the IPv6 half's table (a branch only IPv6 packets take).
+                other = table.for_version(version_ihl >> 4)
+                if other is None:
+                    counters.drop("no_route")
+                    continue
+                table = other
             if table.version == 6:
                 if size < VNET_HEADER + 40:
                     counters.drop("malformed")
@@ -457,6 +461,9 @@ class Forwarder:
                     continue
                 if single is not None:
                     version, source = single
+                    if version != table.version and table.six is not None \
+                            and version == table.six.version:
+                        table = table.six  # dual stack's IPv6 half: the same members
                     # Only the member holding the source's subnet may send it (no
                     # spoofing via us); one lookup, as the holder is a member too.
                     if table.routes.get(source & table.mask) != sender or (
@@ -543,8 +550,11 @@ class Forwarder:
             counters.drop(exc.reason)
             return
         if version != table.version:
-            counters.drop("malformed")
-            return
+            other = table.for_version(version)
+            if other is None:
+                counters.drop("malformed")
+                return
+            table = other
         # Only the member holding the source's subnet may send it: no spoofing via us.
         if table.routes.get(source & table.mask) != sender:
             counters.drop("spoofed_source")

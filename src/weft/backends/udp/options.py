@@ -47,4 +47,4 @@ def udp_facts(options: UdpOptions, underlay: str) -> BackendFacts:
 
 
 UDP_BACKEND = BackendSpec(UdpOptions, "weft.backends.udp.apply:UdpBackend", udp_facts,
-                          udp_overhead, udp_data_problem)
+                          udp_overhead, udp_data_problem, no_dual_stack=None)

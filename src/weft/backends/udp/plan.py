@@ -3,11 +3,13 @@
 The table is immutable and replaced as a whole on every reconcile (one reference
 assignment, atomic for the forwarder threads), so a peer that leaves stops receiving and
 sending at once.  Lookups are O(1): mask the inner address down to its subnet and look the
-integer up in a dict.
+integer up in a dict. In dual stack the table of the IPv4 half carries the IPv6 half's as
+`six` (same members): a packet of the table's own version costs no extra lookup.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +55,9 @@ class PeerTable:
     members: frozenset[Endpoint] = frozenset()
     # the subnet mask as an integer; computed once, read for every packet
     mask: int = field(init=False, repr=False, compare=False)
+    # Dual stack: the IPv6 half's table (its members are this table's), for packets of the
+    # other version than `version`; None otherwise.
+    six: PeerTable | None = None
 
     def __post_init__(self) -> None:
         bits = 32 if self.version == 4 else 128
@@ -80,10 +85,17 @@ class PeerTable:
 
     def describe(self) -> dict[str, str]:
         net = ipaddress.IPv4Network if self.version == 4 else ipaddress.IPv6Network
-        return {
+        described = {
             str(net((addr, self.subnet_len))): f"{ip}:{port}"
             for addr, (ip, port) in sorted(self.routes.items())
         }
+        return described if self.six is None else described | self.six.describe()
+
+    def for_version(self, version: int) -> PeerTable | None:
+        """The table for inner packets of IP `version`: this one, its IPv6 half, or none."""
+        if version == self.version:
+            return self
+        return self.six if version == 6 else None
 
 
 @dataclass(frozen=True)
@@ -93,11 +105,13 @@ class UdpPlan:
 
 
 def plan(peers: Sequence[Lease], *, own_ip: IPAddress, default_port: int, version: int,
-         subnet_len: int) -> UdpPlan:
+         subnet_len: int, ipv6_subnet_len: int | None = None) -> UdpPlan:
     """The forwarder's table from the peer leases; a lease it cannot use is that peer's
-    error."""
+    error. `ipv6_subnet_len`: a dual-stack network's (each peer's IPv6 subnet goes to the
+    same endpoint as its IPv4 one)."""
     errors: dict[str, str] = {}
     accepted: list[Peer] = []
+    accepted6: list[Peer] = []
     for lease in peers:
         if lease.public_ip == own_ip:
             continue  # our own lease: local traffic never enters the tunnel
@@ -107,10 +121,18 @@ def plan(peers: Sequence[Lease], *, own_ip: IPAddress, default_port: int, versio
                        f"underlay is IPv{own_ip.version}")
         if problem is None:
             try:
-                accepted.append(Peer(lease.subnet, lease.public_ip,
-                                     peer_port(lease.backend_data, default_port)))
+                peer = Peer(lease.subnet, lease.public_ip,
+                            peer_port(lease.backend_data, default_port))
             except PeerDataError as exc:
                 problem = f"peer {lease.public_ip}: {exc}"
+            else:
+                accepted.append(peer)
+                if ipv6_subnet_len is not None and lease.ipv6_subnet is not None:
+                    accepted6.append(Peer(lease.ipv6_subnet, peer.public_ip, peer.port))
         if problem is not None:
             errors[str(lease.subnet)] = problem
-    return UdpPlan(PeerTable.build(version, subnet_len, accepted), errors)
+    table = PeerTable.build(version, subnet_len, accepted)
+    if ipv6_subnet_len is not None:
+        six = PeerTable.build(6, ipv6_subnet_len, accepted6)
+        table = dataclasses.replace(table, six=dataclasses.replace(six, members=table.members))
+    return UdpPlan(table, errors)

@@ -25,6 +25,20 @@ def vxlan_overhead(ip_version: int) -> int:
     return IP_HEADER[ip_version] + UDP_HEADER + VXLAN_HEADER
 
 
+def ipv6_device_name(vni: int) -> str | None:
+    """The second VXLAN device of dual stack, on the IPv6 underlay (flannel's
+    flannel-v6.<VNI>): `weft.vx<VNI>v6`; None when that is longer than a device name may be
+    (VNI over 99999: the IPv6 overlay then rides the IPv4 device)."""
+    name = f"{VXLAN_DEVICE_PREFIX}{vni}v6"
+    return name if len(name) <= 15 else None
+
+
+def vxlan_ipv6_tunnels(options: VxlanOptions) -> tuple[str, ...]:
+    """Dual stack's second device, on the IPv6 underlay, if its name fits."""
+    six = ipv6_device_name(options.vni)
+    return () if six is None else (six,)
+
+
 def vxlan_facts(options: VxlanOptions, underlay: str) -> BackendFacts:
     """One VXLAN device; with DirectRouting, peers on the same link are plain routes over
     the underlay (so the fast path, which serves one arrival device, is not used)."""
@@ -49,4 +63,5 @@ def vxlan_data_problem(data: Mapping[str, Any]) -> str | None:
 
 
 VXLAN_BACKEND = BackendSpec(VxlanOptions, "weft.backends.vxlan.apply:VxlanBackend", vxlan_facts,
-                            vxlan_overhead, vxlan_data_problem)
+                            vxlan_overhead, vxlan_data_problem, no_dual_stack=None,
+                            ipv6_tunnels=vxlan_ipv6_tunnels)

@@ -134,14 +134,20 @@ class WireguardBackend:
         with Netlink() as nl:
             link = self._link(nl)
             nl.ensure_only_address(link.index, lease.own_address)
+            if lease.own_ipv6_address is not None:  # dual stack: the IPv6 half's own
+                nl.ensure_only_address(link.index, lease.own_ipv6_address)
             nl.ensure_up(link, mtu)
-            # One route for the whole Network: WireGuard's allowed IPs pick the peer, and
-            # the local subnet's more specific route (the CNI bridge) keeps local traffic.
-            route = Route(self.config.network, None, link.index)
-            result = converge({route}, nl.routes(self.config.network.version),
-                              nl.replace_route, nl.delete_route, lambda r: str(r.dst))
+            # One route for the whole Network (one per family in dual stack): WireGuard's
+            # allowed IPs pick the peer, and the local subnet's more specific route (the
+            # CNI bridge) keeps local traffic.
+            networks = self.config.networks
+            routes = {Route(network, None, link.index) for network in networks}
+            actual = {r for network in networks for r in nl.routes(network.version)}
+            result = converge(routes, actual, nl.replace_route, nl.delete_route,
+                              lambda r: str(r.dst))
             if result.errors:
-                raise KernelError(f"route for {self.config.network}: {result.errors}")
+                raise KernelError(f"routes for {', '.join(map(str, networks))}: "
+                                  f"{result.errors}")
         return mtu
 
     def _link(self, nl: Netlink) -> LinkInfo:
@@ -187,7 +193,13 @@ class WireguardBackend:
             facts["wireguard_go_pid"] = self.process.pid()
         if self._device is not None:
             try:
-                facts["counters"] = dict(self._device.read().counters)
+                state = self._device.read()
+                facts["counters"] = dict(state.counters)
+                # By the peer's public IP (never its key): Unix time of the last handshake.
+                facts["handshakes"] = {
+                    str(peer.endpoint[0]): state.handshakes[key]
+                    for key, peer in state.peers.items()
+                    if key in state.handshakes and peer.endpoint is not None}
             except KernelError as exc:  # status must answer even when the device does not
                 facts["device_error"] = str(exc)
         return facts

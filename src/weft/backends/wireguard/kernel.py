@@ -55,6 +55,7 @@ class KernelDevice:
         listen_port = 0
         peers: dict[PublicKey, PeerConfig] = {}
         counters = {"rx_bytes": 0, "tx_bytes": 0, "peers_with_handshake": 0}
+        handshakes: dict[PublicKey, int] = {}
         # A device with many peers is dumped over several messages.
         for msg in msgs:
             raw = _key_attr(msg.get_attr("WGDEVICE_A_PRIVATE_KEY"))
@@ -65,9 +66,11 @@ class KernelDevice:
                 counters["rx_bytes"] += peer.get_attr("WGPEER_A_RX_BYTES") or 0
                 counters["tx_bytes"] += peer.get_attr("WGPEER_A_TX_BYTES") or 0
                 handshake = peer.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
+                parsed = _parse_peer(peer)
                 if isinstance(handshake, dict) and handshake.get("tv_sec"):
                     counters["peers_with_handshake"] += 1
-                parsed = _parse_peer(peer)
+                    if parsed is not None:
+                        handshakes[parsed.public_key] = int(handshake["tv_sec"])
                 if parsed is not None:
                     old = peers.get(parsed.public_key)
                     if old is not None:  # a peer split across messages: merge its IPs
@@ -75,7 +78,7 @@ class KernelDevice:
                                             old.allowed_ips | parsed.allowed_ips,
                                             old.keepalive, old.psk)
                     peers[parsed.public_key] = parsed
-        return DeviceState(private_key, listen_port, peers, counters)
+        return DeviceState(private_key, listen_port, peers, counters, handshakes)
 
     def apply(self, change: DeviceChange) -> None:
         if change.empty:

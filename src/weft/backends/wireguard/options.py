@@ -64,4 +64,5 @@ def wireguard_facts(options: WireguardOptions, underlay: str) -> BackendFacts:
 
 WIREGUARD_BACKEND = BackendSpec(WireguardOptions,
                                 "weft.backends.wireguard.apply:WireguardBackend",
-                                wireguard_facts, wireguard_overhead, wireguard_data_problem)
+                                wireguard_facts, wireguard_overhead, wireguard_data_problem,
+                                no_dual_stack=None)

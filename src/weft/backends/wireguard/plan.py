@@ -39,6 +39,9 @@ class DeviceState:
     peers: Mapping[PublicKey, PeerConfig]
     # Summed over peers: rx_bytes, tx_bytes, peers_with_handshake (for metrics/status).
     counters: Mapping[str, int] = field(default_factory=dict, compare=False)
+    # Per peer, its last handshake (Unix seconds; a peer with none is absent): its age is
+    # shown beside the peer's probe health.
+    handshakes: Mapping[PublicKey, int] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,8 @@ def desired_peers(
         wanted[key] = PeerConfig(
             public_key=key,
             endpoint=(lease.public_ip, listen_port),
-            allowed_ips=frozenset({lease.subnet}),
+            # Dual stack: both subnets ride one peer (one key, one endpoint).
+            allowed_ips=frozenset(lease.subnets),
             keepalive=keepalive,
             psk=psk,
         )

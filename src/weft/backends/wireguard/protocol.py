@@ -113,6 +113,7 @@ def parse_get_answer(text: str) -> tuple[int, DeviceState | None]:
     peers: dict[PublicKey, PeerConfig] = {}
     current: _PeerBuilder | None = None
     counters = {"rx_bytes": 0, "tx_bytes": 0, "peers_with_handshake": 0}
+    handshakes: dict[PublicKey, int] = {}
     try:
         for key, value in pairs[:-1]:
             if key == "public_key":
@@ -137,10 +138,11 @@ def parse_get_answer(text: str) -> tuple[int, DeviceState | None]:
                 counters[key] += int(value)
             elif key == "last_handshake_time_sec" and int(value) > 0:
                 counters["peers_with_handshake"] += 1
+                handshakes[current.key] = int(value)
     except (ValueError, KeyFormatError) as exc:
         if isinstance(exc, UapiProtocolError):
             raise
         raise UapiProtocolError(f"bad value in get answer: {exc}") from None
     if current is not None:
         peers[current.key] = current.build()
-    return 0, DeviceState(private_key, listen_port, peers, counters)
+    return 0, DeviceState(private_key, listen_port, peers, counters, handshakes)

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: GPL-2.0
-/* weft's tc fast path for overlay <-> overlay IPv4 traffic (kernel routes: host-gw).
+/* weft's tc fast path for overlay <-> overlay IPv4 traffic (host-gw; vxlan after decap).
  *
  *   from_container  tc ingress of a container's host-side veth (the container's egress):
  *                   FIB lookup, then bpf_redirect_neigh() to the next hop's device, past
@@ -9,12 +9,15 @@
  *                   into the container's namespace with bpf_redirect_peer(); other overlay
  *                   packets for this host go by bpf_redirect_neigh().
  *
- * Anything else -- not IPv4, not overlay to overlay, a source not leased or arriving where
- * its route back does not leave, IP options, TTL about to expire, a
- * route the FIB cannot resolve, fragments of nothing special -- returns TC_ACT_OK and
- * takes the normal path, so turning this on never loses a packet the kernel would carry.
+ * Anything else -- not IPv4, a source or destination not in a leased subnet, a source
+ * arriving where its route back does not leave, IP options, TTL about to expire, a route
+ * the FIB cannot resolve, fragments of nothing special -- is passed on (PASS) and takes
+ * the normal path, where netfilter drops and counts what it must, so turning this on never
+ * loses a packet the kernel would carry nor carries one weft's rules would drop.
  *
- * OVERLAY_NET and OVERLAY_MASK (host byte order) are set by the agent when it compiles.
+ * Nothing in the object depends on the network: the agent writes the leased subnets into
+ * each attached copy's maps, and until it has, no packet matches. So one object, built
+ * with the package or at first start, serves every host.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -23,10 +26,10 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
-#ifndef OVERLAY_NET
-#error "compile with -DOVERLAY_NET=0x... -DOVERLAY_MASK=0x..."
-#endif
 #define AF_INET 2
+/* Not ours to carry: on to the next filter on the device (another tool's, if any), then
+ * the stack. TC_ACT_OK would end the device's filter chain here. */
+#define PASS TC_ACT_UNSPEC
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -37,7 +40,9 @@ struct {
 
 /* Leased subnets (this host's and its peers'), kept by the agent: a packet takes the fast
  * path only if its source is in one, as the ingress filter's `spoofed_source` rule asks
- * (weft.host.ingress_rules); others go on to netfilter, which drops and counts them. */
+ * (weft.host.ingress_rules), and its destination too (overlay to overlay: the traffic
+ * weft leaves untracked and unNATed); others go on to netfilter, which drops and counts
+ * what it must. */
 struct subnet_key {
 	__u32 prefixlen;
 	__be32 addr;
@@ -59,9 +64,10 @@ struct {
 	__type(value, __u64);
 } redirected SEC(".maps");
 
-static __always_inline int in_overlay(__be32 addr)
+static __always_inline int leased(__be32 addr)
 {
-	return (bpf_ntohl(addr) & OVERLAY_MASK) == OVERLAY_NET;
+	struct subnet_key key = { .prefixlen = 32, .addr = addr };
+	return bpf_map_lookup_elem(&subnets, &key) != 0;
 }
 
 static __always_inline void count(__u32 which)
@@ -90,15 +96,11 @@ static __always_inline int forward(struct __sk_buff *skb, int from_underlay)
 	int rc;
 
 	if ((void *)(iph + 1) > end)
-		return TC_ACT_OK;
+		return PASS;
 	if (eth->h_proto != bpf_htons(ETH_P_IP) || iph->ihl != 5 || iph->ttl <= 1)
-		return TC_ACT_OK;
-	if (!in_overlay(iph->saddr) || !in_overlay(iph->daddr))
-		return TC_ACT_OK;
-
-	struct subnet_key key = { .prefixlen = 32, .addr = iph->saddr };
-	if (!bpf_map_lookup_elem(&subnets, &key))
-		return TC_ACT_OK;
+		return PASS;
+	if (!leased(iph->saddr) || !leased(iph->daddr))
+		return PASS;
 	/* The strict reverse-path check of the ingress filter: the route back to the source
 	 * leaves by the device the packet came in on, or the stack (and nft) decides. */
 	fib.family = AF_INET;
@@ -108,7 +110,7 @@ static __always_inline int forward(struct __sk_buff *skb, int from_underlay)
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0); /* SKIP_NEIGH: Linux 6.3+ only */
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
 	    fib.ifindex != skb->ingress_ifindex)
-		return TC_ACT_OK;
+		return PASS;
 
 	__builtin_memset(&fib, 0, sizeof(fib));
 	fib.family = AF_INET;
@@ -122,9 +124,9 @@ static __always_inline int forward(struct __sk_buff *skb, int from_underlay)
 	fib.ifindex = skb->ingress_ifindex;
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
-		return TC_ACT_OK; /* local delivery, unreachable, forwarding off: the stack decides */
+		return PASS; /* local delivery, unreachable, forwarding off: the stack decides */
 	if (fib.ifindex == skb->ingress_ifindex)
-		return TC_ACT_OK; /* hairpin: leave it to the stack (redirects, ICMP) */
+		return PASS; /* hairpin: leave it to the stack (redirects, ICMP) */
 
 	decrease_ttl(iph);
 	if (from_underlay && rc == BPF_FIB_LKUP_RET_SUCCESS &&

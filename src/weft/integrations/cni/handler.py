@@ -226,7 +226,8 @@ def _path(obj: Mapping[str, Any], key: str, default: str) -> str:
 
 def delegate_config(conf: NetConf, env: SubnetEnv) -> dict[str, Any]:
     """The delegate's network config: `bridge` (or `ptp`) + host-local for this host's
-    subnet."""
+    subnet; in dual stack for both its subnets (one range set each: one address of each
+    family per container, and a route of each family)."""
     dtype = conf.delegate.get("type", DEFAULT_DELEGATE)
     delegate: dict[str, Any] = {
         "type": dtype,
@@ -238,22 +239,29 @@ def delegate_config(conf: NetConf, env: SubnetEnv) -> dict[str, Any]:
     if dtype == "bridge":
         delegate.update(bridge=CNI_BRIDGE, isGateway=True, isDefaultGateway=True)
     delegate.update(conf.delegate)
+    families = [(env.network, env.subnet, env.gateway)]
+    if env.ipv6_network is not None and env.ipv6_subnet is not None \
+            and env.ipv6_gateway is not None:
+        families.append((env.ipv6_network, env.ipv6_subnet, env.ipv6_gateway))
     if delegate.get("isDefaultGateway"):
-        routes = []  # the bridge plugin adds the default route through the bridge
+        # The bridge plugin adds the default route through the bridge, one per family.
+        routes: list[dict[str, str]] = []
     elif dtype == "bridge":
         # Without a default route through the bridge the container still needs one to
         # the whole overlay network.
-        routes = [{"dst": str(env.network)}]
+        routes = [{"dst": str(network)} for network, _, _ in families]
     else:
         # ptp and the like: every route goes via the gateway address, which the plugin
         # puts on the host end of the container's veth.
-        routes = [{"dst": "0.0.0.0/0" if env.network.version == 4 else "::/0"}]
+        routes = [{"dst": "0.0.0.0/0" if network.version == 4 else "::/0"}
+                  for network, _, _ in families]
     delegate.update(
         cniVersion=conf.cni_version,
         name=conf.name,
         ipam={
             "type": "host-local",
-            "ranges": [[{"subnet": str(env.subnet), "gateway": str(env.gateway)}]],
+            "ranges": [[{"subnet": str(subnet), "gateway": str(gateway)}]
+                       for _, subnet, gateway in families],
             "routes": routes,
             # Per host: host-local keeps its reservations here, so hosts sharing one
             # filesystem (the testbed) must not share it.

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import math
@@ -343,8 +344,8 @@ class EtcdLeaseStore:
         """A key below the prefix as the store seam speaks of it (`subnets/...`)."""
         return _text(key).removeprefix(f"{self.prefix}/")
 
-    def _key(self, subnet: IPNetwork) -> bytes:
-        return f"{self.prefix}/{subnet_key(subnet)}".encode()
+    def _key(self, subnet: IPNetwork, ipv6_subnet: ipaddress.IPv6Network | None = None) -> bytes:
+        return f"{self.prefix}/{subnet_key(subnet, ipv6_subnet)}".encode()
 
     async def list_leases(self) -> tuple[list[Lease], int]:
         async def op(client: Client) -> tuple[list[Lease], int]:
@@ -369,7 +370,7 @@ class EtcdLeaseStore:
         return await self._call("list leases", op)
 
     async def create_lease(self, lease: Lease, ttl: float) -> Lease | None:
-        key = self._key(lease.subnet)
+        key = self._key(lease.subnet, lease.ipv6_subnet)
 
         async def op(client: Client) -> Lease | None:
             now = self._clock()
@@ -390,7 +391,7 @@ class EtcdLeaseStore:
         return await self._call(f"create the lease for {lease.subnet}", op)
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
-        key = self._key(lease.subnet)
+        key = self._key(lease.subnet, lease.ipv6_subnet)
 
         async def fast(client: Client, lease_id: int, granted: int) -> Lease | None:
             """One guarded put, then the keep-alive; None when the slow path must decide.
@@ -459,7 +460,7 @@ class EtcdLeaseStore:
         return await self._call(f"renew the lease for {lease.subnet}", op)
 
     async def restore_lease(self, lease: Lease, ttl: float) -> Lease:
-        key = self._key(lease.subnet)
+        key = self._key(lease.subnet, lease.ipv6_subnet)
 
         async def op(client: Client) -> Lease:
             now = self._clock()
@@ -478,8 +479,9 @@ class EtcdLeaseStore:
 
         return await self._call(f"restore the lease for {lease.subnet}", op)
 
-    async def delete_lease(self, subnet: IPNetwork) -> None:
-        key = self._key(subnet)
+    async def delete_lease(self, subnet: IPNetwork,
+                           ipv6_subnet: ipaddress.IPv6Network | None = None) -> None:
+        key = self._key(subnet, ipv6_subnet)
         for held in [g for g in self._grants if g[0] == subnet]:
             del self._grants[held]
 

@@ -1,0 +1,212 @@
+"""`weft doctor` on running testbeds: each check is broken for real, fails with its advice,
+and passes again once mended. Few testbeds (each costs seconds to build): one vxlan pair
+for the host's own state, the firewall and the peers; one udp pair across a router for the
+path MTU; one host with a real dockerd for Docker's bridge."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import wait_for
+from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
+from weft_lab.runtimes.docker import DockerRuntime
+from weft_lab.testbed import Host, Testbed
+
+pytestmark = pytest.mark.netns
+
+BR_NETFILTER = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+
+
+def config(backend: str) -> str:
+    return json.dumps({"Network": "198.19.0.0/16", "Backend": {"Type": backend}})
+
+
+def doctor(tb: Testbed, host: Host, *extra: str) -> tuple[int, dict[str, Any]]:
+    proc = tb.weft("doctor", "--json", "--store", tb.store_url, "--state-dir",
+                   str(host.state_dir), "--subnet-file", str(host.subnet_env_path), *extra,
+                   netns=host.netns, check=False)
+    assert proc.returncode in (0, 1), proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def check(report: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(c for c in report["checks"] if c["name"] == name)
+    return found
+
+
+def wait_check(tb: Testbed, host: Host, name: str, result: str,
+               timeout: float = 60.0) -> dict[str, Any]:
+    """Run `weft doctor` until the check `name` has `result` (exit status 1 exactly when a
+    check fails); the last report when the wait runs out."""
+    last: list[dict[str, Any]] = [{}]
+
+    def found() -> dict[str, Any]:
+        rc, report = doctor(tb, host)
+        last[0] = report
+        assert (rc == 0) == all(c["result"] != "fail" for c in report["checks"])
+        c = check(report, name)
+        return c if c["result"] == result else {}
+
+    return wait_for(f"{name} to {result}", found, timeout, interval=0.5, seen=lambda: last[0])
+
+
+def wait_all_pass(tb: Testbed, host: Host, timeout: float = 60.0) -> None:
+    def failing() -> list[dict[str, Any]]:
+        _, report = doctor(tb, host)
+        return [c for c in report["checks"] if c["result"] == "fail"]
+
+    wait_for("every check to pass", lambda: not failing(), timeout, interval=0.5,
+             seen=failing)
+
+
+def ip(tb: Testbed, host: Host, *args: str) -> None:
+    tb.run(host.netns, ["ip", *args])
+
+
+def iptables(tb: Testbed, host: Host, *args: str) -> subprocess.CompletedProcess[str]:
+    return tb.run(host.netns, ["iptables", *args])
+
+
+def subnet_of(tb: Testbed, host: Host) -> str:
+    return next(str(x.subnet) for x in tb.leases() if x.public_ip == host.underlay_ip)
+
+
+def test_doctor_on_vxlan_finds_each_fault_and_passes_once_mended(tmp_path: Path) -> None:
+    with Testbed(hosts=2, containers_per_host=2, config=config("vxlan")) as tb:
+        tb.start()
+        a, b = tb.hosts
+        wait_all_pass(tb, a)
+        wait_all_pass(tb, b)
+        a_subnet = subnet_of(tb, a)
+        # The VXLAN device's offload is read (its kernel is past the known bad ones).
+        _, report = doctor(tb, a)
+        assert "checksum offload weft.vx1 on" in check(report, "VXLAN offload")["message"]
+
+        # This host's address moved: the lease names one the interface no longer has.
+        ip(tb, a, "addr", "del", f"{a.underlay_ip}/24", "dev", "eth0")
+        ip(tb, a, "addr", "add", "198.18.0.99/24", "dev", "eth0")
+        lease = wait_check(tb, a, "lease", "fail")
+        assert f"names {a.underlay_ip}, which is no longer on eth0 (it has 198.18.0.99)" \
+            in lease["message"]
+        assert "restart the agent" in lease["message"]
+        ip(tb, a, "addr", "del", "198.18.0.99/24", "dev", "eth0")
+        ip(tb, a, "addr", "add", f"{a.underlay_ip}/24", "dev", "eth0")
+        wait_check(tb, a, "lease", "pass")
+
+        # br_netfilter under Docker's DROP policy: two containers on one host's bridge lose
+        # each other (weft's accepts are for its tunnel devices, not bridge to bridge).
+        if BR_NETFILTER.exists():
+            c1, c2 = (c for c in tb.containers if c.host is a)
+            assert tb.ping(c1.netns, c2.ip)
+            iptables(tb, a, "-P", "FORWARD", "DROP")
+            br = wait_check(tb, a, "br_netfilter", "fail")
+            assert "containers on this host cannot reach each other; " \
+                   "`iptables -I FORWARD -i weft0 -o weft0 -j ACCEPT`" in br["message"]
+            assert not tb.ping(c1.netns, c2.ip)
+            iptables(tb, a, "-I", "FORWARD", "-i", "weft0", "-o", "weft0", "-j", "ACCEPT")
+            wait_check(tb, a, "br_netfilter", "pass")
+            assert tb.ping(c1.netns, c2.ip)
+
+        # subnet.env held stale (a file mounted over it: the agent cannot rewrite it).
+        stale = tmp_path / "stale.env"
+        stale.write_text(a.subnet_env_path.read_text().replace("FLANNEL_MTU=1450",
+                                                               "FLANNEL_MTU=1500"))
+        subprocess.run(["mount", "--bind", str(stale), str(a.subnet_env_path)], check=True)
+        try:
+            env = wait_check(tb, a, "subnet.env", "fail")
+            assert "is stale: FLANNEL_MTU=1500, the overlay's is 1450" in env["message"]
+        finally:
+            subprocess.run(["umount", str(a.subnet_env_path)], check=True)
+        wait_check(tb, a, "subnet.env", "pass")
+
+        # The agent stopped; meanwhile subnet.env is deleted and FORWARD drops with weft's
+        # accepts gone (nothing puts them back while it is down).
+        tb.stop_agent(a)
+        a.subnet_env_path.unlink()
+        iptables(tb, a, "-P", "FORWARD", "DROP")
+        for rule in iptables(tb, a, "-S", "FORWARD").stdout.splitlines():
+            if FORWARD_COMMENT in rule:
+                tb.run(a.netns, ["sh", "-c", f"iptables {rule.replace('-A', '-D', 1)}"])
+        rc, report = doctor(tb, a)
+        assert rc == 1
+        assert check(report, "agent")["result"] == "fail"
+        assert "start it (`systemctl start weft`)" in check(report, "agent")["message"]
+        assert check(report, "subnet.env")["result"] == "fail"
+        assert "is missing" in check(report, "subnet.env")["message"]
+        forward = check(report, "FORWARD")
+        assert forward["result"] == "fail"
+        assert "the FORWARD policy is DROP" in forward["message"]
+        assert "weft's accepts are missing" in forward["message"]
+        # ... and its peer sees it unreachable, with the plane and since when; asked over
+        # the overlay, the stopped side does not answer.
+        peers = wait_check(tb, b, "peers", "fail")
+        assert f"{a_subnet} ({a.underlay_ip}) on vxlan for" in peers["message"]
+        assert "check that their agent runs" in peers["message"]
+        _, mesh = doctor(tb, b, "--cluster")
+        assert f"{a_subnet}: no answer to {subnet_of(tb, b)}" in " ".join(
+            mesh["cluster"]["failing"])
+        tb.start_agent(a)
+        wait_all_pass(tb, a)
+        wait_check(tb, b, "peers", "pass")
+        _, mesh = doctor(tb, b, "--cluster")
+        assert mesh["cluster"]["failing"] == []
+        assert mesh["cluster"]["answered"] == 1
+
+        # The encapsulation port blocked on b: named, and the peers' probes fail.
+        iptables(tb, b, "-I", "INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP")
+        other = wait_check(tb, b, "other rules", "fail")
+        assert "drops UDP port 8472" in other["message"]
+        wait_check(tb, b, "peers", "fail")
+        _, mesh = doctor(tb, a, "--cluster")
+        assert mesh["cluster"]["failing"]  # a cannot reach b, nor b a
+        iptables(tb, b, "-D", "INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP")
+        wait_all_pass(tb, b)
+
+
+def test_doctor_finds_a_path_mtu_below_the_overlay_mtu() -> None:
+    """udp sends its packets with DF: a router link narrower than the underlay is a black
+    hole for full-size packets, which the probes find (the small probe still passes)."""
+    with Testbed(hosts=2, containers_per_host=0, config=config("udp"), routed_hosts=1) as tb:
+        tb.start()
+        a, b = tb.hosts
+        wait_all_pass(tb, a)
+        tb.set_router_link_mtu(1400)
+        mtu = wait_check(tb, a, "MTU", "fail")
+        assert f"({b.underlay_ip}) passes 576" in mtu["message"]
+        assert "set the underlay's MTU right on every link" in mtu["message"]
+        tb.set_router_link_mtu(1500)
+        wait_check(tb, a, "MTU", "pass")
+        wait_all_pass(tb, a)
+
+
+needs_docker = pytest.mark.skipif(
+    shutil.which("dockerd") is None or not Path("/bin/busybox").exists(),
+    reason="needs Debian's docker.io and busybox-static")
+
+
+@needs_docker
+def test_doctor_finds_docker_on_the_wrong_bip() -> None:
+    with Testbed(hosts=1, containers_per_host=0, config=config("vxlan"),
+                 runtime="docker") as tb:
+        tb.start()
+        (a,) = tb.hosts
+        assert isinstance(tb.runtime, DockerRuntime)
+        runtime: DockerRuntime = tb.runtime
+        docker = wait_check(tb, a, "Docker", "pass")
+        assert "docker0 on 198.19." in docker["message"]
+        runtime.stop_host(a)
+        runtime.start_host(a, flags=["--bip=172.31.0.1/16"])
+        docker = wait_check(tb, a, "Docker", "fail")
+        assert "docker0 has 172.31.0.1/16, not in this host's subnet" in docker["message"]
+        assert "start dockerd with `$(weft docker-opts)`" in docker["message"]
+        runtime.stop_host(a)
+        runtime.start_host(a)
+        wait_check(tb, a, "Docker", "pass")
+
+

@@ -1,0 +1,167 @@
+"""`weft doctor`'s checks, pure: each one passes on a healthy host's facts and fails (or
+warns) with what to do when one fact is broken."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from typing import Any
+
+import pytest
+
+from weft.agent import doctor
+from weft.agent.doctor import BridgeFact, Facts, LeaseFact
+
+NET = ipaddress.ip_network
+IP = ipaddress.ip_address
+
+AGENT: dict[str, Any] = {
+    "subnet": "198.19.5.0/24", "public_ip": "198.18.0.11", "backend": "vxlan",
+    "network": "198.19.0.0/16", "mtu": 1450, "underlay_iface": "eth0", "encap_port": 8472,
+    "devices": ["weft.vx1"],
+    "peer_health": {"peers": {
+        "198.19.7.0/24": {"public_ip": "198.18.0.12", "plane": "vxlan", "state": "reachable",
+                          "since_s": 30.0, "pmtu": 1450}}},
+}
+ENV = ("FLANNEL_NETWORK=198.19.0.0/16\nFLANNEL_SUBNET=198.19.5.1/24\nFLANNEL_MTU=1450\n"
+       "FLANNEL_IPMASQ=true\n")
+FORWARD = ("-P FORWARD DROP\n-A FORWARD -i weft.vx1 -d 198.19.0.0/16 -m comment --comment "
+           '"weft: overlay traffic" -j ACCEPT\n-A FORWARD -j DOCKER-USER\n'
+           "-A FORWARD -i weft0 -o weft0 -j ACCEPT\n")
+HEALTHY = Facts(
+    agent=AGENT,
+    leases=[LeaseFact(NET("198.19.5.0/24"), IP("198.18.0.11"), 3000.0),
+            LeaseFact(NET("198.19.7.0/24"), IP("198.18.0.12"), 3000.0)],
+    addresses={"eth0": (IP("198.18.0.11"),), "lo": (IP("127.0.0.1"),)},
+    subnet_env_path="/run/weft/subnet.env", subnet_env=ENV,
+    docker=BridgeFact("docker0", (ipaddress.ip_interface("198.19.5.1/24"),), 1450),
+    bridges=[BridgeFact("weft0", (ipaddress.ip_interface("198.19.5.1/24"),), 1450, ports=2)],
+    iptables_forward=FORWARD, iptables_input="-P INPUT ACCEPT\n",
+    nft={"nftables": []},
+    sysctl={"net/bridge/bridge-nf-call-iptables": "1", "net/ipv4/conf/all/rp_filter": "0",
+            "net/ipv4/conf/weft.vx1/rp_filter": "2"},
+    tx_checksum={"weft.vx1": True}, kernel=(6, 1),
+)
+
+
+def agent(**changes: Any) -> dict[str, Any]:
+    return {**AGENT, **changes}
+
+
+def one(facts: Facts, name: str) -> doctor.Check:
+    return next(c for c in doctor.diagnose(facts) if c.name == name)
+
+
+def test_a_healthy_host_passes_every_check() -> None:
+    checks = doctor.diagnose(HEALTHY)
+    assert [c for c in checks if c.result != "pass"] == []
+    assert doctor.exit_status(checks) == 0
+
+
+def peers(**row: Any) -> dict[str, Any]:
+    base = AGENT["peer_health"]["peers"]["198.19.7.0/24"]
+    return agent(peer_health={"peers": {"198.19.7.0/24": {**base, **row}}})
+
+
+BROKEN = [
+    ("agent", {"agent": None, "agent_error": "no agent answers at /var/lib/weft/agent.sock"},
+     "fail", "start it (`systemctl start weft`)"),
+    ("lease", {"addresses": {"eth0": (IP("198.18.0.99"),)}}, "fail",
+     "no longer on eth0 (it has 198.18.0.99): peers send to an address this host does not "
+     "have; restart the agent"),
+    ("lease", {"leases": []}, "fail", "the store holds no lease for 198.19.5.0/24"),
+    ("lease", {"leases": [LeaseFact(NET("198.19.5.0/24"), IP("198.18.0.11"), -5.0)]}, "fail",
+     "expired"),
+    ("subnet.env", {"subnet_env": None}, "fail", "/run/weft/subnet.env is missing"),
+    ("subnet.env", {"subnet_env": ENV.replace("198.19.5.1", "198.19.9.1")}, "fail",
+     "stale: FLANNEL_SUBNET=198.19.9.1/24 is not in the lease's 198.19.5.0/24"),
+    ("subnet.env", {"subnet_env": ENV.replace("1450", "1500")}, "fail",
+     "FLANNEL_MTU=1500, the overlay's is 1450"),
+    ("store", {"store_error": "etcd at 198.18.0.1:2379 does not answer"}, "fail",
+     "check --store"),
+    ("store", {"config_error": "Backend.Type 'vxlann' is not one of"}, "fail",
+     "fix it with `weft config set FILE`"),
+    ("duplicate address", {"leases": [
+        LeaseFact(NET("198.19.5.0/24"), IP("198.18.0.11"), 3000.0),
+        LeaseFact(NET("198.19.6.0/24"), IP("198.18.0.11"), 3000.0)]}, "fail",
+     "2 leases name this host's address 198.18.0.11: 198.19.5.0/24, 198.19.6.0/24"),
+    ("peers", {"agent": peers(state="unreachable", since_s=42.0)}, "fail",
+     "1 of 1 peers unreachable: 198.19.7.0/24 (198.18.0.12) on vxlan for 42s: check that "
+     "their agent runs"),
+    ("MTU", {"agent": peers(pmtu=576)}, "fail",
+     "the overlay MTU 1450 does not fit the path to 1 peer(s): 198.19.7.0/24 (198.18.0.12) "
+     "passes 576"),
+    ("FORWARD", {"iptables_forward": "-P FORWARD DROP\n-A FORWARD -j DOCKER-USER\n"}, "fail",
+     "the FORWARD policy is DROP (Docker sets it) and weft's accepts are missing"),
+    ("FORWARD", {"iptables_forward": "-P FORWARD ACCEPT\n-A FORWARD -s 198.19.0.0/16 -j DROP\n"
+                 + FORWARD.split("\n", 1)[1]}, "fail", "a rule before weft's accepts drops"),
+    ("other rules", {"iptables_input": "-A INPUT -p udp -m udp --dport 8472 -j DROP\n"},
+     "fail", "drops UDP port 8472"),
+    ("other rules", {"nft": {"nftables": [{"chain": {
+        "family": "inet", "table": "firewalld", "name": "fwd", "hook": "forward",
+        "policy": "drop"}}]}}, "fail", "inet firewalld fwd drops forwarded packets"),
+    ("other rules", {"nft": {"nftables": [{"rule": {
+        "family": "inet", "table": "fw", "chain": "in", "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}},
+                       "right": 8472}}, {"drop": None}]}}]}}, "fail",
+     "nftables inet fw in drops UDP port 8472"),
+    ("br_netfilter", {"iptables_forward": FORWARD.replace(
+        "-A FORWARD -i weft0 -o weft0 -j ACCEPT\n", "")}, "fail",
+     "bridge-nf-call-iptables=1 sends packets between containers on weft0 through FORWARD "
+     "(policy DROP) and no rule accepts them: containers on this host cannot reach each "
+     "other; `iptables -I FORWARD -i weft0 -o weft0 -j ACCEPT`"),
+    ("rp_filter", {"sysctl": {"net/ipv4/conf/all/rp_filter": "1",
+                              "net/ipv4/conf/weft.vx1/rp_filter": "0"}}, "warn",
+     "net.ipv4.conf.weft.vx1.rp_filter=2"),
+    ("rp_filter", {"agent": agent(backend="auto"),
+                   "sysctl": {"net/ipv4/conf/weft.vx1/rp_filter": "1"}}, "fail",
+     "strict reverse-path filtering on weft.vx1"),
+    ("VXLAN offload", {"kernel": (5, 4)}, "warn",
+     "ethtool -K weft.vx1 tx-checksum-ip-generic off"),
+    ("Docker", {"docker": BridgeFact("docker0", (ipaddress.ip_interface("172.17.0.1/16"),),
+                                     1500)}, "fail",
+     "docker0 has 172.17.0.1/16, not in this host's subnet 198.19.5.0/24: containers get "
+     "addresses no peer routes to; start dockerd with `$(weft docker-opts)`"),
+    # A bridge with no container on it says nothing of dockerd's --mtu: no failure.
+    ("Docker", {"docker": BridgeFact("docker0", (ipaddress.ip_interface("198.19.5.1/24"),),
+                                     1500, ports=0)}, "pass", "no container yet"),
+    ("Docker", {"docker": BridgeFact("docker0", (ipaddress.ip_interface("198.19.5.1/24"),),
+                                     1500)}, "fail", "docker0 has MTU 1500, the overlay's"),
+]
+
+
+@pytest.mark.parametrize(("name", "change", "result", "advice"), BROKEN,
+                         ids=[f"{b[0]}-{i}" for i, b in enumerate(BROKEN)])
+def test_each_broken_fact_fails_its_check_with_advice(name: str, change: dict[str, Any],
+                                                      result: str, advice: str) -> None:
+    check = one(dataclasses.replace(HEALTHY, **change), name)
+    assert check.result == result, check
+    assert advice in check.message
+    assert "\n" not in check.message  # one line each
+    if result == "fail":
+        assert doctor.exit_status(doctor.diagnose(dataclasses.replace(HEALTHY, **change))) == 1
+
+
+def test_nothing_there_is_a_pass_not_a_failure() -> None:
+    bare = dataclasses.replace(HEALTHY, docker=None, iptables_forward=None, nft=None,
+                               iptables_input=None, sysctl={}, tx_checksum={})
+    for name in ("Docker", "FORWARD", "other rules", "br_netfilter", "VXLAN offload"):
+        assert one(bare, name).result == "pass"
+
+
+def test_the_mesh_names_the_failing_pairs_and_their_side() -> None:
+    lines = doctor.mesh("198.19.5.0/24", ["198.19.8.0/24"], {
+        "198.19.7.0/24": {"unreachable": ["198.19.5.0/24"]},
+        "198.19.8.0/24": {"unreachable": ["198.19.5.0/24"]},
+        "198.19.9.0/24": None,
+        "198.19.10.0/24": {"unreachable": ["198.19.9.0/24"]},
+        "198.19.11.0/24": {"unreachable": []},
+    })
+    assert lines == [
+        "198.19.10.0/24 -> 198.19.9.0/24: 198.19.10.0/24 cannot reach 198.19.9.0/24",
+        "198.19.7.0/24 -> 198.19.5.0/24: 198.19.7.0/24 cannot reach 198.19.5.0/24, "
+        "198.19.5.0/24 reaches it",
+        "198.19.5.0/24 <-> 198.19.8.0/24: broken both ways (each probes the other in vain)",
+        "198.19.9.0/24: no answer to 198.19.5.0/24 (its agent down, or the path between the "
+        "two broken)",
+    ]
