@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -315,6 +316,62 @@ def namespaces_left_by(before: set[str], pid: int) -> list[str]:
     return left
 
 
+# --- recoveries under traffic (the fault tables) -----------------------------------------
+
+# Far below the resync interval the fault tests run with, so a case healed in time was
+# healed by an event; far above any recovery measured (see the docs), so the machine's load
+# never decides.
+DEADLINE = 60.0
+
+
+def ping_probe(src: Any, dst: Any) -> PingProbe:
+    """`ping -i 0.05` from one testbed container to another."""
+    return PingProbe(["ip", "netns", "exec", src.netns,
+                      "ping", "-D", "-n", "-i", "0.05", "-W", "1", str(dst.ip)])
+
+
+@dataclasses.dataclass
+class Recovery:
+    case: str
+    seconds: float
+    lost: int
+
+
+Record = Callable[[str, object], None]  # pytest's record_property
+
+
+def measure(tb: Any, record: Record, case: str,
+            fault: Callable[[], object], healed: Callable[[], bool],
+            src: Any = None, dst: Any = None) -> Recovery:
+    """Run `fault` under a ping from `src` to `dst` (testbed containers on different
+    hosts); wait until `healed()` and traffic flows again; record the recovery as a figure
+    (`record` is pytest's record_property)."""
+    src = src or tb.containers[0]
+    dst = dst or tb.containers[-1]
+    assert src.host is not dst.host
+    probe = ping_probe(src, dst)
+    try:
+        # A few replies before the fault, so the first loss is counted.
+        probe.wait_replies_after(f"{case}: before the fault", 0.0, count=5, timeout=DEADLINE)
+        started = time.time()
+        fault()
+
+        def state_back() -> bool:
+            for host in tb.hosts:
+                tb._check_alive(host)
+            return healed()
+
+        wait_for(f"{case}: the state back", state_back, DEADLINE, interval=0.05)
+        healed_at = time.time()
+        # Traffic flows again, and a few replies more, so a loss at the end is counted.
+        probe.wait_replies_after(f"{case}: after the state was back", healed_at, count=10,
+                                 timeout=DEADLINE)
+    finally:
+        probe.stop()
+    lost, traffic_back = probe.outage(started)
+    result = Recovery(case, max(healed_at - started, traffic_back), lost)
+    record_figure(record, case, result.seconds, pings_lost=lost)
+    return result
 # --- the two data planes of host-gw and vxlan -------------------------------------------
 
 # Each data plane's agent arguments, by the name a test id carries: the tc BPF fast path

@@ -454,3 +454,22 @@ def test_containers_on_two_hosts_reach_each_other_over_vxlan() -> None:
         assert not tb.ping(c1.netns, old)
         tb.attach(c2)
         assert tb.ping(c1.netns, c2.ip)
+
+
+@pytest.mark.parametrize("netns", ["/etc/hostname", "/proc/self/ns/../ns-nope/net",
+                                   "relative/netns"])
+def test_del_succeeds_and_cleans_up_after_an_add_that_failed_on_a_bad_netns_path(
+        host: CniHost, netns: str) -> None:
+    """The spec asks DEL to succeed when what ADD would have made is gone: whatever the
+    ADD failed on, the runtime's DEL after it ends it (exit 0), the saved delegate config
+    goes and no address stays reserved."""
+    host.write_subnet_env("198.19.6.0/30")  # one container address: a leak would show
+    conf = json.dumps(host.conf()).encode()
+    rc, _ = host.raw("ADD", conf, "bad-netns", CNI_NETNS=netns)
+    assert rc != 0
+    rc, out = host.raw("DEL", conf, "bad-netns", CNI_NETNS=netns)
+    assert (rc, out) == (0, {})
+    assert not [p.name for p in host.data_dir.glob("*bad-netns*")]
+    c = host.container()
+    host.add(c)  # the only address is free
+    assert addresses(c) == ["198.19.6.2/30"]

@@ -16,16 +16,17 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import pytest
 
 from helpers import (
     DATA_PLANES,
-    PingProbe,
+    DEADLINE,
+    Record,
     check_data_plane,
     kernel_wireguard_missing,
+    measure,
     missing,
     record_figure,
     requires,
@@ -35,67 +36,15 @@ from helpers import (
 from helpers import network_config as config
 from weft.core.constants import CNI_BRIDGE, NFT_TABLE, UDP_DEVICE, WIREGUARD_DEVICE
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
-from weft_lab.testbed import Container, Host, Testbed, netns_exec
+from weft_lab.testbed import Host, Testbed
 
 pytestmark = pytest.mark.netns
 
-# Far below the resync interval (NO_RESYNC), so a case healed in time was healed by an
-# event; far above any recovery measured (see the docs), so the machine's load never decides.
-DEADLINE = 60.0
 NO_RESYNC = ["--resync-interval", "86400"]  # the longest allowed: a day
 VXLAN_DEVICE = "weft.vx1"
 
 
 # --- measuring ------------------------------------------------------------------------
-
-def ping_probe(src: Container, dst: Container) -> PingProbe:
-    """`ping -i 0.05` from one container to another."""
-    return PingProbe(netns_exec(src.netns, ["ping", "-D", "-n", "-i", "0.05", "-W", "1",
-                                            str(dst.ip)]))
-
-
-@dataclass
-class Recovery:
-    case: str
-    seconds: float
-    lost: int
-
-
-Record = Callable[[str, object], None]  # pytest's record_property
-
-
-def measure(tb: Testbed, record: Record, case: str,
-            fault: Callable[[], object], healed: Callable[[], bool],
-            src: Container | None = None, dst: Container | None = None) -> Recovery:
-    """Run `fault` under a ping from `src` to `dst`; wait until `healed()` and traffic
-    flows again; record the recovery as a figure (`record` is pytest's record_property)."""
-    src = src or tb.containers[0]
-    dst = dst or tb.containers[-1]
-    assert src.host is not dst.host
-    probe = ping_probe(src, dst)
-    try:
-        # A few replies before the fault, so the first loss is counted.
-        probe.wait_replies_after(f"{case}: before the fault", 0.0, count=5, timeout=DEADLINE)
-        started = time.time()
-        fault()
-
-        def state_back() -> bool:
-            for host in tb.hosts:
-                tb._check_alive(host)
-            return healed()
-
-        wait_for(f"{case}: the state back", state_back, DEADLINE, interval=0.05)
-        healed_at = time.time()
-        # Traffic flows again, and a few replies more, so a loss at the end is counted.
-        probe.wait_replies_after(f"{case}: after the state was back", healed_at, count=10,
-                                 timeout=DEADLINE)
-    finally:
-        probe.stop()
-    lost, traffic_back = probe.outage(started)
-    result = Recovery(case, max(healed_at - started, traffic_back), lost)
-    record_figure(record, case, result.seconds, pings_lost=lost)
-    return result
-
 
 # --- kernel state helpers ---------------------------------------------------------------
 

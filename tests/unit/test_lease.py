@@ -67,3 +67,49 @@ def test_events_fold_into_a_view_and_diff_into_peer_changes() -> None:
     gone = apply_events(after, [LeaseEvent(EventKind.DELETE, a.subnet, 5)])
     assert diff_peers(after, gone).removed == (renewed,)
     assert view == {a.subnet: a, b.subnet: b}  # folding never mutates its input
+
+
+# --- host identity (issue 25) -------------------------------------------------------------
+
+def test_host_id_is_an_extra_field_and_old_records_stay_valid() -> None:
+    import json as _json
+
+    from weft.core.lease import Lease as _Lease
+    from weft.core.lease import parse_lease as _parse
+
+    subnet = ipaddress.ip_network("198.19.3.0/24")
+    lease = _Lease(subnet, ipaddress.ip_address("198.18.0.3"), "vxlan", {"VNI": 1},
+                   host_id="ab" * 16)
+    record = _json.loads(lease.to_json())
+    # flannel's three fields as they were, one more beside them (Go's decoder skips it)
+    assert {k: record[k] for k in ("PublicIP", "BackendType", "BackendData")} == {
+        "PublicIP": "198.18.0.3", "BackendType": "vxlan", "BackendData": {"VNI": 1}}
+    assert record["HostID"] == "ab" * 16
+    assert _parse("subnets/198.19.3.0-24", lease.to_json()) == lease
+    old = '{"PublicIP": "198.18.0.3", "BackendType": "vxlan", "BackendData": {}}'
+    assert _parse("subnets/198.19.3.0-24", old).host_id == ""
+    assert "HostID" not in _json.loads(_parse("subnets/198.19.3.0-24", old).to_json())
+
+
+def test_host_id_decides_who_holds_a_lease_and_who_may_reclaim_it() -> None:
+    from weft.backends.registry import parse_config as _parse_config
+    from weft.core.lease import Lease as _Lease
+    from weft.core.lease import address_holder, find_reclaimable, held_by
+
+    config = _parse_config('{"Network": "198.19.0.0/16"}')
+    ip = ipaddress.ip_address("198.18.0.3")
+    mine, theirs = "a" * 32, "b" * 32
+    ours = _Lease(ipaddress.ip_network("198.19.3.0/24"), ip, "vxlan", host_id=mine,
+                  expiration=200.0)
+    other = _Lease(ipaddress.ip_network("198.19.4.0/24"), ip, "vxlan", host_id=theirs,
+                   expiration=200.0)
+    legacy = _Lease(ipaddress.ip_network("198.19.5.0/24"), ip, "vxlan", expiration=200.0)
+    moved = _Lease(ours.subnet, ipaddress.ip_address("198.18.0.42"), "vxlan", host_id=mine)
+    assert held_by(ours, moved)  # the same host at a new address
+    assert not held_by(other, ours)  # another host at the same address
+    assert held_by(legacy, ours)  # a record from before identities: by address
+    assert find_reclaimable(config, [other, legacy, ours], ip, mine) == ours
+    assert find_reclaimable(config, [other, legacy], ip, mine) == legacy
+    assert find_reclaimable(config, [other], ip, mine) is None
+    assert address_holder([ours, other, legacy], ip, mine, now=100.0) == other
+    assert address_holder([ours, other, legacy], ip, mine, now=300.0) is None  # it ended

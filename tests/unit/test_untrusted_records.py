@@ -133,7 +133,9 @@ def test_a_config_that_does_not_parse_is_a_config_error(text: str) -> None:
 def test_the_etcd_helpers_read_any_value_as_no_answer() -> None:
     deep = record(None).replace("null", nested(5000)).encode()
     assert _expiration(deep) == 0.0
-    assert not _held_by(deep, ipaddress.ip_address("198.18.0.7"))
+    holder = Lease(ipaddress.ip_network("198.19.7.0/24"), ipaddress.ip_address("198.18.0.7"),
+                   "vxlan")
+    assert not _held_by("subnets/198.19.7.0-24", deep, holder)
     assert _expiration(b'{"Expiration": 1e999}') == 0.0
 
 

@@ -315,11 +315,14 @@ class Testbed:
             self.attach(c)
         self.wait_converged(timeout)
 
-    def start_agent(self, host: Host, extra_args: Sequence[str] = ()) -> None:
+    def start_agent(self, host: Host, extra_args: Sequence[str] = (), *,
+                    pin_public_ip: bool = True) -> None:
+        """`pin_public_ip=False`: the agent takes eth0's address (and follows it)."""
         if host.agent is not None and host.agent.poll() is None:
             raise TestbedError(f"agent on {host.name} is already running")
+        pinned = ["--public-ip", str(host.underlay_ip)] if pin_public_ip else []
         argv = [sys.executable, "-m", "weft", "agent", "--store", self.store_url,
-                "--iface", "eth0", "--public-ip", str(host.underlay_ip),
+                "--iface", "eth0", *pinned,
                 "--subnet-file", str(host.subnet_env_path), "--state-dir", str(host.state_dir),
                 "--lease-ttl", str(self.lease_ttl), "--log-level", self.log_level,
                 *self.agent_args, *host.agent_args, *extra_args]

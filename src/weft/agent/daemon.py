@@ -40,11 +40,14 @@ from typing import Any
 
 from weft.agent.conntrack import OverlayConntrack
 from weft.agent.fastpath_state import FastPathState
-from weft.agent.health import Health, Notice
+from weft.agent.health import Health, Notice, Part
 from weft.agent.host_keeper import HostKeeper
+from weft.agent.identity import load_host_id
 from weft.agent.lease_keeper import LeaseKeeper, OwnLease, acquire
+from weft.agent.leasing import check_address_free
 from weft.agent.lock import StateDirLock
 from weft.agent.metrics import AgentMetrics
+from weft.agent.metrics_server import MetricsServer
 from weft.agent.peer_health import ProbePolicy
 from weft.agent.probe_keeper import ProbeKeeper
 from weft.agent.reconciler import Reconciler, ReconcileRequests
@@ -72,7 +75,7 @@ from weft.host.forward_accept import remove_forward_accept
 from weft.host.ingress import IngressFilter
 from weft.host.masquerade import ConntrackMode, remove_masquerade
 from weft.host.netlink import Netlink
-from weft.host.system import detect_host, enable_forwarding, require_root
+from weft.host.system import detect_host, enable_forwarding, require_root, underlay_address
 from weft.store import LeaseStore
 
 log = logging.getLogger("weft.agent")
@@ -139,6 +142,10 @@ class Agent:
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._status_restart = asyncio.Event()
+        self._underlay_changed = asyncio.Event()  # an address came or went on the underlay
+        self._readdress = asyncio.Event()  # this host's address moved: start again on it
+        self._metrics_server: MetricsServer | None = None
+        self._metrics_serving = False
         # A destination NAT rule appeared: decide the overlay's conntrack again now.
         self._nat_added = asyncio.Event()
         self._lock = StateDirLock(options.state_dir)
@@ -169,7 +176,13 @@ class Agent:
         except OSError as exc:
             raise UsageError(
                 f"cannot create {exc.filename or state_dir} ({exc.strerror})") from None
-        self._lock.acquire()
+        if not self._lock.held:
+            self._lock.acquire()
+        if self.opts.metrics_addr and self._metrics_server is None:
+            # Bound now, served after the first pass: an address that can't be bound is a
+            # one-line error before the lease is taken or the kernel touched.
+            self._metrics_server = MetricsServer(self.opts.metrics_addr, self.metrics.registry)
+        host_id = load_host_id(state_dir)
         config_text, config = await self._load_config()
         # pyroute2's sync API runs its own event loop, so netlink work happens off this one.
         needed = ipv6_next_hops(config)
@@ -189,13 +202,17 @@ class Agent:
                                 port=facts.encap_port,
                                 by_port=facts.members_by_port, peer_iifs=facts.peer_iifs)
         self.metrics.export_ingress(config.backend.type, ingress.counters)
+        # Another host's live lease at this address: refused before the backend touches
+        # the kernel (its device would take the address's traffic from the live owner).
+        await self.retry.call("list leases",
+                              lambda: check_address_free(self.store, host.public_ip, host_id))
         data = await asyncio.to_thread(backend.prepare)
         # A backend with devices of its own for the IPv6 overlay says so (vxlan over an
         # IPv6 underlay address); otherwise its BackendData serves both halves.
         ipv6_data = getattr(backend, "ipv6_data", None)
         data6 = ipv6_data() if callable(ipv6_data) else None
         lease, leases, revision = await acquire(self.store, config, host.public_ip, data,
-                                                self.opts.lease_ttl, self.retry,
+                                                self.opts.lease_ttl, self.retry, host_id,
                                                 public_ipv6=host.public_ipv6,
                                                 backend_v6_data=data6)
         # The view starts from the listing the lease was chosen by; the watch from its
@@ -210,7 +227,9 @@ class Agent:
                              public_ipv6=host.public_ipv6,
                              activate=backend.activate, on_taken=conntrack.replace,
                              record=store_view.record, request=self.requests,
-                             retry=self.retry, health=self.health, metrics=self.metrics)
+                             retry=self.retry, health=self.health, metrics=self.metrics,
+                             host_id=host_id, deletions=store_view.own,
+                             known_taken=lambda: store_view.live_subnets(time.time()))
         await keeper.leave_previous_subnet(self.opts.subnet_file)
         await keeper.take(lease)
         for network in config.networks:
@@ -227,7 +246,7 @@ class Agent:
             devices=(facts.tunnels, facts.bare_underlay),
             untrack=lambda: conntrack.untrack, lock=self._lock,
             status_socket=state_dir / STATUS_SOCKET, on_socket_gone=self._status_restart.set,
-            health=self.health)
+            health=self.health, host_id=host_id)
         reconciler = Reconciler(
             backend, store_view, self.requests, config=config, public_ip=host.public_ip,
             public_ipv6=host.public_ipv6,
@@ -243,29 +262,45 @@ class Agent:
                 mtu=lambda: own.mtu, peers=lambda: reconciler.view.peers,
                 backend_status=backend.status, extra_summary=self._summary,
                 on_rtt=self.metrics.probe_rtt.observe)
-        if self.opts.metrics_addr:
-            self.metrics.serve(self.opts.metrics_addr)
+        if self._metrics_server is not None and not self._metrics_serving:
+            self._metrics_server.start()
+            self._metrics_serving = True
         return Running(config_text, config, host, backend, ingress, facts,
                        store_view, keeper, conntrack, reconciler, self.probes)
 
     # --- run ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        try:
-            running = await self.start()
-        except BaseException:
-            self._lock.release()
-            raise
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+        while True:
+            try:
+                running = await self.start()
+            except BaseException:
+                self._lock.release()
+                raise
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+            if not await self._serve(running):
+                return
+            # The host's address moved (no --public-ip): start again on the new one, as a
+            # restart would (the data plane stands meanwhile), with the same identity, so
+            # the same subnet is renewed under the new address and peers follow.
+            self._readdress.clear()
+            self.ready.clear()
+
+    async def _serve(self, running: Running) -> bool:
+        """Run the services until SIGTERM (False) or the underlay address moved (True)."""
+        moved = False
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(service) for service in self._services(running)]
                 self.ready.set()
                 log.info("agent running", extra={"subnet": str(running.keeper.lease.subnet)})
-                await self._stop.wait()
-                for task in tasks:
+                stop = tg.create_task(self._stop.wait())
+                readdress = tg.create_task(self._readdress.wait())
+                await asyncio.wait([stop, readdress], return_when=asyncio.FIRST_COMPLETED)
+                moved = not self._stop.is_set()
+                for task in [*tasks, stop, readdress]:
                     task.cancel()
         except BaseExceptionGroup as group:
             # One line for the user (the CLI prints WeftError), not a traceback of a group.
@@ -274,7 +309,40 @@ class Agent:
                 raise leaf from None
             raise
         finally:
-            await self._shutdown(running)
+            await self._shutdown(running, final=not moved)
+        return moved
+
+    async def _follow_underlay(self, r: Running) -> None:
+        """An address came or went on the underlay: is this host's still there? Without
+        --public-ip the agent follows the interface (a DHCP renewal, a re-IP'd VM); a
+        pinned address that left is an error (peers cannot reach this host), cleared when
+        it is back."""
+        pinned = self.opts.public_ip is not None
+        iface, current = r.host.underlay_ifname, r.host.public_ip
+        while True:
+            await self._underlay_changed.wait()
+            self._underlay_changed.clear()
+            present, now = await asyncio.to_thread(underlay_address, iface, current)
+            if present:
+                if self.health.data_plane.pop(Part.PUBLIC_IP, None) is not None:
+                    log.info("public address back", extra={"public_ip": str(current)})
+                    self.requests("public address back")
+                continue
+            if not pinned and now is not None:
+                log.warning("underlay address changed; following it",
+                            extra={"old": str(current), "new": str(now), "iface": iface})
+                self._readdress.set()
+                return
+            message = (f"--public-ip {current} is no longer an address of {iface}: peers "
+                       "cannot reach this host; add it back, or restart the agent with the "
+                       "new address" if pinned else
+                       f"{iface} has no address left (was {current}): peers cannot reach "
+                       "this host until it gets one")
+            if self.health.data_plane.get(Part.PUBLIC_IP) != message:
+                log.error("public address gone", extra={"public_ip": str(current),
+                                                        "iface": iface, "error": message})
+                self.health.data_plane[Part.PUBLIC_IP] = message
+                self.requests("public address gone")
 
     def _services(self, r: Running) -> list[Coroutine[Any, Any, None]]:
         """Everything the run's one TaskGroup holds."""
@@ -289,14 +357,18 @@ class Agent:
             r.reconciler.run(),
             watch_store(self.store, r.store_view, request=self.requests,
                         check_lease=r.keeper.check_record, retry=self.retry,
-                        health=self.health, metrics=self.metrics),
+                        health=self.health, metrics=self.metrics,
+                        reassert=r.keeper.reassert),
             r.keeper.run(),
             self._resync(r),
             serve_status_anew(self.opts.state_dir / STATUS_SOCKET, lambda: self._status(r),
                               self._status_restart),
             restarting("kernel events", lambda: watch_kernel(
                 r.reconciler.kernel_changed, DEVICE_PREFIX,
-                tc_hooks=self.fastpath.fastpath is not None, tables=r.facts.tables)),
+                tc_hooks=self.fastpath.fastpath is not None, tables=r.facts.tables,
+                underlay=r.host.underlay_ifname,
+                underlay_changed=self._underlay_changed.set)),
+            self._follow_underlay(r),
             restarting("netfilter events", lambda: watch_netfilter(
                 host_changed, r.ingress.own_echo)),
             restarting("file events", lambda: watch_files(host_changed, directories)),
@@ -332,6 +404,7 @@ class Agent:
         lease = r.keeper.lease
         report: dict[str, Any] = {
             "public_ip": str(r.host.public_ip),
+            "host_id": r.keeper.host_id,
             "subnet": str(lease.subnet),
             **({"ipv6_subnet": str(lease.ipv6_subnet),
                 "public_ipv6": r.host.public_ipv6 and str(r.host.public_ipv6),
@@ -378,7 +451,12 @@ class Agent:
         except (WeftError, OSError, subprocess.SubprocessError) as exc:
             log.warning("could not remove weft's firewall rules", extra={"error": str(exc)})
 
-    async def _shutdown(self, r: Running) -> None:
+    async def _shutdown(self, r: Running, *, final: bool = True) -> None:
+        if not final:  # starting again on a new address: the data plane, store and lock stay
+            await asyncio.to_thread(self.fastpath.close)
+            await asyncio.to_thread(r.backend.close)
+            (self.opts.state_dir / STATUS_SOCKET).unlink(missing_ok=True)
+            return
         try:
             await asyncio.to_thread(self.fastpath.close)
             await asyncio.to_thread(r.backend.close)
@@ -398,6 +476,8 @@ class Agent:
             (self.opts.state_dir / STATUS_SOCKET).unlink(missing_ok=True)
             await self.store.close()
         finally:
+            if self._metrics_server is not None:
+                await asyncio.to_thread(self._metrics_server.close)
             self._lock.release()
 
 

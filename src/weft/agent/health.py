@@ -45,6 +45,7 @@ class Part(Enum):
     INGRESS = "ingress"
     FASTPATH = "fastpath"
     RECONCILE = "reconcile"
+    PUBLIC_IP = "public_ip"  # this host's address left its underlay interface
 
 
 class Health:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from weft.agent.health import Health
 from weft.agent.host_state import HostState, Written, converge_host_state
+from weft.agent.identity import ensure_host_id
 from weft.agent.lease_keeper import OwnLease
 from weft.agent.lock import StateDirLock
 from weft.core.config import IPNetwork
-from weft.core.errors import UsageError
+from weft.core.errors import UsageError, WeftError
 from weft.host.untrack import Untrack
 from weft.integrations.subnet_env import SubnetEnv
 
@@ -27,8 +28,9 @@ class HostKeeper:
                  state_dir: Path, ip_masq: bool, devices: tuple[tuple[str, ...], str | None],
                  untrack: Callable[[], Untrack | None], lock: StateDirLock,
                  status_socket: Path, on_socket_gone: Callable[[], None],
-                 health: Health) -> None:
+                 health: Health, host_id: str = "") -> None:
         self.own = own
+        self.host_id = host_id  # written back if the state dir goes (weft.agent.identity)
         self.network = network
         self.ipv6_network = ipv6_network  # dual stack: subnet.env's FLANNEL_IPV6_NETWORK
         self.subnet_file = subnet_file
@@ -53,6 +55,13 @@ class HostKeeper:
         """Put back what is missing; False (retried) if some part could not be."""
         host_errors = await asyncio.to_thread(converge_host_state, self._want(),
                                               self._written)
+        if self.host_id and "files" not in host_errors:
+            try:
+                if await asyncio.to_thread(ensure_host_id, self.state_dir, self.host_id):
+                    log.warning("host state repaired",
+                                extra={"part": "host_id", "action": "rewrote the host identity"})
+            except (WeftError, OSError) as exc:
+                host_errors["host_id"] = str(exc)
         try:
             if self.lock.reassert():
                 log.warning("host state repaired",

@@ -1,22 +1,26 @@
 """The host's own state the agent owns besides the backend's: converged level-based.
 
-The state directory, `subnet.env`, the masquerade table and the iptables FORWARD accepts
-are each checked and put back when missing; nothing is rewritten that is already right, so
-a pass that finds everything in place changes nothing (and so causes no new events).
+The state directory, `subnet.env`, the gateway address on the container bridge (when the
+CNI plugin made one), the masquerade table and the iptables FORWARD accepts are each
+checked and put back when missing; nothing is rewritten that is already right, so a pass
+that finds everything in place changes nothing (and so causes no new events).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from weft.core.config import IPNetwork
+from weft.core.constants import CNI_BRIDGE
 from weft.core.errors import PermissionProblem, WeftError
 from weft.host.files import private_dir, write_atomic
 from weft.host.forward_accept import ensure_forward_accept
 from weft.host.masquerade import ensure_masquerade
+from weft.host.netlink import Netlink
 from weft.host.untrack import Untrack
 from weft.integrations.subnet_env import SubnetEnv
 
@@ -83,6 +87,14 @@ def converge_host_state(want: HostState, written: Written | None = None) -> dict
         errors["files"] = str(exc)
     except OSError as exc:
         errors["files"] = f"{exc.filename}: {exc.strerror}"
+    try:
+        gateway = ipaddress.ip_interface(f"{want.env.gateway}/{want.env.subnet.prefixlen}")
+        with Netlink() as nl:
+            if nl.ensure_gateway(CNI_BRIDGE, want.network, gateway):
+                step("gateway", f"put {gateway} on {CNI_BRIDGE} (the only address of "
+                                f"{want.network} there)")
+    except (WeftError, OSError) as exc:
+        errors["gateway"] = str(exc)
     try:
         if want.ip_masq and ensure_masquerade(want.network, want.env.subnet, want.untrack):
             step("masquerade", "reinstalled the nftables table")

@@ -58,6 +58,10 @@ class StateDirLock:
             os.close(old)
         return True
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def release(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):

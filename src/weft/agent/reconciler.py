@@ -33,7 +33,7 @@ from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.constants import CNI_BRIDGE
 from weft.core.errors import WeftError
 from weft.core.events import PeerDiff, diff_peers
-from weft.core.kernel_events import EchoFilter, KernelEvent, concerns_link
+from weft.core.kernel_events import AddressRemoved, EchoFilter, KernelEvent, concerns_link
 from weft.core.lease import Lease
 from weft.core.validate import TrustContext, ValidatedView, ViewKeeper
 from weft.host.ingress import IngressFilter
@@ -121,7 +121,9 @@ class Reconciler:
             self._kernel_event(event)
 
     def _kernel_event(self, event: KernelEvent) -> None:
-        self.requests(str(event), host=concerns_link(event, CNI_BRIDGE))
+        # The container bridge itself, or its gateway address, is the host pass's.
+        bridge = concerns_link(event, CNI_BRIDGE) or event == AddressRemoved(CNI_BRIDGE)
+        self.requests(str(event), host=bridge)
 
     def _trust(self) -> TrustContext:
         own = self.lease()

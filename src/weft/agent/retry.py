@@ -49,12 +49,13 @@ class StoreRetry:
         self._count_error = count_error  # the metrics' failed store operations
 
     async def call(self, what: str, op: Callable[[], Awaitable[T]], *,
-                   refusals: Notice | None = None) -> T:
+                   refusals: Notice | None = None, cap: float | None = None) -> T:
         """Run a store operation until it succeeds; the store being down is not fatal, nor,
         for a running agent, the store refusing it: then `refusals` names the notice that
         says so (see `refused`). What the store answers (a lease gone, a network full, a
-        compacted history) is the caller's."""
-        backoff = Backoff()
+        compacted history) is the caller's. `cap` bounds the backoff (a lease that must
+        be taken back before peers act on its end)."""
+        backoff = Backoff() if cap is None else Backoff(initial=min(0.5, cap), cap=cap)
         while True:
             try:
                 result = await op()

@@ -129,10 +129,12 @@ def tc_hook_change(msg: Any, known: dict[int, str]) -> KernelEvent | None:
 
 
 async def watch_kernel(changed: KernelChanged, prefix: str, *, tc_hooks: bool = False,
-                       tables: Collection[int] = ()) -> None:
+                       tables: Collection[int] = (), underlay: str | None = None,
+                       underlay_changed: Callable[[], None] | None = None) -> None:
     """rtnetlink multicast: a device, address, route, neighbour or routing rule of weft's
     (a rule of one of the backend's `tables`) removed (and with `tc_hooks`, what the fast
-    path's hooks follow: `tc_hook_change`)."""
+    path's hooks follow: `tc_hook_change`); an address added to or removed from the
+    `underlay` device calls `underlay_changed` (the host's address may have moved)."""
     async with AsyncIPRoute() as ipr:
         await ipr.bind(groups=_GROUPS | (RTMGRP_TC if tc_hooks else 0))
         devices: dict[int, str] = {}
@@ -154,6 +156,10 @@ async def watch_kernel(changed: KernelChanged, prefix: str, *, tc_hooks: bool = 
                 event = event or kernel_removal(msg, devices, prefix, tables)
                 if event is not None:
                     changed(event)
+                if (underlay_changed is not None
+                        and msg.get("event") in ("RTM_NEWADDR", "RTM_DELADDR")
+                        and devices.get(msg["index"]) == underlay):
+                    underlay_changed()
 
 
 # A rule that rewrites destinations (kube-proxy's Service DNAT, Docker publishing a port,

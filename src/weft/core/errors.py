@@ -3,6 +3,7 @@
     WeftError                      anything weft reports to a user
     ├── ConfigError                the network config (JSON) is wrong: names field and value
     ├── UsageError                 a CLI argument or environment is wrong
+    │   └── AddressInUse           another host's live lease names this host's address
     ├── PermissionProblem          needs root / CAP_NET_ADMIN
     ├── KernelFeatureMissing       the kernel lacks a device type or feature
     ├── KernelError                netlink/nftables refused a change (translated at the edge)
@@ -10,7 +11,8 @@
     │   ├── StoreUnavailable       cannot reach the store (etcd down, file unreadable)
     │   ├── NetworkFull            no free subnet left in Network/SubnetMin..SubnetMax
     │   ├── LeaseNotFound          renewing/releasing a lease that is gone (expired)
-    │   └── WatchCompacted         a watch asked for history the store no longer keeps
+    │   ├── WatchCompacted         a watch asked for history the store no longer keeps
+    │   └── StoreRewound           the store went back in time (restored, or a new cluster)
     └── CodecError                 the UDP encapsulation codec
         ├── RemoteProtocolError    bytes from the wire are malformed (drop and count)
         └── LocalProtocolError     the caller misused the codec (a bug)
@@ -32,6 +34,10 @@ class ConfigError(WeftError):
 
 class UsageError(WeftError):
     """A command-line argument or the environment is wrong."""
+
+
+class AddressInUse(UsageError):
+    """Another host (another identity) holds a live lease naming this host's address."""
 
 
 class PermissionProblem(WeftError):
@@ -71,6 +77,11 @@ class WatchCompacted(StoreError):
         )
         self.revision = revision
         self.oldest = oldest
+
+
+class StoreRewound(StoreError):
+    """The store's revision went back (restored from a snapshot) or it is another cluster:
+    what the watch saw may be gone without a DELETE; re-list and re-assert."""
 
 
 class CodecError(WeftError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
+import re
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -25,6 +26,11 @@ from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.constants import RENEW_FRACTION, SUBNETS_DIR
 from weft.core.errors import NetworkFull
 from weft.core.untrusted_json import UntrustedJson
+
+# The lease record's field naming its holder (see `Lease.host_id`).
+HOST_ID_FIELD = "HostID"
+# A host ID as weft writes it (32 hex digits); a record's is checked against this shape.
+_HOST_ID = re.compile(r"[0-9a-f]{8,64}")
 
 
 class LeaseFormatError(ValueError):
@@ -42,6 +48,10 @@ class Lease:
     ipv6_subnet: ipaddress.IPv6Network | None = None
     public_ipv6: ipaddress.IPv6Address | None = None
     backend_v6_data: Mapping[str, Any] | None = None
+    # The holder's stable identity (weft.agent.identity), not its address: the address is a
+    # fact of the lease and may change. "" in a record written before weft carried it (or by
+    # flannel): such a record is known by its PublicIP alone.
+    host_id: str = ""
 
     def to_json(self) -> str:
         value: dict[str, Any] = {
@@ -53,6 +63,10 @@ class Lease:
             value["PublicIPv6"] = str(self.public_ipv6)
         if self.backend_v6_data is not None:
             value["BackendV6Data"] = dict(self.backend_v6_data)
+        if self.host_id:
+            # An extra field: flannel's readers (Go's encoding/json) skip fields they don't
+            # know, so a mixed store stays readable by both.
+            value[HOST_ID_FIELD] = self.host_id
         return json.dumps(value, sort_keys=True)
 
     @property
@@ -97,8 +111,9 @@ def same_peer(a: Lease, b: Lease) -> bool:
     renewal, unchecked."""
     if a is b:
         return True
-    return ((a.subnet, a.public_ip, a.backend_type, a.ipv6_subnet, a.public_ipv6)
-            == (b.subnet, b.public_ip, b.backend_type, b.ipv6_subnet, b.public_ipv6)
+    return ((a.subnet, a.public_ip, a.backend_type, a.ipv6_subnet, a.public_ipv6, a.host_id)
+            == (b.subnet, b.public_ip, b.backend_type, b.ipv6_subnet, b.public_ipv6,
+                b.host_id)
             and _same_json(dict(a.backend_data), dict(b.backend_data))
             and _same_json(a.backend_v6_data is None or dict(a.backend_v6_data),
                            b.backend_v6_data is None or dict(b.backend_v6_data)))
@@ -188,8 +203,25 @@ def parse_lease(key: str, value: str | bytes, expiration: float = 0.0) -> Lease:
             raise LeaseFormatError(f"lease {key!r}: PublicIPv6: {exc}") from None
     if v6_data is not None and not isinstance(v6_data, dict):
         raise LeaseFormatError(f"lease {key!r} has a malformed BackendV6Data")
+    host_id = data.get(HOST_ID_FIELD, "")
+    if not isinstance(host_id, str) or (host_id and not valid_host_id(host_id)):
+        raise LeaseFormatError(f"lease {key!r} has a malformed {HOST_ID_FIELD}")
     return Lease(subnet, public_ip, backend_type, backend_data, expiration,
-                 ipv6_subnet, public_ipv6, v6_data)
+                 ipv6_subnet, public_ipv6, v6_data, host_id)
+
+
+def valid_host_id(host_id: str) -> bool:
+    return _HOST_ID.fullmatch(host_id) is not None
+
+
+def held_by(record: Lease, lease: Lease) -> bool:
+    """Whether the stored `record` is `lease`'s holder's: by host identity when both carry
+    one, else (a record from before identities, or flannel's) by PublicIP. The identity
+    decides even when the address changed, and a second host that shares an address
+    never passes for the holder."""
+    if record.host_id and lease.host_id:
+        return record.host_id == lease.host_id
+    return record.public_ip == lease.public_ip
 
 
 def all_subnets(config: NetworkConfig) -> Iterator[IPNetwork]:
@@ -256,20 +288,37 @@ def choose_subnet(
 
 
 def find_reclaimable(
-    config: NetworkConfig, leases: Collection[Lease], public_ip: IPAddress
+    config: NetworkConfig, leases: Collection[Lease], public_ip: IPAddress, host_id: str = ""
 ) -> Lease | None:
-    """A restarted host takes back the lease it held before (same public IP), if that
-    subnet still belongs to the configured network: in dual stack, with an IPv6 subnet of
-    IPv6Network's range; otherwise with none (flannel's rule: a lease of the other shape
-    is left to expire, and a new one is leased)."""
+    """A restarted host takes back the lease it held before, if that subnet still belongs
+    to the configured network: the one carrying its identity (whatever address it names),
+    else a record without an identity naming its public IP (written before identities). In
+    dual stack, with an IPv6 subnet of IPv6Network's range; otherwise with none (flannel's
+    rule: a lease of the other shape is left to expire, and a new one is leased)."""
     six = config.ipv6
+    in_range = subnet_range(config)
+    probe = Lease(next(iter(all_subnets(config))), public_ip, "", host_id=host_id)
+
+    def shaped(lease: Lease) -> bool:
+        if six is None:
+            return lease.ipv6_subnet is None
+        return lease.ipv6_subnet is not None and six.index(lease.ipv6_subnet) is not None
+
+    mine = [lease for lease in leases
+            if in_range(lease.subnet) and held_by(lease, probe) and shaped(lease)]
+    # Its own identity first: an old record at the same address is the fallback only.
+    mine.sort(key=lambda lease: not (host_id and lease.host_id == host_id))
+    return mine[0] if mine else None
+
+
+def address_holder(leases: Collection[Lease], public_ip: IPAddress, host_id: str,
+                   now: float) -> Lease | None:
+    """A live lease of another host (another identity) that names `public_ip`: a second
+    host with this host's address (a copied config, cloned VMs). Records without an
+    identity can't tell and are not counted."""
     for lease in leases:
-        if lease.public_ip != public_ip or not subnet_in_range(config, lease.subnet):
-            continue
-        if six is None and lease.ipv6_subnet is None:
-            return lease
-        if six is not None and lease.ipv6_subnet is not None \
-                and six.index(lease.ipv6_subnet) is not None:
+        if (lease.public_ip == public_ip and lease.host_id and lease.host_id != host_id
+                and (lease.expiration == 0.0 or lease.expires_in(now) > 0)):
             return lease
     return None
 

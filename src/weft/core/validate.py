@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
-from weft.core.lease import Lease, same_peer, subnet_range
+from weft.core.lease import Lease, held_by, same_peer, subnet_range
 
 DataCheck = Callable[[str, Mapping[str, Any]], str | None]
 
@@ -289,7 +289,9 @@ class ViewKeeper:
         if subnet == ctx.own_subnet:
             return  # this host's own subnet: the agent's lease logic decides about it
         before = accepted.get(subnet)
-        if (before is not None and before.public_ip != lease.public_ip
+        # The same holder at a new address (its identity, weft.core.lease.held_by) has
+        # moved, not been overwritten: followed.
+        if (before is not None and not held_by(lease, before)
                 and before.expiration > ctx.now):
             self._overwrites.add(subnet)
             # The running lease stays whole, unchecked against the current context: it is

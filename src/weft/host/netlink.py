@@ -152,6 +152,27 @@ class Netlink:
                     self._ipr.addr("del", index=index, address=str(other.ip),
                                    prefixlen=other.network.prefixlen)
 
+    def ensure_gateway(self, name: str, network: IPNetwork,
+                       gateway: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> bool:
+        """The container bridge `name`, if it exists, carries `gateway` and no other address
+        inside the overlay `network` (an old subnet's gateway goes). True if it changed."""
+        link = self.link(name)
+        if link is None:
+            return False  # no container attached yet: the CNI plugin makes the bridge
+        have = self.addresses(link.index)
+        changed = False
+        if gateway not in have:
+            with self._op(f"add address {gateway} to {name}"):
+                self._ipr.addr("add", index=link.index, address=str(gateway.ip),
+                               prefixlen=gateway.network.prefixlen)
+            changed = True
+        for other in have:
+            if other != gateway and other.ip in network:
+                with self._op(f"remove stale address {other} from {name}"):
+                    self._ipr.addr("del", index=link.index, address=str(other.ip),
+                                   prefixlen=other.network.prefixlen)
+                changed = True
+        return changed
     def ensure_address(
         self, index: int, want: ipaddress.IPv4Interface | ipaddress.IPv6Interface
     ) -> None:
@@ -255,6 +276,11 @@ class Netlink:
             if (m["state"] & NUD_PERMANENT or not permanent)
             and m.get_attr("NDA_LLADDR") and m.get_attr("NDA_DST")
         }
+
+    def bridge_ports(self, index: int) -> int:
+        """How many devices are enslaved to the bridge `index`."""
+        with self._op("list links"):
+            return sum(1 for m in self._ipr.get_links() if m.get_attr("IFLA_MASTER") == index)
 
     def replace_neighbour(self, n: Neighbour) -> None:
         with self._op(f"neighbour {n.ip} -> {n.mac}"):

@@ -38,12 +38,14 @@ def detect_host(public_ip: IPAddress | None, iface: str | None, state_dir: Path,
         if link is None:
             raise UsageError(f"--iface {iface}: no such interface")
         if public_ip is None:
-            addrs = [a for a in nl.addresses(link.index) if a.version == 4] or nl.addresses(
-                link.index
-            )
-            if not addrs:
+            public_ip = _first_address(nl, link.index)
+            if public_ip is None:
                 raise UsageError(f"--iface {iface} has no address: give --public-ip")
-            public_ip = addrs[0].ip
+        elif public_ip not in {a.ip for a in nl.addresses(link.index)}:
+            # Encapsulated traffic leaves by --iface with --public-ip as its source: an
+            # address of another interface (or of no interface) reaches no peer.
+            raise UsageError(f"--public-ip {public_ip} is not an address of --iface {iface}: "
+                             "give the underlay interface that holds it, or leave one out")
         if public_ipv6 is not None and nl.ifname_with_address(public_ipv6) is None:
             raise UsageError(f"--public-ipv6 {public_ipv6}: no interface on this host has it")
         if want_ipv6 and public_ipv6 is None and public_ip.version == 4:
@@ -53,6 +55,23 @@ def detect_host(public_ip: IPAddress | None, iface: str | None, state_dir: Path,
                                 and not a.ip.is_loopback and not a.ip.is_multicast), None)
     return HostContext(public_ip=public_ip, underlay_ifname=iface, underlay_mtu=link.mtu,
                        state_dir=state_dir, public_ipv6=public_ipv6)
+
+
+def _first_address(nl: Netlink, index: int) -> IPAddress | None:
+    """The address the agent uses when none is pinned: the first IPv4 one, else any."""
+    addrs = [a for a in nl.addresses(index) if a.version == 4] or nl.addresses(index)
+    return addrs[0].ip if addrs else None
+
+
+def underlay_address(ifname: str, current: IPAddress) -> tuple[bool, IPAddress | None]:
+    """(whether `current` is still an address of `ifname`, the address the agent would
+    take now when none is pinned)."""
+    with Netlink() as nl:
+        link = nl.link(ifname)
+        if link is None:
+            return False, None
+        present = current in {a.ip for a in nl.addresses(link.index)}
+        return present, current if present else _first_address(nl, link.index)
 
 
 def require_root() -> None:

@@ -4,6 +4,7 @@
     leases:  list_leases -> (leases, revision)   a consistent snapshot
              create_lease                        create-if-absent, with a TTL
              renew_lease                         reset the TTL (and update the value)
+             restore_lease                       write a holder's record back
              delete_lease                        release
     watch:   watch(since)                        every change after `since`, in order
 
@@ -50,7 +51,14 @@ class LeaseStore(Protocol):
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
         """Store `lease`'s value again with a fresh TTL. Raises LeaseNotFound when the
-        subnet is no longer held by this lease's public IP (it expired or was taken)."""
+        subnet is no longer held by this lease's holder (`weft.core.lease.held_by`: its
+        host identity, or its public IP for a record without one): it expired or was
+        taken."""
+        ...
+
+    async def restore_lease(self, lease: Lease, ttl: float) -> Lease:
+        """Write `lease` back with a fresh TTL over whatever its subnet's record holds now:
+        for its holder, whose running lease something else wrote over."""
         ...
 
     async def delete_lease(self, subnet: IPNetwork,

@@ -36,9 +36,22 @@ from asyncinotify import Inotify, Mask
 
 from weft.core.config import IPNetwork
 from weft.core.constants import MAX_WATCH_BATCH
-from weft.core.errors import LeaseNotFound, PermissionProblem, StoreUnavailable, WatchCompacted
+from weft.core.errors import (
+    LeaseNotFound,
+    PermissionProblem,
+    StoreRewound,
+    StoreUnavailable,
+    WatchCompacted,
+)
 from weft.core.events import EventKind, LeaseEvent
-from weft.core.lease import Lease, parse_subnet_key, subnet_key
+from weft.core.lease import (
+    Lease,
+    LeaseFormatError,
+    held_by,
+    parse_lease,
+    parse_subnet_key,
+    subnet_key,
+)
 from weft.store.base import RejectedRecords, record_key
 
 _SCHEMA = """
@@ -194,8 +207,8 @@ class SqliteLeaseStore:
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
         def q(db: sqlite3.Connection) -> Lease:
             key = lease.key
-            row = db.execute("SELECT public_ip FROM leases WHERE key = ?", (key,)).fetchone()
-            if row is None or row[0] != str(lease.public_ip):
+            row = db.execute("SELECT value FROM leases WHERE key = ?", (key,)).fetchone()
+            if row is None or not _held_by(key, row[0], lease):
                 raise LeaseNotFound(
                     f"lease for {lease.subnet} ({lease.public_ip}) is gone: it expired or "
                     "another host holds the subnet now"
@@ -203,8 +216,23 @@ class SqliteLeaseStore:
             expiration = self._clock() + ttl
             value = lease.to_json()
             db.execute(
-                "UPDATE leases SET value = ?, expiration = ? WHERE key = ?",
-                (value, expiration, key),
+                "UPDATE leases SET value = ?, public_ip = ?, expiration = ? WHERE key = ?",
+                (value, str(lease.public_ip), expiration, key),
+            )
+            self._event(db, EventKind.PUT, key, value, expiration)
+            return lease.with_expiration(expiration)
+
+        return await self._run(q, write=True)
+
+    async def restore_lease(self, lease: Lease, ttl: float) -> Lease:
+        def q(db: sqlite3.Connection) -> Lease:
+            key = lease.key
+            expiration = self._clock() + ttl
+            value = lease.to_json()
+            db.execute(
+                "INSERT OR REPLACE INTO leases (key, value, public_ip, expiration) "
+                "VALUES (?, ?, ?, ?)",
+                (key, value, str(lease.public_ip), expiration),
             )
             self._event(db, EventKind.PUT, key, value, expiration)
             return lease.with_expiration(expiration)
@@ -231,6 +259,12 @@ class SqliteLeaseStore:
             compacted = int(row[0]) if row else 0
             if since < compacted:
                 raise WatchCompacted(since, compacted + 1)
+            if since > (current := self._revision(db)):
+                # The file was replaced by an older copy (a restored backup): what the
+                # watcher saw after `current` may be gone without a deletion.
+                raise StoreRewound(f"the store {self.path} is at revision {current}, behind "
+                                   f"revision {since} this watch had seen: restored from an "
+                                   "older copy?")
             rows = db.execute(
                 "SELECT rev, kind, key, value, expiration FROM events WHERE rev > ? "
                 "ORDER BY rev LIMIT ?",
@@ -331,3 +365,11 @@ def _to_event(
     if lease is None:
         return None
     return LeaseEvent(EventKind.PUT, lease.subnet, rev, lease)
+
+
+def _held_by(key: str, value: str | bytes, lease: Lease) -> bool:
+    """Whether the stored record is `lease`'s holder's (a record that doesn't parse: no)."""
+    try:
+        return held_by(parse_lease(key, value), lease)
+    except LeaseFormatError:
+        return False

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
 from weft.core.constants import CNI_BRIDGE, DEFAULT_SUBNET_FILE
@@ -97,6 +97,10 @@ class Invocation:
         return f"{self.container_id}:{self.ifname}"
 
 
+NetnsUsable = Callable[[str], bool]
+"""Whether a CNI_NETNS path is a network namespace that can be entered (I/O: injected)."""
+
+
 def handle(
     environ: Mapping[str, str],
     stdin: bytes,
@@ -104,6 +108,7 @@ def handle(
     exec_plugin: ExecPlugin,
     state: DelegateStore,
     read_subnet_env: ReadSubnetEnv,
+    netns_usable: NetnsUsable = lambda _: True,
 ) -> tuple[int, bytes]:
     """Run one CNI command. Never raises: every failure is a spec error on stdout."""
     conf: NetConf | None = None
@@ -115,7 +120,7 @@ def handle(
         if inv.command == "ADD":
             return _add(inv, conf, exec_plugin, state, read_subnet_env)
         if inv.command == "DEL":
-            return _del(inv, conf, exec_plugin, state)
+            return _del(inv, conf, exec_plugin, state, netns_usable)
         return _check(inv, conf, exec_plugin, state, read_subnet_env)
     except CniError as exc:
         # An error speaks the caller's version once that is known (parse_netconf sets it
@@ -335,11 +340,23 @@ def _saved_delegate(inv: Invocation, conf: NetConf,
 
 
 def _del(inv: Invocation, conf: NetConf, exec_plugin: ExecPlugin,
-         state: DelegateStore) -> tuple[int, bytes]:
+         state: DelegateStore, netns_usable: NetnsUsable) -> tuple[int, bytes]:
     delegate = _saved_delegate(inv, conf, state)
     if delegate is None:
         return 0, b""  # never added, or already deleted: DEL is idempotent
-    _invoke(conf, delegate, "DEL", inv, exec_plugin, with_prev_result=True)
+    try:
+        _invoke(conf, delegate, "DEL", inv, exec_plugin, with_prev_result=True)
+    except CniError:
+        netns = inv.environ.get("CNI_NETNS", "")
+        if not netns or netns_usable(netns):
+            raise
+        # The namespace is gone, or never was one (the ADD failed on it): nothing inside
+        # it is left to undo, and the delegate refuses to enter it. The spec asks DEL to
+        # succeed then: the delegate's DEL without a namespace (which the spec allows)
+        # still releases the address and the host's side.
+        environ = {k: v for k, v in inv.environ.items() if k != "CNI_NETNS"}
+        _invoke(conf, delegate, "DEL", replace(inv, environ=environ), exec_plugin,
+                with_prev_result=True)
     state.delete(conf.data_dir, inv.state_key)
     return 0, b""
 

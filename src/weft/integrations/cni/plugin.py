@@ -81,6 +81,15 @@ class FileDelegateStore:
                            str(exc)) from None
 
 
+def netns_usable(path: str) -> bool:
+    """A network namespace file (a bind mount of nsfs, as `ip netns` and runtimes make, or
+    /proc/PID/ns/net): on the same device as this process's own namespace file."""
+    try:
+        return os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev
+    except OSError:
+        return False
+
+
 def _error_output(code: int, msg: str, details: str) -> bytes:
     return json.dumps(CniError(code, msg, details, SPEC_VERSION).to_json()).encode() + b"\n"
 
@@ -94,7 +103,8 @@ def main() -> None:
     else:
         try:
             rc, out = handle(os.environ, stdin, exec_plugin=run_delegate,
-                             state=FileDelegateStore(), read_subnet_env=read_subnet_env)
+                             state=FileDelegateStore(), read_subnet_env=read_subnet_env,
+                             netns_usable=netns_usable)
         except Exception as exc:  # a bug: still answer in the spec's format, no traceback
             rc, out = 1, _error_output(ErrorCode.INTERNAL, "internal error in weft-cni",
                                        f"{type(exc).__name__}: {exc}")

@@ -77,9 +77,23 @@ from weft.core.constants import (
     MAX_WATCH_BATCH,
     SUBNETS_DIR,
 )
-from weft.core.errors import LeaseNotFound, StoreError, StoreUnavailable, UsageError, WatchCompacted
+from weft.core.errors import (
+    LeaseNotFound,
+    StoreError,
+    StoreRewound,
+    StoreUnavailable,
+    UsageError,
+    WatchCompacted,
+)
 from weft.core.events import EventKind, LeaseEvent
-from weft.core.lease import Lease, parse_subnet_key, subnet_key
+from weft.core.lease import (
+    Lease,
+    LeaseFormatError,
+    held_by,
+    parse_lease,
+    parse_subnet_key,
+    subnet_key,
+)
 from weft.store.base import RejectedRecords
 from weft.store.etcd.client import (
     DEFAULT_TIMEOUT,
@@ -132,12 +146,12 @@ def _expiration(value: bytes) -> float:
 
 
 
-def _held_by(value: bytes, public_ip: IPAddress) -> bool:
-    """Whether a stored lease record names `public_ip` (a record that doesn't parse: no)."""
+def _held_by(key: str, value: bytes, lease: Lease) -> bool:
+    """Whether a stored lease record is `lease`'s holder's (weft.core.lease.held_by; a
+    record that doesn't parse: no)."""
     try:
-        data = untrusted_json.loads(value)
-        return isinstance(data, dict) and ipaddress.ip_address(data["PublicIP"]) == public_ip
-    except (ValueError, KeyError, TypeError):
+        return len(value) <= MAX_RECORD_BYTES and held_by(parse_lease(key, value), lease)
+    except LeaseFormatError:
         return False
 
 
@@ -175,6 +189,8 @@ class EtcdLeaseStore:
         self._grants: dict[tuple[IPNetwork, IPAddress], tuple[int, int]] = {}
         self._config_key = f"{self.prefix}/{CONFIG_KEY}".encode()
         self._rejected = RejectedRecords()
+        self._cluster: int | None = None  # the etcd cluster id last seen (a restore: new)
+        self._listed: tuple[int, bytes, bytes] | None = None  # (revision, key, value)
 
     @classmethod
     def from_url(
@@ -343,6 +359,12 @@ class EtcdLeaseStore:
             ]
             self._rejected.replace(rejected)
             revision: int = result.header.revision
+            # The listing's newest record, when it is the revision itself (a watch from
+            # there must replay it: see `watch`).
+            newest = max(result.kvs, key=lambda kv: int(kv.mod_revision), default=None)
+            self._listed = ((revision, bytes(newest.key), bytes(newest.value or b""))
+                            if newest is not None and int(newest.mod_revision) == revision
+                            else None)
             return leases, revision
 
         return await self._call("list leases", op)
@@ -371,31 +393,42 @@ class EtcdLeaseStore:
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
         key = self._key(lease.subnet, lease.ipv6_subnet)
 
-        async def fast(client: Client, lease_id: int) -> Lease | None:
-            """Keep-alive + one guarded put; None when the slow path must decide."""
+        async def fast(client: Client, lease_id: int, granted: int) -> Lease | None:
+            """One guarded put, then the keep-alive; None when the slow path must decide.
+            The put first: a store that refuses our writes must not have its lease kept
+            alive by the keep-alive alone (etcd does not check it against the key's
+            permissions), or a refused host would hold its subnet with no renewal."""
             now = self._clock()
+            expiration = now + granted
+            try:
+                renewed, _ = await client.transaction(
+                    compare=[_LeaseCompare(key) == lease_id],
+                    success=[client.transactions.put(key, _record(lease, expiration),
+                                                     lease=lease_id)],
+                    failure=[],
+                )
+            except LIBRARY_ERRORS as exc:
+                if is_retryable(exc) or is_expired_token(exc):
+                    raise
+                return None  # refused: the slow path reads first (a record gone is said so)
+            if not renewed:
+                return None  # the etcd lease ran out: its key is gone (or someone else's)
             reply = await client.refresh_lease(lease_id)
             if reply is None or int(reply.TTL) <= 0:
-                return None  # the etcd lease ran out: its key is gone (or someone else's)
-            expiration = now + int(reply.TTL)
-            renewed, _ = await client.transaction(
-                compare=[_LeaseCompare(key) == lease_id],
-                success=[client.transactions.put(key, _record(lease, expiration),
-                                                 lease=lease_id)],
-                failure=[],
-            )
-            return lease.with_expiration(expiration) if renewed else None
+                return None
+            return lease.with_expiration(now + int(reply.TTL))
 
         async def op(client: Client) -> Lease:
             known = self._grants.get((lease.subnet, lease.public_ip))
             if known is not None and known[1] == _ttl_seconds(ttl):
-                renewed = await fast(client, known[0])
+                renewed = await fast(client, known[0], known[1])
                 if renewed is not None:
                     return renewed
                 self._grants.pop((lease.subnet, lease.public_ip), None)
             for _ in range(_RENEW_ATTEMPTS):
                 current = await client.get(key)
-                if current is None or not _held_by(current.value, lease.public_ip):
+                if current is None or not _held_by(self._relative(key), current.value,
+                                                   lease):
                     raise LeaseNotFound(
                         f"lease for {lease.subnet} ({lease.public_ip}) is gone: it expired or "
                         "another host holds the subnet now"
@@ -403,12 +436,16 @@ class EtcdLeaseStore:
                 now = self._clock()
                 grant = await client.lease(_ttl_seconds(ttl))
                 expiration = now + int(grant.ttl)
-                renewed, _ = await client.transaction(
-                    compare=[client.transactions.mod(key) == current.mod_revision],
-                    success=[client.transactions.put(key, _record(lease, expiration),
-                                                     lease=grant.id)],
-                    failure=[],
-                )
+                try:
+                    renewed, _ = await client.transaction(
+                        compare=[client.transactions.mod(key) == current.mod_revision],
+                        success=[client.transactions.put(key, _record(lease, expiration),
+                                                         lease=grant.id)],
+                        failure=[],
+                    )
+                except LIBRARY_ERRORS:
+                    await revoke_quietly(client, grant.id)  # a refusal: no grant left behind
+                    raise
                 if renewed:
                     if current.lease:
                         await revoke_quietly(client, current.lease)
@@ -421,6 +458,26 @@ class EtcdLeaseStore:
             )
 
         return await self._call(f"renew the lease for {lease.subnet}", op)
+
+    async def restore_lease(self, lease: Lease, ttl: float) -> Lease:
+        key = self._key(lease.subnet, lease.ipv6_subnet)
+
+        async def op(client: Client) -> Lease:
+            now = self._clock()
+            grant = await client.lease(_ttl_seconds(ttl))
+            expiration = now + int(grant.ttl)
+            previous = await client.put(key, _record(lease, expiration), lease=grant.id,
+                                        prev_kv=True)
+            old = getattr(getattr(previous, "prev_kv", None), "lease", 0)
+            if old:  # the writer's etcd lease, if it attached one, has nothing left to keep
+                await revoke_quietly(client, old)
+            known = self._grants.pop((lease.subnet, lease.public_ip), None)
+            if known is not None and known[0] != old:
+                await revoke_quietly(client, known[0])
+            self._grants[lease.subnet, lease.public_ip] = (int(grant.id), _ttl_seconds(ttl))
+            return lease.with_expiration(expiration)
+
+        return await self._call(f"restore the lease for {lease.subnet}", op)
 
     async def delete_lease(self, subnet: IPNetwork,
                            ipv6_subnet: ipaddress.IPv6Network | None = None) -> None:
@@ -437,8 +494,30 @@ class EtcdLeaseStore:
 
     # --- watch --------------------------------------------------------------------------
 
+    async def _check_position(self, client: Client, last: int) -> None:
+        """Raise StoreRewound if etcd is another cluster than the one this store last
+        spoke to, or its revision is behind `last` (restored from an older snapshot):
+        what came after the snapshot is gone without a DELETE, and a watch from `last`
+        would drop the new history's first events as already seen."""
+        header = (await client.get_prefix(self._config_key)).header
+        cluster, revision = int(header.cluster_id), int(header.revision)
+        known, self._cluster = self._cluster, cluster
+        if known is not None and cluster != known:
+            raise StoreRewound(f"etcd at {client.endpoint} is another cluster ({cluster:x}, "
+                               f"was {known:x}): a new or restored cluster")
+        if revision < last:
+            raise StoreRewound(f"etcd at {client.endpoint} is at revision {revision}, behind "
+                               f"revision {last} this watch had seen: restored from an older "
+                               "snapshot?")
+
     async def watch(self, since: int) -> AsyncGenerator[list[LeaseEvent], None]:
         last = since  # the revision of the last event received: resume after it
+        # The last event received (at `last`), its key and value: a watch from `last` must
+        # deliver it again first; another event there is a history that was rewritten (a
+        # restore, and a new host's write at the same revision, maybe on the same key).
+        last_event: tuple[bytes, bytes] | None = None
+        if self._listed is not None and self._listed[0] == since:
+            last_event = self._listed[1:]  # from a listing whose newest write is `since`
         backoff = _WATCH_BACKOFF_FIRST
         while True:
             conn = self._acquire()
@@ -446,6 +525,7 @@ class EtcdLeaseStore:
             watcher: Any = None
             try:
                 await conn.client.connect()
+                await self._check_position(conn.client, last)
                 queue: asyncio.Queue[Any] = asyncio.Queue()
                 # A stream of our own (not the client's shared one), so ending this watch
                 # or losing it touches nothing else.
@@ -464,10 +544,14 @@ class EtcdLeaseStore:
                     start_revision=max(last, 1),
                 )
                 backoff = _WATCH_BACKOFF_FIRST
+                replay = last_event  # checked against the first event of this stream
                 while True:
                     seen = dict(self._rejected.by_key)
-                    events, reached, error = await self._next_batch(conn.client, queue, last)
-                    last = max(last, reached)
+                    events, reached, error, newest = await self._next_batch(
+                        conn.client, queue, last, replay)
+                    replay = None
+                    if reached > last:
+                        last, last_event = reached, newest
                     # A batch of records that are not leases is yielded empty: the
                     # watcher reports them (see `rejected`).
                     if events or self._rejected.by_key != seen:
@@ -502,12 +586,22 @@ class EtcdLeaseStore:
             backoff = min(backoff * 2, _WATCH_BACKOFF_MAX)
 
     async def _next_batch(
-        self, client: Client, queue: asyncio.Queue[Any], after: int
-    ) -> tuple[list[LeaseEvent], int, BaseException | None]:
+        self, client: Client, queue: asyncio.Queue[Any], after: int,
+        replay: tuple[bytes, bytes] | None,
+    ) -> tuple[list[LeaseEvent], int, BaseException | None, tuple[bytes, bytes] | None]:
         """Everything the stream delivered so far (waiting for at least one item) past
         revision `after`: the events, the highest revision among them (records that don't
-        parse included), and the error that ended the stream, if one came after them."""
+        parse included), the error that ended the stream, if one came after them, and the
+        last event's key and value. `replay`: the key and value the stream's first event
+        must have (it is at `after`; StoreRewound otherwise)."""
         items = [await queue.get()]
+        first = items[0]
+        if (replay is not None and not isinstance(first, BaseException) and first is not None
+                and (int(first.kv.mod_revision) > after
+                     or (bytes(first.kv.key), bytes(first.kv.value or b"")) != replay)):
+            raise StoreRewound(f"etcd at {client.endpoint} no longer holds the event at "
+                               f"revision {after} this watch had seen: its history was "
+                               "rewritten (restored from an older snapshot?)")
         while not queue.empty() and len(items) < MAX_WATCH_BATCH:  # the rest: next batch
             items.append(queue.get_nowait())
         raw: list[Any] = []
@@ -523,7 +617,8 @@ class EtcdLeaseStore:
                 raw.append(item)
         events = [event for ev in raw if (event := self._to_event(ev)) is not None]
         reached = max((int(ev.kv.mod_revision) for ev in raw), default=0)
-        return events, reached, error
+        newest = (bytes(raw[-1].kv.key), bytes(raw[-1].kv.value or b"")) if raw else None
+        return events, reached, error, newest
 
     def _to_event(self, ev: Any) -> LeaseEvent | None:
         key = self._relative(ev.kv.key)
