@@ -31,8 +31,9 @@ PACKETS = textwrap.dedent("""
 
 LISTENER = textwrap.dedent("""
     import socket, sys
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", 7777)); s.settimeout(float(sys.argv[1]))
+    six = len(sys.argv) > 2 and sys.argv[2] == "6"
+    s = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("::" if six else "0.0.0.0", 7777)); s.settimeout(float(sys.argv[1]))
     print("ready", flush=True)
     try:
         while True:
@@ -42,10 +43,11 @@ LISTENER = textwrap.dedent("""
 """)
 
 
-def heard_during(dst: Any, send: Callable[[], object]) -> list[str]:
-    """What the container `dst` hears on port 7777 while `send()` runs."""
+def heard_during(dst: Any, send: Callable[[], object], family: int = 4) -> list[str]:
+    """What the container `dst` hears on port 7777 (IPv4, or IPv6 with `family=6`) while
+    `send()` runs."""
     listener = subprocess.Popen(["ip", "netns", "exec", dst.netns, "/usr/bin/python3", "-c",
-                                 LISTENER, "2"], stdout=subprocess.PIPE, text=True)
+                                 LISTENER, "2", str(family)], stdout=subprocess.PIPE, text=True)
     try:
         assert listener.stdout is not None
         assert listener.stdout.readline().strip() == "ready"

@@ -7,7 +7,6 @@ inside the test's namespaces."""
 from __future__ import annotations
 
 import json
-import subprocess
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from forged import PACKETS
+from forged import PACKETS, heard_during
 from helpers import sqlite_delete, sqlite_put, wait_for
 from weft_lab.testbed import Container, Host, Testbed
 
@@ -101,31 +100,6 @@ FORGER6 = PACKETS + textwrap.dedent("""
     print("sent", count, flush=True)
 """)
 
-LISTENER6 = textwrap.dedent("""
-    import socket, sys
-    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    s.bind(("::", 7777)); s.settimeout(float(sys.argv[1]))
-    print("ready", flush=True)
-    try:
-        while True:
-            print(s.recv(2048).decode(errors="replace"), flush=True)
-    except TimeoutError:
-        pass
-""")
-
-
-def heard6_during(dst: Container, send: Callable[[], None]) -> list[str]:
-    listener = subprocess.Popen(["ip", "netns", "exec", dst.netns, "/usr/bin/python3", "-c",
-                                 LISTENER6, "2"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert listener.stdout is not None
-        assert listener.stdout.readline().strip() == "ready"
-        send()
-        out, _ = listener.communicate(timeout=30)
-    finally:
-        listener.kill()
-        listener.wait()
-    return out.split()
 
 
 def dropped(tb: Testbed, host: Host) -> dict[str, int]:
@@ -148,7 +122,7 @@ def test_a_forged_ipv6_in_vxlan_frame_from_a_non_member_is_dropped_and_counted(
                                 str(FORGERIES), str(c1.ip6), str(c2.ip6), "outsider", mac])
         assert "sent" in out.stdout
 
-    assert heard6_during(c2, forge) == []
+    assert heard_during(c2, forge, family=6) == []
     assert dropped(tb, h2)["non_member"] - before == FORGERIES
     # Control: with the filter gone (the agent paused, or it would put it back at once) the
     # very same frames reach the container, so the drop above is the filter's doing.
@@ -156,7 +130,7 @@ def test_a_forged_ipv6_in_vxlan_frame_from_a_non_member_is_dropped_and_counted(
     h2.agent.send_signal(19)  # SIGSTOP
     try:
         tb.run(h2.netns, ["nft", "delete", "table", "inet", "weft-ingress"])
-        heard = heard6_during(c2, forge)
+        heard = heard_during(c2, forge, family=6)
     finally:
         h2.agent.send_signal(18)  # SIGCONT
     assert heard.count("forged-outsider") > 0, heard

@@ -7,18 +7,16 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from forged import LISTENER, PACKETS
+from forged import PACKETS, heard_during
 from helpers import DATA_PLANES, check_data_plane
 from weft.host.fastpath import object_path
-from weft_lab.testbed import Container, Host, Testbed
+from weft_lab.testbed import Host, Testbed
 
 pytestmark = pytest.mark.netns
 
@@ -230,19 +228,6 @@ def link_mac(tb: Testbed, netns: str, dev: str) -> str:
     return str(json.loads(tb.run(netns, ["ip", "-j", "link", "show", dev]).stdout)[0]["address"])
 
 
-def heard_during(dst: Container, send: Callable[[], None]) -> list[str]:
-    """What the container `dst` hears on port 7777 while `send()` runs."""
-    listener = subprocess.Popen(["ip", "netns", "exec", dst.netns, "/usr/bin/python3", "-c",
-                                 LISTENER, "2"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert listener.stdout is not None
-        assert listener.stdout.readline().strip() == "ready"
-        send()
-        out, _ = listener.communicate(timeout=30)
-    finally:
-        listener.kill()
-        listener.wait()
-    return out.split()
 
 
 @pytest.mark.parametrize(("backend", "plane"), [
