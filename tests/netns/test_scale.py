@@ -135,11 +135,20 @@ def test_an_agent_among_300_fake_leases() -> None:
         tb.run(host.netns, ["iptables", "-w", "5", "-D", *rule])
         wait_for("the hand-deleted FORWARD rule seen", lambda: nft_wakeups() > woken)
 
-        # An element deleted by hand is still noticed and put back.
-        woken = nft_wakeups()
+        # An element deleted by hand is still noticed (not taken for an echo of weft's own)
+        # and put back. A wake-up is logged only when no pass is pending, and the pass the
+        # hand-deleted rule asked for may not have started yet: then that pass puts the
+        # member back and the deletion's wake-up is folded into it, so the deletion is
+        # repeated until one meets an idle worker.
         kept = fake(5)
-        tb.run(host.netns, ["nft", "delete", "element", "inet", "weft-ingress", "members",
-                            f"{{ {kept.public_ip} }}"])
-        wait_for("the hand-deleted member back", lambda: f"{kept.public_ip}," in
-                 members().replace(" }", ","))
-        assert nft_wakeups() > woken
+        noticed = []
+        for _ in range(3):
+            woken = nft_wakeups()
+            tb.run(host.netns, ["nft", "delete", "element", "inet", "weft-ingress", "members",
+                                f"{{ {kept.public_ip} }}"])
+            wait_for("the hand-deleted member back", lambda: f"{kept.public_ip}," in
+                     members().replace(" }", ","))
+            noticed.append(nft_wakeups() > woken)
+            if noticed[-1]:
+                break
+        assert any(noticed), "a hand-deleted member woke no pass (taken for weft's own echo)"
