@@ -275,6 +275,15 @@ WG6 = "weft.wg0v6"  # wireguard's device on the IPv6 underlay
 WIREGUARD_GO = dual_config("wireguard", Implementation="wireguard-go")
 
 
+# Datagrams from a machine without a lease to a host's IPv6 WireGuard port.
+SEND6 = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+for _ in range(int(sys.argv[2])):
+    s.sendto(b"not-wireguard", (sys.argv[1], 51821))
+"""
+
+
 def udp_counter(tb: Testbed, host: Host, match: str) -> Callable[[], int]:
     """Packets arriving at `host` that `match` (an nft expression), counted by a table of
     the test's own in its namespace: what crosses the underlay, independent of weft."""
@@ -332,6 +341,13 @@ def test_wireguard_carries_ipv6_over_the_ipv6_underlay_where_both_ends_have_one(
         assert "FLANNEL_MTU=1420\n" in first.subnet_env_path.read_text()
         assert "FLANNEL_MTU=1440\n" in third.subnet_env_path.read_text()
         assert tb.host_status(second)["ingress"]["dropped"].get("non_member", 0) == 0
+        # The IPv6 device's port takes members only: a machine without a lease sending to
+        # it over the IPv6 underlay is dropped and counted.
+        intruder = tb.add_underlay_node("intr6", "198.18.0.98")
+        tb.run(intruder, ["ip", "addr", "add", "2001:db8:ff::98/64", "dev", "eth0", "nodad"])
+        tb.run(intruder, ["/usr/bin/python3", "-c", SEND6, str(second.underlay_ip6), "3"])
+        wait_for("3 non-member packets counted", lambda: tb.host_status(second)["ingress"][
+            "dropped"].get("non_member", 0) == 3, 10)
         # The IPv6 device is weft's too: deleted (its wireguard-go exits), it comes back,
         # served, with its peer, and carries the IPv6 overlay again.
         pid = six["wireguard_go_pid"]
