@@ -351,10 +351,19 @@ def test_wireguard_carries_ipv6_over_the_ipv6_underlay_where_both_ends_have_one(
         # The IPv6 device is weft's too: deleted (its wireguard-go exits), it comes back,
         # served, with its peer, and carries the IPv6 overlay again.
         pid = six["wireguard_go_pid"]
+        pid4 = tb.host_status(first)["backend_status"]["wireguard_go_pid"]
         tb.run(first.netns, ["ip", "link", "del", WG6])
         wait_for(f"{WG6} to come back with its peer", lambda: tb.run(
             first.netns, ["ip", "-br", "link"]).stdout.count(WG6) == 1 and len(
             device6.read().peers) == 1, 30, ignore=(WeftError,))
         assert reaches(tb, a.netns, b.ip6)
-        assert tb.host_status(first)["backend_status"]["ipv6_underlay"][
-            "wireguard_go_pid"] not in (None, pid)
+        revived = tb.host_status(first)["backend_status"]["ipv6_underlay"]["wireguard_go_pid"]
+        assert revived not in (None, pid)
+        # An agent restart adopts both devices' wireguard-go as they run.
+        tb.stop_agent(first)
+        tb.start_agent(first)
+        tb.wait_converged(30)
+        again = tb.host_status(first)["backend_status"]
+        assert again["ipv6_underlay"]["wireguard_go_pid"] == revived
+        assert again["wireguard_go_pid"] == pid4
+        assert reaches(tb, a.netns, b.ip6)

@@ -207,8 +207,11 @@ class WireguardBackend:
         """Which underlay each peer's IPv6 subnet travels: the IPv6 device's facts, and
         the peers whose IPv6 subnet rides the IPv4 device, with why."""
         if self.tunnel6 is None:
-            return {"device": None, "why": "this host has no IPv6 underlay address beside "
-                    "an IPv4 PublicIP: every peer's IPv6 subnet rides " + self.ifname}
+            why = (f"the PublicIP is IPv6: {self.ifname} carries both families over the IPv6 "
+                   "underlay" if self.host.public_ip.version == 6 else
+                   "this host has no IPv6 underlay address beside its IPv4 PublicIP: every "
+                   f"peer's IPv6 subnet rides {self.ifname} over IPv4")
+            return {"device": None, "why": why}
         six: dict[str, Any] = {"device": self.tunnel6.ifname, "listen_port": self.tunnel6.port,
                                "peer_count": self._peer_count6,
                                "over_ipv4": {str(subnet): why for subnet, why
