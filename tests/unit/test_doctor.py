@@ -149,19 +149,71 @@ def test_nothing_there_is_a_pass_not_a_failure() -> None:
         assert one(bare, name).result == "pass"
 
 
-def test_the_mesh_names_the_failing_pairs_and_their_side() -> None:
-    lines = doctor.mesh("198.19.5.0/24", ["198.19.8.0/24"], {
-        "198.19.7.0/24": {"unreachable": ["198.19.5.0/24"]},
-        "198.19.8.0/24": {"unreachable": ["198.19.5.0/24"]},
-        "198.19.9.0/24": None,
-        "198.19.10.0/24": {"unreachable": ["198.19.9.0/24"]},
-        "198.19.11.0/24": {"unreachable": []},
-    })
-    assert lines == [
-        "198.19.10.0/24 -> 198.19.9.0/24: 198.19.10.0/24 cannot reach 198.19.9.0/24",
-        "198.19.7.0/24 -> 198.19.5.0/24: 198.19.7.0/24 cannot reach 198.19.5.0/24, "
-        "198.19.5.0/24 reaches it",
-        "198.19.5.0/24 <-> 198.19.8.0/24: broken both ways (each probes the other in vain)",
-        "198.19.9.0/24: no answer to 198.19.5.0/24 (its agent down, or the path between the "
-        "two broken)",
-    ]
+A, B, C = "198.19.1.0/24", "198.19.2.0/24", "198.19.3.0/24"
+NAMES = {A: "198.18.0.11", B: "198.18.0.12", C: "198.18.0.13"}
+View = doctor.View
+ALL_WELL = View(frozenset())
+
+
+def pairs(own: str, views: dict[str, doctor.View | None]) -> list[tuple[str, str, str, str]]:
+    return [(f.source, f.target, f.broken, f.other_way)
+            for f in doctor.mesh(own, views, NAMES)]
+
+
+def test_the_mesh_names_the_way_that_fails_seen_from_a_third_host() -> None:
+    """B's packets are dropped on their way to C (C's firewall): B cannot reach C but
+    hears C's probes; C hears nothing from B. Seen from A, which reaches both."""
+    views: dict[str, doctor.View | None] = {
+        A: ALL_WELL,
+        B: View(frozenset({C}), hears=frozenset({C})),
+        C: View(frozenset({B})),
+    }
+    failures = doctor.mesh(A, views, NAMES)
+    assert [(f.source, f.target, f.broken, f.other_way) for f in failures] == \
+        [(B, C, "one way", "works")]
+    assert failures[0].message.startswith(
+        f"{B} -> {C}: packets from {B} (198.18.0.12) do not arrive at {C} (198.18.0.13); "
+        "the other way works: look for what drops 198.18.0.12's packets on 198.18.0.13")
+    assert failures[0].as_json()["from"] == B
+
+
+def test_the_mesh_names_the_way_that_fails_from_either_side_of_the_pair() -> None:
+    # From B: C's answer to B's request is lost with B's request (it never arrives), but
+    # B hears C, so the way from B to C is the broken one.
+    assert pairs(B, {A: ALL_WELL, B: View(frozenset({C}), hears=frozenset({C})),
+                     C: None}) == [(B, C, "one way", "works")]
+    # From C: B did not answer, C hears nothing from B, yet A reaches B: B's agent runs, so
+    # the way from B to C is broken; the other way is not known from here.
+    failures = doctor.mesh(C, {A: ALL_WELL, B: None, C: View(frozenset({B}))}, NAMES)
+    assert [(f.source, f.target, f.broken, f.other_way) for f in failures] == \
+        [(B, C, "one way", "unknown")]
+    assert f"{B}'s agent runs ({A} reaches it), the other way is unknown" in \
+        failures[0].message
+
+
+def test_the_mesh_tells_both_ways_an_mtu_and_a_stopped_agent_apart() -> None:
+    # Neither hears the other, both run: broken both ways.
+    assert pairs(A, {A: ALL_WELL, B: View(frozenset({C})), C: View(frozenset({B}))}) == \
+        [(B, C, "both ways", "broken")]
+    # Each hears the other (the small probes pass), yet neither reaches the other.
+    assert pairs(A, {A: ALL_WELL, B: View(frozenset({C}), frozenset({C})),
+                     C: View(frozenset({B}), frozenset({B}))}) == [(B, C, "partly", "works")]
+    # C's agent stopped: no answer, nobody reaches or hears it: one line, for C.
+    failures = doctor.mesh(A, {A: View(frozenset({C})), B: View(frozenset({C})), C: None},
+                           NAMES)
+    assert [(f.source, f.target, f.broken) for f in failures] == [(A, C, "no answer")]
+    assert failures[0].message == (f"{C}: no answer to {A} (its agent down, or the path "
+                                   "between the two broken)")
+    # All well: nothing.
+    assert pairs(A, {A: ALL_WELL, B: ALL_WELL, C: ALL_WELL}) == []
+
+
+def test_a_view_cut_short_or_with_unprobed_peers_proves_nothing_reachable() -> None:
+    summary = {"counts": {"unknown": 1}, "unreachable": [C], "hears": [C]}
+    assert doctor.view_of_summary(summary) == View(frozenset({C}), frozenset({C}), False)
+    rows = {B: {"state": "unreachable", "hears": True}, C: {"state": "reachable"}}
+    assert doctor.view_of_rows(rows) == View(frozenset({B}), frozenset({B}), True)
+    # B answered with a list cut short: it proves nothing about C, which did not answer.
+    cut = View(frozenset(), complete=False)
+    assert pairs(A, {A: View(frozenset({C})), B: cut, C: None}) == \
+        [(A, C, "no answer", "unknown")]
