@@ -163,10 +163,79 @@ def test_doctor_on_vxlan_finds_each_fault_and_passes_once_mended(tmp_path: Path)
         other = wait_check(tb, b, "other rules", "fail")
         assert "drops UDP port 8472" in other["message"]
         wait_check(tb, b, "peers", "fail")
-        _, mesh = doctor(tb, a, "--cluster")
-        assert mesh["cluster"]["failing"]  # a cannot reach b, nor b a
+        # a's packets die on b, b's reach a: the way from a to b is named, from either side.
+        wait_pairs(tb, a, [(a_subnet, subnet_of(tb, b), "one way", "works")])
         iptables(tb, b, "-D", "INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP")
         wait_all_pass(tb, b)
+
+
+def cluster(tb: Testbed, host: Host) -> tuple[int, dict[str, Any]]:
+    rc, report = doctor(tb, host, "--cluster")
+    mesh: dict[str, Any] = report["cluster"]
+    assert (rc == 0) == (report["ok"] and not mesh["failing"])
+    return rc, mesh
+
+
+def wait_pairs(tb: Testbed, host: Host, want: list[tuple[str, str, str, str]],
+               timeout: float = 60.0) -> dict[str, Any]:
+    """Ask `weft doctor --cluster --json` on `host` until its failing pairs are `want`
+    ((from, to, broken, other way)); the last answer when the wait runs out."""
+    last: list[dict[str, Any]] = [{}]
+
+    def found() -> dict[str, Any]:
+        _, mesh = cluster(tb, host)
+        last[0] = mesh
+        got = [(p["from"], p["to"], p["broken"], p["other_way"]) for p in mesh["pairs"]]
+        return mesh if got == want else {}
+
+    return wait_for(f"the pairs {want} from {host.name}", found, timeout, interval=0.5,
+                    seen=lambda: last[0])
+
+
+def test_doctor_cluster_names_a_pair_broken_one_way_and_its_side() -> None:
+    """Three hosts; c's firewall drops what b sends it (an nftables rule in c's namespace,
+    b's address only), so b's packets never arrive at c while c's arrive at b. Asked from
+    the third host, from b and from c, `weft doctor --cluster` names the pair and the way
+    that fails, and every pair passes once the rule is gone."""
+    with Testbed(hosts=3, containers_per_host=0, config=config("vxlan")) as tb:
+        tb.start()
+        a, b, c = tb.hosts
+        sa, sb, sc = (subnet_of(tb, h) for h in (a, b, c))
+        for host in (a, b, c):
+            wait_pairs(tb, host, [])
+        rule = ["nft", "add", "rule", "inet", "blocked", "input", "ip", "saddr",
+                str(b.underlay_ip), "udp", "dport", "8472", "drop"]
+        tb.run(c.netns, ["nft", "add", "table", "inet", "blocked"])
+        tb.run(c.netns, ["nft", "add", "chain", "inet", "blocked", "input",
+                         "{ type filter hook input priority 0; }"])
+        tb.run(c.netns, rule)
+
+        # From a, which reaches both: b -> c fails, c -> b works.
+        mesh = wait_pairs(tb, a, [(sb, sc, "one way", "works")])
+        assert mesh["answered"] == 2
+        line = mesh["failing"][0]
+        assert line.startswith(f"{sb} -> {sc}: packets from {sb} ({b.underlay_ip}) do not "
+                               f"arrive at {sc} ({c.underlay_ip}); the other way works")
+        assert f"look for what drops {b.underlay_ip}'s packets on {c.underlay_ip}" in line
+        # The text names it too, and doctor exits 1.
+        text = tb.weft("doctor", "--cluster", "--store", tb.store_url, "--state-dir",
+                       str(a.state_dir), "--subnet-file", str(a.subnet_env_path),
+                       netns=a.netns, check=False)
+        assert text.returncode == 1
+        assert f"fail {sb} -> {sc}: packets from {sb}" in " ".join(text.stdout.split())
+        # From b, whose packets are lost: c does not answer it, yet b hears c.
+        wait_pairs(tb, b, [(sb, sc, "one way", "works")])
+        # From c, which hears nothing from b while a reaches b: b's way to c is broken;
+        # whether c's packets reach b is not known from c alone.
+        mesh = wait_pairs(tb, c, [(sb, sc, "one way", "unknown")])
+        assert f"{sb}'s agent runs ({sa} reaches it)" in mesh["failing"][0]
+
+        tb.run(c.netns, ["nft", "delete", "table", "inet", "blocked"])
+        for host in (a, b, c):
+            mesh = wait_pairs(tb, host, [])
+            assert mesh["answered"] == 2
+        rc, _ = cluster(tb, a)
+        assert rc == 0
 
 
 def test_doctor_finds_a_path_mtu_below_the_overlay_mtu() -> None:

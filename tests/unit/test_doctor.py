@@ -211,7 +211,8 @@ def test_the_mesh_tells_both_ways_an_mtu_and_a_stopped_agent_apart() -> None:
 def test_a_view_cut_short_or_with_unprobed_peers_proves_nothing_reachable() -> None:
     summary = {"counts": {"unknown": 1}, "unreachable": [C], "hears": [C]}
     assert doctor.view_of_summary(summary) == View(frozenset({C}), frozenset({C}), False)
-    rows = {B: {"state": "unreachable", "hears": True}, C: {"state": "reachable"}}
+    rows: dict[str, dict[str, Any]] = {B: {"state": "unreachable", "hears": True},
+                                       C: {"state": "reachable"}}
     assert doctor.view_of_rows(rows) == View(frozenset({B}), frozenset({B}), True)
     # B answered with a list cut short: it proves nothing about C, which did not answer.
     cut = View(frozenset(), complete=False)
