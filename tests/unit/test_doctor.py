@@ -27,7 +27,9 @@ ENV = ("FLANNEL_NETWORK=198.19.0.0/16\nFLANNEL_SUBNET=198.19.5.1/24\nFLANNEL_MTU
        "FLANNEL_IPMASQ=true\n")
 FORWARD = ("-P FORWARD DROP\n-A FORWARD -i weft.vx1 -d 198.19.0.0/16 -m comment --comment "
            '"weft: overlay traffic" -j ACCEPT\n-A FORWARD -j DOCKER-USER\n'
-           "-A FORWARD -i weft0 -o weft0 -j ACCEPT\n")
+           "-A FORWARD -s 198.19.0.0/16 -d 198.19.0.0/16 -i weft0 -o weft0 -m comment "
+           '--comment "weft: overlay traffic" -j ACCEPT\n')
+WEFT0_ACCEPT = FORWARD.splitlines(keepends=True)[-1]
 HEALTHY = Facts(
     agent=AGENT,
     leases=[LeaseFact(NET("198.19.5.0/24"), IP("198.18.0.11"), 3000.0),
@@ -105,11 +107,21 @@ BROKEN = [
             {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}},
                        "right": 8472}}, {"drop": None}]}}]}}, "fail",
      "nftables inet fw in drops UDP port 8472"),
-    ("br_netfilter", {"iptables_forward": FORWARD.replace(
-        "-A FORWARD -i weft0 -o weft0 -j ACCEPT\n", "")}, "fail",
+    ("br_netfilter", {"iptables_forward": FORWARD.replace(WEFT0_ACCEPT, "")}, "fail",
      "bridge-nf-call-iptables=1 sends packets between containers on weft0 through FORWARD "
      "(policy DROP) and no rule accepts them: containers on this host cannot reach each "
-     "other; `iptables -I FORWARD -i weft0 -o weft0 -j ACCEPT`"),
+     "other; the agent adds its accept for weft0 on its next pass"),
+    # An accept narrower than the bridge's whole traffic does not count.
+    ("br_netfilter", {"iptables_forward": FORWARD.replace(
+        WEFT0_ACCEPT, "-A FORWARD -i weft0 -o weft0 -p tcp -j ACCEPT\n")}, "fail",
+     "no rule accepts them"),
+    # The operator's own accept (the advice of earlier releases) is as good as weft's.
+    ("br_netfilter", {"iptables_forward": FORWARD.replace(
+        WEFT0_ACCEPT, "-A FORWARD -i weft0 -o weft0 -j ACCEPT\n")}, "pass",
+     "every container bridge's own traffic is accepted"),
+    ("br_netfilter", {"bridges": [BridgeFact("docker0", (), 1450, ports=2)]}, "fail",
+     "`iptables -I FORWARD -i docker0 -o docker0 -j ACCEPT` (dockerd adds it unless started "
+     "with --icc=false)"),
     ("rp_filter", {"sysctl": {"net/ipv4/conf/all/rp_filter": "1",
                               "net/ipv4/conf/weft.vx1/rp_filter": "0"}}, "warn",
      "net.ipv4.conf.weft.vx1.rp_filter=2"),
@@ -187,8 +199,12 @@ def test_the_mesh_names_the_way_that_fails_from_either_side_of_the_pair() -> Non
     failures = doctor.mesh(C, {A: ALL_WELL, B: None, C: View(frozenset({B}))}, NAMES)
     assert [(f.source, f.target, f.broken, f.other_way) for f in failures] == \
         [(B, C, "one way", "unknown")]
-    assert f"{B}'s agent runs ({A} reaches it), the other way is unknown" in \
+    assert f"{B}'s agent runs ({A} hears or reaches it), the other way is unknown" in \
         failures[0].message
+    # Two hosts, B's ingress port blocked: A's request dies on B, B does not answer, but
+    # B's probes arrive at A: B runs, and the way from A to B is named, once.
+    assert pairs(A, {A: View(frozenset({B}), hears=frozenset({B})), B: None}) == \
+        [(A, B, "one way", "works")]
 
 
 def test_the_mesh_tells_both_ways_an_mtu_and_a_stopped_agent_apart() -> None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from weft.core.config import IPAddress, IPNetwork
+from weft.core.constants import CNI_BRIDGE
 
 Result = Literal["pass", "warn", "fail"]
 COMMENT = "weft: overlay traffic"  # weft.host.forward_accept's rule comment
@@ -313,21 +315,31 @@ def check_other_rules(f: Facts) -> Check:
 
 def _bridge_accepted(listing: str, bridge: str) -> bool:
     """Whether FORWARD accepts packets from `bridge` back out of it (Docker adds such a rule
-    for docker0), or accepts everything unconditionally."""
+    for docker0, the agent one for weft0, scoped to the overlay), or accepts everything
+    unconditionally."""
     for line in listing.splitlines():
-        words = line.split()
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            continue
         if words[:2] != ["-A", "FORWARD"] or words[-2:] != ["-j", "ACCEPT"]:
             continue
         rest = words[2:-2]
-        if not rest or sorted(rest) == sorted(["-i", bridge, "-o", bridge]):
+        if not rest:
+            return True
+        options = dict(zip(rest[::2], rest[1::2], strict=False))
+        if len(rest) % 2 == 0 and options.get("-i") == bridge \
+                and options.get("-o") == bridge and options.get("-m", "comment") == "comment" \
+                and set(options) <= {"-i", "-o", "-s", "-d", "-m", "--comment"}:
             return True
     return False
 
 
 def check_br_netfilter(f: Facts) -> Check:
     """With br_netfilter, packets between two containers on one bridge cross iptables
-    FORWARD (as `-i B -o B`): under Docker's DROP policy nothing of weft's accepts them
-    (its accepts are for the tunnel devices), so containers on one host lose each other."""
+    FORWARD (as `-i B -o B`): under Docker's DROP policy they need an accept (the agent
+    adds one for weft0 while br_netfilter is loaded; Docker one for docker0), or
+    containers on one host lose each other."""
     value = f.sysctl.get("net/bridge/bridge-nf-call-iptables")
     if value is None:
         return _ok("br_netfilter", "not loaded: packets between containers on one bridge "
@@ -339,10 +351,14 @@ def check_br_netfilter(f: Facts) -> Check:
                                                                                    b.name)]
         if blocked:
             b = blocked[0]
+            what = (f"the agent adds its accept for {b} on its next pass: if it stays "
+                    "missing, read host_errors in `weft status`" if b == CNI_BRIDGE else
+                    f"`iptables -I FORWARD -i {b} -o {b} -j ACCEPT` (dockerd adds it unless "
+                    "started with --icc=false)")
             return Check("br_netfilter", "fail", (
                 f"bridge-nf-call-iptables=1 sends packets between containers on {b} through "
                 f"FORWARD (policy {policy}) and no rule accepts them: containers on this "
-                f"host cannot reach each other; `iptables -I FORWARD -i {b} -o {b} -j ACCEPT`"
+                f"host cannot reach each other; {what}"
                 " (or `sysctl -w net.bridge.bridge-nf-call-iptables=0` if nothing needs it)"))
     return _ok("br_netfilter", f"bridge-nf-call-iptables={value}; "
                + ("FORWARD accepts bridged packets" if policy == "ACCEPT" else
@@ -501,11 +517,13 @@ def mesh(own: str, views: Mapping[str, View | None],
         return f"{host} ({names[host]})" if host in names else host
 
     def witness(host: str) -> str | None:
-        """Who shows that `host`'s agent runs: itself answering, or a peer reaching it."""
+        """Who shows that `host`'s agent runs: itself answering, or a peer reaching it or
+        hearing its probes."""
         if views.get(host) is not None:
             return host
         return next((x for x, v in sorted(views.items()) if x != host and v is not None
-                     and v.complete and host not in v.unreachable), None)
+                     and ((v.complete and host not in v.unreachable) or host in v.hears)),
+                    None)
 
     def carries(x: str, y: str) -> bool | None:
         """Whether the way from x to y carries x's packets; None: not known."""
@@ -546,7 +564,8 @@ def mesh(own: str, views: Mapping[str, View | None],
                 failures.append(PairFailure(x, y, "one way", other, (
                     f"{x} -> {y}: packets from {name(x)} do not arrive at {name(y)}"
                     + ("; the other way works" if back else
-                       f"; {x}'s agent runs ({runs} reaches it), the other way is unknown"
+                       f"; {x}'s agent runs ({runs} hears or reaches it), the other way is "
+                       "unknown"
                        if runs not in (None, x) else "; the other way is unknown")
                     + f": look for what drops {names.get(x, x)}'s packets on "
                     f"{names.get(y, y)} (its INPUT, the encapsulation port), on "
@@ -568,8 +587,8 @@ def mesh(own: str, views: Mapping[str, View | None],
                 "broken)")))
         elif frozenset((own, peer)) not in named:
             failures.append(PairFailure(own, peer, "no answer", "unknown", (
-                f"{peer}: no answer to {own}, though its agent runs ({witness(peer)} "
-                "reaches it): the path between the two drops the request or its answer")))
+                f"{peer}: no answer to {own}, though its agent runs ({witness(peer)} hears "
+                "or reaches it): the path between the two drops the request or its answer")))
     return failures
 
 
