@@ -129,8 +129,10 @@ def ensure_forward_accept(network: IPNetwork, tunnels: Sequence[str],
     _delete_all(binary, legacy_rules(network))
     bridged = bridge if bridge is not None and bridged_through_iptables(network.version) \
         else None
-    if bridge is not None and bridged is None:
-        _delete_all(binary, forward_accept_rules(network, (), None, bridge))
+    if bridge is not None and bridged is None:  # br_netfilter gone: its rule is stale
+        stale = forward_accept_rules(network, (), None, bridge)
+        if any(same_rule(line, stale[0]) for line in listing.stdout.splitlines()):
+            _delete_all(binary, stale)
     wanted = forward_accept_rules(network, tunnels, direct, bridged)
     for rule in wanted:
         if _run([binary, "-C", "FORWARD", *rule]).returncode == 0:
