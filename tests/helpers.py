@@ -253,6 +253,18 @@ def source_seen(tb: Any, src: str, dst_netns: str, dst: object) -> str:
 # --- the CLI, configs and raw store rows ---------------------------------------------------
 
 
+# br_netfilter is one kernel module for every namespace: loaded (or built in), each new
+# namespace has its sysctls, and the agent adds its accept for weft0 there too.
+BR_NETFILTER = os.path.exists("/proc/sys/net/bridge/bridge-nf-call-iptables")
+
+
+def weft_forward_accepts(tunnel_rules: int = 2) -> int:
+    """How many FORWARD accepts an agent adds under a DROP policy: its tunnel device's two
+    (by default), and the one for weft0's bridged packets where br_netfilter is loaded
+    (weft.host.forward_accept)."""
+    return tunnel_rules + (1 if BR_NETFILTER else 0)
+
+
 def weft(*args: str, input: str | None = None, prefix: Sequence[str] = (),
          timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`weft ARGS` as a user runs it (after `prefix`, e.g. setpriv), output captured."""

@@ -451,15 +451,21 @@ def _cluster(agent: Mapping[str, Any] | None) -> dict[str, Any]:
     from weft.agent.prober import ask_summaries
 
     if agent is None or "peer_health" not in agent:
-        return {"asked": 0, "answered": 0, "failing": ["no agent (or no probes) here to ask from"]}
+        return {"asked": 0, "answered": 0, "pairs": [],
+                "failing": ["no agent (or no probes) here to ask from"]}
     own = ipaddress.ip_network(agent["subnet"])
     rows = agent["peer_health"]["peers"]
     peers = {p: ipaddress.ip_network(p).network_address for p in rows}
     summaries = ask_summaries(own.network_address, peers)
-    own_down = [p for p, r in rows.items() if r.get("state") == "unreachable"]
+    views: dict[str, checks.View | None] = {
+        p: None if s is None else checks.view_of_summary(s) for p, s in summaries.items()}
+    views[str(own)] = checks.view_of_rows(rows)
+    names = {p: str(r.get("public_ip")) for p, r in rows.items() if r.get("public_ip")}
+    names[str(own)] = str(agent.get("public_ip"))
+    failures = checks.mesh(str(own), views, names)
     return {"asked": len(peers), "answered": sum(1 for v in summaries.values() if v),
-            "summaries": summaries,
-            "failing": checks.mesh(str(own), own_down, summaries)}
+            "summaries": summaries, "pairs": [f.as_json() for f in failures],
+            "failing": [f.message for f in failures]}
 
 
 def _fastpath_line(fp: dict[str, object]) -> str:

@@ -1,7 +1,9 @@
 """`weft doctor` on running testbeds: each check is broken for real, fails with its advice,
 and passes again once mended. Few testbeds (each costs seconds to build): one vxlan pair
-for the host's own state, the firewall and the peers; one udp pair across a router for the
-path MTU; one host with a real dockerd for Docker's bridge."""
+for the host's own state, the firewall and the peers; three vxlan hosts for a pair broken
+one way (`--cluster`); one host with two containers under br_netfilter and a DROP policy;
+one udp pair across a router for the path MTU; one host with a real dockerd for Docker's
+bridge."""
 
 from __future__ import annotations
 
@@ -99,20 +101,6 @@ def test_doctor_on_vxlan_finds_each_fault_and_passes_once_mended(tmp_path: Path)
         ip(tb, a, "addr", "add", f"{a.underlay_ip}/24", "dev", "eth0")
         wait_check(tb, a, "lease", "pass")
 
-        # br_netfilter under Docker's DROP policy: two containers on one host's bridge lose
-        # each other (weft's accepts are for its tunnel devices, not bridge to bridge).
-        if BR_NETFILTER.exists():
-            c1, c2 = (c for c in tb.containers if c.host is a)
-            assert tb.ping(c1.netns, c2.ip)
-            iptables(tb, a, "-P", "FORWARD", "DROP")
-            br = wait_check(tb, a, "br_netfilter", "fail")
-            assert "containers on this host cannot reach each other; " \
-                   "`iptables -I FORWARD -i weft0 -o weft0 -j ACCEPT`" in br["message"]
-            assert not tb.ping(c1.netns, c2.ip)
-            iptables(tb, a, "-I", "FORWARD", "-i", "weft0", "-o", "weft0", "-j", "ACCEPT")
-            wait_check(tb, a, "br_netfilter", "pass")
-            assert tb.ping(c1.netns, c2.ip)
-
         # subnet.env held stale (a file mounted over it: the agent cannot rewrite it).
         stale = tmp_path / "stale.env"
         stale.write_text(a.subnet_env_path.read_text().replace("FLANNEL_MTU=1450",
@@ -163,10 +151,143 @@ def test_doctor_on_vxlan_finds_each_fault_and_passes_once_mended(tmp_path: Path)
         other = wait_check(tb, b, "other rules", "fail")
         assert "drops UDP port 8472" in other["message"]
         wait_check(tb, b, "peers", "fail")
-        _, mesh = doctor(tb, a, "--cluster")
-        assert mesh["cluster"]["failing"]  # a cannot reach b, nor b a
+        # a's packets die on b, b's reach a: the way from a to b is named, from either side.
+        wait_pairs(tb, a, [(a_subnet, subnet_of(tb, b), "one way", "works")])
         iptables(tb, b, "-D", "INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP")
         wait_all_pass(tb, b)
+
+
+def cluster(tb: Testbed, host: Host) -> tuple[int, dict[str, Any]]:
+    rc, report = doctor(tb, host, "--cluster")
+    mesh: dict[str, Any] = report["cluster"]
+    assert (rc == 0) == (report["ok"] and not mesh["failing"])
+    return rc, mesh
+
+
+def wait_pairs(tb: Testbed, host: Host, want: list[tuple[str, str, str, str]],
+               timeout: float = 60.0) -> dict[str, Any]:
+    """Ask `weft doctor --cluster --json` on `host` until its failing pairs are `want`
+    ((from, to, broken, other way)); the last answer when the wait runs out."""
+    last: list[dict[str, Any]] = [{}]
+
+    def found() -> dict[str, Any]:
+        _, mesh = cluster(tb, host)
+        last[0] = mesh
+        got = [(p["from"], p["to"], p["broken"], p["other_way"]) for p in mesh["pairs"]]
+        return mesh if got == want else {}
+
+    return wait_for(f"the pairs {want} from {host.name}", found, timeout, interval=0.5,
+                    seen=lambda: last[0])
+
+
+def test_doctor_cluster_names_a_pair_broken_one_way_and_its_side() -> None:
+    """Three hosts; c's firewall drops what b sends it (an nftables rule in c's namespace,
+    b's address only), so b's packets never arrive at c while c's arrive at b. Asked from
+    the third host, from b and from c, `weft doctor --cluster` names the pair and the way
+    that fails, and every pair passes once the rule is gone."""
+    with Testbed(hosts=3, containers_per_host=0, config=config("vxlan")) as tb:
+        tb.start()
+        a, b, c = tb.hosts
+        sa, sb, sc = (subnet_of(tb, h) for h in (a, b, c))
+        for host in (a, b, c):
+            wait_pairs(tb, host, [])
+        rule = ["nft", "add", "rule", "inet", "blocked", "input", "ip", "saddr",
+                str(b.underlay_ip), "udp", "dport", "8472", "drop"]
+        tb.run(c.netns, ["nft", "add", "table", "inet", "blocked"])
+        tb.run(c.netns, ["nft", "add", "chain", "inet", "blocked", "input",
+                         "{ type filter hook input priority 0; }"])
+        tb.run(c.netns, rule)
+
+        # From a, which reaches both: b -> c fails, c -> b works.
+        mesh = wait_pairs(tb, a, [(sb, sc, "one way", "works")])
+        assert mesh["answered"] == 2
+        line = mesh["failing"][0]
+        assert line.startswith(f"{sb} -> {sc}: packets from {sb} ({b.underlay_ip}) do not "
+                               f"arrive at {sc} ({c.underlay_ip}); the other way works")
+        assert f"look for what drops {b.underlay_ip}'s packets on {c.underlay_ip}" in line
+        # The text names it too, and doctor exits 1.
+        text = tb.weft("doctor", "--cluster", "--store", tb.store_url, "--state-dir",
+                       str(a.state_dir), "--subnet-file", str(a.subnet_env_path),
+                       netns=a.netns, check=False)
+        assert text.returncode == 1
+        assert f"fail {sb} -> {sc}: packets from {sb}" in " ".join(text.stdout.split())
+        # From b, whose packets are lost: c does not answer it, yet b hears c.
+        wait_pairs(tb, b, [(sb, sc, "one way", "works")])
+        # From c, which hears nothing from b while a reaches b: b's way to c is broken;
+        # whether c's packets reach b is not known from c alone.
+        mesh = wait_pairs(tb, c, [(sb, sc, "one way", "unknown")])
+        assert f"{sb}'s agent runs ({sa} hears or reaches it)" in mesh["failing"][0]
+
+        tb.run(c.netns, ["nft", "delete", "table", "inet", "blocked"])
+        for host in (a, b, c):
+            mesh = wait_pairs(tb, host, [])
+            assert mesh["answered"] == 2
+        rc, _ = cluster(tb, a)
+        assert rc == 0
+
+
+def weft0_accept(tb: Testbed, host: Host) -> list[str]:
+    """weft's FORWARD accept for packets bridged on weft0 (overlay to overlay), as listed."""
+    return [r for r in iptables(tb, host, "-S", "FORWARD").stdout.splitlines()
+            if FORWARD_COMMENT in r and "-i weft0 -o weft0" in r]
+
+
+@pytest.mark.skipif(not BR_NETFILTER.exists(), reason=(
+    "br_netfilter is not loaded (this test does not load it: it would stay loaded for every "
+    "namespace; `modprobe br_netfilter` to run it)"))
+def test_containers_on_one_bridge_reach_each_other_under_br_netfilter_and_docker_drop() -> None:
+    """With br_netfilter, two containers on one host's weft0 talk through iptables FORWARD;
+    under Docker's DROP policy the agent's accept for weft0 (overlay to overlay only) is what
+    lets them: it is added, put back when deleted, and the doctor's check passes with it and
+    fails without it. Nobody else's rule is touched."""
+    with Testbed(hosts=1, containers_per_host=2, config=config("vxlan")) as tb:
+        (a,) = tb.hosts
+        # Per namespace: this host's own switch, whatever the machine's default is.
+        tb.run(a.netns, ["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"])
+        others = ["-s", "198.18.250.1/32", "-j", "ACCEPT"]  # another tool's rule
+        iptables(tb, a, "-A", "FORWARD", *others)
+        tb.start()
+        c1, c2 = tb.containers
+        assert tb.ping(c1.netns, c2.ip)
+        iptables(tb, a, "-P", "FORWARD", "DROP")  # what dockerd does
+        wait_for("the agent's accept for weft0", lambda: weft0_accept(tb, a), timeout=60)
+        assert weft0_accept(tb, a) == [
+            "-A FORWARD -s 198.19.0.0/16 -d 198.19.0.0/16 -i weft0 -o weft0 -m comment "
+            f'--comment "{FORWARD_COMMENT}" -j ACCEPT']
+        assert tb.ping(c1.netns, c2.ip)
+        br = wait_check(tb, a, "br_netfilter", "pass")
+        assert "every container bridge's own traffic is accepted" in br["message"]
+
+        # Deleted by hand: put back, like the other accepts.
+        tb.run(a.netns, ["sh", "-c", "iptables " + weft0_accept(tb, a)[0].replace(
+            "-A FORWARD", "-D FORWARD", 1)])
+        wait_for("the accept for weft0 put back", lambda: weft0_accept(tb, a), timeout=60)
+        assert tb.ping(c1.netns, c2.ip)
+
+        # Without it (the agent stopped first: it would put it back), the containers lose
+        # each other and the doctor says what to do.
+        tb.stop_agent(a)
+        tb.run(a.netns, ["sh", "-c", "iptables " + weft0_accept(tb, a)[0].replace(
+            "-A FORWARD", "-D FORWARD", 1)])
+        assert not tb.ping(c1.netns, c2.ip, wait=1)
+        rc, report = doctor(tb, a)
+        br = check(report, "br_netfilter")
+        assert rc == 1
+        assert br["result"] == "fail"
+        assert "containers on this host cannot reach each other; the agent adds its accept " \
+               "for weft0 on its next pass" in br["message"]
+        tb.start_agent(a)
+        wait_check(tb, a, "br_netfilter", "pass")
+        assert tb.ping(c1.netns, c2.ip)
+
+        # Leaving for good takes weft's accepts away, and only those.
+        tb.stop_agent(a)
+        tb.start_agent(a, ["--release-on-exit"])
+        tb.wait_converged(60)
+        assert tb.stop_agent(a) == 0
+        forward = iptables(tb, a, "-S", "FORWARD").stdout
+        assert FORWARD_COMMENT not in forward
+        assert "-A FORWARD -s 198.18.250.1/32 -j ACCEPT" in forward
 
 
 def test_doctor_finds_a_path_mtu_below_the_overlay_mtu() -> None:

@@ -11,7 +11,14 @@ import sys
 
 import pytest
 
-from helpers import DATA_PLANES, check_data_plane, requires, source_seen, wait_for
+from helpers import (
+    DATA_PLANES,
+    check_data_plane,
+    requires,
+    source_seen,
+    wait_for,
+    weft_forward_accepts,
+)
 from helpers import network_config as config
 from weft.host.forward_accept import COMMENT as FORWARD_COMMENT
 from weft_lab.testbed import RUNS_DIR, Testbed, list_netns
@@ -207,7 +214,7 @@ def test_overlay_crosses_a_forward_chain_that_drops_like_dockers(plane: str) -> 
         c1, c2 = tb.containers
         assert all(tb.connectivity().values())
         rules = forward_chain(tb, c2.host.netns)
-        assert rules.count(FORWARD_COMMENT) == 2, rules
+        assert rules.count(FORWARD_COMMENT) == weft_forward_accepts(), rules
         # Without weft's two rules the same chain drops the overlay: they are what works.
         # The agent puts its rules back as soon as it sees them go, so it is stopped first
         # (SIGTERM leaves the data plane standing, but for the fast path, which it takes
@@ -222,7 +229,8 @@ def test_overlay_crosses_a_forward_chain_that_drops_like_dockers(plane: str) -> 
         # The agent back: its rules are back, and the overlay crosses the chain again.
         tb.start_agent(c2.host)
         wait_for("the restarted agent's FORWARD accepts",
-                 lambda: forward_chain(tb, c2.host.netns).count(FORWARD_COMMENT) == 2,
+                 lambda: forward_chain(tb, c2.host.netns).count(FORWARD_COMMENT)
+                 == weft_forward_accepts(),
                  timeout=60, seen=lambda: forward_chain(tb, c2.host.netns))
         wait_for("a ping across the chain again", lambda: tb.ping(c1.netns, c2.ip, wait=1),
                  timeout=60, seen=lambda: tb.agent_log(c2.host)[-2000:])

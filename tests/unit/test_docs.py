@@ -29,7 +29,7 @@ PENDING_ANCHORS: set[tuple[str, str]] = set()  # (page, anchor) another branch w
 
 # Flags of other programs that the docs show in inline code on their own.
 OTHER_FLAGS = {
-    "--bip", "--mtu", "--live-restore", "--fixed-cidr-v6",  # dockerd
+    "--bip", "--mtu", "--live-restore", "--fixed-cidr-v6", "--icc",  # dockerd
     "--client-cert-auth",  # etcd
     "--no-install-recommends",  # apt-get
 }

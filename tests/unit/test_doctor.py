@@ -27,7 +27,9 @@ ENV = ("FLANNEL_NETWORK=198.19.0.0/16\nFLANNEL_SUBNET=198.19.5.1/24\nFLANNEL_MTU
        "FLANNEL_IPMASQ=true\n")
 FORWARD = ("-P FORWARD DROP\n-A FORWARD -i weft.vx1 -d 198.19.0.0/16 -m comment --comment "
            '"weft: overlay traffic" -j ACCEPT\n-A FORWARD -j DOCKER-USER\n'
-           "-A FORWARD -i weft0 -o weft0 -j ACCEPT\n")
+           "-A FORWARD -s 198.19.0.0/16 -d 198.19.0.0/16 -i weft0 -o weft0 -m comment "
+           '--comment "weft: overlay traffic" -j ACCEPT\n')
+WEFT0_ACCEPT = FORWARD.splitlines(keepends=True)[-1]
 HEALTHY = Facts(
     agent=AGENT,
     leases=[LeaseFact(NET("198.19.5.0/24"), IP("198.18.0.11"), 3000.0),
@@ -105,11 +107,21 @@ BROKEN = [
             {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}},
                        "right": 8472}}, {"drop": None}]}}]}}, "fail",
      "nftables inet fw in drops UDP port 8472"),
-    ("br_netfilter", {"iptables_forward": FORWARD.replace(
-        "-A FORWARD -i weft0 -o weft0 -j ACCEPT\n", "")}, "fail",
+    ("br_netfilter", {"iptables_forward": FORWARD.replace(WEFT0_ACCEPT, "")}, "fail",
      "bridge-nf-call-iptables=1 sends packets between containers on weft0 through FORWARD "
      "(policy DROP) and no rule accepts them: containers on this host cannot reach each "
-     "other; `iptables -I FORWARD -i weft0 -o weft0 -j ACCEPT`"),
+     "other; the agent adds its accept for weft0 on its next pass"),
+    # An accept narrower than the bridge's whole traffic does not count.
+    ("br_netfilter", {"iptables_forward": FORWARD.replace(
+        WEFT0_ACCEPT, "-A FORWARD -i weft0 -o weft0 -p tcp -j ACCEPT\n")}, "fail",
+     "no rule accepts them"),
+    # The operator's own accept (the advice of earlier releases) is as good as weft's.
+    ("br_netfilter", {"iptables_forward": FORWARD.replace(
+        WEFT0_ACCEPT, "-A FORWARD -i weft0 -o weft0 -j ACCEPT\n")}, "pass",
+     "every container bridge's own traffic is accepted"),
+    ("br_netfilter", {"bridges": [BridgeFact("docker0", (), 1450, ports=2)]}, "fail",
+     "`iptables -I FORWARD -i docker0 -o docker0 -j ACCEPT` (dockerd adds it unless started "
+     "with --icc=false)"),
     ("rp_filter", {"sysctl": {"net/ipv4/conf/all/rp_filter": "1",
                               "net/ipv4/conf/weft.vx1/rp_filter": "0"}}, "warn",
      "net.ipv4.conf.weft.vx1.rp_filter=2"),
@@ -149,19 +161,76 @@ def test_nothing_there_is_a_pass_not_a_failure() -> None:
         assert one(bare, name).result == "pass"
 
 
-def test_the_mesh_names_the_failing_pairs_and_their_side() -> None:
-    lines = doctor.mesh("198.19.5.0/24", ["198.19.8.0/24"], {
-        "198.19.7.0/24": {"unreachable": ["198.19.5.0/24"]},
-        "198.19.8.0/24": {"unreachable": ["198.19.5.0/24"]},
-        "198.19.9.0/24": None,
-        "198.19.10.0/24": {"unreachable": ["198.19.9.0/24"]},
-        "198.19.11.0/24": {"unreachable": []},
-    })
-    assert lines == [
-        "198.19.10.0/24 -> 198.19.9.0/24: 198.19.10.0/24 cannot reach 198.19.9.0/24",
-        "198.19.7.0/24 -> 198.19.5.0/24: 198.19.7.0/24 cannot reach 198.19.5.0/24, "
-        "198.19.5.0/24 reaches it",
-        "198.19.5.0/24 <-> 198.19.8.0/24: broken both ways (each probes the other in vain)",
-        "198.19.9.0/24: no answer to 198.19.5.0/24 (its agent down, or the path between the "
-        "two broken)",
-    ]
+A, B, C = "198.19.1.0/24", "198.19.2.0/24", "198.19.3.0/24"
+NAMES = {A: "198.18.0.11", B: "198.18.0.12", C: "198.18.0.13"}
+View = doctor.View
+ALL_WELL = View(frozenset())
+
+
+def pairs(own: str, views: dict[str, doctor.View | None]) -> list[tuple[str, str, str, str]]:
+    return [(f.source, f.target, f.broken, f.other_way)
+            for f in doctor.mesh(own, views, NAMES)]
+
+
+def test_the_mesh_names_the_way_that_fails_seen_from_a_third_host() -> None:
+    """B's packets are dropped on their way to C (C's firewall): B cannot reach C but
+    hears C's probes; C hears nothing from B. Seen from A, which reaches both."""
+    views: dict[str, doctor.View | None] = {
+        A: ALL_WELL,
+        B: View(frozenset({C}), hears=frozenset({C})),
+        C: View(frozenset({B})),
+    }
+    failures = doctor.mesh(A, views, NAMES)
+    assert [(f.source, f.target, f.broken, f.other_way) for f in failures] == \
+        [(B, C, "one way", "works")]
+    assert failures[0].message.startswith(
+        f"{B} -> {C}: packets from {B} (198.18.0.12) do not arrive at {C} (198.18.0.13); "
+        "the other way works: look for what drops 198.18.0.12's packets on 198.18.0.13")
+    assert failures[0].as_json()["from"] == B
+
+
+def test_the_mesh_names_the_way_that_fails_from_either_side_of_the_pair() -> None:
+    # From B: C's answer to B's request is lost with B's request (it never arrives), but
+    # B hears C, so the way from B to C is the broken one.
+    assert pairs(B, {A: ALL_WELL, B: View(frozenset({C}), hears=frozenset({C})),
+                     C: None}) == [(B, C, "one way", "works")]
+    # From C: B did not answer, C hears nothing from B, yet A reaches B: B's agent runs, so
+    # the way from B to C is broken; the other way is not known from here.
+    failures = doctor.mesh(C, {A: ALL_WELL, B: None, C: View(frozenset({B}))}, NAMES)
+    assert [(f.source, f.target, f.broken, f.other_way) for f in failures] == \
+        [(B, C, "one way", "unknown")]
+    assert f"{B}'s agent runs ({A} hears or reaches it), the other way is unknown" in \
+        failures[0].message
+    # Two hosts, B's ingress port blocked: A's request dies on B, B does not answer, but
+    # B's probes arrive at A: B runs, and the way from A to B is named, once.
+    assert pairs(A, {A: View(frozenset({B}), hears=frozenset({B})), B: None}) == \
+        [(A, B, "one way", "works")]
+
+
+def test_the_mesh_tells_both_ways_an_mtu_and_a_stopped_agent_apart() -> None:
+    # Neither hears the other, both run: broken both ways.
+    assert pairs(A, {A: ALL_WELL, B: View(frozenset({C})), C: View(frozenset({B}))}) == \
+        [(B, C, "both ways", "broken")]
+    # Each hears the other (the small probes pass), yet neither reaches the other.
+    assert pairs(A, {A: ALL_WELL, B: View(frozenset({C}), frozenset({C})),
+                     C: View(frozenset({B}), frozenset({B}))}) == [(B, C, "partly", "works")]
+    # C's agent stopped: no answer, nobody reaches or hears it: one line, for C.
+    failures = doctor.mesh(A, {A: View(frozenset({C})), B: View(frozenset({C})), C: None},
+                           NAMES)
+    assert [(f.source, f.target, f.broken) for f in failures] == [(A, C, "no answer")]
+    assert failures[0].message == (f"{C}: no answer to {A} (its agent down, or the path "
+                                   "between the two broken)")
+    # All well: nothing.
+    assert pairs(A, {A: ALL_WELL, B: ALL_WELL, C: ALL_WELL}) == []
+
+
+def test_a_view_cut_short_or_with_unprobed_peers_proves_nothing_reachable() -> None:
+    summary = {"counts": {"unknown": 1}, "unreachable": [C], "hears": [C]}
+    assert doctor.view_of_summary(summary) == View(frozenset({C}), frozenset({C}), False)
+    rows: dict[str, dict[str, Any]] = {B: {"state": "unreachable", "hears": True},
+                                       C: {"state": "reachable"}}
+    assert doctor.view_of_rows(rows) == View(frozenset({B}), frozenset({B}), True)
+    # B answered with a list cut short: it proves nothing about C, which did not answer.
+    cut = View(frozenset(), complete=False)
+    assert pairs(A, {A: View(frozenset({C})), B: cut, C: None}) == \
+        [(A, C, "no answer", "unknown")]

@@ -115,7 +115,29 @@ def test_forward_accepts_cover_every_device_overlay_traffic_crosses(
     facts = backend_facts(config.backend, "eth0")
     assert (facts.tunnels, facts.bare_underlay) == (tunnels, direct)
     rules = forward_accept_rules(config.network, tunnels, direct)
-    assert {r[1] for r in rules} == set(tunnels) | ({direct} if direct else set())
+    devices = {r[r.index(flag) + 1] for r in rules for flag in ("-i", "-o") if flag in r}
+    assert devices == set(tunnels) | ({direct} if direct else set())
+
+
+def test_the_bridge_accept_is_container_to_container_on_weft_s_bridge_only() -> None:
+    """With br_netfilter, bridged packets on weft0 cross FORWARD as -i weft0 -o weft0: the
+    one rule more is scoped to that and to the overlay on both ends."""
+    from weft.host.forward_accept import COMMENT, forward_accept_rules, same_rule
+
+    net = ipaddress.ip_network("198.19.0.0/16")
+    rules = forward_accept_rules(net, ("weft.vx1",), None, "weft0")
+    assert rules[-1] == ["-s", "198.19.0.0/16", "-d", "198.19.0.0/16", "-i", "weft0", "-o",
+                         "weft0", "-m", "comment", "--comment", COMMENT, "-j", "ACCEPT"]
+    assert len(forward_accept_rules(net, ("weft.vx1",), None)) == len(rules) - 1
+    # `iptables -S` prints the options in its own order: each rule is found as printed.
+    listed = ('-A FORWARD -s 198.19.0.0/16 -d 198.19.0.0/16 -i weft0 -o weft0 -m comment '
+              f'--comment "{COMMENT}" -j ACCEPT')
+    assert same_rule(listed, rules[-1])
+    assert same_rule(f'-A FORWARD -d 198.19.0.0/16 -i weft.vx1 -m comment --comment '
+                     f'"{COMMENT}" -j ACCEPT', rules[0])
+    assert not same_rule(listed, rules[0])
+    assert not same_rule("-A FORWARD -i weft0 -o weft0 -j ACCEPT", rules[-1])  # the user's
+    assert not same_rule('-A FORWARD -m comment --comment "unclosed', rules[-1])
 
 
 def test_netfilter_lines_that_wake_the_agent() -> None:

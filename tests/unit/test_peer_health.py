@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import itertools
+import json
 import logging
 import socket
 from collections import Counter
@@ -151,6 +152,34 @@ def test_only_the_small_probe_answered_says_the_mtu_is_the_problem() -> None:
     assert (row["state"], row["pmtu"], row["loss"]) == ("unreachable", 576, 1.0)
 
 
+def test_a_peer_heard_but_not_reached_is_named_until_its_probes_stop_arriving() -> None:
+    """The way from a peer works while its own probes arrive: `hears` names the unreachable
+    peers heard within the detection bound (the way back from here is the broken one)."""
+    b = book()
+    kw = {"full_size": 1450, "small_size": 576}
+    bound = b.policy.detection_bound(1)
+    for t in range(3):
+        b.result("p", float(t), rtt=None, small=False, **kw)
+    assert b.hears(3.0) == []  # never heard
+    b.heard("p", 3.0)
+    b.heard("stranger", 3.0)  # not a peer: ignored
+    assert b.hears(3.0 + bound) == ["p"]
+    row = b.rows(4.0)["p"]
+    assert (row["heard_s"], row["hears"]) == (1.0, True)
+    assert b.hears(3.0 + bound + 0.1) == []
+    b.result("p", 5.0, rtt=0.001, small=True, **kw)
+    assert b.hears(5.0) == []  # reachable: nothing to tell apart
+
+
+def test_a_summary_cut_short_names_only_heard_peers_it_still_lists() -> None:
+    down = [f"198.19.{i // 256}.{i % 256}/32" for i in range(100)]
+    data = summary_answer(1, {"counts": {}, "unreachable": down, "hears": down[::7]})
+    body = json.loads(wire.body(data))
+    assert body["truncated"]
+    assert body["hears"]
+    assert set(body["hears"]) <= set(body["unreachable"])
+
+
 def test_the_window_bounds_the_samples() -> None:
     b = book()
     for t in range(50):
@@ -242,6 +271,8 @@ def test_two_probers_probe_each_other_and_drop_a_non_member() -> None:
         row = a.status()["peers"][str(b_net)]
         assert (row["plane"], row["pmtu"], row["loss"]) == ("vxlan", 1500, 0.0)
         assert row["rtt_ms"]["median"] > 0
+        wait_for("b's own probes heard at a",
+                 lambda: a.status()["peers"][str(b_net)]["heard_s"] is not None)
 
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
             stranger.bind(("127.0.0.3", 0))
@@ -254,11 +285,14 @@ def test_two_probers_probe_each_other_and_drop_a_non_member() -> None:
         # b asks a for its summary from an address a knows (its own: a member).
         answers = ask_summaries(b_ip, {str(a_net): a_ip}, port=port, timeout=3.0)
         assert answers[str(a_net)] == {"counts": {"reachable": 1, "unreachable": 0,
-                                                  "unknown": 0}, "unreachable": []}
+                                                  "unknown": 0}, "unreachable": [],
+                                       "hears": []}
 
         b.close()
         wait_for("b unreachable from a", lambda: a.status()["counts"]["unreachable"] == 1)
         assert a.summary()["unreachable"] == [str(b_net)]
+        # b's probes stopped with it: a hears it no more once the detection bound passed.
+        wait_for("b no longer heard", lambda: a.summary()["hears"] == [])
     finally:
         a.close()
         b.close()

@@ -64,6 +64,7 @@ from weft.backends.base import Backend, BackendFacts
 from weft.backends.registry import backend_facts, create_backend, ipv6_next_hops, parse_config
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.constants import (
+    CNI_BRIDGE,
     DEFAULT_LEASE_TTL,
     DEFAULT_STATE_DIR,
     DEFAULT_SUBNET_FILE,
@@ -446,7 +447,8 @@ class Agent:
             for network in r.config.networks:
                 if self.opts.ip_masq:
                     remove_masquerade(network)
-                remove_forward_accept(network, r.facts.tunnels, r.facts.bare_underlay)
+                remove_forward_accept(network, r.facts.tunnels, r.facts.bare_underlay,
+                                      CNI_BRIDGE)
             r.ingress.remove()
         except (WeftError, OSError, subprocess.SubprocessError) as exc:
             log.warning("could not remove weft's firewall rules", extra={"error": str(exc)})

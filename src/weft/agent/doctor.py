@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from weft.core.config import IPAddress, IPNetwork
+from weft.core.constants import CNI_BRIDGE
 
 Result = Literal["pass", "warn", "fail"]
 COMMENT = "weft: overlay traffic"  # weft.host.forward_accept's rule comment
@@ -313,21 +315,31 @@ def check_other_rules(f: Facts) -> Check:
 
 def _bridge_accepted(listing: str, bridge: str) -> bool:
     """Whether FORWARD accepts packets from `bridge` back out of it (Docker adds such a rule
-    for docker0), or accepts everything unconditionally."""
+    for docker0, the agent one for weft0, scoped to the overlay), or accepts everything
+    unconditionally."""
     for line in listing.splitlines():
-        words = line.split()
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            continue
         if words[:2] != ["-A", "FORWARD"] or words[-2:] != ["-j", "ACCEPT"]:
             continue
         rest = words[2:-2]
-        if not rest or sorted(rest) == sorted(["-i", bridge, "-o", bridge]):
+        if not rest:
+            return True
+        options = dict(zip(rest[::2], rest[1::2], strict=False))
+        if len(rest) % 2 == 0 and options.get("-i") == bridge \
+                and options.get("-o") == bridge and options.get("-m", "comment") == "comment" \
+                and set(options) <= {"-i", "-o", "-s", "-d", "-m", "--comment"}:
             return True
     return False
 
 
 def check_br_netfilter(f: Facts) -> Check:
     """With br_netfilter, packets between two containers on one bridge cross iptables
-    FORWARD (as `-i B -o B`): under Docker's DROP policy nothing of weft's accepts them
-    (its accepts are for the tunnel devices), so containers on one host lose each other."""
+    FORWARD (as `-i B -o B`): under Docker's DROP policy they need an accept (the agent
+    adds one for weft0 while br_netfilter is loaded; Docker one for docker0), or
+    containers on one host lose each other."""
     value = f.sysctl.get("net/bridge/bridge-nf-call-iptables")
     if value is None:
         return _ok("br_netfilter", "not loaded: packets between containers on one bridge "
@@ -339,10 +351,14 @@ def check_br_netfilter(f: Facts) -> Check:
                                                                                    b.name)]
         if blocked:
             b = blocked[0]
+            what = (f"the agent adds its accept for {b} on its next pass: if it stays "
+                    "missing, read host_errors in `weft status`" if b == CNI_BRIDGE else
+                    f"`iptables -I FORWARD -i {b} -o {b} -j ACCEPT` (dockerd adds it unless "
+                    "started with --icc=false)")
             return Check("br_netfilter", "fail", (
                 f"bridge-nf-call-iptables=1 sends packets between containers on {b} through "
                 f"FORWARD (policy {policy}) and no rule accepts them: containers on this "
-                f"host cannot reach each other; `iptables -I FORWARD -i {b} -o {b} -j ACCEPT`"
+                f"host cannot reach each other; {what}"
                 " (or `sysctl -w net.bridge.bridge-nf-call-iptables=0` if nothing needs it)"))
     return _ok("br_netfilter", f"bridge-nf-call-iptables={value}; "
                + ("FORWARD accepts bridged packets" if policy == "ACCEPT" else
@@ -440,25 +456,139 @@ def exit_status(checks: Sequence[Check]) -> int:
 
 
 # --- the cluster view --------------------------------------------------------------------------
+#
+# Each host's probe is answered by the peer's agent on the same pair of ports, so the way
+# from X to Y carries X's probes and the answers to Y's alike: X reaching Y proves both
+# ways. When X cannot reach Y, what arrives tells the sides apart: if Y's own probes still
+# arrive at X (X `hears` Y), the way from Y to X works and the way from X to Y is broken.
 
-def mesh(own: str, own_down: Sequence[str], summaries: Mapping[str, Mapping[str, Any] | None]
-         ) -> list[str]:
-    """`weft doctor --cluster`: lines naming each failing pair and the side that sees it.
-    `own_down`: the peers this host's probes find unreachable; `summaries`: per peer
-    (subnet) its own summary, None when it did not answer."""
-    lines = []
-    for peer, summary in sorted(summaries.items()):
-        if summary is None:
-            lines.append(f"{peer}: no answer to {own} (its agent down, or the path "
-                         "between the two broken)")
+Direction = Literal["one way", "both ways", "partly", "unknown", "no answer"]
+OtherWay = Literal["works", "broken", "unknown"]
+
+
+@dataclass(frozen=True)
+class View:
+    """One host's view of its peers (its summary, or this host's own probe rows)."""
+
+    unreachable: frozenset[str]
+    hears: frozenset[str] = frozenset()  # of the unreachable: those whose probes arrive
+    complete: bool = True  # every other peer reachable (no list cut short, none unprobed)
+
+
+def view_of_summary(summary: Mapping[str, Any]) -> View:
+    unknown = (summary.get("counts") or {}).get("unknown", 0)
+    return View(frozenset(map(str, summary.get("unreachable") or [])),
+                frozenset(map(str, summary.get("hears") or [])),
+                not summary.get("truncated") and not unknown)
+
+
+def view_of_rows(rows: Mapping[str, Mapping[str, Any]]) -> View:
+    """This host's own view, from the probe rows of its agent's status."""
+    down = frozenset(p for p, r in rows.items() if r.get("state") == "unreachable")
+    return View(down, frozenset(p for p in down if rows[p].get("hears")),
+                all(r.get("state") != "unknown" for r in rows.values()))
+
+
+@dataclass(frozen=True)
+class PairFailure:
+    """A pair whose traffic fails. `source` -> `target` is the way known broken (for
+    `both ways` both are; `partly`, `unknown`: which way is not known); `other_way` is what
+    the opposite way does."""
+
+    source: str
+    target: str
+    broken: Direction
+    other_way: OtherWay
+    message: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"from": self.source, "to": self.target, "broken": self.broken,
+                "other_way": self.other_way, "message": self.message}
+
+
+def mesh(own: str, views: Mapping[str, View | None],
+         names: Mapping[str, str] | None = None) -> list[PairFailure]:
+    """`weft doctor --cluster`: each failing pair, with the way that fails. `views`: per
+    host (subnet) its view, None when it did not answer; `own`'s view is this host's own.
+    `names`: public IPs by subnet, for the messages."""
+    names = names or {}
+
+    def name(host: str) -> str:
+        return f"{host} ({names[host]})" if host in names else host
+
+    def witness(host: str) -> str | None:
+        """Who shows that `host`'s agent runs: itself answering, or a peer reaching it or
+        hearing its probes."""
+        if views.get(host) is not None:
+            return host
+        return next((x for x, v in sorted(views.items()) if x != host and v is not None
+                     and ((v.complete and host not in v.unreachable) or host in v.hears)),
+                    None)
+
+    def carries(x: str, y: str) -> bool | None:
+        """Whether the way from x to y carries x's packets; None: not known."""
+        vx, vy = views.get(x), views.get(y)
+        if vx is not None and vx.complete and y not in vx.unreachable:
+            return True  # x reaches y: both ways carry
+        if vy is not None and vy.complete and x not in vy.unreachable:
+            return True
+        if vy is not None and x in vy.hears:
+            return True  # y hears x's probes
+        if vx is not None and y in vx.hears:
+            # y runs and its way to x carries, yet x's probes go unanswered: lost on the way
+            return False
+        if vy is not None and x in vy.unreachable:
+            return False if witness(x) is not None else None  # x runs, yet y hears nothing
+        return None
+
+    failures: list[PairFailure] = []
+    seen: set[frozenset[str]] = set()
+    for x, vx in sorted(views.items()):
+        for y in sorted(vx.unreachable if vx is not None else ()):
+            if frozenset((x, y)) in seen:
+                continue
+            seen.add(frozenset((x, y)))
+            there, back = carries(x, y), carries(y, x)
+            if there is False and back is False:
+                failures.append(PairFailure(
+                    x, y, "both ways", "broken",
+                    f"{x} <-> {y}: broken both ways: neither hears the other's probes; look "
+                    f"at the underlay between {names.get(x, x)} and {names.get(y, y)} and "
+                    "at both hosts' firewalls"))
+                continue
+            if back is False:
+                x, y, there, back = y, x, back, there  # name the broken way first
+            if there is False:
+                other: OtherWay = "works" if back else "unknown"
+                runs = witness(x)
+                failures.append(PairFailure(x, y, "one way", other, (
+                    f"{x} -> {y}: packets from {name(x)} do not arrive at {name(y)}"
+                    + ("; the other way works" if back else
+                       f"; {x}'s agent runs ({runs} hears or reaches it), the other way is "
+                       "unknown"
+                       if runs not in (None, x) else "; the other way is unknown")
+                    + f": look for what drops {names.get(x, x)}'s packets on "
+                    f"{names.get(y, y)} (its INPUT, the encapsulation port), on "
+                    f"{names.get(x, x)} (OUTPUT) or between the two")))
+            elif there and back:
+                failures.append(PairFailure(x, y, "partly", "works", (
+                    f"{x} -> {y}: {x} cannot reach {y}, though packets pass both ways: "
+                    "full-size ones are lost (the path MTU between them; see the MTU check)")))
+            elif views.get(y) is not None or witness(y) is not None:
+                failures.append(PairFailure(x, y, "unknown", "unknown", (
+                    f"{x} -> {y}: {x} cannot reach {y} (which way is broken is not known)")))
+    named = {frozenset((f.source, f.target)) for f in failures}
+    for peer, view in sorted(views.items()):
+        if view is not None:
             continue
-        down = set(summary.get("unreachable", []))
-        if own in down and peer in own_down:
-            lines.append(f"{own} <-> {peer}: broken both ways (each probes the other in vain)")
-        elif own in down:
-            lines.append(f"{peer} -> {own}: {peer} cannot reach {own}, {own} reaches it")
-        elif peer in own_down:
-            lines.append(f"{own} -> {peer}: {own} cannot reach {peer}, which reaches {own}")
-        for other in sorted(down - {own}):
-            lines.append(f"{peer} -> {other}: {peer} cannot reach {other}")
-    return lines
+        if witness(peer) is None:
+            failures.append(PairFailure(own, peer, "no answer", "unknown", (
+                f"{peer}: no answer to {own} (its agent down, or the path between the two "
+                "broken)")))
+        elif frozenset((own, peer)) not in named:
+            failures.append(PairFailure(own, peer, "no answer", "unknown", (
+                f"{peer}: no answer to {own}, though its agent runs ({witness(peer)} hears "
+                "or reaches it): the path between the two drops the request or its answer")))
+    return failures
+
+

@@ -105,9 +105,10 @@ def converge_host_state(want: HostState, written: Written | None = None) -> dict
     except (WeftError, OSError, subprocess.SubprocessError) as exc:
         errors["masquerade"] = str(exc)
     try:
-        ensure_forward_accept(want.network, *want.devices)
+        # weft's bridge too: with br_netfilter its bridged packets cross FORWARD.
+        ensure_forward_accept(want.network, *want.devices, CNI_BRIDGE)
         if want.env.ipv6_network is not None:
-            ensure_forward_accept(want.env.ipv6_network, *want.devices)
+            ensure_forward_accept(want.env.ipv6_network, *want.devices, CNI_BRIDGE)
     except (WeftError, OSError, subprocess.SubprocessError) as exc:
         # Hosts without Docker's DROP policy do not need the rules; never fatal.
         errors["forward_accept"] = str(exc)

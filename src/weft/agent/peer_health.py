@@ -133,6 +133,10 @@ class PeerRecord:
     samples: deque[float | None] = field(default_factory=deque)  # RTT, None for a miss
     sent: int = 0
     answered: int = 0
+    # When the peer's own probe last arrived here (the caller's clock; None: never). With
+    # `state` it tells the two directions apart: a peer this host cannot reach but hears
+    # has its packets arrive, so the way from here to it is the broken one.
+    heard: float | None = None
 
     def rtt(self) -> tuple[float | None, float | None]:
         """(median, p99) of the answered probes in the window, seconds."""
@@ -205,6 +209,24 @@ class HealthBook(Generic[K]):
             return "down"
         return None
 
+    def heard(self, peer: K, now: float) -> None:
+        """A probe of `peer`'s own arrived: the way from it to this host carries."""
+        record = self.peers.get(peer)
+        if record is not None:
+            record.heard = now
+
+    def hearing(self, record: PeerRecord, now: float) -> bool:
+        """Whether the peer's probes still arrive: one within the detection bound (a
+        peer probes every interval, and again at once after a miss)."""
+        return record.heard is not None and \
+            now - record.heard <= self.policy.detection_bound(len(self.peers))
+
+    def hears(self, now: float) -> list[K]:
+        """The unreachable peers whose own probes still arrive here: the way from them
+        to this host works, the way back does not."""
+        return [p for p, r in self.peers.items()
+                if r.state == "unreachable" and self.hearing(r, now)]
+
     def counts(self) -> dict[State, int]:
         counts: dict[State, int] = {"reachable": 0, "unreachable": 0, "unknown": 0}
         for record in self.peers.values():
@@ -228,6 +250,9 @@ class HealthBook(Generic[K]):
                     "median": round(median * 1000, 3), "p99": round((p99 or 0) * 1000, 3)},
                 "loss": None if loss is None else round(loss, 3),
                 "pmtu": r.pmtu, "probes": {"sent": r.sent, "answered": r.answered},
+                # Seconds since the peer's own probe last arrived (None: never).
+                "heard_s": None if r.heard is None else round(now - r.heard, 1),
+                "hears": self.hearing(r, now),
             }
         return out
 

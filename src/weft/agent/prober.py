@@ -94,7 +94,7 @@ class HealthProber:
         self._lock = threading.Lock()  # the book and the targets, shared with status()
         self._targets: Targets = {}
         self._new_targets: Targets | None = None
-        self._members: frozenset[IPAddress] = frozenset()
+        self._members: dict[IPAddress, IPNetwork] = {}  # overlay address -> subnet
         self._pending: dict[int, _Pending] = {}
         self._seq = 0
         self._stop = threading.Event()
@@ -107,7 +107,7 @@ class HealthProber:
         """Swap the peers to probe (and answer); taken in by the thread's next turn."""
         with self._lock:
             self._new_targets = dict(targets)
-            self._members = frozenset(addr for addr, _, _ in targets.values())
+            self._members = {addr: subnet for subnet, (addr, _, _) in targets.items()}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="weft-health-prober",
@@ -144,13 +144,16 @@ class HealthProber:
             return {k: v for k, v in self.book.counts().items()}, self.book.mean_loss()
 
     def summary(self) -> dict[str, Any]:
-        """What a member asking over the probe channel gets: counts and the peers this
-        host cannot reach (by subnet), cut to fit one small datagram."""
+        """What a member asking over the probe channel gets: counts, the peers this host
+        cannot reach (by subnet), and of those the ones whose probes still arrive here
+        (`hears`: the way from them works), cut to fit one small datagram."""
+        now = self._clock()
         with self._lock:
             counts = self.book.counts()
             down = sorted(str(p) for p, r in self.book.peers.items()
                           if r.state == "unreachable")
-        return {"counts": counts, "unreachable": down}
+            hears = sorted(str(p) for p in self.book.hears(now))
+        return {"counts": counts, "unreachable": down, "hears": hears}
 
     # --- the thread -------------------------------------------------------------------
 
@@ -230,10 +233,13 @@ class HealthProber:
             if (parsed := parse(data, sender, wire.decode, self.counters)) is None:
                 continue
             probe, source = parsed
-            if source not in self._members:
+            peer = self._members.get(source)
+            if peer is None:
                 self.counters.dropped_non_member += 1
                 continue
             if probe.kind == wire.HEALTH_REQUEST:
+                with self._lock:
+                    self.book.heard(peer, self._clock())
                 self._reply(wire.encode(wire.Probe(wire.HEALTH_ANSWER, _PLANE, probe.seq),
                                         len(data)), sender)
                 self.counters.requests_answered += 1
@@ -275,7 +281,9 @@ def summary_answer(seq: int, summary: Mapping[str, Any]) -> bytes:
         if wire.HEADER_SIZE + len(text) <= SUMMARY_MAX or not down:
             break
         down = down[:-1]
+        kept = set(down)  # `hears` names only peers in `unreachable`
         body["unreachable"], body["truncated"] = down, True
+        body["hears"] = [p for p in body.get("hears", []) if p in kept]
     return wire.encode(wire.Probe(wire.SUMMARY_ANSWER, _PLANE, seq),
                        wire.HEADER_SIZE + len(text), text)
 

@@ -12,6 +12,15 @@ overlay only), so a packet that merely claims an overlay address on another inte
 still meets the DROP policy. (The ingress filter, `weft.host.ingress_rules`, already
 dropped overlay sources that arrived on the wrong interface.)
 
+With br_netfilter loaded, a packet between two containers on one host's bridge (`weft0`,
+the CNI plugin's) crosses iptables FORWARD too, as `-i weft0 -o weft0`, and Docker's DROP
+policy drops it: containers on one host lose each other (flannel's CNI users meet it;
+flannel accepts its whole network from and to any interface). weft adds one more rule for
+that, scoped as tightly: in and out of its bridge, overlay to overlay. It is there whenever
+br_netfilter is loaded in this namespace, whatever `bridge-nf-call-iptables` says now: the
+sysctl can be turned on without any event the agent could see. Docker accepts its own
+`docker0` traffic itself.
+
 Only where they can matter: on a host whose FORWARD chain accepts everything and holds
 no rule of anyone else, the rules would only walk every forwarded packet through a chain
 (and, with iptables-nft, register one), so weft adds none there, and removes its own if
@@ -21,9 +30,11 @@ later gets them then.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 from weft.core.config import IPNetwork
 from weft.core.errors import KernelError
@@ -32,18 +43,49 @@ COMMENT = "weft: overlay traffic"
 
 
 def forward_accept_rules(network: IPNetwork, tunnels: Sequence[str],
-                         direct: str | None) -> list[list[str]]:
+                         direct: str | None, bridge: str | None = None) -> list[list[str]]:
     """The rule specs (pure): overlay traffic through weft's devices is accepted. `tunnels`
     and `direct` are the backend's facts (`BackendFacts.tunnels`, `.bare_underlay`): its
-    tunnel devices, and the underlay if overlay packets cross it unencapsulated."""
+    tunnel devices, and the underlay if overlay packets cross it unencapsulated; `bridge`:
+    the container bridge whose bridged packets cross FORWARD (br_netfilter), if any.
+    Written in the order `iptables -S` prints them."""
     net = str(network)
     tail = ["-m", "comment", "--comment", COMMENT, "-j", "ACCEPT"]
     rules: list[list[str]] = []
     for tunnel in tunnels:
-        rules += [["-i", tunnel, "-d", net, *tail], ["-o", tunnel, "-s", net, *tail]]
+        rules += [["-d", net, "-i", tunnel, *tail], ["-s", net, "-o", tunnel, *tail]]
     if direct is not None:
-        rules += [[flag, direct, "-s", net, "-d", net, *tail] for flag in ("-i", "-o")]
+        rules += [["-s", net, "-d", net, flag, direct, *tail] for flag in ("-i", "-o")]
+    if bridge is not None:
+        rules.append(["-s", net, "-d", net, "-i", bridge, "-o", bridge, *tail])
     return rules
+
+
+def same_rule(line: str, spec: Sequence[str]) -> bool:
+    """Whether a line of `iptables -S FORWARD` is the rule `spec` (pure): the same options
+    with the same values, in any order."""
+    try:
+        words = shlex.split(line)
+    except ValueError:
+        return False
+    return words[:2] == ["-A", "FORWARD"] and _options(words[2:]) == _options(spec)
+
+
+def _options(words: Sequence[str]) -> list[tuple[str, ...]]:
+    groups: list[tuple[str, ...]] = []
+    for word in words:
+        if word.startswith("-") or not groups:
+            groups.append((word,))
+        else:
+            groups[-1] += (word,)
+    return sorted(groups)
+
+
+def bridged_through_iptables(version: int) -> bool:
+    """Whether br_netfilter is loaded in this namespace (its sysctl is there): then
+    bridged packets may cross iptables (ip6tables) FORWARD."""
+    name = "bridge-nf-call-iptables" if version == 4 else "bridge-nf-call-ip6tables"
+    return (Path("/proc/sys/net/bridge") / name).exists()
 
 
 def legacy_rules(network: IPNetwork) -> list[list[str]]:
@@ -71,20 +113,28 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def ensure_forward_accept(network: IPNetwork, tunnels: Sequence[str],
-                          direct: str | None) -> bool:
+                          direct: str | None, bridge: str | None = None) -> bool:
     """Append the rules to filter/FORWARD unless already there (idempotent), when the
-    chain could drop overlay traffic; otherwise make sure they are not there. True when
-    the rules are in place. Listing the chain creates no table."""
+    chain could drop overlay traffic; otherwise make sure they are not there. The rule for
+    `bridge` only while br_netfilter is loaded. True when the rules are in place. Listing
+    the chain creates no table."""
     binary = _binary(network)
     if binary is None:
         return False  # no iptables at all: then nothing of Docker's can drop either
     listing = _run([binary, "-S", "FORWARD"])
     if listing.returncode == 0 and not forward_accept_needed(listing.stdout):
         if COMMENT in listing.stdout:
-            remove_forward_accept(network, tunnels, direct)
+            remove_forward_accept(network, tunnels, direct, bridge)
         return False
     _delete_all(binary, legacy_rules(network))
-    for rule in forward_accept_rules(network, tunnels, direct):
+    bridged = bridge if bridge is not None and bridged_through_iptables(network.version) \
+        else None
+    if bridge is not None and bridged is None:  # br_netfilter gone: its rule is stale
+        stale = forward_accept_rules(network, (), None, bridge)
+        if any(same_rule(line, stale[0]) for line in listing.stdout.splitlines()):
+            _delete_all(binary, stale)
+    wanted = forward_accept_rules(network, tunnels, direct, bridged)
+    for rule in wanted:
         if _run([binary, "-C", "FORWARD", *rule]).returncode == 0:
             continue
         added = _run([binary, "-A", "FORWARD", *rule])
@@ -94,21 +144,21 @@ def ensure_forward_accept(network: IPNetwork, tunnels: Sequence[str],
     # `-C` can miss a rule while another tool (dockerd restarting) rewrites the chain, and
     # the rule is then appended twice: keep exactly one copy of each.
     after = _run([binary, "-S", "FORWARD"]).stdout.splitlines()
-    for rule in forward_accept_rules(network, tunnels, direct):
-        match = " ".join(rule[:4])
-        extra = sum(1 for line in after if match in line and COMMENT in line) - 1
+    for rule in wanted:
+        extra = sum(1 for line in after if same_rule(line, rule)) - 1
         for _ in range(max(0, extra)):
             _run([binary, "-D", "FORWARD", *rule])
     return True
 
 
 def remove_forward_accept(network: IPNetwork, tunnels: Sequence[str],
-                          direct: str | None) -> None:
+                          direct: str | None, bridge: str | None = None) -> None:
     """Delete every copy of the rules; rules of others stay."""
     binary = _binary(network)
     if binary is None:
         return
-    _delete_all(binary, forward_accept_rules(network, tunnels, direct) + legacy_rules(network))
+    _delete_all(binary, forward_accept_rules(network, tunnels, direct, bridge)
+                + legacy_rules(network))
 
 
 def _delete_all(binary: str, rules: list[list[str]]) -> None:
