@@ -15,7 +15,8 @@ import pytest
 from helpers import metric, scrape, wait_for
 from weft.core.errors import WeftError
 from weft_lab.nodes import Container, Host
-from weft_lab.testbed import Testbed
+from weft_lab.shell import sh
+from weft_lab.testbed import Testbed, netns_exec
 
 pytestmark = pytest.mark.netns
 
@@ -267,3 +268,72 @@ def test_vxlan_carries_ipv6_over_the_ipv6_underlay_where_both_ends_have_one() ->
             first.netns, ["ip", "-br", "link"]).stdout, 30)
         a, b, _ = tb.containers
         assert reaches(tb, a.netns, b.ip6)
+
+
+def nft_udp_counters(tb: Testbed, host: Host, port: int, peers: dict[str, str]) -> None:
+    """Counters in `host`'s namespace (a table of the test's own) of the UDP datagrams it
+    sends to `port` on each of `peers` (name -> underlay address, either family)."""
+    lines = ["add table inet udp6test",
+             "add chain inet udp6test out { type filter hook output priority 0; }"]
+    for name, address in peers.items():
+        family = "ip6" if ":" in address else "ip"
+        lines += [f"add counter inet udp6test {name}",
+                  f"add rule inet udp6test out {family} daddr {address} udp dport {port} "
+                  f"counter name {name}"]
+    sh(netns_exec(host.netns, ["nft", "-f", "-"]), input="\n".join(lines) + "\n")
+
+
+def nft_packets(tb: Testbed, host: Host, name: str) -> int:
+    out = tb.run(host.netns, ["nft", "-j", "list", "counter", "inet", "udp6test", name]).stdout
+    return int(next(item["counter"]["packets"] for item in json.loads(out)["nftables"]
+                    if "counter" in item))
+
+
+def test_udp_carries_ipv6_over_the_ipv6_underlay_where_both_ends_have_one() -> None:
+    """A mixed underlay on udp (the third host IPv4-only): the first two hosts send each
+    other's IPv6 subnets over the IPv6 underlay (the forwarder's second socket, to the
+    peer's PublicIPv6), every pair with the third over IPv4; both families reach every
+    container, and status says which underlay each peer's IPv6 half uses."""
+    # No peer probes: the counters below must move only with the test's pings.
+    with Testbed(hosts=3, containers_per_host=1, config=dual_config("udp"),
+                 underlay="dual", ipv4_only_hosts=1,
+                 agent_args=["--probe-period", "0"]) as tb:
+        tb.start()
+        check_mesh(tb)
+        leases = {lease.public_ip: lease for lease in tb.leases()}
+        first, second, third = tb.hosts
+        a, b, lone = tb.containers
+        six = {h.name: str(leases[h.underlay_ip].ipv6_subnet) for h in tb.hosts}
+        status = tb.host_status(first)["backend_status"]
+        assert status["ipv6_over"] == {six[second.name]: "ipv6", six[third.name]: "ipv4"}
+        assert status["peers"][six[second.name]] == f"[{second.underlay_ip6}]:8285"
+        assert status["ipv6_underlay"]["address"] == str(first.underlay_ip6)
+        lonely = tb.host_status(third)["backend_status"]
+        assert set(lonely["ipv6_over"].values()) == {"ipv4"}
+        assert "ipv6_underlay" not in lonely
+        # Which underlay the datagrams take, counted by the kernel of the sending host.
+        nft_udp_counters(tb, first, 8285, {"v6": str(second.underlay_ip6),
+                                           "v4": str(second.underlay_ip),
+                                           "lone": str(third.underlay_ip)})
+        assert b.ip6 is not None
+        assert lone.ip6 is not None
+        assert tb.ping(a.netns, b.ip6, count=3)
+        assert nft_packets(tb, first, "v6") >= 3
+        assert nft_packets(tb, first, "v4") == 0
+        assert tb.ping(a.netns, b.ip, count=3)
+        assert nft_packets(tb, first, "v4") >= 3
+        before = nft_packets(tb, first, "lone")
+        assert tb.ping(a.netns, lone.ip6, count=3)
+        assert nft_packets(tb, first, "lone") >= before + 3
+        # The receiving forwarder counts them on its IPv6 socket; the filter let them in.
+        received = tb.host_status(second)["backend_status"]["ipv6_underlay"]["rx"]
+        assert received["packets"] >= 3
+        assert received["drops"] == {}
+        for host in tb.hosts:
+            assert tb.host_status(host)["ingress"]["dropped"].get("non_member", 0) == 0
+        # MTU: one for the containers, leaving room for the IPv6 underlay's header.
+        assert "FLANNEL_MTU=1434\n" in first.subnet_env_path.read_text()
+        assert "FLANNEL_MTU=1454\n" in third.subnet_env_path.read_text()
+        # A full-size IPv6 packet fits (1434 - 40 - 8 bytes of ICMPv6 payload), DF set.
+        assert tb.run(a.netns, ["ping", "-6", "-c", "1", "-W", "2", "-M", "do", "-s", "1386",
+                                str(b.ip6)], check=False).returncode == 0
