@@ -25,6 +25,7 @@ from pathlib import Path
 from weft.backends.wireguard.uapi import SOCKET_DIR, UapiDevice
 from weft.core.errors import KernelError, KernelFeatureMissing
 from weft.host.files import open_private, private_dir, write_private
+from weft.host.processes import in_our_netns, is_running
 
 PID_FILE = "wireguard-go.pid"
 LOG_FILE = "wireguard-go.log"
@@ -44,22 +45,6 @@ def private_socket_dir_argv(directory: Path, argv: Sequence[str]) -> list[str]:
     )
     return ["unshare", "--mount", "--propagation", "private", "--",
             "sh", "-c", script, "sh", str(directory), *argv]
-
-
-def _netns_inode(pid: int | str) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}/ns/net").st_ino
-    except OSError:
-        return None
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            state = f.read().rsplit(")", 1)[-1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 class WireguardGo:
@@ -88,7 +73,7 @@ class WireguardGo:
         if (not cmdline or not cmdline[0].endswith(b"wireguard-go")
                 or self.ifname.encode() not in cmdline[1:]):
             return None
-        if _netns_inode(pid) != _netns_inode("self") or not _is_running(pid):
+        if not in_our_netns(pid) or not is_running(pid):
             return None
         return pid
 
@@ -146,7 +131,7 @@ class WireguardGo:
             if self._child is not None and self._child.pid == pid:
                 if self._child.poll() is not None:
                     return
-            elif not _is_running(pid):
+            elif not is_running(pid):
                 return
             time.sleep(0.02)
         with contextlib.suppress(ProcessLookupError):
