@@ -337,3 +337,10 @@ def test_udp_carries_ipv6_over_the_ipv6_underlay_where_both_ends_have_one() -> N
         # A full-size IPv6 packet fits (1434 - 40 - 8 bytes of ICMPv6 payload), DF set.
         assert tb.run(a.netns, ["ping", "-6", "-c", "1", "-W", "2", "-M", "do", "-s", "1386",
                                 str(b.ip6)], check=False).returncode == 0
+        # Self-healing: the TUN device deleted, the forwarder opens it and both sockets
+        # anew (its counters start again), and the IPv6 half takes the IPv6 underlay again.
+        tb.run(first.netns, ["ip", "link", "del", "weft.udp0"])
+        assert reaches(tb, a.netns, b.ip6)
+        again = tb.host_status(first)["backend_status"]
+        assert again["ipv6_underlay"]["tx"]["packets"] >= 1
+        assert again["ipv6_over"] == status["ipv6_over"]
