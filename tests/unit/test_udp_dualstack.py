@@ -19,7 +19,7 @@ import pytest
 from helpers import wait_for
 from weft.backends.udp.bind import open_bind
 from weft.backends.udp.forwarder import Forwarder
-from weft.backends.udp.plan import PeerTable, plan
+from weft.backends.udp.plan import UdpPlan, plan
 from weft.core.lease import Lease
 
 LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
@@ -165,27 +165,30 @@ def test_the_ipv6_half_takes_the_ipv6_underlay_only_where_both_ends_listen_there
     lone = dual_lease(4, 8300, ipv6=None, port6=None)
     peers = [both, silent, lone]
 
-    def table_of(own_ipv6: ipaddress.IPv6Address | None) -> PeerTable:
+    def plan_of(own_ipv6: ipaddress.IPv6Address | None) -> UdpPlan:
         return plan(peers, own_ip=ipaddress.ip_address("198.18.0.1"), default_port=8285,
-                    version=4, subnet_len=24, ipv6_subnet_len=64, own_ipv6=own_ipv6).table
+                    version=4, subnet_len=24, ipv6_subnet_len=64, own_ipv6=own_ipv6)
 
-    table = table_of(OWN6)
+    planned = plan_of(OWN6)
+    table = planned.table
     assert table.six is not None
     assert table.describe() == {
         "198.19.2.0/24": "198.18.0.2:8285", "198.19.3.0/24": "198.18.0.3:8285",
         "198.19.4.0/24": "198.18.0.4:8300",
         "2001:db8:1:2::/64": "[2001:db8:ff::2]:8285",
         "2001:db8:1:3::/64": "198.18.0.3:8285", "2001:db8:1:4::/64": "198.18.0.4:8300"}
-    assert table.ipv6_underlay() == {"2001:db8:1:2::/64": "ipv6", "2001:db8:1:3::/64": "ipv4",
-                                     "2001:db8:1:4::/64": "ipv4"}
+    assert planned.over_ipv4 == {
+        "2001:db8:1:3::/64": "peer 2001:db8:ff::3 has no IPv6 underlay socket (no "
+                             "BackendV6Data Port: a forwarder of an earlier weft)",
+        "2001:db8:1:4::/64": "peer 198.18.0.4 has no IPv6 underlay address (no PublicIPv6)"}
     # Both tables know every member of either family: a stranger is one to both.
     assert table.members == table.six.members == {
         ("198.18.0.2", 8285), ("198.18.0.3", 8285), ("198.18.0.4", 8300),
         ("2001:db8:ff::2", 8285)}
     # This host without an IPv6 underlay socket: everything over IPv4, as before.
-    four = table_of(None)
-    assert set(four.ipv6_underlay().values()) == {"ipv4"}
-    assert all(":" not in ip for ip, _ in four.members)
+    four = plan_of(None)
+    assert four.over_ipv4 == {}  # nothing to explain: this host has no IPv6 socket
+    assert all(":" not in ip for ip, _ in four.table.members)
     from weft.backends.udp.control import decode_table, encode_table
     assert decode_table(json.loads(json.dumps(encode_table(table)))) == table
 
@@ -233,7 +236,7 @@ def dual(request: pytest.FixtureRequest) -> Iterator[tuple[
 def test_ipv6_packets_cross_the_ipv6_underlay_and_ipv4_ones_the_ipv4_underlay(dual: tuple[
         tuple[Forwarder, FakeTun], tuple[Forwarder, FakeTun]]) -> None:
     (a, a_tun), (b, b_tun) = dual
-    assert a.peers.ipv6_underlay() == {"2001:db8:1:2::/64": "ipv6"}
+    assert a.peers.describe()["2001:db8:1:2::/64"] == f"[::1]:{b.bind.port}"
     six = ipv6_stream("2001:db8:1:1::5", "2001:db8:1:2::7", b"ping6")
     a_tun.kernel.send(six)
     assert b_tun.kernel.recv(0x20000) == six

@@ -58,6 +58,7 @@ class UdpBackend:
         # (auto turns it off before prepare: its planes are chosen per peer).
         self.ipv6_underlay = (config.dual_stack and host.public_ip.version == 4
                               and host.public_ipv6 is not None)
+        self._over_ipv4: Mapping[str, str] = {}  # as last planned: IPv6 subnet -> why
 
     @property
     def mtu(self) -> int:
@@ -155,6 +156,7 @@ class UdpBackend:
                            ipv6_subnet_len=six.length if six is not None else None,
                            own_ipv6=self.host.public_ipv6 if self.ipv6_underlay else None)
         errors = dict(wanted.errors)
+        self._over_ipv4 = wanted.over_ipv4
         with Netlink() as nl:
             # level-based: put back our route if someone removed it
             result = self._converge_route(nl, self._link(nl).index)
@@ -176,10 +178,23 @@ class UdpBackend:
         if self.forwarder is not None:
             facts.update(self.forwarder.status())
             facts["forwarder_pid"] = facts.pop("pid", None)
-            if self.config.dual_stack:
-                # Which underlay carries each peer's IPv6 subnet (6: its PublicIPv6).
-                facts["ipv6_over"] = self.forwarder.peers.ipv6_underlay()
+        if self.config.dual_stack:
+            facts["ipv6_underlay"] = self._status6(facts.get("ipv6_underlay"))
         return facts
+
+    def _status6(self, socket6: Any) -> dict[str, Any]:
+        """Which underlay each peer's IPv6 subnet travels: the IPv6 socket's facts (from
+        the forwarder: address, port, its share of the counters) and the peers whose IPv6
+        subnet rides IPv4, with why; on a host without the socket, why not."""
+        if not self.ipv6_underlay:
+            why = ("the PublicIP is IPv6: one socket carries both families over the IPv6 "
+                   "underlay" if self.host.public_ip.version == 6 else
+                   "this host has no IPv6 underlay address beside its IPv4 PublicIP: every "
+                   "peer's IPv6 subnet rides the IPv4 socket")
+            return {"address": None, "why": why}
+        six = dict(socket6) if isinstance(socket6, dict) else {}
+        six["over_ipv4"] = dict(sorted(self._over_ipv4.items()))
+        return six
 
     def close(self) -> None:
         """Leave the forwarder forwarding (with its last peer table) and the persistent

@@ -97,15 +97,6 @@ class PeerTable:
         }
         return described if self.six is None else described | self.six.describe()
 
-    def ipv6_underlay(self) -> dict[str, str]:
-        """Dual stack: by each peer's IPv6 subnet, the underlay that carries it ("ipv6": to
-        the peer's PublicIPv6; "ipv4": beside its IPv4 subnet)."""
-        six = self.six
-        if six is None:
-            return {}
-        return {str(ipaddress.IPv6Network((addr, six.subnet_len))):
-                "ipv6" if over_ipv6(endpoint) else "ipv4"
-                for addr, endpoint in sorted(six.routes.items())}
 
     def for_version(self, version: int) -> PeerTable | None:
         """The table for inner packets of IP `version`: this one, its IPv6 half, or none."""
@@ -129,6 +120,8 @@ def describe_endpoint(endpoint: Endpoint) -> str:
 class UdpPlan:
     table: PeerTable
     errors: Mapping[str, str] = field(default_factory=dict)  # peer subnet -> why not
+    # With this host's IPv6 underlay socket: peer IPv6 subnet -> why it rides IPv4.
+    over_ipv4: Mapping[str, str] = field(default_factory=dict)
 
 
 def plan(peers: Sequence[Lease], *, own_ip: IPAddress, default_port: int, version: int,
@@ -139,6 +132,7 @@ def plan(peers: Sequence[Lease], *, own_ip: IPAddress, default_port: int, versio
     same endpoint as its IPv4 one, or, with `own_ipv6`, this host's IPv6 underlay address
     its forwarder listens on, to the peer's own IPv6 endpoint where it publishes one)."""
     errors: dict[str, str] = {}
+    over_ipv4: dict[str, str] = {}
     accepted: list[Peer] = []
     accepted6: list[Peer] = []
     for lease in peers:
@@ -157,7 +151,10 @@ def plan(peers: Sequence[Lease], *, own_ip: IPAddress, default_port: int, versio
             else:
                 accepted.append(peer)
                 if ipv6_subnet_len is not None and lease.ipv6_subnet is not None:
-                    accepted6.append(_ipv6_half(lease, peer, own_ipv6))
+                    half, why = _ipv6_half(lease, peer, own_ipv6)
+                    accepted6.append(half)
+                    if why is not None:
+                        over_ipv4[str(half.subnet)] = why
         if problem is not None:
             errors[str(lease.subnet)] = problem
     table = PeerTable.build(version, subnet_len, accepted)
@@ -166,18 +163,26 @@ def plan(peers: Sequence[Lease], *, own_ip: IPAddress, default_port: int, versio
         members = table.members | six.members
         table = dataclasses.replace(table, members=members,
                                     six=dataclasses.replace(six, members=members))
-    return UdpPlan(table, errors)
+    return UdpPlan(table, errors, over_ipv4)
 
 
-def _ipv6_half(lease: Lease, peer: Peer, own_ipv6: IPAddress | None) -> Peer:
+def _ipv6_half(lease: Lease, peer: Peer, own_ipv6: IPAddress | None
+               ) -> tuple[Peer, str | None]:
     """Where the peer's IPv6 subnet goes: its IPv6 endpoint when both ends have an IPv6
     underlay and the peer's forwarder listens there (its BackendV6Data's Port, which a
-    host without that second socket never publishes), else its IPv4 one."""
+    host without that second socket never publishes), else its IPv4 one; and, when this
+    host has the IPv6 socket, why not that."""
     assert lease.ipv6_subnet is not None
-    data6 = lease.backend_v6_data
-    if own_ipv6 is not None and lease.public_ipv6 is not None and data6 is not None:
-        try:
-            return Peer(lease.ipv6_subnet, lease.public_ipv6, peer_port(data6, peer.port))
-        except PeerDataError:
-            pass  # the validator reports a bad BackendV6Data; IPv4 still carries it
-    return Peer(lease.ipv6_subnet, peer.public_ip, peer.port)
+    over_ipv4 = Peer(lease.ipv6_subnet, peer.public_ip, peer.port)
+    if own_ipv6 is None:
+        return over_ipv4, None
+    if lease.public_ipv6 is None:
+        return over_ipv4, f"peer {lease.public_ip} has no IPv6 underlay address (no PublicIPv6)"
+    if lease.backend_v6_data is None:
+        return over_ipv4, (f"peer {lease.public_ipv6} has no IPv6 underlay socket (no "
+                           "BackendV6Data Port: a forwarder of an earlier weft)")
+    try:
+        port = peer_port(lease.backend_v6_data, peer.port)
+    except PeerDataError as exc:  # the validator refuses it first; IPv4 still carries it
+        return over_ipv4, f"peer {lease.public_ipv6}: BackendV6Data {exc}"
+    return Peer(lease.ipv6_subnet, lease.public_ipv6, port), None

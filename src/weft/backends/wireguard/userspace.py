@@ -27,9 +27,6 @@ from weft.core.errors import KernelError, KernelFeatureMissing
 from weft.host.files import open_private, private_dir, write_private
 from weft.host.processes import in_our_netns, is_running
 
-PID_FILE = "wireguard-go.pid"
-LOG_FILE = "wireguard-go.log"
-
 
 def wireguard_go_binary() -> str | None:
     return shutil.which("wireguard-go")
@@ -50,15 +47,23 @@ def private_socket_dir_argv(directory: Path, argv: Sequence[str]) -> list[str]:
 class WireguardGo:
     """The wireguard-go process serving device `ifname` in this network namespace."""
 
-    def __init__(self, ifname: str, state_dir: Path, socket_dir: Path = SOCKET_DIR) -> None:
+    def __init__(self, ifname: str, state_dir: Path, socket_dir: Path = SOCKET_DIR,
+                 files: str = "wireguard-go") -> None:
         self.ifname = ifname
         self.state_dir = state_dir
+        # Its pid and log files in the state directory: `<files>.pid`, `<files>.log` (one
+        # pair per device: dual stack's second device has its own process).
+        self.files = files
         self.device = UapiDevice(ifname, socket_dir)
         self._child: subprocess.Popen[bytes] | None = None
 
     @property
     def pid_file(self) -> Path:
-        return self.state_dir / PID_FILE
+        return self.state_dir / f"{self.files}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / f"{self.files}.log"
 
     def pid(self) -> int | None:
         """The pid of our wireguard-go, if the pid file names a live process that is
@@ -93,7 +98,7 @@ class WireguardGo:
             "LOG_LEVEL": "error",
         }
         # Never through a symlink, never a file of another user (weft.host.files).
-        log_fd = open_private(self.state_dir / LOG_FILE,
+        log_fd = open_private(self.log_file,
                               os.O_WRONLY | os.O_CREAT | os.O_APPEND, "wireguard-go log")
         with os.fdopen(log_fd, "ab") as log:
             child = subprocess.Popen(
@@ -118,7 +123,7 @@ class WireguardGo:
 
     def _log_tail(self) -> str:
         try:
-            text = (self.state_dir / LOG_FILE).read_text(errors="replace")
+            text = self.log_file.read_text(errors="replace")
         except OSError:
             return "(no log)"
         return " | ".join(text.strip().splitlines()[-3:]) or "(empty log)"
