@@ -3,6 +3,7 @@ every other container by both (2001:db8::/32 inside the namespaces only)."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import re
@@ -286,15 +287,76 @@ for _ in range(int(sys.argv[2])):
 
 def udp_counter(tb: Testbed, host: Host, match: str) -> Callable[[], int]:
     """Packets arriving at `host` that `match` (an nft expression), counted by a table of
-    the test's own in its namespace: what crosses the underlay, independent of weft."""
-    tb.run(host.netns, ["nft", "add", "table", "inet", "wgtest"])
-    tb.run(host.netns, ["nft", "add chain inet wgtest in { type filter hook input priority 0; }"])
-    tb.run(host.netns, ["nft", f"add rule inet wgtest in {match} counter"])
+    the test's own in its namespace: what crosses the underlay, independent of weft. Each
+    match its own named counter."""
+    name = "c" + hashlib.sha256(match.encode()).hexdigest()[:12]
+    tb.run(host.netns, ["nft", "add", "table", "inet", "counted"])
+    tb.run(host.netns, ["nft", "add chain inet counted in { type filter hook input priority 0; }"])
+    tb.run(host.netns, ["nft", "add", "counter", "inet", "counted", name])
+    tb.run(host.netns, ["nft", f"add rule inet counted in {match} counter name {name}"])
 
     def packets() -> int:
-        listing = tb.run(host.netns, ["nft", "list", "chain", "inet", "wgtest", "in"]).stdout
-        return sum(int(n) for n in re.findall(r"counter packets (\d+)", listing))
+        listing = tb.run(host.netns, ["nft", "list", "counter", "inet", "counted", name]).stdout
+        return sum(int(n) for n in re.findall(r"packets (\d+)", listing))
     return packets
+
+
+def test_udp_carries_ipv6_over_the_ipv6_underlay_where_both_ends_have_one() -> None:
+    """A mixed underlay on udp (the third host IPv4-only): the first two hosts send each
+    other's IPv6 subnets over the IPv6 underlay (the forwarder's second socket, to the
+    peer's PublicIPv6), every pair with the third over IPv4; both families reach every
+    container, and status says which underlay each peer's IPv6 half uses."""
+    # No peer probes: the counters below must move only with the test's pings.
+    with Testbed(hosts=3, containers_per_host=1, config=dual_config("udp"),
+                 underlay="dual", ipv4_only_hosts=1,
+                 agent_args=["--probe-period", "0"]) as tb:
+        tb.start()
+        check_mesh(tb)
+        leases = {lease.public_ip: lease for lease in tb.leases()}
+        first, second, third = tb.hosts
+        a, b, lone = tb.containers
+        six = {h.name: str(leases[h.underlay_ip].ipv6_subnet) for h in tb.hosts}
+        status = tb.host_status(first)["backend_status"]
+        assert status["peers"][six[second.name]] == f"[{second.underlay_ip6}]:8285"
+        assert status["peers"][six[third.name]] == f"{third.underlay_ip}:8285"
+        assert status["ipv6_underlay"]["address"] == str(first.underlay_ip6)
+        assert status["ipv6_underlay"]["over_ipv4"] == {six[third.name]: (
+            f"peer {third.underlay_ip} has no IPv6 underlay address (no PublicIPv6)")}
+        lonely = tb.host_status(third)["backend_status"]["ipv6_underlay"]
+        assert lonely["address"] is None
+        assert "rides the IPv4 socket" in lonely["why"]
+        # Which underlay the datagrams take, counted by the kernel of the receiving hosts.
+        over6 = udp_counter(tb, second, f"ip6 saddr {first.underlay_ip6} udp dport 8285")
+        over4 = udp_counter(tb, second, f"ip saddr {first.underlay_ip} udp dport 8285")
+        to_lone = udp_counter(tb, third, f"ip saddr {first.underlay_ip} udp dport 8285")
+        assert b.ip6 is not None
+        assert lone.ip6 is not None
+        assert tb.ping(a.netns, b.ip6, count=3)
+        assert over6() >= 3
+        assert over4() == 0
+        assert tb.ping(a.netns, b.ip, count=3)
+        assert over4() >= 3
+        assert tb.ping(a.netns, lone.ip6, count=3)
+        assert to_lone() >= 3
+        # The receiving forwarder counts them on its IPv6 socket; the filter let them in.
+        received = tb.host_status(second)["backend_status"]["ipv6_underlay"]["rx"]
+        assert received["packets"] >= 3
+        assert received["drops"] == {}
+        for host in tb.hosts:
+            assert tb.host_status(host)["ingress"]["dropped"].get("non_member", 0) == 0
+        # MTU: one for the containers, leaving room for the IPv6 underlay's header.
+        assert "FLANNEL_MTU=1434\n" in first.subnet_env_path.read_text()
+        assert "FLANNEL_MTU=1454\n" in third.subnet_env_path.read_text()
+        # A full-size IPv6 packet fits (1434 - 40 - 8 bytes of ICMPv6 payload), DF set.
+        assert tb.run(a.netns, ["ping", "-6", "-c", "1", "-W", "2", "-M", "do", "-s", "1386",
+                                str(b.ip6)], check=False).returncode == 0
+        # Self-healing: the TUN device deleted, the forwarder opens it and both sockets
+        # anew (its counters start again), and the IPv6 half takes the IPv6 underlay again.
+        tb.run(first.netns, ["ip", "link", "del", "weft.udp0"])
+        assert reaches(tb, a.netns, b.ip6)
+        again = tb.host_status(first)["backend_status"]
+        assert again["ipv6_underlay"]["tx"]["packets"] >= 1
+        assert again["ipv6_underlay"]["over_ipv4"] == status["ipv6_underlay"]["over_ipv4"]
 
 
 @pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="needs wireguard-go")

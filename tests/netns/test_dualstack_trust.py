@@ -1,7 +1,8 @@
 """Self-healing and trust hold for IPv6 as for IPv4, on a dual-stack vxlan network: an IPv6
 route or neighbour deleted under a running agent comes back; a forged IPv6-in-VXLAN frame
-from a non-member never reaches a container and is counted; a record whose IPv6 half is
-poisoned is that peer's error while the good peers keep both families. 2001:db8::/32 only
+from a non-member never reaches a container and is counted (and on udp, a forged datagram
+to its IPv6 underlay socket); a record whose IPv6 half is poisoned is that peer's error
+while the good peers keep both families. 2001:db8::/32 only
 inside the test's namespaces."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 
 from forged import PACKETS, heard_during
 from helpers import sqlite_delete, sqlite_put, wait_for
+from weft.backends.udp.control import CONTROL_SOCKET, request
 from weft_lab.testbed import Container, Host, Testbed
 
 pytestmark = pytest.mark.netns
@@ -76,9 +78,8 @@ def test_an_ipv6_route_and_neighbour_deleted_under_the_agent_come_back(bed: Test
     assert tb.host_status(h1)["errors"] == {}
 
 
-# Sends COUNT VXLAN frames (to host TARGET:8472, inner destination MAC = its VTEP MAC)
-# carrying an IPv6/UDP packet SRC -> DST:7777 with payload b"forged-<tag>", built here.
-FORGER6 = PACKETS + textwrap.dedent("""
+# `inner_ipv6(src, dst, payload)`: an IPv6/UDP packet src:4444 -> dst:7777, built here.
+INNER6 = PACKETS + textwrap.dedent("""
     def inner_ipv6(src, dst, payload):
         s, d = ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed
         length = 8 + len(payload)
@@ -90,6 +91,10 @@ FORGER6 = PACKETS + textwrap.dedent("""
         csum = (~total & 0xFFFF) or 0xFFFF  # UDP over IPv6 must carry a checksum
         udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
         return struct.pack("!IHBB", 6 << 28, length, 17, 64) + s + d + udp
+""")
+# Sends COUNT VXLAN frames (to host TARGET:8472, inner destination MAC = its VTEP MAC)
+# carrying an IPv6/UDP packet SRC -> DST:7777 with payload b"forged-<tag>".
+FORGER6 = INNER6 + textwrap.dedent("""
     target, count, src, dst, tag, mac = sys.argv[1:7]
     packet = inner_ipv6(src, dst, b"forged-" + tag.encode())
     frame = (struct.pack("!II", 0x08000000, 1 << 8) + bytes.fromhex(mac.replace(":", ""))
@@ -136,6 +141,64 @@ def test_a_forged_ipv6_in_vxlan_frame_from_a_non_member_is_dropped_and_counted(
     assert heard.count("forged-outsider") > 0, heard
     until(lambda: "non_member" in dropped(tb, h2), "the ingress filter to come back")
     assert pings6(tb, c1, c2)
+
+
+# Sends COUNT datagrams of weft's udp encapsulation from SOURCE:PORT (an IPv6 underlay
+# address) to TARGET:PORT, each carrying an IPv6/UDP packet SRC -> DST:7777.
+UDP_FORGER6 = INNER6 + textwrap.dedent("""
+    source, target, port, count, src, dst, tag = sys.argv[1:8]
+    datagram = weft_udp(inner_ipv6(src, dst, b"forged-" + tag.encode()))
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.bind((source, int(port)))
+    for _ in range(int(count)):
+        s.sendto(datagram, (target, int(port)))
+    print("sent", count, flush=True)
+""")
+
+
+def test_udp_hears_only_members_on_the_ipv6_underlay() -> None:
+    """udp on a dual underlay carries the IPv6 overlay on a second socket, on the IPv6
+    underlay. A non-member's datagrams there (from the member port, carrying a member's
+    IPv6 source) are dropped by the ingress filter and counted (`non_member`); with the
+    filter gone, by the forwarder's own member check, counted on its IPv6 socket
+    (`unknown_peer`); no container hears one either way."""
+    config = json.dumps({"Network": "198.19.0.0/16", "EnableIPv6": True,
+                         "IPv6Network": "2001:db8:1::/48", "Backend": {"Type": "udp"}})
+    with Testbed(hosts=2, containers_per_host=1, config=config, underlay="dual",
+                 agent_args=["--resync-interval", "2"]) as tb:
+        tb.start()
+        _, h2 = tb.hosts
+        c1, c2 = tb.containers
+        assert pings6(tb, c1, c2)
+        intruder = tb.add_underlay_node("intr6", "198.18.0.98")
+        tb.run(intruder, ["ip", "addr", "add", "2001:db8:ff::98/64", "dev", "eth0", "nodad"])
+
+        def forge() -> None:
+            out = tb.run(intruder, ["/usr/bin/python3", "-c", UDP_FORGER6, "2001:db8:ff::98",
+                                    str(h2.underlay_ip6), "8285", str(FORGERIES), str(c1.ip6),
+                                    str(c2.ip6), "outsider"])
+            assert "sent" in out.stdout
+
+        def refused() -> int:  # the forwarder's own count, asked directly (no agent needed)
+            status, _ = request(h2.state_dir / CONTROL_SOCKET, {"op": "status"})
+            return int(status["ipv6_underlay"]["rx"]["drops"].get("unknown_peer", 0))
+
+        before = dropped(tb, h2).get("non_member", 0)
+        assert heard_during(c2, forge, family=6) == []
+        assert dropped(tb, h2)["non_member"] - before == FORGERIES
+        assert refused() == 0  # the filter took them all
+        assert h2.agent is not None
+        h2.agent.send_signal(19)  # SIGSTOP: or it would put the filter back at once
+        try:
+            tb.run(h2.netns, ["nft", "delete", "table", "inet", "weft-ingress"])
+            heard = heard_during(c2, forge, family=6)
+            wait_for("the forwarder to count them", lambda: refused() == FORGERIES, WAIT,
+                     seen=refused)
+        finally:
+            h2.agent.send_signal(18)  # SIGCONT
+        assert heard == []
+        until(lambda: "non_member" in dropped(tb, h2), "the ingress filter to come back")
+        assert pings6(tb, c1, c2)
 
 
 def record(public_ip: str, **extra: object) -> str:

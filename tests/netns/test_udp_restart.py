@@ -53,10 +53,11 @@ def forwarders(tb: Testbed, host: Host) -> list[int]:
 
 
 @contextlib.contextmanager
-def pinging(src: Container, dst: Container) -> Iterator[PingProbe]:
-    """`ping -i 0.05` from `src` to `dst`, its replies read as they come; 20 answered
-    before the body runs, so a first loss is counted."""
-    probe = PingProbe(netns_exec(src.netns, ["ping", "-D", "-n", "-i", "0.05", str(dst.ip)]))
+def pinging(src: Container, dst: Container, ipv6: bool = False) -> Iterator[PingProbe]:
+    """`ping -i 0.05` from `src` to `dst` (its IPv6 address with `ipv6`), its replies read
+    as they come; 20 answered before the body runs, so a first loss is counted."""
+    target = dst.ip6 if ipv6 else dst.ip
+    probe = PingProbe(netns_exec(src.netns, ["ping", "-D", "-n", "-i", "0.05", str(target)]))
     try:
         probe.wait_replies_after("before the fault", 0.0, count=20)
         yield probe
@@ -241,26 +242,34 @@ def test_a_removed_state_directory_costs_no_ping_and_no_new_forwarder(
         assert "udp forwarder answers again" in tb.agent_log(h1)
 
 
+@pytest.mark.parametrize("underlay", ["ipv4", "dual"])
 def test_an_upgrade_hands_the_device_and_socket_over_without_a_pause(
-        tmp_path: Path, record_property: Record) -> None:
+        tmp_path: Path, record_property: Record, underlay: str) -> None:
     """A forwarder of another version (a copy of weft with one module changed) is running
     when the agent starts: the agent's own takes its device, socket and table over (fds
-    passed on the control socket) and it exits, under a ping."""
+    passed on the control socket) and it exits, under a ping. On a dual-stack network over
+    a dual underlay, its IPv6 underlay socket too, under an IPv6 ping that crosses it."""
     import weft
+
+    dual = underlay == "dual"
+    network = json.dumps({"Network": NETWORK, "EnableIPv6": True,
+                          "IPv6Network": "2001:db8:1::/48", "Backend": {"Type": "udp"}})
 
     older = tmp_path / "older"
     shutil.copytree(Path(weft.__file__).parent, older / "weft",
                     ignore=shutil.ignore_patterns("__pycache__"))
     with (older / "weft" / "backends" / "udp" / "daemon.py").open("a") as f:
         f.write("# another release\n")
-    with Testbed(hosts=2, containers_per_host=1, config=config("udp")) as tb:
+    with Testbed(hosts=2, containers_per_host=1, config=network if dual else config("udp"),
+                 underlay=underlay) as tb:
         tb.start()
         h1, _ = tb.hosts
         src, dst = tb.containers
         hello, first = request(h1.state_dir / CONTROL_SOCKET, {"op": "hello"})
+        assert ("bind_ipv6" in hello["spec"]) is dual
         argv = [sys.executable, "-m", MODULE, "--state-dir", str(h1.state_dir),
                 *ForwarderSpec(**hello["spec"]).argv(), "--take-over"]
-        with pinging(src, dst) as probe:
+        with pinging(src, dst, ipv6=dual) as probe:
             assert tb.stop_agent(h1, signal.SIGKILL) != 0
             # The older release takes over from this one (the same hand-over, backwards)...
             with (tmp_path / "older.log").open("wb") as log:
@@ -288,12 +297,15 @@ def test_an_upgrade_hands_the_device_and_socket_over_without_a_pause(
                     older_proc.wait()
             more_replies(probe, "through the agent's own forwarder")
         sent, missing = lost(probe)
-        record_figure(record_property, "udp: forwarder handed over to another version and "
-                      "back (seconds: the agent's start)", took, pings_lost=len(missing),
-                      pings=sent)
+        record_figure(record_property, f"udp ({underlay} underlay): forwarder handed over to "
+                      "another version and back (seconds: the agent's start)", took,
+                      pings_lost=len(missing), pings=sent)
         (mine,) = forwarders(tb, h1)
         assert mine not in (first, older_proc.pid)
         status = backend_status(tb, h1)
         assert (status["forwarder_pid"], status["version"]) == (mine, hello["version"])
         assert "handing the udp forwarder over to this version" in tb.agent_log(h1)
         assert missing == [], (sent, missing)
+        if dual:  # the pings crossed the IPv6 underlay socket the forwarders handed over
+            assert status["ipv6_underlay"]["tx"]["packets"] > 0
+            assert status["ipv6_underlay"]["rx"]["packets"] > 0

@@ -225,7 +225,7 @@ def test_ingress_accepts_the_members_ipv6_underlay_addresses_and_guards_ipv6_sou
     a, b = peer(2, public_ipv6="2001:db8:ff::2"), peer(3)
     plan = ingress_plan(config, addr("198.18.0.1"), own, [a], port=8472,
                         public_ipv6=addr("2001:db8:ff::1"))
-    assert plan.members6 == frozenset({addr("2001:db8:ff::2")})
+    assert plan.members6 == frozenset({(addr("2001:db8:ff::2"), 8472)})
     script = ingress_ruleset(plan)
     for line in ("add element inet weft-ingress members6 { 2001:db8:ff::2 }",
                  "add rule inet weft-ingress encap ip6 saddr @members6 accept",

@@ -134,7 +134,7 @@ class IngressFilter:
             subnet_elements(plan) and (plan.network6 is None or elements.get(
                 "subnets6", frozenset()) == subnet_elements(plan, "subnets6")) and (
                 plan.members6 is None or elements.get("members6", frozenset())
-                == frozenset(map(str, plan.members6)))
+                == member_elements(plan, "members6"))
 
     def _write_whole(self, plan: IngressPlan) -> None:
         self.plan = self._skeleton = None  # unknown until the write is confirmed

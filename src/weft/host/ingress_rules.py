@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.lease import Lease, subnet_range
@@ -63,15 +64,17 @@ class IngressPlan:
     own6: IPNetwork | None = None
     # Dual stack over an IPv4 underlay on a host with an IPv6 underlay address too: the
     # members' IPv6 underlay addresses (encapsulated IPv6 overlay arrives from them, vxlan's
-    # second device); None: no such set.
-    members6: frozenset[IPAddress] | None = None
+    # second device, wireguard's), with `by_port` their ports (udp's second socket, the
+    # port from each peer's BackendV6Data); None: no such set.
+    members6: frozenset[tuple[IPAddress, int]] | None = None
     # The encapsulation port on the IPv6 underlay when it is another (wireguard's second
     # device): UDP to it takes the same member check, against `members6`.
     port6: int | None = None
 
 
-def _peer_port(lease: Lease, default: int) -> int | None:
-    port = lease.backend_data.get("Port", default)
+def _peer_port(lease: Lease, default: int, data: Mapping[str, Any] | None = None
+               ) -> int | None:
+    port = (lease.backend_data if data is None else data).get("Port", default)
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         return None  # the backend reports this peer's bad data; it is no member here
     return port
@@ -91,8 +94,8 @@ def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
     six = config.ipv6
     own6 = own.ipv6_subnet if six is not None else None
     members6 = None
-    if public_ipv6 is not None and port is not None and not by_port and six is not None:
-        members6 = frozenset(_members6(peers, public_ipv6))
+    if public_ipv6 is not None and port is not None and six is not None:
+        members6 = frozenset(_members6(peers, public_ipv6, port, by_port))
     return IngressPlan(config.backend.type, config.network, public_ip.version,
                        port, by_port, frozenset(members),
                        frozenset(subnets | {own.subnet} | ({own6} if own6 else set())),
@@ -102,9 +105,21 @@ def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
                        port6=port6 if members6 is not None and port6 != port else None)
 
 
-def _members6(peers: Iterable[Lease], public_ipv6: IPAddress | None) -> set[IPAddress]:
-    return {p.public_ipv6 for p in peers
-            if p.public_ipv6 is not None and p.public_ipv6 != public_ipv6}
+def _members6(peers: Iterable[Lease], public_ipv6: IPAddress | None, port: int,
+              by_port: bool) -> set[tuple[IPAddress, int]]:
+    """(IPv6 underlay address, port) of the peers that have one; `by_port`: only those
+    whose BackendV6Data names the port their IPv6 socket listens on."""
+    members: set[tuple[IPAddress, int]] = set()
+    for p in peers:
+        if p.public_ipv6 is None or p.public_ipv6 == public_ipv6:
+            continue
+        if not by_port:
+            members.add((p.public_ipv6, port))
+        elif p.backend_v6_data is not None:
+            peer_port = _peer_port(p, port, p.backend_v6_data)
+            if peer_port is not None:
+                members.add((p.public_ipv6, peer_port))
+    return members
 
 
 def ingress_update(config: NetworkConfig, public_ip: IPAddress, plan: IngressPlan,
@@ -117,8 +132,9 @@ def ingress_update(config: NetworkConfig, public_ip: IPAddress, plan: IngressPla
     gone_members, gone_subnets = _elements(config, public_ip, removed, plan.port, plan.by_port)
     came_members, came_subnets = _elements(config, public_ip, added, plan.port, plan.by_port)
     members6 = plan.members6
-    if members6 is not None:  # changed peers are never this host
-        members6 = (members6 - _members6(removed, None)) | _members6(added, None)
+    if members6 is not None and plan.port is not None:  # changed peers are never this host
+        members6 = ((members6 - _members6(removed, None, plan.port, plan.by_port))
+                    | _members6(added, None, plan.port, plan.by_port))
     return dataclasses.replace(plan, members=(plan.members - gone_members) | came_members,
                                subnets=(plan.subnets - gone_subnets) | came_subnets,
                                members6=members6)
@@ -166,10 +182,13 @@ def ingress_ruleset(plan: IngressPlan) -> str:
         member_type = f"{ul_type} . inet_service"
         match = f"{ul} saddr . udp sport @members"
         to_member = f"{ul} daddr . udp dport @members"
+        member6_type, saddr6, daddr6 = ("ipv6_addr . inet_service", "ip6 saddr . udp sport",
+                                        "ip6 daddr . udp dport")
     else:
         member_type = ul_type
         match = f"{ul} saddr @members"
         to_member = f"{ul} daddr @members"
+        member6_type, saddr6, daddr6 = "ipv6_addr", "ip6 saddr", "ip6 daddr"
     untrack = plan.untrack
     # Packets to the host's own overlay address stay tracked: replies to what this host
     # masqueraded into the overlay must meet their conntrack entry.
@@ -181,7 +200,7 @@ def ingress_ruleset(plan: IngressPlan) -> str:
         f"flush set {t} members",
         f"add set {t} subnets {{ type {ov_type}; flags interval; }}",
         f"flush set {t} subnets",
-        *([f"add set {t} members6 {{ type ipv6_addr; }}", f"flush set {t} members6"]
+        *([f"add set {t} members6 {{ type {member6_type}; }}", f"flush set {t} members6"]
           if plan.members6 is not None else []),
         *([f"add set {t} subnets6 {{ type ipv6_addr; flags interval; }}",
            f"flush set {t} subnets6"] if plan.network6 is not None else []),
@@ -198,7 +217,7 @@ def ingress_ruleset(plan: IngressPlan) -> str:
         lines.append(f"add element {t} members {{ {', '.join(sorted(members))} }}")
     if plan.members6:
         lines.append(f"add element {t} members6 "
-                     f"{{ {', '.join(sorted(str(ip) for ip in plan.members6))} }}")
+                     f"{{ {', '.join(sorted(member_elements(plan, 'members6')))} }}")
     lines.append(f"add element {t} subnets {{ {', '.join(sorted(subnet_elements(plan)))} }}")
     if plan.network6 is not None:
         lines.append(f"add element {t} subnets6 "
@@ -215,13 +234,13 @@ def ingress_ruleset(plan: IngressPlan) -> str:
             lines.append(f"{encap} {ul} daddr {untrack.public_ip} {match} notrack accept")
         lines.append(f"{encap} {match} accept")
         if plan.members6 is not None:
-            lines.append(f"{encap} ip6 saddr @members6 accept")
+            lines.append(f"{encap} {saddr6} @members6 accept")
         lines += [
             f"{encap} fib daddr type local counter name non_member drop",
             f"{encap} {to_member} counter name to_peer_port drop",
         ]
         if plan.members6 is not None:
-            lines.append(f"{encap} ip6 daddr @members6 counter name to_peer_port drop")
+            lines.append(f"{encap} {daddr6} @members6 counter name to_peer_port drop")
     lines.append(f"{rule} iif lo accept")  # the host talking to itself
     if plan.own is not None:
         # This host's own subnet (its containers' side: most of what it forwards): the
@@ -275,11 +294,13 @@ def reset_script() -> str:
     return f"table inet {INGRESS_TABLE} {{}}\ndelete table inet {INGRESS_TABLE}\n"
 
 
-def member_elements(plan: IngressPlan) -> frozenset[str]:
-    """The members set's elements as nft prints them: `IP`, or `IP . port` (udp)."""
+def member_elements(plan: IngressPlan, name: str = "members") -> frozenset[str]:
+    """A members set's elements as nft prints them: `IP`, or `IP . port` (udp); `members`
+    holds the underlay's family, `members6` dual stack's IPv6 underlay addresses."""
+    pairs = plan.members if name == "members" else plan.members6 or frozenset()
     if plan.by_port:
-        return frozenset(f"{ip} . {port}" for ip, port in plan.members)
-    return frozenset(str(ip) for ip, _ in plan.members)
+        return frozenset(f"{ip} . {port}" for ip, port in pairs)
+    return frozenset(str(ip) for ip, _ in pairs)
 
 
 def subnet_elements(plan: IngressPlan, name: str = "subnets") -> frozenset[str]:
@@ -296,7 +317,7 @@ def _nft_prefix(subnet: IPNetwork) -> str:
 def same_shape(old: IngressPlan, new: IngressPlan) -> bool:
     """Only members or subnets differ: the table can follow by set elements alone."""
     def blank(plan: IngressPlan) -> IngressPlan:
-        six = None if plan.members6 is None else frozenset[IPAddress]()
+        six = None if plan.members6 is None else frozenset[tuple[IPAddress, int]]()
         return dataclasses.replace(plan, members=frozenset(), subnets=frozenset(),
                                    members6=six)
     return blank(old) == blank(new)
@@ -328,8 +349,10 @@ def ingress_delta(old: IngressPlan, new: IngressPlan) -> IngressDelta:
     sets = [("members", member_elements(gone), member_elements(came)),
             ("subnets", subnet_elements(gone), subnet_elements(came))]
     if old.members6 is not None and new.members6 is not None:
-        sets.append(("members6", frozenset(map(str, old.members6 - new.members6)),
-                     frozenset(map(str, new.members6 - old.members6))))
+        gone6 = dataclasses.replace(old, members6=old.members6 - new.members6)
+        came6 = dataclasses.replace(new, members6=new.members6 - old.members6)
+        sets.append(("members6", member_elements(gone6, "members6"),
+                     member_elements(came6, "members6")))
     if new.network6 is not None:
         sets.append(("subnets6", subnet_elements(gone, "subnets6"),
                      subnet_elements(came, "subnets6")))

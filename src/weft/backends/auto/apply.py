@@ -58,6 +58,7 @@ class AutoBackend:
         self._vxlan.ipv6_underlay = False  # auto chooses per peer; one VXLAN device
         self._udp = UdpBackend(config.model_copy(update={"backend": UdpOptions(
             Port=self.options.udp_port, Offloads=self.options.offloads, MTU=self.mtu)}), host)
+        self._udp.ipv6_underlay = False  # likewise: one udp socket, on the PublicIP
         self._lock = threading.Lock()
         self._lease: Lease | None = None
         self._peers: dict[IPNetwork, Lease] = {}

@@ -11,6 +11,12 @@ adopts after an agent restart, has hand its device and socket over to a new one 
 version differs and replaces when its spec differs (weft.backends.udp.supervisor):
 `close()` leaves it forwarding with its last peer table, so an agent restart (an upgrade,
 a crash, kill -9) drops no packet; `teardown()` stops it.
+
+Dual stack over an IPv4 PublicIP on a host with an IPv6 underlay address too: the
+forwarder has a second socket there (the same port, published as BackendV6Data), and each
+peer's IPv6 subnet travels over the IPv6 underlay where the peer has one too (flannel's
+vxlan does the same with a second device). The overlay MTU then fits the IPv6 underlay's
+larger header, for every peer: one MTU for the containers.
 """
 
 from __future__ import annotations
@@ -48,16 +54,32 @@ class UdpBackend:
         self.host = host
         self.forwarder: ForwarderProcess | None = None
         self._lease: Lease | None = None
+        # Dual stack over an IPv4 PublicIP with an IPv6 underlay address: the second socket
+        # (auto turns it off before prepare: its planes are chosen per peer).
+        self.ipv6_underlay = (config.dual_stack and host.public_ip.version == 4
+                              and host.public_ipv6 is not None)
+        self._over_ipv4: Mapping[str, str] = {}  # as last planned: IPv6 subnet -> why
 
     @property
     def mtu(self) -> int:
-        return overlay_mtu(self.options, self.host.underlay_mtu, self.host.public_ip.version)
+        mtu = overlay_mtu(self.options, self.host.underlay_mtu, self.host.public_ip.version)
+        if self.ipv6_underlay:
+            # One MTU for the containers, whichever underlay a peer's packets take: the
+            # IPv6 underlay's 20 bytes more header too (a configured MTU is kept as given).
+            mtu = min(mtu, overlay_mtu(self.options, self.host.underlay_mtu, 6))
+        return mtu
 
     def _process(self) -> ForwarderProcess:
+        six = str(self.host.public_ipv6) if self.ipv6_underlay else None
         spec = ForwarderSpec(UDP_DEVICE, str(self.host.public_ip), self.options.port,
                              self.host.underlay_mtu, self.config.network.version,
-                             self.config.length, self.options.offloads)
+                             self.config.length, self.options.offloads, six)
         return ForwarderProcess(spec, self.host.state_dir)
+
+    def ipv6_data(self) -> Mapping[str, Any] | None:
+        """The lease's BackendV6Data: the port of the IPv6 underlay socket, which tells
+        peers to send this host's IPv6 subnet there; None without one."""
+        return {"Port": self.options.port} if self.ipv6_underlay else None
 
     def prepare(self) -> Mapping[str, Any]:
         if self.forwarder is None:
@@ -131,8 +153,10 @@ class UdpBackend:
         six = self.config.ipv6
         wanted = plan.plan(peers, own_ip=self.host.public_ip, default_port=self.options.port,
                            version=self.config.network.version, subnet_len=self.config.length,
-                           ipv6_subnet_len=six.length if six is not None else None)
+                           ipv6_subnet_len=six.length if six is not None else None,
+                           own_ipv6=self.host.public_ipv6 if self.ipv6_underlay else None)
         errors = dict(wanted.errors)
+        self._over_ipv4 = wanted.over_ipv4
         with Netlink() as nl:
             # level-based: put back our route if someone removed it
             result = self._converge_route(nl, self._link(nl).index)
@@ -154,7 +178,23 @@ class UdpBackend:
         if self.forwarder is not None:
             facts.update(self.forwarder.status())
             facts["forwarder_pid"] = facts.pop("pid", None)
+        if self.config.dual_stack:
+            facts["ipv6_underlay"] = self._status6(facts.get("ipv6_underlay"))
         return facts
+
+    def _status6(self, socket6: Any) -> dict[str, Any]:
+        """Which underlay each peer's IPv6 subnet travels: the IPv6 socket's facts (from
+        the forwarder: address, port, its share of the counters) and the peers whose IPv6
+        subnet rides IPv4, with why; on a host without the socket, why not."""
+        if not self.ipv6_underlay:
+            why = ("the PublicIP is IPv6: one socket carries both families over the IPv6 "
+                   "underlay" if self.host.public_ip.version == 6 else
+                   "this host has no IPv6 underlay address beside its IPv4 PublicIP: every "
+                   "peer's IPv6 subnet rides the IPv4 socket")
+            return {"address": None, "why": why}
+        six = dict(socket6) if isinstance(socket6, dict) else {}
+        six["over_ipv4"] = dict(sorted(self._over_ipv4.items()))
+        return six
 
     def close(self) -> None:
         """Leave the forwarder forwarding (with its last peer table) and the persistent

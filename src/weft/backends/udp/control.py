@@ -10,7 +10,8 @@ state directory. One request per connection, one JSON object per line each way:
     {"op": "reopen"}                 -> {"ok": true}  a new device and socket, same process
     {"op": "stop"}                   -> {"ok": true}, then the process exits
     {"op": "handover"}               -> {"table", "offloads"} with the TUN fd and the socket
-                                        (SCM_RIGHTS), then the process exits at once
+                                        (and the IPv6 underlay socket, if the spec has
+                                        one; SCM_RIGHTS), then the process exits at once
 
 Only root (or the forwarder's own user) may connect: the socket is 0600 in the 0700 state
 directory, each side checks the other's credentials (SO_PEERCRED), and the client never
@@ -74,16 +75,30 @@ class ForwarderSpec:
     network_version: int
     subnet_len: int
     offloads: bool
+    # Dual stack: this host's IPv6 underlay address, where a second socket listens on the
+    # same port for the IPv6 half's packets (weft.backends.udp.plan); None: one socket.
+    bind_ipv6: str | None = None
 
     def argv(self) -> list[str]:
         return ["--device", self.device, "--bind-ip", self.bind_ip, "--port", str(self.port),
                 "--underlay-mtu", str(self.underlay_mtu),
                 "--network-version", str(self.network_version),
                 "--subnet-len", str(self.subnet_len),
-                *([] if self.offloads else ["--no-offloads"])]
+                *([] if self.offloads else ["--no-offloads"]),
+                *([] if self.bind_ipv6 is None else ["--bind-ipv6", self.bind_ipv6])]
+
+    @property
+    def sockets(self) -> int:
+        """How many underlay sockets the forwarder has (and hands over)."""
+        return 1 if self.bind_ipv6 is None else 2
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Without an IPv6 underlay socket, the spec a forwarder of an earlier version
+        # says: an upgrade is handed over, not replaced.
+        spec = asdict(self)
+        if self.bind_ipv6 is None:
+            del spec["bind_ipv6"]
+        return spec
 
 
 # --- the peer table on the wire (pure) ------------------------------------------------------
@@ -182,14 +197,16 @@ def request(path: Path, message: Mapping[str, Any], timeout: float = 5.0
     return reply, pid
 
 
-def take_over(path: Path, timeout: float = 5.0) -> tuple[dict[str, Any], list[int]]:
+def take_over(path: Path, timeout: float = 5.0, sockets: int = 1
+              ) -> tuple[dict[str, Any], list[int]]:
     """Ask the forwarder on `path` to hand over: its table and offloads, and its TUN fd
-    and socket fd, now this process's (the other exits)."""
-    reply, _, fds = _exchange(path, {"op": "handover"}, timeout, fds=2)
-    if len(fds) != 2:
+    and its `sockets` socket fds, now this process's (the other exits)."""
+    wanted = 1 + sockets
+    reply, _, fds = _exchange(path, {"op": "handover"}, timeout, fds=wanted)
+    if len(fds) != wanted:
         for fd in fds:
             os.close(fd)
-        raise ControlError(f"the forwarder handed over {len(fds)} descriptors, not 2")
+        raise ControlError(f"the forwarder handed over {len(fds)} descriptors, not {wanted}")
     return reply, fds
 
 

@@ -9,9 +9,9 @@ KillMode=process stop it; the next agent adopts it over the control socket
 forwards with the last peer table it was given.
 
 The process opens the TUN device (weft.backends.udp.tun) and the socket
-(weft.backends.udp.bind), hands both to the forwarder's two threads (unchanged: the hot
-loops are the same code as before), and serves the control socket in its main thread,
-which sleeps in accept() between requests. SIGTERM or a "stop" request ends it; the
+(weft.backends.udp.bind; in dual stack a second one on the IPv6 underlay), hands them to
+the forwarder's threads, and serves the control socket in its main thread, which sleeps
+in accept() between requests. SIGTERM or a "stop" request ends it; the
 persistent device stays. SIGHUP makes the control socket again (after someone removed
 the state directory), so the agent need not replace a forwarder that is working.
 """
@@ -62,21 +62,22 @@ ERROR_BY_STATUS = {EXIT_PERMISSION: PermissionProblem, EXIT_FEATURE: KernelFeatu
 
 
 def open_forwarder(device: str, bind_ip: IPAddress, port: int, underlay_mtu: int,
-                   network_version: int, subnet_len: int, offloads: bool = True) -> Forwarder:
-    """Create/attach TUN device `device`, bind the socket, and hand both to a forwarder
-    (not started yet); `offloads=False` asks for none on either."""
-    tun = open_device(device, offloads)
-    try:
+                   network_version: int, subnet_len: int, offloads: bool = True,
+                   bind_ipv6: IPAddress | None = None) -> Forwarder:
+    """Create/attach TUN device `device`, bind the socket (and with `bind_ipv6` a second
+    one there, on the same port), and hand them to a forwarder (not started yet);
+    `offloads=False` asks for none on any."""
+    with contextlib.ExitStack() as opened:
+        tun = open_device(device, offloads)
+        opened.callback(tun.close)
         bind = open_bind(bind_ip, port, offloads)
-    except BaseException:
-        tun.close()
-        raise
-    try:
-        forwarder = Forwarder(tun, bind, underlay_mtu, network_version, subnet_len)
-    except BaseException:
-        tun.close()
-        bind.close()
-        raise
+        opened.callback(bind.close)
+        bind6 = None
+        if bind_ipv6 is not None:
+            bind6 = open_bind(bind_ipv6, bind.port, offloads)
+            opened.callback(bind6.close)
+        forwarder = Forwarder(tun, bind, underlay_mtu, network_version, subnet_len, bind6)
+        opened.pop_all()  # the forwarder owns them now
     for note in forwarder.in_force.notes:
         log.warning("udp offload fallback", extra={"detail": note})
     return forwarder
@@ -85,31 +86,40 @@ def open_forwarder(device: str, bind_ip: IPAddress, port: int, underlay_mtu: int
 def open_spec(spec: ForwarderSpec) -> Forwarder:
     return open_forwarder(spec.device, ipaddress.ip_address(spec.bind_ip), spec.port,
                           spec.underlay_mtu, spec.network_version, spec.subnet_len,
-                          spec.offloads)
+                          spec.offloads, _ipv6(spec))
+
+
+def _ipv6(spec: ForwarderSpec) -> IPAddress | None:
+    return None if spec.bind_ipv6 is None else ipaddress.ip_address(spec.bind_ipv6)
 
 
 def taken_over(spec: ForwarderSpec, path: Path) -> Forwarder:
-    """The device, the socket and the peer table of the forwarder answering on `path` (of
-    another version, same spec), which exits: an upgrade without a pause."""
+    """The device, the socket(s) and the peer table of the forwarder answering on `path`
+    (of another version, same spec), which exits: an upgrade without a pause."""
     try:
-        reply, (tun_fd, sock_fd) = take_over(path)
+        reply, (tun_fd, *sock_fds) = take_over(path, sockets=spec.sockets)
     except ControlError as exc:
         raise KernelError(f"no hand-over from the running forwarder: {exc}") from None
     offloads = reply.get("offloads") or {}
     notes = [str(n) for n in offloads.get("fallbacks", [])]
     device = TunDevice(spec.device, tun_fd, bool(offloads.get("tun_csum")),
                        bool(offloads.get("tun_tso")), notes)
-    sock = socket.socket(fileno=sock_fd)
-    bind = UdpBind(sock, ipaddress.ip_address(spec.bind_ip), sock.getsockname()[1],
-                   bool(offloads.get("udp_gso")), bool(offloads.get("udp_gro")))
-    forwarder = Forwarder(device, bind, spec.underlay_mtu, spec.network_version,
-                          spec.subnet_len)
+    gso, gro = bool(offloads.get("udp_gso")), bool(offloads.get("udp_gro"))
+    ips = [ipaddress.ip_address(spec.bind_ip)] + [a for a in (_ipv6(spec),) if a is not None]
+    binds = [UdpBind(sock, ip, sock.getsockname()[1], gso, gro)
+             for sock, ip in zip(map(_socket, sock_fds), ips, strict=True)]
+    forwarder = Forwarder(device, binds[0], spec.underlay_mtu, spec.network_version,
+                          spec.subnet_len, binds[1] if len(binds) > 1 else None)
     try:
         forwarder.set_peers(decode_table(reply.get("table") or {}))
     except ValueError as exc:
         log.warning("handed-over peer table refused; waiting for the agent's",
                     extra={"error": str(exc)})
     return forwarder
+
+
+def _socket(fd: int) -> socket.socket:
+    return socket.socket(fileno=fd)
 
 
 class _Stop(Exception):
@@ -229,13 +239,15 @@ class Service:
         reply = {"table": encode_table(forwarder.peers),
                  "offloads": forwarder.in_force.as_dict()}
         line = json.dumps(reply, separators=(",", ":")).encode() + b"\n"
-        sock = forwarder.bind.sock
+        fds = [forwarder.device.fd, forwarder.bind.sock.fileno()]
+        if forwarder.bind6 is not None:
+            fds.append(forwarder.bind6.sock.fileno())
         log.info("udp forwarder handing over", extra={"to": peer})  # the handler flushes
         # Once the fds are out, no signal may run the clean-up (see above).
         signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
         signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         try:
-            socket.send_fds(conn, [line], [forwarder.device.fd, sock.fileno()])
+            socket.send_fds(conn, [line], fds)
         except BaseException:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
             raise
@@ -271,12 +283,15 @@ def _parse(argv: Sequence[str]) -> tuple[Path, ForwarderSpec, bool]:
     parser.add_argument("--network-version", type=int, choices=(4, 6), required=True)
     parser.add_argument("--subnet-len", type=int, required=True)
     parser.add_argument("--no-offloads", action="store_true")
+    parser.add_argument("--bind-ipv6", help="dual stack: a second socket on this IPv6 "
+                                            "underlay address, the same port")
     parser.add_argument("--take-over", action="store_true",
                         help="take the device and socket of the forwarder running now")
     args = parser.parse_args(argv)
     return args.state_dir, ForwarderSpec(args.device, args.bind_ip, args.port,
                                          args.underlay_mtu, args.network_version,
-                                         args.subnet_len, not args.no_offloads), args.take_over
+                                         args.subnet_len, not args.no_offloads,
+                                         args.bind_ipv6), args.take_over
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,12 @@
     TUN --readv 1 stream into chunk slots--> write_headers --1 sendmsg, UDP_SEGMENT--> peer
     TUN <--1 writev (vnet hdr + payload views)-- Reassembler <--1 recvmsg, UDP_GRO-- peer
 
+In dual stack over an IPv4 underlay on a host with an IPv6 underlay address too, a
+second socket (`bind6`, the same port on that address) carries the IPv6 half's packets to
+peers that listen on one as well, and a third thread receives on it; the send thread picks
+the socket by the family of the peer's endpoint, a test only IPv6 packets take. Its
+counters are its own (`tx6`, `rx6`: each written by one thread), summed into the totals.
+
 The device and the socket are handed in (wireguard-go's `NewDevice(tun.Device,
 conn.Bind, ...)`): `weft.backends.udp.apply` opens them (weft.backends.udp.tun,
 weft.backends.udp.bind) and the forwarder owns them from then on; a test hands it a
@@ -53,7 +59,7 @@ from weft.backends.udp.codec import (
     decode_stream,
     write_headers,
 )
-from weft.backends.udp.plan import Endpoint, PeerTable
+from weft.backends.udp.plan import Endpoint, PeerTable, over_ipv6
 from weft.core.config import IPAddress
 from weft.core.constants import VNET_HEADER
 from weft.core.errors import RemoteProtocolError
@@ -162,12 +168,21 @@ class Counters:
             "drops": dict(self.drops),
         }
 
+    def __add__(self, other: Counters) -> Counters:
+        drops = dict(self.drops)
+        for reason, count in other.drops.items():
+            drops[reason] = drops.get(reason, 0) + count
+        return Counters(self.packets + other.packets, self.bytes + other.bytes,
+                        self.datagrams + other.datagrams, self.batches + other.batches,
+                        drops, self.singles + other.singles,
+                        self.single_bytes + other.single_bytes)
+
 
 class Forwarder:
     """Moves packets between a TUN device and peers; `peers` is swapped atomically.
 
-    `device` and `bind` are handed in open and belong to the forwarder from then on:
-    `close()` closes both."""
+    `device`, `bind` and `bind6` (dual stack's IPv6 underlay socket, if any) are handed in
+    open and belong to the forwarder from then on: `close()` closes them."""
 
     def __init__(
         self,
@@ -176,15 +191,23 @@ class Forwarder:
         underlay_mtu: int,
         network_version: int,
         subnet_len: int,
+        bind6: Bind | None = None,
     ) -> None:
         self.device = device
         self.bind = bind
-        # The offloads this forwarder uses: what the device and the socket were granted,
+        self.bind6 = bind6
+        binds = [bind] if bind6 is None else [bind, bind6]
+        # The offloads this forwarder uses: what the device and the sockets were granted,
         # until a refused GSO send turns udp_gso off here for good.
-        self.in_force = Offloads(device.csum, device.tso, bind.gso, bind.gro,
-                                 [*device.notes, *bind.notes])
+        self.in_force = Offloads(device.csum, device.tso, all(b.gso for b in binds),
+                                 all(b.gro for b in binds),
+                                 [*device.notes, *(n for b in binds for n in b.notes)])
         self.tx = Counters()
         self.rx = Counters()
+        # The IPv6 underlay socket's (dual stack): written by the send thread and by that
+        # socket's receive thread, so never by two threads at once.
+        self.tx6 = Counters()
+        self.rx6 = Counters()
         self._underlay_mtu = underlay_mtu
         self._peers = PeerTable(network_version, subnet_len)
         # Keyed by (ip, port): chunks of one member never splice with another sender's.
@@ -194,6 +217,7 @@ class Forwarder:
         self._pending: set[Endpoint] = set()
         self._tun = device.fd
         self._sock: socket.socket | None = bind.sock
+        self._sock6: socket.socket | None = bind6.sock if bind6 is not None else None
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._chunker = self._make_chunker()
@@ -202,11 +226,14 @@ class Forwarder:
     # --- lifecycle ----------------------------------------------------------------------
 
     def _make_chunker(self) -> Chunker:
-        version = self.bind.ip.version
+        # The TUN read lays a stream out in datagram-sized slots before its destination is
+        # known: with a second socket, slots fit the larger headers of the two underlays
+        # (IPv6's) and a batch the smaller payload limit (IPv4's).
+        versions = [self.bind.ip.version] + ([6] if self.bind6 is not None else [])
         return Chunker(
-            datagram_size=self._underlay_mtu - IP_UDP_HEADERS[version],
+            datagram_size=self._underlay_mtu - max(IP_UDP_HEADERS[v] for v in versions),
             max_segments=MAX_GSO_SEGMENTS if self.in_force.udp_gso else 1,
-            max_batch_bytes=MAX_UDP_PAYLOAD[version],
+            max_batch_bytes=min(MAX_UDP_PAYLOAD[v] for v in versions),
         )
 
     def start(self) -> None:
@@ -219,9 +246,13 @@ class Forwarder:
         self._threads = [
             threading.Thread(target=self._guard, args=(self._tun_to_udp,),
                              name="weft-udp-tx", daemon=True),
-            threading.Thread(target=self._guard, args=(self._udp_to_tun,),
+            threading.Thread(target=self._guard, args=(self._udp_to_tun, self.bind, self.rx),
                              name="weft-udp-rx", daemon=True),
         ]
+        if self.bind6 is not None:
+            self._threads.append(threading.Thread(
+                target=self._guard, args=(self._udp_to_tun, self.bind6, self.rx6),
+                name="weft-udp-rx6", daemon=True))
         for thread in self._threads:
             thread.start()
 
@@ -231,6 +262,8 @@ class Forwarder:
         self._stopping = True
         if self._sock is not None:
             self.bind.wake()  # the RX thread's blocked recvmsg returns at once
+            if self.bind6 is not None:
+                self.bind6.wake()
         if self._threads:
             self.device.wake()  # the TX thread's blocked read returns, sees `_stopping`
         for thread in self._threads:
@@ -242,7 +275,9 @@ class Forwarder:
             self.device.close()
             self._tun = -1
             self.bind.close()
-            self._sock = None
+            if self.bind6 is not None:
+                self.bind6.close()
+            self._sock = self._sock6 = None
 
     def set_peers(self, table: PeerTable) -> None:
         self._peers = table  # one reference swap: threads see old or new, never half
@@ -262,36 +297,46 @@ class Forwarder:
         return any(t.is_alive() for t in self._threads)
 
     def status(self) -> dict[str, Any]:
-        return {
+        status: dict[str, Any] = {
             "device": self.device.name,
             "port": self.bind.port,
             "running": self.running,
             "offloads": self.in_force.as_dict(),
-            "tx": self.tx.as_dict(),
-            "rx": self.rx.as_dict(),
+            "tx": (self.tx + self.tx6).as_dict(),
+            "rx": (self.rx + self.rx6).as_dict(),
             "peers": self._peers.describe(),
             "counters": self.flat_counters(),
         }
+        if self.bind6 is not None:  # what of the totals crossed the IPv6 underlay
+            status["ipv6_underlay"] = {"address": str(self.bind6.ip), "port": self.bind6.port,
+                                       "tx": self.tx6.as_dict(), "rx": self.rx6.as_dict()}
+        return status
 
     def flat_counters(self) -> dict[str, int]:
         """Every counter under one flat name (`tx_packets`, `rx_drops_unknown_peer`...),
-        the form the agent exports to Prometheus."""
+        the form the agent exports to Prometheus: the totals, and with an IPv6 underlay
+        socket its share beside them (`ipv6_underlay_tx_packets`...)."""
         flat: dict[str, int] = {}
-        for direction, counters in (("tx", self.tx), ("rx", self.rx)):
-            for name, value in counters.as_dict().items():
-                if isinstance(value, dict):
-                    flat.update({f"{direction}_drops_{k}": v for k, v in value.items()})
-                else:
-                    flat[f"{direction}_{name}"] = value
+        shares = [("", self.tx + self.tx6, self.rx + self.rx6)]
+        if self.bind6 is not None:
+            shares.append(("ipv6_underlay_", self.tx6, self.rx6))
+        for prefix, tx, rx in shares:
+            for direction, counters in (("tx", tx), ("rx", rx)):
+                for name, value in counters.as_dict().items():
+                    if isinstance(value, dict):
+                        flat.update({f"{prefix}{direction}_drops_{k}": v
+                                     for k, v in value.items()})
+                    else:
+                        flat[f"{prefix}{direction}_{name}"] = value
         return flat
 
     # --- the two data paths -------------------------------------------------------------
 
-    def _guard(self, loop: Any) -> None:
+    def _guard(self, loop: Any, *args: Any) -> None:
         # A bug must not silently kill a direction: log it loudly and keep going.
         while not self._stopping:
             try:
-                loop()
+                loop(*args)
             except Exception:
                 log.exception("udp forwarder thread failed; restarting it",
                               extra={"worker": threading.current_thread().name})
@@ -316,7 +361,10 @@ class Forwarder:
         readv, sendto, send_chunks = os.readv, sock.sendto, self._send_chunks
         stamp, prefix = SINGLE_HEADER.pack_into, SINGLE_PREFIX
         v4_destination = _V4_DESTINATION.unpack_from
-        counters = self.tx
+        tx, tx6 = self.tx, self.tx6
+        # Dual stack's IPv6 underlay socket: only an IPv6 packet to an IPv6 endpoint takes it.
+        sock6 = self._sock6
+        sendto6 = sock6.sendto if sock6 is not None else sendto
         single_max = chunker.chunk_size
         packet_id = 0  # the last one sent
         while True:
@@ -325,15 +373,15 @@ class Forwarder:
             except OSError as exc:
                 if self._stopping:
                     return
-                if not counters.drops.get("tun_read"):  # once, not every 0.1 s
+                if not tx.drops.get("tun_read"):  # once, not every 0.1 s
                     log.warning("TUN read failed", extra={"error": str(exc)})
-                counters.drop("tun_read")
+                tx.drop("tun_read")
                 time.sleep(0.1)  # e.g. the device was deleted under us: do not spin
                 continue
             if self._stopping:
                 return
             if not MIN_STREAM <= size <= MAX_STREAM:
-                counters.drop("malformed")
+                tx.drop("malformed")
                 continue
             table = self._peers
             version_ihl, destination = v4_destination(buf, _IP)
@@ -341,26 +389,31 @@ class Forwarder:
                 # Dual stack: the IPv6 half's table (a branch only IPv6 packets take).
                 other = table.for_version(version_ihl >> 4)
                 if other is None:
-                    counters.drop("no_route")
+                    tx.drop("no_route")
                     continue
                 table = other
+            send, counters = sendto, tx
             if table.version == 6:
                 if size < VNET_HEADER + 40:
-                    counters.drop("malformed")
+                    tx.drop("malformed")
                     continue
                 destination = int.from_bytes(view[_IP + 24 : _IP + 40], "big")
-            endpoint = table.routes.get(destination & table.mask)
+                endpoint = table.routes.get(destination & table.mask)
+                if sock6 is not None and endpoint is not None and over_ipv6(endpoint):
+                    send, counters = sendto6, tx6
+            else:
+                endpoint = table.routes.get(destination & table.mask)
             if endpoint is None:
-                counters.drop("no_route")
+                tx.drop("no_route")
                 continue
             packet_id = (packet_id + 1) & 0xFFFFFFFF
             if size > single_max:
-                send_chunks(buf, view, size, endpoint, packet_id)
+                send_chunks(buf, view, size, endpoint, packet_id, counters is tx6)
                 continue
             # The fast path: one datagram, its header written in place.
             stamp(buf, 0, prefix, packet_id)
             try:
-                sendto(view[: HEADER_SIZE + size], endpoint)
+                send(view[: HEADER_SIZE + size], endpoint)
             except OSError:
                 counters.drop("send_error")
                 continue
@@ -368,12 +421,13 @@ class Forwarder:
             counters.single_bytes += size - VNET_HEADER
 
     def _send_chunks(self, buf: bytearray, view: memoryview, size: int, endpoint: Endpoint,
-                     packet_id: int) -> None:
+                     packet_id: int, six: bool = False) -> None:
         """Send one stream of more than one datagram: `size` bytes of `buf` laid out as
-        `Chunker.slots` places it, routed to `endpoint`."""
-        counters = self.tx
+        `Chunker.slots` places it, routed to `endpoint` (`six`: on the IPv6 underlay
+        socket)."""
+        counters = self.tx6 if six else self.tx
         chunker = self._chunker
-        sock = self._sock
+        sock = self._sock6 if six else self._sock
         assert sock is not None
         total = chunker.laid_out(size)
         datagram = chunker.datagram_size
@@ -391,7 +445,7 @@ class Forwarder:
             try:
                 sendmsg([piece], cmsg, 0, endpoint)
             except OSError as exc:
-                if not self._send_failed(exc, piece, datagram, endpoint):
+                if not self._send_failed(exc, piece, datagram, endpoint, sock, counters):
                     return
             counters.batches += 1
             counters.datagrams += datagrams
@@ -399,10 +453,11 @@ class Forwarder:
         counters.bytes += size - VNET_HEADER
 
     def _send_failed(
-        self, exc: OSError, piece: memoryview, segment_size: int, endpoint: tuple[str, int]
+        self, exc: OSError, piece: memoryview, segment_size: int, endpoint: tuple[str, int],
+        sock: socket.socket, counters: Counters,
     ) -> bool:
         """Handle a failed sendmsg of `piece` (datagrams back to back, every
-        `segment_size` bytes); True if they went out after all."""
+        `segment_size` bytes) on `sock`; True if they went out after all."""
         if exc.errno == errno.EIO and self.in_force.udp_gso:
             # The route's device cannot checksum-offload UDP GSO: switch GSO off for good
             # and resend these datagrams one by one.
@@ -410,30 +465,31 @@ class Forwarder:
             self.in_force.notes.append(f"UDP GSO send failed ({exc.strerror}); GSO off")
             log.warning("udp offload fallback", extra={"detail": self.in_force.notes[-1]})
             self._chunker = self._make_chunker()
-            return self._send_each(piece, segment_size, endpoint)
-        self.tx.drop("send_error")
+            return self._send_each(piece, segment_size, endpoint, sock, counters)
+        counters.drop("send_error")
         return False
 
-    def _send_each(self, piece: memoryview, segment_size: int, endpoint: tuple[str, int]) -> bool:
-        assert self._sock is not None
+    @staticmethod
+    def _send_each(piece: memoryview, segment_size: int, endpoint: tuple[str, int],
+                   sock: socket.socket, counters: Counters) -> bool:
         try:
             for start in range(0, len(piece), segment_size):
-                self._sock.sendto(piece[start : start + segment_size], endpoint)
+                sock.sendto(piece[start : start + segment_size], endpoint)
         except OSError:
-            self.tx.drop("send_error")
+            counters.drop("send_error")
             return False
         return True
 
-    def _udp_to_tun(self) -> None:
-        sock = self._sock
-        assert sock is not None
+    def _udp_to_tun(self, bind: Bind, counters: Counters) -> None:
+        """Receive on `bind` (the underlay socket, or dual stack's IPv6 one: a thread
+        each), counting in `counters` (that socket's own)."""
+        sock = bind.sock
         # As on the send side, a 1-byte packet's whole path is this loop: locals, three C
         # calls (recvmsg_into, decode_single's two unpacks, write) and one dict lookup.
         recvmsg_into, receive, refuse = sock.recvmsg_into, self._receive, self._refuse
         write, tun, decode = os.write, self._tun, decode_single
-        counters = self.rx
         pending = self._pending
-        ipv4 = self.bind.ip.version == 4
+        ipv4 = bind.ip.version == 4
         buf = bytearray(RECV_SIZE)
         bufs = [buf]
         view = memoryview(buf)
@@ -457,7 +513,7 @@ class Forwarder:
                 try:
                     single = decode(buf, size)
                 except RemoteProtocolError as exc:
-                    refuse(sender, table, size, exc.reason)
+                    refuse(sender, table, size, exc.reason, counters)
                     continue
                 if single is not None:
                     version, source = single
@@ -470,27 +526,29 @@ class Forwarder:
                         version != table.version
                     ):
                         refuse(sender, table, size,
-                               "malformed" if version != table.version else "spoofed_source")
+                               "malformed" if version != table.version else "spoofed_source",
+                               counters)
                         continue
                     try:
                         write(tun, view[HEADER_SIZE:size])
                     except OSError as exc:
-                        refuse(sender, table, size, "tun_write")
+                        refuse(sender, table, size, "tun_write", counters)
                         log.debug("TUN write failed", extra={"error": str(exc)})
                         continue
                     counters.singles += 1
                     counters.single_bytes += size - _IP
                     continue
-            if receive(buf, size, ancillary, flags, sender):
+            if receive(buf, size, ancillary, flags, sender, counters):
                 # A stream left incomplete keeps views into this buffer: take a new one.
                 buf = bytearray(RECV_SIZE)
                 bufs = [buf]
                 view = memoryview(buf)
 
-    def _refuse(self, sender: Endpoint, table: PeerTable, size: int, reason: str) -> None:
+    @staticmethod
+    def _refuse(sender: Endpoint, table: PeerTable, size: int, reason: str,
+                counters: Counters) -> None:
         """Count a datagram the fast path refused, as the general path would have: a
         stranger's as `unknown_peer` whatever it holds, an empty one as `malformed`."""
-        counters = self.rx
         counters.batches += 1
         if sender not in table.members:
             counters.drop("unknown_peer")
@@ -502,12 +560,11 @@ class Forwarder:
         counters.drop(reason)
 
     def _receive(self, buf: bytearray, size: int, ancillary: list[tuple[int, int, bytes]],
-                 flags: int, sender: Endpoint) -> bool:
+                 flags: int, sender: Endpoint, counters: Counters) -> bool:
         """Handle one received buffer the fast path did not take (many datagrams glued by
         UDP GRO, a chunk of a longer stream, a flagged one, or one while a stream of its
         sender is pending) of `size` bytes; True if an incomplete stream now holds views
         into `buf`."""
-        counters = self.rx
         counters.batches += 1
         table = self._peers
         if sender not in table.members:
@@ -534,16 +591,16 @@ class Forwarder:
         for reason, count in result.drops.items():
             counters.drop(reason, count)
         for parts, stream_len in zip(result.streams, result.sizes, strict=True):
-            self._deliver(parts, stream_len, sender, table, os.writev, self._tun)
+            self._deliver(parts, stream_len, sender, table, os.writev, self._tun, counters)
         if reassembler.pending:
             self._pending.add(sender)
             return True
         self._pending.discard(sender)
         return False
 
-    def _deliver(self, parts: list[memoryview], size: int, sender: Endpoint, table: PeerTable,
-                 writev: Any, tun: int) -> None:
-        counters = self.rx
+    @staticmethod
+    def _deliver(parts: list[memoryview], size: int, sender: Endpoint, table: PeerTable,
+                 writev: Any, tun: int, counters: Counters) -> None:
         try:
             version, source = decode_stream(parts[0], size)
         except RemoteProtocolError as exc:

@@ -4,7 +4,13 @@ The table is immutable and replaced as a whole on every reconcile (one reference
 assignment, atomic for the forwarder threads), so a peer that leaves stops receiving and
 sending at once.  Lookups are O(1): mask the inner address down to its subnet and look the
 integer up in a dict. In dual stack the table of the IPv4 half carries the IPv6 half's as
-`six` (same members): a packet of the table's own version costs no extra lookup.
+`six` (the same members): a packet of the table's own version costs no extra lookup.
+
+Where both hosts have an IPv6 underlay address beside an IPv4 PublicIP (the lease's
+PublicIPv6, and BackendV6Data naming the port its forwarder listens on there), the peer's
+IPv6 subnet goes to that IPv6 endpoint (the forwarder's second socket, on this host's IPv6
+underlay address); otherwise to its IPv4 endpoint, as its IPv4 subnet does. The members
+are then every endpoint of either family.
 """
 
 from __future__ import annotations
@@ -86,10 +92,11 @@ class PeerTable:
     def describe(self) -> dict[str, str]:
         net = ipaddress.IPv4Network if self.version == 4 else ipaddress.IPv6Network
         described = {
-            str(net((addr, self.subnet_len))): f"{ip}:{port}"
-            for addr, (ip, port) in sorted(self.routes.items())
+            str(net((addr, self.subnet_len))): describe_endpoint(endpoint)
+            for addr, endpoint in sorted(self.routes.items())
         }
         return described if self.six is None else described | self.six.describe()
+
 
     def for_version(self, version: int) -> PeerTable | None:
         """The table for inner packets of IP `version`: this one, its IPv6 half, or none."""
@@ -98,18 +105,34 @@ class PeerTable:
         return self.six if version == 6 else None
 
 
+def over_ipv6(endpoint: Endpoint) -> bool:
+    """Whether `endpoint` is an IPv6 one (as the socket layer spells it)."""
+    return ":" in endpoint[0]
+
+
+def describe_endpoint(endpoint: Endpoint) -> str:
+    """`ip:port`, an IPv6 address in brackets (RFC 3986)."""
+    ip, port = endpoint
+    return f"[{ip}]:{port}" if over_ipv6(endpoint) else f"{ip}:{port}"
+
+
 @dataclass(frozen=True)
 class UdpPlan:
     table: PeerTable
     errors: Mapping[str, str] = field(default_factory=dict)  # peer subnet -> why not
+    # With this host's IPv6 underlay socket: peer IPv6 subnet -> why it rides IPv4.
+    over_ipv4: Mapping[str, str] = field(default_factory=dict)
 
 
 def plan(peers: Sequence[Lease], *, own_ip: IPAddress, default_port: int, version: int,
-         subnet_len: int, ipv6_subnet_len: int | None = None) -> UdpPlan:
+         subnet_len: int, ipv6_subnet_len: int | None = None,
+         own_ipv6: IPAddress | None = None) -> UdpPlan:
     """The forwarder's table from the peer leases; a lease it cannot use is that peer's
     error. `ipv6_subnet_len`: a dual-stack network's (each peer's IPv6 subnet goes to the
-    same endpoint as its IPv4 one)."""
+    same endpoint as its IPv4 one, or, with `own_ipv6`, this host's IPv6 underlay address
+    its forwarder listens on, to the peer's own IPv6 endpoint where it publishes one)."""
     errors: dict[str, str] = {}
+    over_ipv4: dict[str, str] = {}
     accepted: list[Peer] = []
     accepted6: list[Peer] = []
     for lease in peers:
@@ -128,11 +151,38 @@ def plan(peers: Sequence[Lease], *, own_ip: IPAddress, default_port: int, versio
             else:
                 accepted.append(peer)
                 if ipv6_subnet_len is not None and lease.ipv6_subnet is not None:
-                    accepted6.append(Peer(lease.ipv6_subnet, peer.public_ip, peer.port))
+                    half, why = _ipv6_half(lease, peer, own_ipv6)
+                    accepted6.append(half)
+                    if why is not None:
+                        over_ipv4[str(half.subnet)] = why
         if problem is not None:
             errors[str(lease.subnet)] = problem
     table = PeerTable.build(version, subnet_len, accepted)
     if ipv6_subnet_len is not None:
         six = PeerTable.build(6, ipv6_subnet_len, accepted6)
-        table = dataclasses.replace(table, six=dataclasses.replace(six, members=table.members))
-    return UdpPlan(table, errors)
+        members = table.members | six.members
+        table = dataclasses.replace(table, members=members,
+                                    six=dataclasses.replace(six, members=members))
+    return UdpPlan(table, errors, over_ipv4)
+
+
+def _ipv6_half(lease: Lease, peer: Peer, own_ipv6: IPAddress | None
+               ) -> tuple[Peer, str | None]:
+    """Where the peer's IPv6 subnet goes: its IPv6 endpoint when both ends have an IPv6
+    underlay and the peer's forwarder listens there (its BackendV6Data's Port, which a
+    host without that second socket never publishes), else its IPv4 one; and, when this
+    host has the IPv6 socket, why not that."""
+    assert lease.ipv6_subnet is not None
+    over_ipv4 = Peer(lease.ipv6_subnet, peer.public_ip, peer.port)
+    if own_ipv6 is None:
+        return over_ipv4, None
+    if lease.public_ipv6 is None:
+        return over_ipv4, f"peer {lease.public_ip} has no IPv6 underlay address (no PublicIPv6)"
+    if lease.backend_v6_data is None:
+        return over_ipv4, (f"peer {lease.public_ipv6} has no IPv6 underlay socket (no "
+                           "BackendV6Data Port: a forwarder of an earlier weft)")
+    try:
+        port = peer_port(lease.backend_v6_data, peer.port)
+    except PeerDataError as exc:  # the validator refuses it first; IPv4 still carries it
+        return over_ipv4, f"peer {lease.public_ipv6}: BackendV6Data {exc}"
+    return Peer(lease.ipv6_subnet, lease.public_ipv6, port), None
