@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from helpers import metric, scrape, wait_for
+from weft.backends.wireguard.uapi import UapiDevice
 from weft.core.errors import WeftError
 from weft_lab.nodes import Container, Host
 from weft_lab.testbed import Testbed
@@ -266,4 +268,102 @@ def test_vxlan_carries_ipv6_over_the_ipv6_underlay_where_both_ends_have_one() ->
             first.netns, ["ip", "link", "show"]).stdout and "weft.vx1v6" in tb.run(
             first.netns, ["ip", "-br", "link"]).stdout, 30)
         a, b, _ = tb.containers
+        assert reaches(tb, a.netns, b.ip6)
+
+
+WG6 = "weft.wg0v6"  # wireguard's device on the IPv6 underlay
+WIREGUARD_GO = dual_config("wireguard", Implementation="wireguard-go")
+
+
+# Datagrams from a machine without a lease to a host's IPv6 WireGuard port.
+SEND6 = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+for _ in range(int(sys.argv[2])):
+    s.sendto(b"not-wireguard", (sys.argv[1], 51821))
+"""
+
+
+def udp_counter(tb: Testbed, host: Host, match: str) -> Callable[[], int]:
+    """Packets arriving at `host` that `match` (an nft expression), counted by a table of
+    the test's own in its namespace: what crosses the underlay, independent of weft."""
+    tb.run(host.netns, ["nft", "add", "table", "inet", "wgtest"])
+    tb.run(host.netns, ["nft", "add chain inet wgtest in { type filter hook input priority 0; }"])
+    tb.run(host.netns, ["nft", f"add rule inet wgtest in {match} counter"])
+
+    def packets() -> int:
+        listing = tb.run(host.netns, ["nft", "list", "chain", "inet", "wgtest", "in"]).stdout
+        return sum(int(n) for n in re.findall(r"counter packets (\d+)", listing))
+    return packets
+
+
+@pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="needs wireguard-go")
+def test_wireguard_carries_ipv6_over_the_ipv6_underlay_where_both_ends_have_one() -> None:
+    """A mixed underlay on wireguard (the third host IPv4-only): the first two hosts carry
+    each other's IPv6 subnets on a second WireGuard device to the peer's PublicIPv6 (its
+    packets counted on the IPv6 underlay), every pair with the third over IPv4 and status
+    says why; the second device deleted by hand comes back."""
+    with Testbed(hosts=3, containers_per_host=1, config=WIREGUARD_GO, underlay="dual",
+                 ipv4_only_hosts=1) as tb:
+        tb.start()
+        check_mesh(tb)
+        leases = {lease.public_ip: lease for lease in tb.leases()}
+        first, second, third = tb.hosts
+        a, b, _ = tb.containers
+        assert second.underlay_ip6 is not None
+        routes = routes6(tb, first)
+        assert routes[NETWORK6]["dev"] == WG6
+        assert routes[str(leases[third.underlay_ip].ipv6_subnet)]["dev"] == "weft.wg0"
+        # The IPv6 device's one peer is the second host, at its IPv6 underlay address and
+        # the port its BackendV6Data names (flannel's layout).
+        device6 = UapiDevice(WG6, first.run_dir / "wireguard")
+        (peer6,) = device6.read().peers.values()
+        assert peer6.endpoint == (second.underlay_ip6, 51821)
+        assert peer6.allowed_ips == {leases[second.underlay_ip].ipv6_subnet}
+        # On the wire: the IPv6 overlay from the first host arrives at the second as UDP
+        # over IPv6 to the IPv6 device's port.
+        over6 = udp_counter(tb, second, f"ip6 saddr {first.underlay_ip6} udp dport 51821")
+        before = over6()
+        assert tb.ping(a.netns, b.ip6, count=5, wait=2)
+        assert over6() - before >= 5
+        # Status: which underlay each peer's IPv6 half uses, on both kinds of host.
+        six = tb.host_status(first)["backend_status"]["ipv6_underlay"]
+        assert six["device"] == WG6
+        assert six["peer_count"] == 1
+        assert six["counters"]["rx_bytes"] > 0
+        assert six["counters"]["tx_bytes"] > 0
+        assert six["over_ipv4"] == {str(leases[third.underlay_ip].ipv6_subnet):
+                                    "the peer publishes no PublicIPv6"}
+        lone = tb.host_status(third)["backend_status"]["ipv6_underlay"]
+        assert lone["device"] is None
+        assert "rides weft.wg0" in lone["why"]
+        # MTU: one for the containers, leaving room for the IPv6 underlay's header.
+        assert "FLANNEL_MTU=1420\n" in first.subnet_env_path.read_text()
+        assert "FLANNEL_MTU=1440\n" in third.subnet_env_path.read_text()
+        assert tb.host_status(second)["ingress"]["dropped"].get("non_member", 0) == 0
+        # The IPv6 device's port takes members only: a machine without a lease sending to
+        # it over the IPv6 underlay is dropped and counted.
+        intruder = tb.add_underlay_node("intr6", "198.18.0.98")
+        tb.run(intruder, ["ip", "addr", "add", "2001:db8:ff::98/64", "dev", "eth0", "nodad"])
+        tb.run(intruder, ["/usr/bin/python3", "-c", SEND6, str(second.underlay_ip6), "3"])
+        wait_for("3 non-member packets counted", lambda: tb.host_status(second)["ingress"][
+            "dropped"].get("non_member", 0) == 3, 10)
+        # The IPv6 device is weft's too: deleted (its wireguard-go exits), it comes back,
+        # served, with its peer, and carries the IPv6 overlay again.
+        pid = six["wireguard_go_pid"]
+        pid4 = tb.host_status(first)["backend_status"]["wireguard_go_pid"]
+        tb.run(first.netns, ["ip", "link", "del", WG6])
+        wait_for(f"{WG6} to come back with its peer", lambda: tb.run(
+            first.netns, ["ip", "-br", "link"]).stdout.count(WG6) == 1 and len(
+            device6.read().peers) == 1, 30, ignore=(WeftError,))
+        assert reaches(tb, a.netns, b.ip6)
+        revived = tb.host_status(first)["backend_status"]["ipv6_underlay"]["wireguard_go_pid"]
+        assert revived not in (None, pid)
+        # An agent restart adopts both devices' wireguard-go as they run.
+        tb.stop_agent(first)
+        tb.start_agent(first)
+        tb.wait_converged(30)
+        again = tb.host_status(first)["backend_status"]
+        assert again["ipv6_underlay"]["wireguard_go_pid"] == revived
+        assert again["wireguard_go_pid"] == pid4
         assert reaches(tb, a.netns, b.ip6)

@@ -290,18 +290,6 @@ def test_compaction_right_at_a_deletion_is_reported_not_swallowed() -> None:
 # --- whole agents in the namespace testbed ----------------------------------------------
 
 
-def _start_hosts(tb: Testbed, count: int) -> None:
-    hosts = tb.hosts[:count]
-    for host in hosts:
-        tb.start_agent(host)
-    for host in hosts:
-        tb.wait_subnet_env(host)
-    for c in tb.containers:
-        if c.host in hosts:
-            tb.attach(c)
-    tb.wait_converged(60, hosts=hosts)
-
-
 def _join(tb: Testbed, index: int) -> None:
     host = tb.hosts[index]
     tb.wait_subnet_env(host, 60)
@@ -331,7 +319,7 @@ def _ping(tb: Testbed, src: str, dst: object, seconds: float) -> subprocess.Pope
 @pytest.mark.netns
 def test_member_killed_agents_keep_renewing_and_a_new_host_joins() -> None:
     with Testbed(hosts=3, containers_per_host=1, store="etcd", etcd_members=3, lease_ttl=4) as tb:
-        _start_hosts(tb, 2)
+        tb.start(hosts=tb.hosts[:2])
         subnets = {h.name: tb.host_status(h)["subnet"] for h in tb.hosts[:2]}
         tb.etcd.kill(0)  # the first endpoint: where every agent is connected
         before = [_renewals(tb, i) for i in (0, 1)]
@@ -355,7 +343,7 @@ def test_member_killed_agents_keep_renewing_and_a_new_host_joins() -> None:
 def test_etcd_gone_traffic_flows_a_new_host_waits_and_joins_when_it_returns(plane: str) -> None:
     with Testbed(hosts=3, containers_per_host=1, store="etcd", etcd_members=3, lease_ttl=30,
                  agent_args=DATA_PLANES[plane]) as tb:
-        _start_hosts(tb, 2)
+        tb.start(hosts=tb.hosts[:2])
         for host in tb.hosts[:2]:
             status = tb.host_status(host)["fastpath"]
             assert status["active"] == (plane == "fastpath" and FASTPATH_TOOLS), status
@@ -391,7 +379,7 @@ def test_etcd_gone_traffic_flows_a_new_host_waits_and_joins_when_it_returns(plan
 @pytest.mark.netns
 def test_agents_cut_off_while_a_lease_goes_and_history_is_compacted_resync() -> None:
     with Testbed(hosts=3, containers_per_host=0, store="etcd", etcd_members=3, lease_ttl=60) as tb:
-        _start_hosts(tb, 3)
+        tb.start()
         gone = tb.hosts[2]
         subnet = tb.host_status(gone)["subnet"]
         assert all(subnet in tb.weft_routes(tb.hosts[i]) for i in (0, 1))
@@ -438,7 +426,7 @@ def test_a_store_that_refuses_the_agent_keeps_it_running_and_it_renews_once_allo
                              "--etcd-allow-plaintext-auth"]) as tb:
         grant = ("weft", f"{DEFAULT_ETCD_PREFIX}/", "--prefix=true")
         enable_auth(tb.etcd, grant[1])
-        _start_hosts(tb, 2)
+        tb.start(hosts=tb.hosts[:2])
         subnets = [tb.host_status(h)["subnet"] for h in tb.hosts]
         c1, c2 = tb.containers
         tb.etcd.etcdctl(ROOT_USER, "role", "revoke-permission", *grant)

@@ -41,19 +41,6 @@ def wait_for(what: str, check: Callable[[], bool], tb: Testbed, timeout: float =
     wait(what, alive_and, timeout, seen=detail)
 
 
-def start_hosts(tb: Testbed, count: int) -> None:
-    """The first `count` hosts' agents and containers, converged among themselves."""
-    hosts = tb.hosts[:count]
-    for host in hosts:
-        tb.start_agent(host)
-    for host in hosts:
-        tb.wait_subnet_env(host)
-    for c in tb.containers:
-        if c.host in hosts:
-            tb.attach(c)
-    tb.wait_converged(60, hosts=hosts)
-
-
 def log_since(tb: Testbed, host: Host, offset: int) -> str:
     return tb.agent_log(host)[offset:]
 
@@ -137,7 +124,7 @@ def test_a_store_restored_from_an_older_snapshot_is_reasserted_and_no_subnet_dou
     bound = 15.0
     with Testbed(hosts=4, containers_per_host=1, config=cfg, store="etcd") as tb:
         h1, h2, h3, h4 = tb.hosts
-        start_hosts(tb, 2)
+        tb.start(hosts=tb.hosts[:2])
         snapshot = str(tb.run_dir / "snapshot.db")
         tb.etcd.etcdctl("snapshot", "save", snapshot)
         tb.start_agent(h3)  # its lease comes after the snapshot

@@ -35,7 +35,7 @@ OTHER_FLAGS = {
 }
 
 # Dotted names that look like modules but are devices or files.
-NOT_MODULES = re.compile(r"weft\.(vx\d*|udp\d+|wg\d+(\.sock)?|service|conf)")
+NOT_MODULES = re.compile(r"weft\.(vx\d*|udp\d+|wg\d+(v6)?(\.sock)?|service|conf)")
 MODULE = re.compile(r"(?<![\w./-])(weft_lab(?:\.[A-Za-z_]\w*)*|weft(?:\.[A-Za-z_]\w*)+)")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 INLINE = re.compile(r"`([^`\n]+)`")

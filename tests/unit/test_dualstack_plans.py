@@ -110,6 +110,78 @@ def test_wireguard_allows_both_subnets_of_a_peer() -> None:
     assert wanted[key].allowed_ips == {net("198.19.2.0/24"), net("2001:db8:1:2::/64")}
 
 
+def test_wireguard_sends_ipv6_on_the_ipv6_device_only_where_both_ends_have_one() -> None:
+    """This host has the IPv6 underlay device: a peer with one too (PublicIPv6 and a
+    BackendV6Data Port) gets its IPv6 subnet there, to [PublicIPv6]:Port, and only its IPv4
+    subnet on the IPv4 device; a peer without (no PublicIPv6, or BackendV6Data that is
+    BackendData's copy: an older weft) keeps both on the IPv4 device, and says why."""
+    from weft.backends.wireguard.keys import PrivateKey
+    from weft.backends.wireguard.plan import peer_sets
+
+    own = PrivateKey.generate().public_key()
+    k2, k3, k4 = (PrivateKey.generate().public_key() for _ in range(3))
+
+    def wg(n: int, key: str, public_ipv6: str | None, data6: dict[str, object]) -> Lease:
+        lease = peer(n, "wireguard", public_ipv6, {"PublicKey": key})
+        return Lease(lease.subnet, lease.public_ip, "wireguard", lease.backend_data,
+                     ipv6_subnet=lease.ipv6_subnet, public_ipv6=lease.public_ipv6,
+                     backend_v6_data=data6)
+
+    both = wg(2, k2.to_base64(), "2001:db8:ff::2", {"PublicKey": k2.to_base64(), "Port": 51821})
+    lone = wg(3, k3.to_base64(), None, {"PublicKey": k3.to_base64()})
+    older = wg(4, k4.to_base64(), "2001:db8:ff::4", {"PublicKey": k4.to_base64()})
+    sets = peer_sets([both, lone, older], own, 51820, 0, None, ipv6_underlay=True)
+    assert sets.errors == {}
+    assert sets.peers[k2].allowed_ips == {net("198.19.2.0/24")}
+    assert sets.peers[k2].endpoint == (addr("198.18.0.2"), 51820)
+    assert sets.peers6[k2].allowed_ips == {net("2001:db8:1:2::/64")}
+    assert sets.peers6[k2].endpoint == (addr("2001:db8:ff::2"), 51821)
+    assert set(sets.peers6) == {k2}
+    assert sets.peers[k3].allowed_ips == {net("198.19.3.0/24"), net("2001:db8:1:3::/64")}
+    assert sets.peers[k4].allowed_ips == {net("198.19.4.0/24"), net("2001:db8:1:4::/64")}
+    assert sets.over_ipv4 == {
+        net("2001:db8:1:3::/64"): "the peer publishes no PublicIPv6",
+        net("2001:db8:1:4::/64"): "the peer has no WireGuard device on the IPv6 underlay "
+                                  "(no BackendV6Data Port)"}
+    # Without the IPv6 device here, every peer's IPv6 subnet rides the IPv4 device.
+    plain = peer_sets([both, lone], own, 51820, 0, None)
+    assert plain.peers6 == {}
+    assert plain.over_ipv4 == {}
+    assert plain.peers[k2].allowed_ips == {net("198.19.2.0/24"), net("2001:db8:1:2::/64")}
+
+
+def test_wireguard_ipv6_port_and_its_ingress_rule() -> None:
+    """ListenPortV6 (flannel's, 51821) is the IPv6 device's; never ListenPort's. UDP to it
+    takes the encapsulation port's member check, where members6 exists."""
+    import pydantic
+    import pytest
+
+    from weft.backends.registry import backend_facts, parse_config
+    from weft.backends.wireguard.options import WireguardOptions, wireguard_data_problem
+    from weft.host.ingress_rules import ingress_plan, ingress_ruleset
+
+    assert WireguardOptions().port6 == 51821
+    assert WireguardOptions(ListenPort=51821).port6 == 51822
+    assert WireguardOptions(ListenPortV6=4000).port6 == 4000
+    with pytest.raises(pydantic.ValidationError, match="ListenPortV6 5 is ListenPort's too"):
+        WireguardOptions(ListenPort=5, ListenPortV6=5)
+    assert wireguard_data_problem({"PublicKey": "A" * 43 + "=", "Port": "51821"}) == \
+        "Port '51821' is not a UDP port (1-65535)"
+    config = parse_config('{"Network": "198.19.0.0/16", "EnableIPv6": true, '
+                          '"IPv6Network": "2001:db8:1::/48", "Backend": {"Type": "wireguard"}}')
+    facts = backend_facts(config.backend, "eth0", dual_stack=True)
+    assert facts.tunnels == ("weft.wg0", "weft.wg0v6")
+    assert (facts.encap_port, facts.encap_port6) == (51820, 51821)
+    own, a = peer(1), peer(2, public_ipv6="2001:db8:ff::2")
+    script = ingress_ruleset(ingress_plan(config, addr("198.18.0.1"), own, [a], port=51820,
+                                          public_ipv6=addr("2001:db8:ff::1"), port6=51821))
+    assert "add rule inet weft-ingress prerouting udp dport 51821 jump encap" in script
+    # No IPv6 underlay address here: no such device, no rule.
+    alone = ingress_ruleset(ingress_plan(config, addr("198.18.0.1"), own, [a], port=51820,
+                                         port6=51821))
+    assert "51821" not in alone
+
+
 def test_auto_chooses_per_peer_and_per_family() -> None:
     """A peer on this host's segment with a PublicIPv6 there: both families on host-gw.
     One on the segment without: IPv4 on host-gw, IPv6 on vxlan (the next candidate that

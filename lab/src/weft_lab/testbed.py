@@ -302,18 +302,21 @@ class Testbed:
 
     # --- agents -------------------------------------------------------------------------
 
-    def start(self, timeout: float = 60.0) -> None:
-        """Start every agent, attach every container, wait for a converged view."""
-        for host in self.hosts:
+    def start(self, timeout: float = 60.0, hosts: Sequence[Host] | None = None) -> None:
+        """Start every agent (or those of `hosts`, the others left for the test to start
+        later), attach their containers, wait for a view converged among them."""
+        hosts = self.hosts if hosts is None else list(hosts)
+        for host in hosts:
             self.start_agent(host)
-        for host in self.hosts:
+        for host in hosts:
             self.wait_subnet_env(host, timeout)
         if self.runtime is not None:
-            for host in self.hosts:  # dockerd reads the subnet.env the agent just wrote
+            for host in hosts:  # dockerd reads the subnet.env the agent just wrote
                 self.runtime.start_host(host)
         for c in self.containers:
-            self.attach(c)
-        self.wait_converged(timeout)
+            if c.host in hosts:
+                self.attach(c)
+        self.wait_converged(timeout, hosts=hosts)
 
     def start_agent(self, host: Host, extra_args: Sequence[str] = (), *,
                     pin_public_ip: bool = True) -> None:

@@ -199,7 +199,7 @@ class Agent:
         backend = create_backend(config, host)
         facts = backend_facts(config.backend, host.underlay_ifname, config.dual_stack)
         ingress = IngressFilter(config, host.public_ip, public_ipv6=host.public_ipv6,
-                                port=facts.encap_port,
+                                port=facts.encap_port, port6=facts.encap_port6,
                                 by_port=facts.members_by_port, peer_iifs=facts.peer_iifs)
         self.metrics.export_ingress(config.backend.type, ingress.counters)
         # Another host's live lease at this address: refused before the backend touches

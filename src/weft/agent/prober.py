@@ -7,10 +7,11 @@ One thread, one UDP socket bound to this host's overlay address on `HEALTH_PORT`
 the main table routes a probe to a peer's overlay address exactly as it routes the
 containers' packets (through the VXLAN device, the wireguard device, the udp forwarder's
 TUN, or bare to the peer for host-gw), and the peer's agent answers from its own overlay
-address. Like auto's probes (weft.backends.auto.probe, whose wire format and socket this
-reuses), each probe is a full-size datagram with DF set and a small one beside it: an
-answer proves the path carries the overlay MTU both ways; the small one answered alone
-says the MTU is the problem, not the peer.
+address. Like auto's probes (weft.backends.auto.probe, whose wire format this reuses; the
+socket, the sizes and the counters are both probers', in weft.host.probe_socket), each
+probe is a full-size datagram with DF set and a small one beside it: an answer proves the
+path carries the overlay MTU both ways; the small one answered alone says the MTU is the
+problem, not the peer.
 
 Nothing from the wire may raise out of the thread: a datagram that is not a probe, or a
 probe from an address that is no member's, is dropped and counted.
@@ -19,7 +20,6 @@ probe from an address that is no member's, is dropped and counted.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import select
@@ -33,8 +33,19 @@ from typing import Any, Final
 from weft.agent.peer_health import PACKETS_PER_PROBE, HealthBook, ProbePolicy, ProbeSchedule
 from weft.backends.auto import wire
 from weft.backends.auto.options import PLANES
-from weft.backends.auto.probe import IP_UDP, SMALL_PACKET, ipaddress_of, probe_socket
 from weft.core.config import IPAddress, IPNetwork
+from weft.host.probe_socket import (
+    IP_FREEBIND,
+    IP_UDP,
+    SMALL_PACKET,
+    ProbeCounters,
+    ipaddress_of,
+    parse,
+    probe_payloads,
+    probe_socket,
+    received,
+    send_probe,
+)
 
 log = logging.getLogger("weft.agent")
 
@@ -49,15 +60,8 @@ Targets = Mapping[IPNetwork, tuple[IPAddress, str, str]]
 
 
 @dataclass
-class ProberCounters:
-    sent: int = 0
-    answered: int = 0
-    send_errors: int = 0
-    requests_answered: int = 0
-    summaries_answered: int = 0
-    dropped_non_member: int = 0
-    dropped_malformed: int = 0
-    dropped_unexpected: int = 0
+class ProberCounters(ProbeCounters):
+    summaries_answered: int = 0  # what auto's probes never ask
 
 
 @dataclass
@@ -79,8 +83,7 @@ class HealthProber:
         self.policy = policy or ProbePolicy()
         self.port = port
         self.own = own
-        self.payload = mtu - IP_UDP[own.version]
-        self.small_payload = min(self.payload, SMALL_PACKET - IP_UDP[own.version])
+        self.payload, self.small_payload = probe_payloads(mtu, own.version)
         self.counters = ProberCounters()
         # What a member asking gets: the agent adds its own counts to the probes' summary.
         self._summary = summary or self.summary
@@ -190,18 +193,10 @@ class HealthProber:
         for small in (False, True):
             data = wire.encode(wire.Probe(wire.HEALTH_REQUEST, _PLANE, self._seq),
                                self.small_payload if small else self.payload)
-            self.counters.sent += 1
-            try:
-                self._sock.sendto(data, (str(addr), self.port))
-            except OSError as exc:  # EMSGSIZE: a learned path MTU is smaller; a miss
-                self.counters.send_errors += 1
-                if small:
-                    pending.small_sent = False
-                if exc.errno not in (errno.EMSGSIZE, errno.ENETUNREACH, errno.EHOSTUNREACH,
-                                     errno.EPERM, errno.EAGAIN, errno.ECONNREFUSED,
-                                     errno.EINVAL, errno.EADDRNOTAVAIL):
-                    log.warning("health probe send failed",
-                                extra={"peer": str(peer), "error": str(exc)})
+            sent = send_probe(self._sock, data, (str(addr), self.port), self.counters,
+                              log, "health probe send failed", {"peer": str(peer)})
+            if small and not sent:
+                pending.small_sent = False
         self._pending[self._seq] = pending
 
     def _expire(self, now: float) -> None:
@@ -231,19 +226,10 @@ class HealthProber:
             log.info("peer reachable again", extra=fields)
 
     def _receive(self) -> None:
-        while True:
-            try:
-                data, sender = self._sock.recvfrom(0x10000)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:  # an ICMP error queued on the socket: a miss, at its timeout
-                return
-            try:
-                probe = wire.decode(data)
-                source = ipaddress_of(sender[0])
-            except (wire.ProbeFormatError, ValueError):
-                self.counters.dropped_malformed += 1
+        for data, sender in received(self._sock):
+            if (parsed := parse(data, sender, wire.decode, self.counters)) is None:
                 continue
+            probe, source = parsed
             if source not in self._members:
                 self.counters.dropped_non_member += 1
                 continue
@@ -303,7 +289,7 @@ def ask_summaries(own: IPAddress, peers: Mapping[str, IPAddress], *, port: int =
     by_addr = {addr: name for name, addr in peers.items()}
     answers: dict[str, dict[str, Any] | None] = dict.fromkeys(peers)
     try:
-        sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND: the agent holds the port
+        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)  # the agent holds the port
         sock.bind((str(own), 0))
         for attempt in range(tries):
             for name, addr in peers.items():

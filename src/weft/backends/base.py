@@ -41,6 +41,10 @@ class BackendFacts:
     # from member hosts only, and the host's own encapsulated packets skip conntrack.
     # None: nothing encapsulated (host-gw).
     encap_port: int | None = None
+    # In dual stack, the port encapsulated packets use on the IPv6 underlay when it is
+    # another (wireguard's second device listens on its own): filtered as `encap_port`,
+    # from the members' PublicIPv6. None: the same port.
+    encap_port6: int | None = None
     # The ingress filter's members are (address, port), the port from each peer's lease
     # (udp); else addresses alone.
     members_by_port: bool = False

@@ -44,13 +44,14 @@ class IngressFilter:
 
     def __init__(self, config: NetworkConfig, public_ip: IPAddress, *, port: int | None,
                  by_port: bool = False, peer_iifs: Sequence[str] = (),
-                 public_ipv6: IPAddress | None = None) -> None:
+                 public_ipv6: IPAddress | None = None, port6: int | None = None) -> None:
         self.config = config
         self.public_ip = public_ip
         self.public_ipv6 = public_ipv6  # dual stack: members' IPv6 underlay addresses too
         # The backend's facts (weft.backends.base.BackendFacts): the encapsulation port,
         # whether a member is (address, port), every device a peer's source may arrive on.
         self.port = port
+        self.port6 = port6  # the IPv6 underlay's encapsulation port, if it is another
         self.by_port = by_port
         self.peer_iifs = tuple(peer_iifs)
         self.plan: IngressPlan | None = None
@@ -77,7 +78,8 @@ class IngressFilter:
         else:
             plan = ingress_plan(self.config, self.public_ip, own, peers, port=self.port,
                                 by_port=self.by_port, peer_iifs=self.peer_iifs,
-                                untrack=self.untrack, public_ipv6=self.public_ipv6)
+                                untrack=self.untrack, public_ipv6=self.public_ipv6,
+                                port6=self.port6)
         if not full and old is not None and self._skeleton is not None and same_shape(old, plan):
             self._apply_delta(old, plan)
             return

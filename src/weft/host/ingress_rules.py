@@ -65,6 +65,9 @@ class IngressPlan:
     # members' IPv6 underlay addresses (encapsulated IPv6 overlay arrives from them, vxlan's
     # second device); None: no such set.
     members6: frozenset[IPAddress] | None = None
+    # The encapsulation port on the IPv6 underlay when it is another (wireguard's second
+    # device): UDP to it takes the same member check, against `members6`.
+    port6: int | None = None
 
 
 def _peer_port(lease: Lease, default: int) -> int | None:
@@ -77,10 +80,12 @@ def _peer_port(lease: Lease, default: int) -> int | None:
 def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
                  peers: Iterable[Lease], *, port: int | None, by_port: bool = False,
                  peer_iifs: Iterable[str] = (), untrack: Untrack | None = None,
-                 public_ipv6: IPAddress | None = None) -> IngressPlan:
-    """The plan for this host. `port`, `by_port` and `peer_iifs` are the backend's facts
-    (`weft.backends.base.BackendFacts`: its encapsulation port, members as (address,
-    port), the devices a peer's source may arrive on). Peers are validated leases; one of
+                 public_ipv6: IPAddress | None = None,
+                 port6: int | None = None) -> IngressPlan:
+    """The plan for this host. `port`, `by_port`, `peer_iifs` and `port6` are the backend's
+    facts (`weft.backends.base.BackendFacts`: its encapsulation port, members as (address,
+    port), the devices a peer's source may arrive on, the IPv6 underlay's port if it is
+    another). Peers are validated leases; one of
     another IP version or with an unusable port is left out (it cannot send to us)."""
     members, subnets = _elements(config, public_ip, peers, port, by_port)
     six = config.ipv6
@@ -93,7 +98,8 @@ def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
                        frozenset(subnets | {own.subnet} | ({own6} if own6 else set())),
                        peer_iifs=frozenset(peer_iifs), own=own.subnet, untrack=untrack,
                        network6=six.network if six is not None else None, own6=own6,
-                       members6=members6)
+                       members6=members6,
+                       port6=port6 if members6 is not None and port6 != port else None)
 
 
 def _members6(peers: Iterable[Lease], public_ipv6: IPAddress | None) -> set[IPAddress]:
@@ -202,6 +208,8 @@ def ingress_ruleset(plan: IngressPlan) -> str:
         p = plan.port
         encap = f"add rule {t} {_ENCAP}"
         lines.append(f"{rule} udp dport {p} jump {_ENCAP}")
+        if plan.port6 is not None:
+            lines.append(f"{rule} udp dport {plan.port6} jump {_ENCAP}")
         if untrack is not None and untrack.public_ip.version == plan.underlay_version \
                 and plan.underlay_version == plan.network.version:
             lines.append(f"{encap} {ul} daddr {untrack.public_ip} {match} notrack accept")

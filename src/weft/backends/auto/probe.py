@@ -5,7 +5,8 @@ port) and one socket per plane, marked (SO_MARK) so the plane's routing table ca
 Every datagram leaves with DF set (IP_PMTUDISC_DO) at the full overlay MTU, so an answer
 proves the plane carries full-size packets both ways. Each round sends one probe per peer
 and plane; whatever is unanswered when the next round starts is a miss. The outcome of a
-round goes to `on_round` (the backend's state machine), on this thread.
+round goes to `on_round` (the backend's state machine), on this thread. The socket, the
+probe sizes and the counters are the peer-health prober's too (weft.host.probe_socket).
 
 Nothing from the wire may raise out of the thread: a datagram that is not a probe, or a
 probe from an address that is no member's, is dropped and counted.
@@ -14,29 +15,26 @@ probe from an address that is no member's, is dropped and counted.
 from __future__ import annotations
 
 import contextlib
-import errno
-import ipaddress
 import logging
 import select
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Final
 
 from weft.backends.auto import wire
 from weft.backends.auto.options import AUTO_TABLES, PLANES
-from weft.backends.udp.bind import IP_PMTUDISC_DO, set_path_mtu_discovery
 from weft.core.config import IPAddress, IPNetwork
+from weft.host.probe_socket import (
+    ProbeCounters,
+    parse,
+    probe_payloads,
+    probe_socket,
+    received,
+    send_probe,
+)
 
 log = logging.getLogger("weft.backends.auto")
-
-IP_FREEBIND: Final = 15  # not named by Python's socket module
-IP_UDP: Final = {4: 28, 6: 48}
-# Beside each full-size probe, one of the smallest size every IPv4 path carries: answered
-# while the full one is not, it says the path MTU is the problem, not the plane.
-SMALL_PACKET: Final = 576
 
 # subnet -> (the peer's overlay address, the planes to probe)
 Targets = Mapping[IPNetwork, tuple[IPAddress, tuple[str, ...]]]
@@ -45,41 +43,13 @@ Outcomes = dict[IPNetwork, dict[str, tuple[bool, bool]]]
 Key = tuple[IPNetwork, str, bool]  # (peer subnet, plane, small probe)
 
 
-@dataclass
-class ProbeCounters:
-    sent: int = 0
-    answered: int = 0
-    send_errors: int = 0
-    requests_answered: int = 0
-    dropped_non_member: int = 0
-    dropped_malformed: int = 0
-    dropped_unexpected: int = 0
-
-
-def probe_socket(version: int, own: IPAddress, port: int, mark: int | None) -> socket.socket:
-    family = socket.AF_INET if version == 4 else socket.AF_INET6
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        # The overlay address may be (re)assigned after we bind: bind to it anyway.
-        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-        set_path_mtu_discovery(sock, family, IP_PMTUDISC_DO)
-        if mark is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        sock.bind((str(own), port))
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 class Prober:
     def __init__(self, own: IPAddress, port: int, mtu: int, interval: float,
                  on_round: Callable[[Outcomes], None]) -> None:
         self.own = own
         self.port = port
         self.interval = interval
-        self.payload = mtu - IP_UDP[own.version]
+        self.payload, self.small_payload = probe_payloads(mtu, own.version)
         self.on_round = on_round
         self.counters = ProbeCounters()
         self._targets: Targets = {}
@@ -134,22 +104,14 @@ class Prober:
 
     def _send_round(self, seq: int) -> dict[Key, IPAddress]:
         outstanding: dict[Key, IPAddress] = {}
-        small_payload = min(self.payload, SMALL_PACKET - IP_UDP[self.own.version])
         for subnet, (addr, planes) in self._targets.items():
             for plane, small in ((p, s) for p in planes for s in (False, True)):
                 # A round's probes share its seq: an answer from an earlier round is late.
                 outstanding[(subnet, plane, small)] = addr
                 data = wire.encode(wire.Probe(wire.REQUEST, plane, seq),
-                                   small_payload if small else self.payload)
-                self.counters.sent += 1
-                try:
-                    self._planes[plane].sendto(data, (str(addr), self.port))
-                except OSError as exc:  # EMSGSIZE: the route's MTU is smaller; a miss
-                    self.counters.send_errors += 1
-                    if exc.errno not in (errno.EMSGSIZE, errno.ENETUNREACH, errno.EHOSTUNREACH,
-                                         errno.EPERM, errno.EAGAIN, errno.ECONNREFUSED):
-                        log.warning("probe send failed", extra={"plane": plane,
-                                                                "error": str(exc)})
+                                   self.small_payload if small else self.payload)
+                send_probe(self._planes[plane], data, (str(addr), self.port), self.counters,
+                           log, "probe send failed", {"plane": plane})
         self._seq = seq
         return outstanding
 
@@ -163,13 +125,7 @@ class Prober:
                 break
             readable, _, _ = select.select(sockets, [], [], left)
             for sock in readable:
-                while True:
-                    try:
-                        data, sender = sock.recvfrom(0x10000)
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError:  # an ICMP error queued on the socket: a miss, later
-                        break
+                for data, sender in received(sock):
                     if sock is self._responder:
                         self._answer(data, sender)
                     else:
@@ -179,16 +135,9 @@ class Prober:
         return answered
 
     def _answer(self, data: bytes, sender: tuple[str, int]) -> None:
-        try:
-            probe = wire.decode(data)
-        except wire.ProbeFormatError:
-            self.counters.dropped_malformed += 1
+        if (parsed := parse(data, sender, wire.decode, self.counters)) is None:
             return
-        try:
-            source = ipaddress_of(sender[0])
-        except ValueError:
-            self.counters.dropped_malformed += 1
-            return
+        probe, source = parsed
         if source not in self._members:
             self.counters.dropped_non_member += 1
             return
@@ -202,12 +151,9 @@ class Prober:
 
     def _answered(self, data: bytes, sender: tuple[str, int],
                   by_addr: Mapping[tuple[IPAddress, str], IPNetwork]) -> Key | None:
-        try:
-            probe = wire.decode(data)
-            source = ipaddress_of(sender[0])
-        except (wire.ProbeFormatError, ValueError):
-            self.counters.dropped_malformed += 1
+        if (parsed := parse(data, sender, wire.decode, self.counters)) is None:
             return None
+        probe, source = parsed
         subnet = by_addr.get((source, probe.plane))
         if probe.kind != wire.ANSWER or subnet is None or probe.seq != self._seq:
             # A late answer from an earlier round, or one nobody asked for.
@@ -215,7 +161,3 @@ class Prober:
             return None
         self.counters.answered += 1
         return subnet, probe.plane, len(data) < self.payload
-
-
-def ipaddress_of(text: str) -> IPAddress:
-    return ipaddress.ip_address(text.split("%")[0])

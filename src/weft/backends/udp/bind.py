@@ -15,6 +15,7 @@ from typing import Final
 
 from weft.core.config import IPAddress
 from weft.core.errors import KernelError
+from weft.host.path_mtu import IP_PMTUDISC_PROBE, set_path_mtu_discovery
 
 # --- linux/udp.h ----------------------------------------------------------------------------
 SOL_UDP: Final = 17
@@ -23,10 +24,6 @@ UDP_GRO: Final = 104
 # --- socket options the socket module does not name on every build ----------------------
 SO_SNDBUFFORCE: Final = 32
 SO_RCVBUFFORCE: Final = 33
-IP_MTU_DISCOVER: Final = 10
-IPV6_MTU_DISCOVER: Final = 23
-IP_PMTUDISC_DO: Final = 2  # set DF, follow the learned path MTU
-IP_PMTUDISC_PROBE: Final = 3  # set DF, ignore learned path MTU: never fragment, never shrink
 # The kernel's limit on segments per GSO send (UDP_MAX_SEGMENTS; 64 on older kernels).
 MAX_GSO_SEGMENTS: Final = 64
 # Largest UDP payload of one send: 64 KiB minus the UDP and (for IPv4) IP headers.  A
@@ -36,14 +33,6 @@ MAX_GSO_SEGMENTS: Final = 64
 MAX_UDP_PAYLOAD: Final = {4: 0xFFFF - 8 - 20, 6: 0xFFFF - 8}
 IP_UDP_HEADERS: Final = {4: 20 + 8, 6: 40 + 8}
 SOCKET_BUFFER: Final = 8 << 20
-
-
-def set_path_mtu_discovery(sock: socket.socket, family: int, mode: int) -> None:
-    """IP_MTU_DISCOVER (or its IPv6 twin) on `sock`: how the kernel treats DF."""
-    if family == socket.AF_INET:
-        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, mode)
-    else:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, mode)
 
 
 @dataclass

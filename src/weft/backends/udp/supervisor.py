@@ -36,24 +36,9 @@ from weft.backends.udp.daemon import ERROR_BY_STATUS, MODULE
 from weft.backends.udp.plan import PeerTable
 from weft.core.errors import KernelError, WeftError
 from weft.host.files import open_private, private_dir
+from weft.host.processes import in_our_netns, is_running
 
 log = logging.getLogger("weft.backends.udp")
-
-
-def _netns_inode(pid: int | str) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}/ns/net").st_ino
-    except OSError:
-        return None
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            state = f.read().rsplit(")", 1)[-1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 class ForwarderProcess:
@@ -124,7 +109,7 @@ class ForwarderProcess:
         """The forwarder that handed over exits by itself; if it does not, SIGKILL (never
         SIGTERM: its clean-up would shut the socket it handed over)."""
         deadline = time.monotonic() + timeout
-        while _is_running(pid):
+        while is_running(pid):
             if time.monotonic() > deadline:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -200,7 +185,6 @@ class ForwarderProcess:
 
     def running_pids(self) -> set[int]:
         """Forwarder processes for our device in our network namespace (normally one)."""
-        ours = _netns_inode("self")
         device = self.spec.device.encode()
         found: set[int] = set()
         for entry in os.scandir("/proc"):
@@ -211,7 +195,7 @@ class ForwarderProcess:
             except OSError:
                 continue
             if (MODULE.encode() in args and device in args
-                    and _netns_inode(entry.name) == ours and _is_running(int(entry.name))):
+                    and in_our_netns(entry.name) and is_running(int(entry.name))):
                 found.add(int(entry.name))
         return found
 
@@ -241,7 +225,7 @@ class ForwarderProcess:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 self._reap()
-                if not _is_running(pid):
+                if not is_running(pid):
                     return
                 time.sleep(0.02)
 
@@ -300,7 +284,7 @@ def stop_forwarder(state_dir: Path, timeout: float = 5.0) -> int | None:
     except ControlError:
         return None
     deadline = time.monotonic() + timeout
-    while _is_running(pid):
+    while is_running(pid):
         if time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

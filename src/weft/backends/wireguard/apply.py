@@ -15,6 +15,12 @@ Plaintext that claims an overlay source but arrives on the underlay (skipping th
 and its cryptokey check) is dropped by the host's ingress filter (`weft.host.ingress_rules`),
 which the agent rebuilds on every reconcile.
 
+Dual stack over an IPv6 underlay address beside an IPv4 PublicIP: a second device,
+`weft.wg0v6`, on its own port (`ListenPortV6`, flannel's flannel-wg-v6) with the same key,
+carries a peer's IPv6 subnet to its PublicIPv6 where the peer has that device too (its
+BackendV6Data Port); it holds the route for the IPv6 Network, and the IPv6 subnet of any
+other peer rides the IPv4 device with its IPv4 subnet (a route of its own there).
+
 Restart: `close()` leaves the device, its peers and the wireguard-go process running;
 the next `prepare()` adopts them (nothing is re-set that already matches), so a restarted
 agent drops no traffic.
@@ -29,25 +35,24 @@ from typing import Any
 
 from weft.backends.base import ReconcileResult, converge
 from weft.backends.registry import overlay_mtu
-from weft.backends.wireguard.kernel import KernelDevice
+from weft.backends.wireguard.device import KERNEL, USERSPACE, Tunnel
 from weft.backends.wireguard.keyfile import key_file_path, load_or_create_private_key
 from weft.backends.wireguard.keys import PrivateKey
-from weft.backends.wireguard.options import WireguardOptions
-from weft.backends.wireguard.plan import desired_peers, device_change, peer_plan
-from weft.backends.wireguard.uapi import UapiDevice
-from weft.backends.wireguard.userspace import WireguardGo
-from weft.core.config import NetworkConfig
+from weft.backends.wireguard.options import WIREGUARD_DEVICE6, WireguardOptions
+from weft.backends.wireguard.plan import DeviceState, peer_plan, peer_sets
+from weft.core.config import IPNetwork, NetworkConfig
 from weft.core.constants import WIREGUARD_DEVICE
 from weft.core.dataplane import Route
-from weft.core.errors import KernelError, KernelFeatureMissing
+from weft.core.errors import KernelError
 from weft.core.host import HostContext
 from weft.core.lease import Lease
-from weft.host.netlink import LinkInfo, Netlink
+from weft.host.netlink import Netlink
 
 log = logging.getLogger(__name__)
 
-KERNEL = "kernel"
-USERSPACE = "wireguard-go"
+__all__ = ["KERNEL", "USERSPACE", "WireguardBackend"]
+
+FILES6 = "wireguard-go-v6"  # the IPv6 underlay device's wireguard-go: pid and log files
 
 
 class WireguardBackend:
@@ -57,128 +62,123 @@ class WireguardBackend:
         self.options: WireguardOptions = config.backend
         self.host = host
         self.ifname = WIREGUARD_DEVICE
-        self.process = WireguardGo(self.ifname, host.state_dir)
-        self.implementation: str | None = None
-        self._device: KernelDevice | UapiDevice | None = None
+        wanted = self.options.implementation
+        self.tunnel = Tunnel(self.ifname, self.options.listen_port, wanted, host)
+        # Dual stack over an IPv4 PublicIP with an IPv6 underlay address: a second device
+        # on the IPv6 underlay, its own wireguard-go (pid and log files of its own).
+        self.tunnel6 = (Tunnel(WIREGUARD_DEVICE6, self.options.port6, wanted, host,
+                               files=FILES6)
+                        if config.dual_stack and host.public_ip.version == 4
+                        and host.public_ipv6 is not None else None)
         self._key: PrivateKey | None = None
         self._lease: Lease | None = None
         self._peer_count = 0
+        self._peer_count6 = 0
+        # Peers' IPv6 subnets riding the IPv4 device although this host has the IPv6 one,
+        # and why: each a route to the IPv4 device (from the last reconcile).
+        self._over_ipv4: dict[IPNetwork, str] = {}
         self._psk = base64.b64decode(self.options.psk) if self.options.psk else None
 
-    # --- the device ---------------------------------------------------------------------
+    @property
+    def implementation(self) -> str | None:
+        return self.tunnel.implementation
 
-    def _use(self, implementation: str) -> None:
-        self.implementation = implementation
-        self._device = (KernelDevice(self.ifname) if implementation == KERNEL
-                        else self.process.device)
-
-    def _start_userspace(self, nl: Netlink) -> None:
-        nl.delete_link(self.ifname)  # a TUN left by a wireguard-go that died
-        self.process.start()
-        self._use(USERSPACE)
-
-    def _ensure_device(self, nl: Netlink) -> None:
-        wanted = self.options.implementation
-        link = nl.link(self.ifname)
-        if link is not None and link.kind == "wireguard" and wanted != USERSPACE:
-            self._use(KERNEL)
-            return
-        if (link is not None and link.kind == "tun" and wanted != KERNEL
-                and self.process.device.alive()):
-            self._use(USERSPACE)  # adopt the wireguard-go a previous run left serving
-            return
-        if link is not None:
-            # Ours by name, but of the wrong kind or without a live wireguard-go.
-            self.process.stop()
-            nl.delete_link(self.ifname)
-        if wanted != USERSPACE:
-            try:
-                nl.create_link(self.ifname, "wireguard")
-                self._use(KERNEL)
-                return
-            except KernelFeatureMissing:
-                if wanted == KERNEL:
-                    raise KernelFeatureMissing(
-                        "Backend.Implementation is \"kernel\" but the kernel has no WireGuard "
-                        "module; load it (modprobe wireguard) or use \"auto\"/\"wireguard-go\""
-                    ) from None
-        self._start_userspace(nl)
-
-    def _device_or_fail(self) -> KernelDevice | UapiDevice:
-        if self._device is None:
-            raise KernelError("the wireguard backend was used before prepare()")
-        return self._device
-
-    def _configure_identity(self) -> None:
-        assert self._key is not None
-        device = self._device_or_fail()
-        device.apply(device_change(device.read(), self._key, self.options.listen_port))
+    @property
+    def _tunnels(self) -> tuple[Tunnel, ...]:
+        return (self.tunnel,) if self.tunnel6 is None else (self.tunnel, self.tunnel6)
 
     # --- the Backend interface ----------------------------------------------------------
 
     def prepare(self) -> Mapping[str, Any]:
         self._key = load_or_create_private_key(key_file_path(self.host.state_dir))
-        with Netlink() as nl:
-            self._ensure_device(nl)
-        self._configure_identity()
-        log.info("wireguard device ready",
-                 extra={"implementation": self.implementation, "device": self.ifname})
+        if self.tunnel6 is None:
+            # A second device an earlier run left (this host had an IPv6 underlay address
+            # then): ours by name, wanted no more.
+            with Netlink() as nl:
+                if nl.link(WIREGUARD_DEVICE6) is not None:
+                    self._stale6().teardown(nl)
+        for tunnel in self._tunnels:
+            with Netlink() as nl:
+                tunnel.ensure(nl)
+            tunnel.configure_identity(self._key)
+            log.info("wireguard device ready",
+                     extra={"implementation": tunnel.implementation, "device": tunnel.ifname})
         return {"PublicKey": self._key.public_key().to_base64()}
 
+    def ipv6_data(self) -> Mapping[str, Any] | None:
+        """The lease's BackendV6Data in dual stack: the IPv6 underlay device's key and port
+        when there is one (flannel's layout), else None (BackendData's copy, no Port)."""
+        if self.tunnel6 is None or self._key is None:
+            return None
+        return {"PublicKey": self._key.public_key().to_base64(), "Port": self.tunnel6.port}
+
     def mtu(self) -> int:
-        return overlay_mtu(self.options, self.host.underlay_mtu, self.host.public_ip.version)
+        mtu = overlay_mtu(self.options, self.host.underlay_mtu, self.host.public_ip.version)
+        if self.tunnel6 is not None:
+            # One MTU for the containers: the IPv6 underlay's 20 bytes more header too.
+            mtu = min(mtu, overlay_mtu(self.options, self.host.underlay_mtu, 6))
+        return mtu
 
     def activate(self, lease: Lease) -> int:
         self._lease = lease
         mtu = self.mtu()
         with Netlink() as nl:
-            link = self._link(nl)
+            link = self.tunnel.link(nl)
+            six = self.tunnel6.link(nl) if self.tunnel6 is not None else link
             nl.ensure_only_address(link.index, lease.own_address)
             if lease.own_ipv6_address is not None:  # dual stack: the IPv6 half's own
-                nl.ensure_only_address(link.index, lease.own_ipv6_address)
+                nl.ensure_only_address(six.index, lease.own_ipv6_address)
+                if six is not link and self.config.ipv6 is not None:
+                    # On the device of the IPv6 Network's route; not on the IPv4 one
+                    # (where a run without the IPv6 underlay device put it).
+                    nl.remove_addresses_in(link.index, self.config.ipv6.network)
             nl.ensure_up(link, mtu)
-            # One route for the whole Network (one per family in dual stack): WireGuard's
-            # allowed IPs pick the peer, and the local subnet's more specific route (the
-            # CNI bridge) keeps local traffic.
+            if six is not link:
+                nl.ensure_up(six, mtu)
+            # One route for the whole Network (one per family in dual stack, the IPv6 one
+            # to the IPv6 underlay device if there is one): WireGuard's allowed IPs pick
+            # the peer, and the local subnet's more specific route (the CNI bridge) keeps
+            # local traffic. A peer's IPv6 subnet riding the IPv4 device: its own route.
             networks = self.config.networks
-            routes = {Route(network, None, link.index) for network in networks}
+            routes = {Route(network, None, six.index if network.version == 6 else link.index)
+                      for network in networks}
+            if six is not link:
+                routes |= {Route(subnet, None, link.index) for subnet in self._over_ipv4}
             actual = {r for network in networks for r in nl.routes(network.version)}
             result = converge(routes, actual, nl.replace_route, nl.delete_route,
-                              lambda r: str(r.dst))
+                              lambda r: str(r.dst), key=lambda r: r.dst)
             if result.errors:
                 raise KernelError(f"routes for {', '.join(map(str, networks))}: "
                                   f"{result.errors}")
         return mtu
 
-    def _link(self, nl: Netlink) -> LinkInfo:
-        link = nl.link(self.ifname)
-        if link is None:
-            raise KernelError(f"WireGuard device {self.ifname} vanished")
-        return link
-
-    def _revive(self) -> None:
-        """wireguard-go died under us (crash, OOM kill): start it again and restore the
-        identity, address and route; reconcile then restores the peers."""
-        log.warning("wireguard-go is not answering; restarting it", extra={"device": self.ifname})
-        with Netlink() as nl:
-            self._start_userspace(nl)
-        self._configure_identity()
-        if self._lease is not None:
-            self.activate(self._lease)
-
     def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
         assert self._key is not None, "prepare() first"
-        device = self._device_or_fail()
-        if isinstance(device, UapiDevice) and not device.alive():
-            self._revive()
-        desired, errors = desired_peers(
-            peers, self._key.public_key(), self.options.listen_port,
-            self.options.persistent_keepalive, self._psk,
-        )
-        plan = peer_plan(desired, device.read().peers)
-        device.apply(plan)
-        self._peer_count = len(desired)
-        return ReconcileResult(added=len(plan.upsert), removed=len(plan.remove), errors=errors)
+        # Level-based: the devices are ours too. One deleted by hand, or a wireguard-go
+        # that died (crash, OOM kill): made again with identity, address and routes.
+        for tunnel in self._tunnels:
+            with Netlink() as nl:
+                gone = tunnel.needs_revival(nl)
+            if gone:
+                tunnel.revive(self._key)
+        sets = peer_sets(peers, self._key.public_key(), self.options.listen_port,
+                         self.options.persistent_keepalive, self._psk,
+                         ipv6_underlay=self.tunnel6 is not None)
+        result = ReconcileResult(errors=sets.errors)
+        for tunnel, desired in zip(self._tunnels, (sets.peers, sets.peers6), strict=False):
+            # Allowed IPs are per device: a subnet moving between the two devices (a peer
+            # that gained or lost its IPv6 underlay device) clashes on neither.
+            plan = peer_plan(desired, tunnel.read().peers)
+            tunnel.apply(plan)
+            result.added += len(plan.upsert)
+            result.removed += len(plan.remove)
+        self._peer_count, self._peer_count6 = len(sets.peers), len(sets.peers6)
+        self._over_ipv4 = sets.over_ipv4
+        if self._lease is not None:
+            # Level-based: addresses, MTU and routes are ours too (a revived device has
+            # none yet; a route deleted by hand comes back; over_ipv4's routes follow).
+            self.activate(self._lease)
+        return result
 
     def status(self) -> Mapping[str, Any]:
         # Never keys, not even public ones: `weft status` output gets pasted into tickets.
@@ -190,26 +190,58 @@ class WireguardBackend:
             "psk": self._psk is not None,
         }
         if self.implementation == USERSPACE:
-            facts["wireguard_go_pid"] = self.process.pid()
-        if self._device is not None:
-            try:
-                state = self._device.read()
-                facts["counters"] = dict(state.counters)
-                # By the peer's public IP (never its key): Unix time of the last handshake.
-                facts["handshakes"] = {
-                    str(peer.endpoint[0]): state.handshakes[key]
-                    for key, peer in state.peers.items()
-                    if key in state.handshakes and peer.endpoint is not None}
-            except KernelError as exc:  # status must answer even when the device does not
-                facts["device_error"] = str(exc)
+            facts["wireguard_go_pid"] = self.tunnel.pid()
+        state = self._read(self.tunnel, facts)
+        if state is not None:
+            facts["counters"] = dict(state.counters)
+            # By the peer's public IP (never its key): Unix time of the last handshake.
+            facts["handshakes"] = {
+                str(peer.endpoint[0]): state.handshakes[key]
+                for key, peer in state.peers.items()
+                if key in state.handshakes and peer.endpoint is not None}
+        if self.config.dual_stack:
+            facts["ipv6_underlay"] = self._status6()
         return facts
 
+    def _status6(self) -> dict[str, Any]:
+        """Which underlay each peer's IPv6 subnet travels: the IPv6 device's facts, and
+        the peers whose IPv6 subnet rides the IPv4 device, with why."""
+        if self.tunnel6 is None:
+            why = (f"the PublicIP is IPv6: {self.ifname} carries both families over the IPv6 "
+                   "underlay" if self.host.public_ip.version == 6 else
+                   "this host has no IPv6 underlay address beside its IPv4 PublicIP: every "
+                   f"peer's IPv6 subnet rides {self.ifname} over IPv4")
+            return {"device": None, "why": why}
+        six: dict[str, Any] = {"device": self.tunnel6.ifname, "listen_port": self.tunnel6.port,
+                               "peer_count": self._peer_count6,
+                               "over_ipv4": {str(subnet): why for subnet, why
+                                             in sorted(self._over_ipv4.items(), key=str)}}
+        if self.tunnel6.implementation == USERSPACE:
+            six["wireguard_go_pid"] = self.tunnel6.pid()
+        state = self._read(self.tunnel6, six)
+        if state is not None:
+            six["counters"] = dict(state.counters)
+        return six
+
+    @staticmethod
+    def _read(tunnel: Tunnel, facts: dict[str, Any]) -> DeviceState | None:
+        try:
+            return tunnel.read()
+        except KernelError as exc:  # status must answer even when the device does not
+            facts["device_error"] = str(exc)
+            return None
+
     def close(self) -> None:
-        # Leave the device and wireguard-go serving: the next agent adopts them.
+        # Leave the devices and wireguard-go serving: the next agent adopts them.
         pass
 
     def teardown(self) -> None:
-        # The route and address go with the device; wireguard-go exits with its TUN.
-        self.process.stop()
         with Netlink() as nl:
-            nl.delete_link(self.ifname)
+            for tunnel in self._tunnels:
+                tunnel.teardown(nl)
+            if self.tunnel6 is None:
+                self._stale6().teardown(nl)
+
+    def _stale6(self) -> Tunnel:
+        return Tunnel(WIREGUARD_DEVICE6, self.options.port6, self.options.implementation,
+                      self.host, files=FILES6)

@@ -70,16 +70,65 @@ def device_change(
     )
 
 
-def desired_peers(
+@dataclass(frozen=True)
+class PeerSets:
+    """What the leases ask of this host's devices: the peers of the IPv4 one (`weft.wg0`)
+    and, in dual stack over an IPv6 underlay address, of the IPv6 one (`weft.wg0v6`)."""
+
+    peers: dict[PublicKey, PeerConfig]
+    peers6: dict[PublicKey, PeerConfig]
+    # A peer's IPv6 subnet that rides the IPv4 device although this host has an IPv6 one,
+    # and why (the peer has no IPv6 underlay device): routed to the IPv4 device.
+    over_ipv4: dict[IPNetwork, str]
+    errors: dict[str, str]  # peer subnet -> why it is no peer
+
+
+def _key(text: object, what: str, lease: Lease) -> PublicKey | str:
+    """The key a lease publishes, or why it cannot be used."""
+    if not isinstance(text, str):
+        return f"peer {lease.public_ip} has no PublicKey in its {what}"
+    try:
+        return PublicKey.from_base64(text)
+    except KeyFormatError as exc:
+        return f"peer {lease.public_ip} has a malformed PublicKey in its {what} ({exc})"
+
+
+def ipv6_endpoint(lease: Lease) -> tuple[tuple[IPAddress, int], PublicKey] | str:
+    """Where the peer's IPv6 underlay device listens and its key, from its PublicIPv6 and
+    BackendV6Data (flannel's layout: PublicKey, Port); or why it has none. A BackendV6Data
+    without a Port is BackendData's copy (a host without that device, or an older weft)."""
+    if lease.public_ipv6 is None:
+        return "the peer publishes no PublicIPv6"
+    data = lease.backend_v6_data or {}
+    port = data.get("Port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        return "the peer has no WireGuard device on the IPv6 underlay (no BackendV6Data Port)"
+    key = _key(data.get("PublicKey"), "BackendV6Data", lease)
+    if isinstance(key, str):
+        return key
+    return (lease.public_ipv6, port), key
+
+
+def peer_sets(
     peers: Iterable[Lease],
     own_key: PublicKey,
     listen_port: int,
     keepalive: int,
     psk: bytes | None,
-) -> tuple[dict[PublicKey, PeerConfig], dict[str, str]]:
-    """The peer set the leases ask for, and per-lease errors for leases that cannot be
-    peers (another backend, a missing or malformed key). A bad lease never stops the rest."""
+    ipv6_underlay: bool = False,
+) -> PeerSets:
+    """The peers the leases ask for, and per-lease errors for leases that cannot be peers
+    (another backend, a missing or malformed key, a key another peer has). A bad lease
+    never stops the rest.
+
+    `ipv6_underlay`: this host has the IPv6 underlay device. A peer with one too gets its
+    IPv6 subnet there (to its PublicIPv6 and BackendV6Data Port) and only its IPv4 subnet
+    on the IPv4 device; any other peer's IPv6 subnet rides the IPv4 device with its IPv4
+    one (`over_ipv4`). Both ends decide alike from the two leases, so a pair always uses
+    one device for each family."""
     wanted: dict[PublicKey, PeerConfig] = {}
+    wanted6: dict[PublicKey, PeerConfig] = {}
+    over_ipv4: dict[IPNetwork, str] = {}
     errors: dict[str, str] = {}
     for lease in peers:
         where = str(lease.subnet)
@@ -87,14 +136,9 @@ def desired_peers(
         if problem is not None:
             errors[where] = problem
             continue
-        text = lease.backend_data.get("PublicKey")
-        if not isinstance(text, str):
-            errors[where] = f"peer {lease.public_ip} has no PublicKey in its lease"
-            continue
-        try:
-            key = PublicKey.from_base64(text)
-        except KeyFormatError as exc:
-            errors[where] = f"peer {lease.public_ip} has a malformed PublicKey ({exc})"
+        key = _key(lease.backend_data.get("PublicKey"), "lease", lease)
+        if isinstance(key, str):
+            errors[where] = key
             continue
         if key == own_key:
             continue  # our own lease, should the caller pass it
@@ -104,15 +148,40 @@ def desired_peers(
                 "needs its own key (copied state directory?)"
             )
             continue
+        # Dual stack without IPv6 underlay devices at both ends: both subnets ride one
+        # peer (one key, one endpoint).
+        allowed = set(lease.subnets)
+        six = lease.ipv6_subnet
+        if ipv6_underlay and six is not None:
+            found = ipv6_endpoint(lease)
+            if isinstance(found, str):
+                over_ipv4[six] = found
+            elif found[1] == own_key or found[1] in wanted6:
+                over_ipv4[six] = "the peer's BackendV6Data PublicKey is another host's"
+            else:
+                endpoint, key6 = found
+                wanted6[key6] = PeerConfig(key6, endpoint, frozenset({six}), keepalive, psk)
+                allowed.discard(six)
         wanted[key] = PeerConfig(
             public_key=key,
             endpoint=(lease.public_ip, listen_port),
-            # Dual stack: both subnets ride one peer (one key, one endpoint).
-            allowed_ips=frozenset(lease.subnets),
+            allowed_ips=frozenset(allowed),
             keepalive=keepalive,
             psk=psk,
         )
-    return wanted, errors
+    return PeerSets(wanted, wanted6, over_ipv4, errors)
+
+
+def desired_peers(
+    peers: Iterable[Lease],
+    own_key: PublicKey,
+    listen_port: int,
+    keepalive: int,
+    psk: bytes | None,
+) -> tuple[dict[PublicKey, PeerConfig], dict[str, str]]:
+    """One device's peers (no IPv6 underlay device here), and the per-lease errors."""
+    sets = peer_sets(peers, own_key, listen_port, keepalive, psk)
+    return sets.peers, sets.errors
 
 
 def peer_plan(

@@ -25,9 +25,7 @@ from pathlib import Path
 from weft.backends.wireguard.uapi import SOCKET_DIR, UapiDevice
 from weft.core.errors import KernelError, KernelFeatureMissing
 from weft.host.files import open_private, private_dir, write_private
-
-PID_FILE = "wireguard-go.pid"
-LOG_FILE = "wireguard-go.log"
+from weft.host.processes import in_our_netns, is_running
 
 
 def wireguard_go_binary() -> str | None:
@@ -46,34 +44,26 @@ def private_socket_dir_argv(directory: Path, argv: Sequence[str]) -> list[str]:
             "sh", "-c", script, "sh", str(directory), *argv]
 
 
-def _netns_inode(pid: int | str) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}/ns/net").st_ino
-    except OSError:
-        return None
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            state = f.read().rsplit(")", 1)[-1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 class WireguardGo:
     """The wireguard-go process serving device `ifname` in this network namespace."""
 
-    def __init__(self, ifname: str, state_dir: Path, socket_dir: Path = SOCKET_DIR) -> None:
+    def __init__(self, ifname: str, state_dir: Path, socket_dir: Path = SOCKET_DIR,
+                 files: str = "wireguard-go") -> None:
         self.ifname = ifname
         self.state_dir = state_dir
+        # Its pid and log files in the state directory: `<files>.pid`, `<files>.log` (one
+        # pair per device: dual stack's second device has its own process).
+        self.files = files
         self.device = UapiDevice(ifname, socket_dir)
         self._child: subprocess.Popen[bytes] | None = None
 
     @property
     def pid_file(self) -> Path:
-        return self.state_dir / PID_FILE
+        return self.state_dir / f"{self.files}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / f"{self.files}.log"
 
     def pid(self) -> int | None:
         """The pid of our wireguard-go, if the pid file names a live process that is
@@ -88,7 +78,7 @@ class WireguardGo:
         if (not cmdline or not cmdline[0].endswith(b"wireguard-go")
                 or self.ifname.encode() not in cmdline[1:]):
             return None
-        if _netns_inode(pid) != _netns_inode("self") or not _is_running(pid):
+        if not in_our_netns(pid) or not is_running(pid):
             return None
         return pid
 
@@ -108,7 +98,7 @@ class WireguardGo:
             "LOG_LEVEL": "error",
         }
         # Never through a symlink, never a file of another user (weft.host.files).
-        log_fd = open_private(self.state_dir / LOG_FILE,
+        log_fd = open_private(self.log_file,
                               os.O_WRONLY | os.O_CREAT | os.O_APPEND, "wireguard-go log")
         with os.fdopen(log_fd, "ab") as log:
             child = subprocess.Popen(
@@ -133,7 +123,7 @@ class WireguardGo:
 
     def _log_tail(self) -> str:
         try:
-            text = (self.state_dir / LOG_FILE).read_text(errors="replace")
+            text = self.log_file.read_text(errors="replace")
         except OSError:
             return "(no log)"
         return " | ".join(text.strip().splitlines()[-3:]) or "(empty log)"
@@ -146,7 +136,7 @@ class WireguardGo:
             if self._child is not None and self._child.pid == pid:
                 if self._child.poll() is not None:
                     return
-            elif not _is_running(pid):
+            elif not is_running(pid):
                 return
             time.sleep(0.02)
         with contextlib.suppress(ProcessLookupError):
