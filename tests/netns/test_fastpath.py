@@ -1,7 +1,7 @@
 """The agent's tc BPF fast path (on by default) on the real kernel: TCP intact through it,
-non-overlay traffic on the normal path, a filter removed by hand and a map emptied by hand
-healed, another tool's filter in its place left alone, off on shutdown, and a clear reason
-where it cannot run or is turned off."""
+non-overlay traffic on the normal path, neighbours flushed by hand resolved again, a filter
+removed by hand and a map emptied by hand healed, another tool's filter in its place left
+alone, off on shutdown, and a clear reason where it cannot run or is turned off."""
 
 from __future__ import annotations
 
@@ -109,6 +109,44 @@ def test_tcp_crosses_the_fast_path_intact_and_other_traffic_takes_the_normal_one
         assert source_seen(tb, c1.netns, outside, "198.18.0.200") == str(h1.underlay_ip)
         # Between containers the source is kept.
         assert source_seen(tb, c1.netns, c2.netns, c2.ip) == str(c1.ip)
+
+
+def neighbour_states(tb: Testbed, netns: str, dev: str) -> dict[str, list[str]]:
+    out = tb.run(netns, ["ip", "-j", "-4", "neigh", "show", "dev", dev]).stdout
+    return {n["dst"]: n.get("state", []) for n in json.loads(out or "[]")}
+
+
+@pytest.mark.parametrize("backend", ["host-gw", "vxlan"])
+def test_neighbours_flushed_by_hand_are_resolved_again_by_the_fast_path(backend: str) -> None:
+    # The programs hand the kernel the next hop their FIB lookup chose (no second route
+    # lookup per packet); the neighbour behind it is still the kernel's to resolve: with
+    # the host's neighbours gone, the fast path itself asks for them again (ARP on the
+    # underlay, the container's address on its veth) and carries the connection intact.
+    with Testbed(hosts=2, containers_per_host=1, config=config(backend), attach="ptp") as tb:
+        tb.start()
+        c1, c2 = tb.containers
+        h1, h2 = tb.hosts
+        assert all(tb.connectivity().values())
+        before = [fastpath(tb, h)["redirected_packets"] for h in (h1, h2)]
+        # On the underlay (host-gw's next hop is the peer host; vxlan's VTEP neighbours are
+        # the agent's, permanent, and the flush leaves them) and on the containers' veths.
+        for h in (h1, h2):
+            for dev in fastpath(tb, h)["attached"]:
+                tb.run(h.netns, ["ip", "neigh", "flush", "dev", dev])
+            tb.run(h.netns, ["ip", "neigh", "flush", "dev", "eth0"])
+        tcp_transfer(tb, c1.netns, c2.netns, c2.ip, 8 * 2**20)
+        after = [fastpath(tb, h)["redirected_packets"] for h in (h1, h2)]
+        for b, a in zip(before, after, strict=True):
+            assert a["from_container"] > b["from_container"], (b, a)
+            assert a["from_underlay"] > b["from_underlay"], (b, a)
+        # Resolved, not left incomplete or failed: the next packets go straight on.
+        veth1 = fastpath(tb, h1)["attached"][1]
+        states = neighbour_states(tb, h1.netns, veth1)
+        assert not {"INCOMPLETE", "FAILED"} & set(states.get(str(c1.ip), ["missing"])), states
+        if backend == "host-gw":
+            states = neighbour_states(tb, h1.netns, "eth0")
+            assert not {"INCOMPLETE", "FAILED"} & set(
+                states.get(str(h2.underlay_ip), ["missing"])), states
 
 
 def test_filter_removed_by_hand_is_healed_and_shutdown_takes_it_off() -> None:
