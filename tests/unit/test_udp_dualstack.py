@@ -150,11 +150,13 @@ OWN6 = ipaddress.IPv6Address("2001:db8:ff::1")
 
 def dual_lease(n: int, port: int, *, ipv6: str | None, port6: int | None) -> Lease:
     """Host n's lease: IPv4 underlay 198.18.0.n, an IPv6 underlay address `ipv6` (None:
-    none) and BackendV6Data naming `port6` (None: its forwarder has no IPv6 socket)."""
+    none) and BackendV6Data naming `port6` as its IPv6 socket's (None: its forwarder has
+    none, an earlier weft's, which copies its BackendData there)."""
     return Lease(ipaddress.ip_network(f"198.19.{n}.0/24"), ipaddress.ip_address(f"198.18.0.{n}"),
                  "udp", {"Port": port}, ipv6_subnet=ipaddress.IPv6Network(f"2001:db8:1:{n}::/64"),
                  public_ipv6=None if ipv6 is None else ipaddress.IPv6Address(ipv6),
-                 backend_v6_data=None if port6 is None else {"Port": port6})
+                 backend_v6_data={"Port": port} if port6 is None
+                 else {"Port": port6, "IPv6Socket": True})
 
 
 def test_the_ipv6_half_takes_the_ipv6_underlay_only_where_both_ends_listen_there() -> None:
@@ -179,7 +181,7 @@ def test_the_ipv6_half_takes_the_ipv6_underlay_only_where_both_ends_listen_there
         "2001:db8:1:3::/64": "198.18.0.3:8285", "2001:db8:1:4::/64": "198.18.0.4:8300"}
     assert planned.over_ipv4 == {
         "2001:db8:1:3::/64": "peer 2001:db8:ff::3 has no IPv6 underlay socket (no "
-                             "BackendV6Data Port: a forwarder of an earlier weft)",
+                             "BackendV6Data IPv6Socket: a forwarder of an earlier weft)",
         "2001:db8:1:4::/64": "peer 198.18.0.4 has no IPv6 underlay address (no PublicIPv6)"}
     # Both tables know every member of either family: a stranger is one to both.
     assert table.members == table.six.members == {
@@ -280,16 +282,16 @@ def test_the_ipv6_socket_hears_members_only_and_holds_each_to_its_subnet(dual: t
 
 
 def test_the_ingress_filter_admits_each_members_ipv6_socket_by_address_and_port() -> None:
+    from ingress_plans import ingress_plan_for
     from weft.backends.registry import parse_config
-    from weft.host.ingress_rules import ingress_delta, ingress_plan, ingress_ruleset, ingress_update
+    from weft.host.ingress_rules import ingress_delta, ingress_ruleset, ingress_update
 
     config = parse_config('{"Network": "198.19.0.0/16", "EnableIPv6": true, "IPv6Network": '
                           '"2001:db8:1::/48", "Backend": {"Type": "udp"}}')
     own = dual_lease(1, 8285, ipv6=str(OWN6), port6=8285)
     both = dual_lease(2, 8285, ipv6="2001:db8:ff::2", port6=8300)
     silent = dual_lease(3, 8285, ipv6="2001:db8:ff::3", port6=None)
-    ingress = ingress_plan(config, own.public_ip, own, [both, silent], port=8285,
-                           by_port=True, public_ipv6=OWN6)
+    ingress = ingress_plan_for(config, own.public_ip, own, [both, silent], public_ipv6=OWN6)
     assert ingress.members6 == frozenset({(ipaddress.ip_address("2001:db8:ff::2"), 8300)})
     script = ingress_ruleset(ingress)
     for line in ("add set inet weft-ingress members6 { type ipv6_addr . inet_service; }",
@@ -300,7 +302,7 @@ def test_the_ingress_filter_admits_each_members_ipv6_socket_by_address_and_port(
         assert line in script, line
     # A peer that starts listening on its IPv6 underlay address joins by a set element.
     after = ingress_update(config, own.public_ip, ingress, [silent],
-                           [dataclasses.replace(silent, backend_v6_data={"Port": 8285})])
+                           [dual_lease(3, 8285, ipv6="2001:db8:ff::3", port6=8285)])
     assert ingress_delta(ingress, after).script == (
         "add element inet weft-ingress members6 { 2001:db8:ff::3 . 8285 }\n")
 

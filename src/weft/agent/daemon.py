@@ -201,7 +201,8 @@ class Agent:
         facts = backend_facts(config.backend, host.underlay_ifname, config.dual_stack)
         ingress = IngressFilter(config, host.public_ip, public_ipv6=host.public_ipv6,
                                 port=facts.encap_port, port6=facts.encap_port6,
-                                by_port=facts.members_by_port, peer_iifs=facts.peer_iifs)
+                                by_port=facts.members_by_port, peer_iifs=facts.peer_iifs,
+                                marker6=facts.member6_marker)
         self.metrics.export_ingress(config.backend.type, ingress.counters)
         # Another host's live lease at this address: refused before the backend touches
         # the kernel (its device would take the address's traffic from the live owner).

@@ -48,6 +48,10 @@ class BackendFacts:
     # The ingress filter's members are (address, port), the port from each peer's lease
     # (udp); else addresses alone.
     members_by_port: bool = False
+    # With `members_by_port`: a peer is a member on the IPv6 underlay only if its
+    # BackendV6Data holds this key as true (udp's: a copy of BackendData, which a host of
+    # an earlier weft publishes there, never does). None: any BackendV6Data port.
+    member6_marker: str | None = None
     # The tunnel devices overlay traffic enters and leaves by.
     tunnels: tuple[str, ...] = ()
     # The underlay, when overlay packets cross it unencapsulated (host-gw, DirectRouting).

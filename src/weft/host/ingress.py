@@ -44,7 +44,8 @@ class IngressFilter:
 
     def __init__(self, config: NetworkConfig, public_ip: IPAddress, *, port: int | None,
                  by_port: bool = False, peer_iifs: Sequence[str] = (),
-                 public_ipv6: IPAddress | None = None, port6: int | None = None) -> None:
+                 public_ipv6: IPAddress | None = None, port6: int | None = None,
+                 marker6: str | None = None) -> None:
         self.config = config
         self.public_ip = public_ip
         self.public_ipv6 = public_ipv6  # dual stack: members' IPv6 underlay addresses too
@@ -53,6 +54,7 @@ class IngressFilter:
         self.port = port
         self.port6 = port6  # the IPv6 underlay's encapsulation port, if it is another
         self.by_port = by_port
+        self.marker6 = marker6  # the key a peer's BackendV6Data holds if it listens there
         self.peer_iifs = tuple(peer_iifs)
         self.plan: IngressPlan | None = None
         # The masquerade decision's notrack part (the agent sets it); the table carries
@@ -79,7 +81,7 @@ class IngressFilter:
             plan = ingress_plan(self.config, self.public_ip, own, peers, port=self.port,
                                 by_port=self.by_port, peer_iifs=self.peer_iifs,
                                 untrack=self.untrack, public_ipv6=self.public_ipv6,
-                                port6=self.port6)
+                                port6=self.port6, marker6=self.marker6)
         if not full and old is not None and self._skeleton is not None and same_shape(old, plan):
             self._apply_delta(old, plan)
             return

@@ -70,6 +70,9 @@ class IngressPlan:
     # The encapsulation port on the IPv6 underlay when it is another (wireguard's second
     # device): UDP to it takes the same member check, against `members6`.
     port6: int | None = None
+    # With `by_port`: the key a peer's BackendV6Data must hold as true for its port to be
+    # a member6 (the backend's facts: a copy of BackendData there names no such socket).
+    marker6: str | None = None
 
 
 def _peer_port(lease: Lease, default: int, data: Mapping[str, Any] | None = None
@@ -84,38 +87,41 @@ def ingress_plan(config: NetworkConfig, public_ip: IPAddress, own: Lease,
                  peers: Iterable[Lease], *, port: int | None, by_port: bool = False,
                  peer_iifs: Iterable[str] = (), untrack: Untrack | None = None,
                  public_ipv6: IPAddress | None = None,
-                 port6: int | None = None) -> IngressPlan:
-    """The plan for this host. `port`, `by_port`, `peer_iifs` and `port6` are the backend's
-    facts (`weft.backends.base.BackendFacts`: its encapsulation port, members as (address,
-    port), the devices a peer's source may arrive on, the IPv6 underlay's port if it is
-    another). Peers are validated leases; one of
+                 port6: int | None = None, marker6: str | None = None) -> IngressPlan:
+    """The plan for this host. `port`, `by_port`, `peer_iifs`, `port6` and `marker6` are
+    the backend's facts (`weft.backends.base.BackendFacts`: its encapsulation port, members
+    as (address, port), the devices a peer's source may arrive on, the IPv6 underlay's port
+    if it is another, the key that says a peer listens there). Peers are validated leases; one of
     another IP version or with an unusable port is left out (it cannot send to us)."""
     members, subnets = _elements(config, public_ip, peers, port, by_port)
     six = config.ipv6
     own6 = own.ipv6_subnet if six is not None else None
     members6 = None
     if public_ipv6 is not None and port is not None and six is not None:
-        members6 = frozenset(_members6(peers, public_ipv6, port, by_port))
+        members6 = frozenset(_members6(peers, public_ipv6, port, by_port, marker6))
     return IngressPlan(config.backend.type, config.network, public_ip.version,
                        port, by_port, frozenset(members),
                        frozenset(subnets | {own.subnet} | ({own6} if own6 else set())),
                        peer_iifs=frozenset(peer_iifs), own=own.subnet, untrack=untrack,
                        network6=six.network if six is not None else None, own6=own6,
                        members6=members6,
-                       port6=port6 if members6 is not None and port6 != port else None)
+                       port6=port6 if members6 is not None and port6 != port else None,
+                       marker6=marker6)
 
 
 def _members6(peers: Iterable[Lease], public_ipv6: IPAddress | None, port: int,
-              by_port: bool) -> set[tuple[IPAddress, int]]:
+              by_port: bool, marker6: str | None = None) -> set[tuple[IPAddress, int]]:
     """(IPv6 underlay address, port) of the peers that have one; `by_port`: only those
-    whose BackendV6Data names the port their IPv6 socket listens on."""
+    whose BackendV6Data names the port their IPv6 socket listens on (and holds `marker6`
+    as true, if given)."""
     members: set[tuple[IPAddress, int]] = set()
     for p in peers:
         if p.public_ipv6 is None or p.public_ipv6 == public_ipv6:
             continue
         if not by_port:
             members.add((p.public_ipv6, port))
-        elif p.backend_v6_data is not None:
+        elif p.backend_v6_data is not None and (
+                marker6 is None or p.backend_v6_data.get(marker6) is True):
             peer_port = _peer_port(p, port, p.backend_v6_data)
             if peer_port is not None:
                 members.add((p.public_ipv6, peer_port))
@@ -133,8 +139,8 @@ def ingress_update(config: NetworkConfig, public_ip: IPAddress, plan: IngressPla
     came_members, came_subnets = _elements(config, public_ip, added, plan.port, plan.by_port)
     members6 = plan.members6
     if members6 is not None and plan.port is not None:  # changed peers are never this host
-        members6 = ((members6 - _members6(removed, None, plan.port, plan.by_port))
-                    | _members6(added, None, plan.port, plan.by_port))
+        members6 = ((members6 - _members6(removed, None, plan.port, plan.by_port, plan.marker6))
+                    | _members6(added, None, plan.port, plan.by_port, plan.marker6))
     return dataclasses.replace(plan, members=(plan.members - gone_members) | came_members,
                                subnets=(plan.subnets - gone_subnets) | came_subnets,
                                members6=members6)

@@ -31,7 +31,7 @@ from weft.backends.base import ReconcileResult, converge
 from weft.backends.registry import overlay_mtu
 from weft.backends.udp import plan
 from weft.backends.udp.control import ForwarderSpec
-from weft.backends.udp.options import UdpOptions
+from weft.backends.udp.options import IPV6_SOCKET, UdpOptions
 from weft.backends.udp.supervisor import ForwarderProcess
 from weft.backends.udp.tun import delete_tun
 from weft.core.config import NetworkConfig
@@ -78,8 +78,9 @@ class UdpBackend:
 
     def ipv6_data(self) -> Mapping[str, Any] | None:
         """The lease's BackendV6Data: the port of the IPv6 underlay socket, which tells
-        peers to send this host's IPv6 subnet there; None without one."""
-        return {"Port": self.options.port} if self.ipv6_underlay else None
+        peers to send this host's IPv6 subnet there, and the marker that says the port is
+        that socket's (not a copy of BackendData, as an earlier weft's); None without one."""
+        return {"Port": self.options.port, IPV6_SOCKET: True} if self.ipv6_underlay else None
 
     def prepare(self) -> Mapping[str, Any]:
         if self.forwarder is None:

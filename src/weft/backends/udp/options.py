@@ -39,11 +39,18 @@ def udp_data_problem(data: Mapping[str, Any]) -> str | None:
     return None
 
 
+# In BackendV6Data, true: the forwarder listens on the IPv6 underlay (its second socket,
+# on the Port beside it). A host of an earlier weft copies its BackendData there (the same
+# {"Port": ...}), so a Port alone cannot tell the two apart; this key can.
+IPV6_SOCKET = "IPv6Socket"
+
+
 def udp_facts(options: UdpOptions, underlay: str) -> BackendFacts:
     """A TUN device; each peer's port is its own (in its lease), so a member is an
-    (address, port) pair."""
+    (address, port) pair, on the IPv6 underlay only where the peer has that socket."""
     return BackendFacts(by_ip_version(udp_overhead), encap_port=options.port,
-                        members_by_port=True, tunnels=(UDP_DEVICE,))
+                        members_by_port=True, member6_marker=IPV6_SOCKET,
+                        tunnels=(UDP_DEVICE,))
 
 
 UDP_BACKEND = BackendSpec(UdpOptions, "weft.backends.udp.apply:UdpBackend", udp_facts,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weft.backends.base import backend_mismatch
+from weft.backends.udp.options import IPV6_SOCKET
 from weft.core.config import IPAddress, IPNetwork
 from weft.core.lease import Lease
 
@@ -169,18 +170,19 @@ def plan(peers: Sequence[Lease], *, own_ip: IPAddress, default_port: int, versio
 def _ipv6_half(lease: Lease, peer: Peer, own_ipv6: IPAddress | None
                ) -> tuple[Peer, str | None]:
     """Where the peer's IPv6 subnet goes: its IPv6 endpoint when both ends have an IPv6
-    underlay and the peer's forwarder listens there (its BackendV6Data's Port, which a
-    host without that second socket never publishes), else its IPv4 one; and, when this
-    host has the IPv6 socket, why not that."""
+    underlay and the peer's forwarder listens there (its BackendV6Data's Port beside
+    IPv6Socket true, which a host without that second socket never publishes: an earlier
+    weft copies its BackendData there), else its IPv4 one; and, when this host has the
+    IPv6 socket, why not that."""
     assert lease.ipv6_subnet is not None
     over_ipv4 = Peer(lease.ipv6_subnet, peer.public_ip, peer.port)
     if own_ipv6 is None:
         return over_ipv4, None
     if lease.public_ipv6 is None:
         return over_ipv4, f"peer {lease.public_ip} has no IPv6 underlay address (no PublicIPv6)"
-    if lease.backend_v6_data is None:
+    if lease.backend_v6_data is None or lease.backend_v6_data.get(IPV6_SOCKET) is not True:
         return over_ipv4, (f"peer {lease.public_ipv6} has no IPv6 underlay socket (no "
-                           "BackendV6Data Port: a forwarder of an earlier weft)")
+                           f"BackendV6Data {IPV6_SOCKET}: a forwarder of an earlier weft)")
     try:
         port = peer_port(lease.backend_v6_data, peer.port)
     except PeerDataError as exc:  # the validator refuses it first; IPv4 still carries it
