@@ -458,7 +458,7 @@ def _cluster(agent: Mapping[str, Any] | None) -> dict[str, Any]:
     peers = {p: ipaddress.ip_network(p).network_address for p in rows}
     summaries = ask_summaries(own.network_address, peers)
     views: dict[str, checks.View | None] = {
-        p: None if s is None else checks.view_of_summary(s) for p, s in summaries.items()}
+        p: checks.view_of_summary(s) for p, s in summaries.items()}
     views[str(own)] = checks.view_of_rows(rows)
     names = {p: str(r.get("public_ip")) for p, r in rows.items() if r.get("public_ip")}
     names[str(own)] = str(agent.get("public_ip"))

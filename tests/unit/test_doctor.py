@@ -8,6 +8,8 @@ import ipaddress
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from weft.agent import doctor
 from weft.agent.doctor import BridgeFact, Facts, LeaseFact
@@ -234,3 +236,22 @@ def test_a_view_cut_short_or_with_unprobed_peers_proves_nothing_reachable() -> N
     cut = View(frozenset(), complete=False)
     assert pairs(A, {A: View(frozenset({C})), B: cut, C: None}) == \
         [(A, C, "no answer", "unknown")]
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+                    max_leaves=20)
+SUMMARY_KEYS = st.sampled_from(["counts", "unreachable", "hears", "truncated", "unknown"])
+
+
+@given(st.one_of(JSON, st.dictionaries(SUMMARY_KEYS, JSON)))
+def test_a_peers_malformed_summary_is_no_answer_never_a_crash(summary: Any) -> None:
+    """A peer's agent answers what it likes: the cluster view reads a well-formed summary,
+    takes any other as no answer, and never fails on one."""
+    view = doctor.view_of_summary(summary)
+    well_formed = isinstance(summary, dict) and isinstance(summary.get("counts") or {}, dict) \
+        and all(isinstance(summary.get(k) or [], list)
+                and all(isinstance(n, str) for n in summary.get(k) or [])
+                for k in ("unreachable", "hears"))
+    assert (view is not None) == well_formed
+    doctor.mesh(A, {A: ALL_WELL, B: view, C: ALL_WELL}, NAMES)

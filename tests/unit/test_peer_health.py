@@ -339,3 +339,34 @@ def test_a_prober_that_cannot_start_is_retried_not_fatal(
         with caplog.at_level(logging.WARNING, logger="weft.agent"):
             assert asyncio.run(run_a_while())
     assert keeper.prober is None
+
+
+def test_a_peers_answer_that_is_no_summary_counts_as_no_answer() -> None:
+    """`weft doctor --cluster` asks peers it does not control: an answer nested past the
+    JSON parser's depth, or one that is not an object, is no answer (the rest still read)."""
+    from threading import Thread
+
+    from weft.agent.prober import ask_summaries
+
+    port = _free_port()
+    bodies = {"127.0.0.4": b"[" * 30000, "127.0.0.5": b"[1]", "127.0.0.6": b'{"counts": {}}'}
+    with contextlib.ExitStack() as stack:
+        agents = []
+        for addr in bodies:
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            sock.bind((addr, port))
+            agents.append(sock)
+
+        def answer(sock: socket.socket) -> None:
+            with contextlib.suppress(OSError):  # closed at the end
+                _, asker = sock.recvfrom(0x10000)
+                text = bodies[sock.getsockname()[0]]
+                sock.sendto(wire.encode(wire.Probe(wire.SUMMARY_ANSWER, "host-gw", 0),
+                                        wire.HEADER_SIZE + len(text), text), asker)
+
+        for sock in agents:
+            Thread(target=answer, args=(sock,), daemon=True).start()
+        peers = {addr: ipaddress.ip_address(addr) for addr in bodies}
+        answers = ask_summaries(ipaddress.ip_address("127.0.0.1"), peers, port=port,
+                                timeout=0.6)
+    assert answers == {"127.0.0.4": None, "127.0.0.5": None, "127.0.0.6": {"counts": {}}}

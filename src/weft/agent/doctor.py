@@ -475,11 +475,20 @@ class View:
     complete: bool = True  # every other peer reachable (no list cut short, none unprobed)
 
 
-def view_of_summary(summary: Mapping[str, Any]) -> View:
-    unknown = (summary.get("counts") or {}).get("unknown", 0)
-    return View(frozenset(map(str, summary.get("unreachable") or [])),
-                frozenset(map(str, summary.get("hears") or [])),
-                not summary.get("truncated") and not unknown)
+def view_of_summary(summary: Any) -> View | None:
+    """A peer's summary (its agent's answer, as it sent it) as its view; None, as no
+    answer, if it is not of a summary's shape (counts an object, unreachable and hears
+    lists of subnets as strings): a peer's bad answer must not stop the cluster view."""
+    if not isinstance(summary, Mapping):
+        return None
+    counts = summary.get("counts") or {}
+    down, hears = (summary.get(key) or [] for key in ("unreachable", "hears"))
+    if not isinstance(counts, Mapping) or not all(
+            isinstance(names, list) and all(isinstance(n, str) for n in names)
+            for names in (down, hears)):
+        return None
+    return View(frozenset(down), frozenset(hears),
+                not summary.get("truncated") and not counts.get("unknown", 0))
 
 
 def view_of_rows(rows: Mapping[str, Mapping[str, Any]]) -> View:

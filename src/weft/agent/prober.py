@@ -314,11 +314,16 @@ def ask_summaries(own: IPAddress, peers: Mapping[str, IPAddress], *, port: int =
                 readable, _, _ = select.select([sock], [], [], left)
                 if not readable:
                     break
-                with contextlib.suppress(OSError, ValueError, wire.ProbeFormatError):
+                # A peer's answer is its own: nested past the parser's depth, or not an
+                # object (the summary's shape, checked further by its reader), it is none.
+                with contextlib.suppress(OSError, ValueError, RecursionError,
+                                         wire.ProbeFormatError):
                     data, sender = sock.recvfrom(0x10000)
                     who = by_addr.get(ipaddress_of(sender[0]))
                     if who is not None and wire.decode(data).kind == wire.SUMMARY_ANSWER:
-                        answers[who] = json.loads(wire.body(data))
+                        answer = json.loads(wire.body(data))
+                        if isinstance(answer, dict):
+                            answers[who] = answer
             if all(v is not None for v in answers.values()):
                 break
     finally:
