@@ -169,8 +169,10 @@ class Counters:
         }
 
     def __add__(self, other: Counters) -> Counters:
+        # Status sums the live counters while their threads count: a copy of each dict
+        # (one C call, whole under the GIL) never changes size while it is walked.
         drops = dict(self.drops)
-        for reason, count in other.drops.items():
+        for reason, count in dict(other.drops).items():
             drops[reason] = drops.get(reason, 0) + count
         return Counters(self.packets + other.packets, self.bytes + other.bytes,
                         self.datagrams + other.datagrams, self.batches + other.batches,
