@@ -9,7 +9,7 @@ from weft.backends.hostgw import plan as hostgw
 from weft.backends.routes import direct_route
 from weft.backends.vxlan import plan as vxlan
 from weft.backends.vxlan.options import VxlanOptions
-from weft.backends.wireguard.plan import desired_peers
+from weft.backends.wireguard.plan import peer_sets
 from weft.core.dataplane import FdbEntry, Neighbour, Route
 from weft.core.host import UnderlayFacts
 from weft.core.lease import Lease
@@ -104,10 +104,10 @@ def test_wireguard_allows_both_subnets_of_a_peer() -> None:
 
     key = PrivateKey.generate().public_key()
     own = PrivateKey.generate().public_key()
-    wanted, errors = desired_peers([peer(2, "wireguard", data={"PublicKey": key.to_base64()})],
-                                   own, 51820, 0, None)
-    assert errors == {}
-    assert wanted[key].allowed_ips == {net("198.19.2.0/24"), net("2001:db8:1:2::/64")}
+    sets = peer_sets([peer(2, "wireguard", data={"PublicKey": key.to_base64()})],
+                     own, 51820, 0, None)
+    assert sets.errors == {}
+    assert sets.peers[key].allowed_ips == {net("198.19.2.0/24"), net("2001:db8:1:2::/64")}
 
 
 def test_wireguard_sends_ipv6_on_the_ipv6_device_only_where_both_ends_have_one() -> None:
@@ -116,7 +116,6 @@ def test_wireguard_sends_ipv6_on_the_ipv6_device_only_where_both_ends_have_one()
     subnet on the IPv4 device; a peer without (no PublicIPv6, or BackendV6Data that is
     BackendData's copy: an older weft) keeps both on the IPv4 device, and says why."""
     from weft.backends.wireguard.keys import PrivateKey
-    from weft.backends.wireguard.plan import peer_sets
 
     own = PrivateKey.generate().public_key()
     k2, k3, k4 = (PrivateKey.generate().public_key() for _ in range(3))

@@ -24,10 +24,10 @@ from weft.backends.wireguard.keys import (
 from weft.backends.wireguard.plan import (
     DeviceState,
     PeerConfig,
-    desired_peers,
     device_change,
     parse_endpoint,
     peer_plan,
+    peer_sets,
 )
 from weft.backends.wireguard.protocol import (
     UapiProtocolError,
@@ -157,7 +157,7 @@ def peer(key: PublicKey, subnet: str, ip: str, port: int = 51820, keepalive: int
                       frozenset({ipaddress.ip_network(subnet)}), keepalive, psk)
 
 
-def test_desired_peers_from_leases_with_counted_errors() -> None:
+def test_peer_sets_from_leases_with_counted_errors() -> None:
     leases = [
         lease("198.19.2.0/24", "198.18.0.2", str(K1)),
         lease("198.19.3.0/24", "198.18.0.3", str(K2)),
@@ -167,7 +167,8 @@ def test_desired_peers_from_leases_with_counted_errors() -> None:
         lease("198.19.7.0/24", "198.18.0.7", str(K1)),  # a copied key
         lease("198.19.1.0/24", "198.18.0.1", str(OWN)),  # ourselves
     ]
-    wanted, errors = desired_peers(leases, OWN, 51820, 25, None)
+    sets = peer_sets(leases, OWN, 51820, 25, None)
+    wanted, errors = sets.peers, sets.errors
     assert wanted == {K1: peer(K1, "198.19.2.0/24", "198.18.0.2", keepalive=25),
                       K2: peer(K2, "198.19.3.0/24", "198.18.0.3", keepalive=25)}
     assert set(errors) == {"198.19.4.0/24", "198.19.5.0/24", "198.19.6.0/24", "198.19.7.0/24"}

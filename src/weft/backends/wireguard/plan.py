@@ -172,18 +172,6 @@ def peer_sets(
     return PeerSets(wanted, wanted6, over_ipv4, errors)
 
 
-def desired_peers(
-    peers: Iterable[Lease],
-    own_key: PublicKey,
-    listen_port: int,
-    keepalive: int,
-    psk: bytes | None,
-) -> tuple[dict[PublicKey, PeerConfig], dict[str, str]]:
-    """One device's peers (no IPv6 underlay device here), and the per-lease errors."""
-    sets = peer_sets(peers, own_key, listen_port, keepalive, psk)
-    return sets.peers, sets.errors
-
-
 def peer_plan(
     desired: Mapping[PublicKey, PeerConfig], actual: Mapping[PublicKey, PeerConfig]
 ) -> DeviceChange:
