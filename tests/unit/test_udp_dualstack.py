@@ -69,6 +69,14 @@ class FakeTun:
         self.end.close()
 
 
+def both_families_cross(a_tun: FakeTun, b_tun: FakeTun) -> None:
+    """A ping of each family from A's TUN device arrives whole at B's."""
+    for packet in (ipv6_stream("2001:db8:1:1::5", "2001:db8:1:2::7", b"ping6"),
+                   ipv4_stream("198.19.1.5", "198.19.2.7", b"ping4")):
+        a_tun.kernel.send(packet)
+        assert b_tun.kernel.recv(0x20000) == packet
+
+
 @pytest.fixture
 def pair() -> Iterator[tuple[tuple[Forwarder, FakeTun], tuple[Forwarder, FakeTun],
                              socket.socket]]:
@@ -100,12 +108,7 @@ def pair() -> Iterator[tuple[tuple[Forwarder, FakeTun], tuple[Forwarder, FakeTun
 def test_both_families_cross_and_an_ipv6_source_is_held_to_its_holder(pair: tuple[
         tuple[Forwarder, FakeTun], tuple[Forwarder, FakeTun], socket.socket]) -> None:
     (a, a_tun), (b, b_tun), member = pair
-    six = ipv6_stream("2001:db8:1:1::5", "2001:db8:1:2::7", b"ping6")
-    a_tun.kernel.send(six)
-    assert b_tun.kernel.recv(0x20000) == six
-    four = ipv4_stream("198.19.1.5", "198.19.2.7", b"ping4")
-    a_tun.kernel.send(four)
-    assert b_tun.kernel.recv(0x20000) == four
+    both_families_cross(a_tun, b_tun)
     # No peer holds 2001:db8:1:9::/64: nowhere to send it.
     a_tun.kernel.send(ipv6_stream("2001:db8:1:1::5", "2001:db8:1:9::7", b"lost"))
     wait_for("the no_route drop", lambda: a.tx.drops.get("no_route") == 1, WAIT,
@@ -239,12 +242,7 @@ def test_ipv6_packets_cross_the_ipv6_underlay_and_ipv4_ones_the_ipv4_underlay(du
         tuple[Forwarder, FakeTun], tuple[Forwarder, FakeTun]]) -> None:
     (a, a_tun), (b, b_tun) = dual
     assert a.peers.describe()["2001:db8:1:2::/64"] == f"[::1]:{b.bind.port}"
-    six = ipv6_stream("2001:db8:1:1::5", "2001:db8:1:2::7", b"ping6")
-    a_tun.kernel.send(six)
-    assert b_tun.kernel.recv(0x20000) == six
-    four = ipv4_stream("198.19.1.5", "198.19.2.7", b"ping4")
-    a_tun.kernel.send(four)
-    assert b_tun.kernel.recv(0x20000) == four
+    both_families_cross(a_tun, b_tun)
     # A super-packet over IPv6 is cut for the IPv6 underlay: 1500 - 40 - 8 per datagram.
     big = tcp6_super_packet("2001:db8:1:1::5", "2001:db8:1:2::7", os.urandom(20000))
     a_tun.kernel.send(big)
