@@ -324,7 +324,7 @@ def test_udp_carries_ipv6_over_the_ipv6_underlay_where_both_ends_have_one() -> N
             f"peer {third.underlay_ip} has no IPv6 underlay address (no PublicIPv6)")}
         lonely = tb.host_status(third)["backend_status"]["ipv6_underlay"]
         assert lonely["address"] is None
-        assert "rides the IPv4 socket" in lonely["why"]
+        assert "rides the one socket over IPv4" in lonely["why"]
         # Which underlay the datagrams take, counted by the kernel of the receiving hosts.
         over6 = udp_counter(tb, second, f"ip6 saddr {first.underlay_ip6} udp dport 8285")
         over4 = udp_counter(tb, second, f"ip saddr {first.underlay_ip} udp dport 8285")

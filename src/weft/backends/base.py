@@ -69,6 +69,21 @@ class BackendFacts:
     encrypted: bool = False
 
 
+def why_no_ipv6_underlay(config: NetworkConfig, host: HostContext,
+                         carrier: str = "the IPv4 one") -> str | None:
+    """None where a backend's IPv6 half gets a device or socket of its own on the IPv6
+    underlay (dual stack over an IPv4 PublicIP, on a host with an IPv6 underlay address
+    too); else why not, for its status. `carrier`: what carries both families instead."""
+    if not config.dual_stack:
+        return "not dual stack: no IPv6 overlay"
+    if host.public_ip.version == 6:
+        return f"the PublicIP is IPv6: {carrier} carries both families over the IPv6 underlay"
+    if host.public_ipv6 is None:
+        return ("this host has no IPv6 underlay address beside its IPv4 PublicIP: every "
+                f"peer's IPv6 subnet rides {carrier} over IPv4")
+    return None
+
+
 def by_ip_version(overhead: Callable[[int], int]) -> dict[int, int]:
     """An overhead function's answers for IPv4 and IPv6 underlays."""
     return {version: overhead(version) for version in (4, 6)}

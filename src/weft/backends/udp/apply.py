@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from weft.backends.base import ReconcileResult, converge
+from weft.backends.base import ReconcileResult, converge, why_no_ipv6_underlay
 from weft.backends.registry import overlay_mtu
 from weft.backends.udp import plan
 from weft.backends.udp.control import ForwarderSpec
@@ -56,8 +56,7 @@ class UdpBackend:
         self._lease: Lease | None = None
         # Dual stack over an IPv4 PublicIP with an IPv6 underlay address: the second socket
         # (auto turns it off before prepare: its planes are chosen per peer).
-        self.ipv6_underlay = (config.dual_stack and host.public_ip.version == 4
-                              and host.public_ipv6 is not None)
+        self.ipv6_underlay = why_no_ipv6_underlay(config, host) is None
         self._over_ipv4: Mapping[str, str] = {}  # as last planned: IPv6 subnet -> why
 
     @property
@@ -187,12 +186,9 @@ class UdpBackend:
         """Which underlay each peer's IPv6 subnet travels: the IPv6 socket's facts (from
         the forwarder: address, port, its share of the counters) and the peers whose IPv6
         subnet rides IPv4, with why; on a host without the socket, why not."""
-        if not self.ipv6_underlay:
-            why = ("the PublicIP is IPv6: one socket carries both families over the IPv6 "
-                   "underlay" if self.host.public_ip.version == 6 else
-                   "this host has no IPv6 underlay address beside its IPv4 PublicIP: every "
-                   "peer's IPv6 subnet rides the IPv4 socket")
-            return {"address": None, "why": why}
+        if not self.ipv6_underlay:  # off for auto's planes too: the host may still have one
+            why = why_no_ipv6_underlay(self.config, self.host, "the one socket")
+            return {"address": None, "why": why or "auto chooses each peer's plane"}
         six = dict(socket6) if isinstance(socket6, dict) else {}
         six["over_ipv4"] = dict(sorted(self._over_ipv4.items()))
         return six

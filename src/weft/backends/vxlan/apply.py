@@ -9,7 +9,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from weft.backends.base import ReconcileResult
+from weft.backends.base import ReconcileResult, why_no_ipv6_underlay
 from weft.backends.bulk import apply_tables
 from weft.backends.registry import overlay_mtu
 from weft.backends.vxlan import plan
@@ -35,8 +35,8 @@ class VxlanBackend:
         self.device6 = ipv6_device_name(self.options.vni)
         # Dual stack over an IPv4 PublicIP with an IPv6 underlay address: a second device
         # on the IPv6 underlay (auto turns it off: its planes are chosen per peer).
-        self.ipv6_underlay = (config.dual_stack and host.public_ip.version == 4
-                              and host.public_ipv6 is not None and self.device6 is not None)
+        self.ipv6_underlay = (why_no_ipv6_underlay(config, host) is None
+                              and self.device6 is not None)
         self._mac6: str | None = None
         self._mac: str | None = None  # the VTEP MAC peers hold; kept when recreating
         self._lease: Lease | None = None

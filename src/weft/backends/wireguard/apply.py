@@ -33,7 +33,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from weft.backends.base import ReconcileResult, converge
+from weft.backends.base import ReconcileResult, converge, why_no_ipv6_underlay
 from weft.backends.registry import overlay_mtu
 from weft.backends.wireguard.device import KERNEL, USERSPACE, Tunnel
 from weft.backends.wireguard.keyfile import key_file_path, load_or_create_private_key
@@ -68,8 +68,7 @@ class WireguardBackend:
         # on the IPv6 underlay, its own wireguard-go (pid and log files of its own).
         self.tunnel6 = (Tunnel(WIREGUARD_DEVICE6, self.options.port6, wanted, host,
                                files=FILES6)
-                        if config.dual_stack and host.public_ip.version == 4
-                        and host.public_ipv6 is not None else None)
+                        if why_no_ipv6_underlay(config, host) is None else None)
         self._key: PrivateKey | None = None
         self._lease: Lease | None = None
         self._peer_count = 0
@@ -207,11 +206,8 @@ class WireguardBackend:
         """Which underlay each peer's IPv6 subnet travels: the IPv6 device's facts, and
         the peers whose IPv6 subnet rides the IPv4 device, with why."""
         if self.tunnel6 is None:
-            why = (f"the PublicIP is IPv6: {self.ifname} carries both families over the IPv6 "
-                   "underlay" if self.host.public_ip.version == 6 else
-                   "this host has no IPv6 underlay address beside its IPv4 PublicIP: every "
-                   f"peer's IPv6 subnet rides {self.ifname} over IPv4")
-            return {"device": None, "why": why}
+            return {"device": None,
+                    "why": why_no_ipv6_underlay(self.config, self.host, self.ifname)}
         six: dict[str, Any] = {"device": self.tunnel6.ifname, "listen_port": self.tunnel6.port,
                                "peer_count": self._peer_count6,
                                "over_ipv4": {str(subnet): why for subnet, why
