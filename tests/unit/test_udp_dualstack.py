@@ -318,3 +318,16 @@ def test_the_forwarder_spec_names_its_ipv6_socket_only_when_it_has_one() -> None
     assert two.sockets == 2
     for spec in (one, two):
         assert _parse(["--state-dir", "/x", *spec.argv()])[1] == spec
+
+
+def test_the_ipv6_socket_binds_an_address_not_yet_usable() -> None:
+    """At boot the IPv6 underlay address may be tentative (duplicate address detection)
+    when the forwarder starts: its socket binds anyway (as to an address not here at all),
+    where a plain bind would fail and take the IPv4 data plane down with it."""
+    from weft.core.errors import KernelError
+
+    absent = ipaddress.ip_address("2001:db8:ffff::1")  # on no interface: a bind, no traffic
+    with pytest.raises(KernelError, match="open UDP socket"):
+        open_bind(absent, 0, False)
+    bind = open_bind(absent, 0, False, freebind=True)
+    bind.close()

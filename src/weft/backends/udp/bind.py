@@ -16,6 +16,7 @@ from typing import Final
 from weft.core.config import IPAddress
 from weft.core.errors import KernelError
 from weft.host.path_mtu import IP_PMTUDISC_PROBE, set_path_mtu_discovery
+from weft.host.probe_socket import IP_FREEBIND
 
 # --- linux/udp.h ----------------------------------------------------------------------------
 SOL_UDP: Final = 17
@@ -57,12 +58,16 @@ class UdpBind:
         self.sock.close()
 
 
-def open_bind(bind_ip: IPAddress, port: int, offloads: bool) -> UdpBind:
+def open_bind(bind_ip: IPAddress, port: int, offloads: bool,
+              freebind: bool = False) -> UdpBind:
     """A UDP socket bound to `bind_ip`:`port` (0: any free port), with big buffers, DF on
-    every datagram, and UDP GSO/GRO unless `offloads` is off or the kernel refuses."""
+    every datagram, and UDP GSO/GRO unless `offloads` is off or the kernel refuses.
+    `freebind`: bound even while the address is not (yet) usable here."""
     family = socket.AF_INET if bind_ip.version == 4 else socket.AF_INET6
     sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
+        if freebind:  # IP_FREEBIND is the socket's, whatever its family (as IPV6_FREEBIND)
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
         for force, plain in (
             (SO_RCVBUFFORCE, socket.SO_RCVBUF),
             (SO_SNDBUFFORCE, socket.SO_SNDBUF),

@@ -74,7 +74,9 @@ def open_forwarder(device: str, bind_ip: IPAddress, port: int, underlay_mtu: int
         opened.callback(bind.close)
         bind6 = None
         if bind_ipv6 is not None:
-            bind6 = open_bind(bind_ipv6, bind.port, offloads)
+            # The IPv6 underlay address may still be tentative (duplicate address
+            # detection, at boot): bound anyway, so the IPv4 data plane never waits on it.
+            bind6 = open_bind(bind_ipv6, bind.port, offloads, freebind=True)
             opened.callback(bind6.close)
         forwarder = Forwarder(tun, bind, underlay_mtu, network_version, subnet_len, bind6)
         opened.pop_all()  # the forwarder owns them now
