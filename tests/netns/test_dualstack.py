@@ -8,6 +8,8 @@ import ipaddress
 import json
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -283,6 +285,48 @@ s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 for _ in range(int(sys.argv[2])):
     s.sendto(b"not-wireguard", (sys.argv[1], 51821))
 """
+
+
+# Another program's socket on a UDP port (both families), held until its stdin closes.
+HOLD = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("::", int(sys.argv[1])))
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="needs wireguard-go")
+def test_a_held_listen_port_v6_leaves_the_ipv4_overlay_to_the_ipv4_device() -> None:
+    """ListenPortV6 (51821) held by another program when the agent starts: the IPv6
+    underlay device cannot listen, status says so naming the port, and the IPv4 overlay
+    works all the same; the port freed, the device comes up and carries the IPv6 half."""
+    with Testbed(hosts=2, containers_per_host=1, config=WIREGUARD_GO, underlay="dual") as tb:
+        first, second = tb.hosts
+        first.agent_args.extend(["--resync-interval", "1"])  # the pace of the retry
+        holder = subprocess.Popen(["ip", "netns", "exec", first.netns, sys.executable, "-c",
+                                   HOLD, "51821"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == "held\n"
+            tb.start(hosts=[second])  # converged means no errors: the first has one
+            tb.start_agent(first)
+            tb.wait_subnet_env(first)
+            a, b = tb.containers
+            tb.attach(a)
+            assert reaches(tb, a.netns, b.ip)
+            assert "ListenPortV6 51821" in tb.host_status(first)["backend_status"][
+                "ipv6_underlay"]["error"]
+            wait_for("the health error", lambda: "ListenPortV6 51821" in tb.host_status(
+                first)["errors"].get(WG6, ""), 30)
+        finally:
+            holder.communicate("")  # its stdin closed: it lets the port go
+        wait_for(f"{WG6} to serve", lambda: "error" not in tb.host_status(first)[
+            "backend_status"]["ipv6_underlay"], 30)
+        tb.wait_converged(30)  # no errors left
+        assert reaches(tb, a.netns, b.ip6)
 
 
 def udp_counter(tb: Testbed, host: Host, match: str) -> Callable[[], int]:

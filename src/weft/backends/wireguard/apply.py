@@ -21,6 +21,10 @@ carries a peer's IPv6 subnet to its PublicIPv6 where the peer has that device to
 BackendV6Data Port); it holds the route for the IPv6 Network, and the IPv6 subnet of any
 other peer rides the IPv4 device with its IPv4 subnet (a route of its own there).
 
+The second device is optional: one that cannot be made or configured (ListenPortV6 held
+by another program, say) is an error in status and health, retried every pass, while the
+IPv4 device carries on; each device is revived and given its peers on its own.
+
 Restart: `close()` leaves the device, its peers and the wireguard-go process running;
 the next `prepare()` adopts them (nothing is re-set that already matches), so a restarted
 agent drops no traffic.
@@ -29,30 +33,39 @@ agent drops no traffic.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from weft.backends.base import ReconcileResult, converge, why_no_ipv6_underlay
 from weft.backends.registry import overlay_mtu
 from weft.backends.wireguard.device import KERNEL, USERSPACE, Tunnel
 from weft.backends.wireguard.keyfile import key_file_path, load_or_create_private_key
-from weft.backends.wireguard.keys import PrivateKey
+from weft.backends.wireguard.keys import PrivateKey, PublicKey
 from weft.backends.wireguard.options import WIREGUARD_DEVICE6, WireguardOptions
-from weft.backends.wireguard.plan import DeviceState, peer_plan, peer_sets
+from weft.backends.wireguard.plan import (
+    DeviceChange,
+    DeviceState,
+    PeerConfig,
+    peer_plan,
+    peer_sets,
+)
 from weft.core.config import IPNetwork, NetworkConfig
 from weft.core.constants import WIREGUARD_DEVICE
 from weft.core.dataplane import Route
-from weft.core.errors import KernelError
+from weft.core.errors import KernelError, WeftError
 from weft.core.host import HostContext
 from weft.core.lease import Lease
-from weft.host.netlink import Netlink
+from weft.host.netlink import LinkInfo, Netlink
 
 log = logging.getLogger(__name__)
 
 __all__ = ["KERNEL", "USERSPACE", "WireguardBackend"]
 
 FILES6 = "wireguard-go-v6"  # the IPv6 underlay device's wireguard-go: pid and log files
+
+T = TypeVar("T")
 
 
 class WireguardBackend:
@@ -77,6 +90,11 @@ class WireguardBackend:
         # and why: each a route to the IPv4 device (from the last reconcile).
         self._over_ipv4: dict[IPNetwork, str] = {}
         self._psk = base64.b64decode(self.options.psk) if self.options.psk else None
+        # Why the IPv6 underlay device does not serve (None: it does), from the last step
+        # that failed on it; retried every pass, never in the IPv4 device's way. Cleared
+        # by a pass without failure (status, read meanwhile, never sees it blank early).
+        self._error6: str | None = None
+        self._failures6 = 0
 
     @property
     def implementation(self) -> str | None:
@@ -96,13 +114,34 @@ class WireguardBackend:
             with Netlink() as nl:
                 if nl.link(WIREGUARD_DEVICE6) is not None:
                     self._stale6().teardown(nl)
+        key = self._key
         for tunnel in self._tunnels:
-            with Netlink() as nl:
-                tunnel.ensure(nl)
-            tunnel.configure_identity(self._key)
-            log.info("wireguard device ready",
-                     extra={"implementation": tunnel.implementation, "device": tunnel.ifname})
+            if self._step(tunnel, "make", functools.partial(self._make, tunnel, key)):
+                log.info("wireguard device ready", extra={
+                    "implementation": tunnel.implementation, "device": tunnel.ifname})
         return {"PublicKey": self._key.public_key().to_base64()}
+
+    @staticmethod
+    def _make(tunnel: Tunnel, key: PrivateKey) -> bool:
+        with Netlink() as nl:
+            tunnel.ensure(nl)
+        tunnel.configure_identity(key)
+        return True
+
+    def _step(self, tunnel: Tunnel, what: str, step: Callable[[], T]) -> T | None:
+        """`step` on `tunnel`: on the IPv4 device (the data plane) an error is raised as
+        ever; on the IPv6 underlay one it is kept (status, health) and the pass goes on."""
+        if tunnel is not self.tunnel6:
+            return step()
+        try:
+            return step()
+        except (WeftError, OSError) as exc:
+            self._failures6 += 1
+            self._error6 = (f"{tunnel.ifname} (ListenPortV6 {tunnel.port}) not serving: "
+                            f"{what}: {exc}; the IPv4 device carries on")
+            log.error("wireguard IPv6 underlay device not serving",
+                      extra={"device": tunnel.ifname, "error": self._error6})
+            return None
 
     def ipv6_data(self) -> Mapping[str, Any] | None:
         """The lease's BackendV6Data in dual stack: the IPv6 underlay device's key and port
@@ -123,23 +162,23 @@ class WireguardBackend:
         mtu = self.mtu()
         with Netlink() as nl:
             link = self.tunnel.link(nl)
-            six = self.tunnel6.link(nl) if self.tunnel6 is not None else link
             nl.ensure_only_address(link.index, lease.own_address)
-            if lease.own_ipv6_address is not None:  # dual stack: the IPv6 half's own
-                nl.ensure_only_address(six.index, lease.own_ipv6_address)
-                if six is not link and self.config.ipv6 is not None:
-                    # On the device of the IPv6 Network's route; not on the IPv4 one
-                    # (where a run without the IPv6 underlay device put it).
-                    nl.remove_addresses_in(link.index, self.config.ipv6.network)
+            six: LinkInfo | None = link
+            if self.tunnel6 is not None:
+                six = self._step(self.tunnel6, "address and up",
+                                 lambda: self._activate6(nl, link, lease, mtu))
+            elif lease.own_ipv6_address is not None:  # dual stack: the IPv6 half's own
+                nl.ensure_only_address(link.index, lease.own_ipv6_address)
             nl.ensure_up(link, mtu)
-            if six is not link:
-                nl.ensure_up(six, mtu)
             # One route for the whole Network (one per family in dual stack, the IPv6 one
             # to the IPv6 underlay device if there is one): WireGuard's allowed IPs pick
             # the peer, and the local subnet's more specific route (the CNI bridge) keeps
             # local traffic. A peer's IPv6 subnet riding the IPv4 device: its own route.
-            networks = self.config.networks
-            routes = {Route(network, None, six.index if network.version == 6 else link.index)
+            # An IPv6 underlay device that is not there keeps no route (nor takes one).
+            networks = [n for n in self.config.networks if n.version == 4 or six is not None]
+            routes = {Route(network, None,
+                            six.index if six is not None and network.version == 6
+                            else link.index)
                       for network in networks}
             if six is not link:
                 routes |= {Route(subnet, None, link.index) for subnet in self._over_ipv4}
@@ -151,15 +190,33 @@ class WireguardBackend:
                                   f"{result.errors}")
         return mtu
 
+    def _activate6(self, nl: Netlink, link: LinkInfo, lease: Lease, mtu: int) -> LinkInfo:
+        assert self.tunnel6 is not None
+        six = self.tunnel6.link(nl)
+        if lease.own_ipv6_address is not None:
+            nl.ensure_only_address(six.index, lease.own_ipv6_address)
+            if self.config.ipv6 is not None:
+                # On the device of the IPv6 Network's route; not on the IPv4 one (where a
+                # run without the IPv6 underlay device put it).
+                nl.remove_addresses_in(link.index, self.config.ipv6.network)
+        nl.ensure_up(six, mtu)  # the kernel's device binds ListenPortV6 here
+        return six
+
     def reconcile(self, peers: Sequence[Lease]) -> ReconcileResult:
         assert self._key is not None, "prepare() first"
         # Level-based: the devices are ours too. One deleted by hand, or a wireguard-go
         # that died (crash, OOM kill): made again with identity, address and routes.
+        key = self._key
+        failed6, failures6 = self._error6, self._failures6
+        # Each device on its own: the IPv4 device failing still leaves the IPv6 one its
+        # peers (its error is raised after), and the IPv6 one failing is only reported.
+        error4: WeftError | None = None
         for tunnel in self._tunnels:
-            with Netlink() as nl:
-                gone = tunnel.needs_revival(nl)
-            if gone:
-                tunnel.revive(self._key)
+            try:
+                self._step(tunnel, "revive", functools.partial(
+                    self._revive, tunnel, key, failed6 if tunnel is self.tunnel6 else None))
+            except WeftError as exc:
+                error4 = exc
         sets = peer_sets(peers, self._key.public_key(), self.options.listen_port,
                          self.options.persistent_keepalive, self._psk,
                          ipv6_underlay=self.tunnel6 is not None)
@@ -167,17 +224,42 @@ class WireguardBackend:
         for tunnel, desired in zip(self._tunnels, (sets.peers, sets.peers6), strict=False):
             # Allowed IPs are per device: a subnet moving between the two devices (a peer
             # that gained or lost its IPv6 underlay device) clashes on neither.
-            plan = peer_plan(desired, tunnel.read().peers)
-            tunnel.apply(plan)
-            result.added += len(plan.upsert)
-            result.removed += len(plan.remove)
+            if (error4 is not None and tunnel is self.tunnel) or (
+                    tunnel is self.tunnel6 and self._failures6 != failures6):
+                continue  # not serving: its peers wait for it to come back
+            plan = self._step(tunnel, "peers", functools.partial(self._peers, tunnel, desired))
+            if plan is not None:
+                result.added += len(plan.upsert)
+                result.removed += len(plan.remove)
         self._peer_count, self._peer_count6 = len(sets.peers), len(sets.peers6)
         self._over_ipv4 = sets.over_ipv4
+        if error4 is not None:
+            raise error4
         if self._lease is not None:
             # Level-based: addresses, MTU and routes are ours too (a revived device has
             # none yet; a route deleted by hand comes back; over_ipv4's routes follow).
             self.activate(self._lease)
+        if self._failures6 == failures6:
+            self._error6 = None
+        else:
+            result.errors[WIREGUARD_DEVICE6] = str(self._error6)
         return result
+
+    @staticmethod
+    def _revive(tunnel: Tunnel, key: PrivateKey, failed: str | None) -> bool:
+        """Made again if gone or not answering; the IPv6 underlay device also if it
+        failed (`failed`: why) the last time: its port may be free now."""
+        with Netlink() as nl:
+            gone = tunnel.needs_revival(nl)
+        if gone or failed is not None:
+            tunnel.revive(key)
+        return True
+
+    @staticmethod
+    def _peers(tunnel: Tunnel, desired: Mapping[PublicKey, PeerConfig]) -> DeviceChange:
+        plan = peer_plan(desired, tunnel.read().peers)
+        tunnel.apply(plan)
+        return plan
 
     def status(self) -> Mapping[str, Any]:
         # Never keys, not even public ones: `weft status` output gets pasted into tickets.
@@ -212,6 +294,8 @@ class WireguardBackend:
                                "peer_count": self._peer_count6,
                                "over_ipv4": {str(subnet): why for subnet, why
                                              in sorted(self._over_ipv4.items(), key=str)}}
+        if self._error6 is not None:
+            six["error"] = self._error6
         if self.tunnel6.implementation == USERSPACE:
             six["wireguard_go_pid"] = self.tunnel6.pid()
         state = self._read(self.tunnel6, six)

@@ -103,6 +103,7 @@ def _complete(data: bytearray) -> bool:
 def _describe(err: int) -> str:
     code = abs(err)
     if code == errno.EADDRINUSE:
-        return "the listen port is in use (set Backend.ListenPort to a free port)"
+        return ("the listen port is in use (set Backend.ListenPort, or ListenPortV6 for the "
+                "IPv6 underlay device, to a free port)")
     name = errno.errorcode.get(code, "")
     return f"errno {err} {name} ({os.strerror(code)})"
