@@ -223,9 +223,12 @@ class HealthBook(Generic[K]):
 
     def hears(self, now: float) -> list[K]:
         """The unreachable peers whose own probes still arrive here: the way from them
-        to this host works, the way back does not."""
+        to this host works, the way back does not. Only a probe heard since the peer went
+        unreachable counts: one from before (a peer whose agent then stopped) still lies
+        within the detection bound for a while, and would name a way broken that is not."""
         return [p for p, r in self.peers.items()
-                if r.state == "unreachable" and self.hearing(r, now)]
+                if r.state == "unreachable" and r.heard is not None and r.heard >= r.since
+                and self.hearing(r, now)]
 
     def counts(self) -> dict[State, int]:
         counts: dict[State, int] = {"reachable": 0, "unreachable": 0, "unknown": 0}
