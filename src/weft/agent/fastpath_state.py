@@ -70,10 +70,12 @@ class FastPathState:
             log.warning("could not remove the fast path", extra={"error": str(exc)})
 
     def apply(self, own: IPNetwork, subnets: Iterable[IPNetwork],
-              stand_down: str | None = None) -> str | None:
+              stand_down: str | None = None, *, full: bool = True) -> str | None:
         """Converge the hooks and maps for this host's subnet `own` (a lease can move) and
         the leased `subnets`; an error string (retried), or None. With `stand_down` (why
-        overlay traffic must stay in netfilter), the hooks come off instead."""
+        overlay traffic must stay in netfilter), the hooks come off instead. Not `full` (a
+        store event's pass): the devices are those of the last full pass (a container's
+        device or route appearing wakes a full one), and only the maps' change is written."""
         fp = self.fastpath
         if fp is None or self.arrival is None or not isinstance(own, ipaddress.IPv4Network):
             return None
@@ -92,11 +94,14 @@ class FastPathState:
             log.info("fast path back on", extra={"was": self.standing_down})
         self.standing_down = None
         try:
-            devices, veths = fp.container_devices(exclude=[self.arrival])
-            hooks = plan_hooks(self.arrival, devices)
-            fp.detach_others(h.device for h in hooks)
             v4 = [s for s in subnets if isinstance(s, ipaddress.IPv4Network)]
-            attached = fp.converge(hooks, v4, veths)
+            if full or not fp.attached:
+                devices, veths = fp.container_devices(exclude=[self.arrival])
+                hooks = plan_hooks(self.arrival, devices)
+                fp.detach_others(h.device for h in hooks)
+            else:
+                hooks, veths = list(fp.attached), fp.veths
+            attached = fp.converge(hooks, v4, veths, verify=full)
         except (WeftError, OSError, subprocess.SubprocessError, KeyError) as exc:
             log.error("fast path not converged", extra={"error": str(exc)})
             return f"fast path: {exc}"

@@ -178,7 +178,7 @@ class Reconciler:
                 lease = self.lease()
                 fastpath_error = await asyncio.to_thread(
                     self.fastpath.apply, lease.subnet, [lease.subnet, *view.peers],
-                    self.stand_down())
+                    self.stand_down(), full=full)
                 if fastpath_error is not None:
                     self.health.data_plane[Part.FASTPATH] = fastpath_error
                     ok = False

@@ -11,7 +11,10 @@ Owned: the ingress filter at preference 49, handle 1, whose program is fastpath.
 device of this namespace. Nothing else is replaced or deleted; a clsact qdisc is removed
 only when weft's filter was the last one on it. The programs' maps are per attached copy
 (tc loads the object once per filter), so `subnets` (leased subnets, the source check) and
-`peers` (veths for bpf_redirect_peer) are written into each copy with bpftool.
+`peers` (veths for bpf_redirect_peer) are written into each copy with bpftool: the whole
+difference in one `bpftool batch` (a process per key cost seconds of CPU at 5,000 peers,
+and every store event waited behind them). What was written is remembered, so a store
+event's pass writes only its change; a verifying pass reads the maps back first.
 """
 
 from __future__ import annotations
@@ -55,8 +58,9 @@ def subnet_key(net: ipaddress.IPv4Network) -> list[str]:
     return [str(b) for b in (net.prefixlen.to_bytes(4, "little") + net.network_address.packed)]
 
 
-def _tc(argv: Sequence[str]) -> str:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, check=False, timeout=30)
+def _tc(argv: Sequence[str], stdin: str | None = None) -> str:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, check=False, timeout=30,
+                          input=stdin)
     if proc.returncode != 0:
         raise KernelError(f"`{' '.join(argv)}` failed: {proc.stderr.strip()[-500:]}")
     return proc.stdout
@@ -101,13 +105,13 @@ def _map_keys(map_id: int) -> set[tuple[str, ...]]:
     return {tuple(str(int(b, 16)) for b in e["key"]) for e in dump}
 
 
-def _sync_map(map_id: int, wanted: set[tuple[str, ...]]) -> None:
-    """Make the map's keys exactly `wanted` (value 1)."""
-    have = _map_keys(map_id)
-    for key in wanted - have:
-        _tc(["bpftool", "map", "update", "id", str(map_id), "key", *key, "value", "1"])
-    for key in have - wanted:
-        _tc(["bpftool", "map", "delete", "id", str(map_id), "key", *key])
+def _sync_map(map_id: int, wanted: set[tuple[str, ...]], have: set[tuple[str, ...]]) -> None:
+    """Make the map's keys exactly `wanted` (value 1), given the keys it has: one bpftool
+    process for the whole difference."""
+    lines = [f"map update id {map_id} key {' '.join(k)} value 1" for k in sorted(wanted - have)]
+    lines += [f"map delete id {map_id} key {' '.join(k)}" for k in sorted(have - wanted)]
+    if lines:
+        _tc(["bpftool", "batch", "file", "-"], stdin="\n".join(lines) + "\n")
 
 
 def _counter(map_id: int, index: int) -> int:
@@ -137,6 +141,9 @@ class FastPath:
         # The programs this process loaded: a filter of the same name left by an earlier
         # run (another build, other maps) is replaced, not adopted.
         self._programs: set[int] = set()
+        self._maps: dict[int, dict[str, int]] = {}  # a program's maps, fixed for its life
+        self._keys: dict[int, set[tuple[str, ...]]] = {}  # what weft last wrote, per map
+        self.veths: set[int] = set()  # the container veths of the last full pass
 
     def container_devices(self, exclude: Iterable[str]) -> tuple[list[str], set[int]]:
         """Devices with a route into this host's subnet (the CNI bridge, or ptp veths), and
@@ -163,13 +170,16 @@ class FastPath:
         return names, veths
 
     def converge(self, hooks: Sequence[Hook], subnets: Iterable[ipaddress.IPv4Network],
-                 veths: set[int]) -> list[str]:
-        """Attach what is missing, write the maps; the devices that were (re)attached."""
+                 veths: set[int], *, verify: bool = True) -> list[str]:
+        """Attach what is missing, write the maps; the devices that were (re)attached.
+        `verify`: read every map back instead of trusting what was last written (a full
+        pass: an entry deleted by hand with bpftool raises no event to wake a pass)."""
         attached: list[str] = []
         wanted_subnets = {tuple(subnet_key(s)) for s in subnets}
         wanted_peers = {tuple(str(b) for b in i.to_bytes(4, "little")) for i in veths}
         self.skipped = {}
         kept: list[Hook] = []
+        programs: set[int] = set()
         for hook in hooks:
             slot = _filter_at_slot(hook.device)
             if slot is not None and not _is_ours(slot):
@@ -191,12 +201,29 @@ class FastPath:
                 if current is None:
                     raise KernelError(f"tc attached no fast path filter on {hook.device}")
                 self._programs.add(int(current["options"]["prog"]["id"]))
-            maps = _map_ids(int(current["options"]["prog"]["id"]))
-            _sync_map(maps["subnets"], wanted_subnets)
+            programs.add(prog_id := int(current["options"]["prog"]["id"]))
+            maps = self._maps_of(prog_id)
+            self._sync(maps["subnets"], wanted_subnets, verify)
             if hook.section == FROM_UNDERLAY:
-                _sync_map(maps["peers"], wanted_peers)
+                self._sync(maps["peers"], wanted_peers, verify)
         self.attached = kept
+        self.veths = veths
+        # Forget the programs (and their maps) that are no longer attached.
+        self._maps = {p: m for p, m in self._maps.items() if p in programs}
+        live = {map_id for maps in self._maps.values() for map_id in maps.values()}
+        self._keys = {m: k for m, k in self._keys.items() if m in live}
         return attached
+
+    def _maps_of(self, prog_id: int) -> dict[str, int]:
+        if prog_id not in self._maps:
+            self._maps[prog_id] = _map_ids(prog_id)
+        return self._maps[prog_id]
+
+    def _sync(self, map_id: int, wanted: set[tuple[str, ...]], verify: bool) -> None:
+        have = None if verify else self._keys.get(map_id)
+        self._keys.pop(map_id, None)  # not known again until the write has succeeded
+        _sync_map(map_id, wanted, _map_keys(map_id) if have is None else have)
+        self._keys[map_id] = set(wanted)
 
     def detach_others(self, keep: Iterable[str]) -> None:
         """weft's filter off every device not in `keep` (a container's veth that moved, a
@@ -211,7 +238,7 @@ class FastPath:
             if current is None:
                 continue
             devices.append(hook.device)
-            maps = _map_ids(int(current["options"]["prog"]["id"]))
+            maps = self._maps_of(int(current["options"]["prog"]["id"]))
             redirected[PROGRAM_NAMES[hook.section]] += _counter(
                 maps["redirected"], _COUNTER_INDEX[hook.section])
         result: dict[str, Any] = {"attached": devices, "redirected_packets": redirected}
