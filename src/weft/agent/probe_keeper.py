@@ -106,5 +106,7 @@ def targets(peers: Mapping[IPNetwork, Lease], planes: Mapping[IPNetwork, str],
             backend_type: str) -> Targets:
     """Each peer's overlay address, the plane its traffic is on (the backend's type unless
     the backend chooses per peer), its public IP."""
-    return {s: (lease.own_address.ip, planes.get(s) or backend_type, str(lease.public_ip))
-            for s, lease in peers.items()}
+    # The subnet's network address is its own_address, without parsing one per peer: this
+    # runs on every change of the view, over every peer.
+    return {s: (lease.subnet.network_address, planes.get(s) or backend_type,
+                str(lease.public_ip)) for s, lease in peers.items()}
