@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
-/* weft's tc fast path for overlay <-> overlay IPv4 traffic (host-gw; vxlan after decap).
+/* weft's tc fast path for overlay <-> overlay IPv4 and IPv6 traffic (host-gw; vxlan after
+ * decap).
  *
  *   from_container  tc ingress of a container's host-side veth (the container's egress):
  *                   FIB lookup, then bpf_redirect_neigh() to the next hop's device, past
@@ -9,9 +10,10 @@
  *                   into the container's namespace with bpf_redirect_peer(); other overlay
  *                   packets for this host go by bpf_redirect_neigh().
  *
- * Anything else -- not IPv4, a source or destination not in a leased subnet, a source
- * arriving where its route back does not leave, IP options, TTL about to expire, a route
- * the FIB cannot resolve, fragments of nothing special -- is passed on (PASS) and takes
+ * Anything else -- neither IPv4 nor IPv6, a source or destination not in a leased subnet, a
+ * source arriving where its route back does not leave, IPv4 options or an IPv6 extension
+ * header (even a fragment header), TTL / hop limit about to expire, a route the FIB cannot
+ * resolve -- is passed on (PASS) and takes
  * the normal path, where netfilter drops and counts what it must, so turning this on never
  * loses a packet the kernel would carry nor carries one weft's rules would drop.
  *
@@ -21,12 +23,15 @@
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
+#include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
 #define AF_INET 2
+#define AF_INET6 10
 /* Not ours to carry: on to the next filter on the device (another tool's, if any), then
  * the stack. TC_ACT_OK would end the device's filter chain here. */
 #define PASS TC_ACT_UNSPEC
@@ -55,6 +60,19 @@ struct {
 	__type(value, __u8);
 } subnets SEC(".maps");
 
+/* The same for the IPv6 half of a dual-stack network, or an IPv6 overlay. */
+struct subnet6_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct subnet6_key);
+	__type(value, __u8);
+} subnets6 SEC(".maps");
+
 /* Packets sent on the fast path, per program (index 0: from_container,
  * 1: from_underlay); what `weft status` shows. */
 struct {
@@ -68,6 +86,13 @@ static __always_inline int leased(__be32 addr)
 {
 	struct subnet_key key = { .prefixlen = 32, .addr = addr };
 	return bpf_map_lookup_elem(&subnets, &key) != 0;
+}
+
+static __always_inline int leased6(const struct in6_addr *addr)
+{
+	struct subnet6_key key = { .prefixlen = 128 };
+	__builtin_memcpy(key.addr, addr, sizeof(key.addr));
+	return bpf_map_lookup_elem(&subnets6, &key) != 0;
 }
 
 static __always_inline void count(__u32 which)
@@ -86,18 +111,45 @@ static __always_inline void decrease_ttl(struct iphdr *iph)
 	iph->ttl--;
 }
 
-static __always_inline int forward(struct __sk_buff *skb, int from_underlay)
+/* Where the FIB sent it: to a local container's veth by bpf_redirect_peer (from the
+ * underlay, the neighbour resolved), else by bpf_redirect_neigh. */
+static __always_inline int redirect(struct __sk_buff *skb, struct ethhdr *eth,
+				    struct bpf_fib_lookup *fib, int rc, int from_underlay)
 {
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *iph = data + sizeof(*eth);
+	if (from_underlay && rc == BPF_FIB_LKUP_RET_SUCCESS &&
+	    bpf_map_lookup_elem(&peers, &fib->ifindex)) {
+		__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+		__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+		count(1);
+		return bpf_redirect_peer(fib->ifindex, 0);
+	}
+	count(from_underlay);
+	/* The next hop the lookup chose (the gateway, or the destination itself on a direct
+	 * route): given to the helper, it skips the route lookup it would otherwise do again
+	 * per packet (ip_route_output_flow; a fifth FIB lookup on a 2-host path, in `perf` on
+	 * the bench). The neighbour is still resolved and kept by the kernel's neighbour code,
+	 * as with no next hop given, so a missing or stale entry heals. */
+	struct bpf_redir_neigh nh = {};
+	if (fib->family == AF_INET) {
+		nh.nh_family = AF_INET;
+		nh.ipv4_nh = fib->ipv4_dst;
+	} else {
+		nh.nh_family = AF_INET6;
+		__builtin_memcpy(nh.ipv6_nh, fib->ipv6_dst, sizeof(nh.ipv6_nh));
+	}
+	return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
+}
+
+static __always_inline int forward4(struct __sk_buff *skb, struct ethhdr *eth, void *end,
+				    int from_underlay)
+{
+	struct iphdr *iph = (void *)(eth + 1);
 	struct bpf_fib_lookup fib = {};
 	int rc;
 
 	if ((void *)(iph + 1) > end)
 		return PASS;
-	if (eth->h_proto != bpf_htons(ETH_P_IP) || iph->ihl != 5 || iph->ttl <= 1)
+	if (iph->ihl != 5 || iph->ttl <= 1)
 		return PASS;
 	if (!leased(iph->saddr) || !leased(iph->daddr))
 		return PASS;
@@ -129,23 +181,85 @@ static __always_inline int forward(struct __sk_buff *skb, int from_underlay)
 		return PASS; /* hairpin: leave it to the stack (redirects, ICMP) */
 
 	decrease_ttl(iph);
-	if (from_underlay && rc == BPF_FIB_LKUP_RET_SUCCESS &&
-	    bpf_map_lookup_elem(&peers, &fib.ifindex)) {
-		__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-		__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-		count(1);
-		return bpf_redirect_peer(fib.ifindex, 0);
-	}
-	count(from_underlay);
-	if (fib.family != AF_INET)
+	if (fib.family != AF_INET) {  /* an IPv6 next hop (RFC 5549 route): the helper's own */
+		count(from_underlay);
 		return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
-	/* The next hop the lookup above chose (the gateway, or the destination itself on a
-	 * direct route): given to the helper, it skips the route lookup it would otherwise
-	 * do again per packet (ip_route_output_flow; a fifth FIB lookup on a 2-host path, in
-	 * `perf` on the bench). The neighbour is still resolved and kept by the kernel's
-	 * neighbour code, as with no next hop given, so a missing or stale entry heals. */
-	struct bpf_redir_neigh nh = { .nh_family = AF_INET, .ipv4_nh = fib.ipv4_dst };
-	return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+	}
+	return redirect(skb, eth, &fib, rc, from_underlay);
+}
+
+/* IPv6: the same checks. No extension header is parsed: a packet with one (hop-by-hop
+ * options every router must process, a fragment header, ...) is left to the stack, like
+ * IPv4 options; "no next header" (59) and every upper protocol go, as IPv4's do. No header
+ * checksum to update. */
+static __always_inline int forward6(struct __sk_buff *skb, struct ethhdr *eth, void *end,
+				    int from_underlay)
+{
+	struct ipv6hdr *ip6h = (void *)(eth + 1);
+	struct bpf_fib_lookup fib = {};
+	int rc;
+
+	if ((void *)(ip6h + 1) > end)
+		return PASS;
+	if (ip6h->hop_limit <= 1)
+		return PASS;
+	switch (ip6h->nexthdr) {
+	case IPPROTO_HOPOPTS:  /* every router's to process */
+	case IPPROTO_ROUTING:
+	case IPPROTO_FRAGMENT:
+	case IPPROTO_AH:
+	case IPPROTO_DSTOPTS:
+	case IPPROTO_MH:
+	case 139:  /* HIP */
+	case 140:  /* Shim6 */
+	case 253:  /* experimental (RFC 3692) */
+	case 254:
+		return PASS; /* an extension header: the stack's, like IPv4 options */
+	}
+	if (!leased6(&ip6h->saddr) || !leased6(&ip6h->daddr))
+		return PASS;
+	/* The strict reverse-path check, as for IPv4. */
+	fib.family = AF_INET6;
+	__builtin_memcpy(fib.ipv6_src, &ip6h->daddr, sizeof(fib.ipv6_src));
+	__builtin_memcpy(fib.ipv6_dst, &ip6h->saddr, sizeof(fib.ipv6_dst));
+	fib.ifindex = skb->ingress_ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
+	    fib.ifindex != skb->ingress_ifindex)
+		return PASS;
+
+	__builtin_memset(&fib, 0, sizeof(fib));
+	fib.family = AF_INET6;
+	/* The traffic class and flow label, as the stack's lookup (ip6_flowinfo). tot_len
+	 * stays 0: see IPv4. */
+	fib.flowinfo = *(__be32 *)ip6h & bpf_htonl(0x0FFFFFFF);
+	fib.l4_protocol = ip6h->nexthdr;
+	__builtin_memcpy(fib.ipv6_src, &ip6h->saddr, sizeof(fib.ipv6_src));
+	__builtin_memcpy(fib.ipv6_dst, &ip6h->daddr, sizeof(fib.ipv6_dst));
+	fib.ifindex = skb->ingress_ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return PASS; /* local delivery, unreachable, forwarding off: the stack decides */
+	if (fib.ifindex == skb->ingress_ifindex)
+		return PASS; /* hairpin: leave it to the stack (redirects, ICMP) */
+
+	ip6h->hop_limit--;
+	return redirect(skb, eth, &fib, rc, from_underlay);
+}
+
+static __always_inline int forward(struct __sk_buff *skb, int from_underlay)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > end)
+		return PASS;
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return forward4(skb, eth, end, from_underlay);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return forward6(skb, eth, end, from_underlay);
+	return PASS;
 }
 
 SEC("tc/from_container")
