@@ -42,6 +42,12 @@ def test_hooks_put_the_arrival_first_and_never_twice() -> None:
 def test_subnet_key_is_prefix_length_then_address_in_network_order() -> None:
     assert subnet_key(ipaddress.IPv4Network("198.19.3.0/24")) == [
         "24", "0", "0", "0", "198", "19", "3", "0"]
+    # `subnets6`'s key: the same length, then the 16 bytes of the IPv6 address.
+    assert subnet_key(ipaddress.IPv6Network("2001:db8:1:a00::/56")) == [
+        "56", "0", "0", "0", "32", "1", "13", "184", "0", "1", "10", "0",
+        *["0"] * 8]
+    assert subnet_key(ipaddress.IPv6Network("2001:db8::1/128"))[:4] == ["128", "0", "0", "0"]
+    assert len(subnet_key(ipaddress.IPv6Network("2001:db8::1/128"))) == 20
 
 
 class Msg(dict[str, Any]):
@@ -73,29 +79,30 @@ def test_new_links_foreign_routes_and_removed_filters_wake_the_fast_path() -> No
 
 def test_where_the_fast_path_cannot_run_the_status_says_why(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On by default; an IPv6 overlay, another backend, or a missing tool: the nftables path
-    carries everything and `weft status` says why (no kernel is touched here)."""
+    """On by default; another backend, or a missing tool: the nftables path carries
+    everything and `weft status` says why (no kernel is touched here). An IPv6 overlay is
+    served like an IPv4 one."""
     from weft.agent import fastpath_state
 
     monkeypatch.setattr(fastpath_state, "remove_fastpath", lambda: [])
+    udp = config({"Type": "udp"})
+    state = fastpath_state.FastPathState(True)
+    state.start(udp, None, tmp_path)
+    assert state.status()["reason"] == ("unavailable: the fast path serves host-gw and vxlan "
+                                        "(without DirectRouting), not udp")
+    monkeypatch.setattr(fastpath_state, "fastpath_object",
+                        lambda out_dir: (out_dir / "fastpath.o", "kept"))
+    monkeypatch.setattr(shutil, "which", lambda tool: f"/usr/bin/{tool}")
     v6 = parse_config(json.dumps({"Network": "2001:db8:1::/48", "SubnetLen": 64,
                                   "Backend": {"Type": "host-gw"}}))
     state = fastpath_state.FastPathState(True)
-    state.start(v6, ipaddress.IPv6Network("2001:db8:1:5::/64"), "eth0", tmp_path)
-    assert state.status() == {"enabled": True, "active": False, "reason":
-                              "unavailable: the fast path handles IPv4 overlays only"}
-    udp = config({"Type": "udp"})
-    state = fastpath_state.FastPathState(True)
-    state.start(udp, ipaddress.IPv4Network("198.19.5.0/24"), None, tmp_path)
-    assert state.status()["reason"] == ("unavailable: the fast path serves host-gw and vxlan "
-                                        "(without DirectRouting), not udp")
+    state.start(v6, "eth0", tmp_path)
+    assert state.status()["active"], state.status()
+    assert state.status()["reason"] is None
     monkeypatch.setattr(shutil, "which",
                         lambda tool: None if tool == "bpftool" else f"/usr/bin/{tool}")
-    monkeypatch.setattr(fastpath_state, "fastpath_object",
-                        lambda out_dir: (out_dir / "fastpath.o", "kept"))
     state = fastpath_state.FastPathState(True)
-    state.start(config({"Type": "host-gw"}), ipaddress.IPv4Network("198.19.5.0/24"), "eth0",
-                tmp_path)
+    state.start(config({"Type": "host-gw"}), "eth0", tmp_path)
     status = state.status()
     assert not status["active"]
     assert "the fast path needs `bpftool`" in status["reason"], status

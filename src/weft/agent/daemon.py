@@ -236,8 +236,7 @@ class Agent:
         await keeper.take(lease)
         for network in config.networks:
             enable_forwarding(network.version)
-        await asyncio.to_thread(self.fastpath.start, config, lease.subnet, facts.arrival,
-                                state_dir)
+        await asyncio.to_thread(self.fastpath.start, config, facts.arrival, state_dir)
         self.metrics.export_backend(backend.status)
         self.metrics.export_peer_health(
             lambda: self.probes.prober if self.probes is not None else None)

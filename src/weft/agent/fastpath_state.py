@@ -2,17 +2,16 @@
 fast path can run here, and its convergence at every full pass (weft.host.fastpath_hooks
 does the kernel work).
 
-Unavailable (not host-gw or vxlan, an IPv6 overlay, no clang, bpftool or tc, a compile
-error) is a reason shown in `weft status`, never an agent failure: the normal path carries
-everything the fast path would.
+It serves IPv4, IPv6 and dual-stack overlays alike. Unavailable (not host-gw or vxlan, no
+clang, bpftool or tc, a compile error) is a reason shown in `weft status`, never an agent
+failure: the normal path carries everything the fast path would.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,7 @@ class FastPathState:
         self.standing_down: str | None = None
         self.origin: str | None = None  # where its object came from (weft.host.fastpath)
 
-    def start(self, config: NetworkConfig, own: IPNetwork, arrival: str | None,
-              state_dir: Path) -> None:
+    def start(self, config: NetworkConfig, arrival: str | None, state_dir: Path) -> None:
         """Compile and check, or record why not. `arrival`: where overlay packets for this
         host arrive unencapsulated (the backend's facts); None: a backend the fast path
         does not serve. With the switch off, a previous run's filters are taken off (the
@@ -46,13 +44,10 @@ class FastPathState:
         if self.arrival is None:
             self.reason = (f"unavailable: the fast path serves host-gw and vxlan (without "
                            f"DirectRouting), not {config.backend.type}")
-        elif not isinstance(own, ipaddress.IPv4Network) or \
-                not isinstance(config.network, ipaddress.IPv4Network):
-            self.reason = "unavailable: the fast path handles IPv4 overlays only"
         else:
             try:
                 obj, self.origin = fastpath_object(state_dir / "bpf")
-                self.fastpath = FastPath(obj, own)
+                self.fastpath = FastPath(obj)
             except (WeftError, OSError, subprocess.SubprocessError) as exc:
                 self.reason = f"unavailable: {exc}"
         if self.reason is not None:
@@ -69,17 +64,18 @@ class FastPathState:
         except (WeftError, OSError, subprocess.SubprocessError) as exc:
             log.warning("could not remove the fast path", extra={"error": str(exc)})
 
-    def apply(self, own: IPNetwork, subnets: Iterable[IPNetwork],
+    def apply(self, own: Sequence[IPNetwork], subnets: Iterable[IPNetwork],
               stand_down: str | None = None, *, full: bool = True) -> str | None:
-        """Converge the hooks and maps for this host's subnet `own` (a lease can move) and
-        the leased `subnets`; an error string (retried), or None. With `stand_down` (why
-        overlay traffic must stay in netfilter), the hooks come off instead. Not `full` (a
-        store event's pass): the devices are those of the last full pass (a container's
-        device or route appearing wakes a full one), and only the maps' change is written."""
+        """Converge the hooks and maps for this host's subnets `own` (one per family; a lease
+        can move) and the leased `subnets` (both families); an error string
+        (retried), or None. With `stand_down` (why overlay traffic must stay in
+        netfilter), the hooks come off instead. Not `full` (a store event's pass):
+        the devices are those of the last full pass (a container's device or route
+        appearing wakes a full one), and only the maps' change is written."""
         fp = self.fastpath
-        if fp is None or self.arrival is None or not isinstance(own, ipaddress.IPv4Network):
+        if fp is None or self.arrival is None:
             return None
-        fp.own = own
+        fp.own = list(own)
         if stand_down is not None:
             if self.standing_down != stand_down:
                 log.warning("fast path standing down", extra={"reason": stand_down})
@@ -94,14 +90,13 @@ class FastPathState:
             log.info("fast path back on", extra={"was": self.standing_down})
         self.standing_down = None
         try:
-            v4 = [s for s in subnets if isinstance(s, ipaddress.IPv4Network)]
             if full or not fp.attached:
                 devices, veths = fp.container_devices(exclude=[self.arrival])
                 hooks = plan_hooks(self.arrival, devices)
                 fp.detach_others(h.device for h in hooks)
             else:
                 hooks, veths = list(fp.attached), fp.veths
-            attached = fp.converge(hooks, v4, veths, verify=full)
+            attached = fp.converge(hooks, subnets, veths, verify=full)
         except (WeftError, OSError, subprocess.SubprocessError, KeyError) as exc:
             log.error("fast path not converged", extra={"error": str(exc)})
             return f"fast path: {exc}"

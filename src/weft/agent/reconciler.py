@@ -103,6 +103,12 @@ class Reconciler:
     def view(self) -> ValidatedView:
         return self.keeper.view
 
+    @staticmethod
+    def _peers6(view: ValidatedView) -> list[IPNetwork]:
+        """The peers' IPv6 subnets of a dual-stack network (validated with the view: in the
+        IPv6 range, not this host's, claimed by no one else)."""
+        return [p.ipv6_subnet for p in view.peers.values() if p.ipv6_subnet is not None]
+
     async def run(self) -> None:
         backoff = Backoff()
         while True:
@@ -176,8 +182,9 @@ class Reconciler:
                 requests.full = True  # an entry failed: the next pass checks everything
             if full or diff:
                 lease = self.lease()
+                own = [lease.subnet, *([lease.ipv6_subnet] if lease.ipv6_subnet else [])]
                 fastpath_error = await asyncio.to_thread(
-                    self.fastpath.apply, lease.subnet, [lease.subnet, *view.peers],
+                    self.fastpath.apply, own, [*own, *view.peers, *self._peers6(view)],
                     self.stand_down(), full=full)
                 if fastpath_error is not None:
                     self.health.data_plane[Part.FASTPATH] = fastpath_error

@@ -9,12 +9,13 @@ when a link or route appears): every device with a route into this host's subnet
 
 Owned: the ingress filter at preference 49, handle 1, whose program is fastpath.c's, on any
 device of this namespace. Nothing else is replaced or deleted; a clsact qdisc is removed
-only when weft's filter was the last one on it. The programs' maps are per attached copy
-(tc loads the object once per filter), so `subnets` (leased subnets, the source check) and
-`peers` (veths for bpf_redirect_peer) are written into each copy with bpftool: the whole
-difference in one `bpftool batch` (a process per key cost seconds of CPU at 5,000 peers,
-and every store event waited behind them). What was written is remembered, so a store
-event's pass writes only its change; a verifying pass reads the maps back first.
+only when weft's filter was the last one on it. The programs' maps are per attached copy (tc
+loads the object once per filter), so `subnets` and `subnets6` (leased subnets of each
+family, the source check) and `peers` (veths for bpf_redirect_peer) are written into each
+copy with bpftool: the whole difference in one `bpftool batch` (a process per key cost
+seconds of CPU at 5,000 peers, and every store event waited behind them). What was written
+is remembered, so a store event's pass writes only its change; a verifying pass reads the
+maps back first.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 from pyroute2.iproute.linux import IPRoute
 
+from weft.core.config import IPNetwork
 from weft.core.errors import KernelError, KernelFeatureMissing
 from weft.host.fastpath import FROM_CONTAINER, FROM_UNDERLAY, attach_argv, check_built
 
@@ -52,9 +54,10 @@ def plan_hooks(arrival: str, container_devices: Iterable[str]) -> list[Hook]:
     return hooks
 
 
-def subnet_key(net: ipaddress.IPv4Network) -> list[str]:
+def subnet_key(net: IPNetwork) -> list[str]:
     """bpftool's key bytes for the LPM trie (pure): prefix length (host order, little
-    endian here) then the address in network order."""
+    endian here) then the address in network order (4 bytes for `subnets`, 16 for
+    `subnets6`)."""
     return [str(b) for b in (net.prefixlen.to_bytes(4, "little") + net.network_address.packed)]
 
 
@@ -127,13 +130,13 @@ def _counter(map_id: int, index: int) -> int:
 class FastPath:
     """The fast path of one host: compiled object in hand, tools checked."""
 
-    def __init__(self, obj: Path, own: ipaddress.IPv4Network) -> None:
+    def __init__(self, obj: Path) -> None:
         for tool in ("tc", "bpftool"):
             if shutil.which(tool) is None:
                 raise KernelFeatureMissing(f"the fast path needs `{tool}` (iproute2, bpftool;"
                                            " scripts/setup.sh installs them)")
         self.obj = obj
-        self.own = own
+        self.own: list[IPNetwork] = []  # this host's subnets (one per family), set by the agent
         self.attached: list[Hook] = []
         # Devices whose place (preference 49, handle 1) holds another program: never
         # replaced (weft owns only what it made); their packets take the normal path.
@@ -146,36 +149,40 @@ class FastPath:
         self.veths: set[int] = set()  # the container veths of the last full pass
 
     def container_devices(self, exclude: Iterable[str]) -> tuple[list[str], set[int]]:
-        """Devices with a route into this host's subnet (the CNI bridge, or ptp veths), and
-        the ifindexes of the veths among them (bpf_redirect_peer needs a veth)."""
+        """Devices with a route into one of this host's subnets (the CNI bridge, or ptp
+        veths), and the ifindexes of the veths among them (bpf_redirect_peer needs a veth)."""
         skip = set(exclude)
         names: list[str] = []
         veths: set[int] = set()
         with IPRoute() as ipr:
             links = {link["index"]: link for link in ipr.get_links()}
-            for route in ipr.get_routes(family=2, table=254):
-                dst = route.get_attr("RTA_DST")
-                oif = route.get_attr("RTA_OIF")
-                if dst is None or oif not in links:
-                    continue
-                net = ipaddress.IPv4Network(f"{dst}/{route['dst_len']}", strict=False)
-                link = links[oif]
-                name = link.get_attr("IFLA_IFNAME")
-                if not net.subnet_of(self.own) or name in skip or name in names:
-                    continue
-                names.append(name)
-                info = link.get_attr("IFLA_LINKINFO")
-                if info is not None and info.get_attr("IFLA_INFO_KIND") == "veth":
-                    veths.add(oif)
+            for own in self.own:
+                family = 2 if own.version == 4 else 10
+                for route in ipr.get_routes(family=family, table=254):
+                    dst = route.get_attr("RTA_DST")
+                    oif = route.get_attr("RTA_OIF")
+                    if dst is None or oif not in links:
+                        continue
+                    net = ipaddress.ip_network(f"{dst}/{route['dst_len']}", strict=False)
+                    link = links[oif]
+                    name = link.get_attr("IFLA_IFNAME")
+                    if not net.subnet_of(own) or name in skip or name in names:  # type: ignore[arg-type]
+                        continue
+                    names.append(name)
+                    info = link.get_attr("IFLA_LINKINFO")
+                    if info is not None and info.get_attr("IFLA_INFO_KIND") == "veth":
+                        veths.add(oif)
         return names, veths
 
-    def converge(self, hooks: Sequence[Hook], subnets: Iterable[ipaddress.IPv4Network],
+    def converge(self, hooks: Sequence[Hook], subnets: Iterable[IPNetwork],
                  veths: set[int], *, verify: bool = True) -> list[str]:
         """Attach what is missing, write the maps; the devices that were (re)attached.
         `verify`: read every map back instead of trusting what was last written (a full
         pass: an entry deleted by hand with bpftool raises no event to wake a pass)."""
         attached: list[str] = []
-        wanted_subnets = {tuple(subnet_key(s)) for s in subnets}
+        subnets = list(subnets)
+        wanted_subnets = {tuple(subnet_key(s)) for s in subnets if s.version == 4}
+        wanted_subnets6 = {tuple(subnet_key(s)) for s in subnets if s.version == 6}
         wanted_peers = {tuple(str(b) for b in i.to_bytes(4, "little")) for i in veths}
         self.skipped = {}
         kept: list[Hook] = []
@@ -204,6 +211,7 @@ class FastPath:
             programs.add(prog_id := int(current["options"]["prog"]["id"]))
             maps = self._maps_of(prog_id)
             self._sync(maps["subnets"], wanted_subnets, verify)
+            self._sync(maps["subnets6"], wanted_subnets6, verify)
             if hook.section == FROM_UNDERLAY:
                 self._sync(maps["peers"], wanted_peers, verify)
         self.attached = kept
