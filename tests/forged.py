@@ -24,6 +24,18 @@ PACKETS = textwrap.dedent("""
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
                          ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
         return ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:] + udp
+    def inner_ipv6(src, dst, payload):
+        \"\"\"An IPv6/UDP packet src:4444 -> dst:7777 carrying payload (hop limit 64).\"\"\"
+        s, d = ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed
+        length = 8 + len(payload)
+        pseudo = s + d + struct.pack("!IxxxB", length, 17)
+        udp = struct.pack("!HHHH", 4444, 7777, length, 0) + payload
+        data = pseudo + udp + (b"\\0" if len(udp) % 2 else b"")
+        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+        while total >> 16: total = (total & 0xFFFF) + (total >> 16)
+        csum = (~total & 0xFFFF) or 0xFFFF  # UDP over IPv6 must carry a checksum
+        udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
+        return struct.pack("!IHBB", 6 << 28, length, 17, 64) + s + d + udp
     def weft_udp(packet):
         \"\"\"packet in weft's udp encapsulation: its header, then a zero virtio-net header.\"\"\"
         return bytes([0x11, 0, 1, 0]) + os.urandom(4) + bytes(10) + packet

@@ -78,23 +78,9 @@ def test_an_ipv6_route_and_neighbour_deleted_under_the_agent_come_back(bed: Test
     assert tb.host_status(h1)["errors"] == {}
 
 
-# `inner_ipv6(src, dst, payload)`: an IPv6/UDP packet src:4444 -> dst:7777, built here.
-INNER6 = PACKETS + textwrap.dedent("""
-    def inner_ipv6(src, dst, payload):
-        s, d = ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed
-        length = 8 + len(payload)
-        pseudo = s + d + struct.pack("!IxxxB", length, 17)
-        udp = struct.pack("!HHHH", 4444, 7777, length, 0) + payload
-        data = pseudo + udp + (b"\\0" if len(udp) % 2 else b"")
-        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-        while total >> 16: total = (total & 0xFFFF) + (total >> 16)
-        csum = (~total & 0xFFFF) or 0xFFFF  # UDP over IPv6 must carry a checksum
-        udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
-        return struct.pack("!IHBB", 6 << 28, length, 17, 64) + s + d + udp
-""")
 # Sends COUNT VXLAN frames (to host TARGET:8472, inner destination MAC = its VTEP MAC)
 # carrying an IPv6/UDP packet SRC -> DST:7777 with payload b"forged-<tag>".
-FORGER6 = INNER6 + textwrap.dedent("""
+FORGER6 = PACKETS + textwrap.dedent("""
     target, count, src, dst, tag, mac = sys.argv[1:7]
     packet = inner_ipv6(src, dst, b"forged-" + tag.encode())
     frame = (struct.pack("!II", 0x08000000, 1 << 8) + bytes.fromhex(mac.replace(":", ""))
@@ -145,7 +131,7 @@ def test_a_forged_ipv6_in_vxlan_frame_from_a_non_member_is_dropped_and_counted(
 
 # Sends COUNT datagrams of weft's udp encapsulation from SOURCE:PORT (an IPv6 underlay
 # address) to TARGET:PORT, each carrying an IPv6/UDP packet SRC -> DST:7777.
-UDP_FORGER6 = INNER6 + textwrap.dedent("""
+UDP_FORGER6 = PACKETS + textwrap.dedent("""
     source, target, port, count, src, dst, tag = sys.argv[1:8]
     datagram = weft_udp(inner_ipv6(src, dst, b"forged-" + tag.encode()))
     s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)

@@ -1,5 +1,6 @@
-"""The agent's tc BPF fast path (on by default) on the real kernel: TCP intact through it,
-non-overlay traffic on the normal path, neighbours flushed by hand resolved again, a filter
+"""The agent's tc BPF fast path (on by default) on the real kernel: TCP intact through it
+(IPv4, and IPv6 in dual stack), non-overlay traffic on the normal path, a spoofed IPv6
+source left to the ingress filter, neighbours flushed by hand resolved again, a filter
 removed by hand and a map emptied by hand healed, another tool's filter in its place left
 alone, off on shutdown, and a clear reason where it cannot run or is turned off."""
 
@@ -11,11 +12,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from forged import PACKETS, heard_during
 from helpers import missing, requires, source_seen, wait_for
 from helpers import network_config as config
 from weft_lab.testbed import Host, Testbed
@@ -42,7 +45,8 @@ def owned_filter(tb: Testbed, host: Host, dev: str) -> bool:
 # Receives one TCP connection and prints how many bytes came and their SHA-256.
 SINK = """
 import hashlib, socket, sys
-srv = socket.create_server((sys.argv[1], 5201))
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+srv = socket.create_server((sys.argv[1], 5201), family=family)
 srv.settimeout(30)
 print("listening", flush=True)
 conn, _ = srv.accept()
@@ -109,6 +113,71 @@ def test_tcp_crosses_the_fast_path_intact_and_other_traffic_takes_the_normal_one
         assert source_seen(tb, c1.netns, outside, "198.18.0.200") == str(h1.underlay_ip)
         # Between containers the source is kept.
         assert source_seen(tb, c1.netns, c2.netns, c2.ip) == str(c1.ip)
+
+
+DUAL = json.dumps({"Network": "198.19.0.0/16", "EnableIPv6": True,
+                   "IPv6Network": "2001:db8:1::/48"})
+# Sends COUNT IPv6/UDP packets SRC -> DST:7777 (payload b"forged-<tag>") from a raw socket:
+# the sending host routes them as any packet of its own (into the tunnel, or to the peer).
+RAW6_FORGER = PACKETS + textwrap.dedent("""
+    count, src, dst, tag = sys.argv[1:5]
+    packet = inner_ipv6(src, dst, b"forged-" + tag.encode())
+    s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    for _ in range(int(count)):
+        s.sendto(packet, (dst, 0))
+    print("sent", count, flush=True)
+""")
+FORGERIES = 40
+
+
+@pytest.mark.parametrize(("backend", "attach", "underlay"),
+                         [("host-gw", "ptp", "dual"), ("vxlan", "bridge", "ipv4")])
+def test_ipv6_crosses_the_fast_path_and_a_spoofed_ipv6_source_does_not(
+        backend: str, attach: str, underlay: str) -> None:
+    """Dual stack: the IPv6 half takes the fast path as the IPv4 half does; a source the
+    sender does not lease (the receiver's own subnet, an unleased address) is passed on to
+    netfilter, whose ingress filter drops and counts it, while the member's own source gets
+    through (on the fast path)."""
+    cfg = json.loads(DUAL)
+    cfg["Backend"] = {"Type": backend}
+    with Testbed(hosts=2, containers_per_host=1, config=json.dumps(cfg), attach=attach,
+                 underlay=underlay) as tb:
+        tb.start()
+        c1, c2 = tb.containers
+        h1, h2 = tb.hosts
+        src6, dst6 = c1.ip6, c2.ip6
+        assert src6 is not None
+        assert dst6 is not None
+        assert fastpath(tb, h1)["active"]
+        assert all(tb.connectivity(ipv6=True).values())
+        before = [fastpath(tb, h)["redirected_packets"] for h in (h1, h2)]
+        tcp_transfer(tb, c1.netns, c2.netns, dst6, 32 * 2**20)
+        after = [fastpath(tb, h)["redirected_packets"] for h in (h1, h2)]
+        # Data one way, ACKs the other, on both hosts: both programs carried IPv6 (the
+        # data as GSO packets of up to 64 KiB and more: hundreds, not one per segment).
+        for b, a in zip(before, after, strict=True):
+            assert a["from_container"] - b["from_container"] > 100, (b, a)
+            assert a["from_underlay"] - b["from_underlay"] > 100, (b, a)
+
+        dropped_before = tb.host_status(h2)["ingress"]["dropped"].get("spoofed_source", 0)
+        underlay_before = fastpath(tb, h2)["redirected_packets"]["from_underlay"]
+
+        def send_all() -> None:
+            for src, tag in ((dst6 + 5, "own"), ("2001:db8:1:ffff::9", "unleased"),
+                             (src6, "member")):
+                out = tb.run(h1.netns, ["/usr/bin/python3", "-c", RAW6_FORGER,
+                                        str(FORGERIES), str(src), str(dst6), tag])
+                assert "sent" in out.stdout
+
+        heard = heard_during(c2, send_all, family=6)
+        assert "forged-own" not in heard, heard
+        assert "forged-unleased" not in heard, heard
+        assert heard.count("forged-member") > 0, heard
+        # Counted by netfilter: so not carried past it by the fast path.
+        dropped = tb.host_status(h2)["ingress"]["dropped"]["spoofed_source"]
+        assert dropped - dropped_before == 2 * FORGERIES
+        underlay_after = fastpath(tb, h2)["redirected_packets"]["from_underlay"]
+        assert underlay_after - underlay_before >= heard.count("forged-member")
 
 
 def neighbour_states(tb: Testbed, netns: str, dev: str) -> dict[str, list[str]]:
