@@ -6,6 +6,7 @@ alone, off on shutdown, and a clear reason where it cannot run or is turned off.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -178,6 +179,26 @@ def test_ipv6_crosses_the_fast_path_and_a_spoofed_ipv6_source_does_not(
         assert dropped - dropped_before == 2 * FORGERIES
         underlay_after = fastpath(tb, h2)["redirected_packets"]["from_underlay"]
         assert underlay_after - underlay_before >= heard.count("forged-member")
+
+
+@pytest.mark.parametrize("backend", ["host-gw", "vxlan"])
+def test_an_ipv6_only_overlay_takes_the_fast_path(backend: str) -> None:
+    cfg = json.dumps({"Network": "2001:db8:1::/48", "SubnetLen": 64,
+                      "Backend": {"Type": backend}})
+    with Testbed(hosts=2, containers_per_host=1, config=cfg, attach="ptp",
+                 underlay="ipv6") as tb:
+        tb.start()
+        c1, c2 = tb.containers
+        h1 = tb.hosts[0]
+        assert isinstance(c2.ip, ipaddress.IPv6Address)
+        status = fastpath(tb, h1)
+        assert status["active"], status
+        assert all(tb.connectivity().values())
+        before = status["redirected_packets"]
+        tcp_transfer(tb, c1.netns, c2.netns, c2.ip, 16 * 2**20)
+        after = fastpath(tb, h1)["redirected_packets"]
+        assert after["from_container"] - before["from_container"] > 50, (before, after)
+        assert after["from_underlay"] > before["from_underlay"], (before, after)
 
 
 def neighbour_states(tb: Testbed, netns: str, dev: str) -> dict[str, list[str]]:
