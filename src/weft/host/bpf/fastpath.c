@@ -114,7 +114,8 @@ static __always_inline void decrease_ttl(struct iphdr *iph)
 /* Where the FIB sent it: to a local container's veth by bpf_redirect_peer (from the
  * underlay, the neighbour resolved), else by bpf_redirect_neigh. */
 static __always_inline int redirect(struct __sk_buff *skb, struct ethhdr *eth,
-				    struct bpf_fib_lookup *fib, int rc, int from_underlay)
+				    struct bpf_fib_lookup *fib, int rc, __u8 family,
+				    int from_underlay)
 {
 	if (from_underlay && rc == BPF_FIB_LKUP_RET_SUCCESS &&
 	    bpf_map_lookup_elem(&peers, &fib->ifindex)) {
@@ -124,13 +125,15 @@ static __always_inline int redirect(struct __sk_buff *skb, struct ethhdr *eth,
 		return bpf_redirect_peer(fib->ifindex, 0);
 	}
 	count(from_underlay);
+	if (fib->family != family) /* an IPv4 route via an IPv6 next hop (RFC 5549) */
+		return bpf_redirect_neigh(fib->ifindex, 0, 0, 0);
 	/* The next hop the lookup chose (the gateway, or the destination itself on a direct
 	 * route): given to the helper, it skips the route lookup it would otherwise do again
 	 * per packet (ip_route_output_flow; a fifth FIB lookup on a 2-host path, in `perf` on
 	 * the bench). The neighbour is still resolved and kept by the kernel's neighbour code,
 	 * as with no next hop given, so a missing or stale entry heals. */
 	struct bpf_redir_neigh nh = {};
-	if (fib->family == AF_INET) {
+	if (family == AF_INET) {
 		nh.nh_family = AF_INET;
 		nh.ipv4_nh = fib->ipv4_dst;
 	} else {
@@ -181,11 +184,7 @@ static __always_inline int forward4(struct __sk_buff *skb, struct ethhdr *eth, v
 		return PASS; /* hairpin: leave it to the stack (redirects, ICMP) */
 
 	decrease_ttl(iph);
-	if (fib.family != AF_INET) {  /* an IPv6 next hop (RFC 5549 route): the helper's own */
-		count(from_underlay);
-		return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
-	}
-	return redirect(skb, eth, &fib, rc, from_underlay);
+	return redirect(skb, eth, &fib, rc, AF_INET, from_underlay);
 }
 
 /* IPv6: the same checks. No extension header is parsed: a packet with one (hop-by-hop
@@ -244,7 +243,7 @@ static __always_inline int forward6(struct __sk_buff *skb, struct ethhdr *eth, v
 		return PASS; /* hairpin: leave it to the stack (redirects, ICMP) */
 
 	ip6h->hop_limit--;
-	return redirect(skb, eth, &fib, rc, from_underlay);
+	return redirect(skb, eth, &fib, rc, AF_INET6, from_underlay);
 }
 
 static __always_inline int forward(struct __sk_buff *skb, int from_underlay)
