@@ -163,6 +163,8 @@ def test_a_peer_heard_but_not_reached_is_named_until_its_probes_stop_arriving() 
         b.result("p", float(t), rtt=None, small=False, **kw)
     assert b.hears(2.5) == []  # heard only before it went unreachable: its agent may be gone
     assert b.hears(3.0) == []
+    b.heard("p", 2.5)
+    assert b.hears(2.6) == []  # one probe since: maybe the last of an agent stopping
     b.heard("p", 3.0)
     b.heard("stranger", 3.0)  # not a peer: ignored
     assert b.hears(3.0 + bound) == ["p"]

@@ -137,6 +137,10 @@ class PeerRecord:
     # `state` it tells the two directions apart: a peer this host cannot reach but hears
     # has its packets arrive, so the way from here to it is the broken one.
     heard: float | None = None
+    # The peer's probes heard since it last went unreachable: one could be its last, sent
+    # as its agent stopped (or while it stopped answering first); a live peer probes again
+    # within an interval, so two say the way from it works.
+    heard_down: int = 0
 
     def rtt(self) -> tuple[float | None, float | None]:
         """(median, p99) of the answered probes in the window, seconds."""
@@ -205,7 +209,7 @@ class HealthBook(Generic[K]):
             return None
         record.consecutive_misses += 1
         if record.consecutive_misses >= self.policy.misses and record.state != "unreachable":
-            record.state, record.since = "unreachable", now
+            record.state, record.since, record.heard_down = "unreachable", now, 0
             return "down"
         return None
 
@@ -214,6 +218,7 @@ class HealthBook(Generic[K]):
         record = self.peers.get(peer)
         if record is not None:
             record.heard = now
+            record.heard_down += record.state == "unreachable"
 
     def hearing(self, record: PeerRecord, now: float) -> bool:
         """Whether the peer's probes still arrive: one within the detection bound (a
@@ -223,12 +228,12 @@ class HealthBook(Generic[K]):
 
     def hears(self, now: float) -> list[K]:
         """The unreachable peers whose own probes still arrive here: the way from them
-        to this host works, the way back does not. Only a probe heard since the peer went
-        unreachable counts: one from before (a peer whose agent then stopped) still lies
-        within the detection bound for a while, and would name a way broken that is not."""
+        to this host works, the way back does not. Only probes heard since the peer went
+        unreachable count, and at least two (`PeerRecord.heard_down`): a probe from before,
+        or a last one from a peer whose agent was stopping, would name a way broken that
+        is not."""
         return [p for p, r in self.peers.items()
-                if r.state == "unreachable" and r.heard is not None and r.heard >= r.since
-                and self.hearing(r, now)]
+                if r.state == "unreachable" and r.heard_down >= 2 and self.hearing(r, now)]
 
     def counts(self) -> dict[State, int]:
         counts: dict[State, int] = {"reachable": 0, "unreachable": 0, "unknown": 0}
