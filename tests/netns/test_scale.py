@@ -147,7 +147,7 @@ def test_an_agent_among_300_fake_leases() -> None:
             tb.run(host.netns, ["nft", "delete", "element", "inet", "weft-ingress", "members",
                                 f"{{ {kept.public_ip} }}"])
             wait_for("the hand-deleted member back", lambda: f"{kept.public_ip}," in
-                     members().replace(" }", ","))
+                     members().replace(" }", ","), seen=lambda: tb.agent_log(host)[-4000:])
             noticed.append(nft_wakeups() > woken)
             if noticed[-1]:
                 break

@@ -126,5 +126,8 @@ def test_a_failed_watcher_is_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
     async def watcher() -> None:
         await op()
 
-    run(restarting("netfilter events", watcher), timeout=10)
+    asked: list[str] = []
+    run(restarting("netfilter events", watcher, asked.append), timeout=10)
     assert op.calls == 3
+    # What changed while it was down asks for a pass at each restart.
+    assert asked == ["netfilter events watcher restarted"] * 2

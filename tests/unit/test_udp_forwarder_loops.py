@@ -229,3 +229,21 @@ def test_a_members_bad_datagram_is_counted_by_reason_and_goes_nowhere(
     assert not b.written()
     member.sendto(encapsulated(GOOD), b.endpoint)  # the member's good one still arrives
     assert b.received() == GOOD
+
+
+def test_a_released_forwarder_passes_on_what_it_holds_and_reads_no_more(
+    hosts: tuple[Host, Host, socket.socket],
+) -> None:
+    """A hand-over: A's device and socket are another forwarder's too from now on. The
+    packet A's blocked read takes still reaches B; after it A reads nothing, so the next
+    stream stays on the device for the new owner."""
+    a, b, _ = hosts
+    a.forwarder.release(grace=0)  # both of A's threads are blocked in their reads
+    first = udp_stream("198.19.1.5", "198.19.2.7", b"held")
+    a.send(first)
+    assert b.received() == first
+    wait_for(lambda: not a.forwarder._threads[0].is_alive(), "A's send thread to end")
+    second = udp_stream("198.19.1.5", "198.19.2.7", b"the new owner's")
+    a.send(second)
+    assert a.device.end.recv(0x20000) == second  # still there: A's thread took it not
+    assert not b.written()

@@ -354,6 +354,10 @@ class Agent:
                 self._nat_added.set()
             self.requests(reason, host=True)
 
+        def kernel_missed(reason: str) -> None:
+            host_changed(reason)
+            self._underlay_changed.set()  # the host's address may have moved meanwhile
+
         return [
             r.reconciler.run(),
             watch_store(self.store, r.store_view, request=self.requests,
@@ -368,11 +372,12 @@ class Agent:
                 r.reconciler.kernel_changed, DEVICE_PREFIX,
                 tc_hooks=self.fastpath.fastpath is not None, tables=r.facts.tables,
                 underlay=r.host.underlay_ifname,
-                underlay_changed=self._underlay_changed.set)),
+                underlay_changed=self._underlay_changed.set), missed=kernel_missed),
             self._follow_underlay(r),
             restarting("netfilter events", lambda: watch_netfilter(
-                host_changed, r.ingress.own_echo)),
-            restarting("file events", lambda: watch_files(host_changed, directories)),
+                host_changed, r.ingress.own_echo), missed=host_changed),
+            restarting("file events", lambda: watch_files(host_changed, directories),
+                       missed=host_changed),
             *([r.probes.run()] if r.probes is not None else []),
         ]
 

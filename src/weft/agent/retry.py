@@ -91,8 +91,10 @@ class StoreRetry:
             log.error("store refused; retrying", extra={"op": what, "error": str(exc)})
 
 
-async def restarting(name: str, watcher: Callable[[], Awaitable[None]]) -> None:
-    """A change watcher that fails is restarted; the periodic resync covers the gap."""
+async def restarting(name: str, watcher: Callable[[], Awaitable[None]],
+                     missed: Callable[[str], None] | None = None) -> None:
+    """A change watcher that fails is restarted; what changed while it was down is not
+    waited for until the next resync: `missed` asks for a pass as it restarts."""
     backoff = Backoff(initial=1.0, cap=30.0)
     while True:
         try:
@@ -104,3 +106,5 @@ async def restarting(name: str, watcher: Callable[[], Awaitable[None]]) -> None:
                         extra={"watcher": name, "error": repr(exc),
                                "retry_in": round(delay, 2)})
             await asyncio.sleep(delay)
+            if missed is not None:
+                missed(f"{name} watcher restarted")

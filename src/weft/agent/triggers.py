@@ -166,6 +166,8 @@ async def watch_kernel(changed: KernelChanged, prefix: str, *, tc_hooks: bool = 
 # a REDIRECT or TPROXY), in nft's words or iptables-nft's targets.
 _DESTINATION_NAT = re.compile(r"\b(dnat|redirect|tproxy)\b", re.IGNORECASE)
 DESTINATION_NAT_ADDED = "destination NAT added"
+# What `nft monitor` prints when its netlink socket overran (ENOBUFS) and dropped events.
+NFT_EVENTS_LOST = "# ERROR: We lost some netlink events"
 
 
 def netfilter_change(line: str) -> str | None:
@@ -177,6 +179,8 @@ def netfilter_change(line: str) -> str | None:
     agent decides again at once instead of at its next resync)."""
     if line.startswith(("delete", "flush")):
         return "netfilter rules removed"
+    if line.startswith(NFT_EVENTS_LOST):
+        return "netfilter events lost"  # the socket overran: anything may have changed
     if line.startswith("add rule") and _DESTINATION_NAT.search(line):
         return DESTINATION_NAT_ADDED
     if " filter FORWARD " not in line:

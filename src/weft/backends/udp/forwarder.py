@@ -221,6 +221,10 @@ class Forwarder:
         self._sock: socket.socket | None = bind.sock
         self._sock6: socket.socket | None = bind6.sock if bind6 is not None else None
         self._stopping = False
+        # A hand-over (`release`): the device and the sockets are another forwarder's too;
+        # each thread finishes the packet it holds and reads no more.
+        self._released = False
+        self._holding: list[bool] = []  # per thread: a packet read and not yet passed on
         self._threads: list[threading.Thread] = []
         self._chunker = self._make_chunker()
         self._segment_cmsg: dict[int, list[tuple[int, int, bytes]]] = {}
@@ -246,15 +250,16 @@ class Forwarder:
         # measured against one thread for both ways (no better) and against busy-polling
         # after each packet (2-4x worse latency on 2 cores: it starves the applications).
         self._threads = [
-            threading.Thread(target=self._guard, args=(self._tun_to_udp,),
+            threading.Thread(target=self._guard, args=(self._tun_to_udp, 0),
                              name="weft-udp-tx", daemon=True),
-            threading.Thread(target=self._guard, args=(self._udp_to_tun, self.bind, self.rx),
+            threading.Thread(target=self._guard, args=(self._udp_to_tun, 1, self.bind, self.rx),
                              name="weft-udp-rx", daemon=True),
         ]
         if self.bind6 is not None:
             self._threads.append(threading.Thread(
-                target=self._guard, args=(self._udp_to_tun, self.bind6, self.rx6),
+                target=self._guard, args=(self._udp_to_tun, 2, self.bind6, self.rx6),
                 name="weft-udp-rx6", daemon=True))
+        self._holding = [False] * len(self._threads)
         for thread in self._threads:
             thread.start()
 
@@ -280,6 +285,21 @@ class Forwarder:
             if self.bind6 is not None:
                 self.bind6.close()
             self._sock = self._sock6 = None
+
+    def release(self, grace: float = 0.5) -> None:
+        """The device and the sockets now belong to another forwarder as well (the
+        hand-over of an upgrade): each thread passes on the packet it holds and reads no
+        more; returns once none holds one (at most `grace` seconds). Nothing is closed or
+        woken: shutting the socket would shut it for the new owner too. A thread still
+        blocked in its read holds nothing; the caller's process ends with it."""
+        self._released = True
+        deadline = time.monotonic() + grace
+        # Twice in a row with none holding, the GIL given up in between: a thread whose
+        # read has just returned is waiting for it, and marks itself once it has it.
+        quiet = 0
+        while quiet < 2 and time.monotonic() < deadline:
+            time.sleep(0.002)
+            quiet = 0 if any(self._holding) else quiet + 1
 
     def set_peers(self, table: PeerTable) -> None:
         self._peers = table  # one reference swap: threads see old or new, never half
@@ -336,7 +356,7 @@ class Forwarder:
 
     def _guard(self, loop: Any, *args: Any) -> None:
         # A bug must not silently kill a direction: log it loudly and keep going.
-        while not self._stopping:
+        while not (self._stopping or self._released):
             try:
                 loop(*args)
             except Exception:
@@ -344,7 +364,7 @@ class Forwarder:
                               extra={"worker": threading.current_thread().name})
                 time.sleep(0.1)  # a persistent bug must not turn into a busy loop
 
-    def _tun_to_udp(self) -> None:
+    def _tun_to_udp(self, slot: int) -> None:
         tun = self._tun
         chunker = self._chunker
         sock = self._sock
@@ -369,9 +389,14 @@ class Forwarder:
         sendto6 = sock6.sendto if sock6 is not None else sendto
         single_max = chunker.chunk_size
         packet_id = 0  # the last one sent
+        holding = self._holding
         while True:
+            holding[slot] = False
+            if self._released:
+                return
             try:
                 size = readv(tun, into)
+                holding[slot] = True
             except OSError as exc:
                 if self._stopping:
                     return
@@ -482,7 +507,7 @@ class Forwarder:
             return False
         return True
 
-    def _udp_to_tun(self, bind: Bind, counters: Counters) -> None:
+    def _udp_to_tun(self, slot: int, bind: Bind, counters: Counters) -> None:
         """Receive on `bind` (the underlay socket, or dual stack's IPv6 one: a thread
         each), counting in `counters` (that socket's own)."""
         sock = bind.sock
@@ -495,9 +520,14 @@ class Forwarder:
         buf = bytearray(RECV_SIZE)
         bufs = [buf]
         view = memoryview(buf)
+        holding = self._holding
         while True:
+            holding[slot] = False
+            if self._released:
+                return
             try:
                 size, ancillary, flags, addr = recvmsg_into(bufs, _CMSG_SPACE)
+                holding[slot] = True
             except OSError as exc:
                 if self._stopping:
                     return
