@@ -91,6 +91,18 @@ def wait_for(what: str, check: Callable[[], T], timeout: float = 30.0, *,
         time.sleep(interval)
 
 
+def wait_alive(tb: Any, what: str, check: Callable[[], T], timeout: float = 30.0, *,
+               seen: Callable[[], object] | None = None) -> T:
+    """`wait_for` on a testbed: fails at once, with its log, if any agent of `tb` exits
+    meanwhile, instead of waiting out the timeout on a condition no one will meet."""
+    def alive_and() -> T:
+        for host in tb.hosts:
+            tb.check_alive(host)
+        return check()
+
+    return wait_for(what, alive_and, timeout, seen=seen)
+
+
 async def await_for(what: str, check: Callable[[], Awaitable[T]], within: float = 30.0, *,
                     interval: float = 0.1, ignore: tuple[type[Exception], ...] = ()) -> T:
     """`wait_for` for a coroutine check, inside an event loop (`within` seconds)."""
@@ -370,7 +382,7 @@ def measure(tb: Any, record: Record, case: str,
 
         def state_back() -> bool:
             for host in tb.hosts:
-                tb._check_alive(host)
+                tb.check_alive(host)
             return healed()
 
         wait_for(f"{case}: the state back", state_back, DEADLINE, interval=0.05)

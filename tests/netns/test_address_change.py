@@ -7,28 +7,17 @@ error (log, `errors`, `weft status`) until it is back; and --public-ip must belo
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
-from helpers import Record, measure
+from helpers import Record, measure, wait_alive
 from helpers import network_config as config
-from helpers import wait_for as wait
 from weft_lab.testbed import Host, Testbed
 
 pytestmark = pytest.mark.netns
 
 NEW_IP = "198.18.0.42"
-
-
-def wait_for(what: str, check: Callable[[], bool], tb: Testbed, timeout: float = 20) -> None:
-    """helpers.wait_for, checking every agent is alive meanwhile."""
-    def alive_and() -> bool:
-        for h in tb.hosts:
-            tb._check_alive(h)
-        return check()
-
-    wait(what, alive_and, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +73,8 @@ def test_an_unpinned_agent_follows_its_interfaces_new_address(
         tb.run(h2.netns, ["ip", "addr", "add", f"{h2.underlay_ip}/24", "dev", "eth0"],
                check=False)
         tb.run(h2.netns, ["ip", "addr", "del", f"{NEW_IP}/24", "dev", "eth0"], check=False)
-    wait_for("back on its first address", lambda: lease_ip(tb, subnet) == str(h2.underlay_ip),
-             tb)
+    wait_alive(tb, "back on its first address",
+               lambda: lease_ip(tb, subnet) == str(h2.underlay_ip))
     tb.wait_converged(20)
 
 
@@ -103,7 +92,7 @@ def test_a_pinned_address_that_leaves_the_host_is_an_error_until_it_is_back(
     ip = f"{h1.underlay_ip}/24"
     tb.run(h1.netns, ["ip", "addr", "del", ip, "dev", "eth0"])
     try:
-        wait_for("the error in weft status", lambda: public_ip_error(tb, h1) is not None, tb)
+        wait_alive(tb, "the error in weft status", lambda: public_ip_error(tb, h1) is not None)
         message = public_ip_error(tb, h1)
         assert message is not None
         assert f"--public-ip {h1.underlay_ip} is no longer an address of eth0" in message
@@ -114,7 +103,7 @@ def test_a_pinned_address_that_leaves_the_host_is_an_error_until_it_is_back(
     finally:
         tb.run(h1.netns, ["ip", "addr", "add", ip, "dev", "eth0"], check=False)
         tb.run(h1.netns, ["ip", "route", "replace", "default", "dev", "eth0"], check=False)
-    wait_for("the error cleared", lambda: public_ip_error(tb, h1) is None, tb)
+    wait_alive(tb, "the error cleared", lambda: public_ip_error(tb, h1) is None)
     tb.wait_converged(20)
 
 

@@ -57,6 +57,37 @@ def test_short_real_bench_measures_every_figure_and_leaves_nothing(tmp_path: Pat
     assert namespaces_left_by(before, proc.pid) == []
 
 
+@pytest.mark.netns
+def test_short_ipv6_bench_measures_each_row_over_ipv6_beside_ipv4(tmp_path: Path) -> None:
+    """`--ipv6`: native, the hand-built kernel path and the backend each measured over IPv6
+    too, in the same run, qperf aimed at the far end's IPv6 address (the progress names
+    it); the reference's IPv6 half is its own kernel path (routes via the IPv6 underlay)."""
+    import ipaddress
+    import re
+
+    before = set(list_netns())
+    out = tmp_path / "bench.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "weft", "bench", "--backends", "kernel-routes,host-gw",
+         "--ipv6", "--rate", "1gbit", "--secs", "1", "--reps", "1", "--json", str(out),
+         "--attach", "ptp"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["results"]] == [
+        "native", "native/ipv6", "kernel-routes", "kernel-routes/ipv6", "host-gw",
+        "host-gw/ipv6"]
+    assert data["skipped"] == []
+    for result in data["results"]:
+        assert all(r["bw_MBps"] > 0 and r["lat_us"] > 0 for r in result["runs"]), result
+    servers = dict(re.findall(r"^\s*(\S+) ready: .* -> (\S+) in ", stderr, re.MULTILINE))
+    for name, server in servers.items():
+        assert ipaddress.ip_address(server).version == (6 if name.endswith("/ipv6") else 4)
+    assert set(servers) == {r["name"] for r in data["results"]}
+    assert namespaces_left_by(before, proc.pid) == []
+
+
 # --- the edges, on real processes ---------------------------------------------------------
 
 
@@ -174,7 +205,7 @@ def test_flannel_rows_carry_flannels_rules_and_track_overlay_traffic(row: str) -
     from weft_lab.bench.runner import _reference
 
     with contextlib.ExitStack() as stack:
-        target = _reference(stack, REFERENCES[row], None, "ptp")
+        target = _reference(stack, REFERENCES[row], None, "ptp")[row]
         tb = target.testbed
         h1 = tb.hosts[0]
         want = [ln for ln in restore_payload(flannel_rules(BENCH_NETWORK, host_subnet(h1)))

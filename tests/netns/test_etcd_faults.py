@@ -357,7 +357,7 @@ def test_etcd_gone_traffic_flows_a_new_host_waits_and_joins_when_it_returns(plan
             tb.start_agent(late)  # a host that boots while etcd is down
 
             def retried_twice() -> bool:
-                tb._check_alive(late)  # it waits, it does not give up
+                tb.check_alive(late)  # it waits, it does not give up
                 return tb.agent_log(late).count("store unavailable; retrying") >= 2
 
             wait_for("the late host to retry the store twice", retried_twice, 60,

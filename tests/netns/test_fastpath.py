@@ -132,13 +132,15 @@ FORGERIES = 40
 
 
 @pytest.mark.parametrize(("backend", "attach", "underlay"),
-                         [("host-gw", "ptp", "dual"), ("vxlan", "bridge", "ipv4")])
+                         [("host-gw", "ptp", "dual"), ("vxlan", "bridge", "ipv4"),
+                          ("vxlan", "bridge", "dual")])
 def test_ipv6_crosses_the_fast_path_and_a_spoofed_ipv6_source_does_not(
         backend: str, attach: str, underlay: str) -> None:
     """Dual stack: the IPv6 half takes the fast path as the IPv4 half does; a source the
     sender does not lease (the receiver's own subnet, an unleased address) is passed on to
     netfilter, whose ingress filter drops and counts it, while the member's own source gets
-    through (on the fast path)."""
+    through (on the fast path). vxlan over a dual underlay carries the IPv6 half on its
+    second device, which the fast path serves as well."""
     cfg = json.loads(DUAL)
     cfg["Backend"] = {"Type": backend}
     with Testbed(hosts=2, containers_per_host=1, config=json.dumps(cfg), attach=attach,
@@ -150,6 +152,8 @@ def test_ipv6_crosses_the_fast_path_and_a_spoofed_ipv6_source_does_not(
         assert src6 is not None
         assert dst6 is not None
         assert fastpath(tb, h1)["active"]
+        if backend == "vxlan" and underlay == "dual":
+            assert fastpath(tb, h2)["attached"][:2] == ["weft.vx1", "weft.vx1v6"]
         assert all(tb.connectivity(ipv6=True).values())
         before = [fastpath(tb, h)["redirected_packets"] for h in (h1, h2)]
         tcp_transfer(tb, c1.netns, c2.netns, dst6, 32 * 2**20)

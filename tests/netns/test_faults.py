@@ -230,7 +230,7 @@ def test_second_agent_on_one_state_dir_refuses_and_names_the_holder(vxlan: Testb
     assert any(f"pid {pid}" in message for pid in holder), (holder, message)
     assert "Traceback" not in message
     assert len(message.splitlines()) == 1, message
-    tb._check_alive(h1)
+    tb.check_alive(h1)
     tb.wait_converged(10)
 
 
@@ -303,7 +303,7 @@ def test_host_returning_after_its_lease_was_taken_moves_to_a_new_subnet(
         tb.start_agent(h1)
 
         def moved() -> str | None:
-            tb._check_alive(h1)
+            tb.check_alive(h1)
             with contextlib.suppress(Exception):  # the status socket comes up with it
                 subnet = tb.host_status(h1)["subnet"]
                 if subnet and subnet != old:
@@ -331,7 +331,7 @@ def test_host_returning_after_its_lease_was_taken_moves_to_a_new_subnet(
         renewed = tb.agent_log(h1).count("lease renewed")
 
         def renewed_again() -> bool:
-            tb._check_alive(h1)
+            tb.check_alive(h1)
             return tb.agent_log(h1).count("lease renewed") > renewed
 
         wait_for("h1 to renew its new lease", renewed_again, DEADLINE,

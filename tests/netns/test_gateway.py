@@ -7,28 +7,15 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable
 
 import pytest
 
-from helpers import Record, measure, sqlite_put
+from helpers import Record, measure, sqlite_put, wait_alive
 from helpers import network_config as config
-from helpers import wait_for as wait
 from weft.core.constants import CNI_BRIDGE
 from weft_lab.testbed import Host, Testbed
 
 pytestmark = pytest.mark.netns
-
-
-def wait_for(what: str, check: Callable[[], bool], tb: Testbed, timeout: float = 20,
-             detail: Callable[[], object] | None = None) -> None:
-    """helpers.wait_for, checking every agent is alive meanwhile."""
-    def alive_and() -> bool:
-        for h in tb.hosts:
-            tb._check_alive(h)
-        return check()
-
-    wait(what, alive_and, timeout, seen=detail)
 
 
 def bridge_addresses(tb: Testbed, host: Host) -> list[str]:
@@ -64,8 +51,8 @@ def test_after_a_move_the_new_gateway_is_on_the_bridge_and_the_notice_names_the_
         assert tb.ping(c2.netns, c1.ip)  # h1 knows its container (a neighbour on the bridge)
         old = tb.host_status(h1)["subnet"]
         assert tb.stop_agent(h1, signal.SIGKILL) != 0
-        wait_for("the lease expired", lambda: all(str(x.subnet) != old for x in tb.leases()),
-                 tb, timeout=ttl + 10)
+        wait_alive(tb, "the lease expired",
+                   lambda: all(str(x.subnet) != old for x in tb.leases()), timeout=ttl + 10)
         taker = json.dumps({"PublicIP": "198.18.0.99", "BackendType": "vxlan",
                             "BackendData": {"VNI": 1, "VtepMAC": "02:00:00:00:00:99"}})
         sqlite_put(tb.run_dir / "store.db", f"subnets/{old.replace('/', '-')}", taker,
@@ -78,13 +65,13 @@ def test_after_a_move_the_new_gateway_is_on_the_bridge_and_the_notice_names_the_
             except Exception:
                 return False
 
-        wait_for("moved to a new subnet", moved, tb)
+        wait_alive(tb, "moved to a new subnet", moved)
         new = tb.host_status(h1)["subnet"]
         # The new subnet's gateway on the bridge (a container attached now gets it as its
         # router), the old one gone.
-        wait_for("the new gateway on the bridge",
-                 lambda: bridge_addresses(tb, h1) == [gateway(new)], tb,
-                 detail=lambda: bridge_addresses(tb, h1))
+        wait_alive(tb, "the new gateway on the bridge",
+                   lambda: bridge_addresses(tb, h1) == [gateway(new)],
+                   seen=lambda: bridge_addresses(tb, h1))
         notice = tb.host_status(h1)["notices"]["lease"]
         assert f"no longer holds subnet {old}" in notice, notice
         assert f"containers left in {old}: {c1.ip}" in notice, notice

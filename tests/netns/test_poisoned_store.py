@@ -256,7 +256,7 @@ def wait_for(what: str, check: Callable[[], bool], tb: Testbed, timeout: float =
     """helpers.wait_for, with every agent checked alive on each look."""
     def alive_and() -> bool:
         for h in tb.hosts:
-            tb._check_alive(h)  # no agent exits
+            tb.check_alive(h)  # no agent exits
         return check()
 
     wait_until(what, alive_and, timeout, seen=detail)
@@ -300,7 +300,7 @@ def test_bad_record_is_reported_and_takes_nothing_down(
         # reconcile pass that took the record in (after that pass applied the kernel), so
         # the pass that would have changed something has run.
         for h in tb.hosts:
-            tb._check_alive(h)
+            tb.check_alive(h)
         assert full_mesh(tb), f"{name}: the good peers lost connectivity"
         during = kernel_state(tb)
         for h in tb.hosts:
@@ -316,4 +316,4 @@ def test_bad_record_is_reported_and_takes_nothing_down(
     tb.wait_converged(20)  # settled: each agent's last pass had all its peers, no error
     assert kernel_state(tb) == before
     for h in tb.hosts:
-        tb._check_alive(h)
+        tb.check_alive(h)

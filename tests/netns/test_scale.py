@@ -9,7 +9,7 @@ import ipaddress
 
 import pytest
 
-from helpers import wait_for
+from helpers import wait_alive, wait_for
 from weft.core.lease import Lease
 from weft.store.sqlite import SqliteLeaseStore
 from weft_lab.testbed import Testbed
@@ -146,8 +146,8 @@ def test_an_agent_among_300_fake_leases() -> None:
             woken = nft_wakeups()
             tb.run(host.netns, ["nft", "delete", "element", "inet", "weft-ingress", "members",
                                 f"{{ {kept.public_ip} }}"])
-            wait_for("the hand-deleted member back", lambda: f"{kept.public_ip}," in
-                     members().replace(" }", ","), seen=lambda: tb.agent_log(host)[-4000:])
+            wait_alive(tb, "the hand-deleted member back", lambda: f"{kept.public_ip}," in
+                       members().replace(" }", ","), seen=lambda: tb.agent_log(host)[-4000:])
             noticed.append(nft_wakeups() > woken)
             if noticed[-1]:
                 break

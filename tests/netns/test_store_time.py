@@ -12,14 +12,12 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
 
 import pytest
 
 from etcd_server import ETCD_AVAILABLE, ETCD_MISSING_REASON
-from helpers import Record, ping_probe, record_figure
+from helpers import Record, ping_probe, record_figure, wait_alive
 from helpers import network_config as config
-from helpers import wait_for as wait
 from weft_lab.etcd_local import ETCDCTL_BINARY
 from weft_lab.testbed import Host, Testbed
 
@@ -28,17 +26,6 @@ pytestmark = [
     pytest.mark.etcd,
     pytest.mark.skipif(not ETCD_AVAILABLE, reason=ETCD_MISSING_REASON),
 ]
-
-
-def wait_for(what: str, check: Callable[[], bool], tb: Testbed, timeout: float = 60,
-             detail: Callable[[], object] = lambda: "") -> None:
-    """helpers.wait_for, checking every agent is alive meanwhile."""
-    def alive_and() -> bool:
-        for h in tb.hosts:
-            tb._check_alive(h)
-        return check()
-
-    wait(what, alive_and, timeout, seen=detail)
 
 
 def log_since(tb: Testbed, host: Host, offset: int) -> str:
@@ -66,17 +53,17 @@ def test_a_short_lease_outlives_a_long_store_outage_and_no_peer_drops_after(
             tb.etcd.kill(0)
             down = time.time()
             # The outage: until every agent's lease has been over for most of it.
-            wait_for("every lease long over", lambda: all(
+            wait_alive(tb, "every lease long over", lambda: all(
                 tb.host_status(h)["lease_expires_in"] <= -(outage - ttl) for h in tb.hosts),
-                tb, timeout=outage + 30)
+                timeout=outage + 30)
             offsets = [len(tb.agent_log(h)) for h in tb.hosts]
             tb.etcd.restart(0)
             back = time.time()
             # Three renewals each (one per half TTL): past the moment etcd's restored
             # leases would have run out had nobody renewed them.
-            wait_for("renewed three times since the store came back", lambda: all(
+            wait_alive(tb, "renewed three times since the store came back", lambda: all(
                 log_since(tb, h, o).count("lease renewed") >= 3
-                for h, o in zip(tb.hosts, offsets, strict=True)), tb, timeout=60)
+                for h, o in zip(tb.hosts, offsets, strict=True)), timeout=60)
             probe.wait_replies_after("after", time.time(), count=10)
         finally:
             probe.stop()
@@ -145,8 +132,8 @@ def test_a_store_restored_from_an_older_snapshot_is_reasserted_and_no_subnet_dou
                 return any(str(lease.subnet) == vanishing and lease.public_ip == h3.underlay_ip
                            for lease in tb.leases())
 
-            wait_for("h3's lease back in the store", reasserted, tb, timeout=bound,
-                     detail=lambda: said(log_since(tb, h3, offsets[2]))[-3000:])
+            wait_alive(tb, "h3's lease back in the store", reasserted, timeout=bound,
+                       seen=lambda: said(log_since(tb, h3, offsets[2]))[-3000:])
             took = time.time() - back
             tb.wait_subnet_env(h4)
             tb.attach(tb.containers[3])

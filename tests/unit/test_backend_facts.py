@@ -32,7 +32,7 @@ def test_auto_peers_may_arrive_on_any_plane_and_its_tables_are_its_own() -> None
     auto = facts({"Type": "auto", "VNI": 3}, "ul0")
     assert auto.peer_iifs == ("weft.vx3", "weft.udp0", "ul0")
     assert auto.tables == frozenset(AUTO_TABLES.values())
-    assert auto.arrival is None  # the fast path serves one arrival device
+    assert auto.arrival is None  # a peer's packets may arrive on any of its planes
     others = [facts({"Type": kind}) for kind in BACKENDS if kind != "auto"]
     assert all(f.peer_iifs == () and f.tables == frozenset() for f in others)
 

@@ -34,9 +34,23 @@ def test_arrival_is_the_underlay_for_host_gw_and_the_vxlan_device_for_vxlan() ->
     assert arrival_device(config({"Type": "udp"}), "eth0") is None
 
 
-def test_hooks_put_the_arrival_first_and_never_twice() -> None:
-    assert plan_hooks("eth0", ["veth2", "veth1", "eth0", "veth1"]) == [
+def test_dual_stack_vxlan_serves_its_ipv6_underlay_device_too() -> None:
+    def arrival6(backend: dict[str, Any]) -> tuple[str, ...]:
+        return backend_facts(config(backend).backend, "eth0", dual_stack=True).arrival6
+
+    assert arrival6({"Type": "vxlan", "VNI": 7}) == ("weft.vx7v6",)
+    assert arrival6({"Type": "host-gw"}) == ()  # both families arrive on the underlay
+    assert arrival6({"Type": "vxlan", "DirectRouting": True}) == ()  # no fast path at all
+    assert arrival6({"Type": "wireguard"}) == ()
+    assert backend_facts(config({"Type": "vxlan"}).backend, "eth0").arrival6 == ()
+
+
+def test_hooks_put_the_arrivals_first_and_never_twice() -> None:
+    assert plan_hooks(["eth0"], ["veth2", "veth1", "eth0", "veth1"]) == [
         Hook("eth0", FROM_UNDERLAY), Hook("veth1", FROM_CONTAINER), Hook("veth2", FROM_CONTAINER)]
+    assert plan_hooks(["weft.vx1", "weft.vx1v6"], ["cni0", "weft.vx1v6"]) == [
+        Hook("weft.vx1", FROM_UNDERLAY), Hook("weft.vx1v6", FROM_UNDERLAY),
+        Hook("cni0", FROM_CONTAINER)]
 
 
 def test_subnet_key_is_prefix_length_then_address_in_network_order() -> None:

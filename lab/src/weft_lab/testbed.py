@@ -360,7 +360,8 @@ class Testbed:
         except FileNotFoundError:
             return ""
 
-    def _check_alive(self, host: Host) -> None:
+    def check_alive(self, host: Host) -> None:
+        """A TestbedError with the end of its log if `host`'s agent has exited."""
         if host.agent is not None and host.agent.poll() is not None:
             raise TestbedError(f"agent on {host.name} exited with {host.agent.returncode}:\n"
                                + self.agent_log(host)[-3000:])
@@ -368,7 +369,7 @@ class Testbed:
     def wait_subnet_env(self, host: Host, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while not host.subnet_env_path.exists():
-            self._check_alive(host)
+            self.check_alive(host)
             if time.monotonic() > deadline:
                 raise TestbedError(f"{host.name} wrote no subnet.env in {timeout}s:\n"
                                    + self.agent_log(host)[-3000:])
@@ -392,7 +393,7 @@ class Testbed:
         while True:
             statuses = {}
             for h in hosts:
-                self._check_alive(h)
+                self.check_alive(h)
                 with contextlib.suppress(WeftError, OSError, json.JSONDecodeError):
                     statuses[h.name] = self.host_status(h)
             subnets = {s.get("subnet") for s in statuses.values()}

@@ -236,7 +236,8 @@ class Agent:
         await keeper.take(lease)
         for network in config.networks:
             enable_forwarding(network.version)
-        await asyncio.to_thread(self.fastpath.start, config, facts.arrival, state_dir)
+        await asyncio.to_thread(self.fastpath.start, config, facts.arrival, state_dir,
+                                facts.arrival6)
         self.metrics.export_backend(backend.status)
         self.metrics.export_peer_health(
             lambda: self.probes.prober if self.probes is not None else None)

@@ -28,19 +28,22 @@ class FastPathState:
         self.enabled = enabled
         self.fastpath: FastPath | None = None
         self.arrival: str | None = None
+        self.arrival6: tuple[str, ...] = ()  # dual stack's IPv6 underlay device, if made
         self.reason: str | None = None if enabled else "off (--no-fastpath)"
         self.standing_down: str | None = None
         self.origin: str | None = None  # where its object came from (weft.host.fastpath)
 
-    def start(self, config: NetworkConfig, arrival: str | None, state_dir: Path) -> None:
+    def start(self, config: NetworkConfig, arrival: str | None, state_dir: Path,
+              arrival6: Sequence[str] = ()) -> None:
         """Compile and check, or record why not. `arrival`: where overlay packets for this
         host arrive unencapsulated (the backend's facts); None: a backend the fast path
-        does not serve. With the switch off, a previous run's filters are taken off (the
-        agent owns them)."""
+        does not serve. `arrival6`: dual stack's IPv6 underlay device, served too where
+        the backend made it. With the switch off, a previous run's filters are taken off
+        (the agent owns them)."""
         if not self.enabled:
             self._remove_previous("switch off")
             return
-        self.arrival = arrival
+        self.arrival, self.arrival6 = arrival, tuple(arrival6)
         if self.arrival is None:
             self.reason = (f"unavailable: the fast path serves host-gw and vxlan (without "
                            f"DirectRouting), not {config.backend.type}")
@@ -91,8 +94,9 @@ class FastPathState:
         self.standing_down = None
         try:
             if full or not fp.attached:
-                devices, veths = fp.container_devices(exclude=[self.arrival])
-                hooks = plan_hooks(self.arrival, devices)
+                arrivals = [self.arrival, *fp.present(self.arrival6)]
+                devices, veths = fp.container_devices(exclude=arrivals)
+                hooks = plan_hooks(arrivals, devices)
                 fp.detach_others(h.device for h in hooks)
             else:
                 hooks, veths = list(fp.attached), fp.veths

@@ -59,6 +59,9 @@ class BackendFacts:
     # Where overlay packets for this host arrive unencapsulated, for the tc fast path;
     # None: a backend the fast path does not serve.
     arrival: str | None = None
+    # Dual stack's IPv6 underlay device, where overlay packets arrive too on a host that has
+    # one (vxlan's second device): the fast path's as well.
+    arrival6: tuple[str, ...] = ()
     # Devices a peer's overlay source may arrive on whichever way the route back to it
     # goes (auto: a peer may send on another plane than ours to it); empty: the ingress
     # filter's strict reverse-path check.

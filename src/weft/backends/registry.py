@@ -84,7 +84,9 @@ def backend_facts(options: BackendOptions, underlay: str,
     spec = BACKENDS[options.type]
     facts = spec.facts(options, underlay)
     if dual_stack and spec.ipv6_tunnels is not None:
-        facts = dataclasses.replace(facts, tunnels=facts.tunnels + spec.ipv6_tunnels(options))
+        six = spec.ipv6_tunnels(options)
+        facts = dataclasses.replace(facts, tunnels=facts.tunnels + six,
+                                    arrival6=six if facts.arrival is not None else ())
     return facts
 
 

@@ -47,10 +47,11 @@ class Hook:
     section: str
 
 
-def plan_hooks(arrival: str, container_devices: Iterable[str]) -> list[Hook]:
-    """The hooks for these devices (pure): one program per device, the arrival's first."""
-    hooks = [Hook(arrival, FROM_UNDERLAY)]
-    hooks += [Hook(d, FROM_CONTAINER) for d in sorted(set(container_devices) - {arrival})]
+def plan_hooks(arrivals: Sequence[str], container_devices: Iterable[str]) -> list[Hook]:
+    """The hooks for these devices (pure): one program per device, the arrivals' first."""
+    hooks = [Hook(a, FROM_UNDERLAY) for a in dict.fromkeys(arrivals)]
+    hooks += [Hook(d, FROM_CONTAINER)
+              for d in sorted(set(container_devices) - set(arrivals))]
     return hooks
 
 
@@ -147,6 +148,13 @@ class FastPath:
         self._maps: dict[int, dict[str, int]] = {}  # a program's maps, fixed for its life
         self._keys: dict[int, set[tuple[str, ...]]] = {}  # what weft last wrote, per map
         self.veths: set[int] = set()  # the container veths of the last full pass
+
+    @staticmethod
+    def present(names: Iterable[str]) -> list[str]:
+        """Those of `names` that are devices here (dual stack's IPv6 underlay device is
+        made only on a host with an IPv6 underlay address)."""
+        with IPRoute() as ipr:
+            return [name for name in names if ipr.link_lookup(ifname=name)]
 
     def container_devices(self, exclude: Iterable[str]) -> tuple[list[str], set[int]]:
         """Devices with a route into one of this host's subnets (the CNI bridge, or ptp

@@ -199,13 +199,14 @@ def main() -> None:
     mode = sys.argv[1]
     if mode == "cost":
         with contextlib.ExitStack() as stack:
-            cost(_reference(stack, REFERENCES["kernel-vxlan"], None, "ptp"), int(sys.argv[2]))
+            cost(_reference(stack, REFERENCES["kernel-vxlan"], None, "ptp")["kernel-vxlan"],
+                 int(sys.argv[2]))
         return
     backend = sys.argv[2] if mode == "profile" and len(sys.argv) > 2 else "host-gw"
     reference = {"host-gw": "kernel-routes", "vxlan": "kernel-vxlan"}[backend]
     with contextlib.ExitStack() as stack:
         (weft,) = _overlay(stack, backend, None, "ptp").values()
-        ref = _reference(stack, REFERENCES[reference], None, "ptp")
+        ref = _reference(stack, REFERENCES[reference], None, "ptp")[reference]
         if mode == "pairs":
             pairs(weft, ref, int(sys.argv[2]), int(sys.argv[3]))
         else:

@@ -38,7 +38,14 @@ from weft.core.errors import UsageError, WeftError
 from weft.integrations.subnet_env import SubnetEnv, write_subnet_env
 from weft_lab.bench.cpu import CpuMeter, host_cpus
 from weft_lab.bench.qperf import qperf_server, run_qperf
-from weft_lab.bench.references import BENCH_NETWORK, REFERENCES, Reference, host_subnet
+from weft_lab.bench.references import (
+    BENCH_NETWORK,
+    BENCH_NETWORK6,
+    REFERENCES,
+    Reference,
+    host_subnet,
+    host_subnet6,
+)
 from weft_lab.bench.stats import (
     NATIVE,
     BenchError,
@@ -68,8 +75,8 @@ VARIANTS = {"host-gw-nft": ("host-gw", ("--no-fastpath",)),
 
 
 def bench_config(backend: str, dual_stack: bool = False) -> str:
-    six = {"EnableIPv6": True, "IPv6Network": "2001:db8:1::/48"} if dual_stack else {}
-    return json.dumps({"Network": "198.19.0.0/16", "SubnetLen": 24, **six,
+    six = {"EnableIPv6": True, "IPv6Network": str(BENCH_NETWORK6)} if dual_stack else {}
+    return json.dumps({"Network": str(BENCH_NETWORK), "SubnetLen": 24, **six,
                        "Backend": {"Type": backend}})
 
 
@@ -226,23 +233,37 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _reference(stack: contextlib.ExitStack, ref: Reference, rate_bits: int | None,
-               attach: str) -> Target:
+               attach: str, ipv6: bool = False) -> dict[str, Target]:
     """The testbed of a backend, without agents: `ref.program` builds the kernel path, and
     the containers are attached by `weft-cni` from a subnet.env written here, as the agent
     would write it. FLANNEL_IPMASQ=true there (as flanneld --ip-masq writes it for the
     flannel rows, whose masquerade the host's rules do): with false, weft-cni (like
     flannel's plugin) asks the delegate for its own ipMasq, which NATs every packet to
     another host's subnet through conntrack: not the kernel path a kernel-* row is for,
-    and a fast path skipping netfilter then sees half a connection NATed."""
+    and a fast path skipping netfilter then sees half a connection NATed.
+
+    With `ipv6` (and a `ref.program6`), dual stack on the dual underlay, as a backend's
+    `/ipv6` row: a second target, `<name>/ipv6`, between the same containers."""
+    six = ipv6 and ref.program6 is not None
     tb = stack.enter_context(Testbed(hosts=2, containers_per_host=1, attach=attach,
-                                     config=bench_config(ref.beside), log_level="info"))
+                                     config=bench_config(ref.beside, six), log_level="info",
+                                     underlay="dual" if six else "ipv4"))
     _shape(tb, rate_bits)
     subnets = [host_subnet(h) for h in tb.hosts]
-    mtu = 1500 - overhead(ref.beside)
-    for host, subnet in zip(tb.hosts, subnets, strict=True):
+    subnets6 = [host_subnet6(h) for h in tb.hosts]
+    # One MTU for both families, as an agent writes it: an IPv6 underlay's header is 20
+    # bytes longer, which only an encapsulation pays.
+    mtu = 1500 - overhead(ref.beside) - (20 if six and overhead(ref.beside) else 0)
+    for host, subnet, subnet6 in zip(tb.hosts, subnets, subnets6, strict=True):
         tb.run(host.netns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
-        write_subnet_env(host.subnet_env_path, SubnetEnv(BENCH_NETWORK, subnet, mtu, True))
+        if six:
+            tb.run(host.netns, ["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])
+        write_subnet_env(host.subnet_env_path, SubnetEnv(
+            BENCH_NETWORK, subnet, mtu, True,
+            *((BENCH_NETWORK6, subnet6) if six else ())))
     ref.program(tb, subnets)
+    if six and ref.program6 is not None:
+        ref.program6(tb, subnets6)
     for c in tb.containers:
         tb.attach(c)
     if ref.after_attach is not None:
@@ -250,8 +271,15 @@ def _reference(stack: contextlib.ExitStack, ref: Reference, rate_bits: int | Non
     c1, c2 = tb.containers
     if not any(tb.ping(c1.netns, c2.ip) for _ in range(3)):
         raise BenchError(f"{c1.name} cannot reach {c2.name} ({c2.ip}) through {ref.name}")
-    return Target(ref.name, tb, c1.netns, c2.netns, str(c2.ip), CpuMeter(tb.all_netns()),
-                  *_cpus())
+    targets = {ref.name: Target(ref.name, tb, c1.netns, c2.netns, str(c2.ip),
+                                CpuMeter(tb.all_netns()), *_cpus())}
+    if six:
+        if c2.ip6 is None or not any(tb.ping(c1.netns, c2.ip6) for _ in range(3)):
+            raise BenchError(f"{c1.name} cannot reach {c2.name} over IPv6 through {ref.name}")
+        name = ref.name + IPV6_SUFFIX
+        targets[name] = Target(name, tb, c1.netns, c2.netns, str(c2.ip6),
+                               CpuMeter(tb.all_netns()), *_cpus())
+    return targets
 
 
 def _cpus() -> tuple[int, int]:
@@ -332,11 +360,11 @@ def run_bench(opts: BenchOptions, progress: Progress = lambda _: None) -> BenchR
                          f"attached by {opts.attach}, "
                          f"{'by hand, no agents' if ref else 'agents'})")
                 names.append(name)
-                if opts.ipv6 and not ref:
+                if opts.ipv6 and (ref is None or ref.program6 is not None):
                     names.append(name + IPV6_SUFFIX)
                 sub = stack.enter_context(contextlib.ExitStack())
                 try:
-                    made = ({name: _reference(sub, ref, rate_bits, opts.attach)} if ref
+                    made = (_reference(sub, ref, rate_bits, opts.attach, opts.ipv6) if ref
                             else _overlay(sub, backend, rate_bits, opts.attach, runtime,
                                           opts.ipv6))
                     targets.update(made)

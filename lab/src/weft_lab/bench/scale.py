@@ -151,7 +151,7 @@ def wait_programmed(tb: Testbed, host: Host, peers: int, timeout: float) -> floa
     """Monotonic time at which `host` holds `peers` routes, neighbours and FDB entries."""
     deadline = time.monotonic() + timeout
     while True:
-        tb._check_alive(host)
+        tb.check_alive(host)
         counts = kernel_counts(tb, host)
         if all(c >= peers for c in counts):
             return time.monotonic()

@@ -41,7 +41,8 @@ def vxlan_ipv6_tunnels(options: VxlanOptions) -> tuple[str, ...]:
 
 def vxlan_facts(options: VxlanOptions, underlay: str) -> BackendFacts:
     """One VXLAN device; with DirectRouting, peers on the same link are plain routes over
-    the underlay (so the fast path, which serves one arrival device, is not used)."""
+    the underlay (so the fast path, which serves the devices packets arrive on
+    decapsulated, is not used: they would arrive on the underlay too)."""
     device = f"{VXLAN_DEVICE_PREFIX}{options.vni}"
     return BackendFacts(by_ip_version(vxlan_overhead), encap_port=options.port,
                         tunnels=(device,),
