@@ -226,7 +226,15 @@ def test_overlay_crosses_a_forward_chain_that_drops_like_dockers(plane: str) -> 
                                        rule.replace("-A FORWARD", "-D FORWARD", 1)])
         assert FORWARD_COMMENT not in forward_chain(tb, c2.host.netns)
         assert not tb.ping(c1.netns, c2.ip, wait=1)
-        # The agent back: its rules are back, and the overlay crosses the chain again.
+        # What an earlier run left for a device this one does not use (dual stack's second
+        # tunnel, since turned off) is weft's too, and goes; the user's own rule stays.
+        stale = ["-d", "198.19.0.0/16", "-i", "weft.vx1v6", "-m", "comment", "--comment",
+                 FORWARD_COMMENT, "-j", "ACCEPT"]
+        users = ["-d", "198.19.0.0/16", "-i", "weft.vx1v6", "-j", "ACCEPT"]
+        for spec in (stale, users):
+            tb.run(c2.host.netns, ["iptables", "-w", "5", "-A", "FORWARD", *spec])
+        # The agent back: its rules are back (exactly those), and the overlay crosses the
+        # chain again.
         tb.start_agent(c2.host)
         wait_for("the restarted agent's FORWARD accepts",
                  lambda: forward_chain(tb, c2.host.netns).count(FORWARD_COMMENT)
@@ -234,3 +242,5 @@ def test_overlay_crosses_a_forward_chain_that_drops_like_dockers(plane: str) -> 
                  timeout=60, seen=lambda: forward_chain(tb, c2.host.netns))
         wait_for("a ping across the chain again", lambda: tb.ping(c1.netns, c2.ip, wait=1),
                  timeout=60, seen=lambda: tb.agent_log(c2.host)[-2000:])
+        assert "-A FORWARD -d 198.19.0.0/16 -i weft.vx1v6 -j ACCEPT" in \
+            forward_chain(tb, c2.host.netns)

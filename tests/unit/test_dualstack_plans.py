@@ -233,6 +233,17 @@ def test_ingress_accepts_the_members_ipv6_underlay_addresses_and_guards_ipv6_sou
                  "add rule inet weft-ingress prerouting ip6 saddr 2001:db8:1::/48 ip6 saddr "
                  "!= @subnets6 counter name spoofed_source drop"):
         assert line in script, line
+    assert "notrack" not in script  # the conntrack decision made none
+    # Untracked: a member's encapsulated packets to this host's IPv6 underlay address skip
+    # conntrack as the IPv4 underlay's do (the masquerade table untracks those it sends).
+    from weft.host.untrack import Untrack
+
+    untracked = ingress_ruleset(ingress_plan(
+        config, addr("198.18.0.1"), own, [a], port=8472, public_ipv6=addr("2001:db8:ff::1"),
+        untrack=Untrack(addr("198.19.1.0"), addr("198.18.0.1"), 8472,
+                        addr("2001:db8:ff::1"))))
+    assert "add rule inet weft-ingress encap ip6 daddr 2001:db8:ff::1 ip6 saddr @members6 " \
+        "notrack accept" in untracked
     after = ingress_update(config, addr("198.18.0.1"), plan, [], [b])
     assert same_shape(plan, after)
     assert "add element inet weft-ingress subnets6 { 2001:db8:1:3::/64 }" in \

@@ -48,6 +48,28 @@ def test_an_underlay_of_the_other_family_keeps_its_encapsulation_tracked() -> No
     assert "ip6 saddr 2001:db8:1::/48 ip6 daddr 2001:db8:1::/48 notrack" in text
 
 
+def test_dual_stack_untracks_each_underlay_s_encapsulation_in_its_family_s_table() -> None:
+    """One decision, two tables: `ip weft` untracks the IPv4 underlay's encapsulated
+    packets and the IPv4 overlay; `ip6 weft` the IPv6 underlay's (vxlan's second device)
+    and not the IPv6 overlay, which stays tracked."""
+    untrack = Untrack(ipaddress.ip_address("198.19.3.0"), ipaddress.ip_address("198.18.0.11"),
+                      8472, ipaddress.ip_address("2001:db8::11"))
+    four = masquerade_ruleset(NET, SUBNET, untrack)
+    assert "ip saddr 198.18.0.11 udp dport 8472 notrack" in four
+    assert "2001:db8::11" not in four
+    v6 = ipaddress.ip_network("2001:db8:1::/48")
+    six = masquerade_ruleset(v6, ipaddress.ip_network("2001:db8:1:3::/64"), untrack)
+    assert "ip6 saddr 2001:db8::11 udp dport 8472 notrack" in six
+    assert "ip6 daddr 2001:db8:1::/48 notrack" not in six
+    # wireguard's second device listens on a port of its own.
+    other_port = Untrack(untrack.own_address, untrack.public_ip, 51820, untrack.public_ipv6,
+                         51821)
+    assert "udp dport 51821 notrack" in masquerade_ruleset(
+        v6, ipaddress.ip_network("2001:db8:1:3::/64"), other_port)
+    assert Untrack(untrack.own_address, untrack.public_ip, None,
+                   untrack.public_ipv6).encapsulations(6) == []  # host-gw: nothing encapsulated
+
+
 def test_destination_nat_is_found_in_native_iptables_nft_and_legacy_tables() -> None:
     ruleset = {"nftables": [
         {"metainfo": {"version": "1.0.6"}},
@@ -172,3 +194,26 @@ def test_netfilter_lines_that_wake_the_agent() -> None:
         assert netfilter_change(rule + "\n") == DESTINATION_NAT_ADDED, rule
     assert netfilter_change("add chain ip svc pre { type nat hook prerouting priority dstnat; "
                             "policy accept; }\n") is None
+
+
+def test_weft_s_own_rules_are_found_whatever_device_they_name() -> None:
+    """The rules ensure and remove work from: weft's (its comment) for this network, a
+    device no longer used included (dual stack's second tunnel after it was turned off);
+    never a rule of the user's, nor weft's for another network."""
+    from weft.host.forward_accept import COMMENT, weft_rules
+
+    mark = f'-m comment --comment "{COMMENT}" -j ACCEPT'
+    listing = "\n".join([
+        "-P FORWARD DROP",
+        f"-A FORWARD -d 198.19.0.0/16 -i weft.vx1 {mark}",
+        f"-A FORWARD -d 198.19.0.0/16 -i weft.vx1v6 {mark}",  # a device gone from the plan
+        "-A FORWARD -d 198.19.0.0/16 -i weft.vx1 -j ACCEPT",  # the user's own
+        f"-A FORWARD -d 10.5.0.0/16 -i weft.vx1 {mark}",  # another network's
+        '-A FORWARD -m comment --comment "unclosed',
+    ])
+    assert weft_rules(listing, ipaddress.ip_network("198.19.0.0/16")) == [
+        ["-d", "198.19.0.0/16", "-i", "weft.vx1", "-m", "comment", "--comment", COMMENT,
+         "-j", "ACCEPT"],
+        ["-d", "198.19.0.0/16", "-i", "weft.vx1v6", "-m", "comment", "--comment", COMMENT,
+         "-j", "ACCEPT"]]
+    assert weft_rules(listing, ipaddress.ip_network("2001:db8:1::/48")) == []

@@ -31,10 +31,13 @@ log = logging.getLogger("weft.agent")
 class OverlayConntrack:
     def __init__(self, config: NetworkConfig, public_ip: IPAddress, *, ip_masq: bool,
                  mode: ConntrackMode, ingress: IngressFilter, encap_port: int | None,
-                 request: Request) -> None:
+                 request: Request, public_ipv6: IPAddress | None = None,
+                 encap_port6: int | None = None) -> None:
         self.config = config
         self.encap_port = encap_port  # the backend's encapsulated packets skip conntrack too
+        self.encap_port6 = encap_port6  # on the IPv6 underlay, if another port
         self.public_ip = public_ip
+        self.public_ipv6 = public_ipv6
         self.ip_masq = ip_masq
         self.mode = mode
         self.ingress = ingress
@@ -63,15 +66,17 @@ class OverlayConntrack:
             decision = decide_conntrack(self.mode, dnat)
             if decision == self.decision:
                 return
-            untrack = Untrack(lease.own_address.ip, self.public_ip,
-                              self.encap_port) if decision.untracked else None
+            untrack = Untrack(lease.own_address.ip, self.public_ip, self.encap_port,
+                              self.public_ipv6, self.encap_port6) \
+                if decision.untracked else None
             await asyncio.to_thread(install_masquerade, self.config.network,
                                     lease.subnet, untrack)
             six = self.config.ipv6
             if six is not None and lease.ipv6_subnet is not None:
                 # Dual stack: `ip6 weft` masquerades IPv6 leaving the network; its
-                # overlay traffic stays tracked (the notrack rules are IPv4's).
-                await asyncio.to_thread(install_masquerade, six.network, lease.ipv6_subnet)
+                # overlay traffic stays tracked, the IPv6 underlay's encapsulation not.
+                await asyncio.to_thread(install_masquerade, six.network, lease.ipv6_subnet,
+                                        untrack)
             self.untrack = untrack
             if self.ingress.untrack != untrack:
                 # Prerouting's notrack rules live in the ingress filter's chain.

@@ -64,7 +64,6 @@ from weft.backends.base import Backend, BackendFacts
 from weft.backends.registry import backend_facts, create_backend, ipv6_next_hops, parse_config
 from weft.core.config import IPAddress, IPNetwork, NetworkConfig
 from weft.core.constants import (
-    CNI_BRIDGE,
     DEFAULT_LEASE_TTL,
     DEFAULT_STATE_DIR,
     DEFAULT_SUBNET_FILE,
@@ -224,7 +223,8 @@ class Agent:
         conntrack = OverlayConntrack(config, host.public_ip, ip_masq=self.opts.ip_masq,
                                      mode=self.opts.overlay_conntrack, ingress=ingress,
                                      encap_port=facts.encap_port,
-                                     request=self.requests)
+                                     request=self.requests, public_ipv6=host.public_ipv6,
+                                     encap_port6=facts.encap_port6)
         keeper = LeaseKeeper(own, self.store, config, host.public_ip, ttl=self.opts.lease_ttl,
                              public_ipv6=host.public_ipv6,
                              activate=backend.activate, on_taken=conntrack.replace,
@@ -453,8 +453,7 @@ class Agent:
             for network in r.config.networks:
                 if self.opts.ip_masq:
                     remove_masquerade(network)
-                remove_forward_accept(network, r.facts.tunnels, r.facts.bare_underlay,
-                                      CNI_BRIDGE)
+                remove_forward_accept(network)
             r.ingress.remove()
         except (WeftError, OSError, subprocess.SubprocessError) as exc:
             log.warning("could not remove weft's firewall rules", extra={"error": str(exc)})

@@ -100,7 +100,7 @@ def converge_host_state(want: HostState, written: Written | None = None) -> dict
             step("masquerade", "reinstalled the nftables table")
         six, subnet6 = want.env.ipv6_network, want.env.ipv6_subnet
         if want.ip_masq and six is not None and subnet6 is not None \
-                and ensure_masquerade(six, subnet6):
+                and ensure_masquerade(six, subnet6, want.untrack):
             step("masquerade", "reinstalled the ip6 nftables table")
     except (WeftError, OSError, subprocess.SubprocessError) as exc:
         errors["masquerade"] = str(exc)

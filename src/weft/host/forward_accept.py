@@ -64,11 +64,29 @@ def forward_accept_rules(network: IPNetwork, tunnels: Sequence[str],
 def same_rule(line: str, spec: Sequence[str]) -> bool:
     """Whether a line of `iptables -S FORWARD` is the rule `spec` (pure): the same options
     with the same values, in any order."""
+    words = _words(line)
+    return words is not None and words[:2] == ["-A", "FORWARD"] and \
+        _options(words[2:]) == _options(spec)
+
+
+def weft_rules(listing: str, network: IPNetwork) -> list[list[str]]:
+    """weft's FORWARD rules for `network` in an `iptables -S FORWARD` listing (pure), each
+    as its spec (what `-D FORWARD` takes): marked with the comment, naming the network.
+    Whatever devices they name: a rule of a device no longer used is one of them too."""
+    found = []
+    for line in listing.splitlines():
+        words = _words(line)
+        if words is not None and words[:2] == ["-A", "FORWARD"] and COMMENT in words \
+                and str(network) in words:
+            found.append(words[2:])
+    return found
+
+
+def _words(line: str) -> list[str] | None:
     try:
-        words = shlex.split(line)
+        return shlex.split(line)
     except ValueError:
-        return False
-    return words[:2] == ["-A", "FORWARD"] and _options(words[2:]) == _options(spec)
+        return None
 
 
 def _options(words: Sequence[str]) -> list[tuple[str, ...]]:
@@ -86,12 +104,6 @@ def bridged_through_iptables(version: int) -> bool:
     bridged packets may cross iptables (ip6tables) FORWARD."""
     name = "bridge-nf-call-iptables" if version == 4 else "bridge-nf-call-ip6tables"
     return (Path("/proc/sys/net/bridge") / name).exists()
-
-
-def legacy_rules(network: IPNetwork) -> list[list[str]]:
-    """What earlier releases added (any interface): removed wherever found."""
-    return [[flag, str(network), "-m", "comment", "--comment", COMMENT, "-j", "ACCEPT"]
-            for flag in ("-s", "-d")]
 
 
 def forward_accept_needed(listing: str) -> bool:
@@ -115,24 +127,20 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
 def ensure_forward_accept(network: IPNetwork, tunnels: Sequence[str],
                           direct: str | None, bridge: str | None = None) -> bool:
     """Append the rules to filter/FORWARD unless already there (idempotent), when the
-    chain could drop overlay traffic; otherwise make sure they are not there. The rule for
-    `bridge` only while br_netfilter is loaded. True when the rules are in place. Listing
-    the chain creates no table."""
+    chain could drop overlay traffic; otherwise make sure none of weft's is there. The rule
+    for `bridge` only while br_netfilter is loaded. Every other rule of weft's for this
+    network goes: a device no longer used (dual stack's second tunnel once it is turned
+    off, another backend's), the bridge's once br_netfilter is gone, an earlier release's,
+    a second copy. True when the rules are in place. Listing the chain creates no table."""
     binary = _binary(network)
     if binary is None:
         return False  # no iptables at all: then nothing of Docker's can drop either
     listing = _run([binary, "-S", "FORWARD"])
     if listing.returncode == 0 and not forward_accept_needed(listing.stdout):
-        if COMMENT in listing.stdout:
-            remove_forward_accept(network, tunnels, direct, bridge)
+        _delete(binary, weft_rules(listing.stdout, network))
         return False
-    _delete_all(binary, legacy_rules(network))
     bridged = bridge if bridge is not None and bridged_through_iptables(network.version) \
         else None
-    if bridge is not None and bridged is None:  # br_netfilter gone: its rule is stale
-        stale = forward_accept_rules(network, (), None, bridge)
-        if any(same_rule(line, stale[0]) for line in listing.stdout.splitlines()):
-            _delete_all(binary, stale)
     wanted = forward_accept_rules(network, tunnels, direct, bridged)
     for rule in wanted:
         if _run([binary, "-C", "FORWARD", *rule]).returncode == 0:
@@ -142,27 +150,26 @@ def ensure_forward_accept(network: IPNetwork, tunnels: Sequence[str],
             raise KernelError(f"iptables refused the FORWARD accept rule "
                               f"{' '.join(rule)}: {added.stderr.strip()}")
     # `-C` can miss a rule while another tool (dockerd restarting) rewrites the chain, and
-    # the rule is then appended twice: keep exactly one copy of each.
-    after = _run([binary, "-S", "FORWARD"]).stdout.splitlines()
-    for rule in wanted:
-        extra = sum(1 for line in after if same_rule(line, rule)) - 1
-        for _ in range(max(0, extra)):
-            _run([binary, "-D", "FORWARD", *rule])
+    # the rule is then appended twice: exactly one copy of each stays.
+    kept: list[list[str]] = []
+    unwanted = []
+    for spec in weft_rules(_run([binary, "-S", "FORWARD"]).stdout, network):
+        match = next((r for r in wanted if _options(r) == _options(spec)), None)
+        if match is None or match in kept:
+            unwanted.append(spec)
+        else:
+            kept.append(match)
+    _delete(binary, unwanted)
     return True
 
 
-def remove_forward_accept(network: IPNetwork, tunnels: Sequence[str],
-                          direct: str | None, bridge: str | None = None) -> None:
-    """Delete every copy of the rules; rules of others stay."""
+def remove_forward_accept(network: IPNetwork) -> None:
+    """Delete every rule of weft's for `network`; rules of others stay."""
     binary = _binary(network)
-    if binary is None:
-        return
-    _delete_all(binary, forward_accept_rules(network, tunnels, direct, bridge)
-                + legacy_rules(network))
+    if binary is not None:
+        _delete(binary, weft_rules(_run([binary, "-S", "FORWARD"]).stdout, network))
 
 
-def _delete_all(binary: str, rules: list[list[str]]) -> None:
-    for rule in rules:
-        for _ in range(100):  # copies a crashed tool may have added; never loop forever
-            if _run([binary, "-D", "FORWARD", *rule]).returncode != 0:
-                break
+def _delete(binary: str, specs: list[list[str]]) -> None:
+    for spec in specs:  # one `-D` per listed copy: each deletes one
+        _run([binary, "-D", "FORWARD", *spec])

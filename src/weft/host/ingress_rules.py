@@ -240,6 +240,8 @@ def ingress_ruleset(plan: IngressPlan) -> str:
             lines.append(f"{encap} {ul} daddr {untrack.public_ip} {match} notrack accept")
         lines.append(f"{encap} {match} accept")
         if plan.members6 is not None:
+            for address, _ in untrack.encapsulations(6) if untrack is not None else ():
+                lines.append(f"{encap} ip6 daddr {address} {saddr6} @members6 notrack accept")
             lines.append(f"{encap} {saddr6} @members6 accept")
         lines += [
             f"{encap} fib daddr type local counter name non_member drop",

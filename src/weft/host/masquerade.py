@@ -107,18 +107,20 @@ def masquerade_ruleset(network: IPNetwork, subnet: IPNetwork,
     mcast = "224.0.0.0/4" if network.version == 4 else "ff00::/8"
     raw = ""
     if untrack is not None:
-        encap_out = ""
-        # The table has the overlay's family; an underlay of the other family stays tracked.
-        if untrack.encap_port is not None and untrack.public_ip.version == network.version:
-            encap_out = (f"\n        {ip} saddr {untrack.public_ip} udp dport "
-                         f"{untrack.encap_port} notrack")
-        # Prerouting's notrack rules are the ingress filter's (weft.host.ingress_rules):
-        # one base chain per hook fewer for every packet to walk.
+        # The table has the overlay's family: the host's encapsulated packets on an
+        # underlay of that family (dual stack's IPv6 table: the IPv6 underlay's), and
+        # overlay traffic where the decision was made for this family (dual stack's IPv6
+        # half stays tracked). Prerouting's notrack rules are the ingress filter's
+        # (weft.host.ingress_rules): one base chain per hook fewer for every packet.
         # The encapsulated packets first: every overlay packet a tunnel sends is one.
+        lines = [f"{ip} saddr {address} udp dport {port} notrack"
+                 for address, port in untrack.encapsulations(network.version)]
+        if untrack.own_address.version == network.version:
+            lines.append(f"{ip} saddr {network} {ip} daddr {network} notrack")
+        body = "".join(f"\n        {line}" for line in lines)
         raw = f"""
     chain raw_output {{
-        type filter hook output priority raw; policy accept;{encap_out}
-        {ip} saddr {network} {ip} daddr {network} notrack
+        type filter hook output priority raw; policy accept;{body}
     }}"""
     return f"""\
 table {fam} {NFT_TABLE} {{}}
