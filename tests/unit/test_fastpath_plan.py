@@ -45,6 +45,18 @@ def test_dual_stack_vxlan_serves_its_ipv6_underlay_device_too() -> None:
     assert backend_facts(config({"Type": "vxlan"}).backend, "eth0").arrival6 == ()
 
 
+def test_a_bridge_port_s_hook_knows_its_bridge() -> None:
+    from weft.host.fastpath_hooks import BridgeOf, bridge_value
+
+    weft0 = BridgeOf(7, "02:00:00:00:01:02")
+    hooks = plan_hooks(["eth0"], ["weft0", "veth1"], {"veth1": weft0})
+    assert hooks == [Hook("eth0", FROM_UNDERLAY), Hook("veth1", FROM_CONTAINER, weft0),
+                     Hook("weft0", FROM_CONTAINER)]
+    # The map value: ifindex (little endian here), MAC, padding; zero off a port.
+    assert bridge_value(weft0) == ("7", "0", "0", "0", "2", "0", "0", "0", "1", "2", "0", "0")
+    assert bridge_value(None) == ("0",) * 12
+
+
 def test_hooks_put_the_arrivals_first_and_never_twice() -> None:
     assert plan_hooks(["eth0"], ["veth2", "veth1", "eth0", "veth1"]) == [
         Hook("eth0", FROM_UNDERLAY), Hook("veth1", FROM_CONTAINER), Hook("veth2", FROM_CONTAINER)]
@@ -78,6 +90,11 @@ def test_new_links_foreign_routes_and_removed_filters_wake_the_fast_path() -> No
     new = Msg({"IFLA_IFNAME": "veth9"}, event="RTM_NEWLINK", index=9, flags=1)
     assert tc_hook_change(new, known) == LinkAdded("veth9")
     assert tc_hook_change(Msg(event="RTM_NEWLINK", index=2, flags=1), known) is None
+    # A known veth put on the CNI bridge (or taken off it): its hook changes.
+    masters = {1: 0, 2: 0, 5: 0}
+    enslaved = Msg({"IFLA_IFNAME": "veth5", "IFLA_MASTER": 4}, event="RTM_NEWLINK", index=5)
+    assert tc_hook_change(enslaved, {**known, 5: "veth5"}, masters) == LinkAdded("veth5")
+    assert tc_hook_change(enslaved, {**known, 5: "veth5"}, {**masters, 5: 4}) is None
     assert tc_hook_change(Msg(event="RTM_NEWROUTE", proto=3, table=254, type=1),
                           known) == RouteAdded()
     # weft's own routes do not feed back into a loop

@@ -95,8 +95,8 @@ class FastPathState:
         try:
             if full or not fp.attached:
                 arrivals = [self.arrival, *fp.present(self.arrival6)]
-                devices, veths = fp.container_devices(exclude=arrivals)
-                hooks = plan_hooks(arrivals, devices)
+                devices, veths, ports = fp.container_devices(exclude=arrivals)
+                hooks = plan_hooks(arrivals, devices, ports)
                 fp.detach_others(h.device for h in hooks)
             else:
                 hooks, veths = list(fp.attached), fp.veths

@@ -111,12 +111,17 @@ _RT_TABLE_MAIN = 254
 _RTN_UNICAST = 1
 
 
-def tc_hook_change(msg: Any, known: dict[int, str]) -> KernelEvent | None:
-    """With the fast path on, what may need its tc hooks converged (pure): a new device
-    or a route not weft's (a container's veth and its route, added by the CNI plugin),
-    or a tc filter or qdisc removed (weft's may be among them)."""
+def tc_hook_change(msg: Any, known: dict[int, str],
+                   masters: dict[int, int] | None = None) -> KernelEvent | None:
+    """With the fast path on, what may need its tc hooks converged (pure): a new device,
+    a device that joined or left a bridge (`masters`: each known device's, 0 for none; a
+    container's veth on the CNI bridge), or a route not weft's (a container's veth and its
+    route, added by the CNI plugin), or a tc filter or qdisc removed (weft's may be among
+    them)."""
     event = msg.get("event")
-    if event == "RTM_NEWLINK" and msg["index"] not in known:
+    if event == "RTM_NEWLINK" and (msg["index"] not in known or (
+            masters is not None
+            and masters.get(msg["index"], 0) != (msg.get_attr("IFLA_MASTER") or 0))):
         return LinkAdded(msg.get_attr("IFLA_IFNAME") or "")
     # Only unicast routes of the main table: the kernel's local and broadcast routes (every
     # address change) and a routing daemon's other tables would mean a full pass each.
@@ -139,20 +144,23 @@ async def watch_kernel(changed: KernelChanged, prefix: str, *, tc_hooks: bool = 
         await ipr.bind(groups=_GROUPS | (RTMGRP_TC if tc_hooks else 0))
         devices: dict[int, str] = {}
         macs: dict[int, str] = {}  # a MAC peers hold (the VTEP's) changed under us
+        masters: dict[int, int] = {}  # the bridge each device is a port of (the fast path)
         # pyroute2 0.9: get_links() gives an async generator, and get() ends after one
         # datagram's batch of multicast messages, so it is called again for the next.
         async for link in await ipr.get_links():
             devices[link["index"]] = link.get_attr("IFLA_IFNAME") or ""
             macs[link["index"]] = link.get_attr("IFLA_ADDRESS") or ""
+            masters[link["index"]] = link.get_attr("IFLA_MASTER") or 0
         while True:
             async for msg in ipr.get():
-                event = tc_hook_change(msg, devices) if tc_hooks else None
+                event = tc_hook_change(msg, devices, masters) if tc_hooks else None
                 if msg.get("event") == "RTM_NEWLINK":
                     index, name = msg["index"], msg.get_attr("IFLA_IFNAME") or ""
                     mac = msg.get_attr("IFLA_ADDRESS") or ""
                     if name.startswith(prefix) and macs.get(index, mac) != mac and not event:
                         event = LinkAddressChanged(name)
                     devices[index], macs[index] = name, mac
+                    masters[index] = msg.get_attr("IFLA_MASTER") or 0
                 event = event or kernel_removal(msg, devices, prefix, tables)
                 if event is not None:
                     changed(event)

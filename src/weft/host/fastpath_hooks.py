@@ -2,8 +2,12 @@
 
 Where it goes (`hook_devices`): `from_underlay` on the device overlay packets for this host
 arrive on (the underlay for host-gw, the VXLAN device for vxlan: after decapsulation), and
-`from_container` where the containers' packets enter the host: the CNI bridge for bridge
-attachment, each container's host-side veth for ptp. Containers come and go after the agent
+`from_container` where the containers' packets enter the host: each container's host-side
+veth for ptp; for bridge attachment the CNI bridge and each of its veth ports, where a frame
+addressed to the bridge is taken before the bridge sees it (br_netfilter, loaded on any
+Docker or Kubernetes host, would run every bridged packet through the IP hooks first:
+measured, a quarter of dual stack's IPv6 bandwidth). The port's copy of the program holds
+its bridge (`bridge` map). Containers come and go after the agent
 starts, so the devices are found anew at every full pass (the kernel trigger asks for one
 when a link or route appears): every device with a route into this host's subnet.
 
@@ -24,7 +28,7 @@ import ipaddress
 import json
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,17 +46,38 @@ _COUNTER_INDEX = {FROM_CONTAINER: 0, FROM_UNDERLAY: 1}
 
 
 @dataclass(frozen=True)
+class BridgeOf:
+    """The bridge a port belongs to: its ifindex and MAC."""
+
+    ifindex: int
+    mac: str
+
+
+@dataclass(frozen=True)
 class Hook:
     device: str
     section: str
+    port_of: BridgeOf | None = None  # a bridge port's bridge
 
 
-def plan_hooks(arrivals: Sequence[str], container_devices: Iterable[str]) -> list[Hook]:
-    """The hooks for these devices (pure): one program per device, the arrivals' first."""
+def plan_hooks(arrivals: Sequence[str], container_devices: Iterable[str],
+               ports: Mapping[str, BridgeOf] | None = None) -> list[Hook]:
+    """The hooks for these devices (pure): one program per device, the arrivals' first;
+    a bridge port's knows its bridge (`ports`)."""
+    ports = ports or {}
     hooks = [Hook(a, FROM_UNDERLAY) for a in dict.fromkeys(arrivals)]
-    hooks += [Hook(d, FROM_CONTAINER)
+    hooks += [Hook(d, FROM_CONTAINER, ports.get(d))
               for d in sorted(set(container_devices) - set(arrivals))]
     return hooks
+
+
+def bridge_value(port_of: BridgeOf | None) -> tuple[str, ...]:
+    """bpftool's value bytes for the `bridge` map (pure): the bridge's ifindex (host order,
+    little endian here), its MAC, two bytes of padding; all zero off a bridge port."""
+    if port_of is None:
+        return ("0",) * 12
+    mac = bytes.fromhex(port_of.mac.replace(":", ""))
+    return tuple(str(b) for b in port_of.ifindex.to_bytes(4, "little") + mac + bytes(2))
 
 
 def subnet_key(net: IPNetwork) -> list[str]:
@@ -82,6 +107,11 @@ def _filter_at_slot(dev: str) -> dict[str, Any] | None:
             result: dict[str, Any] = f
             return result
     return None
+
+
+def _kind(link: Any) -> str | None:
+    info = link.get_attr("IFLA_LINKINFO")
+    return None if info is None else info.get_attr("IFLA_INFO_KIND")
 
 
 def _is_ours(f: dict[str, Any] | None) -> bool:
@@ -147,6 +177,7 @@ class FastPath:
         self._programs: set[int] = set()
         self._maps: dict[int, dict[str, int]] = {}  # a program's maps, fixed for its life
         self._keys: dict[int, set[tuple[str, ...]]] = {}  # what weft last wrote, per map
+        self._bridges: dict[int, tuple[str, ...]] = {}  # each `bridge` map's value, written
         self.veths: set[int] = set()  # the container veths of the last full pass
 
     @staticmethod
@@ -156,12 +187,15 @@ class FastPath:
         with IPRoute() as ipr:
             return [name for name in names if ipr.link_lookup(ifname=name)]
 
-    def container_devices(self, exclude: Iterable[str]) -> tuple[list[str], set[int]]:
+    def container_devices(self, exclude: Iterable[str]
+                          ) -> tuple[list[str], set[int], dict[str, BridgeOf]]:
         """Devices with a route into one of this host's subnets (the CNI bridge, or ptp
-        veths), and the ifindexes of the veths among them (bpf_redirect_peer needs a veth)."""
+        veths) and a bridge's veth ports; the ifindexes of the routed veths
+        (bpf_redirect_peer needs a veth); each port's bridge."""
         skip = set(exclude)
         names: list[str] = []
         veths: set[int] = set()
+        ports: dict[str, BridgeOf] = {}
         with IPRoute() as ipr:
             links = {link["index"]: link for link in ipr.get_links()}
             for own in self.own:
@@ -177,10 +211,17 @@ class FastPath:
                     if not net.subnet_of(own) or name in skip or name in names:  # type: ignore[arg-type]
                         continue
                     names.append(name)
-                    info = link.get_attr("IFLA_LINKINFO")
-                    if info is not None and info.get_attr("IFLA_INFO_KIND") == "veth":
+                    if _kind(link) == "veth":
                         veths.add(oif)
-        return names, veths
+                    elif _kind(link) == "bridge":
+                        bridge = BridgeOf(oif, link.get_attr("IFLA_ADDRESS") or "")
+                        for port in links.values():
+                            port_name = port.get_attr("IFLA_IFNAME")
+                            if port.get_attr("IFLA_MASTER") == oif and _kind(port) == "veth" \
+                                    and port_name not in skip:
+                                ports[port_name] = bridge
+        names += sorted(set(ports) - set(names))
+        return names, veths, ports
 
     def converge(self, hooks: Sequence[Hook], subnets: Iterable[IPNetwork],
                  veths: set[int], *, verify: bool = True) -> list[str]:
@@ -195,6 +236,7 @@ class FastPath:
         self.skipped = {}
         kept: list[Hook] = []
         programs: set[int] = set()
+        bridges: dict[int, tuple[str, ...]] = {}  # `bridge` maps to write: map id -> value
         for hook in hooks:
             slot = _filter_at_slot(hook.device)
             if slot is not None and not _is_ours(slot):
@@ -222,12 +264,25 @@ class FastPath:
             self._sync(maps["subnets6"], wanted_subnets6, verify)
             if hook.section == FROM_UNDERLAY:
                 self._sync(maps["peers"], wanted_peers, verify)
+            else:
+                # A new copy's map is all zero; a port's is written, and again on a
+                # verifying pass (bpftool may have changed it).
+                value = bridge_value(hook.port_of)
+                if self._bridges.get(maps["bridge"], bridge_value(None)) != value or (
+                        verify and hook.port_of is not None):
+                    bridges[maps["bridge"]] = value
+        if bridges:
+            _tc(["bpftool", "batch", "file", "-"], stdin="".join(
+                f"map update id {m} key 0 0 0 0 value {' '.join(v)}\n"
+                for m, v in bridges.items()))
+            self._bridges.update(bridges)
         self.attached = kept
         self.veths = veths
         # Forget the programs (and their maps) that are no longer attached.
         self._maps = {p: m for p, m in self._maps.items() if p in programs}
         live = {map_id for maps in self._maps.values() for map_id in maps.values()}
         self._keys = {m: k for m, k in self._keys.items() if m in live}
+        self._bridges = {m: v for m, v in self._bridges.items() if m in live}
         return attached
 
     def _maps_of(self, prog_id: int) -> dict[str, int]:

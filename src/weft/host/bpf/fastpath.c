@@ -5,6 +5,10 @@
  *   from_container  tc ingress of a container's host-side veth (the container's egress):
  *                   FIB lookup, then bpf_redirect_neigh() to the next hop's device, past
  *                   the host's IP stack (prerouting, forward, netfilter, qdisc of the veth).
+ *                   On a veth that is a port of the CNI bridge (the `bridge` map says
+ *                   which), only a frame addressed to the bridge (routed, not bridged) is
+ *                   taken, as if it arrived on the bridge: before the bridge, and so before
+ *                   br_netfilter runs every bridged packet through the IP hooks.
  *   from_underlay   tc ingress of the underlay device: a packet for a local container whose
  *                   device is a veth (in the `peers` map, kept by the agent) goes straight
  *                   into the container's namespace with bpf_redirect_peer(); other overlay
@@ -73,6 +77,20 @@ struct {
 	__type(value, __u8);
 } subnets6 SEC(".maps");
 
+/* On a bridge port: the bridge's ifindex and MAC (index 0), kept by the agent; zero on
+ * every other device. */
+struct bridge_port {
+	__u32 ifindex;
+	__u8 mac[ETH_ALEN];
+	__u8 pad[2];
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bridge_port);
+} bridge SEC(".maps");
+
 /* Packets sent on the fast path, per program (index 0: from_container,
  * 1: from_underlay); what `weft status` shows. */
 struct {
@@ -93,6 +111,12 @@ static __always_inline int leased6(const struct in6_addr *addr)
 	struct subnet6_key key = { .prefixlen = 128 };
 	__builtin_memcpy(key.addr, addr, sizeof(key.addr));
 	return bpf_map_lookup_elem(&subnets6, &key) != 0;
+}
+
+static __always_inline int same_mac(const __u8 *a, const __u8 *b)
+{
+	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) |
+		(a[4] ^ b[4]) | (a[5] ^ b[5])) == 0;
 }
 
 static __always_inline void count(__u32 which)
@@ -144,7 +168,7 @@ static __always_inline int redirect(struct __sk_buff *skb, struct ethhdr *eth,
 }
 
 static __always_inline int forward4(struct __sk_buff *skb, struct ethhdr *eth, void *end,
-				    int from_underlay)
+				    __u32 in, int from_underlay)
 {
 	struct iphdr *iph = (void *)(eth + 1);
 	struct bpf_fib_lookup fib = {};
@@ -161,10 +185,10 @@ static __always_inline int forward4(struct __sk_buff *skb, struct ethhdr *eth, v
 	fib.family = AF_INET;
 	fib.ipv4_src = iph->daddr;
 	fib.ipv4_dst = iph->saddr;
-	fib.ifindex = skb->ingress_ifindex;
+	fib.ifindex = in;
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0); /* SKIP_NEIGH: Linux 6.3+ only */
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
-	    fib.ifindex != skb->ingress_ifindex)
+	    fib.ifindex != in)
 		return PASS;
 
 	__builtin_memset(&fib, 0, sizeof(fib));
@@ -176,11 +200,11 @@ static __always_inline int forward4(struct __sk_buff *skb, struct ethhdr *eth, v
 	 * and every GSO packet (up to 64 KB) would read as too big and take the slow path. */
 	fib.ipv4_src = iph->saddr;
 	fib.ipv4_dst = iph->daddr;
-	fib.ifindex = skb->ingress_ifindex;
+	fib.ifindex = in;
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return PASS; /* local delivery, unreachable, forwarding off: the stack decides */
-	if (fib.ifindex == skb->ingress_ifindex)
+	if (fib.ifindex == in)
 		return PASS; /* hairpin: leave it to the stack (redirects, ICMP) */
 
 	decrease_ttl(iph);
@@ -192,7 +216,7 @@ static __always_inline int forward4(struct __sk_buff *skb, struct ethhdr *eth, v
  * IPv4 options; "no next header" (59) and every upper protocol go, as IPv4's do. No header
  * checksum to update. */
 static __always_inline int forward6(struct __sk_buff *skb, struct ethhdr *eth, void *end,
-				    int from_underlay)
+				    __u32 in, int from_underlay)
 {
 	struct ipv6hdr *ip6h = (void *)(eth + 1);
 	struct bpf_fib_lookup fib = {};
@@ -221,10 +245,10 @@ static __always_inline int forward6(struct __sk_buff *skb, struct ethhdr *eth, v
 	fib.family = AF_INET6;
 	__builtin_memcpy(fib.ipv6_src, &ip6h->daddr, sizeof(fib.ipv6_src));
 	__builtin_memcpy(fib.ipv6_dst, &ip6h->saddr, sizeof(fib.ipv6_dst));
-	fib.ifindex = skb->ingress_ifindex;
+	fib.ifindex = in;
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
-	    fib.ifindex != skb->ingress_ifindex)
+	    fib.ifindex != in)
 		return PASS;
 
 	__builtin_memset(&fib, 0, sizeof(fib));
@@ -235,11 +259,11 @@ static __always_inline int forward6(struct __sk_buff *skb, struct ethhdr *eth, v
 	fib.l4_protocol = ip6h->nexthdr;
 	__builtin_memcpy(fib.ipv6_src, &ip6h->saddr, sizeof(fib.ipv6_src));
 	__builtin_memcpy(fib.ipv6_dst, &ip6h->daddr, sizeof(fib.ipv6_dst));
-	fib.ifindex = skb->ingress_ifindex;
+	fib.ifindex = in;
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return PASS; /* local delivery, unreachable, forwarding off: the stack decides */
-	if (fib.ifindex == skb->ingress_ifindex)
+	if (fib.ifindex == in)
 		return PASS; /* hairpin: leave it to the stack (redirects, ICMP) */
 
 	ip6h->hop_limit--;
@@ -251,13 +275,25 @@ static __always_inline int forward(struct __sk_buff *skb, int from_underlay)
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
+	/* Where the packet counts as arriving: its device, or the bridge of a bridge port. */
+	__u32 in = skb->ingress_ifindex;
 
 	if ((void *)(eth + 1) > end)
 		return PASS;
+	if (!from_underlay) {
+		__u32 zero = 0;
+		struct bridge_port *port = bpf_map_lookup_elem(&bridge, &zero);
+
+		if (port && port->ifindex) {
+			if (!same_mac(eth->h_dest, port->mac))
+				return PASS; /* bridged to a neighbour, not routed: the bridge's */
+			in = port->ifindex;
+		}
+	}
 	if (eth->h_proto == bpf_htons(ETH_P_IP))
-		return forward4(skb, eth, end, from_underlay);
+		return forward4(skb, eth, end, in, from_underlay);
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-		return forward6(skb, eth, end, from_underlay);
+		return forward6(skb, eth, end, in, from_underlay);
 	return PASS;
 }
 
