@@ -407,7 +407,9 @@ FASTPATH_TOOLS = all(shutil.which(t) for t in ("clang", "bpftool", "tc"))
 
 def check_data_plane(tb: Any, plane: str) -> None:
     """The agents of testbed `tb` run the plane the test asked for: the fast path active
-    on every host where it can be, or off."""
+    on every host where it can be, or off. The fast path: once it has hooked where the
+    host's containers enter it too (a container's device appears after the agent's start,
+    and the pass its events ask for hooks it), so what a test sends next takes it."""
     for host in tb.hosts:
         status = tb.host_status(host)["fastpath"]
         if plane == "nftables":
@@ -415,3 +417,12 @@ def check_data_plane(tb: Any, plane: str) -> None:
             assert status["reason"] == "off (--no-fastpath)", status
         elif FASTPATH_TOOLS:
             assert status["active"], status
+            if any(c.host is host for c in tb.containers):
+                def hooked(h: Any = host) -> bool:
+                    return len(tb.host_status(h)["fastpath"]["attached"]) >= 2
+
+                def shown(h: Any = host) -> object:
+                    return tb.host_status(h)["fastpath"]
+
+                wait_for(f"{host.name}'s fast path on its containers' side", hooked,
+                         seen=shown)
