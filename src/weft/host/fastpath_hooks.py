@@ -6,7 +6,7 @@ arrive on (the underlay for host-gw, the VXLAN device for vxlan: after decapsula
 veth for ptp; for bridge attachment the CNI bridge and each of its veth ports, where a frame
 addressed to the bridge is taken before the bridge sees it (br_netfilter, loaded on any
 Docker or Kubernetes host, would run every bridged packet through the IP hooks first:
-measured, a quarter of dual stack's IPv6 bandwidth). The port's copy of the program holds
+measured: a fifth of dual stack's IPv6 bandwidth). The port's copy of the program holds
 its bridge (`bridge` map). Containers come and go after the agent
 starts, so the devices are found anew at every full pass (the kernel trigger asks for one
 when a link or route appears): every device with a route into this host's subnet.
