@@ -275,12 +275,14 @@ class Reconciler:
 
 
 _PEER_LINES = 20  # a join of thousands logs a summary, not a line per peer
+_DEBUG_PEER_LINES = 200  # and at debug, the first of them
 
 
 def _log_peers(diff: PeerDiff) -> None:
     """One info line per peer added, removed or changed, up to `_PEER_LINES` per pass;
-    beyond that one summary line (the rest at debug): a host joining 5,000 peers spent
-    a measurable part of its join formatting 5,000 log lines."""
+    beyond that one summary line, and at debug the first `_DEBUG_PEER_LINES` peers: a
+    host joining 5,000 peers spent a measurable part of its join formatting 5,000 log
+    lines."""
     lines = [("peer added", lease) for lease in diff.added]
     lines += [("peer removed", lease) for lease in diff.removed]
     lines += [("peer changed", lease) for lease in diff.changed]
@@ -290,6 +292,8 @@ def _log_peers(diff: PeerDiff) -> None:
                                          "changed": len(diff.changed)})
     if many and not log.isEnabledFor(logging.DEBUG):
         return
-    for message, lease in lines:
+    for message, lease in lines[:_DEBUG_PEER_LINES]:
         log.log(logging.DEBUG if many else logging.INFO, message,
                 extra={"subnet": str(lease.subnet), "public_ip": str(lease.public_ip)})
+    if len(lines) > _DEBUG_PEER_LINES:
+        log.debug("more peers changed", extra={"not_listed": len(lines) - _DEBUG_PEER_LINES})

@@ -24,7 +24,6 @@ maps back first.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import shutil
 import subprocess
@@ -38,6 +37,7 @@ from pyroute2.iproute.linux import IPRoute
 from weft.core.config import IPNetwork
 from weft.core.errors import KernelError, KernelFeatureMissing
 from weft.host.fastpath import FROM_CONTAINER, FROM_UNDERLAY, attach_argv, check_built
+from weft.host.rtnl_dump import device_routes
 
 PREF = 49
 # The program names tc reports (the function names in fastpath.c), by section.
@@ -198,28 +198,27 @@ class FastPath:
         ports: dict[str, BridgeOf] = {}
         with IPRoute() as ipr:
             links = {link["index"]: link for link in ipr.get_links()}
-            for own in self.own:
-                family = 2 if own.version == 4 else 10
-                for route in ipr.get_routes(family=family, table=254):
-                    dst = route.get_attr("RTA_DST")
-                    oif = route.get_attr("RTA_OIF")
-                    if dst is None or oif not in links:
-                        continue
-                    net = ipaddress.ip_network(f"{dst}/{route['dst_len']}", strict=False)
-                    link = links[oif]
-                    name = link.get_attr("IFLA_IFNAME")
-                    if not net.subnet_of(own) or name in skip or name in names:  # type: ignore[arg-type]
-                        continue
-                    names.append(name)
-                    if _kind(link) == "veth":
-                        veths.add(oif)
-                    elif _kind(link) == "bridge":
-                        bridge = BridgeOf(oif, link.get_attr("IFLA_ADDRESS") or "")
-                        for port in links.values():
-                            port_name = port.get_attr("IFLA_IFNAME")
-                            if port.get_attr("IFLA_MASTER") == oif and _kind(port) == "veth" \
-                                    and port_name not in skip:
-                                ports[port_name] = bridge
+        for index, link in sorted(links.items()):
+            name = link.get_attr("IFLA_IFNAME")
+            if name in skip or name == "lo":
+                continue
+            # The kernel filters by device: the arrival, which holds every peer's route, is
+            # never read (weft.host.rtnl_dump).
+            if not any(net.subnet_of(own)  # type: ignore[arg-type]
+                       for own in self.own
+                       for net in device_routes(index, 2 if own.version == 4 else 10)
+                       if net.version == own.version):
+                continue
+            names.append(name)
+            if _kind(link) == "veth":
+                veths.add(index)
+            elif _kind(link) == "bridge":
+                bridge = BridgeOf(index, link.get_attr("IFLA_ADDRESS") or "")
+                for port in links.values():
+                    port_name = port.get_attr("IFLA_IFNAME")
+                    if port.get_attr("IFLA_MASTER") == index and _kind(port) == "veth" \
+                            and port_name not in skip:
+                        ports[port_name] = bridge
         names += sorted(set(ports) - set(names))
         return names, veths, ports
 
