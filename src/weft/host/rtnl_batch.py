@@ -15,7 +15,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from weft.core.constants import ROUTE_PROTOCOL
@@ -104,17 +104,23 @@ def fdb_op(e: FdbEntry, *, remove: bool = False) -> Op:
     return Op(_message(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_APPEND, body), f"fdb {e.mac} -> {e.dst}")
 
 
-def acknowledgements(data: bytes) -> Iterable[tuple[int, int]]:
-    """(sequence number, errno) of every ack in a datagram the kernel sent back."""
+def messages(data: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """(type, sequence number, offset, length) of every netlink message in a datagram."""
     offset = 0
     while offset + _HEADER.size <= len(data):
         length, kind, _, seq, _ = _HEADER.unpack_from(data, offset)
         if length < _HEADER.size:
             return
+        yield kind, seq, offset, length
+        offset += (length + 3) & ~3
+
+
+def acknowledgements(data: bytes) -> Iterable[tuple[int, int]]:
+    """(sequence number, errno) of every ack in a datagram the kernel sent back."""
+    for kind, seq, offset, _ in messages(data):
         if kind == NLMSG_ERROR:
             (code,) = struct.unpack_from("=i", data, offset + _HEADER.size)
             yield seq, -code
-        offset += (length + 3) & ~3
 
 
 def send_batch(ops: Sequence[Op]) -> dict[str, str]:

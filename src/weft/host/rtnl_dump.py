@@ -16,7 +16,7 @@ import struct
 
 from weft.core.config import IPNetwork
 from weft.core.errors import KernelError
-from weft.host.rtnl_batch import RT_TABLE_MAIN, RTA_DST, RTA_OIF
+from weft.host.rtnl_batch import RT_TABLE_MAIN, RTA_DST, RTA_OIF, messages
 
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -40,11 +40,7 @@ def parse_routes(data: bytes) -> tuple[list[IPNetwork], bool]:
     """The destinations of the route messages in one datagram of the dump's answer, and
     whether it was the last (NLMSG_DONE) (pure). A default route has no RTA_DST."""
     found: list[IPNetwork] = []
-    offset = 0
-    while offset + _HEADER.size <= len(data):
-        length, kind, _, _, _ = _HEADER.unpack_from(data, offset)
-        if length < _HEADER.size:
-            break
+    for kind, _, offset, length in messages(data):
         if kind == NLMSG_DONE:
             return found, True
         if kind == NLMSG_ERROR:
@@ -63,7 +59,6 @@ def parse_routes(data: bytes) -> tuple[list[IPNetwork], bool]:
                     if len(raw) == (4 if family == socket.AF_INET else 16):
                         found.append(ipaddress.ip_network((raw, dst_len)))
                 at += (size + 3) & ~3
-        offset += (length + 3) & ~3
     return found, False
 
 
